@@ -1,0 +1,291 @@
+"""``KeyGuard``: the ASGI middleware on every request (SPEC §4), and nothing else.
+
+Pure ASGI. Options are validated and responses precomputed in ``__init__``
+so that ``__call__`` does one pass over the headers, one store lookup through
+``KeyManager.authenticate`` and, on success, one scope copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from keyguard.errors import ConfigurationError, InvalidRequest
+from keyguard.manager import Denial, KeyManager
+from keyguard.models import API_NAME_PATTERN, KeyInfo, validate_api_name
+from keyguard.secrets import SecretHasher
+from keyguard.stores.base import KeyStore
+
+__all__ = ["KeyGuard"]
+
+logger = logging.getLogger("keyguard")
+
+DEFAULT_CLIENT_ID_HEADER = "X-IBM-Client-Id"
+DEFAULT_CLIENT_SECRET_HEADER = "X-IBM-Client-Secret"  # noqa: S105 - a header name
+RETRY_AFTER_SECONDS = 2
+
+_NOT_FOUND = "No resources match requested URI"
+_MISSING = "Client id missing."
+_NOT_REGISTERED = "Client id not registered."
+_INVALID = "Invalid client id or secret."
+_MULTIPLE = "Multiple client id or secret values in the request."
+_UNAVAILABLE = "Key store unavailable."
+
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 503: "Service Unavailable"}
+
+# A refusal: status, raw headers, body, and the websocket close code used when
+# the server cannot send an HTTP response to a websocket handshake.
+_Refusal = tuple[int, list[tuple[bytes, bytes]], bytes, int]
+
+
+def _refusal(status: int, message: str, api: str | None = None) -> _Refusal:
+    body = json.dumps(
+        {"httpCode": str(status), "httpMessage": _REASONS[status], "moreInformation": message},
+        separators=(", ", ": "),
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    if status == 401:
+        headers.append((b"www-authenticate", f'APIKey realm="{api}"'.encode()))
+    if status == 503:
+        headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
+    return status, headers, body, 1013 if status == 503 else 1008
+
+
+_BAD_REQUEST = _refusal(400, _MULTIPLE)
+_API_NOT_AVAILABLE = _refusal(404, _NOT_FOUND)
+_STORE_UNAVAILABLE = _refusal(503, _UNAVAILABLE)
+
+
+class _ApiRefusals:
+    """The 401 refusals of one API (they name it in ``WWW-Authenticate``)."""
+
+    __slots__ = ("by_denial",)
+
+    def __init__(self, api: str) -> None:
+        self.by_denial: dict[Denial, _Refusal] = {
+            Denial.API_NOT_AVAILABLE: _API_NOT_AVAILABLE,
+            Denial.CLIENT_ID_MISSING: _refusal(401, _MISSING, api),
+            Denial.CLIENT_ID_NOT_REGISTERED: _refusal(401, _NOT_REGISTERED, api),
+            Denial.INVALID_SECRET: _refusal(401, _INVALID, api),
+        }
+
+
+class KeyGuard:
+    """Require a valid API key (client id, plus secret where the key has one) on every request.
+
+    ``app.add_middleware(KeyGuard, store=open_store("sqlite:///keys.db"), api="orders")``
+
+    Options (keyword-only):
+
+    * ``store`` — the :class:`~keyguard.KeyStore` holding the keys.
+    * ``api`` — the API's name, or a callable of the ASGI scope returning one
+      (``None`` or an invalid name answers 404).
+    * ``client_id_header`` / ``client_secret_header`` — header names
+      (case-insensitive), IBM's ``X-IBM-Client-Id`` / ``X-IBM-Client-Secret`` by default.
+    * ``query_credentials`` — also read ``client_id`` / ``client_secret`` from the
+      query string (off by default: query strings end up in access logs).
+    * ``exclude_paths`` — paths that need no key: exact paths, or a prefix written
+      with a trailing ``/*`` (``"/docs/*"`` opens ``/docs`` and ``/docs/…``, never
+      ``/docs-admin``).
+    * ``strip_secret`` — remove the secret header (and query parameter) before the
+      app sees the request (default ``True``).
+    * ``hasher`` — a :class:`~keyguard.secrets.SecretHasher` for a non-default
+      passlib context; it must match the one keys were created with.
+
+    On success the app finds a :class:`~keyguard.KeyInfo` in
+    ``scope["state"]["keyguard"]`` (``request.state.keyguard`` in Starlette).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: KeyStore,
+        api: str | Callable[[Scope], str | None] = "default",
+        client_id_header: str = DEFAULT_CLIENT_ID_HEADER,
+        client_secret_header: str = DEFAULT_CLIENT_SECRET_HEADER,
+        query_credentials: bool = False,
+        exclude_paths: Iterable[str] = (),
+        strip_secret: bool = True,
+        hasher: SecretHasher | None = None,
+    ) -> None:
+        self.app = app
+        self.manager = KeyManager(store, hasher=hasher)
+        if callable(api):
+            self._api_name: str | None = None
+            self._api_func: Callable[[Scope], str | None] | None = api
+        else:
+            try:
+                self._api_name = validate_api_name(api)
+            except InvalidRequest as exc:
+                raise ConfigurationError(f"api: {exc}") from None
+            self._api_func = None
+        self._id_header = _header_name(client_id_header, "client_id_header")
+        self._secret_header = _header_name(client_secret_header, "client_secret_header")
+        if self._id_header == self._secret_header:
+            raise ConfigurationError("client_id_header and client_secret_header must differ")
+        self._query = bool(query_credentials)
+        self._strip = bool(strip_secret)
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        for path in [exclude_paths] if isinstance(exclude_paths, str) else exclude_paths:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ConfigurationError(f"exclude_paths entries must start with '/': {path!r}")
+            if path.endswith("/*"):
+                prefixes.append(path[:-2])
+            else:
+                exact.add(path)
+        self._exclude_exact = frozenset(exact)
+        self._exclude_prefixes = tuple(prefixes)
+        self._refusals: dict[str, _ApiRefusals] = {}
+        if self._api_name is not None:
+            self._refusals[self._api_name] = _ApiRefusals(self._api_name)
+
+    def __repr__(self) -> str:
+        api = self._api_name if self._api_func is None else self._api_func
+        return f"KeyGuard(store={self.manager.store!r}, api={api!r})"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if self._excluded(scope["path"]) or (
+            scope.get("method") == "OPTIONS" and _is_preflight(scope)
+        ):
+            await self.app(scope, receive, send)
+            return
+
+        id_header = self._id_header
+        secret_header = self._secret_header
+        client_id = secret = None
+        ids = secrets = 0
+        for name, value in scope["headers"]:
+            if name == id_header:
+                ids += 1
+                client_id = value
+            elif name == secret_header:
+                secrets += 1
+                secret = value
+        client_id_text = _clean(client_id) if ids == 1 else None
+        secret_text = _clean(secret) if secrets == 1 else None
+        query_secret = False
+        if self._query and scope.get("query_string"):
+            for name_text, value_text in parse_qsl(
+                scope["query_string"].decode("latin-1"), keep_blank_values=True
+            ):
+                if name_text == "client_id":
+                    ids += 1
+                    client_id_text = value_text.strip() or None
+                elif name_text == "client_secret":
+                    secrets += 1
+                    query_secret = True
+                    secret_text = value_text.strip() or None
+        if ids > 1 or secrets > 1:
+            await _refuse(scope, receive, send, _BAD_REQUEST)
+            return
+
+        api = self._api_name if self._api_func is None else self._resolve_api(scope)
+        if api is None:
+            await _refuse(scope, receive, send, _API_NOT_AVAILABLE)
+            return
+        try:
+            result = await self.manager.authenticate(api, client_id_text, secret_text)
+        except Exception as exc:
+            logger.warning("key store failed, answering 503: %s", type(exc).__name__, exc_info=exc)
+            await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
+            return
+        if not isinstance(result, KeyInfo):
+            refusals = self._refusals.get(api)
+            if refusals is None:
+                refusals = self._remember_refusals(api)
+            await _refuse(scope, receive, send, refusals.by_denial[result])
+            return
+
+        state = scope.get("state")
+        child = dict(scope)
+        child["state"] = {**state, "keyguard": result} if state else {"keyguard": result}
+        if self._strip:
+            if secrets and not query_secret:
+                child["headers"] = [h for h in scope["headers"] if h[0] != secret_header]
+            elif query_secret:
+                child["query_string"] = _without_secret(scope["query_string"])
+        await self.app(child, receive, send)
+
+    def _excluded(self, path: str) -> bool:
+        if path in self._exclude_exact:
+            return True
+        for prefix in self._exclude_prefixes:
+            if (path == prefix or path.startswith(prefix + "/")) and "/.." not in path:
+                return True
+        return False
+
+    def _resolve_api(self, scope: Scope) -> str | None:
+        assert self._api_func is not None
+        try:
+            name = self._api_func(scope)
+        except Exception:
+            logger.exception("the api= callable failed; answering 404")
+            return None
+        if not isinstance(name, str) or not API_NAME_PATTERN.fullmatch(name):
+            return None
+        return name
+
+    def _remember_refusals(self, api: str) -> _ApiRefusals:
+        if len(self._refusals) >= 1024:
+            self._refusals.clear()
+        refusals = self._refusals[api] = _ApiRefusals(api)
+        return refusals
+
+
+def _header_name(value: object, option: str) -> bytes:
+    if (
+        not isinstance(value, str)
+        or not value
+        or not value.isascii()
+        or not all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in value)
+    ):
+        raise ConfigurationError(f"{option} must be a valid HTTP header name, got {value!r}")
+    return value.lower().encode("ascii")
+
+
+def _clean(value: bytes | None) -> str | None:
+    """A header value as text; empty or whitespace-only counts as absent."""
+    if value is None:
+        return None
+    text = value.decode("latin-1").strip()
+    return text or None
+
+
+def _is_preflight(scope: Scope) -> bool:
+    names = {name for name, _ in scope["headers"]}
+    return b"origin" in names and b"access-control-request-method" in names
+
+
+def _without_secret(query_string: bytes) -> bytes:
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    return urlencode([(k, v) for k, v in pairs if k != "client_secret"]).encode("latin-1")
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, refusal: _Refusal) -> None:
+    status, headers, body, close_code = refusal
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    # A websocket handshake: read the connect event, then refuse.
+    message: Message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": close_code, "reason": ""})

@@ -1,0 +1,131 @@
+"""Generating client ids and secrets, and hashing and checking secrets.
+
+Client ids are 32 lowercase hex characters (128 bits from :mod:`secrets`), the
+shape of the client ids IBM's gateway issues. Secrets are 43 URL-safe
+characters (256 bits). Only a passlib hash of a secret is ever stored.
+
+The default scheme is ``pbkdf2_sha256`` with a single round: salted, named in
+the hash string (so ``needs_update`` can migrate hashes later), and fast.
+Key stretching exists to slow down guessing of low-entropy passwords; a
+256-bit random secret cannot be guessed however fast the hash is, so extra
+rounds would only cost every request. Users whose policy demands a slow
+scheme pass their own ``CryptContext``; verification then runs in a worker
+thread so the event loop is never blocked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets as _secrets
+import threading
+
+import anyio.to_thread
+from passlib.context import CryptContext
+
+__all__ = [
+    "CLIENT_ID_LENGTH",
+    "DEFAULT_CONTEXT",
+    "SecretHasher",
+    "could_be_client_id",
+    "new_client_id",
+    "new_secret",
+]
+
+CLIENT_ID_LENGTH = 32
+SECRET_BYTES = 32  # 256 bits
+_HEX = "0123456789abcdef"
+
+DEFAULT_CONTEXT = CryptContext(
+    schemes=["pbkdf2_sha256"],
+    pbkdf2_sha256__default_rounds=1,
+)
+"""The default context: salted PBKDF2-SHA256, one round (see the module docstring)."""
+
+
+def new_client_id() -> str:
+    """A fresh client id: 128 random bits as 32 lowercase hex characters."""
+    return _secrets.token_hex(CLIENT_ID_LENGTH // 2)
+
+
+def new_secret() -> str:
+    """A fresh secret: 256 random bits, URL-safe base64 (43 characters)."""
+    return _secrets.token_urlsafe(SECRET_BYTES)
+
+
+def could_be_client_id(value: str) -> bool:
+    """Whether ``value`` has the shape of a client id keyguard issues.
+
+    Anything else can be refused without asking the store.
+    """
+    return len(value) == CLIENT_ID_LENGTH and not value.strip(_HEX)
+
+
+class SecretHasher:
+    """Hashes new secrets and checks presented ones against stored hashes.
+
+    A secret that verified once is remembered (as a keyed HMAC digest, bound
+    to the stored hash it matched) so that a client's next request with the
+    same secret costs one HMAC instead of a passlib verification. A wrong
+    secret is always verified in full, and so is an unknown client id against
+    a dummy hash: neither is cheaper than the other.
+
+    ``offload`` runs passlib in a worker thread; it defaults to on for any
+    context other than the default one, since only the default is known to
+    be fast.
+    """
+
+    def __init__(
+        self,
+        context: CryptContext | None = None,
+        *,
+        offload: bool | None = None,
+        max_remembered: int = 10_000,
+    ) -> None:
+        self.context = DEFAULT_CONTEXT if context is None else context
+        self.offload = (context is not None) if offload is None else offload
+        self._max_remembered = max_remembered
+        self._pepper = _secrets.token_bytes(32)
+        self._dummy_hash = self.context.hash(new_secret())
+        # client_id -> (stored hash, HMAC of the secret that matched it)
+        self._verified: dict[str, tuple[str, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SecretHasher(scheme={self.context.default_scheme()!r}, offload={self.offload})"
+
+    def hash(self, secret: str) -> str:
+        """The hash to store for a newly generated ``secret``."""
+        return str(self.context.hash(secret))
+
+    async def verify(self, client_id: str, secret: str, stored_hash: str | None) -> bool:
+        """Whether ``secret`` matches ``stored_hash``.
+
+        With ``stored_hash=None`` (unknown key, or a key with no secret) the
+        secret is checked against a dummy hash, costing the same work, and
+        the answer is ``False``.
+        """
+        digest = hmac.digest(self._pepper, secret.encode(), hashlib.sha256)
+        if stored_hash is not None:
+            seen = self._verified.get(client_id)
+            if seen is not None and seen[0] == stored_hash and hmac.compare_digest(seen[1], digest):
+                return True
+        target = self._dummy_hash if stored_hash is None else stored_hash
+        if self.offload:
+            ok = await anyio.to_thread.run_sync(self._passlib_verify, secret, target)
+        else:
+            ok = self._passlib_verify(secret, target)
+        if not ok or stored_hash is None:
+            return False
+        with self._lock:
+            if len(self._verified) >= self._max_remembered:
+                self._verified.pop(next(iter(self._verified)), None)
+            self._verified[client_id] = (stored_hash, digest)
+        return True
+
+    def _passlib_verify(self, secret: str, stored_hash: str) -> bool:
+        try:
+            return bool(self.context.verify(secret, stored_hash))
+        except (ValueError, TypeError):
+            # A hash this context cannot read never matches.
+            return False

@@ -1,0 +1,89 @@
+"""The ``KeyStore`` protocol: what keyguard asks of a place that keeps keys.
+
+A store is small and dumb on purpose. It validates nothing a caller could
+get wrong (``KeyManager`` does that); it only keeps data and performs the
+few operations that must be atomic where the data lives, so that every rule
+of SPEC §3 holds across processes and machines sharing one store:
+
+* ``insert_key`` checks R1 (exposed), R2 (per-kind limit) and R3 (unique
+  casefolded name) *and* inserts, as one atomic step;
+* ``set_secret_hash`` changes only an external key (R4).
+
+Every method may raise :class:`~keyguard.errors.StoreUnavailable` (with the
+driver's error chained) when the store cannot be reached or fails; no other
+driver exception may escape. Stores connect lazily, in the event loop that
+first uses them, and are released with ``aclose``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from keyguard.models import Api, KeyRecord
+
+__all__ = ["KeyStore"]
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """Persistence for APIs and keys. See the module docstring for the contract."""
+
+    async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
+        """The request path's single read: whether ``api`` exists *and* is exposed, and
+        the key ``client_id`` if it belongs to ``api`` (``None`` when ``client_id`` is
+        ``None``, unknown, or another API's). One round trip at most.
+        """
+        ...
+
+    async def get_api(self, api: str) -> Api | None:
+        """The API with its key counts, or ``None`` if it was never created."""
+        ...
+
+    async def list_apis(self) -> list[Api]:
+        """Every API, ordered by name, with key counts."""
+        ...
+
+    async def upsert_api(
+        self,
+        api: str,
+        *,
+        exposed: bool | None,
+        max_keys_per_kind: int | None,
+        default_max_keys_per_kind: int,
+    ) -> Api:
+        """Create ``api`` if missing (unexposed, limit ``default_max_keys_per_kind``),
+        then set whichever of ``exposed`` and ``max_keys_per_kind`` is not ``None``.
+        Keys are never touched. Returns the API as stored.
+        """
+        ...
+
+    async def insert_key(self, record: KeyRecord) -> None:
+        """Add ``record`` atomically, or raise without adding anything:
+        ``ApiNotExposed`` if its API is unknown or unexposed, ``KeyLimitReached`` if the
+        API already holds ``max_keys_per_kind`` keys of ``record.kind``,
+        ``DuplicateName`` if a key of the API has a name equal under ``str.casefold``.
+        The checks and the insert are one atomic step, also against other processes.
+        """
+        ...
+
+    async def get_key(self, api: str, client_id: str) -> KeyRecord | None:
+        """The key ``client_id`` of ``api``, or ``None``. Client ids compare exactly."""
+        ...
+
+    async def list_keys(self, api: str) -> list[KeyRecord]:
+        """The keys of ``api`` ordered by ``created_at`` (then by insertion); empty if none."""
+        ...
+
+    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
+        """Replace the secret hash of the *external* key ``client_id`` of ``api``.
+        Returns ``False`` (changing nothing) if there is no such external key.
+        """
+        ...
+
+    async def delete_key(self, api: str, client_id: str) -> bool:
+        """Delete the key; ``False`` if ``api`` had no such key."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections. The store must not be used afterwards."""
+        ...

@@ -1,0 +1,129 @@
+"""``memory://``: keys in a dict of this process. For tests and single-process demos."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from keyguard.errors import ApiNotExposed, DuplicateName, KeyLimitReached
+from keyguard.models import Api, KeyKind, KeyRecord, name_key
+
+__all__ = ["MemoryStore"]
+
+
+@dataclasses.dataclass
+class _ApiState:
+    exposed: bool
+    max_keys_per_kind: int
+    # client_id -> record, in insertion order (created_at order for this process)
+    keys: dict[str, KeyRecord] = dataclasses.field(default_factory=dict)
+    names: set[str] = dataclasses.field(default_factory=set)
+    counts: dict[KeyKind, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(KeyKind, 0)
+    )
+
+
+class MemoryStore:
+    """An in-process store. Each instance is independent; nothing outlives the process.
+
+    Every operation completes without awaiting, so it is atomic among the tasks
+    of one event loop; a lock makes writes safe across threads too.
+    """
+
+    def __init__(self) -> None:
+        self._apis: dict[str, _ApiState] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        keys = sum(len(state.keys) for state in self._apis.values())
+        return f"MemoryStore(apis={len(self._apis)}, keys={keys})"
+
+    async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
+        state = self._apis.get(api)
+        exposed = state is not None and state.exposed
+        if client_id is None or state is None:
+            return exposed, None
+        return exposed, state.keys.get(client_id)
+
+    async def get_api(self, api: str) -> Api | None:
+        state = self._apis.get(api)
+        return None if state is None else self._api(api, state)
+
+    async def list_apis(self) -> list[Api]:
+        return [self._api(name, self._apis[name]) for name in sorted(self._apis)]
+
+    async def upsert_api(
+        self,
+        api: str,
+        *,
+        exposed: bool | None,
+        max_keys_per_kind: int | None,
+        default_max_keys_per_kind: int,
+    ) -> Api:
+        with self._lock:
+            state = self._apis.get(api)
+            if state is None:
+                state = self._apis[api] = _ApiState(False, default_max_keys_per_kind)
+            if exposed is not None:
+                state.exposed = exposed
+            if max_keys_per_kind is not None:
+                state.max_keys_per_kind = max_keys_per_kind
+            return self._api(api, state)
+
+    async def insert_key(self, record: KeyRecord) -> None:
+        with self._lock:
+            state = self._apis.get(record.api)
+            if state is None or not state.exposed:
+                raise ApiNotExposed(f"API {record.api!r} is not exposed")
+            if state.counts[record.kind] >= state.max_keys_per_kind:
+                raise KeyLimitReached(
+                    f"API {record.api!r} already has {state.max_keys_per_kind} "
+                    f"{record.kind.value} keys"
+                )
+            folded = name_key(record.name)
+            if folded in state.names:
+                raise DuplicateName(f"API {record.api!r} already has a key named {record.name!r}")
+            state.keys[record.client_id] = record
+            state.names.add(folded)
+            state.counts[record.kind] += 1
+
+    async def get_key(self, api: str, client_id: str) -> KeyRecord | None:
+        state = self._apis.get(api)
+        return None if state is None else state.keys.get(client_id)
+
+    async def list_keys(self, api: str) -> list[KeyRecord]:
+        state = self._apis.get(api)
+        return [] if state is None else list(state.keys.values())
+
+    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
+        with self._lock:
+            state = self._apis.get(api)
+            record = None if state is None else state.keys.get(client_id)
+            if state is None or record is None or record.kind is not KeyKind.EXTERNAL:
+                return False
+            updated = dataclasses.replace(record, secret_hash=secret_hash)
+            state.keys[client_id] = updated
+            return True
+
+    async def delete_key(self, api: str, client_id: str) -> bool:
+        with self._lock:
+            state = self._apis.get(api)
+            record = None if state is None else state.keys.pop(client_id, None)
+            if state is None or record is None:
+                return False
+            state.names.discard(name_key(record.name))
+            state.counts[record.kind] -= 1
+            return True
+
+    async def aclose(self) -> None:
+        """Nothing to release; the data stays until the store is garbage-collected."""
+
+    @staticmethod
+    def _api(name: str, state: _ApiState) -> Api:
+        return Api(
+            name=name,
+            exposed=state.exposed,
+            max_keys_per_kind=state.max_keys_per_kind,
+            internal_keys=state.counts[KeyKind.INTERNAL],
+            external_keys=state.counts[KeyKind.EXTERNAL],
+        )
