@@ -1,0 +1,47 @@
+"""How the test suite opens each kind of store.
+
+``BACKENDS`` names every store the ``store`` fixture runs over. Each backend
+module supplies an async context manager that yields an empty store and
+removes whatever the test wrote.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from keyguard import KeyStore, MemoryStore
+
+
+def _backends() -> tuple[str, ...]:
+    names = ["memory"]
+    if importlib.util.find_spec("tests.backends.sql") is not None:
+        names += ["sqlite", "postgres", "mysql"]
+    if importlib.util.find_spec("tests.backends.redis") is not None:
+        names += ["redis"]
+    return tuple(names)
+
+
+BACKENDS = _backends()
+
+
+@asynccontextmanager
+async def open_test_store(backend: str, tmp_path: Path) -> AsyncIterator[KeyStore]:
+    """An empty store of kind ``backend``; skipped (or failed, in CI) if its server is down."""
+    if backend == "memory":
+        store = MemoryStore()
+        try:
+            yield store
+        finally:
+            await store.aclose()
+        return
+    if backend in ("sqlite", "postgres", "mysql"):
+        from tests.backends.sql import open_sql_test_store as opener
+    elif backend == "redis":
+        from tests.backends.redis import open_redis_test_store as opener
+    else:  # pragma: no cover - a typo in BACKENDS
+        raise ValueError(f"unknown backend {backend!r}")
+    async with opener(backend, tmp_path) as store:
+        yield store
