@@ -107,7 +107,8 @@ async def test_insert_and_read_back_exactly(store: KeyStore) -> None:
     await store.insert_key(rec)
     got = await store.get_key("orders", rec.client_id)
     assert got == rec
-    assert got is not None and got.created_at.utcoffset() == timedelta(0)
+    assert got is not None
+    assert got.created_at.utcoffset() == timedelta(0)
 
 
 async def test_insert_refused_for_unknown_or_unexposed_api(store: KeyStore) -> None:
@@ -164,7 +165,8 @@ async def test_deleting_frees_a_place(store: KeyStore) -> None:
     assert await store.delete_key("orders", first.client_id) is True
     await store.insert_key(record(name="two"))
     api = await store.get_api("orders")
-    assert api is not None and api.external_keys == 1
+    assert api is not None
+    assert api.external_keys == 1
 
 
 @pytest.mark.parametrize(
@@ -231,7 +233,8 @@ async def test_concurrent_inserts_respect_the_limit(store: KeyStore) -> None:
     assert sorted(accepted) == ["external"] * 5 + ["internal"] * 5
     assert len(refused) == 14
     api = await store.get_api("orders")
-    assert api is not None and (api.internal_keys, api.external_keys) == (5, 5)
+    assert api is not None
+    assert (api.internal_keys, api.external_keys) == (5, 5)
 
 
 async def test_concurrent_duplicate_names(store: KeyStore) -> None:
@@ -341,8 +344,10 @@ async def test_set_secret_hash_on_external_key(store: KeyStore) -> None:
     assert await store.set_secret_hash("orders", rec.client_id, "first") is True
     assert await store.set_secret_hash("orders", rec.client_id, "second") is True
     got = await store.get_key("orders", rec.client_id)
-    assert got is not None and got.secret_hash == "second"
-    assert got.name == rec.name and got.created_at == rec.created_at
+    assert got is not None
+    assert got.secret_hash == "second"
+    assert got.name == rec.name
+    assert got.created_at == rec.created_at
 
 
 async def test_set_secret_hash_refuses_internal_and_unknown(store: KeyStore) -> None:
@@ -354,7 +359,8 @@ async def test_set_secret_hash_refuses_internal_and_unknown(store: KeyStore) -> 
     assert await store.set_secret_hash("orders", new_client_id(), "new") is False
     assert await store.set_secret_hash("elsewhere", rec.client_id, "new") is False
     got = await store.get_key("orders", rec.client_id)
-    assert got is not None and got.secret_hash == "original"
+    assert got is not None
+    assert got.secret_hash == "original"
 
 
 async def test_delete_key(store: KeyStore) -> None:
