@@ -1,0 +1,128 @@
+"""Small test-only helpers: an ASGI driver and a store wrapper that counts or fails.
+
+The wrapper sits around a *real* store; it never stands in for a database.
+Its ``fail_with`` models an outage for front-door tests that do not need a
+real server to be stopped (the store tests break real servers).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from starlette.types import ASGIApp, Message, Scope
+
+from keyguard import KeyStore
+from keyguard.models import Api, KeyRecord
+
+
+class CountingStore:
+    """Delegates to ``inner`` and counts calls per method (``calls["lookup"]`` …).
+
+    Setting ``fail_with`` to an exception makes every call raise it (an outage)
+    until it is set back to ``None``.
+    """
+
+    def __init__(self, inner: KeyStore) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+        self.lookups: list[tuple[str, str | None]] = []
+        self.fail_with: Exception | None = None
+
+    def _enter(self, method: str) -> None:
+        self.calls[method] += 1
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
+        self._enter("lookup")
+        self.lookups.append((api, client_id))
+        return await self.inner.lookup(api, client_id)
+
+    async def get_api(self, api: str) -> Api | None:
+        self._enter("get_api")
+        return await self.inner.get_api(api)
+
+    async def list_apis(self) -> list[Api]:
+        self._enter("list_apis")
+        return await self.inner.list_apis()
+
+    async def upsert_api(
+        self,
+        api: str,
+        *,
+        exposed: bool | None,
+        max_keys_per_kind: int | None,
+        default_max_keys_per_kind: int,
+    ) -> Api:
+        self._enter("upsert_api")
+        return await self.inner.upsert_api(
+            api,
+            exposed=exposed,
+            max_keys_per_kind=max_keys_per_kind,
+            default_max_keys_per_kind=default_max_keys_per_kind,
+        )
+
+    async def insert_key(self, record: KeyRecord) -> None:
+        self._enter("insert_key")
+        await self.inner.insert_key(record)
+
+    async def get_key(self, api: str, client_id: str) -> KeyRecord | None:
+        self._enter("get_key")
+        return await self.inner.get_key(api, client_id)
+
+    async def list_keys(self, api: str) -> list[KeyRecord]:
+        self._enter("list_keys")
+        return await self.inner.list_keys(api)
+
+    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
+        self._enter("set_secret_hash")
+        return await self.inner.set_secret_hash(api, client_id, secret_hash)
+
+    async def delete_key(self, api: str, client_id: str) -> bool:
+        self._enter("delete_key")
+        return await self.inner.delete_key(api, client_id)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def run_asgi(
+    app: ASGIApp, scope: Scope, incoming: list[Message] | None = None
+) -> list[Message]:
+    """Call ``app`` once with ``scope``; return every message it sent.
+
+    ``incoming`` are the messages ``receive`` hands out, in order; after them
+    ``receive`` reports a disconnect.
+    """
+    queue = list(incoming or [])
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if queue:
+            return queue.pop(0)
+        kind = "websocket.disconnect" if scope["type"] == "websocket" else "http.disconnect"
+        return {"type": kind}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def http_scope(path: str = "/", headers: list[tuple[bytes, bytes]] | None = None) -> Scope:
+    """A minimal HTTP GET scope."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers or [],
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+    }
