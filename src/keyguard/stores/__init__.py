@@ -8,6 +8,7 @@ with the command that installs it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from keyguard.errors import ConfigurationError
@@ -16,6 +17,7 @@ from keyguard.stores.memory import MemoryStore
 
 __all__ = ["KeyStore", "MemoryStore", "open_store"]
 
+_PASSWORD = re.compile(r"(?<=:)[^:@/]*(?=@)")
 _SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 _REDIS_SCHEMES = ("redis", "rediss")
 
@@ -52,11 +54,5 @@ def open_store(url: str, **options: Any) -> KeyStore:
 
 
 def _redact(url: object) -> str:
-    """``url`` without a password, for error messages."""
-    text = str(url)
-    if "://" in text and "@" in text:
-        scheme, rest = text.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return text
+    """``url`` with any password masked, for error messages."""
+    return _PASSWORD.sub("***", str(url))

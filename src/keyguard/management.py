@@ -1,0 +1,782 @@
+"""``management_app``: the management HTTP API (SPEC §5): HTTP in, ``KeyManager`` calls, HTTP out.
+
+``app.mount("/keyguard", management_app(store, token=os.environ["KEYGUARD_ADMIN_TOKEN"]))``
+
+Every route needs ``Authorization: Bearer <token>``, checked before routing so
+that nothing, not even which routes exist, is revealed without it. Every error
+is an RFC 9457 problem details object (``application/problem+json``) whose
+``code`` member is the ``KeyGuardError.code`` (or one of this module's own:
+``unauthorized``, ``not_found``, ``method_not_allowed``, ``request_too_large``,
+``unsupported_media_type``, ``internal_error``). The rules themselves live in
+``KeyManager``; this module only parses, calls and formats.
+
+The JSON shapes (``api_json``, ``key_json``, ``problem_json``) are shared with
+the command line, so ``keyguard --json`` prints exactly what this API answers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from keyguard.errors import ConfigurationError, InvalidRequest, KeyGuardError, RuleViolation
+from keyguard.manager import DEFAULT_MAX_KEYS_PER_KIND, MAX_KEYS_PER_KIND_LIMIT, KeyManager
+from keyguard.middleware import RETRY_AFTER_SECONDS
+from keyguard.models import MAX_NAME_LENGTH, Api, IssuedKey, KeyInfo, KeyKind, rfc3339
+from keyguard.stores.base import KeyStore
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "api_json",
+    "key_json",
+    "management_app",
+    "openapi_document",
+    "problem_json",
+    "status_for",
+]
+
+logger = logging.getLogger("keyguard")
+
+MAX_BODY_BYTES = 64 * 1024
+"""Request bodies larger than this are refused with 413 (real bodies are under 200 bytes)."""
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+_REALM = 'Bearer realm="keyguard"'
+
+# Management answers describe secrets and who holds which key: nothing may cache them.
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+# -- the JSON shapes, shared with the command line -------------------------------------------
+
+
+def api_json(api: Api) -> dict[str, Any]:
+    """The JSON object of an API: name, exposed, its limit and its key counts per kind."""
+    return {
+        "name": api.name,
+        "exposed": api.exposed,
+        "max_keys_per_kind": api.max_keys_per_kind,
+        "keys": {"internal": api.internal_keys, "external": api.external_keys},
+    }
+
+
+def key_json(key: KeyInfo) -> dict[str, Any]:
+    """The JSON object of a key (R9's fields); for a just-issued key also its ``secret``.
+
+    ``secret`` is present exactly when ``key`` is an ``IssuedKey``: a string for
+    an internal key, ``null`` for an external one (which has no secret yet).
+    """
+    result: dict[str, Any] = {
+        "client_id": key.client_id,
+        "name": key.name,
+        "kind": key.kind.value,
+        "has_secret": key.has_secret,
+        "created_at": rfc3339(key.created_at),
+    }
+    if isinstance(key, IssuedKey):
+        result["secret"] = key.secret
+    return result
+
+
+_STATUS_BY_CODE = {
+    "invalid_request": 422,
+    "api_not_found": 404,
+    "key_not_found": 404,
+    "store_unavailable": 503,
+}
+
+
+def status_for(error: KeyGuardError) -> int | None:
+    """The HTTP status the management API answers ``error`` with; ``None`` if it has none.
+
+    Rule violations are 409, bad values 422, unknown APIs and keys 404, an
+    unavailable store 503. A ``ConfigurationError`` is a bug in the setup, not
+    in the request, and has no status of its own.
+    """
+    if isinstance(error, RuleViolation):
+        return 409
+    return _STATUS_BY_CODE.get(error.code)
+
+
+def problem_json(code: str, detail: str, status: int | None = None) -> dict[str, Any]:
+    """An RFC 9457 problem details object with keyguard's extra ``code`` member.
+
+    ``type`` is ``about:blank`` (so ``title`` is the HTTP reason phrase) and
+    ``code`` is the machine-readable part. Without a ``status`` (errors of the
+    command line that HTTP never sends) the title is derived from ``code``.
+    """
+    title = HTTPStatus(status).phrase if status else code.replace("_", " ").capitalize()
+    problem: dict[str, Any] = {"type": "about:blank", "title": title}
+    if status is not None:
+        problem["status"] = status
+    problem["detail"] = detail
+    problem["code"] = code
+    return problem
+
+
+class _ProblemResponse(JSONResponse):
+    media_type = PROBLEM_MEDIA_TYPE
+
+
+def _problem(
+    status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    return _ProblemResponse(
+        problem_json(code, detail, status),
+        status_code=status,
+        headers={**_NO_STORE, **(headers or {})},
+    )
+
+
+def _json(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return JSONResponse(content, status_code=status, headers={**_NO_STORE, **(headers or {})})
+
+
+class _HTTPProblem(Exception):
+    """A refusal decided by this module itself (body too large, wrong media type)."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+class _BearerAuth:
+    """Refuse, before routing, every request without ``Authorization: Bearer <token>``."""
+
+    def __init__(self, app: ASGIApp, *, token: bytes | None) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.token is None:
+            await self.app(scope, receive, send)
+            return
+        values = [value for name, value in scope["headers"] if name == b"authorization"]
+        presented = values[0].strip() if len(values) == 1 else b""
+        scheme, _, credentials = presented.partition(b" ")
+        if scheme.lower() != b"bearer" or not credentials.strip():
+            response = _problem(
+                401,
+                "unauthorized",
+                "this API needs an 'Authorization: Bearer <token>' header",
+                {"WWW-Authenticate": _REALM},
+            )
+        elif not hmac.compare_digest(credentials.strip(), self.token):
+            response = _problem(
+                401,
+                "unauthorized",
+                "the bearer token is not valid",
+                {"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
+            )
+        else:
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)
+
+
+def _validate_token(token: str | None, allow_no_auth: bool) -> bytes | None:
+    if token is None:
+        if allow_no_auth:
+            return None
+        raise ConfigurationError(
+            "management_app needs token=...: every route requires 'Authorization: Bearer "
+            "<token>' (generate one with python -c 'import secrets; print(secrets.token_urlsafe"
+            "(32))'); pass allow_no_auth=True only if something in front of it authenticates"
+        )
+    if allow_no_auth:
+        raise ConfigurationError("management_app: give either token= or allow_no_auth=True")
+    if (
+        not isinstance(token, str)
+        or not token
+        or not token.isascii()
+        or not all(33 <= ord(c) <= 126 for c in token)
+    ):
+        raise ConfigurationError(
+            "management_app: token must be a non-empty string of visible ASCII characters "
+            "(no spaces), as it travels in an HTTP header"
+        )
+    return token.encode("ascii")
+
+
+# -- bodies -----------------------------------------------------------------------------------
+
+
+async def _read_object(request: Request, *, required: bool) -> dict[str, Any] | None:
+    """The request body as a JSON object; ``None`` for an empty body when not ``required``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large()
+    if not body:
+        if required:
+            raise InvalidRequest("the request body must be a JSON object")
+        return None
+    media_type, _, params = request.headers.get("content-type", "").partition(";")
+    media_type = media_type.strip().lower()
+    charset = params.strip().lower().removeprefix("charset=").strip('"')
+    if (
+        not (media_type == "application/json" or media_type.endswith("+json"))
+        or not media_type.startswith("application/")
+        or (params.strip() and charset not in ("utf-8", "utf8"))
+    ):
+        raise _HTTPProblem(
+            415,
+            "unsupported_media_type",
+            "the request body must be sent as 'Content-Type: application/json' (UTF-8)",
+        )
+    try:
+        value = json.loads(
+            bytes(body).decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+        )
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return value
+
+
+def _too_large() -> _HTTPProblem:
+    return _HTTPProblem(
+        413, "request_too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes"
+    )
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise InvalidRequest(f"{name}: the field appears more than once")
+        result[name] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidRequest(f"the request body is not valid JSON: {name} is not a JSON value")
+
+
+# Fields a caller might try to choose although keyguard always generates them (R5, R6).
+_GENERATED = {
+    "secret": "secret: secrets are generated by keyguard and cannot be chosen",
+    "client_id": "client_id: client ids are generated by keyguard and cannot be chosen",
+}
+
+
+def _check_fields(
+    body: Mapping[str, Any], *, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+) -> None:
+    for name in body:
+        if name not in allowed:
+            if name in _GENERATED:
+                raise InvalidRequest(_GENERATED[name])
+            expected = ", ".join(allowed) if allowed else "none"
+            raise InvalidRequest(f"{name}: unknown field (allowed fields: {expected})")
+        if body[name] is None:
+            raise InvalidRequest(f"{name}: cannot be null")
+    for name in required:
+        if name not in body:
+            raise InvalidRequest(f"{name}: this field is required")
+
+
+# -- the routes -------------------------------------------------------------------------------
+
+
+class _Endpoints:
+    """One method per route; each parses, calls ``KeyManager`` and formats."""
+
+    def __init__(self, manager: KeyManager, document: dict[str, Any]) -> None:
+        self.manager = manager
+        self.document = document
+
+    async def list_apis(self, request: Request) -> Response:
+        apis = await self.manager.list_apis()
+        return _json({"apis": [api_json(api) for api in apis]})
+
+    async def get_api(self, request: Request) -> Response:
+        return _json(api_json(await self.manager.get_api(request.path_params["api"])))
+
+    async def update_api(self, request: Request) -> Response:
+        body = await _read_object(request, required=True)
+        assert body is not None
+        _check_fields(body, allowed=("exposed", "max_keys_per_kind"))
+        api = await self.manager.update_api(
+            request.path_params["api"],
+            exposed=body.get("exposed"),
+            max_keys_per_kind=body.get("max_keys_per_kind"),
+        )
+        return _json(api_json(api))
+
+    async def list_keys(self, request: Request) -> Response:
+        keys = await self.manager.list_keys(request.path_params["api"])
+        return _json({"keys": [key_json(key) for key in keys]})
+
+    async def create_key(self, request: Request) -> Response:
+        body = await _read_object(request, required=True)
+        assert body is not None
+        _check_fields(body, allowed=("name", "kind"), required=("name", "kind"))
+        key = await self.manager.create_key(
+            request.path_params["api"], name=body["name"], kind=body["kind"]
+        )
+        location = request.url_for("key", api=key.api, client_id=key.client_id)
+        return _json(key_json(key), 201, {"Location": str(location)})
+
+    async def get_key(self, request: Request) -> Response:
+        params = request.path_params
+        return _json(key_json(await self.manager.get_key(params["api"], params["client_id"])))
+
+    async def set_secret(self, request: Request) -> Response:
+        body = await _read_object(request, required=False)
+        if body is not None:
+            _check_fields(body, allowed=())
+        client_id = request.path_params["client_id"]
+        secret = await self.manager.set_secret(request.path_params["api"], client_id)
+        return _json({"client_id": client_id, "secret": secret})
+
+    async def delete_key(self, request: Request) -> Response:
+        params = request.path_params
+        await self.manager.delete_key(params["api"], params["client_id"])
+        return Response(status_code=204, headers=_NO_STORE)
+
+    async def openapi(self, request: Request) -> Response:
+        document = self.document
+        root_path = request.scope.get("root_path", "")
+        if root_path:
+            document = {**document, "servers": [{"url": root_path}]}
+        return _json(document)
+
+
+@dataclass(frozen=True)
+class _Operation:
+    """One route: what the router needs and what the OpenAPI document says about it."""
+
+    method: str
+    path: str
+    name: str
+    summary: str
+    status: int
+    response: str | None  # a schema in components, or None for an empty body
+    request: str | None = None  # the body's schema, if the route takes one
+    request_required: bool = True
+    errors: tuple[int, ...] = ()
+
+
+_ON_API = (422, 503)  # every route with {api} validates the name and reads the store
+_WITH_BODY = (413, 415)
+
+_OPERATIONS = (
+    _Operation("GET", "/apis", "list_apis", "List every API", 200, "ApiList", errors=(503,)),
+    _Operation("GET", "/apis/{api}", "get_api", "Get one API", 200, "Api", errors=(404, *_ON_API)),
+    _Operation(
+        "PUT",
+        "/apis/{api}",
+        "update_api",
+        "Create an API if needed and expose or un-expose it, or change its key limit",
+        200,
+        "Api",
+        request="ApiUpdate",
+        errors=(*_WITH_BODY, *_ON_API),
+    ),
+    _Operation(
+        "GET", "/apis/{api}/keys", "list_keys", "List an API's keys", 200, "KeyList", errors=_ON_API
+    ),
+    _Operation(
+        "POST",
+        "/apis/{api}/keys",
+        "create_key",
+        "Create a key; an internal key's secret is in this answer and never again",
+        201,
+        "IssuedKey",
+        request="KeyCreate",
+        errors=(409, *_WITH_BODY, *_ON_API),
+    ),
+    _Operation(
+        "GET",
+        "/apis/{api}/keys/{client_id}",
+        "get_key",
+        "Get one key",
+        200,
+        "Key",
+        errors=(404, *_ON_API),
+    ),
+    _Operation(
+        "PUT",
+        "/apis/{api}/keys/{client_id}/secret",
+        "set_secret",
+        "Generate a new secret for an external key, replacing any previous one",
+        200,
+        "Secret",
+        request="Empty",
+        request_required=False,
+        errors=(404, 409, *_WITH_BODY, *_ON_API),
+    ),
+    _Operation(
+        "DELETE",
+        "/apis/{api}/keys/{client_id}",
+        "delete_key",
+        "Delete a key; its next request fails",
+        204,
+        None,
+        errors=(404, *_ON_API),
+    ),
+    _Operation("GET", "/openapi.json", "openapi", "This OpenAPI document", 200, "OpenApiDocument"),
+)
+
+
+# -- the OpenAPI document ---------------------------------------------------------------------
+
+_ERROR_CODES = {
+    401: ["unauthorized"],
+    404: ["api_not_found", "key_not_found"],
+    409: ["api_not_exposed", "key_limit_reached", "duplicate_name", "key_immutable"],
+    413: ["request_too_large"],
+    415: ["unsupported_media_type"],
+    422: ["invalid_request"],
+    503: ["store_unavailable"],
+}
+
+_API_NAME = {
+    "type": "string",
+    "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+    "description": "An API name.",
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Api": {
+        "type": "object",
+        "required": ["name", "exposed", "max_keys_per_kind", "keys"],
+        "additionalProperties": False,
+        "properties": {
+            "name": _API_NAME,
+            "exposed": {"type": "boolean", "description": "Whether keys can be used and issued."},
+            "max_keys_per_kind": {"type": "integer", "minimum": 0},
+            "keys": {
+                "type": "object",
+                "description": "How many keys of each kind the API holds.",
+                "required": ["internal", "external"],
+                "additionalProperties": False,
+                "properties": {
+                    "internal": {"type": "integer", "minimum": 0},
+                    "external": {"type": "integer", "minimum": 0},
+                },
+            },
+        },
+    },
+    "ApiList": {
+        "type": "object",
+        "required": ["apis"],
+        "additionalProperties": False,
+        "properties": {"apis": {"type": "array", "items": {"$ref": "#/components/schemas/Api"}}},
+    },
+    "ApiUpdate": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "The fields to change; an empty object only creates the API if needed.",
+        "properties": {
+            "exposed": {"type": "boolean"},
+            "max_keys_per_kind": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": MAX_KEYS_PER_KIND_LIMIT,
+                "description": "Lowering it below the current count deletes no key.",
+            },
+        },
+        "example": {"exposed": True},
+    },
+    "Key": {
+        "type": "object",
+        "required": ["client_id", "name", "kind", "has_secret", "created_at"],
+        "additionalProperties": False,
+        "properties": {
+            "client_id": {"type": "string"},
+            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
+            "kind": {"type": "string", "enum": [kind.value for kind in KeyKind]},
+            "has_secret": {"type": "boolean"},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "KeyList": {
+        "type": "object",
+        "required": ["keys"],
+        "additionalProperties": False,
+        "properties": {
+            "keys": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/Key"},
+                "description": "Oldest first.",
+            }
+        },
+    },
+    "KeyCreate": {
+        "type": "object",
+        "required": ["name", "kind"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_NAME_LENGTH,
+                "description": "Trimmed; unique within the API, ignoring case.",
+            },
+            "kind": {"type": "string", "enum": [kind.value for kind in KeyKind]},
+        },
+        "example": {"name": "Acme", "kind": "internal"},
+    },
+    "IssuedKey": {
+        "type": "object",
+        "required": ["client_id", "name", "kind", "has_secret", "created_at", "secret"],
+        "additionalProperties": False,
+        "properties": {
+            "client_id": {"type": "string"},
+            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
+            "kind": {"type": "string", "enum": [kind.value for kind in KeyKind]},
+            "has_secret": {"type": "boolean"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "secret": {
+                "type": ["string", "null"],
+                "description": "An internal key's secret, shown this once; null for an "
+                "external key, which has no secret until one is set.",
+            },
+        },
+    },
+    "Secret": {
+        "type": "object",
+        "required": ["client_id", "secret"],
+        "additionalProperties": False,
+        "properties": {
+            "client_id": {"type": "string"},
+            "secret": {"type": "string", "description": "Shown this once."},
+        },
+    },
+    "Empty": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "No fields: the secret is generated by keyguard, never chosen.",
+    },
+    "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details.",
+        "required": ["type", "title", "status", "detail", "code"],
+        "properties": {
+            "type": {"type": "string", "format": "uri-reference"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "code": {
+                "type": "string",
+                "enum": sorted(
+                    {code for codes in _ERROR_CODES.values() for code in codes}
+                    | {"not_found", "method_not_allowed", "internal_error"}
+                ),
+            },
+        },
+    },
+}
+
+
+def _problem_response(status: int) -> dict[str, Any]:
+    codes = ", ".join(f"`{code}`" for code in _ERROR_CODES[status])
+    response: dict[str, Any] = {
+        "description": f"{HTTPStatus(status).phrase}: {codes}",
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    if status == 401:
+        response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+    if status == 503:
+        response["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
+    return response
+
+
+def _path_parameters(path: str) -> list[dict[str, Any]]:
+    parameters = []
+    if "{api}" in path:
+        parameters.append({"name": "api", "in": "path", "required": True, "schema": _API_NAME})
+    if "{client_id}" in path:
+        parameters.append(
+            {"name": "client_id", "in": "path", "required": True, "schema": {"type": "string"}}
+        )
+    return parameters
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the management API, built from its route table."""
+    paths: dict[str, dict[str, Any]] = {}
+    for op in _OPERATIONS:
+        success: dict[str, Any] = {"description": HTTPStatus(op.status).phrase}
+        if op.response is not None:
+            success["content"] = {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{op.response}"}}
+            }
+        if op.name == "create_key":
+            success["headers"] = {"Location": {"schema": {"type": "string"}}}
+        operation: dict[str, Any] = {
+            "operationId": op.name,
+            "summary": op.summary,
+            "responses": {
+                str(op.status): success,
+                **{str(status): _problem_response(status) for status in sorted((401, *op.errors))},
+            },
+        }
+        if parameters := _path_parameters(op.path):
+            operation["parameters"] = parameters
+        if op.request is not None:
+            operation["requestBody"] = {
+                "required": op.request_required,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{op.request}"}}
+                },
+            }
+        paths.setdefault(op.path, {})[op.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "keyguard management API",
+            "version": "1",
+            "description": (
+                "Expose APIs and issue, list, secure and delete their keys. Every route needs "
+                "'Authorization: Bearer <token>'. Errors are RFC 9457 problem details with a "
+                "machine-readable `code`; an unknown route is 404 `not_found` and a wrong "
+                "method 405 `method_not_allowed` (after authentication). Every answer carries "
+                "'Cache-Control: no-store'."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+async def _keyguard_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, KeyGuardError)
+    status = status_for(exc)
+    if status is None:
+        logger.error("management API: %s", exc.code, exc_info=exc)
+        return _problem(500, "internal_error", "keyguard is misconfigured; see the server log")
+    if status == 503:
+        logger.warning("management API: key store unavailable", exc_info=exc)
+        return _problem(
+            503,
+            exc.code,
+            "the key store is unavailable; try again later",
+            {"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    return _problem(status, exc.code, exc.message)
+
+
+async def _http_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _HTTPProblem)
+    return _problem(exc.status, exc.code, exc.detail)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return _problem(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.url.path}",
+            exc.headers,
+        )
+    if exc.status_code == 404:
+        return _problem(404, "not_found", f"no route matches {request.url.path}")
+    return _problem(exc.status_code, "invalid_request", str(exc.detail), exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.error("management API: unexpected error", exc_info=exc)
+    return _problem(500, "internal_error", "unexpected error; see the server log")
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+
+def management_app(
+    store: KeyStore,
+    *,
+    token: str | None = None,
+    max_keys_per_kind: int = DEFAULT_MAX_KEYS_PER_KIND,
+    allow_no_auth: bool = False,
+) -> Starlette:
+    """The management HTTP API over ``store``, to mount anywhere (SPEC §5).
+
+    ``token`` is the bearer token every request must carry; building the app
+    without one raises ``ConfigurationError`` unless ``allow_no_auth=True``
+    says that something in front of it authenticates operators.
+    ``max_keys_per_kind`` is the limit given to APIs created through it
+    (an existing API keeps its stored limit). Whoever opened ``store`` closes it.
+    """
+    secret_token = _validate_token(token, allow_no_auth)
+    try:
+        manager = KeyManager(store, max_keys_per_kind=max_keys_per_kind)
+    except InvalidRequest as exc:
+        raise ConfigurationError(f"management_app: {exc}") from None
+    endpoints = _Endpoints(manager, openapi_document())
+    by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+    for op in _OPERATIONS:
+        by_path.setdefault(op.path, {})[op.method] = getattr(endpoints, op.name)
+    # One route per path, so that a wrong method's 405 lists every allowed one in Allow.
+    routes = [
+        Route(path, _dispatch(handlers), methods=list(handlers), name=_ROUTE_NAMES.get(path))
+        for path, handlers in by_path.items()
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(_BearerAuth, token=secret_token)],
+        exception_handlers={
+            KeyGuardError: _keyguard_error,
+            _HTTPProblem: _http_problem,
+            HTTPException: _http_exception,
+            Exception: _unexpected,
+        },
+    )
+    # A trailing slash is a different, unknown route, not a redirect to follow.
+    app.router.redirect_slashes = False
+    return app
+
+
+_ROUTE_NAMES = {"/apis/{api}/keys/{client_id}": "key"}
+
+
+def _dispatch(
+    handlers: dict[str, Callable[[Request], Awaitable[Response]]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return endpoint

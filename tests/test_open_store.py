@@ -1,0 +1,39 @@
+"""open_store: URL in, store out, no I/O, clear errors (SPEC §7)."""
+
+from __future__ import annotations
+
+import pytest
+
+from keyguard import MemoryStore, open_store
+from keyguard.errors import ConfigurationError
+
+
+def test_memory_stores_are_independent() -> None:
+    """Each memory:// call gives a new, independent store, without an event loop."""
+    a, b = open_store("memory://"), open_store("memory://")
+    assert isinstance(a, MemoryStore)
+    assert a is not b
+
+
+@pytest.mark.parametrize("url", ["ftp://host/x", "mongodb://localhost", "keys.db", "", "memory:"])
+def test_unknown_or_malformed_url(url: str) -> None:
+    """An unknown scheme or a string that is no URL is a ConfigurationError listing the schemes."""
+    with pytest.raises(ConfigurationError, match=r"memory://") as info:
+        open_store(url)
+    assert info.value.code == "configuration_error"
+
+
+def test_password_not_echoed_in_errors() -> None:
+    """A URL's password never appears in the error about it."""
+    with pytest.raises(ConfigurationError) as info:
+        open_store("nosuch://user:hunter2@host/db")
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigurationError) as info:
+        open_store("user:hunter2@host")
+    assert "hunter2" not in str(info.value)
+
+
+def test_memory_takes_no_options() -> None:
+    """Options a store does not understand are refused, not ignored."""
+    with pytest.raises(ConfigurationError, match="options"):
+        open_store("memory://", timeout=3)
