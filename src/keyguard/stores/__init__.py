@@ -12,21 +12,33 @@ import re
 from typing import Any
 
 from keyguard.errors import ConfigurationError
-from keyguard.stores.base import KeyStore
+from keyguard.stores.base import ChangeFeed, KeyStore
+from keyguard.stores.cache import DEFAULT_CACHE_TTL, DEFAULT_MAX_ENTRIES, CachedStore
 from keyguard.stores.memory import MemoryStore
 
-__all__ = ["KeyStore", "MemoryStore", "open_store"]
+__all__ = ["CachedStore", "ChangeFeed", "KeyStore", "MemoryStore", "open_store"]
 
 _PASSWORD = re.compile(r"(?<=:)[^:@/]*(?=@)")
 _SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 _REDIS_SCHEMES = ("redis", "rediss")
 
 
-def open_store(url: str, **options: Any) -> KeyStore:
+def open_store(
+    url: str,
+    *,
+    cache_ttl: float | None = DEFAULT_CACHE_TTL,
+    cache_size: int = DEFAULT_MAX_ENTRIES,
+    **options: Any,
+) -> KeyStore:
     """The store for ``url``; ``options`` go to the adapter (see each adapter's docs).
 
     ``memory://`` gives a new, independent in-process store on every call.
-    Raises ``ConfigurationError`` for an unknown scheme or a missing extra.
+    Every other store is wrapped in a :class:`CachedStore` of ``cache_ttl``
+    seconds (at most ``cache_size`` entries) unless ``cache_ttl`` is 0 or
+    ``None``: a change made in another process is then seen within
+    ``cache_ttl`` seconds (at once on Redis, which announces changes), one
+    made through this store object at once. Raises ``ConfigurationError``
+    for an unknown scheme or a missing extra.
     """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
@@ -36,21 +48,27 @@ def open_store(url: str, **options: Any) -> KeyStore:
     scheme = url.split("://", 1)[0].lower()
     base = scheme.split("+", 1)[0]
     if base == "memory":
+        # In-process already: a cache would only add work.
         if options:
             raise ConfigurationError(f"memory:// takes no options, got {sorted(options)}")
         return MemoryStore()
+    store: KeyStore
     if base in _SQL_SCHEMES:
         from keyguard.stores.sql import SQLStore
 
-        return SQLStore.from_url(url, **options)
-    if base in _REDIS_SCHEMES:
+        store = SQLStore.from_url(url, **options)
+    elif base in _REDIS_SCHEMES:
         from keyguard.stores.redis import RedisStore
 
-        return RedisStore.from_url(url, **options)
-    raise ConfigurationError(
-        f"unknown store scheme {scheme!r}: use memory://, sqlite:///path.db, "
-        "postgresql://…, mysql://…, mariadb://…, redis:// or rediss://"
-    )
+        store = RedisStore.from_url(url, **options)
+    else:
+        raise ConfigurationError(
+            f"unknown store scheme {scheme!r}: use memory://, sqlite:///path.db, "
+            "postgresql://…, mysql://…, mariadb://…, redis:// or rediss://"
+        )
+    if not cache_ttl:
+        return store
+    return CachedStore(store, ttl=cache_ttl, max_entries=cache_size)
 
 
 def _redact(url: object) -> str:

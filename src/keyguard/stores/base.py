@@ -17,11 +17,12 @@ first uses them, and are released with ``aclose``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from keyguard.models import Api, KeyRecord
 
-__all__ = ["KeyStore"]
+__all__ = ["ChangeFeed", "KeyStore"]
 
 
 @runtime_checkable
@@ -86,4 +87,26 @@ class KeyStore(Protocol):
 
     async def aclose(self) -> None:
         """Release connections. The store must not be used afterwards."""
+        ...
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """Optional: a store that can tell other processes about its changes (Redis pub/sub).
+
+    ``CachedStore`` uses it to drop stale entries as soon as another process
+    changes a key or an API, instead of waiting for them to expire.
+    """
+
+    async def watch(
+        self,
+        on_change: Callable[[str, str | None], None],
+        *,
+        on_ready: Callable[[], None],
+    ) -> None:
+        """Listen until cancelled: call ``on_ready()`` once listening, then
+        ``on_change(api, client_id)`` for each change any process makes through this
+        store (``client_id`` is ``None`` when the API itself changed). Raises
+        ``StoreUnavailable`` if the feed breaks; the caller listens again later.
+        """
         ...

@@ -1,0 +1,176 @@
+"""CachedStore: lookups cached with bounded staleness and memory, on every store."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from keyguard import KeyStore
+from keyguard.errors import ConfigurationError, StoreUnavailable
+from keyguard.models import KeyKind, KeyRecord, utcnow
+from keyguard.secrets import new_client_id
+from keyguard.stores import CachedStore
+from tests.helpers import CountingStore
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    """A hand-driven monotonic clock: no test here waits for real time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def key(api: str = "orders", name: str = "Acme", secret_hash: str | None = None) -> KeyRecord:
+    return KeyRecord(api, new_client_id(), name, KeyKind.EXTERNAL, secret_hash, utcnow())
+
+
+@pytest.fixture
+async def setup(store: KeyStore) -> tuple[CachedStore, CountingStore, Clock, KeyRecord]:
+    """A cache of 5 s over a counting view of each store, with one exposed API and one key."""
+    counting = CountingStore(store)
+    clock = Clock()
+    cached = CachedStore(counting, ttl=5, clock=clock)
+    await cached.upsert_api(
+        "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+    )
+    rec = key()
+    await cached.insert_key(rec)
+    counting.calls.clear()
+    return cached, counting, clock, rec
+
+
+async def test_repeat_lookups_hit_the_cache(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """Within the TTL, the same lookup reaches the store once, known or unknown id alike."""
+    cached, counting, _, rec = setup
+    unknown = new_client_id()
+    for _ in range(3):
+        assert await cached.lookup("orders", rec.client_id) == (True, rec)
+        assert await cached.lookup("orders", unknown) == (True, None)
+        assert await cached.lookup("orders", None) == (True, None)
+    assert counting.calls["lookup"] == 3
+
+
+async def test_own_writes_are_visible_at_once(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """A change made through the cache is seen by the very next lookup (R7 in-process)."""
+    cached, _, _, rec = setup
+    assert (await cached.lookup("orders", rec.client_id))[1] == rec
+    await cached.set_secret_hash("orders", rec.client_id, "new-hash")
+    found = (await cached.lookup("orders", rec.client_id))[1]
+    assert found is not None
+    assert found.secret_hash == "new-hash"
+    await cached.delete_key("orders", rec.client_id)
+    assert await cached.lookup("orders", rec.client_id) == (True, None)
+    fresh = key(name="Fresh")
+    assert await cached.lookup("orders", fresh.client_id) == (True, None)  # cached absence
+    await cached.insert_key(fresh)
+    assert await cached.lookup("orders", fresh.client_id) == (True, fresh)
+    await cached.upsert_api(
+        "orders", exposed=False, max_keys_per_kind=None, default_max_keys_per_kind=5
+    )
+    assert await cached.lookup("orders", fresh.client_id) == (False, fresh)
+    assert await cached.lookup("orders", None) == (False, None)
+
+
+async def test_changes_elsewhere_seen_within_ttl(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """A change made behind the cache's back (another process) shows once the TTL passes."""
+    cached, counting, clock, rec = setup
+    assert (await cached.lookup("orders", rec.client_id))[1] == rec
+    await counting.inner.delete_key("orders", rec.client_id)  # "another process"
+    clock.now += 4.9
+    assert (await cached.lookup("orders", rec.client_id))[1] == rec  # stale, within bound
+    clock.now += 0.2
+    assert await cached.lookup("orders", rec.client_id) == (True, None)
+
+
+async def test_memory_is_bounded(store: KeyStore) -> None:
+    """However many distinct ids are looked up, the cache holds at most max_entries."""
+    counting = CountingStore(store)
+    cached = CachedStore(counting, ttl=60, max_entries=50)
+    for _ in range(500):
+        await cached.lookup("orders", new_client_id())
+    assert len(cached) == 50
+    assert counting.calls["lookup"] == 500
+
+
+async def test_failures_are_not_cached(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """A failed lookup raises and leaves nothing behind: the next one asks the store again."""
+    cached, counting, _, rec = setup
+    counting.fail_with = StoreUnavailable("down")
+    with pytest.raises(StoreUnavailable):
+        await cached.lookup("orders", rec.client_id)
+    counting.fail_with = None
+    assert await cached.lookup("orders", rec.client_id) == (True, rec)
+    assert counting.calls["lookup"] == 2
+
+
+async def test_failed_write_still_invalidates(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """A write that failed may or may not have happened: its entries are dropped anyway."""
+    cached, counting, _, rec = setup
+    await cached.lookup("orders", rec.client_id)
+    counting.fail_with = StoreUnavailable("down mid-write")
+    with pytest.raises(StoreUnavailable):
+        await cached.delete_key("orders", rec.client_id)
+    counting.fail_with = None
+    await cached.lookup("orders", rec.client_id)
+    assert counting.calls["lookup"] == 2
+
+
+async def test_lookup_racing_a_write_is_not_cached(store: KeyStore) -> None:
+    """An answer read before a concurrent write finished is not kept in the cache."""
+    counting = CountingStore(store)
+    cached = CachedStore(counting, ttl=60)
+    await cached.upsert_api(
+        "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+    )
+    rec = key()
+    await cached.insert_key(rec)
+    started, release = anyio.Event(), anyio.Event()
+    inner_lookup = counting.inner.lookup
+
+    async def slow_lookup(api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
+        answer = await inner_lookup(api, client_id)
+        started.set()
+        await release.wait()
+        return answer
+
+    counting.inner.lookup = slow_lookup  # type: ignore[method-assign]
+    results: list[tuple[bool, KeyRecord | None]] = []
+
+    async def look() -> None:
+        results.append(await cached.lookup("orders", rec.client_id))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(look)
+        await started.wait()
+        await cached.delete_key("orders", rec.client_id)
+        release.set()
+    counting.inner.lookup = inner_lookup  # type: ignore[method-assign]
+    assert results == [(True, rec)]  # the in-flight answer predates the delete ...
+    assert await cached.lookup("orders", rec.client_id) == (True, None)  # ... and was not kept
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"ttl": 0}, "ttl"), ({"ttl": -1}, "ttl"), ({"max_entries": 0}, "max_entries")],
+)
+def test_bad_cache_options(options: dict[str, float], match: str) -> None:
+    """A TTL or size that would disable or break the cache is refused."""
+    from keyguard import MemoryStore
+
+    with pytest.raises(ConfigurationError, match=match):
+        CachedStore(MemoryStore(), **options)  # type: ignore[arg-type]
