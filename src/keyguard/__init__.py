@@ -5,6 +5,7 @@
 
 from keyguard import errors
 from keyguard.errors import KeyGuardError
+from keyguard.management import management_app
 from keyguard.manager import Denial, KeyManager
 from keyguard.middleware import KeyGuard
 from keyguard.models import Api, IssuedKey, KeyInfo, KeyKind
@@ -26,5 +27,6 @@ __all__ = [
     "MemoryStore",
     "SecretHasher",
     "errors",
+    "management_app",
     "open_store",
 ]

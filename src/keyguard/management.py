@@ -1,6 +1,6 @@
 """``management_app``: the management HTTP API (SPEC §5): HTTP in, ``KeyManager`` calls, HTTP out.
 
-``app.mount("/keyguard", management_app(store, token=os.environ["KEYGUARD_ADMIN_TOKEN"]))``
+``app.mount("/keyguard", management_app(store, token=os.environ["KEYGUARD_TOKEN"]))``
 
 Every route needs ``Authorization: Bearer <token>``, checked before routing so
 that nothing, not even which routes exist, is revealed without it. Every error
@@ -461,6 +461,7 @@ _ERROR_CODES = {
     415: ["unsupported_media_type"],
     422: ["invalid_request"],
     503: ["store_unavailable"],
+    500: ["internal_error"],
 }
 
 _API_NAME = {
@@ -595,7 +596,7 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "string",
                 "enum": sorted(
                     {code for codes in _ERROR_CODES.values() for code in codes}
-                    | {"not_found", "method_not_allowed", "internal_error"}
+                    | {"not_found", "method_not_allowed"}
                 ),
             },
         },
@@ -643,7 +644,10 @@ def openapi_document() -> dict[str, Any]:
             "summary": op.summary,
             "responses": {
                 str(op.status): success,
-                **{str(status): _problem_response(status) for status in sorted((401, *op.errors))},
+                **{
+                    str(status): _problem_response(status)
+                    for status in sorted((401, *op.errors, 500))
+                },
             },
         }
         if parameters := _path_parameters(op.path):
