@@ -34,6 +34,7 @@ __all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "Denial", "Ke
 
 DEFAULT_MAX_KEYS_PER_KIND = 5
 MAX_KEYS_PER_KIND_LIMIT = 1000
+_MAX_MEMO = 10_000
 
 logger = logging.getLogger("keyguard")
 
@@ -70,6 +71,7 @@ class KeyManager:
         self.store = store
         self.max_keys_per_kind = _validate_limit(max_keys_per_kind)
         self.hasher = SecretHasher() if hasher is None else hasher
+        self._infos: dict[str, tuple[KeyRecord, KeyInfo]] = {}
 
     def __repr__(self) -> str:
         return f"KeyManager({self.store!r}, max_keys_per_kind={self.max_keys_per_kind})"
@@ -221,14 +223,28 @@ class KeyManager:
             if secret is not None and plausible:
                 await self.hasher.verify(client_id, secret, None)
             return Denial.CLIENT_ID_NOT_REGISTERED
-        if record.secret_hash is None:
-            if secret is None:
-                return record.info()
-            await self.hasher.verify(client_id, secret, None)
+        stored_hash = record.secret_hash
+        if stored_hash is None:
+            if secret is not None:
+                await self.hasher.verify(client_id, secret, None)
+                return Denial.INVALID_SECRET
+        elif secret is None or not (
+            self.hasher.remembered(client_id, secret, stored_hash)
+            or await self.hasher.verify(client_id, secret, stored_hash)
+        ):
             return Denial.INVALID_SECRET
-        if secret is None or not await self.hasher.verify(client_id, secret, record.secret_hash):
-            return Denial.INVALID_SECRET
-        return record.info()
+        return self._info(record)
+
+    def _info(self, record: KeyRecord) -> KeyInfo:
+        """``record.info()``, reusing the last one made for the same record object."""
+        memo = self._infos.get(record.client_id)
+        if memo is not None and memo[0] is record:
+            return memo[1]
+        info = record.info()
+        if len(self._infos) >= _MAX_MEMO:
+            self._infos.pop(next(iter(self._infos)), None)
+        self._infos[record.client_id] = (record, info)
+        return info
 
     async def _get_record(self, api: str, client_id: str) -> KeyRecord:
         validate_api_name(api)

@@ -157,8 +157,11 @@ class KeyGuard:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if self._excluded(scope["path"]) or (
-            scope.get("method") == "OPTIONS" and _is_preflight(scope)
+        path = scope["path"]
+        if (
+            path in self._exclude_exact
+            or (self._exclude_prefixes and self._excluded_prefix(path))
+            or (scope.get("method") == "OPTIONS" and _is_preflight(scope))
         ):
             await self.app(scope, receive, send)
             return
@@ -174,8 +177,9 @@ class KeyGuard:
             elif name == secret_header:
                 secrets += 1
                 secret = value
-        client_id_text = _clean(client_id) if ids == 1 else None
-        secret_text = _clean(secret) if secrets == 1 else None
+        # Empty or blank values count as absent.
+        client_id_text = client_id.decode("latin-1").strip() or None if client_id else None
+        secret_text = secret.decode("latin-1").strip() or None if secret else None
         query_secret = False
         if self._query and scope.get("query_string"):
             for name_text, value_text in parse_qsl(
@@ -219,9 +223,7 @@ class KeyGuard:
                 child["query_string"] = _without_secret(scope["query_string"])
         await self.app(child, receive, send)
 
-    def _excluded(self, path: str) -> bool:
-        if path in self._exclude_exact:
-            return True
+    def _excluded_prefix(self, path: str) -> bool:
         for prefix in self._exclude_prefixes:
             if (path == prefix or path.startswith(prefix + "/")) and "/.." not in path:
                 return True
@@ -254,14 +256,6 @@ def _header_name(value: object, option: str) -> bytes:
     ):
         raise ConfigurationError(f"{option} must be a valid HTTP header name, got {value!r}")
     return value.lower().encode("ascii")
-
-
-def _clean(value: bytes | None) -> str | None:
-    """A header value as text; empty or whitespace-only counts as absent."""
-    if value is None:
-        return None
-    text = value.decode("latin-1").strip()
-    return text or None
 
 
 def _is_preflight(scope: Scope) -> bool:

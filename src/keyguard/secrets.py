@@ -64,15 +64,17 @@ def could_be_client_id(value: str) -> bool:
 class SecretHasher:
     """Hashes new secrets and checks presented ones against stored hashes.
 
-    A secret that verified once is remembered (as a keyed HMAC digest, bound
-    to the stored hash it matched) so that a client's next request with the
-    same secret costs one HMAC instead of a passlib verification. A wrong
-    secret is always verified in full, and so is an unknown client id against
-    a dummy hash: neither is cheaper than the other.
+    A secret that verified once is remembered — as its SHA-256 digest, bound
+    to the stored hash it matched — so that a client's next request with the
+    same secret costs one SHA-256 instead of a passlib verification. (A
+    digest of a 256-bit random secret cannot be reversed, and only secrets
+    that verified are remembered.) A wrong secret is always verified in full,
+    and so is an unknown client id against a dummy hash: neither is cheaper
+    than the other.
 
     ``offload`` runs passlib in a worker thread; it defaults to on for any
     context other than the default one, since only the default is known to
-    be fast.
+    be fast. ``max_remembered`` bounds the memory of verified secrets.
     """
 
     def __init__(
@@ -85,9 +87,8 @@ class SecretHasher:
         self.context = DEFAULT_CONTEXT if context is None else context
         self.offload = (context is not None) if offload is None else offload
         self._max_remembered = max_remembered
-        self._pepper = _secrets.token_bytes(32)
         self._dummy_hash = self.context.hash(new_secret())
-        # client_id -> (stored hash, HMAC of the secret that matched it)
+        # client_id -> (stored hash, SHA-256 of the secret that matched it)
         self._verified: dict[str, tuple[str, bytes]] = {}
         self._lock = threading.Lock()
 
@@ -98,18 +99,22 @@ class SecretHasher:
         """The hash to store for a newly generated ``secret``."""
         return str(self.context.hash(secret))
 
+    def remembered(self, client_id: str, secret: str, stored_hash: str) -> bool:
+        """Whether ``secret`` already verified against ``stored_hash`` (no passlib work)."""
+        seen = self._verified.get(client_id)
+        return (
+            seen is not None
+            and seen[0] == stored_hash
+            and hmac.compare_digest(seen[1], hashlib.sha256(secret.encode()).digest())
+        )
+
     async def verify(self, client_id: str, secret: str, stored_hash: str | None) -> bool:
-        """Whether ``secret`` matches ``stored_hash``.
+        """Whether ``secret`` matches ``stored_hash``, by a full passlib verification.
 
         With ``stored_hash=None`` (unknown key, or a key with no secret) the
         secret is checked against a dummy hash, costing the same work, and
-        the answer is ``False``.
+        the answer is ``False``. A match is remembered for ``remembered``.
         """
-        digest = hmac.digest(self._pepper, secret.encode(), hashlib.sha256)
-        if stored_hash is not None:
-            seen = self._verified.get(client_id)
-            if seen is not None and seen[0] == stored_hash and hmac.compare_digest(seen[1], digest):
-                return True
         target = self._dummy_hash if stored_hash is None else stored_hash
         if self.offload:
             ok = await anyio.to_thread.run_sync(self._passlib_verify, secret, target)
@@ -117,6 +122,7 @@ class SecretHasher:
             ok = self._passlib_verify(secret, target)
         if not ok or stored_hash is None:
             return False
+        digest = hashlib.sha256(secret.encode()).digest()
         with self._lock:
             if len(self._verified) >= self._max_remembered:
                 self._verified.pop(next(iter(self._verified)), None)
