@@ -1,0 +1,1 @@
+"""keyguard's benchmark suite: ``python -m benchmarks`` (see docs/benchmarks.md)."""

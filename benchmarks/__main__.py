@@ -1,0 +1,288 @@
+"""Run keyguard's benchmarks: ``python -m benchmarks`` (or ``scripts/bench``).
+
+Sections (all by default): ``inprocess`` (per-request cost, every contender
+and store, interleaved), ``scale`` (10 / 10,000 / 1,000,000 keys), ``server``
+(uvicorn under wrk), ``slow`` (bcrypt off the event loop). The report is
+printed and written to ``benchmarks/results/latest.md``, which
+docs/benchmarks.md quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks import apps, inprocess, report, scale, server, slow
+from benchmarks.inprocess import Contender
+from benchmarks.stores import BACKENDS, Seeded, drop, reachable, seed
+
+ID = b"x-ibm-client-id"
+SECRET = b"x-ibm-client-secret"
+RESULTS = Path(__file__).parent / "results" / "latest.md"
+
+
+def internal_headers(s: Seeded) -> list[tuple[bytes, bytes]]:
+    return [(ID, s.internal[0]), (SECRET, s.internal[1])]
+
+
+def external_headers(s: Seeded) -> list[tuple[bytes, bytes]]:
+    return [(ID, s.external)]
+
+
+async def section_inprocess(
+    backends: list[str], workdir: Path, rounds: int, batch: int, out: list[str]
+) -> dict[str, float]:
+    seeded: list[Seeded] = []
+    memory = await seed("memory", workdir, cache=False)
+    seeded.append(memory)
+    creds = {memory.internal[0]: memory.internal[1], memory.external: None}
+    contenders = [
+        Contender("bare Starlette app", apps.bare(), []),
+        Contender(
+            "floor: hand-written ASGI dict check", apps.floor(creds), internal_headers(memory)
+        ),
+        Contender(
+            "Starlette AuthenticationMiddleware (dict)",
+            apps.starlette_auth(creds),
+            internal_headers(memory),
+        ),
+        Contender("BaseHTTPMiddleware dict check", apps.base_http(creds), internal_headers(memory)),
+    ]
+    peer = apps.fastapi_key_auth("bench-key-0123456789")
+    if peer is not None:
+        contenders.append(
+            Contender(
+                "fastapi-key-auth (PyPI peer)", peer, [(b"x-api-key", b"bench-key-0123456789")]
+            )
+        )
+    contenders += [
+        Contender(
+            "keyguard memory, id + secret", apps.keyguard(memory.store), internal_headers(memory)
+        ),
+        Contender(
+            "keyguard memory, id only", apps.keyguard(memory.store), external_headers(memory)
+        ),
+    ]
+    for backend in backends:
+        if backend == "memory":
+            continue
+        for cache in (True, False):
+            s = await seed(backend, workdir, cache=cache)
+            seeded.append(s)
+            label = f"keyguard {backend}, {'cache' if cache else 'no cache'}"
+            contenders.append(
+                Contender(f"{label}, id + secret", apps.keyguard(s.store), internal_headers(s))
+            )
+            contenders.append(
+                Contender(f"{label}, id only", apps.keyguard(s.store), external_headers(s))
+            )
+    try:
+        await inprocess.run(contenders, rounds=rounds, batch=batch)
+    finally:
+        for s in seeded:
+            await drop(s)
+    bare, floor = contenders[0], contenders[1]
+    floor_added = inprocess.added(floor, bare)
+    bare_us = statistics.median(bare.rounds)
+    rows = []
+    added: dict[str, float] = {}
+    for c in contenders:
+        total = statistics.median(c.rounds)
+        extra = inprocess.added(c, bare) if c is not bare else 0.0
+        added[c.name] = extra
+        rows.append(
+            [
+                c.name,
+                report.num(total),
+                "—" if c is bare else report.num(extra),
+                "—" if c is bare else report.num(extra / floor_added, 1) + "x",
+                report.num(total / bare_us) + "x",
+            ]
+        )
+    out.append("## Per-request cost, in process\n")
+    out.append(
+        f"Each contender served {batch:,} requests per round, {rounds} rounds, in a new random "
+        "order each round; figures are medians over rounds. *Added* is the median of "
+        "(contender - bare app) per round: the check's own cost.\n"
+    )
+    out.append(
+        report.table(
+            ["contender", "µs / request", "added µs", "added ÷ floor's added", "÷ bare"], rows
+        )
+    )
+    added["floor"] = floor_added
+    return added
+
+
+async def section_scale(
+    backends: list[str], workdir: Path, sizes: list[int], rounds: int, batch: int, out: list[str]
+) -> dict[str, dict[int, float]]:
+    results = await scale.run(backends, workdir, sizes, rounds=rounds, batch=batch)
+    out.append("\n## Per-request cost by number of keys in the store\n")
+    out.append(
+        "keyguard without its cache (every request reaches the store), internal key "
+        "(id + secret), µs per request; the ratio compares the largest store with the smallest.\n"
+    )
+    header = ["store", *[f"{n:,} keys" for n in sizes], f"{sizes[-1]:,} ÷ {sizes[0]:,}"]
+    rows = []
+    for backend, by_size in results.items():
+        row = [backend] + [report.num(by_size[n]) if n in by_size else "—" for n in sizes]
+        ratio = by_size.get(sizes[-1], float("nan")) / by_size[sizes[0]]
+        rows.append([*row, report.num(ratio) + "x"])
+    out.append(report.table(header, rows))
+    return results
+
+
+def section_server(
+    backends: list[str], workdir: Path, seconds: int, rounds: int, out: list[str]
+) -> dict[str, float]:
+    loads = asyncio.run(_server_runs(backends, workdir, seconds, rounds))
+    bare = loads["bare"]
+    out.append("\n## Through a real server\n")
+    out.append(
+        "uvicorn, one worker, `--no-access-log`, driven by wrk (1 thread, 32 connections, "
+        f"{seconds} s) on loopback; {rounds} interleaved rounds per contender, medians.\n"
+    )
+    rows = []
+    share: dict[str, float] = {}
+    for name, runs in loads.items():
+        rps = statistics.median(r.requests_per_second for r in runs)
+        share[name] = rps / statistics.median(r.requests_per_second for r in bare)
+        rows.append(
+            [
+                name,
+                f"{rps:,.0f}",
+                report.num(share[name] * 100, 1) + " %",
+                report.num(statistics.median(r.p50_ms for r in runs)),
+                report.num(statistics.median(r.p99_ms for r in runs)),
+                str(sum(r.non_200 for r in runs)),
+            ]
+        )
+    out.append(
+        report.table(["server", "requests/s", "of bare", "p50 ms", "p99 ms", "non-200"], rows)
+    )
+    return share
+
+
+async def _server_runs(
+    backends: list[str], workdir: Path, seconds: int, rounds: int
+) -> dict[str, list[server.Load]]:
+    contenders: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+        "bare": ({"KGB_CONTENDER": "bare"}, {})
+    }
+    memory = await seed("memory", workdir, cache=False)
+    contenders["keyguard memory"] = (
+        {
+            "KGB_CONTENDER": "keyguard",
+            "KGB_STORE_URL": "memory://",
+            "KGB_CLIENT_ID": memory.internal[0].decode(),
+            "KGB_SECRET": memory.internal[1].decode(),
+        },
+        {
+            "X-IBM-Client-Id": memory.internal[0].decode(),
+            "X-IBM-Client-Secret": memory.internal[1].decode(),
+        },
+    )
+    seeded = [memory]
+    for backend in backends:
+        if backend == "memory":
+            continue
+        s = await seed(backend, workdir, cache=True)
+        seeded.append(s)
+        contenders[f"keyguard {backend}, cache"] = (
+            {
+                "KGB_CONTENDER": "keyguard",
+                "KGB_STORE_URL": s.url,
+                "KGB_PREFIX": s.prefix,
+                "KGB_CACHE": "1",
+            },
+            {
+                "X-IBM-Client-Id": s.internal[0].decode(),
+                "X-IBM-Client-Secret": s.internal[1].decode(),
+            },
+        )
+    loads: dict[str, list[server.Load]] = {name: [] for name in contenders}
+    try:
+        for _ in range(rounds):
+            for name, (env, headers) in contenders.items():
+                proc, port = server.start(env)
+                try:
+                    server.load(port, headers, 1, 32)  # warm up
+                    loads[name].append(server.load(port, headers, seconds, 32))
+                finally:
+                    server.stop(proc)
+    finally:
+        for s in seeded:
+            await drop(s)
+    return loads
+
+
+def section_slow(out: list[str]) -> slow.SlowResult:
+    result = asyncio.run(slow.run())
+    out.append("\n## A slow scheme (bcrypt) and the event loop\n")
+    out.append(
+        "Cheap requests (external key, id only) timed one by one, alone and then while four "
+        f"tasks keep sending wrong secrets for a bcrypt-hashed key ({result.slow_verifications} "
+        "full bcrypt verifications ran meanwhile).\n"
+    )
+    out.append(
+        report.table(
+            ["cheap requests", "p50 µs", "p99 µs"],
+            [
+                ["alone", report.num(result.p50_alone_us), report.num(result.p99_alone_us)],
+                [
+                    "during bcrypt work",
+                    report.num(result.p50_loaded_us),
+                    report.num(result.p99_loaded_us),
+                ],
+            ],
+        )
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, at most 10,000 keys")
+    parser.add_argument(
+        "--stores", default=",".join(BACKENDS), help="comma-separated (default: all)"
+    )
+    parser.add_argument("--sections", default="inprocess,scale,server,slow")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    wanted = [b for b in args.stores.split(",") if b]
+    backends = [b for b in wanted if reachable(b)]
+    skipped = sorted(set(wanted) - set(backends))
+    sections = set(args.sections.split(","))
+    rounds, batch = (5, 1000) if args.quick else (15, 3000)
+    out = [f"# keyguard benchmark results\n\nMachine: {report.machine()}.\n"]
+    if skipped:
+        out.append(f"Stores skipped (server unreachable): {', '.join(skipped)}.\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if "inprocess" in sections:
+            asyncio.run(section_inprocess(backends, workdir, rounds, batch, out))
+            print("\n".join(out), flush=True)
+        if "scale" in sections:
+            sizes = [10, 10_000] if args.quick else [10, 10_000, 1_000_000]
+            asyncio.run(section_scale(backends, workdir, sizes, rounds, batch, out))
+        if "server" in sections:
+            section_server(backends, workdir, 3 if args.quick else 5, 2 if args.quick else 3, out)
+        if "slow" in sections:
+            section_slow(out)
+    text = "\n".join(out) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text, encoding="utf-8")
+    print(text)
+    print(f"written to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
