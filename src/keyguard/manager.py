@@ -27,7 +27,7 @@ from keyguard.models import (
     utcnow,
     validate_api_name,
 )
-from keyguard.secrets import SecretHasher, could_be_client_id, new_client_id, new_secret
+from keyguard.secrets import CLIENT_ID_LENGTH, SecretHasher, new_client_id, new_secret
 from keyguard.stores.base import KeyStore
 
 __all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "Denial", "KeyManager"]
@@ -35,6 +35,7 @@ __all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "Denial", "Ke
 DEFAULT_MAX_KEYS_PER_KIND = 5
 MAX_KEYS_PER_KIND_LIMIT = 1000
 _MAX_MEMO = 10_000
+_HEX = "0123456789abcdef"
 
 logger = logging.getLogger("keyguard")
 
@@ -211,7 +212,12 @@ class KeyManager:
         secret and a secret sent to a secretless key cost the same.
         May raise ``StoreUnavailable``.
         """
-        plausible = client_id is not None and could_be_client_id(client_id)
+        # could_be_client_id, inlined: this runs on every request.
+        plausible = (
+            client_id is not None
+            and len(client_id) == CLIENT_ID_LENGTH
+            and not client_id.strip(_HEX)
+        )
         exposed, record = await self.store.lookup(api, client_id if plausible else None)
         if not exposed:
             return Denial.API_NOT_AVAILABLE

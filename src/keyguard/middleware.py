@@ -168,17 +168,20 @@ class KeyGuard:
 
         id_header = self._id_header
         secret_header = self._secret_header
-        client_id = secret = None
+        client_id = None
+        secret_pair: tuple[bytes, bytes] | None = None
         ids = secrets = 0
-        for name, value in scope["headers"]:
+        for pair in scope["headers"]:
+            name = pair[0]
             if name == id_header:
                 ids += 1
-                client_id = value
+                client_id = pair[1]
             elif name == secret_header:
                 secrets += 1
-                secret = value
+                secret_pair = pair
         # Empty or blank values count as absent.
         client_id_text = client_id.decode("latin-1").strip() or None if client_id else None
+        secret = None if secret_pair is None else secret_pair[1]
         secret_text = secret.decode("latin-1").strip() or None if secret else None
         query_secret = False
         if self._query and scope.get("query_string"):
@@ -217,8 +220,10 @@ class KeyGuard:
         child = dict(scope)
         child["state"] = {**state, "keyguard": result} if state else {"keyguard": result}
         if self._strip:
-            if secrets and not query_secret:
-                child["headers"] = [h for h in scope["headers"] if h[0] != secret_header]
+            if secret_pair is not None:
+                headers = list(scope["headers"])
+                headers.remove(secret_pair)
+                child["headers"] = headers
             elif query_secret:
                 child["query_string"] = _without_secret(scope["query_string"])
         await self.app(child, receive, send)
