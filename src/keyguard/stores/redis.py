@@ -1,0 +1,568 @@
+"""``redis://`` and ``rediss://``: keys in Redis, shared by many app instances.
+
+Built on redis-py's asyncio client. The data model, the Lua scripts and the
+failure behaviour are documented in ``docs/redis-store.md``; in short:
+
+* each API is **one hash**, ``<prefix>{<api>}``, holding the API's state
+  (``exposed``, ``max``, per-kind counts, an insertion counter), its keys
+  (``k:<client_id>``), their secret hashes (``s:<client_id>``) and a name
+  index (``n:<casefolded name>`` → client id). The ``{<api>}`` hash tag keeps
+  everything of one API in one Cluster slot, so every script stays legal on
+  Redis Cluster;
+* the API names are a sorted set, ``<prefix>apis``, so listing never scans;
+* the request path (``lookup``) is one ``HMGET``: the API's state, the key
+  and its secret hash in a single round trip;
+* every write that must be atomic (R1 + R2 + R3 with the insert, R4, delete)
+  is one Lua script on the API's hash.
+
+Every call ends within ``timeout`` seconds: any Redis or network failure
+(refused, timed out, wrong password, a failover in progress) is raised as
+:class:`~keyguard.errors.StoreUnavailable` with the driver's error chained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar, cast
+
+import anyio
+
+from keyguard.errors import (
+    ApiNotExposed,
+    ConfigurationError,
+    DuplicateName,
+    InvalidRequest,
+    KeyLimitReached,
+    StoreUnavailable,
+)
+from keyguard.models import Api, KeyKind, KeyRecord, name_key
+
+try:
+    from redis.asyncio import Redis
+    from redis.asyncio.connection import SSLConnection
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.commands.core import AsyncScript
+    from redis.exceptions import RedisClusterException, RedisError
+except ImportError as exc:  # pragma: no cover - exercised by a test that hides redis
+    raise ConfigurationError("redis:// needs: pip install 'keyguard[redis]'") from exc
+
+__all__ = ["RedisStore"]
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "keyguard:"
+DEFAULT_TIMEOUT = 3.0
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+# What a failing Redis or network can raise; each becomes StoreUnavailable.  The
+# built-in TimeoutError is the overall deadline (anyio.fail_after) running out.
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError, asyncio.TimeoutError)
+_TRUE = (b"1", "1")
+_PASSWORD = re.compile(r"(?<=:)[^:@/]*(?=@)")
+_Closer = AsyncGenerator[None, None]
+_Bound = tuple[Redis, _Closer]
+
+# -- Lua ---------------------------------------------------------------------------------
+# Every script touches exactly one key, the API's hash (KEYS[1]), so it is atomic and
+# legal on Redis Cluster.  Key records are JSON arrays [seq, kind, name, folded name,
+# created_at in µs]; scripts only read them (cjson.decode), never re-encode them.
+
+_UPSERT_API_LUA = """
+local api = KEYS[1]
+if redis.call('HEXISTS', api, 'exposed') == 0 then
+  redis.call('HSET', api, 'exposed', '0', 'max', ARGV[1],
+             'c:internal', 0, 'c:external', 0, 'seq', 0)
+end
+if ARGV[2] ~= '' then redis.call('HSET', api, 'exposed', ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('HSET', api, 'max', ARGV[3]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return redis.call('HMGET', api, 'exposed', 'max', 'c:internal', 'c:external')
+"""
+
+# ARGV: client id, kind, casefolded name, record JSON without its seq, has-secret flag,
+# secret hash, change channel, change notice.  R1, R2, R3 are checked against the stored
+# state, then the key, its name entry, its secret hash and the count are written and the
+# change announced: nothing can run in between.
+_INSERT_KEY_LUA = """
+local api = KEYS[1]
+local id, kind, folded = ARGV[1], ARGV[2], ARGV[3]
+local state = redis.call('HMGET', api, 'exposed', 'max', 'c:' .. kind,
+                         'n:' .. folded, 'k:' .. id)
+if state[1] ~= '1' then return 'api_not_exposed' end
+if tonumber(state[3] or 0) >= tonumber(state[2]) then return 'key_limit_reached' end
+if state[4] then return 'duplicate_name' end
+if state[5] then return 'duplicate_client_id' end
+local seq = redis.call('HINCRBY', api, 'seq', 1)
+redis.call('HINCRBY', api, 'c:' .. kind, 1)
+redis.call('HSET', api, 'k:' .. id, '[' .. seq .. ',' .. string.sub(ARGV[4], 2),
+           'n:' .. folded, id)
+if ARGV[5] == '1' then redis.call('HSET', api, 's:' .. id, ARGV[6]) end
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return 'ok'
+"""
+
+# ARGV: client id, secret hash, change channel, change notice.  Only an external key
+# takes a secret (R4).
+_SET_HASH_LUA = """
+local raw = redis.call('HGET', KEYS[1], 'k:' .. ARGV[1])
+if not raw or cjson.decode(raw)[2] ~= 'external' then return 0 end
+redis.call('HSET', KEYS[1], 's:' .. ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+# ARGV: client id, change channel, change notice.  The key, its secret hash, its name
+# entry and its count go together.
+_DELETE_KEY_LUA = """
+local api, id = KEYS[1], ARGV[1]
+local raw = redis.call('HGET', api, 'k:' .. id)
+if not raw then return 0 end
+local record = cjson.decode(raw)
+local name_field = 'n:' .. record[4]
+if redis.call('HGET', api, name_field) == id then redis.call('HDEL', api, name_field) end
+redis.call('HDEL', api, 'k:' .. id, 's:' .. id)
+redis.call('HINCRBY', api, 'c:' .. record[2], -1)
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
+_RULE_ERRORS = {
+    "api_not_exposed": (ApiNotExposed, "API {api!r} is not exposed"),
+    "key_limit_reached": (KeyLimitReached, "API {api!r} already has its limit of {kind} keys"),
+    "duplicate_name": (DuplicateName, "API {api!r} already has a key named {name!r}"),
+    "duplicate_client_id": (InvalidRequest, "API {api!r} already has a key with this client id"),
+}
+
+
+class RedisStore:
+    """A :class:`~keyguard.KeyStore` in Redis (or Valkey, or Redis Cluster's data model).
+
+    Open one with :meth:`from_url` (``open_store("redis://…")`` does) or wrap a
+    ``redis.asyncio.Redis`` client you already have. ``prefix`` starts every
+    Redis key the store writes, so several apps can share one Redis; ``timeout``
+    (seconds) bounds every call: past it, the call raises ``StoreUnavailable``.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._setup(client, prefix, timeout, factory=None)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        **client_options: Any,
+    ) -> RedisStore:
+        """A store on the Redis at ``url`` (``redis://[[user]:password@]host[:port][/db]``,
+        or ``rediss://…`` for TLS), with a client the store creates and closes itself.
+
+        ``client_options`` go to ``redis.asyncio.Redis.from_url`` (for example
+        ``ssl_ca_certs``, ``max_connections``) and override the store's defaults:
+        connect and read timeouts of ``timeout`` and a single immediate retry.
+        Does no I/O: the client connects on first use, in the event loop using it.
+        """
+        _check_timeout(timeout)
+        options: dict[str, Any] = {
+            "socket_connect_timeout": timeout,
+            "socket_timeout": timeout,
+            # One immediate retry replaces a pooled connection that died with a
+            # restarted or failed-over server; more would only delay the answer.
+            "retry": Retry(NoBackoff(), retries=1),
+            **client_options,
+        }
+
+        def factory() -> Redis:
+            return Redis.from_url(url, **options)
+
+        try:
+            client = factory()
+            pool = client.connection_pool
+            # The pool only stores its options; building one connection object (no
+            # I/O) surfaces a misspelt option now rather than on the first request.
+            pool.connection_class(**pool.connection_kwargs)
+        except (ValueError, TypeError, RedisError) as exc:
+            reason = _PASSWORD.sub("***", str(exc))
+            raise ConfigurationError(f"invalid Redis store URL or option: {reason}") from None
+        store = cls.__new__(cls)
+        store._setup(client, prefix, timeout, factory=factory)
+        return store
+
+    def _setup(
+        self, client: Redis, prefix: str, timeout: float, *, factory: Callable[[], Redis] | None
+    ) -> None:
+        if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
+            raise ConfigurationError("prefix must be a string without '{' or '}'")
+        _check_timeout(timeout)
+        self.prefix = prefix
+        self.timeout = float(timeout)
+        self._index = f"{prefix}apis"
+        self._channel = f"{prefix}changes"
+        self._location = _location(client)
+        self._factory = factory
+        self._closed = False
+        # A client the caller passed in is used as it is, in whatever loop they use it.
+        self._shared: Redis | None = None if factory else client
+        # Our own clients: one per event loop (redis-py's connections belong to the
+        # loop that opened them).  ``_current`` is the last (loop, client) used, read in
+        # one step on the hot path; a call from another loop (or after aclose) finds
+        # its loop differs and goes through ``_redis``.
+        self._fresh: Redis | None = client if factory else None
+        self._current: tuple[asyncio.AbstractEventLoop | None, Redis] = (None, client)
+        self._by_loop: dict[asyncio.AbstractEventLoop, _Bound] = {}
+        self._upsert_api = AsyncScript(client, _UPSERT_API_LUA)
+        self._insert_key = AsyncScript(client, _INSERT_KEY_LUA)
+        self._set_secret_hash = AsyncScript(client, _SET_HASH_LUA)
+        self._delete_key = AsyncScript(client, _DELETE_KEY_LUA)
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._location!r}, prefix={self.prefix!r})"
+
+    @property
+    def client(self) -> Redis:
+        """The redis-py client the store last used (its own, or the one passed in)."""
+        return self._shared if self._shared is not None else self._current[1]
+
+    # -- the KeyStore protocol --------------------------------------------------------------
+
+    async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
+        """Whether ``api`` is exposed, and the key ``client_id`` of it: one ``HMGET``."""
+        key = self._api_key(api)
+        if client_id is None:
+            (exposed,) = await self._call(lambda redis: redis.hmget(key, ["exposed"]))
+            return exposed in _TRUE, None
+        fields = ["exposed", f"k:{client_id}", f"s:{client_id}"]
+        exposed, raw, secret_hash = await self._call(lambda redis: redis.hmget(key, fields))
+        record = None if raw is None else _record(api, client_id, raw, secret_hash)
+        return exposed in _TRUE, record
+
+    async def get_api(self, api: str) -> Api | None:
+        """The API and its key counts (one ``HMGET``), or ``None`` if never created."""
+        key = self._api_key(api)
+        row = await self._call(lambda redis: redis.hmget(key, _API_FIELDS))
+        return _api(api, row)
+
+    async def list_apis(self) -> list[Api]:
+        """Every API by name: the name index, then one pipelined ``HMGET`` per API."""
+
+        async def read(redis: Redis) -> list[Api]:
+            members = cast("list[bytes | str]", await redis.zrange(self._index, 0, -1))
+            names = [_text(member) for member in members]
+            if not names:
+                return []
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hmget(self._api_key(name), _API_FIELDS)
+                rows = await pipe.execute()
+            # A name whose hash is missing was indexed by an upsert that never finished.
+            return [a for a in map(_api, names, rows) if a is not None]
+
+        apis = await self._call(read)
+        return sorted(apis, key=lambda a: a.name)
+
+    async def upsert_api(
+        self,
+        api: str,
+        *,
+        exposed: bool | None,
+        max_keys_per_kind: int | None,
+        default_max_keys_per_kind: int,
+    ) -> Api:
+        """Index the name, then create or update the API's hash in one script."""
+        key = self._api_key(api)
+        args = [
+            int(default_max_keys_per_kind),
+            "" if exposed is None else ("1" if exposed else "0"),
+            "" if max_keys_per_kind is None else int(max_keys_per_kind),
+            self._channel,
+            api,
+        ]
+
+        async def write(redis: Redis) -> Any:
+            # The index lives in another slot, so it cannot join the script; it is written
+            # first, and a name without a hash is skipped by list_apis.
+            await redis.zadd(self._index, {api: 0})
+            return await self._upsert_api(keys=[key], args=args, client=redis)
+
+        row = await self._call(write)
+        created = _api(api, row)
+        assert created is not None  # the script has just created it
+        return created
+
+    async def insert_key(self, record: KeyRecord) -> None:
+        """Check R1, R2, R3 and insert, atomically, in one Lua script (one round trip)."""
+        folded = name_key(record.name)
+        body = json.dumps(
+            [record.kind.value, record.name, folded, _micros(record.created_at)],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        has_secret = record.secret_hash is not None
+        args = [
+            record.client_id,
+            record.kind.value,
+            folded,
+            body,
+            "1" if has_secret else "0",
+            record.secret_hash or "",
+            self._channel,
+            _notice(record.api, record.client_id),
+        ]
+        key = self._api_key(record.api)
+        outcome = _text(
+            await self._call(lambda redis: self._insert_key(keys=[key], args=args, client=redis))
+        )
+        if outcome != "ok":
+            error, message = _RULE_ERRORS[outcome]
+            raise error(message.format(api=record.api, kind=record.kind.value, name=record.name))
+
+    async def get_key(self, api: str, client_id: str) -> KeyRecord | None:
+        """The key ``client_id`` of ``api`` with its secret hash (one ``HMGET``), or ``None``."""
+        key = self._api_key(api)
+        fields = [f"k:{client_id}", f"s:{client_id}"]
+        raw, secret_hash = await self._call(lambda redis: redis.hmget(key, fields))
+        return None if raw is None else _record(api, client_id, raw, secret_hash)
+
+    async def list_keys(self, api: str) -> list[KeyRecord]:
+        """The keys of ``api`` from one ``HGETALL`` of its hash, by ``created_at``, then seq."""
+        key = self._api_key(api)
+        raw_fields = await self._call(lambda redis: redis.hgetall(key))
+        fields = {_text(name): value for name, value in raw_fields.items()}
+        found: list[tuple[int, int, KeyRecord]] = []
+        for name, value in fields.items():
+            if name.startswith("k:"):
+                client_id = name[2:]
+                seq, kind, key_name, _folded, micros = json.loads(value)
+                secret_hash = fields.get(f"s:{client_id}")
+                record = KeyRecord(
+                    api=api,
+                    client_id=client_id,
+                    name=key_name,
+                    kind=KeyKind(kind),
+                    secret_hash=None if secret_hash is None else _text(secret_hash),
+                    created_at=_EPOCH + micros * _MICROSECOND,
+                )
+                found.append((micros, seq, record))
+        found.sort(key=lambda entry: entry[:2])
+        return [record for _, _, record in found]
+
+    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
+        """Set the hash of an external key, atomically checking its kind (R4), in one script."""
+        key = self._api_key(api)
+        args = [client_id, secret_hash, self._channel, _notice(api, client_id)]
+        changed = await self._call(
+            lambda redis: self._set_secret_hash(keys=[key], args=args, client=redis)
+        )
+        return bool(int(changed))
+
+    async def delete_key(self, api: str, client_id: str) -> bool:
+        """Remove the key, its secret hash, its name entry and its count in one script."""
+        key = self._api_key(api)
+        args = [client_id, self._channel, _notice(api, client_id)]
+        deleted = await self._call(
+            lambda redis: self._delete_key(keys=[key], args=args, client=redis)
+        )
+        return bool(int(deleted))
+
+    async def watch(
+        self,
+        on_change: Callable[[str, str | None], None],
+        *,
+        on_ready: Callable[[], None],
+    ) -> None:
+        """The change feed (:class:`~keyguard.stores.base.ChangeFeed`): every write script
+        publishes ``<api>`` or ``<api>\\n<client_id>`` on ``<prefix>changes``.
+
+        ``on_ready`` is called whenever the subscription is (re)confirmed, including
+        after redis-py silently reconnects, since notices may have been missed.
+        """
+        client = await self._redis()
+        pubsub = client.pubsub()
+        try:
+            with anyio.fail_after(self.timeout):
+                await pubsub.subscribe(self._channel)
+            async for message in pubsub.listen():
+                if message["type"] == "subscribe":
+                    on_ready()
+                elif message["type"] == "message":
+                    api, newline, client_id = _text(message["data"]).partition("\n")
+                    on_change(api, client_id if newline else None)
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(*_FAILURES):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
+        raise StoreUnavailable(f"Redis at {self._location}: change feed ended")
+
+    async def aclose(self) -> None:
+        """Close the connections of a client the store created; a passed-in one stays open."""
+        self._closed = True
+        self._current = (None, self._current[1])  # every call now takes the slow path
+        if self._factory is None:
+            return
+        for loop, (_client, closer) in list(self._by_loop.items()):
+            if _running_loop() is loop:
+                await closer.aclose()
+            elif loop.is_running():
+                # Another thread's loop: close there (its shutdown would, but later).
+                asyncio.run_coroutine_threadsafe(_finish(closer), loop)
+        if self._fresh is not None:
+            fresh, self._fresh = self._fresh, None
+            await fresh.aclose()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _api_key(self, api: str) -> str:
+        return f"{self.prefix}{{{api}}}"
+
+    async def _call(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
+        """``operation`` on this loop's client within ``timeout``; failures: StoreUnavailable."""
+        loop, client = self._current
+        if loop is not asyncio.get_running_loop():
+            client = await self._redis()
+        try:
+            with anyio.fail_after(self.timeout):
+                return await operation(client)
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _redis(self) -> Redis:
+        """The client for the running event loop."""
+        if self._closed:
+            raise StoreUnavailable("the Redis store is closed")
+        loop = asyncio.get_running_loop()
+        current_loop, client = self._current
+        if current_loop is loop:
+            return client
+        if self._shared is not None:
+            self._current = (loop, self._shared)
+            return self._shared
+        return await self._bind(loop)
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+        return StoreUnavailable(f"Redis at {self._location} unavailable ({reason})")
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> Redis:
+        """This loop's own client: the first loop gets the one built in ``from_url``."""
+        bound = self._by_loop.get(loop)
+        if bound is None:
+            assert self._factory is not None
+            client, self._fresh = self._fresh or self._factory(), None
+            closer = _close_with_loop(client, self._by_loop, loop)
+            # Started here, the generator belongs to this loop: when the loop shuts down
+            # (asyncio.run, anyio.run, a test client's portal), ``shutdown_asyncgens``
+            # finalizes it, closing the client's connections while the loop still runs.
+            await closer.asend(None)
+            bound = self._by_loop[loop] = (client, closer)
+        self._current = (loop, bound[0])
+        return bound[0]
+
+
+async def _close_with_loop(
+    client: Redis,
+    registry: dict[asyncio.AbstractEventLoop, _Bound],
+    loop: asyncio.AbstractEventLoop,
+) -> _Closer:
+    try:
+        yield
+    finally:
+        registry.pop(loop, None)
+        with contextlib.suppress(*_FAILURES):  # a connection that already broke
+            await client.aclose()
+
+
+async def _finish(closer: _Closer) -> None:
+    await closer.aclose()
+
+
+_API_FIELDS = ["exposed", "max", "c:internal", "c:external"]
+
+
+def _api(name: str, row: list[Any]) -> Api | None:
+    exposed, limit, internal, external = row
+    if exposed is None:
+        return None
+    return Api(
+        name=name,
+        exposed=exposed in _TRUE,
+        max_keys_per_kind=int(limit),
+        internal_keys=int(internal or 0),
+        external_keys=int(external or 0),
+    )
+
+
+def _record(
+    api: str, client_id: str, raw: bytes | str, secret_hash: bytes | str | None
+) -> KeyRecord:
+    _seq, kind, name, _folded, micros = json.loads(raw)
+    return KeyRecord(
+        api=api,
+        client_id=client_id,
+        name=name,
+        kind=KeyKind(kind),
+        secret_hash=None if secret_hash is None else _text(secret_hash),
+        created_at=_EPOCH + micros * _MICROSECOND,
+    )
+
+
+def _notice(api: str, client_id: str) -> str:
+    """The change-feed message for one key of ``api``."""
+    return f"{api}\n{client_id}"
+
+
+def _micros(moment: datetime) -> int:
+    """``moment`` as whole microseconds since the epoch (naive means UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _text(value: bytes | str) -> str:
+    """A reply as text, whether or not the client decodes responses itself."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _check_timeout(timeout: object) -> None:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+
+
+def _location(client: Redis) -> str:
+    """Where ``client`` connects, as a URL without credentials (for repr and errors)."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:  # not a plain client (a cluster client, say): say no more than that
+        return type(client).__name__
+    kwargs: Mapping[str, Any] = pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    scheme = "rediss" if issubclass(pool.connection_class, SSLConnection) else "redis"
+    host = kwargs.get("host", "localhost")
+    return f"{scheme}://{host}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

@@ -1,0 +1,718 @@
+"""What only the Redis store promises, tested against real servers.
+
+The contract suite (``test_contract.py``) already runs on Redis through the
+``store`` fixture. These tests add what is specific to Redis: processes
+racing, the one-command request path, outages and restarts, authentication,
+failovers, prefixes, Cluster hash slots, TLS configuration, the change feed
+and a missing driver. Tests that stop or misconfigure a server start a
+private ``redis-server`` of their own; the machine's Redis is never flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import shutil
+import socket
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime, timedelta, timezone
+from functools import partial
+from pathlib import Path
+from subprocess import DEVNULL
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import httpx
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection
+from redis.crc import key_slot
+from redis.exceptions import AuthenticationError, MasterDownError, ReadOnlyError, RedisError
+from starlette.types import Receive, Scope, Send
+
+from keyguard import KeyGuard, KeyManager
+from keyguard.errors import ConfigurationError, KeyLimitReached, StoreUnavailable
+from keyguard.models import KeyKind, KeyRecord, utcnow
+from keyguard.secrets import new_client_id
+from keyguard.stores import CachedStore, open_store
+from keyguard.stores.redis import RedisStore
+from tests.backends.redis import delete_prefixed, unique_prefix
+from tests.backends.servers import in_ci, require_server
+
+pytestmark = pytest.mark.anyio
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def redis_server_binary() -> str:
+    """The redis-server to start; skipped (failed in CI) if there is none."""
+    binary = shutil.which("redis-server") or REDIS_SERVER
+    if not Path(binary).exists():
+        message = f"no redis-server binary at {REDIS_SERVER}"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    return binary
+
+
+class PrivateRedis:
+    """A ``redis-server`` of this test's own, on a free port in a temporary folder.
+
+    It can be stopped (killed, as in a crash) and started again on the same port.
+    Every write is fsynced to an append-only file, so its data survives a restart.
+    """
+
+    def __init__(self, folder: Path, *options: str) -> None:
+        self.binary = redis_server_binary()
+        self.folder = folder
+        self.options = options
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: anyio.abc.Process | None = None
+
+    async def start(self) -> None:
+        """Start the server and wait until it answers."""
+        command = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.folder),
+            "--save", "",
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--logfile", str(self.folder / "redis.log"),
+            *self.options,
+        ]  # fmt: skip
+        self.process = await anyio.open_process(
+            command, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL
+        )
+        with anyio.fail_after(20):
+            while not await self._answers():
+                if self.process.returncode is not None:
+                    pytest.fail(f"redis-server exited at start, see {self.folder / 'redis.log'}")
+                await anyio.sleep(0.02)
+
+    async def _answers(self) -> bool:
+        try:
+            async with await anyio.connect_tcp("127.0.0.1", self.port) as stream:
+                await stream.send(b"PING\r\n")
+                reply = await stream.receive()
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError):
+            return False
+        # NOAUTH or MASTERDOWN is an answer too; LOADING means not ready yet.
+        return not reply.startswith(b"-LOADING")
+
+    async def stop(self) -> None:
+        """Kill the server (no clean shutdown) and reap it; harmless if it is not running."""
+        if self.process is not None:
+            process, self.process = self.process, None
+            if process.returncode is None:
+                process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    """A private Redis (started by the test with ``await server.start()``), killed afterwards."""
+    server = PrivateRedis(tmp_path)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until ``check()`` is true; fail after a generous 30 seconds."""
+    with anyio.fail_after(30):
+        while not await check():  # noqa: ASYNC110 - another process's effect, no event to await
+            await anyio.sleep(0.02)
+
+
+@asynccontextmanager
+async def shared_store(**options: Any) -> AsyncIterator[RedisStore]:
+    """A store on the machine's Redis under a fresh prefix, removed afterwards."""
+    url = require_server("redis")
+    prefix = unique_prefix()
+    store = RedisStore.from_url(url, prefix=prefix, **options)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+        await delete_prefixed(url, prefix)
+
+
+def record(api: str = "orders", name: str = "Acme", kind: KeyKind = KeyKind.EXTERNAL) -> KeyRecord:
+    """A key record as ``KeyManager`` would build it."""
+    return KeyRecord(
+        api=api,
+        client_id=new_client_id(),
+        name=name,
+        kind=kind,
+        secret_hash="hash" if kind is KeyKind.INTERNAL else None,
+        created_at=utcnow(),
+    )
+
+
+async def expose(store: RedisStore, api: str = "orders") -> None:
+    await store.upsert_api(api, exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5)
+
+
+async def command_calls(admin: Redis) -> dict[str, int]:
+    """Calls per command since the last ``CONFIG RESETSTAT``, without the counting's own."""
+    stats = await admin.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(values["calls"])
+        for name, values in stats.items()
+        if not name.startswith(("cmdstat_info", "cmdstat_config"))
+    }
+
+
+# -- many processes ---------------------------------------------------------------------------
+
+RACER = textwrap.dedent(
+    """
+    import sys
+
+    import anyio
+
+    from keyguard.errors import KeyLimitReached
+    from keyguard.models import KeyKind, KeyRecord, utcnow
+    from keyguard.secrets import new_client_id
+    from keyguard.stores.redis import RedisStore
+
+    url, prefix, worker = sys.argv[1:]
+
+    async def main():
+        store = RedisStore.from_url(url, prefix=prefix)
+        accepted = []
+        try:
+            await store.lookup("race", None)  # connected before the start signal
+            print("ready", flush=True)
+            assert sys.stdin.readline() == "go\\n"
+
+            async def create(i, kind):
+                record = KeyRecord(
+                    api="race", client_id=new_client_id(), name=f"{worker}-{kind.value}-{i}",
+                    kind=kind, secret_hash=None, created_at=utcnow(),
+                )
+                try:
+                    await store.insert_key(record)
+                except KeyLimitReached:
+                    return
+                accepted.append(kind.value)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(8):
+                    for kind in KeyKind:
+                        tg.start_soon(create, i, kind)
+        finally:
+            await store.aclose()
+        print(" ".join(accepted), flush=True)
+
+    anyio.run(main)
+    """
+)
+
+
+@pytest.mark.slow
+async def test_four_processes_racing_get_exactly_five_keys_per_kind(tmp_path: Path) -> None:
+    """R2 holds across processes: four fresh interpreters racing for keys get five per kind."""
+    url = require_server("redis")
+    async with shared_store() as store, AsyncExitStack() as stack:
+        await expose(store, "race")
+        script = tmp_path / "racer.py"
+        script.write_text(RACER)
+        processes = []
+        for worker in range(4):
+            process = await anyio.open_process(
+                [sys.executable, str(script), url, store.prefix, str(worker)], stderr=None
+            )
+            stack.push_async_callback(reap, process)
+            processes.append(process)
+        with anyio.fail_after(60):
+            outputs = [BufferedByteReceiveStream(p.stdout) for p in processes if p.stdout]
+            for output in outputs:  # every racer is connected and waiting...
+                assert await output.receive_until(b"\n", 100) == b"ready"
+            for process in processes:  # ...then all are told to go at once
+                assert process.stdin is not None
+                await process.stdin.send(b"go\n")
+            results = [await output.receive_until(b"\n", 10_000) for output in outputs]
+            assert [await process.wait() for process in processes] == [0, 0, 0, 0]
+        accepted = b" ".join(results).decode().split()
+        assert sorted(accepted) == ["external"] * 5 + ["internal"] * 5
+        api = await store.get_api("race")
+        assert api is not None
+        assert (api.internal_keys, api.external_keys) == (5, 5)
+        assert len(await store.list_keys("race")) == 10
+
+
+async def reap(process: anyio.abc.Process) -> None:
+    """Kill ``process`` if it still runs, and release its pipes."""
+    if process.returncode is None:
+        process.kill()
+    with anyio.CancelScope(shield=True):
+        await process.aclose()
+
+
+# -- the request path: one command ------------------------------------------------------------
+
+
+async def test_lookup_is_exactly_one_redis_command(private_redis: PrivateRedis) -> None:
+    """lookup costs one Redis command (an HMGET), counted by the server's commandstats."""
+    await private_redis.start()
+    store = RedisStore.from_url(private_redis.url)
+    try:
+        async with Redis.from_url(private_redis.url) as admin:
+            await expose(store)
+            key = record()
+            await store.insert_key(key)
+            await store.lookup("orders", key.client_id)  # connected: no handshake below
+            await admin.config_resetstat()
+            assert await store.lookup("orders", key.client_id) == (True, key)
+            assert await command_calls(admin) == {"hmget": 1}
+            await admin.config_resetstat()
+            assert await store.lookup("orders", None) == (True, None)
+            assert await command_calls(admin) == {"hmget": 1}
+    finally:
+        await store.aclose()
+
+
+async def test_protected_request_costs_one_redis_command(private_redis: PrivateRedis) -> None:
+    """A request through KeyGuard on a Redis store costs one Redis command, and succeeds."""
+    await private_redis.start()
+    store = RedisStore.from_url(private_redis.url)
+    try:
+        manager = KeyManager(store)
+        await manager.expose("orders")
+        issued = await manager.create_key("orders", name="Acme", kind="internal")
+        assert issued.secret is not None
+        headers = {"X-IBM-Client-Id": issued.client_id, "X-IBM-Client-Secret": issued.secret}
+        async with (
+            Redis.from_url(private_redis.url) as admin,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=KeyGuard(ok_app, store=store, api="orders")),
+                base_url="http://test",
+            ) as http,
+        ):
+            assert (await http.get("/", headers=headers)).status_code == 200  # warm
+            await admin.config_resetstat()
+            assert (await http.get("/", headers=headers)).status_code == 200
+            assert await command_calls(admin) == {"hmget": 1}
+    finally:
+        await store.aclose()
+
+
+async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The protected app: 200 with a small body."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+# -- outages ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_server_stopped_and_restarted_mid_traffic(private_redis: PrivateRedis) -> None:
+    """A dying Redis makes calls raise StoreUnavailable (nothing else); after a restart on
+    the same port the same store works again by itself."""
+    await private_redis.start()
+    store = RedisStore.from_url(private_redis.url, timeout=1.0)
+    outcomes: list[str] = []
+    causes: list[BaseException | None] = []
+    waiting: dict[str, anyio.Event] = {}
+    try:
+        await expose(store)
+        key = record()
+        await store.insert_key(key)
+
+        def note(outcome: str) -> None:
+            outcomes.append(outcome)
+            if outcome in waiting:
+                waiting.pop(outcome).set()
+
+        async def traffic() -> None:
+            while True:
+                try:
+                    found = await store.lookup("orders", key.client_id)
+                except StoreUnavailable as exc:
+                    causes.append(exc.__cause__)
+                    note("unavailable")
+                    await anyio.sleep(0.01)
+                except Exception as exc:  # what the test exists to catch
+                    note(f"raised {exc!r}")
+                    raise
+                else:
+                    note("ok" if found == (True, key) else f"wrong answer {found}")
+                    await anyio.lowlevel.checkpoint()
+
+        async def wait_for(outcome: str) -> None:
+            waiting[outcome] = anyio.Event()
+            await waiting[outcome].wait()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(traffic)
+                await wait_for("ok")
+                await private_redis.stop()
+                await wait_for("unavailable")
+                await wait_for("unavailable")
+                await private_redis.start()
+                await wait_for("ok")
+                tg.cancel_scope.cancel()
+        assert set(outcomes) == {"ok", "unavailable"}
+        assert outcomes[-1] == "ok"
+        assert all(isinstance(c, (RedisError, OSError, TimeoutError)) for c in causes)
+        # Writes work again too (the restarted server has no scripts loaded: NOSCRIPT).
+        await store.insert_key(record(name="after restart"))
+        assert len(await store.list_keys("orders")) == 2
+    finally:
+        await store.aclose()
+
+
+async def test_every_method_raises_store_unavailable_when_redis_is_down() -> None:
+    """With nothing listening, every method raises StoreUnavailable with the cause chained."""
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=1.0)
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.lookup("orders", None),
+        lambda: store.lookup("orders", new_client_id()),
+        lambda: store.get_api("orders"),
+        lambda: store.list_apis(),
+        lambda: store.upsert_api(
+            "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+        ),
+        lambda: store.insert_key(record()),
+        lambda: store.get_key("orders", new_client_id()),
+        lambda: store.list_keys("orders"),
+        lambda: store.set_secret_hash("orders", new_client_id(), "h"),
+        lambda: store.delete_key("orders", new_client_id()),
+    ]
+    try:
+        with anyio.fail_after(30):
+            for call in calls:
+                with pytest.raises(StoreUnavailable) as caught:
+                    await call()
+                assert isinstance(caught.value.__cause__, (RedisError, OSError))
+    finally:
+        await store.aclose()
+
+
+async def test_a_silent_server_times_out_as_store_unavailable() -> None:
+    """A server that accepts connections but never answers costs at most ``timeout``,
+    then StoreUnavailable."""
+    with socket.socket() as silent:
+        # The kernel completes the handshake for a listening socket nobody accepts on.
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        store = RedisStore.from_url(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout=0.3)
+        try:
+            with anyio.fail_after(15), pytest.raises(StoreUnavailable) as caught:
+                await store.lookup("orders", None)
+        finally:
+            await store.aclose()
+    assert isinstance(caught.value.__cause__, (TimeoutError, RedisError))
+    assert "timed out" in str(caught.value) or "TimeoutError" in str(caught.value)
+
+
+async def test_wrong_or_missing_password_is_store_unavailable(tmp_path: Path) -> None:
+    """Authentication failures raise StoreUnavailable; the password shows nowhere."""
+    server = PrivateRedis(tmp_path, "--requirepass", "right-horse-battery")
+    try:
+        await server.start()
+        wrong = f"redis://:wrong-staple-7@127.0.0.1:{server.port}/0"
+        for url in (wrong, server.url):
+            store = RedisStore.from_url(url, timeout=2.0)
+            try:
+                with anyio.fail_after(30), pytest.raises(StoreUnavailable) as caught:
+                    await store.lookup("orders", None)
+            finally:
+                await store.aclose()
+            assert isinstance(caught.value.__cause__, AuthenticationError)
+            assert "wrong-staple-7" not in f"{caught.value} {store!r}"
+        good = RedisStore.from_url(
+            f"redis://:right-horse-battery@127.0.0.1:{server.port}/0", timeout=2.0
+        )
+        try:
+            assert await good.lookup("orders", None) == (False, None)
+            assert "right-horse-battery" not in repr(good)
+        finally:
+            await good.aclose()
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("stale_data", "operation", "cause"),
+    [("yes", "write", ReadOnlyError), ("no", "read", MasterDownError)],
+)
+async def test_failover_states_are_store_unavailable(
+    tmp_path: Path, stale_data: str, operation: str, cause: type[Exception]
+) -> None:
+    """A replica whose master is gone (READONLY to writes, MASTERDOWN to reads when it
+    serves no stale data) makes calls raise StoreUnavailable."""
+    server = PrivateRedis(
+        tmp_path,
+        "--replicaof", "127.0.0.1", str(free_port()),
+        "--replica-serve-stale-data", stale_data,
+    )  # fmt: skip
+    store = RedisStore.from_url(server.url, timeout=2.0)
+    try:
+        await server.start()
+        call = expose(store) if operation == "write" else store.lookup("orders", None)
+        with anyio.fail_after(30), pytest.raises(StoreUnavailable) as caught:
+            await call
+        assert isinstance(caught.value.__cause__, cause)
+    finally:
+        await store.aclose()
+        await server.stop()
+
+
+# -- the data model ---------------------------------------------------------------------------
+
+
+async def test_prefixes_isolate_stores_on_one_redis() -> None:
+    """Two prefixes on one Redis are two independent stores."""
+    async with shared_store() as first, shared_store() as second:
+        await expose(first)
+        key = record()
+        await first.insert_key(key)
+        assert await second.get_api("orders") is None
+        assert await second.list_apis() == []
+        assert await second.lookup("orders", key.client_id) == (False, None)
+        assert await second.list_keys("orders") == []
+        await expose(second)
+        await second.insert_key(record(name="Acme"))  # no duplicate: another store
+        assert [a.external_keys for a in await first.list_apis()] == [1]
+        assert [a.external_keys for a in await second.list_apis()] == [1]
+
+
+async def test_all_keys_of_an_api_share_one_cluster_slot() -> None:
+    """Every Redis key an API uses hashes to that API's slot (hash tag), as Cluster needs."""
+    url = require_server("redis")
+    async with shared_store() as store, Redis.from_url(url) as admin:
+        for api in ("orders", "billing"):
+            await expose(store, api)
+            keys = [record(api, f"{kind} {i}", kind) for i in range(3) for kind in KeyKind]
+            for key in keys:
+                await store.insert_key(key)
+            await store.set_secret_hash(api, keys[1].client_id, "h2")
+            await store.delete_key(api, keys[0].client_id)
+        names = [k.decode() async for k in admin.scan_iter(match=f"{store.prefix}*")]
+        by_api: dict[str, set[int]] = {}
+        for name in names:
+            if name == f"{store.prefix}apis":
+                continue
+            api = name.split("{", 1)[1].split("}", 1)[0]
+            by_api.setdefault(api, set()).add(key_slot(name.encode()))
+        assert by_api == {
+            "orders": {key_slot(b"orders")},
+            "billing": {key_slot(b"billing")},
+        }
+
+
+async def test_created_at_keeps_microseconds_and_comes_back_in_utc() -> None:
+    """created_at is kept to the microsecond and read back as an aware UTC datetime."""
+    async with shared_store() as store:
+        await expose(store)
+        moment = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone(timedelta(hours=5)))
+        key = KeyRecord("orders", new_client_id(), "Acme", KeyKind.EXTERNAL, None, moment)
+        await store.insert_key(key)
+        got = await store.get_key("orders", key.client_id)
+        assert got is not None
+        assert got.created_at == moment
+        assert got.created_at.tzinfo == timezone.utc
+        assert got.created_at.microsecond == 678901
+
+
+async def test_lowered_limit_refuses_even_after_deletes_until_below() -> None:
+    """With the limit lowered below the count, a delete frees no place until under it."""
+    async with shared_store() as store:
+        await expose(store)
+        keys = [record(name=f"k{i}") for i in range(3)]
+        for key in keys:
+            await store.insert_key(key)
+        await store.upsert_api(
+            "orders", exposed=None, max_keys_per_kind=1, default_max_keys_per_kind=5
+        )
+        await store.delete_key("orders", keys[0].client_id)
+        with pytest.raises(KeyLimitReached):
+            await store.insert_key(record(name="new"))
+
+
+# -- clients, loops, configuration --------------------------------------------------------------
+
+
+async def test_an_existing_client_is_used_and_left_open() -> None:
+    """A store over a caller's client works, and aclose leaves that client open."""
+    url = require_server("redis")
+    prefix = unique_prefix()
+    async with Redis.from_url(url) as client:
+        store = RedisStore(client, prefix=prefix)
+        try:
+            assert store.client is client
+            await expose(store)
+            assert await store.lookup("orders", None) == (True, None)
+        finally:
+            await store.aclose()
+        assert await client.ping() is True
+        assert await client.exists(f"{prefix}{{orders}}") == 1
+        await delete_prefixed(url, prefix)
+
+
+async def test_an_existing_client_that_decodes_responses_works() -> None:
+    """A caller's client with decode_responses=True reads the same records."""
+    url = require_server("redis")
+    prefix = unique_prefix()
+    async with Redis.from_url(url, decode_responses=True) as client:
+        store = RedisStore(client, prefix=prefix)
+        try:
+            await expose(store)
+            key = record(kind=KeyKind.INTERNAL)
+            await store.insert_key(key)
+            assert await store.lookup("orders", key.client_id) == (True, key)
+            assert await store.list_keys("orders") == [key]
+            assert [a.internal_keys for a in await store.list_apis()] == [1]
+        finally:
+            await store.aclose()
+            await delete_prefixed(url, prefix)
+
+
+def test_store_opened_outside_a_loop_works_across_event_loops() -> None:
+    """open_store needs no loop; the store then serves one event loop after another and
+    leaves no connection open (warnings are errors here)."""
+    url = require_server("redis")
+    prefix = unique_prefix()
+    store = RedisStore.from_url(url, prefix=prefix)
+
+    async def use() -> tuple[bool, KeyRecord | None]:
+        return await store.lookup("orders", None)
+
+    async def use_and_close() -> None:
+        await store.upsert_api(
+            "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+        )
+        assert await use() == (True, None)
+        await store.aclose()
+        await delete_prefixed(url, prefix)
+
+    assert asyncio.run(use()) == (False, None)
+    assert anyio.run(use) == (False, None)
+    asyncio.run(use_and_close())
+    gc.collect()
+
+
+def test_rediss_url_configures_tls_without_connecting() -> None:
+    """A rediss:// URL gives a TLS client (checked without any server), password hidden."""
+    store = RedisStore.from_url(
+        "rediss://app:p4ssw0rd-x@redis.example.invalid:6380/2", ssl_cert_reqs="required"
+    )
+    pool = store.client.connection_pool
+    assert issubclass(pool.connection_class, SSLConnection)
+    assert pool.connection_kwargs["host"] == "redis.example.invalid"
+    assert pool.connection_kwargs["port"] == 6380
+    assert pool.connection_kwargs["socket_timeout"] == 3.0
+    assert repr(store) == "RedisStore('rediss://redis.example.invalid:6380/2', prefix='keyguard:')"
+    assert "p4ssw0rd-x" not in repr(store)
+
+
+def test_plain_redis_url_configures_no_tls_and_the_timeout() -> None:
+    """A redis:// URL gives a plain TCP client with the store's timeout on connect and read."""
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", timeout=0.5)
+    pool = store.client.connection_pool
+    assert not issubclass(pool.connection_class, SSLConnection)
+    assert pool.connection_kwargs["socket_connect_timeout"] == 0.5
+    assert pool.connection_kwargs["socket_timeout"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("redis://127.0.0.1:6379/0", {"timeout": 0}),
+        ("redis://127.0.0.1:6379/0", {"prefix": "{app}:"}),
+        ("redis://127.0.0.1:6379/0", {"no_such_option": 1}),
+        ("redis://127.0.0.1:not-a-port/0", {}),
+        ("http://127.0.0.1:6379/0", {}),
+    ],
+)
+def test_bad_configuration_is_refused_at_once(url: str, options: dict[str, Any]) -> None:
+    """Bad options or URLs raise ConfigurationError when the store is opened, not later."""
+    with pytest.raises(ConfigurationError):
+        RedisStore.from_url(url, **options)
+
+
+def test_missing_redis_driver_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without redis-py, a redis:// store raises ConfigurationError naming the extra."""
+    for name in [n for n in sys.modules if n == "redis" or n.startswith("redis.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "keyguard.stores.redis")
+    with pytest.raises(ConfigurationError, match=r"pip install 'keyguard\[redis\]'"):
+        open_store("redis://127.0.0.1:6379/0")
+
+
+# -- the change feed ----------------------------------------------------------------------------
+
+
+async def test_another_process_delete_reaches_a_cached_store_through_the_feed() -> None:
+    """A delete through another store object is announced and drops the cached lookup,
+    long before the cache's ttl."""
+    async with shared_store() as writer:
+        inner = RedisStore.from_url(require_server("redis"), prefix=writer.prefix)
+        reader = CachedStore(inner, ttl=600)
+        try:
+            await expose(writer)
+            key = record()
+            await writer.insert_key(key)
+            assert await reader.lookup("orders", key.client_id) == (True, key)
+            await writer.delete_key("orders", key.client_id)
+
+            async def forgotten() -> bool:
+                return await reader.lookup("orders", key.client_id) == (True, None)
+
+            await eventually(forgotten)
+        finally:
+            await reader.aclose()
+
+
+async def test_watch_reports_each_change_with_its_api_and_key() -> None:
+    """Each write is announced as (api, client_id), or (api, None) for the API itself."""
+    async with shared_store() as store:
+        seen: list[tuple[str, str | None]] = []
+        ready, done = anyio.Event(), anyio.Event()
+        key = record()
+
+        def on_change(api: str, client_id: str | None) -> None:
+            seen.append((api, client_id))
+            if client_id == "last":
+                done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(store.watch, on_change, on_ready=ready.set))
+            with anyio.fail_after(30):
+                await ready.wait()
+                await expose(store)
+                await store.insert_key(key)
+                await store.set_secret_hash("orders", key.client_id, "h")
+                await store.delete_key("orders", key.client_id)
+                await store.delete_key("orders", key.client_id)  # nothing changes: no notice
+                await store.insert_key(dataclasses.replace(record(name="z"), client_id="last"))
+                await done.wait()
+            tg.cancel_scope.cancel()
+        assert seen == [("orders", None)] + [("orders", key.client_id)] * 3 + [("orders", "last")]
