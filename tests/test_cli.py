@@ -1,0 +1,403 @@
+"""The ``keyguard`` command line (SPEC §6), through the installed console script.
+
+Each test runs ``keyguard`` in a subprocess, in a temporary folder, on a
+temporary SQLite store, and every run is checked for a traceback on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from keyguard import IssuedKey, KeyManager, open_store
+
+pytestmark = pytest.mark.slow
+
+T = TypeVar("T")
+
+KEYGUARD = Path(sys.executable).parent / "keyguard"
+KEY_FIELDS = {"client_id", "name", "kind", "has_secret", "created_at"}
+
+
+class Run:
+    """The ``keyguard`` console script, run in one folder with one store."""
+
+    def __init__(self, folder: Path, store: str | None) -> None:
+        self.folder = folder
+        self.store = store
+
+    def __call__(
+        self,
+        *args: str,
+        stdin: str | None = "",
+        env: dict[str, str] | None = None,
+        expect: int | None = 0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``keyguard ARGS`` (with ``--store`` first if this runner has one)."""
+        command = [str(KEYGUARD), *(["--store", self.store] if self.store else []), *args]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("KEYGUARD_")}
+        environment.update(env or {})
+        result = subprocess.run(
+            command,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=self.folder,
+            env=environment,
+            timeout=60,
+            check=False,
+        )
+        assert "Traceback" not in result.stderr, result.stderr
+        if expect is not None:
+            assert result.returncode == expect, (result.returncode, result.stdout, result.stderr)
+        return result
+
+    def json(self, *args: str) -> Any:
+        """Run with ``--json`` and return the parsed stdout."""
+        return json.loads(self("--json", *args).stdout)
+
+
+def manage(run: Run, work: Callable[[KeyManager], Awaitable[T]]) -> T:
+    """Prepare the runner's store in-process (faster than a subprocess per step)."""
+    url = run.store
+    assert url is not None
+
+    async def go() -> T:
+        store = open_store(url)
+        try:
+            return await work(KeyManager(store))
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+def expose(manager: KeyManager, limit: int | None = None) -> Awaitable[object]:
+    """Expose ``orders``."""
+    return manager.expose("orders", max_keys_per_kind=limit)
+
+
+def issue(run: Run, name: str, kind: str) -> IssuedKey:
+    """Create a key of ``orders`` in-process."""
+    return manage(run, lambda manager: manager.create_key("orders", name=name, kind=kind))
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    """``keyguard`` on a fresh SQLite store in a temporary folder."""
+    return Run(tmp_path, f"sqlite:///{tmp_path / 'keys.db'}")
+
+
+@pytest.fixture
+def exposed(run: Run) -> Run:
+    """Like ``run``, with the API ``orders`` exposed."""
+    manage(run, expose)
+    return run
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The single ``keyguard: error: …`` line a refused command writes to stderr."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("keyguard: error: ")
+    return lines[0]
+
+
+def test_console_script_is_installed() -> None:
+    """The console script the tests use is the installed one."""
+    assert KEYGUARD.is_file()
+
+
+def test_help_lists_the_commands(run: Run) -> None:
+    """``--help`` exits 0 and names every command."""
+    out = run("--help").stdout
+    for word in ("apis", "keys", "demo", "--store", "--json"):
+        assert word in out
+    keys_help = run("keys", "--help").stdout
+    for word in ("list", "create", "set-secret", "delete"):
+        assert word in keys_help
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (),
+        ("nope",),
+        ("apis",),
+        ("apis", "list", "--colour"),
+        ("keys", "create", "orders", "--name", "Acme", "--kind", "root"),
+        ("keys", "create", "orders", "--kind", "internal"),
+        ("keys", "delete", "orders"),
+        ("keys", "delete", "orders", "abc", "--name", "Acme"),
+        ("apis", "expose", "orders", "--max-keys", "many"),
+        ("demo", "--port", "70000"),
+        ("--json", "demo"),
+    ],
+    ids=[
+        "no-command",
+        "unknown-command",
+        "no-action",
+        "unknown-option",
+        "kind-outside-choices",
+        "missing-name",
+        "delete-neither",
+        "delete-both",
+        "max-keys-not-int",
+        "port-out-of-range",
+        "json-demo",
+    ],
+)
+def test_usage_errors_exit_2(run: Run, args: tuple[str, ...]) -> None:
+    """What the parser catches exits 2 with a usage line, and touches no store."""
+    result = run(*args, expect=2)
+    assert "usage: keyguard" in result.stderr
+    assert result.stdout == ""
+    assert not (run.folder / "keys.db").exists()
+
+
+def test_api_lifecycle_human(run: Run) -> None:
+    """Expose, list and un-expose print readable sentences and an aligned table."""
+    assert run("apis", "list").stdout == "No APIs yet. Expose one with: keyguard apis expose NAME\n"
+    out = run("apis", "expose", "orders", "--max-keys", "3").stdout
+    assert out == "API orders: exposed, at most 3 keys of each kind (0 internal, 0 external)\n"
+    run("apis", "expose", "billing")
+    out = run("apis", "unexpose", "billing").stdout
+    assert "billing: not exposed" in out
+    lines = run("apis", "list").stdout.splitlines()
+    assert lines == [
+        "NAME     EXPOSED  MAX/KIND  INTERNAL  EXTERNAL",
+        "billing  no       5         0         0",
+        "orders   yes      3         0         0",
+    ]
+
+
+def test_key_lifecycle_human(exposed: Run) -> None:
+    """Create, set a secret, list and delete keys: secrets shown once with a warning."""
+    out = exposed("keys", "create", "orders", "--name", "Acme", "--kind", "internal").stdout
+    internal_id = re.search(r"client id: ([0-9a-f]{32})", out)
+    assert internal_id is not None
+    assert re.search(r"secret: +[A-Za-z0-9_-]{43}\n", out)
+    assert "will never show it again" in out
+
+    out = exposed("keys", "create", "orders", "--name", "Globex Corp", "--kind", "external").stdout
+    external_id = re.search(r"client id: ([0-9a-f]{32})", out)
+    assert external_id is not None
+    assert "none yet" in out
+    assert f"keyguard keys set-secret orders {external_id[1]}" in out
+
+    out = exposed("keys", "set-secret", "orders", external_id[1]).stdout
+    assert re.search(r"secret: +[A-Za-z0-9_-]{43}\n", out)
+    assert "will never show it again" in out
+
+    lines = exposed("keys", "list", "orders").stdout.splitlines()
+    assert (
+        lines[0] == "CLIENT_ID" + " " * 25 + "NAME" + " " * 9 + "KIND" + " " * 6 + "SECRET  CREATED"
+    )
+    assert lines[1].startswith(f"{internal_id[1]}  Acme         internal  yes     20")
+    assert lines[2].startswith(f"{external_id[1]}  Globex Corp  external  yes     20")
+    assert lines[1].endswith("Z")
+
+    out = exposed("keys", "delete", "orders", internal_id[1], "--yes").stdout
+    assert out == f"Deleted key {internal_id[1]} (Acme) of API orders.\n"
+    assert internal_id[1] not in exposed("keys", "list", "orders").stdout
+
+
+def test_json_before_and_after_the_subcommand(exposed: Run) -> None:
+    """``--json`` works in either place and prints the management API's objects."""
+    created = exposed.json("keys", "create", "orders", "--name", "Acme", "--kind", "internal")
+    assert set(created) == {*KEY_FIELDS, "secret"}
+    assert isinstance(created["secret"], str)
+    before = exposed.json("keys", "list", "orders")
+    after = json.loads(exposed("keys", "list", "orders", "--json").stdout)
+    expected = {k: v for k, v in created.items() if k != "secret"}
+    assert before == after == {"keys": [expected]}
+    apis = exposed("apis", "list", "--json").stdout
+    assert json.loads(apis) == {
+        "apis": [
+            {
+                "name": "orders",
+                "exposed": True,
+                "max_keys_per_kind": 5,
+                "keys": {"internal": 1, "external": 0},
+            }
+        ]
+    }
+
+
+def test_json_shapes_of_every_command(exposed: Run) -> None:
+    """Every command's ``--json`` output is §5's object, and delete prints nothing (like 204)."""
+    api = exposed.json("apis", "unexpose", "orders")
+    assert api["exposed"] is False
+    api = exposed.json("apis", "expose", "orders", "--max-keys", "4")
+    assert (api["exposed"], api["max_keys_per_kind"]) == (True, 4)
+    external = exposed.json("keys", "create", "orders", "--name", "Globex", "--kind", "external")
+    assert external["secret"] is None
+    assert external["has_secret"] is False
+    secret = exposed.json("keys", "set-secret", "orders", external["client_id"])
+    assert set(secret) == {"client_id", "secret"}
+    assert secret["client_id"] == external["client_id"]
+    result = exposed("keys", "delete", "orders", external["client_id"], "--yes", "--json")
+    assert result.stdout == ""
+
+
+async def _nothing(manager: KeyManager) -> None:
+    """No preparation."""
+
+
+async def _limit_zero(manager: KeyManager) -> None:
+    """``orders`` exposed with room for no key."""
+    await expose(manager, 0)
+
+
+async def _with_acme(manager: KeyManager) -> None:
+    """``orders`` exposed with a key named Acme."""
+    await expose(manager)
+    await manager.create_key("orders", name="Acme", kind="external")
+
+
+_REFUSALS: list[tuple[str, Callable[[KeyManager], Awaitable[object]], tuple[str, ...], str]] = [
+    (
+        "not-exposed",
+        _nothing,
+        ("keys", "create", "orders", "--name", "A", "--kind", "internal"),
+        "api_not_exposed",
+    ),
+    (
+        "limit",
+        _limit_zero,
+        ("keys", "create", "orders", "--name", "A", "--kind", "internal"),
+        "key_limit_reached",
+    ),
+    (
+        "duplicate",
+        _with_acme,
+        ("keys", "create", "orders", "--name", "ACME", "--kind", "internal"),
+        "duplicate_name",
+    ),
+    ("bad-api-name", _nothing, ("apis", "expose", "bad name!"), "invalid_request"),
+    ("bad-limit", _nothing, ("apis", "expose", "orders", "--max-keys", "-1"), "invalid_request"),
+    (
+        "blank-name",
+        expose,
+        ("keys", "create", "orders", "--name", "  ", "--kind", "internal"),
+        "invalid_request",
+    ),
+    ("set-secret-unknown", _nothing, ("keys", "set-secret", "orders", "0" * 32), "key_not_found"),
+    ("delete-unknown", _nothing, ("keys", "delete", "orders", "0" * 32, "--yes"), "key_not_found"),
+    (
+        "delete-unknown-name",
+        _with_acme,
+        ("keys", "delete", "orders", "--name", "Nobody", "--yes"),
+        "key_not_found",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "code"),
+    [case[1:] for case in _REFUSALS],
+    ids=[case[0] for case in _REFUSALS],
+)
+def test_refusals_exit_1_with_one_line(
+    run: Run, setup: Callable[[KeyManager], Awaitable[object]], args: tuple[str, ...], code: str
+) -> None:
+    """A broken rule or an invalid value exits 1 with one problem object line on stderr."""
+    manage(run, setup)
+    result = run("--json", *args, expect=1)
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    problem = json.loads(result.stderr)
+    assert problem["code"] == code
+    assert problem["type"] == "about:blank"
+    assert isinstance(problem["status"], int)
+    assert problem["detail"]
+
+
+def test_internal_key_secret_cannot_be_set(exposed: Run) -> None:
+    """R4: set-secret on an internal key exits 1 with one line, a 409 problem in --json."""
+    key = issue(exposed, "Staff", "internal")
+    line = one_line_error(exposed("keys", "set-secret", "orders", key.client_id, expect=1))
+    assert "immutable" in line
+    result = exposed("--json", "keys", "set-secret", "orders", key.client_id, expect=1)
+    problem = json.loads(result.stderr)
+    assert (problem["status"], problem["code"]) == (409, "key_immutable")
+    assert result.stdout == ""
+
+
+def test_delete_prompt_yes(exposed: Run) -> None:
+    """Without --yes, delete asks on stderr and deletes on "y"."""
+    key = exposed.json("keys", "create", "orders", "--name", "Acme", "--kind", "external")
+    result = exposed("keys", "delete", "orders", key["client_id"], stdin="y\n")
+    assert result.stderr.startswith(f"Delete key {key['client_id']} (Acme) of API orders? [y/N] ")
+    assert exposed.json("keys", "list", "orders") == {"keys": []}
+
+
+@pytest.mark.parametrize("answer", ["n\n", ""], ids=["n", "eof"])
+def test_delete_prompt_declined(exposed: Run, answer: str) -> None:
+    """Anything but yes, and end of input (no terminal), declines: exit 1, the key stays."""
+    key = issue(exposed, "Acme", "external")
+    result = exposed("keys", "delete", "orders", "--name", "acme", stdin=answer, expect=1)
+    prompt, error = result.stderr.splitlines()
+    assert prompt == f"Delete key {key.client_id} (Acme) of API orders? [y/N] "
+    assert error.startswith("keyguard: error: not confirmed")
+    assert len(exposed.json("keys", "list", "orders")["keys"]) == 1
+
+
+def test_delete_by_name_ignores_case_and_spaces(exposed: Run) -> None:
+    """``--name`` finds the key as R3 compares names: casefolded, trimmed."""
+    issue(exposed, "Acme Inc", "external")
+    result = exposed("keys", "delete", "orders", "--name", "  ACME inc ", "--yes")
+    assert "(Acme Inc)" in result.stdout
+    assert exposed.json("keys", "list", "orders") == {"keys": []}
+
+
+def test_store_from_environment(tmp_path: Path) -> None:
+    """Without --store, KEYGUARD_STORE names the store; --store wins over it."""
+    run = Run(tmp_path, None)
+    env = {"KEYGUARD_STORE": f"sqlite:///{tmp_path / 'env.db'}"}
+    run("apis", "expose", "from-env", env=env)
+    assert (tmp_path / "env.db").exists()
+    assert '"from-env"' in run("--json", "apis", "list", env=env).stdout
+    flag = f"sqlite:///{tmp_path / 'flag.db'}"
+    listed = run("apis", "list", "--store", flag, "--json", env=env).stdout
+    assert json.loads(listed) == {"apis": []}
+
+
+def test_default_store_is_keyguard_db_in_the_current_folder(tmp_path: Path) -> None:
+    """With neither --store nor KEYGUARD_STORE the store is ./keyguard.db."""
+    Run(tmp_path, None)("apis", "expose", "orders")
+    assert (tmp_path / "keyguard.db").is_file()
+
+
+def test_unknown_store_scheme_exits_1(tmp_path: Path) -> None:
+    """An unknown store URL scheme is one line naming the schemes keyguard knows."""
+    line = one_line_error(Run(tmp_path, "mongodb://localhost/keys")("apis", "list", expect=1))
+    assert "unknown store scheme 'mongodb'" in line
+    assert "sqlite:///" in line
+
+
+def test_missing_extra_names_the_install_command(tmp_path: Path) -> None:
+    """A store whose driver is missing says which extra to install."""
+    hidden = tmp_path / "hidden"
+    (hidden / "redis").mkdir(parents=True)
+    (hidden / "redis" / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    run = Run(tmp_path, "redis://127.0.0.1:6379/0")
+    result = run("apis", "list", env={"PYTHONPATH": str(hidden)}, expect=1)
+    assert "pip install 'keyguard[redis]'" in one_line_error(result)
+
+
+def test_unreachable_store_exits_1(tmp_path: Path) -> None:
+    """A store that cannot be reached is one line (no traceback), a 503 problem in --json."""
+    run = Run(tmp_path, f"sqlite:///{tmp_path / 'no' / 'such' / 'folder.db'}")
+    assert "unavailable" in one_line_error(run("apis", "list", expect=1))
+    problem = json.loads(run("--json", "apis", "list", expect=1).stderr)
+    assert (problem["status"], problem["code"]) == (503, "store_unavailable")
