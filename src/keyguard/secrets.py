@@ -15,12 +15,14 @@ thread so the event loop is never blocked.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import os
 import secrets as _secrets
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
-import anyio.to_thread
 from passlib.context import CryptContext
 
 __all__ = [
@@ -72,9 +74,13 @@ class SecretHasher:
     and so is an unknown client id against a dummy hash: neither is cheaper
     than the other.
 
-    ``offload`` runs passlib in a worker thread; it defaults to on for any
+    ``offload`` runs passlib in worker threads; it defaults to on for any
     context other than the default one, since only the default is known to
-    be fast. ``max_remembered`` bounds the memory of verified secrets.
+    be fast. At most ``offload_threads`` verifications run at once (default:
+    one less than the CPU count, at least one), so a burst of slow
+    verifications — say, a flood of wrong secrets — always leaves a core to
+    the event loop; the rest wait their turn. ``max_remembered`` bounds the
+    memory of verified secrets.
     """
 
     def __init__(
@@ -82,10 +88,13 @@ class SecretHasher:
         context: CryptContext | None = None,
         *,
         offload: bool | None = None,
+        offload_threads: int | None = None,
         max_remembered: int = 10_000,
     ) -> None:
         self.context = DEFAULT_CONTEXT if context is None else context
         self.offload = (context is not None) if offload is None else offload
+        self._threads = offload_threads or max(1, (os.cpu_count() or 2) - 1)
+        self._executor: ThreadPoolExecutor | None = None
         self._max_remembered = max_remembered
         self._dummy_hash = self.context.hash(new_secret())
         # client_id -> (stored hash, SHA-256 of the secret that matched it)
@@ -117,7 +126,10 @@ class SecretHasher:
         """
         target = self._dummy_hash if stored_hash is None else stored_hash
         if self.offload:
-            ok = await anyio.to_thread.run_sync(self._passlib_verify, secret, target)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self._threads, "keyguard-verify")
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(self._executor, self._passlib_verify, secret, target)
         else:
             ok = self._passlib_verify(secret, target)
         if not ok or stored_hash is None:
