@@ -1,4 +1,4 @@
-"""CachedStore: lookups cached with bounded staleness and memory, on every store."""
+"""CachedStore: per-API snapshots with bounded staleness and memory, on every store."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def key(api: str = "orders", name: str = "Acme", secret_hash: str | None = None)
     return KeyRecord(api, new_client_id(), name, KeyKind.EXTERNAL, secret_hash, utcnow())
 
 
+def round_trips(counting: CountingStore) -> int:
+    """Calls that reached the wrapped store."""
+    return sum(counting.calls.values())
+
+
 @pytest.fixture
 async def setup(store: KeyStore) -> tuple[CachedStore, CountingStore, Clock, KeyRecord]:
     """A cache of 5 s over a counting view of each store, with one exposed API and one key."""
@@ -47,14 +52,47 @@ async def setup(store: KeyStore) -> tuple[CachedStore, CountingStore, Clock, Key
 async def test_repeat_lookups_hit_the_cache(
     setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
 ) -> None:
-    """Within the TTL, the same lookup reaches the store once, known or unknown id alike."""
+    """Within the TTL, one refresh of the API answers every lookup, known or unknown id alike."""
     cached, counting, _, rec = setup
     unknown = new_client_id()
     for _ in range(3):
         assert await cached.lookup("orders", rec.client_id) == (True, rec)
         assert await cached.lookup("orders", unknown) == (True, None)
         assert await cached.lookup("orders", None) == (True, None)
-    assert counting.calls["lookup"] == 3
+    assert dict(counting.calls) == {"get_api": 1, "list_keys": 1}
+
+
+async def test_flood_of_random_ids_costs_one_refresh_per_ttl(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """Thousands of made-up client ids reach the store once per API per TTL, and the cache
+    stays small."""
+    cached, counting, clock, _ = setup
+    for _ in range(2000):
+        assert await cached.lookup("orders", new_client_id()) == (True, None)
+    assert round_trips(counting) == 2
+    clock.now += 6
+    for _ in range(2000):
+        await cached.lookup("orders", new_client_id())
+    assert round_trips(counting) == 4
+    assert len(cached) == 2  # the API and its one key
+
+
+async def test_concurrent_misses_share_one_refresh(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """Many lookups missing at once for one API cause a single refresh, not a stampede."""
+    cached, counting, _, rec = setup
+    answers: list[tuple[bool, KeyRecord | None]] = []
+
+    async def look() -> None:
+        answers.append(await cached.lookup("orders", rec.client_id))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(look)
+    assert answers == [(True, rec)] * 50
+    assert dict(counting.calls) == {"get_api": 1, "list_keys": 1}
 
 
 async def test_own_writes_are_visible_at_once(
@@ -94,13 +132,13 @@ async def test_changes_elsewhere_seen_within_ttl(
 
 
 async def test_memory_is_bounded(store: KeyStore) -> None:
-    """However many distinct ids are looked up, the cache holds at most max_entries."""
+    """However many APIs are looked up, the cache holds at most max_entries entries."""
     counting = CountingStore(store)
     cached = CachedStore(counting, ttl=60, max_entries=50)
-    for _ in range(500):
-        await cached.lookup("orders", new_client_id())
+    for i in range(500):
+        await cached.lookup(f"api-{i}", new_client_id())
     assert len(cached) == 50
-    assert counting.calls["lookup"] == 500
+    assert round_trips(counting) == 500  # unknown APIs: one get_api each
 
 
 async def test_failures_are_not_cached(
@@ -113,7 +151,7 @@ async def test_failures_are_not_cached(
         await cached.lookup("orders", rec.client_id)
     counting.fail_with = None
     assert await cached.lookup("orders", rec.client_id) == (True, rec)
-    assert counting.calls["lookup"] == 2
+    assert counting.calls["get_api"] == 2
 
 
 async def test_failed_write_still_invalidates(
@@ -127,7 +165,7 @@ async def test_failed_write_still_invalidates(
         await cached.delete_key("orders", rec.client_id)
     counting.fail_with = None
     await cached.lookup("orders", rec.client_id)
-    assert counting.calls["lookup"] == 2
+    assert counting.calls["get_api"] == 2
 
 
 async def test_lookup_racing_a_write_is_not_cached(store: KeyStore) -> None:
@@ -140,15 +178,15 @@ async def test_lookup_racing_a_write_is_not_cached(store: KeyStore) -> None:
     rec = key()
     await cached.insert_key(rec)
     started, release = anyio.Event(), anyio.Event()
-    inner_lookup = counting.inner.lookup
+    inner_list_keys = counting.inner.list_keys
 
-    async def slow_lookup(api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
-        answer = await inner_lookup(api, client_id)
+    async def slow_list_keys(api: str) -> list[KeyRecord]:
+        answer = await inner_list_keys(api)
         started.set()
         await release.wait()
         return answer
 
-    counting.inner.lookup = slow_lookup  # type: ignore[method-assign]
+    counting.inner.list_keys = slow_list_keys  # type: ignore[method-assign]
     results: list[tuple[bool, KeyRecord | None]] = []
 
     async def look() -> None:
@@ -159,7 +197,7 @@ async def test_lookup_racing_a_write_is_not_cached(store: KeyStore) -> None:
         await started.wait()
         await cached.delete_key("orders", rec.client_id)
         release.set()
-    counting.inner.lookup = inner_lookup  # type: ignore[method-assign]
+    counting.inner.list_keys = inner_list_keys  # type: ignore[method-assign]
     assert results == [(True, rec)]  # the in-flight answer predates the delete ...
     assert await cached.lookup("orders", rec.client_id) == (True, None)  # ... and was not kept
 

@@ -1,24 +1,27 @@
 """``CachedStore``: a bounded, short-lived cache of the request path's lookups.
 
 A remote store costs a network round trip per request. ``CachedStore`` wraps
-any store and remembers each ``lookup`` answer — the API's state and the key,
-or the key's absence — for ``ttl`` seconds, in at most ``max_entries``
-entries. Everything else (management reads and every write) goes straight to
-the wrapped store.
+any store and keeps, per API, a *snapshot*: whether the API is exposed and
+all of its keys (an API holds at most ``2 * max_keys_per_kind`` keys, ten by
+default). A lookup is answered from the API's snapshot while it is fresh,
+whatever the client id — so a flood of made-up ids, well-formed or not,
+costs at most one refresh per API per ``ttl``, never one store round trip
+per request. Concurrent lookups that miss share one refresh.
 
-Staleness is bounded three ways:
+Everything else (management reads and every write) goes straight to the
+wrapped store. Staleness is bounded three ways:
 
 * a write made through this ``CachedStore`` (so through any ``KeyManager``,
-  middleware or management app sharing it) invalidates what it touches before
+  middleware or management app sharing it) drops the API's snapshot before
   it returns: this process sees its own changes at once;
 * where the wrapped store has a change feed (``ChangeFeed``: Redis pub/sub),
-  changes made by other processes invalidate the entries they touch as soon
-  as the notice arrives;
-* in every case an entry is used for at most ``ttl`` seconds, the documented
-  bound for a change made elsewhere (R7), e.g. when a notice is lost.
+  a change made by another process drops the snapshot as soon as the
+  notice arrives;
+* in every case a snapshot is used for at most ``ttl`` seconds: the
+  documented bound for a change made elsewhere (R7), e.g. if a notice is lost.
 
-Caching absences is what keeps a flood of made-up client ids from becoming
-one store round trip per request.
+Memory is bounded by ``max_entries``: the snapshots together hold at most
+that many keys (each API counting one more), the oldest dropped first.
 """
 
 from __future__ import annotations
@@ -28,24 +31,33 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from keyguard.errors import ConfigurationError
 from keyguard.models import Api, KeyRecord
 from keyguard.stores.base import ChangeFeed, KeyStore
 
-__all__ = ["DEFAULT_CACHE_TTL", "CachedStore"]
+__all__ = ["DEFAULT_CACHE_TTL", "DEFAULT_MAX_ENTRIES", "CachedStore"]
 
 DEFAULT_CACHE_TTL = 1.0
-DEFAULT_MAX_ENTRIES = 10_000
+DEFAULT_MAX_ENTRIES = 100_000
 
 logger = logging.getLogger("keyguard")
 
-# (expires at, the API's generation when cached, exposed, record)
-_Entry = tuple[float, int, bool, KeyRecord | None]
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    expires: float
+    exposed: bool
+    keys: dict[str, KeyRecord]
+
+    @property
+    def size(self) -> int:
+        return 1 + len(self.keys)
 
 
 class CachedStore:
-    """Wrap ``store`` with a lookup cache of ``ttl`` seconds and ``max_entries`` entries.
+    """Wrap ``store`` with per-API snapshots kept ``ttl`` seconds, ``max_entries`` keys in all.
 
     ``clock`` is the monotonic clock used for expiry (tests pass their own).
     """
@@ -66,10 +78,11 @@ class CachedStore:
         self.ttl = float(ttl)
         self.max_entries = max_entries
         self._clock = clock
-        self._entries: dict[tuple[str, str | None], _Entry] = {}
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._size = 0
+        # Bumped when an API is invalidated: a refresh that raced it is not kept.
         self._generations: dict[str, int] = {}
-        # Bumped by every invalidation: a lookup that raced one is not cached.
-        self._epoch = 0
+        self._refreshing: dict[str, asyncio.Future[_Snapshot]] = {}
         self._feed = store if isinstance(store, ChangeFeed) else None
         self._watcher: asyncio.Task[None] | None = None
 
@@ -77,44 +90,72 @@ class CachedStore:
         return f"CachedStore({self.store!r}, ttl={self.ttl})"
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """How many entries (APIs plus their keys) the cache holds now."""
+        return self._size
 
     # -- the request path ---------------------------------------------------------------------
 
     async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
-        """The wrapped store's answer, from the cache while it is fresh."""
-        key = (api, client_id)
-        entry = self._entries.get(key)
-        generation = self._generations.get(api, 0)
-        if entry is not None:
-            if entry[0] > self._clock() and entry[1] == generation:
-                return entry[2], entry[3]
-            del self._entries[key]
+        """The answer from ``api``'s snapshot, refreshed from the store when stale."""
+        snapshot = self._snapshots.get(api)
+        if snapshot is None or snapshot.expires <= self._clock():
+            snapshot = await self._refresh(api)
+        return snapshot.exposed, None if client_id is None else snapshot.keys.get(client_id)
+
+    async def _refresh(self, api: str) -> _Snapshot:
+        pending = self._refreshing.get(api)
+        if pending is not None:
+            return await asyncio.shield(pending)
         if self._feed is not None and self._watcher is None:
             self._start_watching(self._feed)
-        epoch = self._epoch
-        exposed, record = await self.store.lookup(api, client_id)
-        if self._epoch == epoch:
-            if len(self._entries) >= self.max_entries:
-                # Oldest first: dicts keep insertion order.
-                del self._entries[next(iter(self._entries))]
-            self._entries[key] = (self._clock() + self.ttl, generation, exposed, record)
-        return exposed, record
+        future: asyncio.Future[_Snapshot] = asyncio.get_running_loop().create_future()
+        self._refreshing[api] = future
+        generation = self._generations.get(api, 0)
+        try:
+            found = await self.store.get_api(api)
+            records = await self.store.list_keys(api) if found is not None else []
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unawaited future stays quiet
+            raise
+        finally:
+            del self._refreshing[api]
+        snapshot = _Snapshot(
+            self._clock() + self.ttl,
+            found is not None and found.exposed,
+            {record.client_id: record for record in records},
+        )
+        if self._generations.get(api, 0) == generation:
+            self._keep(api, snapshot)
+        future.set_result(snapshot)
+        return snapshot
+
+    def _keep(self, api: str, snapshot: _Snapshot) -> None:
+        self._drop(api)
+        while self._snapshots and self._size + snapshot.size > self.max_entries:
+            self._drop(next(iter(self._snapshots)))  # oldest first: dicts keep order
+        if snapshot.size <= self.max_entries:
+            self._snapshots[api] = snapshot
+            self._size += snapshot.size
+
+    def _drop(self, api: str) -> None:
+        old = self._snapshots.pop(api, None)
+        if old is not None:
+            self._size -= old.size
 
     # -- invalidation ---------------------------------------------------------------------------
 
     def invalidate(self, api: str, client_id: str | None = None) -> None:
-        """Forget what is cached of ``api`` (``client_id=None``) or of one of its keys."""
-        self._epoch += 1
-        if client_id is None:
-            self._generations[api] = self._generations.get(api, 0) + 1
-        else:
-            self._entries.pop((api, client_id), None)
+        """Forget what is cached of ``api`` (a change to any of its keys changes its snapshot)."""
+        self._generations[api] = self._generations.get(api, 0) + 1
+        self._drop(api)
 
     def clear(self) -> None:
         """Forget everything."""
-        self._epoch += 1
-        self._entries.clear()
+        for api in list(self._snapshots):
+            self.invalidate(api)
+        for api in list(self._refreshing):
+            self.invalidate(api)
 
     # -- pass-through reads and invalidating writes --------------------------------------------
 
