@@ -6,7 +6,6 @@ import json
 from urllib.parse import parse_qsl
 
 import anyio
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
