@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from starlette.types import Message
 
 from keyguard import KeyGuard, KeyManager, MemoryStore
 from tests.helpers import http_scope, run_asgi
@@ -98,7 +99,8 @@ def test_hostile_http_requests(
     scope = http_scope(path, hdrs)
     scope["method"] = method
     scope["query_string"] = query
-    sent = anyio.run(run_asgi, APP, scope, [{"type": "http.request", "body": b""}])
+    incoming: list[Message] = [{"type": "http.request", "body": b""}]
+    sent = anyio.run(run_asgi, APP, scope, incoming)
     status = sent[0]["status"]
     assert status != 500
     if status in (200, 405):  # the app ran (405: the route refused the method)
