@@ -35,7 +35,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from keyguard.errors import ConfigurationError, InvalidRequest, KeyGuardError, RuleViolation
 from keyguard.manager import DEFAULT_MAX_KEYS_PER_KIND, MAX_KEYS_PER_KIND_LIMIT, KeyManager
 from keyguard.middleware import RETRY_AFTER_SECONDS
-from keyguard.models import MAX_NAME_LENGTH, Api, IssuedKey, KeyInfo, KeyKind, rfc3339
+from keyguard.models import (
+    KEY_NAME_PATTERN,
+    MAX_NAME_LENGTH,
+    Api,
+    IssuedKey,
+    KeyInfo,
+    KeyKind,
+    rfc3339,
+)
 from keyguard.stores.base import KeyStore
 
 __all__ = [
@@ -324,10 +332,12 @@ class _Endpoints:
         body = await _read_object(request, required=True)
         assert body is not None
         _check_fields(body, allowed=("exposed", "max_keys_per_kind"))
+        limit = body.get("max_keys_per_kind")
+        if isinstance(limit, float) and limit.is_integer():
+            # JSON has one number type: 5.0 and 5e0 are the integer 5 (as in JSON Schema).
+            limit = int(limit)
         api = await self.manager.update_api(
-            request.path_params["api"],
-            exposed=body.get("exposed"),
-            max_keys_per_kind=body.get("max_keys_per_kind"),
+            request.path_params["api"], exposed=body.get("exposed"), max_keys_per_kind=limit
         )
         return _json(api_json(api))
 
@@ -541,7 +551,11 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "string",
                 "minLength": 1,
                 "maxLength": MAX_NAME_LENGTH,
-                "description": "Trimmed; unique within the API, ignoring case.",
+                "pattern": KEY_NAME_PATTERN,
+                "description": (
+                    "1-100 characters after trimming, no control characters; stored "
+                    "trimmed; unique within the API, ignoring case."
+                ),
             },
             "kind": {"type": "string", "enum": [kind.value for kind in KeyKind]},
         },

@@ -15,6 +15,7 @@ from keyguard.errors import InvalidRequest
 
 __all__ = [
     "API_NAME_PATTERN",
+    "KEY_NAME_PATTERN",
     "MAX_NAME_LENGTH",
     "Api",
     "IssuedKey",
@@ -30,6 +31,12 @@ __all__ = [
 
 API_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_NAME_LENGTH = 100
+# Characters a key name may not contain: C0/C1 controls, line and paragraph
+# separators, and lone surrogates (which no database or Redis could store).
+NAME_FORBIDDEN = "\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029\\ud800-\\udfff"
+KEY_NAME_PATTERN = f"^[^{NAME_FORBIDDEN}]*[^\\s{NAME_FORBIDDEN}][^{NAME_FORBIDDEN}]*$"
+"""A key name (before trimming) as a regular expression, for JSON Schema documents."""
+_FORBIDDEN_IN_NAME = re.compile(f"[{NAME_FORBIDDEN}]")
 
 
 class KeyKind(str, enum.Enum):
@@ -141,8 +148,10 @@ def normalize_name(name: object) -> str:
         raise InvalidRequest("name is required and cannot be blank")
     if len(trimmed) > MAX_NAME_LENGTH:
         raise InvalidRequest(f"name must be at most {MAX_NAME_LENGTH} characters")
-    if not trimmed.isprintable():
-        raise InvalidRequest("name cannot contain control characters")
+    if _FORBIDDEN_IN_NAME.search(trimmed):
+        raise InvalidRequest(
+            "name cannot contain control characters, line separators or surrogates"
+        )
     return trimmed
 
 
