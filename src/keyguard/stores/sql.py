@@ -1,0 +1,909 @@
+"""``sqlite://``, ``postgresql://``, ``mysql://`` / ``mariadb://``: keys in a SQL database.
+
+One adapter, on SQLAlchemy 2's async Core, serves the embedded default
+(SQLite, a file on one machine) and the shared servers (PostgreSQL,
+MariaDB/MySQL) that many app instances use at once. See ``docs/sql-store.md``.
+
+How the rules hold across processes (SPEC §3):
+
+* R2 — each API row carries a counter per kind. Creating a key first runs
+  ``UPDATE apis SET <kind>_count = <kind>_count + 1 WHERE name = :api AND
+  exposed AND <kind>_count < max_keys_per_kind``: the database row lock makes
+  the check and the increment one step, so no two processes can both take
+  the last place. The key is inserted in the same transaction; deleting a
+  key decrements the counter in its transaction.
+* R3 — ``UNIQUE (api, name_key)`` where ``name_key`` is ``name.casefold()``,
+  computed in Python so every database folds alike.
+* R6 — client ids (and API names) compare byte for byte: on MariaDB/MySQL
+  the tables use a binary, no-pad collation.
+
+Every driver failure becomes :class:`~keyguard.errors.StoreUnavailable`, with
+the driver's error chained, within a bounded time set by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import sqlite3
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    MetaData,
+    Row,
+    Select,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import mysql as mysql_dialect
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.types import TypeEngine
+
+from keyguard.errors import (
+    ApiNotExposed,
+    ConfigurationError,
+    DuplicateName,
+    KeyGuardError,
+    KeyLimitReached,
+    StoreUnavailable,
+)
+from keyguard.models import Api, KeyKind, KeyRecord, name_key
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from typing_extensions import Unpack
+
+    _Row: TypeAlias = Row[Unpack[tuple[Any, ...]]]
+
+__all__ = ["SCHEMA_VERSION", "SQLStore"]
+
+SCHEMA_VERSION = 1
+"""The version of the tables this code reads and writes, recorded in ``<prefix>meta``."""
+
+T = TypeVar("T")
+
+# scheme -> (SQLAlchemy dialect, default async driver)
+_DEFAULT_DRIVERS = {
+    "sqlite": ("sqlite", "aiosqlite"),
+    "postgresql": ("postgresql", "asyncpg"),
+    "postgres": ("postgresql", "asyncpg"),
+    "mysql": ("mysql", "asyncmy"),
+    "mariadb": ("mariadb", "asyncmy"),
+}
+_DIALECTS = ("sqlite", "postgresql", "mysql", "mariadb")
+# driver module -> how to install it
+_INSTALL = {
+    "asyncpg": "pip install 'keyguard[postgres]'",
+    "asyncmy": "pip install 'keyguard[mysql]'",
+    "aiomysql": "pip install 'keyguard[mysql]' aiomysql",
+    "psycopg": "pip install 'keyguard[postgres]' 'psycopg[binary]'",
+    "aiosqlite": "pip install aiosqlite (a core dependency: reinstall keyguard)",
+}
+_DRIVER_PACKAGES = frozenset(
+    {"asyncpg", "asyncmy", "aiomysql", "pymysql", "psycopg", "psycopg_pool", "aiosqlite", "sqlite3"}
+)
+_PREFIX_PATTERN = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+_NAME_LENGTH = 64  # API names and client ids
+_KEY_NAME_LENGTH = 100
+_NAME_KEY_LENGTH = 3 * _KEY_NAME_LENGTH  # casefold() can triple a character ("ﬃ" -> "ffi")
+_VERSION_ROW = "schema_version"
+_USED = "keyguard_used"  # marks a pooled connection that has served a call before
+_CREATE_ATTEMPTS = 5
+
+
+class _Deadline:
+    """Give up on the running task after ``delay`` seconds with ``TimeoutError``.
+
+    ``asyncio.timeout`` where it exists (3.11+), the same by hand on 3.10;
+    ``expired`` tells our ``TimeoutError`` from one a driver raised.
+    """
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.expired = False
+        self._timeout: Any = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    async def __aenter__(self) -> _Deadline:
+        if sys.version_info >= (3, 11):
+            self._timeout = asyncio.timeout(self.delay)
+            await self._timeout.__aenter__()
+        else:  # pragma: no cover - Python 3.10
+            self._task = asyncio.current_task()
+            self._handle = asyncio.get_running_loop().call_later(self.delay, self._expire)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
+    ) -> None:
+        if sys.version_info >= (3, 11):
+            try:
+                await self._timeout.__aexit__(kind, error, tb)
+            finally:
+                self.expired = bool(self._timeout.expired())
+            return
+        assert self._handle is not None  # pragma: no cover - Python 3.10
+        self._handle.cancel()  # pragma: no cover
+        if self.expired and kind is asyncio.CancelledError:  # pragma: no cover
+            raise TimeoutError
+
+    def _expire(self) -> None:  # pragma: no cover - Python 3.10
+        assert self._task is not None
+        self.expired = True
+        self._task.cancel()
+
+
+class _UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime to the microsecond on every database.
+
+    PostgreSQL keeps ``timestamptz``; SQLite and MariaDB keep the UTC wall
+    time (``DATETIME(6)`` on MariaDB, whose plain DATETIME drops microseconds).
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(DateTime(timezone=True))
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql_dialect.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+        moment = moment.astimezone(timezone.utc)
+        return moment if dialect.name == "postgresql" else moment.replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class _Schema:
+    """The three tables for one prefix on one kind of database, and the hot statements."""
+
+    def __init__(self, prefix: str, dialect: Dialect) -> None:
+        self.dialect_name = dialect.name
+        table_options: dict[str, Any] = {}
+        if dialect.name in ("mysql", "mariadb"):
+            # Binary and no-pad: 'Acme' != 'acme' and 'id' != 'id ' (R6); the default
+            # collation is case- and accent-insensitive and ignores trailing spaces.
+            table_options = {
+                f"{dialect.name}_engine": "InnoDB",
+                f"{dialect.name}_charset": "utf8mb4",
+                f"{dialect.name}_collate": _binary_collation(dialect),
+            }
+        self.metadata = MetaData()
+        self.meta = Table(
+            f"{prefix}meta",
+            self.metadata,
+            Column("name", String(64), primary_key=True),
+            Column("value", String(255), nullable=False),
+            **table_options,
+        )
+        self.apis = Table(
+            f"{prefix}apis",
+            self.metadata,
+            Column("name", String(_NAME_LENGTH), primary_key=True),
+            Column("exposed", Boolean(create_constraint=False), nullable=False),
+            Column("max_keys_per_kind", Integer, nullable=False),
+            Column("internal_count", Integer, nullable=False),
+            Column("external_count", Integer, nullable=False),
+            **table_options,
+        )
+        self.keys = Table(
+            f"{prefix}keys",
+            self.metadata,
+            # Autoincrement: the tie-breaker for keys created in the same microsecond.
+            Column(
+                "id",
+                BigInteger().with_variant(Integer(), "sqlite"),
+                primary_key=True,
+                autoincrement=True,
+            ),
+            Column("client_id", String(_NAME_LENGTH), nullable=False),
+            Column(
+                "api",
+                String(_NAME_LENGTH),
+                ForeignKey(self.apis.c.name, name=f"{prefix}keys_api_fkey"),
+                nullable=False,
+            ),
+            Column("name", String(_KEY_NAME_LENGTH), nullable=False),
+            Column("name_key", String(_NAME_KEY_LENGTH), nullable=False),
+            Column("kind", String(8), nullable=False),
+            Column("secret_hash", Text(), nullable=True),
+            Column("created_at", _UTCDateTime(), nullable=False),
+            UniqueConstraint("client_id", name=f"{prefix}keys_client_id_key"),
+            UniqueConstraint("api", "name_key", name=f"{prefix}keys_api_name_key"),
+            CheckConstraint("kind IN ('internal', 'external')", name=f"{prefix}keys_kind_check"),
+            **table_options,
+        )
+        apis, keys = self.apis, self.keys
+        self.api_columns = (
+            apis.c.name,
+            apis.c.exposed,
+            apis.c.max_keys_per_kind,
+            apis.c.internal_count,
+            apis.c.external_count,
+        )
+        self.key_columns = (
+            keys.c.api,
+            keys.c.client_id,
+            keys.c.name,
+            keys.c.kind,
+            keys.c.secret_hash,
+            keys.c.created_at,
+        )
+        # The request path's statements, built once.
+        self.lookup_api: Select[Any] = select(apis.c.exposed).where(apis.c.name == bindparam("api"))
+        self.lookup_key: Select[Any] = (
+            select(apis.c.exposed, *self.key_columns)
+            .select_from(
+                apis.outerjoin(
+                    keys,
+                    (keys.c.api == apis.c.name) & (keys.c.client_id == bindparam("client_id")),
+                )
+            )
+            .where(apis.c.name == bindparam("api"))
+        )
+
+    def count_column(self, kind: KeyKind) -> Column[Any]:
+        """The counter of ``kind`` keys in the apis table."""
+        return (
+            self.apis.c.internal_count if kind is KeyKind.INTERNAL else self.apis.c.external_count
+        )
+
+    def insert_ignore(self, table: Table, values: Mapping[str, Any]) -> Insert:
+        """``INSERT`` of ``values`` that does nothing if the primary key exists."""
+        if self.dialect_name == "postgresql":
+            return pg_dialect.insert(table).values(values).on_conflict_do_nothing()
+        if self.dialect_name == "sqlite":
+            return sqlite_dialect.insert(table).values(values).on_conflict_do_nothing()
+        stmt = mysql_dialect.insert(table).values(values)  # MariaDB / MySQL
+        return stmt.on_duplicate_key_update(name=stmt.inserted.name)
+
+
+def _binary_collation(dialect: Dialect) -> str:
+    """The exact (binary, no-pad) utf8mb4 collation this MariaDB/MySQL server has."""
+    if getattr(dialect, "is_mariadb", False):
+        return "utf8mb4_nopad_bin"  # MariaDB >= 10.2
+    version = getattr(dialect, "server_version_info", None) or ()
+    if tuple(version[:3]) >= (8, 0, 17):
+        return "utf8mb4_0900_bin"
+    return "utf8mb4_bin"  # older MySQL: binary but pads (client ids never end in spaces)
+
+
+class SQLStore:
+    """A ``KeyStore`` in a SQL database: SQLite, PostgreSQL or MariaDB/MySQL.
+
+    Usually opened by URL, ``open_store("sqlite:///keys.db")`` (see
+    :meth:`from_url`); apps that already have an ``AsyncEngine`` pass it in,
+    and then keep ownership of it: ``aclose`` leaves it open.
+
+    ``table_prefix`` names the tables (``keyguard_apis``, ``keyguard_keys``,
+    ``keyguard_meta``), so they can live in an app's existing database. They
+    are created on first use. ``timeout`` (seconds) bounds how long a call
+    can take before it gives up with ``StoreUnavailable``: each wait (for a
+    pooled connection, to connect, for a statement or a lock) is bounded by
+    it on engines this store creates, and a whole call by four times it on
+    any engine.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        table_prefix: str = "keyguard_",
+        timeout: float = 3.0,
+    ) -> None:
+        if not isinstance(engine, AsyncEngine):
+            raise ConfigurationError(
+                "SQLStore needs a SQLAlchemy AsyncEngine (create_async_engine), "
+                f"got {type(engine).__name__}"
+            )
+        if engine.dialect.name not in _DIALECTS:
+            raise ConfigurationError(
+                f"SQLStore supports SQLite, PostgreSQL and MariaDB/MySQL, not {engine.dialect.name}"
+            )
+        self._prefix = _validate_prefix(table_prefix)
+        self._timeout = _validate_timeout(timeout)
+        self._engine = engine
+        self._factory: Callable[[], AsyncEngine] | None = None  # set when the store owns it
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._read_engine: AsyncEngine | None = None
+        self._schema: _Schema | None = None
+        self._schema_lock: asyncio.Lock | None = None
+        self._closed = False
+        self._password = engine.url.password
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        table_prefix: str = "keyguard_",
+        timeout: float = 3.0,
+        **engine_options: Any,
+    ) -> SQLStore:
+        """The store for a database URL. Does no I/O; connects on first use.
+
+        ``sqlite:///rel.db`` (relative to the current folder),
+        ``sqlite:////abs/path.db``, ``postgresql://`` or ``postgres://``
+        (asyncpg), ``mysql://`` or ``mariadb://`` (asyncmy); a URL naming
+        its driver (``postgresql+psycopg://``, ``mysql+aiomysql://``) uses
+        that driver. ``engine_options`` go to SQLAlchemy's
+        ``create_async_engine`` (``pool_size``, ``connect_args``, ``echo``…)
+        over this store's defaults. Raises ``ConfigurationError`` for a bad
+        URL or option, or a missing driver (naming the extra to install).
+        """
+        timeout = _validate_timeout(timeout)
+        _validate_prefix(table_prefix)
+        parsed = _parse_url(url)
+        options = _engine_options(parsed, timeout, engine_options)
+        engine = _create_engine(parsed, options)
+        store = cls(engine, table_prefix=table_prefix, timeout=timeout)
+        store._factory = lambda: create_async_engine(parsed, **options)
+        return store
+
+    def __repr__(self) -> str:
+        return f"SQLStore({self.url!r}, table_prefix={self._prefix!r})"
+
+    @property
+    def url(self) -> str:
+        """The database URL, password masked."""
+        return self._engine.url.render_as_string(hide_password=True)
+
+    @property
+    def table_prefix(self) -> str:
+        """The prefix of this store's table names."""
+        return self._prefix
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine in use (for tests, monitoring and event listeners)."""
+        return self._engine
+
+    # -- KeyStore -------------------------------------------------------------------------
+
+    async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
+        """Whether ``api`` exists and is exposed, and its key ``client_id``: one query."""
+        if not _fits(api, _NAME_LENGTH):
+            return False, None
+        if client_id is None or not _fits(client_id, _NAME_LENGTH):
+
+            async def exposed_only(conn: AsyncConnection, schema: _Schema) -> bool:
+                result = await conn.execute(schema.lookup_api, {"api": api})
+                return bool(result.scalar())
+
+            return await self._run(exposed_only, write=False), None
+
+        async def exposed_and_key(
+            conn: AsyncConnection, schema: _Schema
+        ) -> tuple[bool, KeyRecord | None]:
+            result = await conn.execute(schema.lookup_key, {"api": api, "client_id": client_id})
+            row = result.first()
+            if row is None:
+                return False, None
+            return bool(row.exposed), None if row.client_id is None else _record(row)
+
+        return await self._run(exposed_and_key, write=False)
+
+    async def get_api(self, api: str) -> Api | None:
+        """The API with its key counts, or ``None`` if it was never created."""
+        if not _fits(api, _NAME_LENGTH):
+            return None
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> Api | None:
+            stmt = select(*schema.api_columns).where(schema.apis.c.name == api)
+            row = (await conn.execute(stmt)).first()
+            return None if row is None else _api(row)
+
+        return await self._run(work, write=False)
+
+    async def list_apis(self) -> list[Api]:
+        """Every API, ordered by name (by code point, as Python sorts), with key counts."""
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> list[Api]:
+            rows = (await conn.execute(select(*schema.api_columns))).all()
+            return sorted((_api(row) for row in rows), key=lambda found: found.name)
+
+        return await self._run(work, write=False)
+
+    async def upsert_api(
+        self,
+        api: str,
+        *,
+        exposed: bool | None,
+        max_keys_per_kind: int | None,
+        default_max_keys_per_kind: int,
+    ) -> Api:
+        """Create ``api`` if missing, then set the fields given; keys are never touched."""
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> Api:
+            apis = schema.apis
+            await conn.execute(
+                schema.insert_ignore(
+                    apis,
+                    {
+                        "name": api,
+                        "exposed": False,
+                        "max_keys_per_kind": default_max_keys_per_kind,
+                        "internal_count": 0,
+                        "external_count": 0,
+                    },
+                )
+            )
+            changes: dict[str, Any] = {}
+            if exposed is not None:
+                changes["exposed"] = exposed
+            if max_keys_per_kind is not None:
+                changes["max_keys_per_kind"] = max_keys_per_kind
+            if changes:
+                await conn.execute(update(apis).where(apis.c.name == api).values(changes))
+            row = (await conn.execute(select(*schema.api_columns).where(apis.c.name == api))).one()
+            return _api(row)
+
+        return await self._run(work, write=True)
+
+    async def insert_key(self, record: KeyRecord) -> None:
+        """Add ``record`` atomically (R1, R2, R3 checked by the database), or raise."""
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> None:
+            apis = schema.apis
+            count = schema.count_column(record.kind)
+            # Take a place first: the row lock makes check-and-increment atomic (R2).
+            taken = await conn.execute(
+                update(apis)
+                .where(
+                    apis.c.name == record.api,
+                    apis.c.exposed.is_(True),
+                    count < apis.c.max_keys_per_kind,
+                )
+                .values({count: count + 1})
+            )
+            if taken.rowcount != 1:
+                why = select(apis.c.exposed, apis.c.max_keys_per_kind).where(
+                    apis.c.name == record.api
+                )
+                row = (await conn.execute(why)).first()
+                if row is None or not row.exposed:
+                    raise ApiNotExposed(f"API {record.api!r} is not exposed")
+                raise KeyLimitReached(
+                    f"API {record.api!r} already has {row.max_keys_per_kind} "
+                    f"{record.kind.value} keys"
+                )
+            try:
+                await conn.execute(
+                    insert(schema.keys).values(
+                        client_id=record.client_id,
+                        api=record.api,
+                        name=record.name,
+                        name_key=name_key(record.name),
+                        kind=record.kind.value,
+                        secret_hash=record.secret_hash,
+                        created_at=record.created_at,
+                    )
+                )
+            except sa_exc.IntegrityError as exc:
+                # UNIQUE (api, name_key): leaving the block rolls the counter back too.
+                raise DuplicateName(
+                    f"API {record.api!r} already has a key named {record.name!r}"
+                ) from exc
+
+        await self._run(work, write=True)
+
+    async def get_key(self, api: str, client_id: str) -> KeyRecord | None:
+        """The key ``client_id`` of ``api``, or ``None``; client ids compare exactly."""
+        if not (_fits(api, _NAME_LENGTH) and _fits(client_id, _NAME_LENGTH)):
+            return None
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> KeyRecord | None:
+            keys = schema.keys
+            stmt = select(*schema.key_columns).where(
+                keys.c.api == api, keys.c.client_id == client_id
+            )
+            row = (await conn.execute(stmt)).first()
+            return None if row is None else _record(row)
+
+        return await self._run(work, write=False)
+
+    async def list_keys(self, api: str) -> list[KeyRecord]:
+        """The keys of ``api``, oldest first (insertion order within one microsecond)."""
+        if not _fits(api, _NAME_LENGTH):
+            return []
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> list[KeyRecord]:
+            keys = schema.keys
+            stmt = (
+                select(*schema.key_columns)
+                .where(keys.c.api == api)
+                .order_by(keys.c.created_at, keys.c.id)
+            )
+            return [_record(row) for row in (await conn.execute(stmt)).all()]
+
+        return await self._run(work, write=False)
+
+    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
+        """Replace the hash of the *external* key ``client_id``; ``False`` if there is none."""
+        if not (_fits(api, _NAME_LENGTH) and _fits(client_id, _NAME_LENGTH)):
+            return False
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> bool:
+            keys = schema.keys
+            result = await conn.execute(
+                update(keys)
+                .where(
+                    keys.c.api == api,
+                    keys.c.client_id == client_id,
+                    keys.c.kind == KeyKind.EXTERNAL.value,
+                )
+                .values(secret_hash=secret_hash)
+            )
+            return result.rowcount == 1
+
+        return await self._run(work, write=True)
+
+    async def delete_key(self, api: str, client_id: str) -> bool:
+        """Delete the key and give its place back, in one transaction; ``False`` if none."""
+        if not (_fits(api, _NAME_LENGTH) and _fits(client_id, _NAME_LENGTH)):
+            return False
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> bool:
+            apis, keys = schema.apis, schema.keys
+            which = (keys.c.api == api) & (keys.c.client_id == client_id)
+            kind = (await conn.execute(select(keys.c.kind).where(which))).scalar()
+            if kind is None:
+                return False
+            # The API row first, as insert_key does: one lock order, no deadlock.
+            count = schema.count_column(KeyKind(kind))
+            await conn.execute(update(apis).where(apis.c.name == api).values({count: count - 1}))
+            if (await conn.execute(delete(keys).where(which))).rowcount == 1:
+                return True
+            # Another call deleted it since we read its kind: give the place back.
+            await conn.execute(update(apis).where(apis.c.name == api).values({count: count + 1}))
+            return False
+
+        return await self._run(work, write=True)
+
+    async def aclose(self) -> None:
+        """Release the connections of an engine this store created; a passed-in one stays open."""
+        self._closed = True
+        if self._factory is not None:
+            await self._engine.dispose()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _run(
+        self, work: Callable[[AsyncConnection, _Schema], Awaitable[T]], *, write: bool
+    ) -> T:
+        """``work`` in one transaction, driver errors turned into ``StoreUnavailable``.
+
+        A pooled connection found dead (the server restarted, an idle
+        connection was killed) is replaced and the call retried once, unless
+        a write had reached its commit, whose outcome is then unknown. This
+        is how the store recovers by itself without a ping per call.
+        """
+        deadline = _Deadline(4 * self._timeout)
+        try:
+            async with deadline:
+                return await self._attempts(work, write=write)
+        except KeyGuardError:
+            raise
+        except Exception as exc:
+            if deadline.expired:
+                raise StoreUnavailable(
+                    f"SQL store {self.url} unavailable (no answer within {deadline.delay:g} s)"
+                ) from exc
+            if _is_driver_error(exc):
+                raise self._unavailable(exc) from exc
+            raise
+
+    async def _attempts(
+        self, work: Callable[[AsyncConnection, _Schema], Awaitable[T]], *, write: bool
+    ) -> T:
+        engine, schema = await self._ready()
+        bind = engine if write else self._reader(engine)
+        for attempt in (1, 2):
+            reused = committing = False
+            try:
+                async with bind.connect() as conn:
+                    reused = bool(conn.info.get(_USED))
+                    async with conn.begin():
+                        result = await work(conn, schema)
+                        committing = True
+                    conn.info[_USED] = True
+                return result
+            except sa_exc.DBAPIError as exc:
+                retry = exc.connection_invalidated and reused and attempt == 1
+                if not retry or (write and committing):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reader(self, engine: AsyncEngine) -> AsyncEngine:
+        """The engine for single-statement reads.
+
+        On PostgreSQL they run in autocommit, which spares the BEGIN and
+        ROLLBACK round trips (a single statement is atomic by itself).
+        """
+        if engine.dialect.name != "postgresql":
+            return engine
+        if self._read_engine is None or self._read_engine.sync_engine.pool is not engine.pool:
+            self._read_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        return self._read_engine
+
+    async def _ready(self) -> tuple[AsyncEngine, _Schema]:
+        """The engine for the running event loop, and the tables, created if needed."""
+        if self._closed:
+            raise StoreUnavailable(f"SQL store {self.url} is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and self._factory is not None:
+                # Connections belong to the loop that opened them: start afresh in this one.
+                # SQLite's run in threads and can be closed from here; a network driver's
+                # are tied to the old loop (usually closed by now) and are abandoned.
+                stale, self._engine = self._engine, self._factory()
+                await stale.dispose(close=stale.dialect.name == "sqlite")
+            self._loop = loop
+            self._schema_lock = asyncio.Lock()
+        if self._schema is None:
+            assert self._schema_lock is not None
+            async with self._schema_lock:
+                if self._schema is None:
+                    self._schema = await self._create_schema(self._engine)
+        return self._engine, self._schema
+
+    async def _create_schema(self, engine: AsyncEngine) -> _Schema:
+        """Create the tables if missing and record the schema version, or check it.
+
+        Several processes may start at once: whoever loses the race to create
+        a table (an "already exists" error) tries again and finds it there.
+        """
+        for attempt in range(1, _CREATE_ATTEMPTS + 1):
+            try:
+                async with engine.connect() as conn:
+                    schema = _Schema(self._prefix, conn.dialect)
+                    if schema.dialect_name == "sqlite":
+                        # Readers never wait for a writer; the mode sticks to the file.
+                        await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                        await conn.commit()
+                    meta = schema.meta
+                    async with conn.begin():
+                        await conn.run_sync(schema.metadata.create_all)
+                        await conn.execute(
+                            schema.insert_ignore(
+                                meta, {"name": _VERSION_ROW, "value": str(SCHEMA_VERSION)}
+                            )
+                        )
+                    # A new transaction: its snapshot shows a row another process wrote.
+                    async with conn.begin():
+                        read = select(meta.c.value).where(meta.c.name == _VERSION_ROW)
+                        version = int((await conn.execute(read)).scalar_one())
+                    conn.info[_USED] = True
+                break
+            except sa_exc.DBAPIError as exc:
+                if attempt == _CREATE_ATTEMPTS or not _lost_creation_race(exc):
+                    raise
+                await asyncio.sleep(0.02 * attempt)
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"the tables {self._prefix}* have schema version {version}, newer than this "
+                f"keyguard understands ({SCHEMA_VERSION}): upgrade keyguard"
+            )
+        # Versions older than SCHEMA_VERSION will be migrated here, step by step.
+        return schema
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        """The error for a driver failure: what failed, never the password."""
+        cause: BaseException = exc
+        if isinstance(exc, sa_exc.DBAPIError) and isinstance(exc.orig, BaseException):
+            cause = exc.orig
+            # SQLAlchemy's async adapters wrap the driver's own error once more.
+            if cause.__cause__ is not None and type(cause).__module__.startswith("sqlalchemy"):
+                cause = cause.__cause__
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        if self._password:
+            detail = detail.replace(self._password, "***")
+        if len(detail) > 200:
+            detail = detail[:197] + "..."
+        reason = type(cause).__name__ + (f": {detail}" if detail else "")
+        if isinstance(exc, TimeoutError | asyncio.TimeoutError) and not detail:
+            reason = f"no answer within {self._timeout:g} s"  # the driver's own timeout
+        return StoreUnavailable(f"SQL store {self.url} unavailable ({reason})")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _api(row: _Row) -> Api:
+    return Api(
+        name=row.name,
+        exposed=bool(row.exposed),
+        max_keys_per_kind=row.max_keys_per_kind,
+        internal_keys=row.internal_count,
+        external_keys=row.external_count,
+    )
+
+
+def _record(row: _Row) -> KeyRecord:
+    return KeyRecord(
+        api=row.api,
+        client_id=row.client_id,
+        name=row.name,
+        kind=KeyKind(row.kind),
+        secret_hash=row.secret_hash,
+        created_at=row.created_at,
+    )
+
+
+def _fits(value: str, length: int) -> bool:
+    """Whether ``value`` could be stored at all; if not, it can match nothing.
+
+    Saves a round trip, and spares PostgreSQL text it rejects (NUL, lone surrogates).
+    """
+    return len(value) <= length and value.isprintable()
+
+
+def _is_driver_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the database, its driver or the network."""
+    if isinstance(exc, sa_exc.SQLAlchemyError | OSError | TimeoutError | asyncio.TimeoutError):
+        return True
+    if isinstance(exc, sqlite3.Error):
+        return True
+    return any(cls.__module__.split(".")[0] in _DRIVER_PACKAGES for cls in type(exc).__mro__)
+
+
+def _lost_creation_race(exc: sa_exc.DBAPIError) -> bool:
+    """Whether ``exc`` says another process created the table (or row) first."""
+    if isinstance(exc, sa_exc.IntegrityError):
+        return True  # PostgreSQL's pg_type race, or the version row
+    text = str(exc.orig).lower()
+    return "already exists" in text or "duplicate" in text
+
+
+def _validate_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str) or not _PREFIX_PATTERN.fullmatch(prefix):
+        raise ConfigurationError(
+            "table_prefix must be 1-40 characters of lowercase letters, digits and '_', "
+            f"not starting with a digit; got {prefix!r}"
+        )
+    return prefix
+
+
+def _validate_timeout(timeout: object) -> float:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _parse_url(url: str) -> URL:
+    """``url`` with its async driver chosen and a SQLite path made absolute."""
+    try:
+        parsed = make_url(url)
+    except (sa_exc.ArgumentError, ValueError) as exc:
+        raise ConfigurationError(f"invalid SQL store URL {_mask(url)!r}") from exc
+    scheme, _, driver = parsed.drivername.partition("+")
+    if scheme not in _DEFAULT_DRIVERS:
+        raise ConfigurationError(f"not a SQL store URL: {_mask(url)!r}")
+    dialect, default_driver = _DEFAULT_DRIVERS[scheme]
+    parsed = parsed.set(drivername=f"{dialect}+{driver or default_driver}")
+    if dialect == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or "mode=memory" in database:
+            raise ConfigurationError(
+                "an in-memory SQLite database lives in one connection; use memory:// for "
+                "an in-process store, or sqlite:///path.db for a file"
+            )
+        if not parsed.query.get("uri"):
+            # Resolved now, so a later chdir cannot move the store.
+            parsed = parsed.set(database=os.path.abspath(database))
+    elif dialect in ("mysql", "mariadb") and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return parsed
+
+
+def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> dict[str, Any]:
+    """This store's engine defaults (every wait bounded by ``timeout``), under ``given``."""
+    driver = parsed.get_driver_name()
+    connect_args: dict[str, Any] = {}
+    if driver == "asyncpg":
+        connect_args = {
+            "timeout": timeout,
+            "command_timeout": timeout,
+            "server_settings": {"application_name": "keyguard"},
+        }
+    elif driver == "psycopg":
+        connect_args = {
+            "connect_timeout": max(1, math.ceil(timeout)),
+            "options": f"-c statement_timeout={math.ceil(timeout * 1000)}",
+            "application_name": "keyguard",
+        }
+    elif driver == "asyncmy":
+        connect_args = {"connect_timeout": timeout, "read_timeout": timeout}
+    elif driver == "aiomysql":
+        connect_args = {"connect_timeout": timeout}
+    elif driver == "aiosqlite":
+        connect_args = {"timeout": timeout}  # the busy timeout: how long to wait for a writer
+    options: dict[str, Any] = {"hide_parameters": True}
+    if "poolclass" not in given:  # NullPool and friends take no pool_timeout
+        options["pool_timeout"] = timeout
+    if parsed.get_backend_name() in ("mysql", "mariadb"):
+        # Fewer gap locks; PostgreSQL's default already.
+        options["isolation_level"] = "READ COMMITTED"
+    options.update(given)
+    options["connect_args"] = {**connect_args, **dict(given.get("connect_args") or {})}
+    return options
+
+
+def _create_engine(parsed: URL, options: dict[str, Any]) -> AsyncEngine:
+    """The engine for ``parsed`` (no I/O), or ``ConfigurationError`` saying what is wrong."""
+    scheme = parsed.get_backend_name()
+    try:
+        parsed.get_dialect()
+    except sa_exc.NoSuchModuleError as exc:
+        raise ConfigurationError(
+            f"unknown SQL driver {parsed.drivername!r}: use {scheme}:// for the default "
+            "async driver, or name an async one (postgresql+asyncpg, postgresql+psycopg, "
+            "mysql+asyncmy, mysql+aiomysql, sqlite+aiosqlite)"
+        ) from exc
+    try:
+        return create_async_engine(parsed, **options)
+    except ImportError as exc:
+        driver = parsed.get_driver_name()
+        install = _INSTALL.get(driver, f"pip install {driver}")
+        raise ConfigurationError(
+            f"{parsed.drivername}:// needs the {driver} driver: {install}"
+        ) from exc
+    except sa_exc.InvalidRequestError as exc:
+        raise ConfigurationError(
+            f"{parsed.drivername}:// is not an async driver; keyguard needs one "
+            f"(for example {scheme}:// alone chooses it)"
+        ) from exc
+    except (TypeError, sa_exc.ArgumentError) as exc:
+        raise ConfigurationError(f"bad SQL store option: {exc}") from exc
+
+
+def _mask(url: str) -> str:
+    """``url`` with any password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://", 1)[0] + "://…"

@@ -1,0 +1,661 @@
+"""What only the SQL store promises, beyond the contract suite: URLs and drivers, the
+schema, atomicity across processes, and clean failures against real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+from sqlalchemy import (
+    MetaData,
+    Table,
+    column,
+    event,
+    func,
+    insert,
+    make_url,
+    select,
+    table,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from keyguard import KeyStore, open_store
+from keyguard.errors import ConfigurationError, KeyLimitReached, StoreUnavailable
+from keyguard.models import KeyKind, KeyRecord, utcnow
+from keyguard.secrets import new_client_id
+from keyguard.stores.sql import SCHEMA_VERSION, SQLStore
+from tests.backends.servers import require_server
+from tests.backends.sql import SQL_BACKENDS, drop_tables, open_sql_test_store, unique_prefix
+
+pytestmark = pytest.mark.anyio
+
+SERVERS = ("postgres", "mysql")
+BOUND = 30  # seconds: generous, only there so that a hang fails instead of blocking the run
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def record(api: str = "orders", name: str = "Acme", kind: KeyKind = KeyKind.EXTERNAL) -> KeyRecord:
+    """A key record as ``KeyManager`` would build it."""
+    return KeyRecord(
+        api=api,
+        client_id=new_client_id(),
+        name=name,
+        kind=kind,
+        secret_hash="h" if kind is KeyKind.INTERNAL else None,
+        created_at=utcnow(),
+    )
+
+
+async def expose(store: KeyStore, api: str = "orders") -> None:
+    await store.upsert_api(api, exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5)
+
+
+def server_url(backend: str, **changes: Any) -> str:
+    """The test server's URL with some parts (port, password, database) changed."""
+    url = make_url(require_server(backend)).set(**changes)
+    return url.render_as_string(hide_password=False)
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A local port whose server accepts connections and never says a word."""
+    connections: list[tuple[asyncio.Task[Any], asyncio.StreamWriter]] = []
+    idle = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connections.append((task, writer))
+        await idle.wait()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        idle.set()
+        await asyncio.gather(*(task for task, _ in connections))
+        server.close()
+        await server.wait_closed()
+
+
+@asynccontextmanager
+async def side_engine(store: SQLStore) -> AsyncIterator[AsyncEngine]:
+    """A second engine on the store's database, playing another process or an operator."""
+    engine = create_async_engine(store.engine.url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@contextmanager
+def counting_statements(engine: AsyncEngine) -> Iterator[list[str]]:
+    """The SQL statements ``engine`` sends while the block runs."""
+    sent: list[str] = []
+
+    def listener(*args: Any) -> None:
+        sent.append(args[2])
+
+    event.listen(engine.sync_engine, "before_cursor_execute", listener)
+    try:
+        yield sent
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", listener)
+
+
+# -- URLs, drivers, options (no I/O) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "drivername"),
+    [
+        ("sqlite:///keys.db", "sqlite+aiosqlite"),
+        ("postgresql://u@db.example/app", "postgresql+asyncpg"),
+        ("postgres://u@db.example/app", "postgresql+asyncpg"),
+        ("mysql://u@db.example/app", "mysql+asyncmy"),
+        ("mariadb://u@db.example/app", "mariadb+asyncmy"),
+        ("postgresql+asyncpg://u@db.example/app", "postgresql+asyncpg"),
+        ("mysql+asyncmy://u@db.example/app", "mysql+asyncmy"),
+        ("sqlite+aiosqlite:///keys.db", "sqlite+aiosqlite"),
+    ],
+)
+def test_url_chooses_an_async_driver(
+    url: str, drivername: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each scheme maps to its async driver, and a URL naming its driver keeps it."""
+    monkeypatch.chdir(tmp_path)
+    store = open_store(url, cache_ttl=None)
+    assert isinstance(store, SQLStore)
+    assert store.engine.url.drivername == drivername
+
+
+def test_sqlite_paths_relative_and_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sqlite:///rel.db is relative to the current folder at opening; sqlite:////abs.db is
+    absolute."""
+    monkeypatch.chdir(tmp_path)
+    relative = SQLStore.from_url("sqlite:///rel.db")
+    absolute = SQLStore.from_url(f"sqlite:///{tmp_path / 'sub' / 'abs.db'}")
+    assert relative.engine.url.database == str(tmp_path / "rel.db")
+    assert absolute.engine.url.database == str(tmp_path / "sub" / "abs.db")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_is_refused(url: str) -> None:
+    """An in-memory SQLite database is refused with a pointer to memory://."""
+    with pytest.raises(ConfigurationError, match="memory://"):
+        SQLStore.from_url(url)
+
+
+@pytest.mark.parametrize(
+    ("module", "url", "extra"),
+    [
+        ("asyncpg", "postgresql://u@db.example/app", "keyguard[postgres]"),
+        ("asyncpg", "postgres://u@db.example/app", "keyguard[postgres]"),
+        ("asyncmy", "mysql://u@db.example/app", "keyguard[mysql]"),
+        ("asyncmy", "mariadb://u@db.example/app", "keyguard[mysql]"),
+        ("psycopg", "postgresql+psycopg://u@db.example/app", "psycopg"),
+    ],
+)
+def test_missing_driver_names_the_extra(
+    module: str, url: str, extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without its driver, a URL fails at once with the pip command that installs it."""
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ConfigurationError, match=r"pip install .*" + extra.replace("[", r"\[")):
+        open_store(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("postgresql+nodriver://u@h/db", {}, "unknown SQL driver"),
+        ("sqlite+pysqlite:///keys.db", {}, "not an async driver"),
+        ("sqlite:///keys.db", {"table_prefix": "Bad-Prefix"}, "table_prefix"),
+        ("sqlite:///keys.db", {"table_prefix": ""}, "table_prefix"),
+        ("sqlite:///keys.db", {"timeout": 0}, "timeout"),
+        ("sqlite:///keys.db", {"timeout": float("nan")}, "timeout"),
+        ("sqlite:///keys.db", {"no_such_option": 1}, "option"),
+    ],
+)
+def test_bad_configuration_is_refused(
+    url: str, options: dict[str, Any], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong driver, prefix, timeout or engine option is a ConfigurationError at opening."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=message):
+        SQLStore.from_url(url, **options)
+
+
+def test_repr_and_errors_mask_the_password() -> None:
+    """The password never shows in the store's repr."""
+    store = SQLStore.from_url("postgresql://app:s3cr3t-pw@db.example/keys")
+    assert "s3cr3t-pw" not in repr(store)
+    assert "app:***@db.example" in repr(store)
+
+
+def test_sql_store_is_a_key_store() -> None:
+    """SQLStore satisfies the KeyStore protocol."""
+    assert isinstance(SQLStore.from_url("postgresql://u@db.example/app"), KeyStore)
+
+
+def test_opened_outside_a_loop_and_used_in_two_loops(tmp_path: Path) -> None:
+    """A store opened with no event loop connects in the loop that uses it, and again in a
+    later loop."""
+    store = SQLStore.from_url(f"sqlite:///{tmp_path / 'keys.db'}")
+
+    async def first() -> None:
+        await expose(store)
+
+    async def second() -> bool:
+        try:
+            exposed, _ = await store.lookup("orders", None)
+        finally:
+            await store.aclose()
+        return exposed
+
+    anyio.run(first)
+    assert anyio.run(second) is True
+
+
+# -- the schema ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_schema_creation_is_concurrent_safe_and_versioned(
+    backend: str, tmp_path: Path
+) -> None:
+    """Stores starting at once on empty tables all succeed, and one schema version is recorded."""
+    async with open_sql_test_store(backend, tmp_path) as first:
+        prefix = first.table_prefix
+        url = first.engine.url
+        others = [SQLStore(create_async_engine(url), table_prefix=prefix) for _ in range(5)]
+        try:
+            with anyio.fail_after(BOUND):
+                async with anyio.create_task_group() as tg:
+                    for store in [first, *others]:
+                        tg.start_soon(expose, store)
+            async with first.engine.connect() as conn:
+                meta = table(f"{prefix}meta", column("name"), column("value"))
+                rows = (await conn.execute(select(meta.c.name, meta.c.value))).all()
+            assert [tuple(row) for row in rows] == [("schema_version", str(SCHEMA_VERSION))]
+            # A later start finds the tables and keeps their data.
+            await first.insert_key(record())
+            later = SQLStore(create_async_engine(url), table_prefix=prefix)
+            others.append(later)
+            assert len(await later.list_keys("orders")) == 1
+        finally:
+            for store in others:
+                await store.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_newer_schema_version_is_refused(backend: str, tmp_path: Path) -> None:
+    """Tables written by a newer keyguard make the store unavailable, saying to upgrade."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        async with store.engine.begin() as conn:
+            await conn.execute(
+                update(table(f"{store.table_prefix}meta", column("value"))), {"value": "99"}
+            )
+        newer = SQLStore(create_async_engine(store.engine.url), table_prefix=store.table_prefix)
+        try:
+            with pytest.raises(StoreUnavailable, match="upgrade keyguard"):
+                await newer.get_api("orders")
+        finally:
+            await newer.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_database_constraint_stops_a_duplicate_name(backend: str, tmp_path: Path) -> None:
+    """A row whose casefolded name repeats one of its API, written straight to the table
+    past every check of the store, is refused by the database itself."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        await store.insert_key(record(name="Straße"))
+        async with store.engine.connect() as conn:
+            keys = await conn.run_sync(
+                lambda sync: Table(f"{store.table_prefix}keys", MetaData(), autoload_with=sync)
+            )
+            moment = utcnow()
+            if conn.dialect.name != "postgresql":
+                moment = moment.replace(tzinfo=None)
+            row = {
+                "client_id": new_client_id(),
+                "api": "orders",
+                "name": "STRASSE",
+                "name_key": "strasse",
+                "kind": "external",
+                "created_at": moment,
+            }
+            with pytest.raises(IntegrityError):
+                await conn.execute(insert(keys).values(row))
+            await conn.rollback()
+        assert [key.name for key in await store.list_keys("orders")] == ["Straße"]
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_lookup_is_one_statement(backend: str, tmp_path: Path) -> None:
+    """The request path's lookup sends exactly one SQL statement, key or no key."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        for client_id in (rec.client_id, None, new_client_id()):
+            with counting_statements(store.engine) as sent:
+                await store.lookup("orders", client_id)
+            assert len(sent) == 1, sent
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_values_that_cannot_be_stored_match_nothing(backend: str, tmp_path: Path) -> None:
+    """Ids and names no key could have (NUL, lone surrogates, too long) find nothing, without
+    an error."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        for odd in ("a\x00b", "\ud800", "x" * 65):
+            assert await store.lookup("orders", odd) == (True, None)
+            assert await store.get_key("orders", odd) is None
+            assert await store.set_secret_hash("orders", odd, "h") is False
+            assert await store.delete_key("orders", odd) is False
+            assert await store.get_api(odd) is None
+            assert await store.list_keys(odd) == []
+
+
+# -- engines ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_passed_in_engine_is_used_and_left_open(backend: str, tmp_path: Path) -> None:
+    """A store over an app's own AsyncEngine works, and its aclose leaves the engine usable."""
+    async with open_sql_test_store(backend, tmp_path) as opened:
+        url = opened.engine.url
+    engine = create_async_engine(url)
+    prefix = unique_prefix()
+    try:
+        store = SQLStore(engine, table_prefix=prefix)
+        await expose(store)
+        await store.insert_key(record())
+        await store.aclose()
+        async with engine.connect() as conn:
+            keys = table(f"{prefix}keys")
+            count = (await conn.execute(select(func.count()).select_from(keys))).scalar()
+        assert count == 1
+    finally:
+        await drop_tables(engine, prefix)
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("backend", "scheme"),
+    [("postgres", "postgresql+asyncpg"), ("mysql", "mysql+asyncmy"), ("mysql", "mariadb")],
+)
+async def test_explicit_driver_urls_work(backend: str, scheme: str, tmp_path: Path) -> None:
+    """A URL naming its dialect and driver reaches the same server and keeps R6 exact."""
+    url = require_server(backend)
+    explicit = scheme + url[url.index("://") :]
+    store = SQLStore.from_url(explicit, table_prefix=unique_prefix())
+    try:
+        assert store.engine.url.drivername.startswith(scheme)
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        assert await store.get_key("orders", rec.client_id) == rec
+        assert await store.get_key("orders", rec.client_id.upper()) is None
+    finally:
+        await drop_tables(store.engine, store.table_prefix)
+        await store.aclose()
+
+
+async def test_engine_options_reach_sqlalchemy(tmp_path: Path) -> None:
+    """Extra keywords reach create_async_engine: a NullPool engine is built, and it works."""
+    store = SQLStore.from_url(f"sqlite:///{tmp_path / 'keys.db'}", poolclass=NullPool)
+    try:
+        assert isinstance(store.engine.pool, NullPool)
+        await expose(store)
+        assert await store.lookup("orders", None) == (True, None)
+    finally:
+        await store.aclose()
+
+
+async def test_closed_store_refuses_calls(tmp_path: Path) -> None:
+    """After aclose, a call fails with StoreUnavailable instead of reconnecting."""
+    async with open_sql_test_store("sqlite", tmp_path) as store:
+        await expose(store)
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.get_api("orders")
+
+
+# -- atomicity across processes -------------------------------------------------------------
+
+RACER = r"""
+import asyncio, json, sys
+from keyguard.errors import KeyLimitReached
+from keyguard.models import KeyKind, KeyRecord, utcnow
+from keyguard.secrets import new_client_id
+from keyguard.stores.sql import SQLStore
+
+async def main(url, prefix, worker):
+    store = SQLStore.from_url(url, table_prefix=prefix, timeout=20)
+    print("ready", flush=True)
+    sys.stdin.readline()  # every racer starts together
+    accepted = refused = 0
+    try:
+        await store.upsert_api(
+            "race", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+        )
+        for i in range(6):
+            for kind in KeyKind:
+                record = KeyRecord(
+                    api="race", client_id=new_client_id(), name=f"{worker} {kind.value} {i}",
+                    kind=kind, secret_hash="h" if kind is KeyKind.INTERNAL else None,
+                    created_at=utcnow(),
+                )
+                try:
+                    await store.insert_key(record)
+                except KeyLimitReached:
+                    refused += 1
+                else:
+                    accepted += 1
+    finally:
+        await store.aclose()
+    print(json.dumps([accepted, refused]), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+"""
+
+
+def race(url: str, prefix: str, processes: int) -> list[tuple[int, int]]:
+    """Start ``processes`` fresh interpreters, release them at once, return each one's
+    (accepted, refused)."""
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, url, prefix, f"p{n}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for n in range(processes)
+    ]
+    try:
+        for racer in racers:
+            assert racer.stdout is not None
+            assert racer.stdout.readline().strip() == "ready"
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.write("go\n")
+            racer.stdin.flush()
+        results = []
+        for racer in racers:
+            out, err = racer.communicate(timeout=BOUND)
+            assert racer.returncode == 0, err
+            accepted, refused = json.loads(out)
+            results.append((accepted, refused))
+        return results
+    finally:
+        for racer in racers:
+            if racer.poll() is None:
+                racer.kill()
+                racer.communicate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_four_processes_race_for_the_limit(backend: str, tmp_path: Path) -> None:
+    """Four processes starting at once on empty tables, each trying six keys of each kind for
+    one API, end with exactly five keys per kind (R2 across processes)."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        url = store.engine.url.render_as_string(hide_password=False)
+        results = await anyio.to_thread.run_sync(race, url, store.table_prefix, 4)
+        assert sum(accepted for accepted, _ in results) == 10
+        assert sum(refused for _, refused in results) == 4 * 12 - 10
+        api = await store.get_api("race")
+        assert api is not None
+        assert (api.internal_keys, api.external_keys) == (5, 5)
+        kinds = sorted(key.kind.value for key in await store.list_keys("race"))
+        assert kinds == ["external"] * 5 + ["internal"] * 5
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+async def test_closed_port_gives_store_unavailable(backend: str) -> None:
+    """A server that is not running gives StoreUnavailable, with the driver's error chained."""
+    store = SQLStore.from_url(server_url(backend, port=free_port()), timeout=1)
+    try:
+        with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable) as caught:
+            await store.get_api("orders")
+        assert caught.value.__cause__ is not None
+    finally:
+        await store.aclose()
+
+
+async def test_sqlite_file_that_is_not_a_database_gives_store_unavailable(
+    tmp_path: Path,
+) -> None:
+    """A SQLite path holding something else than a database gives StoreUnavailable, chained to
+    the driver's error."""
+    path = tmp_path / "keys.db"
+    path.write_bytes(b"not a database, " * 512)
+    store = SQLStore.from_url(f"sqlite:///{path}")
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.lookup("orders", None)
+        assert isinstance(caught.value.__cause__, Exception)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+async def test_silent_server_gives_store_unavailable(backend: str) -> None:
+    """A server that accepts connections but never answers gives StoreUnavailable, not a hang."""
+    async with silent_server() as port:
+        store = SQLStore.from_url(server_url(backend, port=port), timeout=0.5)
+        try:
+            with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
+                await store.lookup("orders", None)
+        finally:
+            await store.aclose()
+
+
+async def test_whole_call_is_bounded_even_on_a_passed_in_engine() -> None:
+    """Over an engine without timeouts of its own, a call still gives up, with StoreUnavailable."""
+    require_server("postgres")
+    async with silent_server() as port:
+        url = server_url("postgres", drivername="postgresql+asyncpg", port=port)
+        engine = create_async_engine(url, connect_args={"timeout": 600})
+        store = SQLStore(engine, timeout=0.25)
+        try:
+            with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
+                await store.get_api("orders")
+        finally:
+            await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("backend", "changes"),
+    [
+        ("mysql", {"password": "wr0ng-passw0rd"}),
+        ("postgres", {"username": "kg_no_such_role", "password": "wr0ng-passw0rd"}),
+        ("mysql", {"database": "kg_no_such_database"}),
+        ("postgres", {"database": "kg_no_such_database"}),
+    ],
+)
+async def test_refused_login_gives_store_unavailable(backend: str, changes: dict[str, str]) -> None:
+    """A wrong password, unknown user or missing database gives StoreUnavailable, whose message
+    never shows the password."""
+    store = SQLStore.from_url(server_url(backend, **changes), timeout=2)
+    try:
+        with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable) as caught:
+            await store.list_apis()
+        assert "wr0ng-passw0rd" not in str(caught.value)
+        assert "wr0ng-passw0rd" not in repr(store)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_exhausted_pool_gives_store_unavailable(backend: str, tmp_path: Path) -> None:
+    """When every pooled connection stays busy past the timeout, a call gives StoreUnavailable;
+    once one is free, calls work again."""
+    async with open_sql_test_store(
+        backend, tmp_path, timeout=0.3, pool_size=1, max_overflow=0
+    ) as store:
+        await expose(store)
+        async with store.engine.connect():
+            with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
+                await store.get_api("orders")
+        assert await store.get_api("orders") is not None
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_lock_wait_gives_store_unavailable_then_recovers(
+    backend: str, tmp_path: Path
+) -> None:
+    """A write stuck behind another transaction's lock gives StoreUnavailable within the
+    timeout, and succeeds once the lock is gone."""
+    async with open_sql_test_store(backend, tmp_path, timeout=0.5) as store:
+        await expose(store)
+        apis = table(f"{store.table_prefix}apis", column("name"))
+        if backend == "sqlite":
+            database = store.engine.url.database
+            assert database is not None
+            holder = sqlite3.connect(database, isolation_level=None)
+            try:
+                holder.execute("BEGIN IMMEDIATE")  # the database's write lock
+                with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
+                    await store.insert_key(record())
+                holder.execute("ROLLBACK")
+            finally:
+                holder.close()
+        else:
+            async with side_engine(store) as other, other.connect() as conn:
+                await conn.execute(select(column("name")).select_from(apis).with_for_update())
+                with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
+                    await store.insert_key(record())
+                await conn.rollback()
+        await store.insert_key(record())
+        assert len(await store.list_keys("orders")) == 1
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+async def test_recovers_after_its_connection_is_killed(backend: str, tmp_path: Path) -> None:
+    """When the server kills the store's pooled connection, the next call still succeeds."""
+    async with open_sql_test_store(backend, tmp_path, pool_size=1, max_overflow=0) as store:
+        await expose(store)
+        which = "SELECT pg_backend_pid()" if backend == "postgres" else "SELECT CONNECTION_ID()"
+        async with store.engine.connect() as conn:
+            victim = (await conn.execute(text(which))).scalar_one()
+        kill = (
+            f"SELECT pg_terminate_backend({int(victim)})"
+            if backend == "postgres"
+            else f"KILL {int(victim)}"
+        )
+        async with side_engine(store) as other, other.begin() as conn:
+            await conn.execute(text(kill))
+        with anyio.fail_after(BOUND):
+            api = await store.get_api("orders")
+            await store.insert_key(record())
+        assert api is not None
+        assert api.exposed is True
+        async with store.engine.connect() as conn:
+            assert (await conn.execute(text(which))).scalar_one() != victim
+
+
+async def test_key_limit_still_reported_as_a_rule(tmp_path: Path) -> None:
+    """Rule errors pass through the failure handling unchanged (not StoreUnavailable)."""
+    async with open_sql_test_store("sqlite", tmp_path) as store:
+        await store.upsert_api(
+            "orders", exposed=True, max_keys_per_kind=0, default_max_keys_per_kind=5
+        )
+        with pytest.raises(KeyLimitReached):
+            await store.insert_key(record())
