@@ -8,8 +8,8 @@ removes whatever the test wrote.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from keyguard import KeyStore, MemoryStore
@@ -31,12 +31,13 @@ BACKENDS = _backends()
 async def open_test_store(backend: str, tmp_path: Path) -> AsyncIterator[KeyStore]:
     """An empty store of kind ``backend``; skipped (or failed, in CI) if its server is down."""
     if backend == "memory":
-        store = MemoryStore()
+        memory = MemoryStore()
         try:
-            yield store
+            yield memory
         finally:
-            await store.aclose()
+            await memory.aclose()
         return
+    opener: Callable[..., AbstractAsyncContextManager[KeyStore]]
     if backend in ("sqlite", "postgres", "mysql"):
         from tests.backends.sql import open_sql_test_store as opener
     elif backend == "redis":
