@@ -520,6 +520,21 @@ def websocket_scope(headers: list[tuple[bytes, bytes]] | None = None, **extra: A
     return scope
 
 
+async def test_headers_as_lists(store: KeyStore, keys: Keys) -> None:
+    """Servers may give headers as two-item lists instead of tuples; both work alike."""
+    seen: list[Scope] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope)
+
+    headers = [
+        [b"x-ibm-client-id", keys.internal_id.encode()],
+        [b"x-ibm-client-secret", keys.internal_secret.encode()],
+    ]
+    await run_asgi(KeyGuard(app, store=store, api="orders"), http_scope("/x", headers))  # type: ignore[arg-type]
+    assert seen[0]["headers"] == [headers[0]]
+
+
 async def test_websocket_with_key_is_accepted(store: KeyStore, keys: Keys) -> None:
     """A websocket handshake with a valid key reaches the app, which sees the key."""
     scope = websocket_scope([(b"x-ibm-client-id", keys.external_id.encode())])
