@@ -24,6 +24,7 @@ the driver's error chained, within a bounded time set by ``timeout``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import re
@@ -341,6 +342,8 @@ class SQLStore:
             )
         self._prefix = _validate_prefix(table_prefix)
         self._timeout = _validate_timeout(timeout)
+        if engine.dialect.driver == "aiosqlite":
+            _hide_aiosqlite_arguments()
         self._engine = engine
         self._factory: Callable[[], AsyncEngine] | None = None  # set when the store owns it
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -862,6 +865,7 @@ def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> di
         connect_args = {"connect_timeout": timeout}
     elif driver == "aiosqlite":
         connect_args = {"timeout": timeout}  # the busy timeout: how long to wait for a writer
+        _hide_aiosqlite_arguments()
     options: dict[str, Any] = {"hide_parameters": True}
     if "poolclass" not in given:  # NullPool and friends take no pool_timeout
         options["pool_timeout"] = timeout
@@ -871,6 +875,24 @@ def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> di
     options.update(given)
     options["connect_args"] = {**connect_args, **dict(given.get("connect_args") or {})}
     return options
+
+
+class _WithoutCallArguments(logging.Filter):
+    """aiosqlite logs every call at DEBUG with its arguments — SQL parameters, secret hashes
+    among them. Keep those records (that a call happened), drop the arguments."""
+
+    _MESSAGES = frozenset({"executing %s", "operation %s completed"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self._MESSAGES:
+            record.args = ("<call arguments hidden by keyguard>",)
+        return True
+
+
+def _hide_aiosqlite_arguments() -> None:
+    log = logging.getLogger("aiosqlite")
+    if not any(isinstance(f, _WithoutCallArguments) for f in log.filters):
+        log.addFilter(_WithoutCallArguments())
 
 
 def _create_engine(parsed: URL, options: dict[str, Any]) -> AsyncEngine:
