@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import shutil
 import socket
+import ssl
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -620,15 +621,16 @@ def test_store_opened_outside_a_loop_works_across_event_loops() -> None:
 
 
 def test_rediss_url_configures_tls_without_connecting() -> None:
-    """A rediss:// URL gives a TLS client (checked without any server), password hidden."""
-    store = RedisStore.from_url(
-        "rediss://app:p4ssw0rd-x@redis.example.invalid:6380/2", ssl_cert_reqs="required"
-    )
+    """A rediss:// URL gives a client that verifies the server's certificate and host name
+    (checked without any server), with the password hidden."""
+    store = RedisStore.from_url("rediss://app:p4ssw0rd-x@redis.example.invalid:6380/2")
     pool = store.client.connection_pool
     assert issubclass(pool.connection_class, SSLConnection)
-    assert pool.connection_kwargs["host"] == "redis.example.invalid"
-    assert pool.connection_kwargs["port"] == 6380
-    assert pool.connection_kwargs["socket_timeout"] == 3.0
+    connection = pool.connection_class(**pool.connection_kwargs)  # builds, does not connect
+    assert isinstance(connection, SSLConnection)
+    assert connection.ssl_context.cert_reqs == ssl.CERT_REQUIRED
+    assert connection.ssl_context.check_hostname is True
+    assert (connection.host, connection.port, connection.db) == ("redis.example.invalid", 6380, 2)
     assert repr(store) == "RedisStore('rediss://redis.example.invalid:6380/2', prefix='keyguard:')"
     assert "p4ssw0rd-x" not in repr(store)
 

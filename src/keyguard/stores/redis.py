@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import re
+import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar, cast
@@ -143,7 +144,7 @@ _RULE_ERRORS = {
 
 
 class RedisStore:
-    """A :class:`~keyguard.KeyStore` in Redis (or Valkey, or Redis Cluster's data model).
+    """A :class:`~keyguard.KeyStore` in Redis; the data model is in ``docs/redis-store.md``.
 
     Open one with :meth:`from_url` (``open_store("redis://…")`` does) or wrap a
     ``redis.asyncio.Redis`` client you already have. ``prefix`` starts every
@@ -225,6 +226,7 @@ class RedisStore:
         self._fresh: Redis | None = client if factory else None
         self._current: tuple[asyncio.AbstractEventLoop | None, Redis] = (None, client)
         self._by_loop: dict[asyncio.AbstractEventLoop, _Bound] = {}
+        self._bind_lock = threading.Lock()
         self._upsert_api = AsyncScript(client, _UPSERT_API_LUA)
         self._insert_key = AsyncScript(client, _INSERT_KEY_LUA)
         self._set_secret_hash = AsyncScript(client, _SET_HASH_LUA)
@@ -463,7 +465,8 @@ class RedisStore:
         bound = self._by_loop.get(loop)
         if bound is None:
             assert self._factory is not None
-            client, self._fresh = self._fresh or self._factory(), None
+            with self._bind_lock:  # loops in two threads must not share the first client
+                client, self._fresh = self._fresh or self._factory(), None
             closer = _close_with_loop(client, self._by_loop, loop)
             # Started here, the generator belongs to this loop: when the loop shuts down
             # (asyncio.run, anyio.run, a test client's portal), ``shutdown_asyncgens``
