@@ -718,3 +718,28 @@ async def test_watch_reports_each_change_with_its_api_and_key() -> None:
                 await done.wait()
             tg.cancel_scope.cancel()
         assert seen == [("orders", None)] + [("orders", key.client_id)] * 3 + [("orders", "last")]
+
+
+async def test_watch_raises_store_unavailable_when_redis_goes_away(
+    private_redis: PrivateRedis,
+) -> None:
+    """The change feed ends with StoreUnavailable when its server dies, so its user
+    (the cache) knows to listen again and to distrust what it holds."""
+    await private_redis.start()
+    store = RedisStore.from_url(private_redis.url, timeout=1.0)
+    ready, broken = anyio.Event(), anyio.Event()
+
+    async def watch_until_broken() -> None:
+        with pytest.raises(StoreUnavailable):
+            await store.watch(lambda api, client_id: None, on_ready=ready.set)
+        broken.set()
+
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch_until_broken)
+                await ready.wait()
+                await private_redis.stop()
+                await broken.wait()
+    finally:
+        await store.aclose()

@@ -398,10 +398,16 @@ class RedisStore:
         try:
             with anyio.fail_after(self.timeout):
                 await pubsub.subscribe(self._channel)
-            async for message in pubsub.listen():
-                if message["type"] == "subscribe":
+            while True:
+                # An explicit read timeout answers None when nothing came, on every
+                # redis-py version (a blocking read may inherit the socket timeout).
+                message = await pubsub.get_message(timeout=self.timeout)
+                if message is None:
+                    continue
+                kind = _text(message["type"])
+                if kind == "subscribe":
                     on_ready()
-                elif message["type"] == "message":
+                elif kind == "message":
                     api, newline, client_id = _text(message["data"]).partition("\n")
                     on_change(api, client_id if newline else None)
         except _FAILURES as exc:
@@ -409,7 +415,6 @@ class RedisStore:
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(*_FAILURES):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
-        raise StoreUnavailable(f"Redis at {self._location}: change feed ended")
 
     async def aclose(self) -> None:
         """Close the connections of a client the store created; a passed-in one stays open."""
