@@ -226,10 +226,14 @@ class CachedStore:
 
     async def _watch(self, feed: ChangeFeed) -> None:
         delay = 0.1
+        lost = False
 
         def ready() -> None:
-            nonlocal delay
+            nonlocal delay, lost
             delay = 0.1
+            if lost:
+                logger.info("key store change feed restored")
+                lost = False
             # Notices may have been missed while not listening: start afresh.
             self.clear()
 
@@ -239,6 +243,9 @@ class CachedStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("key store change feed lost (%s); retrying", type(exc).__name__)
+                # Once per outage; the cache's TTL bounds staleness meanwhile.
+                if not lost:
+                    logger.warning("key store change feed lost (%s); retrying", type(exc).__name__)
+                    lost = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.ttl)
