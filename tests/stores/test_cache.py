@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 import pytest
 
-from keyguard import KeyStore
+from keyguard import KeyStore, MemoryStore
 from keyguard.errors import ConfigurationError, StoreUnavailable
-from keyguard.models import KeyKind, KeyRecord, utcnow
+from keyguard.models import Api, KeyKind, KeyRecord, utcnow
 from keyguard.secrets import new_client_id
 from keyguard.stores import CachedStore
 from tests.helpers import CountingStore
@@ -208,7 +210,148 @@ async def test_lookup_racing_a_write_is_not_cached(store: KeyStore) -> None:
 )
 def test_bad_cache_options(options: dict[str, float], match: str) -> None:
     """A TTL or size that would disable or break the cache is refused."""
-    from keyguard import MemoryStore
-
     with pytest.raises(ConfigurationError, match=match):
         CachedStore(MemoryStore(), **options)  # type: ignore[arg-type]
+
+
+async def test_lookup_after_a_write_never_shares_an_older_refresh(store: KeyStore) -> None:
+    """R7 in-process: a lookup made after a delete returned does not wait for, nor reuse, a
+    refresh that started before the delete."""
+    counting = CountingStore(store)
+    cached = CachedStore(counting, ttl=60)
+    await cached.upsert_api(
+        "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+    )
+    rec = key()
+    await cached.insert_key(rec)
+    started, release = anyio.Event(), anyio.Event()
+    inner_list_keys = counting.inner.list_keys
+    calls = 0
+
+    async def slow_first_list_keys(api: str) -> list[KeyRecord]:
+        nonlocal calls
+        calls += 1
+        answer = await inner_list_keys(api)
+        if calls == 1:
+            started.set()
+            await release.wait()
+        return answer
+
+    counting.inner.list_keys = slow_first_list_keys  # type: ignore[method-assign]
+    early: list[tuple[bool, KeyRecord | None]] = []
+    async with anyio.create_task_group() as tg:
+
+        async def look_early() -> None:
+            early.append(await cached.lookup("orders", rec.client_id))
+
+        tg.start_soon(look_early)
+        await started.wait()
+        await cached.delete_key("orders", rec.client_id)
+        with anyio.fail_after(5):  # must not wait for the refresh that began before
+            assert await cached.lookup("orders", rec.client_id) == (True, None)
+        release.set()
+    assert early == [(True, rec)]  # the early lookup began before the delete
+    assert await cached.lookup("orders", rec.client_id) == (True, None)
+
+
+async def test_a_cancelled_lookup_does_not_fail_the_others(store: KeyStore) -> None:
+    """When the lookup that started a shared refresh is cancelled (its client went away),
+    the lookups waiting on the same refresh still get their answer."""
+    counting = CountingStore(store)
+    cached = CachedStore(counting, ttl=60)
+    await cached.upsert_api(
+        "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+    )
+    rec = key()
+    await cached.insert_key(rec)
+    started, release = anyio.Event(), anyio.Event()
+    inner_list_keys = counting.inner.list_keys
+
+    async def slow_list_keys(api: str) -> list[KeyRecord]:
+        started.set()
+        await release.wait()
+        return await inner_list_keys(api)
+
+    counting.inner.list_keys = slow_list_keys  # type: ignore[method-assign]
+    answers: list[tuple[bool, KeyRecord | None]] = []
+    async with anyio.create_task_group() as outer:
+        async with anyio.create_task_group() as leader:
+            leader.start_soon(cached.lookup, "orders", rec.client_id)
+            await started.wait()
+
+            async def follow() -> None:
+                answers.append(await cached.lookup("orders", rec.client_id))
+
+            outer.start_soon(follow)
+            await anyio.sleep(0.01)
+            leader.cancel_scope.cancel()
+        release.set()
+        outer.cancel_scope.deadline = anyio.current_time() + 5
+    assert answers == [(True, rec)]
+
+
+async def test_snapshot_age_counts_from_before_the_reads(store: KeyStore) -> None:
+    """A slow refresh does not stretch the staleness bound: the TTL runs from when the
+    store was read, not from when the answer arrived."""
+    counting = CountingStore(store)
+    clock = Clock()
+    cached = CachedStore(counting, ttl=5, clock=clock)
+    await cached.upsert_api(
+        "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+    )
+    inner_list_keys = counting.inner.list_keys
+
+    async def slow_list_keys(api: str) -> list[KeyRecord]:
+        clock.now += 4  # the store took four seconds to answer
+        return await inner_list_keys(api)
+
+    counting.inner.list_keys = slow_list_keys  # type: ignore[method-assign]
+    await cached.lookup("orders", None)
+    clock.now += 1.5  # 5.5 s after the read began: past the TTL
+    await cached.lookup("orders", None)
+    assert counting.calls["get_api"] == 2
+
+
+class FeedStore(MemoryStore):
+    """A memory store with a change feed whose notices the test sends by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listeners: list[Callable[[str, str | None], None]] = []
+        self.reads = 0
+
+    async def get_api(self, api: str) -> Api | None:
+        self.reads += 1
+        return await super().get_api(api)
+
+    async def watch(
+        self, on_change: Callable[[str, str | None], None], *, on_ready: Callable[[], None]
+    ) -> None:
+        self.listeners.append(on_change)
+        on_ready()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.listeners.remove(on_change)
+
+
+def test_change_feed_is_watched_in_each_event_loop() -> None:
+    """A cache used from one event loop and then from another listens for changes in each:
+    a notice drops the snapshot at once in both."""
+    feed = FeedStore()
+    cached = CachedStore(feed, ttl=60)
+
+    async def reads_after_a_notice() -> int:
+        await feed.upsert_api(
+            "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+        )
+        await cached.lookup("orders", None)
+        await anyio.sleep(0.05)  # the watcher starts listening
+        before = feed.reads
+        for listener in list(feed.listeners):
+            listener("orders", None)  # another process changed the API
+        await cached.lookup("orders", None)
+        return feed.reads - before
+
+    assert anyio.run(reads_after_a_notice) == 1
+    assert anyio.run(reads_after_a_notice) == 1

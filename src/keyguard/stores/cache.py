@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -80,9 +81,7 @@ class CachedStore:
         self._clock = clock
         self._snapshots: dict[str, _Snapshot] = {}
         self._size = 0
-        # Bumped when an API is invalidated: a refresh that raced it is not kept.
-        self._generations: dict[str, int] = {}
-        self._refreshing: dict[str, asyncio.Future[_Snapshot]] = {}
+        self._refreshing: dict[str, asyncio.Task[_Snapshot]] = {}
         self._feed = store if isinstance(store, ChangeFeed) else None
         self._watcher: asyncio.Task[None] | None = None
 
@@ -97,38 +96,45 @@ class CachedStore:
 
     async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
         """The answer from ``api``'s snapshot, refreshed from the store when stale."""
+        if self._feed is not None and (self._watcher is None or self._watcher.done()):
+            # Not listening (first use, or a new event loop): what is cached may
+            # have missed notices, so start afresh.
+            self.clear()
+            self._start_watching(self._feed)
         snapshot = self._snapshots.get(api)
         if snapshot is None or snapshot.expires <= self._clock():
             snapshot = await self._refresh(api)
         return snapshot.exposed, None if client_id is None else snapshot.keys.get(client_id)
 
     async def _refresh(self, api: str) -> _Snapshot:
-        pending = self._refreshing.get(api)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        if self._feed is not None and self._watcher is None:
-            self._start_watching(self._feed)
-        future: asyncio.Future[_Snapshot] = asyncio.get_running_loop().create_future()
-        self._refreshing[api] = future
-        generation = self._generations.get(api, 0)
-        try:
-            found = await self.store.get_api(api)
-            records = await self.store.list_keys(api) if found is not None else []
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here, so an unawaited future stays quiet
-            raise
-        finally:
-            del self._refreshing[api]
-        snapshot = _Snapshot(
-            self._clock() + self.ttl,
+        loop = asyncio.get_running_loop()
+        task = self._refreshing.get(api)
+        if task is None or task.get_loop() is not loop:
+            # Its own task, shared by every lookup that misses meanwhile: a caller that
+            # is cancelled (a client gone) cancels neither the refresh nor the others.
+            task = loop.create_task(self._fetch(api), name=f"keyguard-cache-refresh-{api}")
+            self._refreshing[api] = task
+            task.add_done_callback(functools.partial(self._refreshed, api))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, api: str) -> _Snapshot:
+        read_at = self._clock()  # the snapshot's age counts from before the reads
+        found = await self.store.get_api(api)
+        records = await self.store.list_keys(api) if found is not None else []
+        return _Snapshot(
+            read_at + self.ttl,
             found is not None and found.exposed,
             {record.client_id: record for record in records},
         )
-        if self._generations.get(api, 0) == generation:
-            self._keep(api, snapshot)
-        future.set_result(snapshot)
-        return snapshot
+
+    def _refreshed(self, api: str, task: asyncio.Task[_Snapshot]) -> None:
+        failed = task.cancelled() or task.exception() is not None  # (retrieves the exception)
+        if self._refreshing.get(api) is task:
+            del self._refreshing[api]
+            if not failed:
+                self._keep(api, task.result())
+        # Otherwise the API was invalidated while this refresh ran: its answer may
+        # predate the change, so it is not kept.
 
     def _keep(self, api: str, snapshot: _Snapshot) -> None:
         self._drop(api)
@@ -146,16 +152,19 @@ class CachedStore:
     # -- invalidation ---------------------------------------------------------------------------
 
     def invalidate(self, api: str, client_id: str | None = None) -> None:
-        """Forget what is cached of ``api`` (a change to any of its keys changes its snapshot)."""
-        self._generations[api] = self._generations.get(api, 0) + 1
+        """Forget what is cached of ``api`` (a change to any of its keys changes its snapshot).
+
+        A refresh of ``api`` already under way is neither kept nor shared with later
+        lookups: it may have read the store before the change.
+        """
         self._drop(api)
+        self._refreshing.pop(api, None)
 
     def clear(self) -> None:
         """Forget everything."""
-        for api in list(self._snapshots):
-            self.invalidate(api)
-        for api in list(self._refreshing):
-            self.invalidate(api)
+        self._snapshots.clear()
+        self._size = 0
+        self._refreshing.clear()
 
     # -- pass-through reads and invalidating writes --------------------------------------------
 
@@ -209,6 +218,12 @@ class CachedStore:
 
     async def aclose(self) -> None:
         """Stop watching for changes and close the wrapped store."""
+        refreshing = list(self._refreshing.values())
+        for task in refreshing:
+            task.cancel()
+        for task in refreshing:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
