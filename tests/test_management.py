@@ -525,6 +525,7 @@ _RAW_BODIES: list[tuple[str, bytes, str]] = [
     ("nan", b'{"name": "A", "kind": "internal", "x": NaN}', "NaN"),
     ("not-utf8", b'{"name": "\xff", "kind": "internal"}', "UTF-8"),
     ("deep", b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
+    ("huge-number", b'{"max_keys_per_kind": ' + b"9" * 5000 + b"}", "number too large"),
 ]
 
 

@@ -11,9 +11,12 @@
     keyguard demo [--store URL] [--port 8000]
 
 The store comes from ``--store``, else ``KEYGUARD_STORE``, else
-``sqlite:///keyguard.db``. ``--json`` and ``--store`` may stand before or after
-the subcommand. Exit codes: 0 done; 1 a rule broken, an invalid value, an
-unreachable store or a declined prompt (one line on stderr); 2 a usage error.
+``sqlite:///keyguard.db``. ``KEYGUARD_HASH_SCHEME`` (a passlib scheme such as
+``bcrypt``) hashes new secrets with a non-default scheme, to match an app
+configured with ``SecretHasher(CryptContext(schemes=[...]))``. ``--json`` and
+``--store`` may stand before or after the subcommand. Exit codes: 0 done; 1 a
+rule broken, an invalid value, an unreachable store or a declined prompt (one
+line on stderr); 2 a usage error.
 With ``--json`` stdout gets the objects the management API answers with, and
 an error is its problem details object on stderr.
 """
@@ -29,10 +32,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from passlib.context import CryptContext
+
 from keyguard.errors import ConfigurationError, KeyGuardError
 from keyguard.management import api_json, key_json, problem_json, status_for
 from keyguard.manager import KeyManager
 from keyguard.models import Api, IssuedKey, KeyInfo, KeyKind, rfc3339
+from keyguard.secrets import SecretHasher
 from keyguard.stores import open_store
 from keyguard.stores.base import KeyStore
 
@@ -42,6 +48,7 @@ DEFAULT_STORE = "sqlite:///keyguard.db"
 """The store used without ``--store`` or ``KEYGUARD_STORE``: a SQLite file in the current folder."""
 
 STORE_ENV = "KEYGUARD_STORE"
+HASH_SCHEME_ENV = "KEYGUARD_HASH_SCHEME"
 
 
 class _Declined(Exception):
@@ -315,10 +322,25 @@ _COMMANDS = {
 }
 
 
+def _hasher() -> SecretHasher | None:
+    """The hasher for ``KEYGUARD_HASH_SCHEME`` (a passlib scheme such as ``bcrypt``), if set."""
+    scheme = os.environ.get(HASH_SCHEME_ENV, "").strip()
+    if not scheme:
+        return None
+    try:
+        if not scheme.isidentifier() or scheme != scheme.lower():
+            raise ValueError("a scheme name is lowercase letters, digits and '_'")
+        return SecretHasher(CryptContext(schemes=[scheme]))
+    except (KeyError, ValueError, ImportError) as exc:
+        raise ConfigurationError(
+            f"{HASH_SCHEME_ENV}={scheme!r} is not a usable passlib scheme ({exc})"
+        ) from None
+
+
 async def _run(store: KeyStore, args: argparse.Namespace, out: _Output) -> int:
     command = _COMMANDS[(args.command, args.action)]
     try:
-        await command(KeyManager(store), args, out)
+        await command(KeyManager(store, hasher=_hasher()), args, out)
     except KeyGuardError as exc:
         out.error(exc.code, exc.message, status_for(exc))
         return 1

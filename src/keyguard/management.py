@@ -44,6 +44,7 @@ from keyguard.models import (
     KeyKind,
     rfc3339,
 )
+from keyguard.secrets import SecretHasher
 from keyguard.stores.base import KeyStore
 
 __all__ = [
@@ -264,6 +265,11 @@ async def _read_object(request: Request, *, required: bool) -> dict[str, Any] | 
         ) from None
     except RecursionError:
         raise InvalidRequest("the request body is nested too deeply") from None
+    except InvalidRequest:
+        raise  # from the hooks: duplicate members, NaN / Infinity
+    except ValueError:
+        # Python refuses integers of more than 4300 digits (CVE-2020-10735).
+        raise InvalidRequest("the request body holds a number too large to read") from None
     if not isinstance(value, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return value
@@ -745,6 +751,7 @@ def management_app(
     token: str | None = None,
     max_keys_per_kind: int = DEFAULT_MAX_KEYS_PER_KIND,
     allow_no_auth: bool = False,
+    hasher: SecretHasher | None = None,
 ) -> Starlette:
     """The management HTTP API over ``store``, to mount anywhere (SPEC §5).
 
@@ -752,11 +759,14 @@ def management_app(
     without one raises ``ConfigurationError`` unless ``allow_no_auth=True``
     says that something in front of it authenticates operators.
     ``max_keys_per_kind`` is the limit given to APIs created through it
-    (an existing API keeps its stored limit). Whoever opened ``store`` closes it.
+    (an existing API keeps its stored limit). ``hasher`` hashes the secrets it
+    issues: give it the same :class:`~keyguard.SecretHasher` as the middleware
+    when you configure a non-default passlib scheme. Whoever opened ``store``
+    closes it.
     """
     secret_token = _validate_token(token, allow_no_auth)
     try:
-        manager = KeyManager(store, max_keys_per_kind=max_keys_per_kind)
+        manager = KeyManager(store, max_keys_per_kind=max_keys_per_kind, hasher=hasher)
     except InvalidRequest as exc:
         raise ConfigurationError(f"management_app: {exc}") from None
     endpoints = _Endpoints(manager, openapi_document())

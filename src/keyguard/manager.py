@@ -27,7 +27,7 @@ from keyguard.models import (
     utcnow,
     validate_api_name,
 )
-from keyguard.secrets import CLIENT_ID_LENGTH, SecretHasher, new_client_id, new_secret
+from keyguard.secrets import SecretHasher, could_be_client_id, new_client_id, new_secret
 from keyguard.stores.base import KeyStore
 
 __all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "Denial", "KeyManager"]
@@ -35,7 +35,6 @@ __all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "Denial", "Ke
 DEFAULT_MAX_KEYS_PER_KIND = 5
 MAX_KEYS_PER_KIND_LIMIT = 1000
 _MAX_MEMO = 10_000
-_HEX = "0123456789abcdef"
 
 logger = logging.getLogger("keyguard")
 
@@ -142,7 +141,7 @@ class KeyManager:
             client_id=new_client_id(),
             name=clean_name,
             kind=key_kind,
-            secret_hash=None if secret is None else self.hasher.hash(secret),
+            secret_hash=None if secret is None else await self.hasher.ahash(secret),
             created_at=utcnow(),
         )
         await self.store.insert_key(record)
@@ -168,7 +167,7 @@ class KeyManager:
         if record.kind is KeyKind.INTERNAL:
             raise KeyImmutable("internal keys are immutable: their secret cannot be changed")
         secret = new_secret()
-        if not await self.store.set_secret_hash(api, client_id, self.hasher.hash(secret)):
+        if not await self.store.set_secret_hash(api, client_id, await self.hasher.ahash(secret)):
             # Deleted between the read and the write.
             raise KeyNotFound(f"API {api!r} has no key {client_id!r}")
         logger.info("secret set for key %s of api %s", client_id, api)
@@ -212,12 +211,7 @@ class KeyManager:
         secret and a secret sent to a secretless key cost the same.
         May raise ``StoreUnavailable``.
         """
-        # could_be_client_id, inlined: this runs on every request.
-        plausible = (
-            client_id is not None
-            and len(client_id) == CLIENT_ID_LENGTH
-            and not client_id.strip(_HEX)
-        )
+        plausible = client_id is not None and could_be_client_id(client_id)
         exposed, record = await self.store.lookup(api, client_id if plausible else None)
         if not exposed:
             return Denial.API_NOT_AVAILABLE

@@ -105,8 +105,14 @@ class SecretHasher:
         return f"SecretHasher(scheme={self.context.default_scheme()!r}, offload={self.offload})"
 
     def hash(self, secret: str) -> str:
-        """The hash to store for a newly generated ``secret``."""
+        """The hash to store for a newly generated ``secret`` (on this thread)."""
         return str(self.context.hash(secret))
+
+    async def ahash(self, secret: str) -> str:
+        """``hash(secret)``, in a worker thread when ``offload`` is on (slow schemes)."""
+        if not self.offload:
+            return self.hash(secret)
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), self.hash, secret)
 
     def remembered(self, client_id: str, secret: str, stored_hash: str) -> bool:
         """Whether ``secret`` already verified against ``stored_hash`` (no passlib work)."""
@@ -126,10 +132,8 @@ class SecretHasher:
         """
         target = self._dummy_hash if stored_hash is None else stored_hash
         if self.offload:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self._threads, "keyguard-verify")
             loop = asyncio.get_running_loop()
-            ok = await loop.run_in_executor(self._executor, self._passlib_verify, secret, target)
+            ok = await loop.run_in_executor(self._pool(), self._passlib_verify, secret, target)
         else:
             ok = self._passlib_verify(secret, target)
         if not ok or stored_hash is None:
@@ -140,6 +144,11 @@ class SecretHasher:
                 self._verified.pop(next(iter(self._verified)), None)
             self._verified[client_id] = (stored_hash, digest)
         return True
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._threads, "keyguard-hash")
+        return self._executor
 
     def _passlib_verify(self, secret: str, stored_hash: str) -> bool:
         try:

@@ -521,11 +521,13 @@ class SQLStore:
                         created_at=record.created_at,
                     )
                 )
-            except sa_exc.IntegrityError as exc:
+            except sa_exc.IntegrityError:
                 # UNIQUE (api, name_key): leaving the block rolls the counter back too.
+                # Not chained: the driver's error quotes the row, secret hash included,
+                # whenever the engine does not hide parameters (an app's own engine).
                 raise DuplicateName(
                     f"API {record.api!r} already has a key named {record.name!r}"
-                ) from exc
+                ) from None
 
         await self._run(work, write=True)
 
@@ -873,6 +875,7 @@ def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> di
         # Fewer gap locks; PostgreSQL's default already.
         options["isolation_level"] = "READ COMMITTED"
     options.update(given)
+    options["hide_parameters"] = True  # statements' parameters include secret hashes
     options["connect_args"] = {**connect_args, **dict(given.get("connect_args") or {})}
     return options
 
