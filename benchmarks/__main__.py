@@ -71,9 +71,11 @@ async def section_inprocess(
         if backend == "memory":
             continue
         for cache in (True, False):
-            s = await seed(backend, workdir, cache=cache)
+            # A TTL longer than the run: every request is a cache hit, which is what this
+            # row measures (a refresh costs what the "no cache" row shows, once per TTL).
+            s = await seed(backend, workdir, cache=cache, ttl=3600)
             seeded.append(s)
-            label = f"keyguard {backend}, {'cache' if cache else 'no cache'}"
+            label = f"keyguard {backend}, {'cache hit' if cache else 'no cache'}"
             contenders.append(
                 Contender(f"{label}, id + secret", apps.keyguard(s.store), internal_headers(s))
             )

@@ -31,8 +31,10 @@ def _filler(total: int) -> dict[str, list[KeyRecord]]:
     by_api: dict[str, list[KeyRecord]] = {}
     now = utcnow()
     for i in range(total):
-        api = "bench" if i < PER_API else f"filler-{(i - PER_API) // PER_API}"
-        kind = KeyKind.INTERNAL if i % 2 else KeyKind.EXTERNAL
+        # 'bench' already holds the two measured keys (one of each kind).
+        bench_room = PER_API - 2
+        api = "bench" if i < bench_room else f"filler-{(i - bench_room) // PER_API}"
+        kind = KeyKind.INTERNAL if i % 2 else KeyKind.EXTERNAL  # alternate: 999 + 999 in 'bench'
         secret_hash = FILLER_HASH if kind is KeyKind.INTERNAL else None
         by_api.setdefault(api, []).append(
             KeyRecord(api, secrets.token_hex(16), f"filler {i}", kind, secret_hash, now)

@@ -59,11 +59,13 @@ def store_url(backend: str, workdir: Path) -> str:
     return SERVER_URLS[backend]
 
 
-def open_bench_store(backend: str, url: str, prefix: str, *, cache: bool) -> KeyStore:
+def open_bench_store(
+    backend: str, url: str, prefix: str, *, cache: bool, ttl: float = 1.0
+) -> KeyStore:
     """The store for ``backend`` under ``prefix``, with or without keyguard's cache."""
     if backend == "memory":
         return open_store(url)
-    options: dict[str, object] = {"cache_ttl": 1.0 if cache else 0}
+    options: dict[str, object] = {"cache_ttl": ttl if cache else 0}
     if backend == "redis":
         options["prefix"] = prefix
     else:
@@ -71,7 +73,9 @@ def open_bench_store(backend: str, url: str, prefix: str, *, cache: bool) -> Key
     return open_store(url, **options)  # type: ignore[arg-type]
 
 
-async def seed(backend: str, workdir: Path, *, cache: bool, max_keys: int = 5) -> Seeded:
+async def seed(
+    backend: str, workdir: Path, *, cache: bool, max_keys: int = 5, ttl: float = 1.0
+) -> Seeded:
     """Open ``backend`` under a fresh prefix and give it the API ``bench`` and two keys."""
     prefix = (
         f"kgbench_{secrets.token_hex(4)}_"
@@ -79,7 +83,7 @@ async def seed(backend: str, workdir: Path, *, cache: bool, max_keys: int = 5) -
         else f"kgbench:{secrets.token_hex(4)}:"
     )
     url = store_url(backend, workdir)
-    store = open_bench_store(backend, url, prefix, cache=cache)
+    store = open_bench_store(backend, url, prefix, cache=cache, ttl=ttl)
     manager = KeyManager(store)
     await manager.expose("bench", max_keys_per_kind=max_keys)
     internal = await manager.create_key("bench", name="internal", kind="internal")
