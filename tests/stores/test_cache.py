@@ -133,6 +133,21 @@ async def test_changes_elsewhere_seen_within_ttl(
     assert await cached.lookup("orders", rec.client_id) == (True, None)
 
 
+async def test_key_created_elsewhere_is_refused_no_longer_than_the_ttl(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """A key created a moment ago by another process, while made-up ids flood in, is
+    answered 'not registered' at most until the TTL passes, then found."""
+    cached, counting, clock, _ = setup
+    fresh = key(name="Fresh")
+    for _ in range(100):
+        await cached.lookup("orders", new_client_id())
+    await counting.inner.insert_key(fresh)  # "another process"
+    assert await cached.lookup("orders", fresh.client_id) == (True, None)
+    clock.now += 5.01
+    assert await cached.lookup("orders", fresh.client_id) == (True, fresh)
+
+
 async def test_memory_is_bounded(store: KeyStore) -> None:
     """However many APIs are looked up, the cache holds at most max_entries entries."""
     counting = CountingStore(store)
