@@ -58,8 +58,8 @@ async def fill(seeded: Seeded, total: int) -> None:
         await _fill_sql(store, by_api)
     else:
         for records in by_api.values():
-            for i in range(0, len(records), 500):
-                await asyncio.gather(*(store.insert_key(r) for r in records[i : i + 500]))
+            for i in range(0, len(records), 50):
+                await asyncio.gather(*(store.insert_key(r) for r in records[i : i + 50]))
 
 
 async def _fill_sql(store: Any, by_api: dict[str, list[KeyRecord]]) -> None:

@@ -743,3 +743,16 @@ async def test_watch_raises_store_unavailable_when_redis_goes_away(
                 await broken.wait()
     finally:
         await store.aclose()
+
+
+async def test_a_burst_beyond_the_pool_waits_instead_of_failing() -> None:
+    """More concurrent calls than the pool has connections queue for one (within the
+    timeout) instead of failing: a burst of requests is not a burst of 503s."""
+    async with shared_store(max_connections=4) as store:
+        await store.upsert_api(
+            "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+        )
+        rec = record()
+        await store.insert_key(rec)
+        answers = await asyncio.gather(*(store.lookup("orders", rec.client_id) for _ in range(200)))
+    assert answers == [(True, rec)] * 200

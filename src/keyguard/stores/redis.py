@@ -45,7 +45,7 @@ from keyguard.errors import (
 from keyguard.models import Api, KeyKind, KeyRecord, name_key
 
 try:
-    from redis.asyncio import Redis
+    from redis.asyncio import BlockingConnectionPool, Redis
     from redis.asyncio.connection import SSLConnection
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
@@ -60,6 +60,7 @@ T = TypeVar("T")
 
 DEFAULT_PREFIX = "keyguard:"
 DEFAULT_TIMEOUT = 3.0
+DEFAULT_MAX_CONNECTIONS = 100
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
@@ -189,7 +190,12 @@ class RedisStore:
         }
 
         def factory() -> Redis:
-            return Redis.from_url(url, **options)
+            # A blocking pool: past max_connections, a call waits (up to ``timeout``)
+            # for a connection to come free instead of failing at once, so a burst of
+            # requests queues briefly rather than turning into 503s.
+            pool_options = {"max_connections": DEFAULT_MAX_CONNECTIONS, "timeout": timeout}
+            pool = BlockingConnectionPool.from_url(url, **{**pool_options, **options})
+            return Redis.from_pool(pool)
 
         try:
             client = factory()
