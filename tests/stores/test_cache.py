@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -36,18 +37,48 @@ def round_trips(counting: CountingStore) -> int:
     return sum(counting.calls.values())
 
 
-@pytest.fixture
-async def setup(store: KeyStore) -> tuple[CachedStore, CountingStore, Clock, KeyRecord]:
-    """A cache of 5 s over a counting view of each store, with one exposed API and one key."""
+async def cached_with_key(
+    store: KeyStore, **options: Any
+) -> tuple[CachedStore, CountingStore, KeyRecord]:
+    """A cache over a counting view of ``store``, whose exposed API 'orders' has one key."""
     counting = CountingStore(store)
-    clock = Clock()
-    cached = CachedStore(counting, ttl=5, clock=clock)
+    cached = CachedStore(counting, **options)
     await cached.upsert_api(
         "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
     )
     rec = key()
     await cached.insert_key(rec)
     counting.calls.clear()
+    return cached, counting, rec
+
+
+def hold_list_keys(
+    counting: CountingStore, *, first_only: bool = False
+) -> tuple[anyio.Event, anyio.Event]:
+    """Make the store's list_keys read, then signal ``started`` and wait for ``release``
+    (only on its first call if ``first_only``): a refresh caught in flight."""
+    started, release = anyio.Event(), anyio.Event()
+    inner_list_keys = counting.inner.list_keys
+    calls = 0
+
+    async def held(api: str) -> list[KeyRecord]:
+        nonlocal calls
+        calls += 1
+        answer = await inner_list_keys(api)
+        if calls == 1 or not first_only:
+            started.set()
+            await release.wait()
+        return answer
+
+    counting.inner.list_keys = held  # type: ignore[method-assign]
+    return started, release
+
+
+@pytest.fixture
+async def setup(store: KeyStore) -> tuple[CachedStore, CountingStore, Clock, KeyRecord]:
+    """A cache of 5 s over a counting view of each store, with one exposed API and one key."""
+    clock = Clock()
+    cached, counting, rec = await cached_with_key(store, ttl=5, clock=clock)
     return cached, counting, clock, rec
 
 
@@ -187,23 +218,8 @@ async def test_failed_write_still_invalidates(
 
 async def test_lookup_racing_a_write_is_not_cached(store: KeyStore) -> None:
     """An answer read before a concurrent write finished is not kept in the cache."""
-    counting = CountingStore(store)
-    cached = CachedStore(counting, ttl=60)
-    await cached.upsert_api(
-        "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
-    )
-    rec = key()
-    await cached.insert_key(rec)
-    started, release = anyio.Event(), anyio.Event()
-    inner_list_keys = counting.inner.list_keys
-
-    async def slow_list_keys(api: str) -> list[KeyRecord]:
-        answer = await inner_list_keys(api)
-        started.set()
-        await release.wait()
-        return answer
-
-    counting.inner.list_keys = slow_list_keys  # type: ignore[method-assign]
+    cached, counting, rec = await cached_with_key(store, ttl=60)
+    started, release = hold_list_keys(counting)
     results: list[tuple[bool, KeyRecord | None]] = []
 
     async def look() -> None:
@@ -214,7 +230,6 @@ async def test_lookup_racing_a_write_is_not_cached(store: KeyStore) -> None:
         await started.wait()
         await cached.delete_key("orders", rec.client_id)
         release.set()
-    counting.inner.list_keys = inner_list_keys  # type: ignore[method-assign]
     assert results == [(True, rec)]  # the in-flight answer predates the delete ...
     assert await cached.lookup("orders", rec.client_id) == (True, None)  # ... and was not kept
 
@@ -232,27 +247,8 @@ def test_bad_cache_options(options: dict[str, float], match: str) -> None:
 async def test_lookup_after_a_write_never_shares_an_older_refresh(store: KeyStore) -> None:
     """R7 in-process: a lookup made after a delete returned does not wait for, nor reuse, a
     refresh that started before the delete."""
-    counting = CountingStore(store)
-    cached = CachedStore(counting, ttl=60)
-    await cached.upsert_api(
-        "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
-    )
-    rec = key()
-    await cached.insert_key(rec)
-    started, release = anyio.Event(), anyio.Event()
-    inner_list_keys = counting.inner.list_keys
-    calls = 0
-
-    async def slow_first_list_keys(api: str) -> list[KeyRecord]:
-        nonlocal calls
-        calls += 1
-        answer = await inner_list_keys(api)
-        if calls == 1:
-            started.set()
-            await release.wait()
-        return answer
-
-    counting.inner.list_keys = slow_first_list_keys  # type: ignore[method-assign]
+    cached, counting, rec = await cached_with_key(store, ttl=60)
+    started, release = hold_list_keys(counting, first_only=True)
     early: list[tuple[bool, KeyRecord | None]] = []
     async with anyio.create_task_group() as tg:
 
@@ -272,22 +268,8 @@ async def test_lookup_after_a_write_never_shares_an_older_refresh(store: KeyStor
 async def test_a_cancelled_lookup_does_not_fail_the_others(store: KeyStore) -> None:
     """When the lookup that started a shared refresh is cancelled (its client went away),
     the lookups waiting on the same refresh still get their answer."""
-    counting = CountingStore(store)
-    cached = CachedStore(counting, ttl=60)
-    await cached.upsert_api(
-        "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
-    )
-    rec = key()
-    await cached.insert_key(rec)
-    started, release = anyio.Event(), anyio.Event()
-    inner_list_keys = counting.inner.list_keys
-
-    async def slow_list_keys(api: str) -> list[KeyRecord]:
-        started.set()
-        await release.wait()
-        return await inner_list_keys(api)
-
-    counting.inner.list_keys = slow_list_keys  # type: ignore[method-assign]
+    cached, counting, rec = await cached_with_key(store, ttl=60)
+    started, release = hold_list_keys(counting)
     answers: list[tuple[bool, KeyRecord | None]] = []
     async with anyio.create_task_group() as outer:
         async with anyio.create_task_group() as leader:
