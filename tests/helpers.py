@@ -8,11 +8,42 @@ real server to be stopped (the store tests break real servers).
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 
 from starlette.types import ASGIApp, Message, Scope
 
 from keyguard import KeyStore
-from keyguard.models import Api, KeyRecord
+from keyguard.models import Api, KeyKind, KeyRecord, utcnow
+from keyguard.secrets import new_client_id
+
+
+def record(
+    api: str = "orders",
+    name: str = "Acme",
+    kind: KeyKind = KeyKind.EXTERNAL,
+    secret_hash: str | None = None,
+    client_id: str | None = None,
+    offset: int = 0,
+) -> KeyRecord:
+    """A key record as ``KeyManager`` would build it (an internal key always has a hash:
+    a placeholder unless ``secret_hash`` is given), created ``offset`` ms from now."""
+    if secret_hash is None and kind is KeyKind.INTERNAL:
+        secret_hash = "$pbkdf2-sha256$1$placeholder"
+    return KeyRecord(
+        api=api,
+        client_id=client_id or new_client_id(),
+        name=name,
+        kind=kind,
+        secret_hash=secret_hash,
+        created_at=utcnow() + timedelta(milliseconds=offset),
+    )
+
+
+async def expose(store: KeyStore, api: str = "orders", limit: int | None = None) -> Api:
+    """Create (if needed) and expose ``api`` on ``store``, optionally setting its limit."""
+    return await store.upsert_api(
+        api, exposed=True, max_keys_per_kind=limit, default_max_keys_per_kind=5
+    )
 
 
 class CountingStore:

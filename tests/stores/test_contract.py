@@ -14,38 +14,14 @@ import pytest
 
 from keyguard import KeyStore
 from keyguard.errors import ApiNotExposed, DuplicateName, KeyLimitReached
-from keyguard.models import Api, KeyKind, KeyRecord, utcnow
+from keyguard.models import Api, KeyKind, utcnow
 from keyguard.secrets import new_client_id
+from tests.helpers import expose, record
 
 pytestmark = pytest.mark.anyio
 
 INTERNAL = KeyKind.INTERNAL
 EXTERNAL = KeyKind.EXTERNAL
-
-
-def record(
-    api: str = "orders",
-    name: str = "Acme",
-    kind: KeyKind = EXTERNAL,
-    secret_hash: str | None = None,
-    client_id: str | None = None,
-    offset: int = 0,
-) -> KeyRecord:
-    """A key record as ``KeyManager`` would build it."""
-    return KeyRecord(
-        api=api,
-        client_id=client_id or new_client_id(),
-        name=name,
-        kind=kind,
-        secret_hash=secret_hash,
-        created_at=utcnow() + timedelta(milliseconds=offset),
-    )
-
-
-async def expose(store: KeyStore, api: str = "orders", limit: int | None = None) -> Api:
-    return await store.upsert_api(
-        api, exposed=True, max_keys_per_kind=limit, default_max_keys_per_kind=5
-    )
 
 
 # -- APIs ---------------------------------------------------------------------------------

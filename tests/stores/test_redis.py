@@ -17,9 +17,10 @@ import shutil
 import socket
 import ssl
 import sys
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -40,12 +41,13 @@ from starlette.types import Receive, Scope, Send
 
 from keyguard import KeyGuard, KeyManager
 from keyguard.errors import ConfigurationError, KeyLimitReached, StoreUnavailable
-from keyguard.models import KeyKind, KeyRecord, utcnow
+from keyguard.models import KeyKind, KeyRecord
 from keyguard.secrets import new_client_id
 from keyguard.stores import CachedStore, open_store
 from keyguard.stores.redis import RedisStore
-from tests.backends.redis import delete_prefixed, unique_prefix
+from tests.backends.redis import delete_prefixed, open_redis_test_store, unique_prefix
 from tests.backends.servers import in_ci, require_server
+from tests.helpers import expose, record
 
 pytestmark = pytest.mark.anyio
 
@@ -148,33 +150,9 @@ async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
             await anyio.sleep(0.02)
 
 
-@asynccontextmanager
-async def shared_store(**options: Any) -> AsyncIterator[RedisStore]:
+def shared_store(**options: Any) -> AbstractAsyncContextManager[RedisStore]:
     """A store on the machine's Redis under a fresh prefix, removed afterwards."""
-    url = require_server("redis")
-    prefix = unique_prefix()
-    store = RedisStore.from_url(url, prefix=prefix, **options)
-    try:
-        yield store
-    finally:
-        await store.aclose()
-        await delete_prefixed(url, prefix)
-
-
-def record(api: str = "orders", name: str = "Acme", kind: KeyKind = KeyKind.EXTERNAL) -> KeyRecord:
-    """A key record as ``KeyManager`` would build it."""
-    return KeyRecord(
-        api=api,
-        client_id=new_client_id(),
-        name=name,
-        kind=kind,
-        secret_hash="hash" if kind is KeyKind.INTERNAL else None,
-        created_at=utcnow(),
-    )
-
-
-async def expose(store: RedisStore, api: str = "orders") -> None:
-    await store.upsert_api(api, exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5)
+    return open_redis_test_store("redis", Path(tempfile.gettempdir()), **options)
 
 
 async def command_calls(admin: Redis) -> dict[str, int]:

@@ -37,33 +37,18 @@ from sqlalchemy.pool import NullPool
 
 from keyguard import KeyStore, open_store
 from keyguard.errors import ConfigurationError, KeyLimitReached, StoreUnavailable
-from keyguard.models import KeyKind, KeyRecord, utcnow
+from keyguard.models import utcnow
 from keyguard.secrets import new_client_id
 from keyguard.stores.sql import SCHEMA_VERSION, SQLStore
 from tests.backends.servers import require_server
 from tests.backends.sql import SQL_BACKENDS, drop_tables, open_sql_test_store, unique_prefix
+from tests.helpers import expose, record
 
 pytestmark = pytest.mark.anyio
 
 SERVERS = ("postgres", "mysql")
 BOUND = 30  # seconds: generous, only there so that a hang fails instead of blocking the run
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def record(api: str = "orders", name: str = "Acme", kind: KeyKind = KeyKind.EXTERNAL) -> KeyRecord:
-    """A key record as ``KeyManager`` would build it."""
-    return KeyRecord(
-        api=api,
-        client_id=new_client_id(),
-        name=name,
-        kind=kind,
-        secret_hash="h" if kind is KeyKind.INTERNAL else None,
-        created_at=utcnow(),
-    )
-
-
-async def expose(store: KeyStore, api: str = "orders") -> None:
-    await store.upsert_api(api, exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5)
 
 
 def server_url(backend: str, **changes: Any) -> str:
