@@ -29,11 +29,11 @@ import math
 import os
 import re
 import sqlite3
-import sys
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -117,49 +117,6 @@ _NAME_KEY_LENGTH = 3 * _KEY_NAME_LENGTH  # casefold() can triple a character ("ï
 _VERSION_ROW = "schema_version"
 _USED = "keyguard_used"  # marks a pooled connection that has served a call before
 _CREATE_ATTEMPTS = 5
-
-
-class _Deadline:
-    """Give up on the running task after ``delay`` seconds with ``TimeoutError``.
-
-    ``asyncio.timeout`` where it exists (3.11+), the same by hand on 3.10;
-    ``expired`` tells our ``TimeoutError`` from one a driver raised.
-    """
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.expired = False
-        self._timeout: Any = None
-        self._handle: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[Any] | None = None
-
-    async def __aenter__(self) -> _Deadline:
-        if sys.version_info >= (3, 11):
-            self._timeout = asyncio.timeout(self.delay)
-            await self._timeout.__aenter__()
-        else:  # pragma: no cover - Python 3.10
-            self._task = asyncio.current_task()
-            self._handle = asyncio.get_running_loop().call_later(self.delay, self._expire)
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
-    ) -> None:
-        if sys.version_info >= (3, 11):
-            try:
-                await self._timeout.__aexit__(kind, error, tb)
-            finally:
-                self.expired = bool(self._timeout.expired())
-            return
-        assert self._handle is not None  # pragma: no cover - Python 3.10
-        self._handle.cancel()  # pragma: no cover
-        if self.expired and kind is asyncio.CancelledError:  # pragma: no cover
-            raise TimeoutError
-
-    def _expire(self) -> None:  # pragma: no cover - Python 3.10
-        assert self._task is not None
-        self.expired = True
-        self._task.cancel()
 
 
 class _UTCDateTime(TypeDecorator[datetime]):
@@ -622,20 +579,18 @@ class SQLStore:
         a write had reached its commit, whose outcome is then unknown. This
         is how the store recovers by itself without a ping per call.
         """
-        deadline = _Deadline(4 * self._timeout)
+        limit = 4 * self._timeout
         try:
-            async with deadline:
+            with anyio.move_on_after(limit):
                 return await self._attempts(work, write=write)
         except KeyGuardError:
             raise
         except Exception as exc:
-            if deadline.expired:
-                raise StoreUnavailable(
-                    f"SQL store {self.url} unavailable (no answer within {deadline.delay:g} s)"
-                ) from exc
             if _is_driver_error(exc):
                 raise self._unavailable(exc) from exc
             raise
+        # Only reached when the deadline cancelled the attempts.
+        raise StoreUnavailable(f"SQL store {self.url} unavailable (no answer within {limit:g} s)")
 
     async def _attempts(
         self, work: Callable[[AsyncConnection, _Schema], Awaitable[T]], *, write: bool
