@@ -644,3 +644,22 @@ async def test_key_limit_still_reported_as_a_rule(tmp_path: Path) -> None:
         )
         with pytest.raises(KeyLimitReached):
             await store.insert_key(record())
+
+
+async def test_an_engine_that_shows_parameters_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app's engine that would quote statement parameters (secret hashes) in its errors
+    gets a warning; one created with hide_parameters=True does not."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    for hide, warned in ((False, True), (True, False)):
+        caplog.clear()
+        engine = create_async_engine(
+            f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", hide_parameters=hide
+        )
+        try:
+            SQLStore(engine)
+        finally:
+            await engine.dispose()
+        assert any("hide_parameters" in r.getMessage() for r in caplog.records) is warned

@@ -83,6 +83,8 @@ if TYPE_CHECKING:
 
     _Row: TypeAlias = Row[Unpack[tuple[Any, ...]]]
 
+logger = logging.getLogger("keyguard")
+
 __all__ = ["SCHEMA_VERSION", "SQLStore"]
 
 SCHEMA_VERSION = 1
@@ -301,6 +303,11 @@ class SQLStore:
         self._timeout = _validate_timeout(timeout)
         if engine.dialect.driver == "aiosqlite":
             _hide_aiosqlite_arguments()
+        if not engine.sync_engine.hide_parameters:
+            logger.warning(
+                "the engine given to SQLStore does not hide statement parameters: a failed "
+                "write's error could quote a secret hash; create it with hide_parameters=True"
+            )
         self._engine = engine
         self._factory: Callable[[], AsyncEngine] | None = None  # set when the store owns it
         self._loop: asyncio.AbstractEventLoop | None = None
