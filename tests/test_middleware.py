@@ -655,3 +655,19 @@ def test_add_middleware_type_checks() -> None:
     app = Starlette()
     app.add_middleware(KeyGuard, store=MemoryStore(), api="orders", exclude_paths=["/health"])
     assert app.user_middleware[0].cls == KeyGuard  # type: ignore[comparison-overlap]
+
+
+async def test_an_outage_is_logged_once_not_per_request(
+    store: KeyStore, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every request during an outage is a 503, but only the first is a WARNING (with the
+    traceback); the rest go to DEBUG, so the log is not flooded."""
+    caplog.set_level(logging.DEBUG, logger="keyguard")
+    counting = CountingStore(store)
+    counting.fail_with = StoreUnavailable("down")
+    async with client(protected(counting)) as c:
+        for _ in range(20):
+            assert (await c.get("/whoami", headers={ID: keys.external_id})).status_code == 503
+    failures = [r for r in caplog.records if "answering 503" in r.getMessage()]
+    assert [r.levelname for r in failures] == ["WARNING"] + ["DEBUG"] * 19
+    assert failures[0].exc_info is not None

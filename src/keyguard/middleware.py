@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from urllib.parse import parse_qsl, urlencode
 
@@ -27,6 +28,7 @@ logger = logging.getLogger("keyguard")
 DEFAULT_CLIENT_ID_HEADER = "X-IBM-Client-Id"
 DEFAULT_CLIENT_SECRET_HEADER = "X-IBM-Client-Secret"  # noqa: S105 - a header name
 RETRY_AFTER_SECONDS = 2
+FAILURE_LOG_INTERVAL = 10  # seconds between two WARNING records of store failures
 
 _NOT_FOUND = "No resources match requested URI"
 _MISSING = "Client id missing."
@@ -146,6 +148,7 @@ class KeyGuard:
         self._exclude_exact = frozenset(exact)
         self._exclude_prefixes = tuple(prefixes)
         self._refusals: dict[str, _ApiRefusals] = {}
+        self._last_failure_warning = -float(FAILURE_LOG_INTERVAL)
         if self._api_name is not None:
             self._refusals[self._api_name] = _ApiRefusals(self._api_name)
 
@@ -206,7 +209,7 @@ class KeyGuard:
         try:
             result = await self.manager.authenticate(api, client_id_text, secret_text)
         except Exception as exc:
-            logger.warning("key store failed, answering 503: %s", type(exc).__name__, exc_info=exc)
+            self._log_store_failure(exc)
             await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
             return
         if not isinstance(result, KeyInfo):
@@ -227,6 +230,21 @@ class KeyGuard:
             elif query_secret:
                 child["query_string"] = _without_secret(scope["query_string"])
         await self.app(child, receive, send)
+
+    def _log_store_failure(self, exc: Exception) -> None:
+        # An outage fails every request: one warning (with the traceback) per
+        # interval, the rest at DEBUG, so the log says what happened without drowning.
+        now = time.monotonic()
+        if now - self._last_failure_warning >= FAILURE_LOG_INTERVAL:
+            self._last_failure_warning = now
+            logger.warning(
+                "key store failed, answering 503 (repeats within %d s logged at DEBUG): %s",
+                FAILURE_LOG_INTERVAL,
+                type(exc).__name__,
+                exc_info=exc,
+            )
+        else:
+            logger.debug("key store failed, answering 503: %s", type(exc).__name__)
 
     def _excluded_prefix(self, path: str) -> bool:
         for prefix in self._exclude_prefixes:
