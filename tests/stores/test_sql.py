@@ -480,8 +480,8 @@ async def test_four_processes_race_for_the_limit(backend: str, tmp_path: Path) -
     async with open_sql_test_store(backend, tmp_path) as store:
         url = store.engine.url.render_as_string(hide_password=False)
         results = await anyio.to_thread.run_sync(race, url, store.table_prefix, 4)
-        assert sum(accepted for accepted, _ in results) == 10
-        assert sum(refused for _, refused in results) == 4 * 12 - 10
+        assert sum(accepted for accepted, _ in results) == 10, results
+        assert sum(refused for _, refused in results) == 4 * 12 - 10, results
         api = await store.get_api("race")
         assert api is not None
         assert (api.internal_keys, api.external_keys) == (5, 5)

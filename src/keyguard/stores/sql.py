@@ -758,7 +758,10 @@ def _lost_creation_race(exc: sa_exc.DBAPIError) -> bool:
     if isinstance(exc, sa_exc.IntegrityError):
         return True  # PostgreSQL's pg_type race, or the version row
     text = str(exc.orig).lower()
-    return "already exists" in text or "duplicate" in text
+    # SQLite in WAL mode: a transaction that read the schema and then writes it, after
+    # another process changed it, fails at once with "database is locked" (the busy
+    # timeout does not apply to that upgrade); starting over sees the new schema.
+    return "already exists" in text or "duplicate" in text or "database is locked" in text
 
 
 def _validate_prefix(prefix: object) -> str:
