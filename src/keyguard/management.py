@@ -482,6 +482,15 @@ _API_NAME = {
     "description": "An API name.",
 }
 
+# The fields of a key as every answer shows them (R9): never a secret, never a hash.
+_KEY_PROPERTIES: dict[str, Any] = {
+    "client_id": {"type": "string"},
+    "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
+    "kind": {"type": "string", "enum": [kind.value for kind in KeyKind]},
+    "has_secret": {"type": "boolean"},
+    "created_at": {"type": "string", "format": "date-time"},
+}
+
 _SCHEMAS: dict[str, Any] = {
     "Api": {
         "type": "object",
@@ -526,15 +535,9 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Key": {
         "type": "object",
-        "required": ["client_id", "name", "kind", "has_secret", "created_at"],
+        "required": list(_KEY_PROPERTIES),
         "additionalProperties": False,
-        "properties": {
-            "client_id": {"type": "string"},
-            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
-            "kind": {"type": "string", "enum": [kind.value for kind in KeyKind]},
-            "has_secret": {"type": "boolean"},
-            "created_at": {"type": "string", "format": "date-time"},
-        },
+        "properties": _KEY_PROPERTIES,
     },
     "KeyList": {
         "type": "object",
@@ -569,14 +572,10 @@ _SCHEMAS: dict[str, Any] = {
     },
     "IssuedKey": {
         "type": "object",
-        "required": ["client_id", "name", "kind", "has_secret", "created_at", "secret"],
+        "required": [*_KEY_PROPERTIES, "secret"],
         "additionalProperties": False,
         "properties": {
-            "client_id": {"type": "string"},
-            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
-            "kind": {"type": "string", "enum": [kind.value for kind in KeyKind]},
-            "has_secret": {"type": "boolean"},
-            "created_at": {"type": "string", "format": "date-time"},
+            **_KEY_PROPERTIES,
             "secret": {
                 "type": ["string", "null"],
                 "description": "An internal key's secret, shown this once; null for an "
