@@ -7,7 +7,6 @@ removes whatever the test wrote.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -15,16 +14,7 @@ from pathlib import Path
 from keyguard import KeyStore, MemoryStore
 
 
-def _backends() -> tuple[str, ...]:
-    names = ["memory"]
-    if importlib.util.find_spec("tests.backends.sql") is not None:
-        names += ["sqlite", "postgres", "mysql"]
-    if importlib.util.find_spec("tests.backends.redis") is not None:
-        names += ["redis"]
-    return tuple(names)
-
-
-BACKENDS = _backends()
+BACKENDS = ("memory", "sqlite", "postgres", "mysql", "redis")
 
 
 @asynccontextmanager
