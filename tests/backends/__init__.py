@@ -13,7 +13,6 @@ from pathlib import Path
 
 from keyguard import KeyStore, MemoryStore
 
-
 BACKENDS = ("memory", "sqlite", "postgres", "mysql", "redis")
 
 
