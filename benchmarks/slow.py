@@ -14,7 +14,6 @@ the default scheme: the verified-secret memo makes them cost the same.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -122,7 +121,3 @@ async def main(requests: int = 1000, bcrypt_rounds: int = 10) -> SlowResult:
         added(contenders[1], contenders[0]),
         added(contenders[2], contenders[0]),
     )
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
