@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from keyguard.console import CONSOLE_PATHS, console_routes
 from keyguard.errors import ConfigurationError, InvalidRequest, KeyGuardError, RuleViolation
 from keyguard.manager import DEFAULT_MAX_KEYS_PER_KIND, MAX_KEYS_PER_KIND_LIMIT, KeyManager
 from keyguard.middleware import RETRY_AFTER_SECONDS
@@ -168,14 +169,19 @@ class _HTTPProblem(Exception):
 
 
 class _BearerAuth:
-    """Refuse, before routing, every request without ``Authorization: Bearer <token>``."""
+    """Refuse, before routing, every request without ``Authorization: Bearer <token>``.
 
-    def __init__(self, app: ASGIApp, *, token: bytes | None) -> None:
+    The only exception is reading one of the ``public`` paths (the console's
+    static files, which hold no data): ``GET`` or ``HEAD`` of exactly that path.
+    """
+
+    def __init__(self, app: ASGIApp, *, token: bytes | None, public: frozenset[str]) -> None:
         self.app = app
         self.token = token
+        self.public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.token is None:
+        if scope["type"] != "http" or self.token is None or self._is_public(scope):
             await self.app(scope, receive, send)
             return
         values = [value for name, value in scope["headers"] if name == b"authorization"]
@@ -200,6 +206,16 @@ class _BearerAuth:
             await self.app(scope, receive, send)
             return
         await response(scope, receive, send)
+
+    def _is_public(self, scope: Scope) -> bool:
+        if not self.public or scope["method"] not in ("GET", "HEAD"):
+            return False
+        # The path inside this app: a mount leaves its prefix in both path and root_path.
+        path: str = scope["path"]
+        root_path: str = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :] or "/"
+        return path in self.public
 
 
 def _validate_token(token: str | None, allow_no_auth: bool) -> bytes | None:
@@ -751,6 +767,7 @@ def management_app(
     max_keys_per_kind: int = DEFAULT_MAX_KEYS_PER_KIND,
     allow_no_auth: bool = False,
     hasher: SecretHasher | None = None,
+    console: bool = True,
 ) -> Starlette:
     """The management HTTP API over ``store``, to mount anywhere (SPEC §5).
 
@@ -762,6 +779,11 @@ def management_app(
     issues: give it the same :class:`~keyguard.SecretHasher` as the middleware
     when you configure a non-default passlib scheme. Whoever opened ``store``
     closes it.
+
+    ``console`` (on by default) serves the web console, a "Sharing & keys"
+    page, at the app's root (``GET /``; see :mod:`keyguard.console`). Its
+    static files are the only answers given without the token; the page asks
+    the operator for the token and sends it with every call it makes.
     """
     secret_token = _validate_token(token, allow_no_auth)
     try:
@@ -777,9 +799,12 @@ def management_app(
         Route(path, _dispatch(handlers), methods=list(handlers), name=_ROUTE_NAMES.get(path))
         for path, handlers in by_path.items()
     ]
+    public = CONSOLE_PATHS if console else frozenset()
+    if console:
+        routes += console_routes(token_required=secret_token is not None)
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(_BearerAuth, token=secret_token)],
+        middleware=[Middleware(_BearerAuth, token=secret_token, public=public)],
         exception_handlers={
             KeyGuardError: _keyguard_error,
             _HTTPProblem: _http_problem,

@@ -1,0 +1,633 @@
+"""The web console end to end: headless Chromium driving the real page against a real app.
+
+Each test starts a real management app (uvicorn, on a free port, the console
+mounted at ``/keyguard/``) over an embedded SQLite store, next to an app
+protected by ``KeyGuard``; Playwright drives the machine's Chromium through
+the page as an operator would, by roles and labels. Secrets the page shows
+are tried against the protected app, so "shown once" also means "works".
+Every page also fails its test on a script error, a Content-Security-Policy
+violation or a request to anywhere but the app itself.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, expect, sync_playwright
+
+from tests.browser import CHROMIUM_ARGS, PROTECTED_API, TOKEN, ConsoleServer, chromium_path
+
+pytestmark = pytest.mark.slow
+
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 375, "height": 740}
+WAIT_MS = 20_000  # generous: the machine is shared and noisy
+SECRET = re.compile(r"^[A-Za-z0-9_-]{43}$")
+CLIENT_ID = re.compile(r"^[0-9a-f]{32}$")
+INTERNAL = "Sharing within your organization"
+EXTERNAL = "Sharing outside your organization"
+
+expect.set_options(timeout=WAIT_MS)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """The machine's Chromium, headless, for every test of this module."""
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ConsoleServer]:
+    """A fresh management app and protected app over a new SQLite file."""
+    with ConsoleServer(tmp_path / "keys.db") as running:
+        yield running
+
+
+class Console:
+    """The page, driven the way an operator uses it: by visible labels and roles."""
+
+    def __init__(self, page: Page, server: ConsoleServer) -> None:
+        self.page = page
+        self.server = server
+        self.problems: list[str] = []
+        page.set_default_timeout(WAIT_MS)
+        page.on("pageerror", lambda error: self.problems.append(f"script error: {error}"))
+        page.on("console", self._console)
+        page.on("request", self._request)
+
+    def _console(self, message: ConsoleMessage) -> None:
+        # A refused fetch is logged by Chromium itself; the tests provoke those on purpose.
+        if message.type == "error" and "Failed to load resource" not in message.text:
+            self.problems.append(f"console error: {message.text}")
+
+    def _request(self, request: Any) -> None:
+        if not request.url.startswith(self.server.base + "/"):
+            self.problems.append(f"request to elsewhere: {request.url}")
+
+    # -- navigation
+
+    def open(self) -> None:
+        self.page.goto(self.server.console)
+
+    def sign_in(self, token: str = TOKEN) -> None:
+        self.open()
+        self.page.get_by_label("Management token").fill(token)
+        self.page.get_by_role("button", name="Sign in").click()
+        expect(self.page.get_by_role("heading", name="APIs")).to_be_visible()
+
+    def add_api(self, name: str) -> None:
+        self.page.get_by_label("Add an API").fill(name)
+        self.page.get_by_role("button", name="Add API").click()
+        expect(self.page.get_by_role("heading", level=1, name=name)).to_be_visible()
+
+    @property
+    def switch(self) -> Locator:
+        return self.page.get_by_role("switch", name="Expose Managed API")
+
+    def expose(self) -> None:
+        self.switch.click()
+        expect(self.switch).to_have_attribute("aria-checked", "true")
+
+    def section(self, title: str) -> Locator:
+        return self.page.get_by_role("region", name=title)
+
+    def row(self, name: str) -> Locator:
+        return self.page.get_by_role("row").filter(
+            has=self.page.get_by_role("cell", name=name, exact=True)
+        )
+
+    @property
+    def dialog(self) -> Locator:
+        return self.page.get_by_role("dialog")
+
+    def start_create(self, title: str, name: str) -> None:
+        self.section(title).get_by_role("button", name="Create API Key +").click()
+        self.dialog.get_by_label("Key name").fill(name)
+        self.dialog.get_by_role("button", name="Save", exact=True).click()
+
+    def read_secret(self) -> tuple[str, str]:
+        """The client id and secret in the open "copy it now" dialog."""
+        dialog = self.page.get_by_role("dialog", name="Copy the API secret now")
+        expect(dialog).to_be_visible()
+        client_id = dialog.get_by_role("textbox", name="Client ID").input_value()
+        secret = dialog.get_by_role("textbox", name="API secret").input_value()
+        return client_id, secret
+
+    def close_secret(self) -> None:
+        self.page.get_by_role("button", name="I have copied it, close").click()
+        expect(self.dialog).to_have_count(0)
+
+    def create_internal(self, name: str) -> tuple[str, str]:
+        self.start_create(INTERNAL, name)
+        client_id, secret = self.read_secret()
+        self.close_secret()
+        return client_id, secret
+
+    def create_external(self, name: str) -> str:
+        self.start_create(EXTERNAL, name)
+        expect(self.dialog).to_have_count(0)
+        expect(self.row(name)).to_be_visible()
+        return self.row(name).locator("code").inner_text()
+
+    def everything_shown(self) -> str:
+        """The page's markup, all its text and every field's current value, as one string."""
+        return self.page.content() + str(
+            self.page.evaluate(
+                "document.body.textContent + [...document.querySelectorAll('input')]"
+                ".map((field) => field.value).join(' ')"
+            )
+        )
+
+    def storage(self) -> str:
+        """Everything the page keeps in the browser's storage, as one string."""
+        return str(
+            self.page.evaluate(
+                "JSON.stringify([Object.entries(sessionStorage), Object.entries(localStorage),"
+                " document.cookie])"
+            )
+        )
+
+
+@pytest.fixture
+def console(browser: Browser, server: ConsoleServer) -> Iterator[Console]:
+    """A new browser tab (fresh session storage) on the console, checked for problems after."""
+    context = browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+    driven = Console(context.new_page(), server)
+    yield driven
+    context.close()
+    assert driven.problems == []
+
+
+def call_protected(server: ConsoleServer, client_id: str, secret: str | None = None) -> int:
+    """The status the KeyGuard-protected app answers these credentials with."""
+    headers = {"X-IBM-Client-Id": client_id}
+    if secret is not None:
+        headers["X-IBM-Client-Secret"] = secret
+    return httpx.get(f"{server.base}/{PROTECTED_API}/hello", headers=headers).status_code
+
+
+def admin(server: ConsoleServer, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """A call to the management API, as automation beside the console would make it."""
+    response = httpx.request(
+        method,
+        f"{server.base}/keyguard{path}",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        **kwargs,
+    )
+    response.raise_for_status()
+    return response
+
+
+# -- signing in -------------------------------------------------------------------------------
+
+
+def test_token_is_asked_once_and_kept_for_the_tab_only(console: Console) -> None:
+    """A wrong token is refused in words; the right one opens the console, survives a reload
+    in the same tab (sessionStorage, nowhere else) and is forgotten on sign-out."""
+    page = console.page
+    console.open()
+    token_field = page.get_by_label("Management token")
+    expect(token_field).to_be_focused()
+    token_field.fill("not-the-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_have_text(
+        "That token was not accepted. Check it and try again."
+    )
+    expect(page.get_by_role("heading", name="APIs")).to_be_hidden()
+
+    token_field.fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="APIs")).to_be_visible()
+    assert page.evaluate("Object.values(sessionStorage)") == [TOKEN]
+    assert page.evaluate("localStorage.length") == 0
+
+    page.reload()
+    expect(page.get_by_role("heading", name="APIs")).to_be_visible()
+    expect(page.get_by_label("Management token")).to_be_hidden()
+
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_label("Management token")).to_be_visible()
+    assert page.evaluate("sessionStorage.length") == 0
+    page.reload()
+    expect(page.get_by_label("Management token")).to_be_visible()
+
+
+def test_a_token_revoked_meanwhile_sends_the_operator_back_to_sign_in(
+    console: Console,
+) -> None:
+    """If the stored token stops working, the next call says so and asks for it again."""
+    console.sign_in()
+    console.page.evaluate("sessionStorage.setItem(sessionStorage.key(0), 'revoked-token')")
+    console.page.reload()
+    expect(console.page.get_by_role("alert")).to_have_text(
+        "Your token is no longer accepted. Sign in again."
+    )
+    expect(console.page.get_by_label("Management token")).to_be_visible()
+
+
+def test_an_app_without_a_token_opens_straight_away(browser: Browser, tmp_path: Path) -> None:
+    """Under ``allow_no_auth`` (something in front authenticates) the page asks for no token."""
+    with ConsoleServer(tmp_path / "open.db", token=None) as server:
+        context = browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+        console = Console(context.new_page(), server)
+        console.open()
+        expect(console.page.get_by_role("heading", name="APIs")).to_be_visible()
+        expect(console.page.get_by_label("Management token")).to_be_hidden()
+        expect(console.page.get_by_role("button", name="Sign out")).to_be_hidden()
+        console.add_api("open-api")
+        context.close()
+    assert console.problems == []
+
+
+# -- the Sharing & keys flow --------------------------------------------------------------------
+
+
+def test_expose_then_create_one_key_of_each_kind(console: Console) -> None:
+    """The gateway's flow: add an API, see keys refused until it is exposed, expose it, create
+    an internal key (its secret shown once and working) and an external key (no secret)."""
+    page, server = console.page, console.server
+    console.sign_in()
+    expect(page.get_by_text("No APIs yet.")).to_be_visible()
+    console.add_api(PROTECTED_API)
+    expect(console.switch).to_have_attribute("aria-checked", "false")
+    expect(page.get_by_text("This API is not exposed")).to_be_visible()
+
+    console.start_create(INTERNAL, "Too early")
+    expect(console.dialog.get_by_role("alert")).to_have_text(
+        "“orders” is not exposed, so no key can be created. Turn on “Expose Managed API” first."
+    )
+    console.dialog.get_by_role("button", name="Cancel").click()
+    expect(console.dialog).to_have_count(0)
+
+    console.expose()
+    expect(page.get_by_text("This API is not exposed")).to_be_hidden()
+    expect(page.get_by_role("link", name=re.compile(r"^orders\s*Exposed$"))).to_be_visible()
+
+    console.start_create(INTERNAL, "  Acme Corp  ")
+    dialog = page.get_by_role("dialog", name="Copy the API secret now")
+    expect(dialog).to_contain_text("This secret will not be shown again.")
+    client_id, secret = console.read_secret()
+    assert CLIENT_ID.match(client_id)
+    assert SECRET.match(secret)
+    assert call_protected(server, client_id, secret) == 200
+    assert call_protected(server, client_id, secret[::-1]) == 401
+    page.keyboard.press("Escape")  # must not throw away a secret not yet copied
+    expect(dialog).to_be_visible()
+    console.close_secret()
+    assert secret not in console.everything_shown()
+
+    internal = console.section(INTERNAL)
+    expect(internal.get_by_text("1 of 5")).to_be_visible()
+    row = console.row("Acme Corp")  # stored trimmed
+    expect(row.get_by_role("cell").nth(1)).to_contain_text(client_id)
+    expect(row.get_by_role("cell").nth(2)).to_have_text("Yes")
+    expect(row.locator("time")).to_have_attribute("datetime", re.compile(r"^\d{4}-\d\d-\d\dT"))
+
+    external_id = console.create_external("Globex")
+    assert CLIENT_ID.match(external_id)
+    expect(console.section(EXTERNAL).get_by_text("1 of 5")).to_be_visible()
+    expect(console.row("Globex").get_by_role("cell").nth(2)).to_contain_text("No")
+    assert call_protected(server, external_id) == 200
+
+    page.reload()
+    expect(console.row("Acme Corp")).to_be_visible()
+    expect(console.row("Globex")).to_be_visible()
+    assert secret not in console.everything_shown()
+    assert secret not in console.storage()
+
+
+def test_set_api_secret_shows_a_working_secret_once_and_can_replace_it(
+    console: Console,
+) -> None:
+    """ "Set API Secret" on an external key shows its new secret once; setting it again asks
+    first, then the old secret stops working and the new one works."""
+    page, server = console.page, console.server
+    console.sign_in()
+    console.add_api(PROTECTED_API)
+    console.expose()
+    client_id = console.create_external("Initech")
+
+    console.row("Initech").get_by_role("button", name="Set API Secret for Initech").click()
+    shown_id, first = console.read_secret()
+    assert shown_id == client_id
+    assert call_protected(server, client_id, first) == 200
+    assert call_protected(server, client_id) == 401
+    console.close_secret()
+    expect(console.row("Initech").get_by_role("cell").nth(2)).to_contain_text("Yes")
+
+    console.row("Initech").get_by_role("button", name="Set API Secret for Initech").click()
+    confirm = page.get_by_role("dialog", name="Replace the secret of “Initech”?")
+    expect(confirm).to_contain_text("the current one stops working at once")
+    confirm.get_by_role("button", name="Replace secret").click()
+    _, second = console.read_secret()
+    console.close_secret()
+    assert second != first
+    assert call_protected(server, client_id, first) == 401
+    assert call_protected(server, client_id, second) == 200
+    assert first not in console.everything_shown()
+    assert second not in console.everything_shown()
+
+
+def test_internal_keys_offer_no_secret_to_set(console: Console) -> None:
+    """Internal keys are immutable (R4): their rows have no "Set API Secret"."""
+    console.sign_in()
+    console.add_api(PROTECTED_API)
+    console.expose()
+    console.create_internal("Staff")
+    row = console.row("Staff")
+    expect(row.get_by_role("cell").nth(2)).to_have_text("Yes")
+    expect(row.get_by_role("button", name=re.compile("Set API Secret"))).to_have_count(0)
+
+
+def test_delete_asks_naming_the_key_and_cancel_keeps_it(console: Console) -> None:
+    """The ⋮ menu's "Delete key" asks for confirmation naming the key; Cancel changes nothing,
+    confirming deletes it and its very next request is refused."""
+    page, server = console.page, console.server
+    console.sign_in()
+    console.add_api(PROTECTED_API)
+    console.expose()
+    client_id = console.create_external("Umbrella")
+    console.create_external("Keeper")
+
+    menu_button = page.get_by_role("button", name="Actions for key Umbrella")
+    menu_button.click()
+    page.get_by_role("menuitem", name="Delete key").click()
+    confirm = page.get_by_role("dialog", name="Delete key “Umbrella”?")
+    expect(confirm).to_contain_text(client_id)
+    expect(confirm).to_contain_text("This cannot be undone.")
+    confirm.get_by_role("button", name="Cancel").click()
+    expect(confirm).to_be_hidden()
+    expect(console.row("Umbrella")).to_be_visible()
+    assert call_protected(server, client_id) == 200
+
+    menu_button.click()
+    page.get_by_role("menuitem", name="Delete key").click()
+    confirm.get_by_role("button", name="Delete key").click()
+    expect(console.row("Umbrella")).to_have_count(0)
+    expect(console.row("Keeper")).to_be_visible()
+    expect(console.section(EXTERNAL).get_by_text("1 of 5")).to_be_visible()
+    assert call_protected(server, client_id) == 401
+
+
+# -- errors, in words ---------------------------------------------------------------------------
+
+
+def test_the_sixth_key_of_a_kind_is_refused_with_the_limit(console: Console) -> None:
+    """With five internal keys, creating a sixth says the limit was reached and creates none."""
+    page, server = console.page, console.server
+    admin(server, "PUT", f"/apis/{PROTECTED_API}", json={"exposed": True})
+    for number in range(1, 6):
+        admin(
+            server,
+            "POST",
+            f"/apis/{PROTECTED_API}/keys",
+            json={"name": f"Team {number}", "kind": "internal"},
+        )
+    console.sign_in()
+    page.get_by_role("link", name=re.compile("^orders")).click()
+    internal = console.section(INTERNAL)
+    expect(internal.get_by_text("5 of 5")).to_be_visible()
+
+    console.start_create(INTERNAL, "Team 6")
+    expect(console.dialog.get_by_role("alert")).to_have_text(
+        "This API already has the most internal keys it allows (5). "
+        "Delete one before creating another."
+    )
+    console.dialog.get_by_role("button", name="Cancel").click()
+    expect(internal.get_by_role("row")).to_have_count(6)  # the header and five keys
+    assert len(admin(server, "GET", f"/apis/{PROTECTED_API}/keys").json()["keys"]) == 5
+
+    # The other kind has its own five.
+    console.create_external("Partner")
+    expect(console.section(EXTERNAL).get_by_text("1 of 5")).to_be_visible()
+
+
+def test_a_duplicate_name_is_explained(console: Console) -> None:
+    """A name already used in the API, in any case, is refused in words, naming it."""
+    console.sign_in()
+    console.add_api(PROTECTED_API)
+    console.expose()
+    console.create_external("Acme")
+    console.start_create(INTERNAL, "ACME")
+    expect(console.dialog.get_by_role("alert")).to_have_text(
+        "A key named “ACME” already exists in this API (names are compared ignoring case). "
+        "Choose another name."
+    )
+    expect(console.dialog.get_by_label("Key name")).to_have_attribute("aria-invalid", "true")
+
+
+def test_bad_input_is_refused_before_and_by_the_server(console: Console) -> None:
+    """A bad API name or an empty key name is explained at once; a bad limit too."""
+    page = console.page
+    console.sign_in()
+    page.get_by_label("Add an API").fill("no spaces")
+    page.get_by_role("button", name="Add API").click()
+    expect(page.get_by_role("alert")).to_contain_text("“no spaces” is not a valid API name")
+    console.add_api(PROTECTED_API)
+    console.expose()
+    console.start_create(EXTERNAL, "   ")
+    expect(console.dialog.get_by_role("alert")).to_have_text("Enter a name for the key.")
+    console.dialog.get_by_label("Key name").fill("Bell\u0007")
+    console.dialog.get_by_role("button", name="Save", exact=True).click()
+    expect(console.dialog.get_by_role("alert")).to_contain_text("That was not accepted: name")
+
+
+def test_key_names_are_shown_as_text_never_as_markup(console: Console) -> None:
+    """A key named like HTML is displayed literally; nothing in it runs or renders."""
+    page = console.page
+    hostile = "<img src=x onerror=\"document.title='pwned'\">"
+    console.sign_in()
+    console.add_api(PROTECTED_API)
+    console.expose()
+    console.create_external(hostile)
+    expect(console.row(hostile)).to_be_visible()
+    assert page.locator("img").count() == 0
+    assert page.title() != "pwned"
+
+
+def test_a_store_failure_while_creating_is_explained_and_can_be_retried(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """While another process holds SQLite's write lock, creating a key says the store is not
+    answering and creates nothing; once the lock is gone the same Save works."""
+    database = tmp_path / "locked.db"
+    with ConsoleServer(database, timeout=0.5) as server:
+        context = browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+        console = Console(context.new_page(), server)
+        console.sign_in()
+        console.add_api(PROTECTED_API)
+        console.expose()
+
+        locker = sqlite3.connect(database, timeout=10, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            console.start_create(EXTERNAL, "Stark")
+            expect(console.dialog.get_by_role("alert")).to_have_text(
+                "The key store is not answering right now, so nothing was changed. "
+                "Try again in a moment."
+            )
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        console.dialog.get_by_role("button", name="Save", exact=True).click()
+        expect(console.dialog).to_have_count(0)
+        expect(console.row("Stark")).to_be_visible()
+        expect(console.section(EXTERNAL).get_by_text("1 of 5")).to_be_visible()
+        context.close()
+    assert console.problems == []
+
+
+def test_a_store_down_when_the_page_loads_is_explained_with_a_retry(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """When the store cannot be opened at all, the page says so and offers "Try again",
+    which works once the store is back."""
+    missing = tmp_path / "not-yet"
+    with ConsoleServer(missing / "keys.db", timeout=0.5) as server:
+        context = browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+        console = Console(context.new_page(), server)
+        console.open()
+        console.page.get_by_label("Management token").fill(TOKEN)
+        console.page.get_by_role("button", name="Sign in").click()
+        alert = console.page.get_by_role("alert").filter(has_text="key store")
+        expect(alert).to_contain_text(
+            "The key store is not answering right now, so nothing was changed."
+        )
+        missing.mkdir()
+        console.page.get_by_role("button", name="Try again").click()
+        expect(alert).to_be_hidden()
+        console.add_api(PROTECTED_API)
+        context.close()
+    assert console.problems == []
+
+
+# -- usable by everyone -------------------------------------------------------------------------
+
+
+def test_keyboard_alone_creates_and_deletes_a_key(console: Console) -> None:
+    """Every step works from the keyboard, focus lands where the next step is, and the focused
+    control is visibly outlined."""
+    page = console.page
+    console.sign_in()
+    console.add_api(PROTECTED_API)
+    console.expose()
+    create = console.section(INTERNAL).get_by_role("button", name="Create API Key +")
+    create.focus()
+    page.keyboard.press("Enter")
+    name = console.dialog.get_by_label("Key name")
+    expect(name).to_be_focused()
+    page.keyboard.type("Keyboard user")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("dialog", name="Copy the API secret now")).to_be_visible()
+    expect(page.get_by_role("textbox", name="API secret")).to_be_focused()
+    done = page.get_by_role("button", name="I have copied it, close")
+    for _ in range(10):
+        if done.evaluate("node => node === document.activeElement"):
+            break
+        page.keyboard.press("Tab")
+    expect(done).to_be_focused()
+    assert done.evaluate("node => getComputedStyle(node).outlineStyle") == "solid"
+    page.keyboard.press("Enter")
+    expect(console.dialog).to_have_count(0)
+
+    menu_button = page.get_by_role("button", name="Actions for key Keyboard user")
+    menu_button.focus()
+    page.keyboard.press("Enter")
+    item = page.get_by_role("menuitem", name="Delete key")
+    expect(item).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(item).to_be_hidden()
+    expect(menu_button).to_be_focused()
+    expect(menu_button).to_have_attribute("aria-expanded", "false")
+    page.keyboard.press("ArrowDown")
+    expect(item).to_be_focused()
+    page.keyboard.press("Enter")
+    confirm = page.get_by_role("dialog", name="Delete key “Keyboard user”?")
+    expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()  # the safe choice
+    page.keyboard.press("Escape")
+    expect(confirm).to_be_hidden()
+    expect(console.row("Keyboard user")).to_be_visible()
+    menu_button.focus()
+    page.keyboard.press("Enter")
+    page.keyboard.press("Enter")
+    confirm.get_by_role("button", name="Delete key").focus()
+    page.keyboard.press("Enter")
+    expect(console.row("Keyboard user")).to_have_count(0)
+
+
+def test_every_control_has_a_name(console: Console) -> None:
+    """Every input has a label and every button a name a screen reader can say."""
+    console.sign_in()
+    console.add_api(PROTECTED_API)
+    console.expose()
+    console.create_internal("Labelled")
+    console.create_external("Also labelled")
+    unnamed = console.page.evaluate(
+        """() => [...document.querySelectorAll('input, button, [role=switch]')]
+              .filter((node) => {
+                if (node.tagName === 'INPUT') {
+                  return node.labels.length === 0 && !node.getAttribute('aria-label');
+                }
+                return !(node.getAttribute('aria-label') || node.textContent.trim());
+              })
+              .map((node) => node.outerHTML)"""
+    )
+    assert unnamed == []
+    expect(console.page.get_by_role("spinbutton", name="Keys allowed of each kind")).to_be_visible()
+
+
+def test_phone_width_needs_no_sideways_scrolling(browser: Browser, server: ConsoleServer) -> None:
+    """At a phone's width the page fits: no horizontal scrolling, every action reachable."""
+    context = browser.new_context(viewport=PHONE)  # type: ignore[arg-type]
+    console = Console(context.new_page(), server)
+    console.sign_in()
+    console.add_api(PROTECTED_API)
+    console.expose()
+    console.create_internal("A customer with a rather long name, to wrap")
+    console.create_external("Phone")
+    overflow = console.page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0
+    for button in (
+        console.page.get_by_role("button", name="Actions for key Phone"),
+        console.page.get_by_role("button", name="Set API Secret for Phone"),
+    ):
+        box = button.bounding_box()
+        assert box is not None
+        assert box["x"] >= 0
+        assert box["x"] + box["width"] <= PHONE["width"]
+    context.close()
+    assert console.problems == []
+
+
+def test_the_limit_can_be_changed_from_the_page(console: Console) -> None:
+    """ "Keys allowed of each kind" sets the API's limit; lowering it below the count deletes
+    nothing and blocks the next key."""
+    page = console.page
+    console.sign_in()
+    console.add_api(PROTECTED_API)
+    console.expose()
+    console.create_external("One")
+    console.create_external("Two")
+    page.get_by_label("Keys allowed of each kind").fill("1")
+    page.get_by_role("button", name="Save limit").click()
+    external = console.section(EXTERNAL)
+    expect(external.get_by_text("2 of 1")).to_be_visible()
+    expect(console.row("Two")).to_be_visible()
+    console.start_create(EXTERNAL, "Three")
+    expect(console.dialog.get_by_role("alert")).to_contain_text("(1)")
+    console.dialog.get_by_role("button", name="Cancel").click()
+    page.get_by_label("Keys allowed of each kind").fill("")
+    page.get_by_role("button", name="Save limit").click()
+    expect(page.get_by_role("alert")).to_have_text("Enter a whole number from 0 to 1000.")
