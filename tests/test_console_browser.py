@@ -19,14 +19,23 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Locator,
+    Page,
+    Request,
+    ViewportSize,
+    expect,
+    sync_playwright,
+)
 
 from tests.browser import CHROMIUM_ARGS, PROTECTED_API, TOKEN, ConsoleServer, chromium_path
 
 pytestmark = pytest.mark.slow
 
-DESKTOP = {"width": 1280, "height": 900}
-PHONE = {"width": 375, "height": 740}
+DESKTOP: ViewportSize = {"width": 1280, "height": 900}
+PHONE: ViewportSize = {"width": 375, "height": 740}
 WAIT_MS = 20_000  # generous: the machine is shared and noisy
 SECRET = re.compile(r"^[A-Za-z0-9_-]{43}$")
 CLIENT_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -70,7 +79,7 @@ class Console:
         if message.type == "error" and "Failed to load resource" not in message.text:
             self.problems.append(f"console error: {message.text}")
 
-    def _request(self, request: Any) -> None:
+    def _request(self, request: Request) -> None:
         if not request.url.startswith(self.server.base + "/"):
             self.problems.append(f"request to elsewhere: {request.url}")
 
@@ -161,7 +170,7 @@ class Console:
 @pytest.fixture
 def console(browser: Browser, server: ConsoleServer) -> Iterator[Console]:
     """A new browser tab (fresh session storage) on the console, checked for problems after."""
-    context = browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+    context = browser.new_context(viewport=DESKTOP)
     driven = Console(context.new_page(), server)
     yield driven
     context.close()
@@ -238,7 +247,7 @@ def test_a_token_revoked_meanwhile_sends_the_operator_back_to_sign_in(
 def test_an_app_without_a_token_opens_straight_away(browser: Browser, tmp_path: Path) -> None:
     """Under ``allow_no_auth`` (something in front authenticates) the page asks for no token."""
     with ConsoleServer(tmp_path / "open.db", token=None) as server:
-        context = browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+        context = browser.new_context(viewport=DESKTOP)
         console = Console(context.new_page(), server)
         console.open()
         expect(console.page.get_by_role("heading", name="APIs")).to_be_visible()
@@ -462,7 +471,7 @@ def test_a_store_failure_while_creating_is_explained_and_can_be_retried(
     answering and creates nothing; once the lock is gone the same Save works."""
     database = tmp_path / "locked.db"
     with ConsoleServer(database, timeout=0.5) as server:
-        context = browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+        context = browser.new_context(viewport=DESKTOP)
         console = Console(context.new_page(), server)
         console.sign_in()
         console.add_api(PROTECTED_API)
@@ -494,7 +503,7 @@ def test_a_store_down_when_the_page_loads_is_explained_with_a_retry(
     which works once the store is back."""
     missing = tmp_path / "not-yet"
     with ConsoleServer(missing / "keys.db", timeout=0.5) as server:
-        context = browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+        context = browser.new_context(viewport=DESKTOP)
         console = Console(context.new_page(), server)
         console.open()
         console.page.get_by_label("Management token").fill(TOKEN)
@@ -588,7 +597,7 @@ def test_every_control_has_a_name(console: Console) -> None:
 
 def test_phone_width_needs_no_sideways_scrolling(browser: Browser, server: ConsoleServer) -> None:
     """At a phone's width the page fits: no horizontal scrolling, every action reachable."""
-    context = browser.new_context(viewport=PHONE)  # type: ignore[arg-type]
+    context = browser.new_context(viewport=PHONE)
     console = Console(context.new_page(), server)
     console.sign_in()
     console.add_api(PROTECTED_API)

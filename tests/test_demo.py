@@ -135,6 +135,11 @@ def check_tries(demo: Demo) -> None:
             assert annotation.startswith(json.loads(body)["moreInformation"])
     hello = json.loads(run_curl(tries[0][2])[1])
     assert hello["message"] == "Hello, demo-internal!"
+    # The printed console address serves the page (it asks for the token in the browser).
+    (console,) = [line for line in demo.banner if line.startswith("Web console:")]
+    status, page = run_curl(f"curl -i {console.split()[2]}")
+    assert status == 200
+    assert "<title>Sharing &amp; keys · keyguard</title>" in page
 
 
 def printed_token(demo: Demo) -> str:

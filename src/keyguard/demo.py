@@ -168,6 +168,7 @@ def _banner(store_url: str, port: int, token: str, keys: _DemoKeys) -> str:
         f"  external  {EXTERNAL_NAME}  client id {external.client_id}  (no secret yet)",
         "  The secret is shown only now; keyguard keeps just its hash.",
         "",
+        f"Web console:    {base}/keyguard/  (sign in with the token below)",
         f"Management API: {base}/keyguard  (OpenAPI document at /keyguard/openapi.json)",
         f"  token: {token}",
         "",

@@ -525,7 +525,7 @@
 
   function openCreate(kind) {
     state.pendingCreate = kind;
-    $("create-title").textContent = "Create API Key: " + KINDS[kind].title.toLowerCase();
+    $("create-title").textContent = "Create an " + KINDS[kind].word + " API key";
     $("create-kind").textContent = KINDS[kind].create;
     $("key-name").value = "";
     $("key-name").setAttribute("aria-invalid", "false");
