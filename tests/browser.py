@@ -28,6 +28,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from keyguard import KeyGuard, KeyStore, management_app, open_store
 from tests.backends.servers import in_ci
@@ -78,12 +79,11 @@ class ConsoleServer:
         self.port: int = self._socket.getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
         self.console = f"{self.base}/keyguard/"
-        admin = (
-            management_app(self.store, token=token)
-            if token is not None
-            else management_app(self.store, allow_no_auth=True)
-        )
+        self.change_token(token)
         store = self.store
+
+        async def admin(scope: Scope, receive: Receive, send: Send) -> None:
+            await self._admin(scope, receive, send)
 
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -107,6 +107,15 @@ class ConsoleServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+
+    def change_token(self, token: str | None) -> None:
+        """Serve the management app with this token from now on, as after a restart."""
+        self.token = token
+        self._admin = (
+            management_app(self.store, token=token)
+            if token is not None
+            else management_app(self.store, allow_no_auth=True)
         )
 
     def __enter__(self) -> ConsoleServer:

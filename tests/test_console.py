@@ -162,3 +162,20 @@ def test_script_never_writes_markup_from_data() -> None:
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in script, sink
     assert "localStorage" not in script  # the token lives in sessionStorage only
+
+
+async def test_a_server_set_root_path_is_honoured_exactly() -> None:
+    """Under a server's root_path, ``/kg/`` is the public page, while ``/kg`` itself and
+    look-alike prefixes stay behind the token."""
+    app = management_app(MemoryStore(), token=TOKEN)
+    transport = httpx.ASGITransport(app=app, root_path="/kg")
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        page = await client.get("/kg/")
+        bare = await client.get("/kg")
+        lookalike = await client.get("/kgconsole.js")
+        apis = await client.get("/kg/apis")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == MEDIA_TYPES["/"]
+    assert bare.status_code == 401
+    assert lookalike.status_code == 401
+    assert apis.status_code == 401

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from keyguard import KeyInfo, KeyManager, KeyStore, MemoryStore, management_app
 from keyguard.console import CONSOLE_PATHS
@@ -807,6 +808,27 @@ async def test_mounted_app_knows_its_prefix() -> None:
         document = (await client.get("/keyguard/openapi.json")).json()
     assert response.headers["location"].startswith("http://testserver/keyguard/apis/orders/keys/")
     assert document["servers"] == [{"url": "/keyguard"}]
+
+
+async def test_wrapped_mount_still_creates_keys() -> None:
+    """Wrapped in plain ASGI middleware under a mount (which hides its routes from the outer
+    router), creating a key still answers 201 with the right Location, never a 500."""
+    inner = management_app(MemoryStore(), token=TOKEN)
+
+    async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
+        await inner(scope, receive, send)
+
+    outer = Starlette(routes=[Mount("/keyguard", wrapper)])
+    async with client_for(outer) as client:
+        await client.put("/keyguard/apis/orders", json={"exposed": True})
+        response = await client.post(
+            "/keyguard/apis/orders/keys", json={"name": "Acme", "kind": "external"}
+        )
+    assert response.status_code == 201
+    client_id = response.json()["client_id"]
+    assert response.headers["location"] == (
+        f"http://testserver/keyguard/apis/orders/keys/{client_id}"
+    )
 
 
 def test_validator_rejects_a_wrong_body() -> None:

@@ -210,11 +210,15 @@ class _BearerAuth:
     def _is_public(self, scope: Scope) -> bool:
         if not self.public or scope["method"] not in ("GET", "HEAD"):
             return False
-        # The path inside this app: a mount leaves its prefix in both path and root_path.
+        # The path inside this app, as Starlette's router sees it: a mount leaves its
+        # prefix in both path and root_path. The mount's bare prefix ("/kg" for
+        # root_path "/kg") is not "/": it stays an unknown route, after authentication.
         path: str = scope["path"]
         root_path: str = scope.get("root_path", "")
         if root_path and path.startswith(root_path):
-            path = path[len(root_path) :] or "/"
+            if len(path) == len(root_path) or path[len(root_path)] != "/":
+                return False
+            path = path[len(root_path) :]
         return path in self.public
 
 
@@ -374,7 +378,13 @@ class _Endpoints:
         key = await self.manager.create_key(
             request.path_params["api"], name=body["name"], kind=body["kind"]
         )
-        location = request.url_for("key", api=key.api, client_id=key.client_id)
+        # Built from this app's own mount point (root_path), not with url_for: that resolves
+        # through the outermost router, which cannot see inside a wrapped mount. Both parts
+        # are URL-safe by construction (API names and client ids are restricted).
+        root_path = request.scope.get("root_path", "")
+        location = request.url.replace(
+            path=f"{root_path}/apis/{key.api}/keys/{key.client_id}", query=""
+        )
         return _json(key_json(key), 201, {"Location": str(location)})
 
     async def get_key(self, request: Request) -> Response:
@@ -796,7 +806,7 @@ def management_app(
         by_path.setdefault(op.path, {})[op.method] = getattr(endpoints, op.name)
     # One route per path, so that a wrong method's 405 lists every allowed one in Allow.
     routes = [
-        Route(path, _dispatch(handlers), methods=list(handlers), name=_ROUTE_NAMES.get(path))
+        Route(path, _dispatch(handlers), methods=list(handlers))
         for path, handlers in by_path.items()
     ]
     public = CONSOLE_PATHS if console else frozenset()
@@ -815,9 +825,6 @@ def management_app(
     # A trailing slash is a different, unknown route, not a redirect to follow.
     app.router.redirect_slashes = False
     return app
-
-
-_ROUTE_NAMES = {"/apis/{api}/keys/{client_id}": "key"}
 
 
 def _dispatch(

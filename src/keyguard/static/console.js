@@ -13,28 +13,30 @@
     internal: {
       title: "Sharing within your organization",
       word: "internal",
-      create: "An internal key, for members of your organization: it gets a client id and a " +
-        "secret now, and neither can ever change.",
+      create: "For members of your organization: it gets a client id and a secret now, and " +
+        "neither can ever change.",
       lost: "delete this key and create a new one.",
     },
     external: {
       title: "Sharing outside your organization",
       word: "external",
-      create: "An external key, for a customer outside your organization: it gets a client " +
-        "id now; you can set a secret for it later with Set API Secret.",
+      create: "For a customer outside your organization: it gets a client id now; you can set " +
+        "a secret for it later with Set API Secret.",
       lost: "use Set API Secret again to replace it.",
     },
   };
 
   const $ = (id) => document.getElementById(id);
   const state = {
-    token: null, // null: not signed in yet; "": the app needs no token (allow_no_auth)
+    token: null, // null: not signed in; "": the app needs no token (allow_no_auth)
     apis: [],
-    api: null, // the chosen API's object, as GET /apis/{api} answers
+    selected: null, // the chosen API's name, from the address (#api=...)
+    api: null, // the chosen API, as GET /apis/{api} answered
     keys: [],
-    selected: null, // the chosen API's name (from the address's #api=...)
-    pendingCreate: null, // the kind of key the create dialog is for
-    confirmAction: null,
+    loads: 0, // numbers every read of the chosen API, so that only the latest is shown
+    create: null, // {api, kind} while the create dialog is open
+    confirm: null, // {run, opener} while the confirm dialog is open
+    secretReturn: null, // where focus goes when the secret dialog closes
   };
 
   // -- talking to the management API ------------------------------------------------------
@@ -103,7 +105,7 @@
         return "“" + api + "” is not exposed, so no key can be created. " +
           "Turn on “Expose Managed API” first.";
       case "key_limit_reached": {
-        const limit = state.api ? state.api.max_keys_per_kind : null;
+        const limit = state.api && state.api.name === api ? state.api.max_keys_per_kind : null;
         const word = context.kind ? KINDS[context.kind].word + " " : "";
         return (limit === null ? "This API has reached its limit of " + word + "keys. "
           : "This API already has the most " + word + "keys it allows (" + limit + "). ") +
@@ -130,6 +132,10 @@
     }
   }
 
+  function retryable(error) {
+    return error.code === "network" || error.code === "store_unavailable" || error.status >= 500;
+  }
+
   // -- small helpers for the page -----------------------------------------------------------
 
   function el(tag, attributes = {}, ...children) {
@@ -146,6 +152,10 @@
       }
     }
     return node;
+  }
+
+  function hiddenText(text) {
+    return el("span", { class: "visually-hidden", text });
   }
 
   function show(node, visible) {
@@ -167,24 +177,46 @@
     }, 50);
   }
 
-  async function copy(text, button) {
-    let done = false;
+  // Run an action from a button, which is disabled meanwhile (no double submit) and keeps
+  // the keyboard focus it had, even if the page was redrawn around it.
+  async function withBusy(button, action) {
+    if (button.disabled) return undefined;
+    const hadFocus = document.activeElement === button;
+    button.disabled = true;
+    button.setAttribute("aria-busy", "true");
+    try {
+      return await action();
+    } finally {
+      button.disabled = false;
+      button.removeAttribute("aria-busy");
+      if (hadFocus && button.isConnected && document.activeElement === document.body) {
+        button.focus();
+      }
+    }
+  }
+
+  async function copy(text, button, source) {
+    let copied = false;
     try {
       await navigator.clipboard.writeText(text);
-      done = true;
+      copied = true;
     } catch (error) {
-      done = false;
+      // No clipboard API here (not a secure context): select the text for Ctrl+C instead.
+      if (source instanceof HTMLInputElement) {
+        source.select();
+      } else if (source) {
+        const range = document.createRange();
+        range.selectNodeContents(source);
+        getSelection().removeAllRanges();
+        getSelection().addRange(range);
+      }
     }
-    if (!done) {
-      // Without the clipboard API (not a secure context), select the text for Ctrl+C.
-      const input = button.previousElementSibling;
-      if (input && input.select) input.select();
-    }
-    const label = button.textContent;
-    button.textContent = done ? "Copied" : "Press Ctrl+C";
-    announce(done ? "Copied to the clipboard." : "Selected: press Ctrl+C to copy.");
-    setTimeout(() => {
-      button.textContent = label;
+    if (!button.dataset.label) button.dataset.label = button.textContent;
+    button.textContent = copied ? "Copied" : "Press Ctrl+C";
+    announce(copied ? "Copied to the clipboard." : "Selected: press Ctrl+C to copy.");
+    clearTimeout(button.copyTimer);
+    button.copyTimer = setTimeout(() => {
+      button.textContent = button.dataset.label;
     }, 2000);
   }
 
@@ -192,11 +224,6 @@
     const date = new Date(value);
     if (Number.isNaN(date.getTime())) return value;
     return date.toLocaleDateString(undefined, { year: "numeric", month: "short", day: "numeric" });
-  }
-
-  function busy(button, isBusy) {
-    button.disabled = isBusy;
-    button.setAttribute("aria-busy", String(isBusy));
   }
 
   // -- signing in and out -----------------------------------------------------------------------
@@ -208,7 +235,15 @@
   function signOut(message) {
     sessionStorage.removeItem(TOKEN_KEY);
     state.token = null;
-    closeAllDialogs();
+    closeDialogs(true);
+    // Nothing of the last session stays in the page.
+    Object.assign(state, { apis: [], selected: null, api: null, keys: [], loads: state.loads + 1 });
+    $("api-list").replaceChildren();
+    $("internal-keys").replaceChildren();
+    $("external-keys").replaceChildren();
+    $("api-title").textContent = "";
+    show($("api-detail"), false);
+    document.title = "Sharing & keys · keyguard";
     show($("sign-out"), false);
     showOnly("sign-in");
     $("token").value = "";
@@ -219,25 +254,24 @@
 
   async function signIn(event) {
     event.preventDefault();
-    const token = $("token").value.trim();
+    const field = $("token");
+    const token = field.value.trim();
     if (!token) {
       setError("sign-in-error", "Enter the management token.");
-      $("token").setAttribute("aria-invalid", "true");
-      $("token").focus();
+      field.setAttribute("aria-invalid", "true");
+      field.focus();
       return;
     }
-    const button = event.submitter || $("sign-in-form").querySelector("button");
-    busy(button, true);
-    try {
-      await start(token);
-    } catch (error) {
-      setError("sign-in-error", error.code === "unauthorized"
-        ? "That token was not accepted. Check it and try again." : explain(error));
-      $("token").setAttribute("aria-invalid", "true");
-      $("token").focus();
-    } finally {
-      busy(button, false);
-    }
+    await withBusy($("sign-in-submit"), async () => {
+      try {
+        await start(token);
+      } catch (error) {
+        setError("sign-in-error", error.code === "unauthorized"
+          ? "That token was not accepted. Check it and try again." : explain(error));
+        field.setAttribute("aria-invalid", "true");
+        field.focus();
+      }
+    });
   }
 
   // Open the console with this token ("" for an app without one); throws if it is refused.
@@ -256,20 +290,19 @@
     setError("sign-in-error", "");
     $("token").value = "";
     showOnly("console");
-    if (apis) {
-      state.apis = apis.apis;
-      renderApiList();
-    }
-    await route(failure);
+    if (apis) state.apis = apis.apis;
+    await route({ failure, focus: true });
   }
 
   // -- the list of APIs -----------------------------------------------------------------------
 
   function renderApiList() {
     const list = $("api-list");
+    const focused = document.activeElement && list.contains(document.activeElement)
+      ? document.activeElement.dataset.api : null;
     list.replaceChildren(
       ...state.apis.map((api) => {
-        const link = el("a", { href: "#api=" + encodeURIComponent(api.name) },
+        const link = el("a", { href: "#api=" + encodeURIComponent(api.name), "data-api": api.name },
           el("span", { class: "api-name", text: api.name }),
           el("span", { class: "pill" + (api.exposed ? " on" : ""),
             text: api.exposed ? "Exposed" : "Not exposed" }));
@@ -277,6 +310,10 @@
         return el("li", {}, link);
       }),
     );
+    if (focused) {
+      const again = list.querySelector("a[data-api=\"" + CSS.escape(focused) + "\"]");
+      if (again) again.focus();
+    }
     show($("apis-empty"), state.apis.length === 0);
   }
 
@@ -298,22 +335,21 @@
       input.focus();
       return;
     }
-    const button = event.submitter || $("add-api-form").querySelector("button");
-    busy(button, true);
-    try {
-      // An empty object only creates the API (not exposed), like the gateway's new API.
-      await authorized("PUT", "apis/" + path(name), {});
-      input.value = "";
-      input.setAttribute("aria-invalid", "false");
-      setError("add-api-error", "");
-      await refreshApiList();
-      announce("API “" + name + "” added.");
-      location.hash = "api=" + encodeURIComponent(name);
-    } catch (error) {
-      setError("add-api-error", explain(error, { api: name }));
-    } finally {
-      busy(button, false);
-    }
+    await withBusy($("add-api-submit"), async () => {
+      try {
+        const existed = state.apis.some((api) => api.name === name);
+        // An empty object only creates the API (not exposed), like the gateway's new API.
+        await authorized("PUT", "apis/" + path(name), {});
+        input.value = "";
+        input.setAttribute("aria-invalid", "false");
+        setError("add-api-error", "");
+        announce(existed ? "API “" + name + "” already exists; showing it."
+          : "API “" + name + "” added.");
+        go(name);
+      } catch (error) {
+        if (error.code !== "unauthorized") setError("add-api-error", explain(error, { api: name }));
+      }
+    });
   }
 
   // -- the chosen API ---------------------------------------------------------------------------
@@ -330,69 +366,87 @@
     return API_NAME.test(name) ? name : null;
   }
 
-  async function route(failure) {
-    state.selected = selectedFromAddress();
-    renderApiList();
+  function go(name) {
+    const hash = "#api=" + encodeURIComponent(name);
+    if (location.hash === hash) route({ focus: true, refresh: true });
+    else location.hash = hash; // the hashchange listener routes
+  }
+
+  // Show the API the address names. A dialog about another API does not survive the change.
+  async function route({ failure = null, focus = false, refresh = false } = {}) {
+    const selected = selectedFromAddress();
+    if (selected !== state.selected) closeDialogs(false);
+    state.selected = selected;
     closeMenus();
+    renderApiList();
     if (failure) {
       pageError(failure);
       return;
     }
     setPageError("");
-    if (!state.selected) {
+    if (!selected) {
+      state.loads += 1;
       state.api = null;
       show($("api-detail"), false);
       show($("no-api"), true);
       return;
     }
     show($("no-api"), false);
-    await loadApi();
+    // Other operators may have added APIs meanwhile.
+    if (refresh) refreshApiList().catch(() => undefined);
+    const shown = await loadApi();
+    if (shown && focus) {
+      $("api-title").focus();
+      announce("Showing the API “" + selected + "”.");
+    }
   }
 
+  // Read the chosen API and its keys, and show them unless a later read or route superseded it.
   async function loadApi() {
     const name = state.selected;
+    const ticket = ++state.loads;
+    const current = () => ticket === state.loads && name === state.selected;
     try {
       const [api, keys] = await Promise.all([
         authorized("GET", "apis/" + path(name)),
         authorized("GET", "apis/" + path(name, "keys")),
       ]);
-      if (name !== state.selected) return; // the user moved on meanwhile
+      if (!current()) return false;
       state.api = api;
       state.keys = keys.keys;
       setPageError("");
       renderApi();
+      return true;
     } catch (error) {
-      if (error.code === "unauthorized") return;
+      if (error.code === "unauthorized" || !current()) return false;
       if (error.code === "api_not_found") {
         state.api = null;
         show($("api-detail"), false);
       }
       pageError(error, { api: name });
+      return false;
     }
   }
 
-  function setPageError(message) {
+  function setPageError(message, canRetry = false) {
     $("page-error-text").textContent = message;
+    show($("retry"), Boolean(message) && canRetry);
     show($("page-error"), Boolean(message));
   }
 
   function pageError(error, context) {
-    setPageError(explain(error, context));
-    // Retrying only helps when the failure was temporary.
-    show($("retry"), ["network", "store_unavailable"].includes(error.code) || error.status >= 500);
+    setPageError(explain(error, context), retryable(error));
   }
 
   async function retry() {
-    const button = $("retry");
-    busy(button, true);
-    try {
-      await refreshApiList();
-      await route();
-    } catch (error) {
-      if (error.code !== "unauthorized") pageError(error);
-    } finally {
-      busy(button, false);
-    }
+    await withBusy($("retry"), async () => {
+      try {
+        await refreshApiList();
+        await route();
+      } catch (error) {
+        if (error.code !== "unauthorized") pageError(error);
+      }
+    });
   }
 
   function renderApi() {
@@ -400,14 +454,13 @@
     show($("api-detail"), true);
     $("api-title").textContent = api.name;
     document.title = api.name + " · Sharing & keys · keyguard";
-    const expose = $("expose");
-    expose.setAttribute("aria-checked", String(api.exposed));
+    $("expose").setAttribute("aria-checked", String(api.exposed));
     $("expose-state").textContent = api.exposed ? "On" : "Off";
     show($("not-exposed"), !api.exposed);
     const limit = $("limit");
     if (document.activeElement !== limit) limit.value = String(api.max_keys_per_kind);
     for (const kind of Object.keys(KINDS)) renderKind(kind);
-    // Keep the list's counts and exposed flags in step with what was just read.
+    // Keep the list's exposed flags in step with what was just read.
     const index = state.apis.findIndex((item) => item.name === api.name);
     if (index >= 0) state.apis[index] = api;
     else state.apis.push(api);
@@ -417,12 +470,14 @@
   function renderKind(kind) {
     const api = state.api;
     const keys = state.keys.filter((key) => key.kind === kind);
-    const count = api.keys[kind];
-    const counter = $(kind + "-count");
-    counter.textContent = count + " of " + api.max_keys_per_kind;
-    counter.setAttribute("aria-label", count + " of " + api.max_keys_per_kind + " " +
-      KINDS[kind].word + " keys used");
+    // Counted from the list shown, so that the two always agree.
+    $(kind + "-count").replaceChildren(keys.length + " of " + api.max_keys_per_kind,
+      hiddenText(" " + KINDS[kind].word + " keys"));
     const holder = $(kind + "-keys");
+    const focusedRow = holder.contains(document.activeElement)
+      ? document.activeElement.closest("tr") : null;
+    const focusedId = focusedRow ? focusedRow.dataset.clientId : null;
+    const focusedLabel = focusedId ? document.activeElement.getAttribute("aria-label") : null;
     if (keys.length === 0) {
       holder.replaceChildren(el("p", { class: "muted empty-keys",
         text: "No " + KINDS[kind].word + " keys yet." }));
@@ -433,11 +488,12 @@
     const header = (text) => el("th", { scope: "col", role: "columnheader" }, text);
     const head = el("thead", { role: "rowgroup" }, el("tr", { role: "row" },
       header("Name"), header("Client ID"), header("Secret"), header("Created"),
-      header(el("span", { class: "visually-hidden", text: "Actions" }))));
+      header(hiddenText("Actions"))));
     const body = el("tbody", { role: "rowgroup" }, ...keys.map((key) => keyRow(key)));
     holder.replaceChildren(el("table", { class: "keys", role: "table" },
       el("caption", { class: "visually-hidden", text: KINDS[kind].title + ": keys" }),
       head, body));
+    if (focusedId) focusInRow(focusedId, focusedLabel);
   }
 
   function keyRow(key) {
@@ -447,7 +503,7 @@
       class: "small copy",
       "aria-label": "Copy the client ID of " + key.name,
       text: "Copy",
-      onclick: (event) => copy(key.client_id, event.currentTarget),
+      onclick: (event) => copy(key.client_id, event.currentTarget, idCode),
     });
     const secret = el("div", { class: "secret-cell" },
       el("span", { text: key.has_secret ? "Yes" : "No" }));
@@ -457,7 +513,7 @@
         class: "small",
         "aria-label": "Set API Secret for " + key.name,
         text: "Set API Secret",
-        onclick: () => askSetSecret(key),
+        onclick: (event) => askSetSecret(key, event.currentTarget),
       }));
     }
     const created = el("time", { datetime: key.created_at, title: key.created_at,
@@ -475,27 +531,36 @@
       actions);
   }
 
+  // Focus a control of a key's row: the one with this label, else the row's first button.
+  function focusInRow(clientId, label) {
+    const row = document.querySelector("tr[data-client-id=\"" + CSS.escape(clientId) + "\"]");
+    if (!row) return false;
+    const target = (label && row.querySelector("[aria-label=\"" + CSS.escape(label) + "\"]")) ||
+      row.querySelector("button");
+    if (target) target.focus();
+    return Boolean(target);
+  }
+
   // -- the expose switch and the limit ---------------------------------------------------------
 
   async function toggleExpose() {
-    const button = $("expose");
-    const exposed = button.getAttribute("aria-checked") !== "true";
-    busy(button, true);
-    try {
-      state.api = await authorized("PUT", "apis/" + path(state.selected), { exposed });
-      setPageError("");
-      renderApi();
-      announce("“" + state.selected + "” is " + (exposed ? "exposed." : "no longer exposed."));
-    } catch (error) {
-      if (error.code !== "unauthorized") pageError(error);
-    } finally {
-      busy(button, false);
-      button.focus();
-    }
+    const api = state.selected;
+    const exposed = $("expose").getAttribute("aria-checked") !== "true";
+    await withBusy($("expose"), async () => {
+      try {
+        await authorized("PUT", "apis/" + path(api), { exposed });
+        if (api !== state.selected) return;
+        await loadApi();
+        announce("“" + api + "” is " + (exposed ? "exposed." : "no longer exposed."));
+      } catch (error) {
+        if (error.code !== "unauthorized" && api === state.selected) pageError(error, { api });
+      }
+    });
   }
 
   async function saveLimit(event) {
     event.preventDefault();
+    const api = state.selected;
     const input = $("limit");
     const value = input.value.trim();
     const limit = Number(value);
@@ -505,28 +570,29 @@
       input.focus();
       return;
     }
-    const button = event.submitter || $("limit-form").querySelector("button");
-    busy(button, true);
-    try {
-      state.api = await authorized("PUT", "apis/" + path(state.selected),
-        { max_keys_per_kind: limit });
-      input.setAttribute("aria-invalid", "false");
-      setError("limit-error", "");
-      renderApi();
-      announce("Up to " + limit + " keys of each kind allowed.");
-    } catch (error) {
-      if (error.code !== "unauthorized") setError("limit-error", explain(error));
-    } finally {
-      busy(button, false);
-    }
+    await withBusy($("limit-submit"), async () => {
+      try {
+        await authorized("PUT", "apis/" + path(api), { max_keys_per_kind: limit });
+        if (api !== state.selected) return;
+        input.setAttribute("aria-invalid", "false");
+        setError("limit-error", "");
+        input.blur(); // so that the redraw shows the stored value
+        await loadApi();
+        announce("Up to " + limit + " keys of each kind allowed.");
+      } catch (error) {
+        if (error.code !== "unauthorized" && api === state.selected) {
+          setError("limit-error", explain(error, { api }));
+        }
+      }
+    });
   }
 
   // -- creating keys ----------------------------------------------------------------------------
 
-  function openCreate(kind) {
-    state.pendingCreate = kind;
+  function openCreate(kind, opener) {
+    state.create = { api: state.selected, kind, opener };
     $("create-title").textContent = "Create an " + KINDS[kind].word + " API key";
-    $("create-kind").textContent = KINDS[kind].create;
+    $("create-kind").textContent = "In “" + state.selected + "”. " + KINDS[kind].create;
     $("key-name").value = "";
     $("key-name").setAttribute("aria-invalid", "false");
     setError("create-error", "");
@@ -537,7 +603,9 @@
 
   async function createKey(event) {
     event.preventDefault();
-    const kind = state.pendingCreate;
+    const pending = state.create;
+    if (!pending) return;
+    const { api, kind, opener } = pending;
     const input = $("key-name");
     const name = input.value.trim();
     if (!name) {
@@ -546,65 +614,62 @@
       input.focus();
       return;
     }
-    const button = $("create-save");
-    busy(button, true);
-    try {
-      const key = await authorized("POST", "apis/" + path(state.selected, "keys"), { name, kind });
-      $("create-dialog").close();
-      await loadApi();
-      if (key.secret) {
-        showSecret(key, key.secret);
-      } else {
-        announce("External key “" + key.name + "” created. It has no secret yet.");
-        focusRow(key.client_id);
+    await withBusy($("create-save"), async () => {
+      try {
+        const key = await authorized("POST", "apis/" + path(api, "keys"), { name, kind });
+        if (state.create === pending) $("create-dialog").close();
+        if (api !== state.selected) return;
+        await loadApi();
+        if (key.secret) {
+          showSecret(key, key.secret, { opener });
+        } else {
+          announce("External key “" + key.name + "” created. It has no secret yet.");
+          focusInRow(key.client_id, "Set API Secret for " + key.name);
+        }
+      } catch (error) {
+        if (error.code === "unauthorized" || state.create !== pending) return;
+        setError("create-error", explain(error, { api, kind, name }));
+        input.setAttribute("aria-invalid", String(error.code === "duplicate_name" ||
+          error.code === "invalid_request"));
+        input.focus();
+        if (error.code === "key_limit_reached" || error.code === "api_not_exposed") {
+          loadApi(); // the counts or the switch were out of date
+        }
       }
-    } catch (error) {
-      if (error.code === "unauthorized") return;
-      setError("create-error", explain(error, { kind, name }));
-      input.setAttribute("aria-invalid", String(error.code === "duplicate_name" ||
-        error.code === "invalid_request"));
-      input.focus();
-      if (error.code === "key_limit_reached" || error.code === "api_not_exposed") {
-        loadApi(); // the counts or the switch were out of date
-      }
-    } finally {
-      busy(button, false);
-    }
+    });
   }
 
-  function focusRow(clientId) {
-    const row = document.querySelector("tr[data-client-id=\"" + CSS.escape(clientId) + "\"]");
-    const target = row && row.querySelector("button");
-    if (target) target.focus();
-  }
-
-  // The one moment a secret is on screen; closing the dialog wipes it from the page.
-  function showSecret(key, secret) {
+  // The one moment a secret is on screen. However the dialog closes, its "close" handler
+  // wipes the secret from the page.
+  function showSecret(key, secret, { opener = null, clientId = null, label = null } = {}) {
     $("secret-key").textContent = "Key “" + key.name + "” (" + KINDS[key.kind].word + ")";
     $("secret-lost").textContent = KINDS[key.kind].lost;
     $("secret-client-id").value = key.client_id;
     $("secret-value").value = secret;
-    state.secretFor = key.client_id;
+    state.secretReturn = { opener, clientId, label };
     $("secret-dialog").showModal();
     $("secret-value").focus();
     $("secret-value").select();
   }
 
-  function closeSecret() {
+  function secretClosed() {
     $("secret-value").value = "";
     $("secret-client-id").value = "";
-    $("secret-dialog").close();
-    const clientId = state.secretFor;
-    state.secretFor = null;
-    if (clientId) focusRow(clientId);
+    getSelection().removeAllRanges();
+    const back = state.secretReturn;
+    state.secretReturn = null;
+    if (!back) return;
+    if (back.clientId && focusInRow(back.clientId, back.label)) return;
+    if (back.opener && back.opener.isConnected) back.opener.focus();
   }
 
   // -- setting an external key's secret ------------------------------------------------------
 
-  function askSetSecret(key) {
+  function askSetSecret(key, button) {
+    const api = state.selected;
     setError(key.kind + "-error", "");
     if (!key.has_secret) {
-      setSecret(key);
+      withBusy(button, () => setSecret(api, key));
       return;
     }
     confirmDialog({
@@ -612,21 +677,23 @@
       text: "A new secret is generated and the current one stops working at once: callers " +
         "using it are refused until they get the new one.",
       ok: "Replace secret",
-      run: () => setSecret(key, true),
+      opener: button,
+      run: () => setSecret(api, key, true),
     });
   }
 
-  async function setSecret(key, fromDialog = false) {
+  async function setSecret(api, key, fromDialog = false) {
+    const label = "Set API Secret for " + key.name;
     try {
       const answer = await authorized("PUT",
-        "apis/" + path(state.selected, "keys", key.client_id, "secret"));
+        "apis/" + path(api, "keys", key.client_id, "secret"));
       if (fromDialog) $("confirm-dialog").close();
-      await loadApi();
-      showSecret(key, answer.secret);
+      if (api === state.selected) await loadApi();
+      showSecret(key, answer.secret, { clientId: key.client_id, label });
     } catch (error) {
       if (error.code === "unauthorized") return;
       if (fromDialog) throw error;
-      setError(key.kind + "-error", explain(error, { kind: key.kind }));
+      setError(key.kind + "-error", explain(error, { api, kind: key.kind }));
       if (error.code === "key_not_found") loadApi();
     }
   }
@@ -694,7 +761,7 @@
     });
     remove.addEventListener("click", () => {
       close(false);
-      askDelete(key, button);
+      askDelete(state.selected, key, button);
     });
     return el("div", { class: "menu-wrap" }, button, menu);
   }
@@ -705,7 +772,7 @@
     }
   }
 
-  function askDelete(key, opener) {
+  function askDelete(api, key, opener) {
     confirmDialog({
       title: "Delete key “" + key.name + "”?",
       text: "Callers using the " + KINDS[key.kind].word + " key “" + key.name + "” (client id " +
@@ -713,11 +780,11 @@
       ok: "Delete key",
       opener,
       run: async () => {
-        await authorized("DELETE", "apis/" + path(state.selected, "keys", key.client_id));
+        await authorized("DELETE", "apis/" + path(api, "keys", key.client_id));
+        if (state.confirm) state.confirm.opener = $(key.kind + "-title"); // its row is gone
         $("confirm-dialog").close();
-        await loadApi();
+        if (api === state.selected) await loadApi();
         announce("Key “" + key.name + "” deleted.");
-        $(key.kind + "-title").focus();
       },
     });
   }
@@ -727,33 +794,45 @@
     $("confirm-text").textContent = text;
     $("confirm-ok").textContent = ok;
     setError("confirm-error", "");
-    state.confirmAction = run;
-    state.confirmOpener = opener || document.activeElement;
+    state.confirm = { run, opener: opener || document.activeElement };
     $("confirm-dialog").showModal();
     $("confirm-cancel").focus(); // the safe choice has the focus
   }
 
   async function confirmed() {
-    const button = $("confirm-ok");
-    busy(button, true);
-    try {
-      await state.confirmAction();
-    } catch (error) {
-      if (error.code === "unauthorized") return;
-      setError("confirm-error", explain(error));
-      if (error.code === "key_not_found") {
-        $("confirm-dialog").close();
-        await loadApi();
-        setPageError(explain(error));
+    const pending = state.confirm;
+    if (!pending) return;
+    await withBusy($("confirm-ok"), async () => {
+      try {
+        await pending.run();
+      } catch (error) {
+        if (error.code === "unauthorized" || state.confirm !== pending) return;
+        if (error.code === "key_not_found") {
+          $("confirm-dialog").close();
+          await loadApi();
+          setPageError(explain(error));
+        } else {
+          setError("confirm-error", explain(error));
+        }
       }
-    } finally {
-      busy(button, false);
-    }
+    });
   }
 
-  function closeAllDialogs() {
-    for (const dialog of document.querySelectorAll("dialog[open]")) dialog.close();
-    $("secret-value").value = "";
+  function confirmClosed() {
+    const pending = state.confirm;
+    state.confirm = null;
+    const opener = pending && pending.opener;
+    if (opener && opener.isConnected) opener.focus();
+  }
+
+  // Close the create and confirm dialogs (their subject changed); the secret dialog too only
+  // when signing out, since a secret must not vanish before it is copied.
+  function closeDialogs(includingSecret) {
+    for (const id of ["create-dialog", "confirm-dialog"]) {
+      if ($(id).open) $(id).close();
+    }
+    state.create = null;
+    if (includingSecret && $("secret-dialog").open) $("secret-dialog").close();
   }
 
   // -- wiring -----------------------------------------------------------------------------------
@@ -766,29 +845,30 @@
     $("expose").addEventListener("click", toggleExpose);
     $("retry").addEventListener("click", retry);
     for (const button of document.querySelectorAll("button.create")) {
-      button.addEventListener("click", () => openCreate(button.dataset.kind));
+      button.addEventListener("click", () => openCreate(button.dataset.kind, button));
     }
     $("create-form").addEventListener("submit", createKey);
     $("create-cancel").addEventListener("click", () => $("create-dialog").close());
-    $("secret-done").addEventListener("click", closeSecret);
-    // Escape must not throw away a secret that may not have been copied yet.
+    $("create-dialog").addEventListener("close", () => {
+      state.create = null;
+    });
+    $("secret-done").addEventListener("click", () => $("secret-dialog").close());
+    // Escape must not throw away a secret that may not have been copied yet (closedby="none"
+    // says the same to browsers that know it).
     $("secret-dialog").addEventListener("cancel", (event) => event.preventDefault());
+    $("secret-dialog").addEventListener("close", secretClosed);
     for (const button of document.querySelectorAll("[data-copy]")) {
-      button.addEventListener("click", () => copy($(button.dataset.copy).value, button));
+      const source = $(button.dataset.copy);
+      button.addEventListener("click", () => copy(source.value, button, source));
     }
     $("confirm-cancel").addEventListener("click", () => $("confirm-dialog").close());
     $("confirm-ok").addEventListener("click", confirmed);
-    $("confirm-dialog").addEventListener("close", () => {
-      const opener = state.confirmOpener;
-      state.confirmAction = null;
-      state.confirmOpener = null;
-      if (opener && opener.isConnected) opener.focus();
-    });
+    $("confirm-dialog").addEventListener("close", confirmClosed);
     document.addEventListener("click", (event) => {
       if (!event.target.closest(".menu-wrap")) closeMenus();
     });
     window.addEventListener("hashchange", () => {
-      if (state.token !== null) route();
+      if (state.token !== null) route({ focus: true, refresh: true });
     });
   }
 
