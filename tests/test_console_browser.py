@@ -832,3 +832,38 @@ def test_an_unreachable_server_is_explained(browser: Browser, tmp_path: Path) ->
     )
     context.close()
     assert [p for p in console.problems if "ERR_CONNECTION_REFUSED" not in p] == []
+
+
+def test_a_secret_is_shown_even_if_the_operator_moved_on_while_it_was_issued(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """If the operator leaves for another API while an internal key is being created, the key's
+    secret is still shown when it arrives (it can never be shown again), naming its API."""
+    database = tmp_path / "slow.db"
+    with ConsoleServer(database, timeout=15) as server:
+        context = browser.new_context(viewport=DESKTOP)
+        console = Console(context.new_page(), server)
+        page = console.page
+        console.sign_in()
+        console.add_api("billing")
+        console.add_api(PROTECTED_API)
+        console.expose()
+        # Another process holds the write lock, so the creation waits (within the timeout).
+        locker = sqlite3.connect(database, timeout=10, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            console.start_create(INTERNAL, "Patient")
+            expect(console.dialog.get_by_role("button", name="Save", exact=True)).to_be_disabled()
+            page.go_back()
+            expect(page.get_by_role("heading", level=1, name="billing")).to_be_visible()
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        dialog = page.get_by_role("dialog", name="Copy the API secret now")
+        expect(dialog).to_contain_text("The internal key “Patient” of the API “orders”")
+        client_id, secret = console.read_secret()
+        assert call_protected(server, client_id, secret) == 200
+        console.close_secret()
+        expect(page.get_by_role("heading", level=1, name="billing")).to_be_visible()
+        context.close()
+    assert console.problems == []

@@ -618,16 +618,21 @@
       try {
         const key = await authorized("POST", "apis/" + path(api, "keys"), { name, kind });
         if (state.create === pending) $("create-dialog").close();
-        if (api !== state.selected) return;
-        await loadApi();
+        if (api === state.selected) await loadApi();
         if (key.secret) {
-          showSecret(key, key.secret, { opener });
-        } else {
+          // Even if the operator moved on meanwhile: this is the only time it can be shown.
+          showSecret(api, key, key.secret, { opener });
+        } else if (api === state.selected) {
           announce("External key “" + key.name + "” created. It has no secret yet.");
           focusInRow(key.client_id, "Set API Secret for " + key.name);
         }
       } catch (error) {
-        if (error.code === "unauthorized" || state.create !== pending) return;
+        if (error.code === "unauthorized") return;
+        if (state.create !== pending) {
+          // The dialog was closed meanwhile: say it next to the section instead.
+          if (api === state.selected) setError(kind + "-error", explain(error, { api, kind, name }));
+          return;
+        }
         setError("create-error", explain(error, { api, kind, name }));
         input.setAttribute("aria-invalid", String(error.code === "duplicate_name" ||
           error.code === "invalid_request"));
@@ -641,8 +646,9 @@
 
   // The one moment a secret is on screen. However the dialog closes, its "close" handler
   // wipes the secret from the page.
-  function showSecret(key, secret, { opener = null, clientId = null, label = null } = {}) {
-    $("secret-key").textContent = "Key “" + key.name + "” (" + KINDS[key.kind].word + ")";
+  function showSecret(api, key, secret, { opener = null, clientId = null, label = null } = {}) {
+    $("secret-key").textContent = "The " + KINDS[key.kind].word + " key “" + key.name +
+      "” of the API “" + api + "”";
     $("secret-lost").textContent = KINDS[key.kind].lost;
     $("secret-client-id").value = key.client_id;
     $("secret-value").value = secret;
@@ -689,7 +695,7 @@
         "apis/" + path(api, "keys", key.client_id, "secret"));
       if (fromDialog) $("confirm-dialog").close();
       if (api === state.selected) await loadApi();
-      showSecret(key, answer.secret, { clientId: key.client_id, label });
+      showSecret(api, key, answer.secret, { clientId: key.client_id, label });
     } catch (error) {
       if (error.code === "unauthorized") return;
       if (fromDialog) throw error;
