@@ -40,3 +40,28 @@ async def test_example_protects_orders(
             assert denied.status_code == 401
             assert denied.json()["moreInformation"] == "Client id missing."
             assert (await c.get("/health")).status_code == 200
+
+
+async def test_admin_example_serves_the_console_and_guards_the_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The admin example serves the console at ``/`` to anyone and the JSON API only with the
+    token from KEYGUARD_TOKEN; without that variable it refuses to start, saying why."""
+    monkeypatch.setenv("KEYGUARD_STORE", "memory://")
+    monkeypatch.delenv("KEYGUARD_TOKEN", raising=False)
+    with pytest.raises(SystemExit, match="needs KEYGUARD_TOKEN"):
+        fresh("examples.admin_app")
+    monkeypatch.setenv("KEYGUARD_TOKEN", "example-admin-token")
+    example = fresh("examples.admin_app")
+    app = example.app
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            page = await c.get("/")
+            assert page.status_code == 200
+            assert "Sharing &amp; keys" in page.text
+            assert (await c.get("/apis")).status_code == 401
+            signed = {"Authorization": "Bearer example-admin-token"}
+            created = await c.put("/apis/orders", json={"exposed": True}, headers=signed)
+            assert created.status_code == 200
+            assert (await c.get("/apis", headers=signed)).json()["apis"][0]["name"] == "orders"
