@@ -44,7 +44,6 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     MetaData,
-    Row,
     Select,
     String,
     Table,
@@ -79,9 +78,9 @@ from keyguard.models import Api, KeyKind, KeyRecord, name_key
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from typing_extensions import Unpack
-
-    _Row: TypeAlias = Row[Unpack[tuple[Any, ...]]]
+    # A result row. Row's type parameters differ between SQLAlchemy 2.0 (a tuple TypeVar)
+    # and 2.1 (a TypeVarTuple), and no spelling suits both; its columns are Any either way.
+    _Row: TypeAlias = Any
 
 logger = logging.getLogger("keyguard")
 
