@@ -620,7 +620,7 @@ def test_every_control_has_a_name(console: Console) -> None:
 
 def test_phone_width_needs_no_sideways_scrolling(browser: Browser, server: ConsoleServer) -> None:
     """At 320 px the page fits, with 100-character names and with a dialog open: nothing
-    scrolls sideways and every action is within reach."""
+    scrolls sideways and every action is within reach; nor does anything at wider widths."""
     long_name = "A customer with a very long name " * 3
     long_name = long_name[:100].strip()
     context = browser.new_context(viewport=PHONE)
@@ -650,6 +650,16 @@ def test_phone_width_needs_no_sideways_scrolling(browser: Browser, server: Conso
     expect(page.get_by_role("dialog")).to_be_visible()
     assert overflow("document.querySelector('dialog[open]')") <= 0
     assert overflow("document.documentElement") <= 0
+    page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
+
+    # Nor at any width in between, where the key tables turn into cards.
+    for width in (480, 768, 800, 900, 1024, 1100, 1280, 1600):
+        page.set_viewport_size({"width": width, "height": 800})
+        widest = page.evaluate(
+            "Math.max(...[document.documentElement, ...document.querySelectorAll('.card')]"
+            ".map((node) => node.scrollWidth - node.clientWidth))"
+        )
+        assert widest <= 0, f"{widest} px too wide at {width} px"
     context.close()
     assert console.problems == []
 
