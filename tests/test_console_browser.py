@@ -102,6 +102,12 @@ class Console:
         self.page.get_by_role("button", name="Add API").click()
         expect(self.page.get_by_role("heading", level=1, name=name)).to_be_visible()
 
+    def open_exposed_api(self, name: str = PROTECTED_API) -> None:
+        """Sign in, add the API ``name`` and expose it: where most stories start."""
+        self.sign_in()
+        self.add_api(name)
+        self.expose()
+
     @property
     def switch(self) -> Locator:
         return self.page.get_by_role("switch", name="Expose Managed API")
@@ -138,6 +144,7 @@ class Console:
     def close_secret(self) -> None:
         self.page.get_by_role("button", name="I have copied it, close").click()
         expect(self.dialog).to_have_count(0)
+        expect(self.page.locator("#secret-value")).to_have_value("")
 
     def create_internal(self, name: str) -> tuple[str, str]:
         self.start_create(INTERNAL, name)
@@ -329,9 +336,7 @@ def test_set_api_secret_shows_a_working_secret_once_and_can_replace_it(
     """ "Set API Secret" on an external key shows its new secret once; setting it again asks
     first, then the old secret stops working and the new one works."""
     page, server = console.page, console.server
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     client_id = console.create_external("Initech")
 
     console.row("Initech").get_by_role("button", name="Set API Secret for Initech").click()
@@ -357,9 +362,7 @@ def test_set_api_secret_shows_a_working_secret_once_and_can_replace_it(
 
 def test_internal_keys_offer_no_secret_to_set(console: Console) -> None:
     """Internal keys are immutable (R4): their rows have no "Set API Secret"."""
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     console.create_internal("Staff")
     row = console.row("Staff")
     expect(row.get_by_role("cell").nth(2)).to_have_text("Yes")
@@ -370,9 +373,7 @@ def test_delete_asks_naming_the_key_and_cancel_keeps_it(console: Console) -> Non
     """The ⋮ menu's "Delete key" asks for confirmation naming the key; Cancel changes nothing,
     confirming deletes it and its very next request is refused."""
     page, server = console.page, console.server
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     client_id = console.create_external("Umbrella")
     console.create_external("Keeper")
 
@@ -431,9 +432,7 @@ def test_the_sixth_key_of_a_kind_is_refused_with_the_limit(console: Console) -> 
 
 def test_a_duplicate_name_is_explained(console: Console) -> None:
     """A name already used in the API, in any case, is refused in words, naming it."""
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     console.create_external("Acme")
     console.start_create(INTERNAL, "ACME")
     expect(console.dialog.get_by_role("alert")).to_have_text(
@@ -463,9 +462,7 @@ def test_key_names_are_shown_as_text_never_as_markup(console: Console) -> None:
     """A key named like HTML is displayed literally; nothing in it runs or renders."""
     page = console.page
     hostile = "<img src=x onerror=\"document.title='pwned'\">"
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     console.create_external(hostile)
     expect(console.row(hostile)).to_be_visible()
     assert page.locator("img").count() == 0
@@ -481,9 +478,7 @@ def test_a_store_failure_while_creating_is_explained_and_can_be_retried(
     with ConsoleServer(database, timeout=0.5) as server:
         context = browser.new_context(viewport=DESKTOP)
         console = Console(context.new_page(), server)
-        console.sign_in()
-        console.add_api(PROTECTED_API)
-        console.expose()
+        console.open_exposed_api()
 
         locker = sqlite3.connect(database, timeout=10, isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
@@ -596,9 +591,7 @@ def tab_to(page: Page, target: Locator, limit: int = 40) -> None:
 
 def test_every_control_has_a_name(console: Console) -> None:
     """Every input has a label and every button a name a screen reader can say."""
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     console.create_internal("Labelled")
     console.create_external("Also labelled")
     # A name must hold a word: "⋮" or "+" alone says nothing to a screen reader.
@@ -626,9 +619,7 @@ def test_phone_width_needs_no_sideways_scrolling(browser: Browser, server: Conso
     context = browser.new_context(viewport=PHONE)
     console = Console(context.new_page(), server)
     page = console.page
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     console.create_internal(long_name)
     console.create_external("Phone")
 
@@ -668,9 +659,7 @@ def test_the_limit_can_be_changed_from_the_page(console: Console) -> None:
     """ "Keys allowed of each kind" sets the API's limit; lowering it below the count deletes
     nothing and blocks the next key."""
     page = console.page
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     console.create_external("One")
     console.create_external("Two")
     page.get_by_label("Keys allowed of each kind").fill("1")
@@ -693,12 +682,18 @@ def test_exposure_can_be_turned_off_and_on_again_from_the_page(console: Console)
     """Turning the switch off refuses the API's keys at once but keeps them (R8); on again,
     they work again."""
     page, server = console.page, console.server
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     client_id = console.create_external("Toggle")
     assert call_protected(server, client_id) == 200
     console.switch.click()
+    confirm = page.get_by_role("dialog", name="Stop exposing “orders”?")
+    expect(confirm).to_contain_text("No key is deleted.")
+    confirm.get_by_role("button", name="Cancel").click()
+    expect(console.switch).to_be_focused()
+    expect(console.switch).to_have_attribute("aria-checked", "true")
+    assert call_protected(server, client_id) == 200
+    console.switch.click()
+    confirm.get_by_role("button", name="Stop exposing").click()
     expect(console.switch).to_have_attribute("aria-checked", "false")
     expect(page.get_by_role("link", name=re.compile(r"^orders\s*Not exposed$"))).to_be_visible()
     assert call_protected(server, client_id) == 404
@@ -711,9 +706,7 @@ def test_a_double_click_on_set_api_secret_issues_one_secret(console: Console) ->
     """A double click on "Set API Secret" sends one request: the secret shown is the one that
     works (a second request would have replaced it silently)."""
     server = console.server
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     client_id = console.create_external("Hasty")
     console.row("Hasty").get_by_role("button", name="Set API Secret for Hasty").dblclick()
     _, secret = console.read_secret()
@@ -733,16 +726,16 @@ def test_copy_buttons_put_the_values_on_the_clipboard(
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.base)
     console = Console(context.new_page(), server)
     page = console.page
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     console.start_create(INTERNAL, "Clipboard")
     client_id, secret = console.read_secret()
     copy_secret = page.get_by_role("button", name="Copy the API secret")
     copy_secret.click()
     expect(copy_secret).to_have_text("Copied")
     assert page.evaluate("navigator.clipboard.readText()") == secret
-    page.get_by_role("button", name="Copy the client ID", exact=True).click()
+    copy_id = page.get_by_role("button", name="Copy the client ID", exact=True)
+    copy_id.click()
+    expect(copy_id).to_have_text("Copied")
     assert page.evaluate("navigator.clipboard.readText()") == client_id
     console.close_secret()
     copy_row = page.get_by_role("button", name="Copy the client ID of Clipboard")
@@ -777,9 +770,7 @@ def test_going_back_while_creating_closes_the_dialog_and_creates_nothing(
 def test_a_key_deleted_elsewhere_is_explained_and_the_list_refreshed(console: Console) -> None:
     """Deleting a key another operator already deleted says so in words and redraws the list."""
     page, server = console.page, console.server
-    console.sign_in()
-    console.add_api(PROTECTED_API)
-    console.expose()
+    console.open_exposed_api()
     client_id = console.create_external("Gone")
     admin(server, "DELETE", f"/apis/{PROTECTED_API}/keys/{client_id}")
     page.get_by_role("button", name="Actions for key Gone").click()
@@ -877,3 +868,59 @@ def test_a_secret_is_shown_even_if_the_operator_moved_on_while_it_was_issued(
         expect(page.get_by_role("heading", level=1, name="billing")).to_be_visible()
         context.close()
     assert console.problems == []
+
+
+def test_one_change_at_a_time_so_no_secret_is_ever_lost(browser: Browser, tmp_path: Path) -> None:
+    """While a change is being saved (here: held up by another process's write lock), a second
+    one is refused with a word of explanation and signing out waits, so the first answer and
+    its secret always reach the operator."""
+    database = tmp_path / "slow.db"
+    with ConsoleServer(database, timeout=15) as server:
+        context = browser.new_context(viewport=DESKTOP)
+        console = Console(context.new_page(), server)
+        page = console.page
+        console.open_exposed_api()
+        first_id = console.create_external("First")
+        second_id = console.create_external("Second")
+        locker = sqlite3.connect(database, timeout=10, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            page.get_by_role("button", name="Set API Secret for First").click()
+            expect(page.get_by_role("button", name="Set API Secret for First")).to_be_disabled()
+            page.get_by_role("button", name="Set API Secret for Second").click()
+            expect(page.get_by_role("status")).to_have_text(
+                "Wait a moment: the last change is still being saved."
+            )
+            expect(page.get_by_role("button", name="Sign out")).to_be_disabled()
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        shown_id, secret = console.read_secret()
+        assert shown_id == first_id
+        assert call_protected(server, first_id, secret) == 200
+        console.close_secret()
+        keys = {
+            key["client_id"]: key
+            for key in admin(server, "GET", "/apis/orders/keys").json()["keys"]
+        }
+        assert keys[second_id]["has_secret"] is False  # the refused click changed nothing
+        expect(page.get_by_role("button", name="Sign out")).to_be_enabled()
+        context.close()
+    assert console.problems == []
+
+
+def test_the_limit_field_belongs_to_its_api(console: Console) -> None:
+    """A limit typed but not saved for one API is not carried over to another one, even when
+    the cursor is still in the field."""
+    page = console.page
+    console.open_exposed_api()
+    console.add_api("billing")
+    field = page.get_by_label("Keys allowed of each kind")
+    admin(console.server, "PUT", "/apis/billing", json={"max_keys_per_kind": 2})
+    page.get_by_role("link", name=re.compile("^orders")).click()
+    expect(page.get_by_role("heading", level=1, name=PROTECTED_API)).to_be_visible()
+    field.fill("7")
+    page.go_back()  # the cursor stays in the field
+    expect(page.get_by_role("heading", level=1, name="billing")).to_be_visible()
+    expect(field).to_have_value("2")
+    expect(console.section(INTERNAL).get_by_text("0 of 2")).to_be_visible()

@@ -30,12 +30,14 @@
   const state = {
     token: null, // null: not signed in; "": the app needs no token (allow_no_auth)
     apis: [],
+    apisLoaded: false, // whether state.apis was read (an empty list then means "no APIs")
     selected: null, // the chosen API's name, from the address (#api=...)
     api: null, // the chosen API, as GET /apis/{api} answered
     keys: [],
     loads: 0, // numbers every read of the chosen API, so that only the latest is shown
-    create: null, // {api, kind} while the create dialog is open
-    confirm: null, // {run, opener} while the confirm dialog is open
+    busy: false, // a change is being saved (one at a time: see change())
+    create: null, // {api, kind, opener} while the create dialog is open
+    confirm: null, // {run, back, errorId, api} while the confirm dialog is open
     secretReturn: null, // where focus goes when the secret dialog closes
   };
 
@@ -80,12 +82,15 @@
     throw new ApiError(response.status, problem.code || null, problem.detail || "");
   }
 
-  // A call made by a signed-in user: an unaccepted token sends them back to sign in.
+  // A call made by a signed-in user: an unaccepted token sends them back to sign in (unless
+  // they signed out, or in again, while it was on its way).
   async function authorized(method, url, body) {
+    const token = state.token;
+    if (token === null) throw new ApiError(401, "unauthorized", "");
     try {
-      return await call(method, url, body);
+      return await call(method, url, body, token);
     } catch (error) {
-      if (error.code === "unauthorized") {
+      if (error.code === "unauthorized" && state.token === token) {
         signOut("Your token is no longer accepted. Sign in again.");
       }
       throw error;
@@ -168,6 +173,13 @@
     show(node, Boolean(message));
   }
 
+  // Say what is wrong with a field, next to it, and put the cursor there.
+  function invalid(field, errorId, message) {
+    setError(errorId, message);
+    field.setAttribute("aria-invalid", "true");
+    field.focus();
+  }
+
   function announce(message) {
     const node = $("announcer");
     node.textContent = "";
@@ -193,6 +205,30 @@
         button.focus();
       }
     }
+  }
+
+  // One change at a time: a second one, started before the first is answered, would race
+  // it for the page and, for a secret, for the only moment it can be shown. Signing out
+  // waits too, so that no answer arrives after the session it belongs to.
+  async function change(button, action) {
+    if (state.busy) {
+      announce("Wait a moment: the last change is still being saved.");
+      return;
+    }
+    state.busy = true;
+    $("sign-out").disabled = true;
+    try {
+      await withBusy(button, action);
+    } finally {
+      state.busy = false;
+      $("sign-out").disabled = false;
+    }
+  }
+
+  // Whether a new change may start now (else the operator is told to wait).
+  function idle() {
+    if (state.busy) announce("Wait a moment: the last change is still being saved.");
+    return !state.busy;
   }
 
   async function copy(text, button, source) {
@@ -237,7 +273,14 @@
     state.token = null;
     closeDialogs(true);
     // Nothing of the last session stays in the page.
-    Object.assign(state, { apis: [], selected: null, api: null, keys: [], loads: state.loads + 1 });
+    Object.assign(state, {
+      apis: [],
+      apisLoaded: false,
+      selected: null,
+      api: null,
+      keys: [],
+      loads: state.loads + 1,
+    });
     $("api-list").replaceChildren();
     $("internal-keys").replaceChildren();
     $("external-keys").replaceChildren();
@@ -257,19 +300,15 @@
     const field = $("token");
     const token = field.value.trim();
     if (!token) {
-      setError("sign-in-error", "Enter the management token.");
-      field.setAttribute("aria-invalid", "true");
-      field.focus();
+      invalid(field, "sign-in-error", "Enter the management token.");
       return;
     }
     await withBusy($("sign-in-submit"), async () => {
       try {
         await start(token);
       } catch (error) {
-        setError("sign-in-error", error.code === "unauthorized"
+        invalid(field, "sign-in-error", error.code === "unauthorized"
           ? "That token was not accepted. Check it and try again." : explain(error));
-        field.setAttribute("aria-invalid", "true");
-        field.focus();
       }
     });
   }
@@ -290,7 +329,10 @@
     setError("sign-in-error", "");
     $("token").value = "";
     showOnly("console");
-    if (apis) state.apis = apis.apis;
+    if (apis) {
+      state.apis = apis.apis;
+      state.apisLoaded = true;
+    }
     await route({ failure, focus: true });
   }
 
@@ -314,11 +356,15 @@
       const again = list.querySelector("a[data-api=\"" + CSS.escape(focused) + "\"]");
       if (again) again.focus();
     }
-    show($("apis-empty"), state.apis.length === 0);
+    show($("apis-empty"), state.apisLoaded && state.apis.length === 0);
   }
 
   async function refreshApiList() {
-    state.apis = (await authorized("GET", "apis")).apis;
+    const token = state.token;
+    const answer = await authorized("GET", "apis");
+    if (state.token !== token) return;
+    state.apis = answer.apis;
+    state.apisLoaded = true;
     renderApiList();
   }
 
@@ -327,15 +373,13 @@
     const input = $("new-api");
     const name = input.value.trim();
     if (!API_NAME.test(name)) {
-      setError("add-api-error", name
+      invalid(input, "add-api-error", name
         ? "“" + name + "” is not a valid API name: use letters, digits, dot, dash and " +
           "underscore, starting with a letter or digit, up to 64 characters."
         : "Enter a name for the API.");
-      input.setAttribute("aria-invalid", "true");
-      input.focus();
       return;
     }
-    await withBusy($("add-api-submit"), async () => {
+    await change($("add-api-submit"), async () => {
       try {
         const existed = state.apis.some((api) => api.name === name);
         // An empty object only creates the API (not exposed), like the gateway's new API.
@@ -367,6 +411,7 @@
   }
 
   function go(name) {
+    if (state.token === null) return;
     const hash = "#api=" + encodeURIComponent(name);
     if (location.hash === hash) route({ focus: true, refresh: true });
     else location.hash = hash; // the hashchange listener routes
@@ -374,6 +419,7 @@
 
   // Show the API the address names. A dialog about another API does not survive the change.
   async function route({ failure = null, focus = false, refresh = false } = {}) {
+    if (state.token === null) return;
     const selected = selectedFromAddress();
     if (selected !== state.selected) closeDialogs(false);
     state.selected = selected;
@@ -457,8 +503,17 @@
     $("expose").setAttribute("aria-checked", String(api.exposed));
     $("expose-state").textContent = api.exposed ? "On" : "Off";
     show($("not-exposed"), !api.exposed);
+    // The limit field keeps what the operator typed there for this API; otherwise it shows
+    // the stored value.
     const limit = $("limit");
-    if (document.activeElement !== limit) limit.value = String(api.max_keys_per_kind);
+    const stored = String(api.max_keys_per_kind);
+    if (limit.dataset.api !== api.name || limit.value === limit.dataset.shown) {
+      limit.value = stored;
+      limit.setAttribute("aria-invalid", "false");
+      setError("limit-error", "");
+    }
+    limit.dataset.api = api.name;
+    limit.dataset.shown = stored;
     for (const kind of Object.keys(KINDS)) renderKind(kind);
     // Keep the list's exposed flags in step with what was just read.
     const index = state.apis.findIndex((item) => item.name === api.name);
@@ -543,19 +598,40 @@
 
   // -- the expose switch and the limit ---------------------------------------------------------
 
-  async function toggleExpose() {
+  // Exposing is harmless; un-exposing refuses every caller at once, so it asks first.
+  function toggleExpose() {
+    if (!idle()) return;
     const api = state.selected;
-    const exposed = $("expose").getAttribute("aria-checked") !== "true";
-    await withBusy($("expose"), async () => {
-      try {
-        await authorized("PUT", "apis/" + path(api), { exposed });
-        if (api !== state.selected) return;
-        await loadApi();
-        announce("“" + api + "” is " + (exposed ? "exposed." : "no longer exposed."));
-      } catch (error) {
-        if (error.code !== "unauthorized" && api === state.selected) pageError(error, { api });
-      }
+    const switchButton = $("expose");
+    if (switchButton.getAttribute("aria-checked") !== "true") {
+      change(switchButton, async () => {
+        try {
+          await setExposed(api, true);
+        } catch (error) {
+          if (error.code !== "unauthorized" && api === state.selected) pageError(error, { api });
+        }
+      });
+      return;
+    }
+    confirmDialog({
+      title: "Stop exposing “" + api + "”?",
+      text: "Every call with its keys is refused at once, until you turn it on again. No key " +
+        "is deleted.",
+      ok: "Stop exposing",
+      api,
+      back: { element: switchButton },
+      run: async (pending) => {
+        await setExposed(api, false);
+        closeConfirm(pending);
+      },
     });
+  }
+
+  async function setExposed(api, exposed) {
+    await authorized("PUT", "apis/" + path(api), { exposed });
+    if (api !== state.selected) return;
+    await loadApi();
+    announce("“" + api + "” is " + (exposed ? "exposed." : "no longer exposed."));
   }
 
   async function saveLimit(event) {
@@ -565,18 +641,15 @@
     const value = input.value.trim();
     const limit = Number(value);
     if (!/^\d+$/.test(value) || limit > 1000) {
-      setError("limit-error", "Enter a whole number from 0 to 1000.");
-      input.setAttribute("aria-invalid", "true");
-      input.focus();
+      invalid(input, "limit-error", "Enter a whole number from 0 to 1000.");
       return;
     }
-    await withBusy($("limit-submit"), async () => {
+    await change($("limit-submit"), async () => {
       try {
         await authorized("PUT", "apis/" + path(api), { max_keys_per_kind: limit });
         if (api !== state.selected) return;
         input.setAttribute("aria-invalid", "false");
         setError("limit-error", "");
-        input.blur(); // so that the redraw shows the stored value
         await loadApi();
         announce("Up to " + limit + " keys of each kind allowed.");
       } catch (error) {
@@ -590,6 +663,7 @@
   // -- creating keys ----------------------------------------------------------------------------
 
   function openCreate(kind, opener) {
+    if (!idle()) return;
     state.create = { api: state.selected, kind, opener };
     $("create-title").textContent = "Create an " + KINDS[kind].word + " API key";
     $("create-kind").textContent = "In “" + state.selected + "”. " + KINDS[kind].create;
@@ -609,19 +683,17 @@
     const input = $("key-name");
     const name = input.value.trim();
     if (!name) {
-      setError("create-error", "Enter a name for the key.");
-      input.setAttribute("aria-invalid", "true");
-      input.focus();
+      invalid(input, "create-error", "Enter a name for the key.");
       return;
     }
-    await withBusy($("create-save"), async () => {
+    await change($("create-save"), async () => {
       try {
         const key = await authorized("POST", "apis/" + path(api, "keys"), { name, kind });
         if (state.create === pending) $("create-dialog").close();
         if (api === state.selected) await loadApi();
         if (key.secret) {
           // Even if the operator moved on meanwhile: this is the only time it can be shown.
-          showSecret(api, key, key.secret, { opener });
+          showSecret(api, key, key.secret, { element: opener });
         } else if (api === state.selected) {
           announce("External key “" + key.name + "” created. It has no secret yet.");
           focusInRow(key.client_id, "Set API Secret for " + key.name);
@@ -646,36 +718,66 @@
 
   // The one moment a secret is on screen. However the dialog closes, its "close" handler
   // wipes the secret from the page.
-  function showSecret(api, key, secret, { opener = null, clientId = null, label = null } = {}) {
+  function showSecret(api, key, secret, back) {
     $("secret-key").textContent = "The " + KINDS[key.kind].word + " key “" + key.name +
       "” of the API “" + api + "”";
     $("secret-lost").textContent = KINDS[key.kind].lost;
     $("secret-client-id").value = key.client_id;
     $("secret-value").value = secret;
-    state.secretReturn = { opener, clientId, label };
+    state.secretReturn = back;
     $("secret-dialog").showModal();
     $("secret-value").focus();
     $("secret-value").select();
   }
 
-  function secretClosed() {
+  function wipeSecret() {
     $("secret-value").value = "";
     $("secret-client-id").value = "";
     getSelection().removeAllRanges();
+  }
+
+  function closeSecret() {
+    wipeSecret(); // at once, not when the browser gets round to the "close" event
+    $("secret-dialog").close();
+  }
+
+  function secretClosed() {
+    wipeSecret();
     const back = state.secretReturn;
     state.secretReturn = null;
+    restoreFocus(back);
+  }
+
+  // Put the focus back where an action came from: a control of a key's row (found again by
+  // client id and label, as the rows are redrawn), else an element, else the API's heading.
+  function restoreFocus(back) {
     if (!back) return;
     if (back.clientId && focusInRow(back.clientId, back.label)) return;
-    if (back.opener && back.opener.isConnected) back.opener.focus();
+    const target = back.element;
+    if (target && target.isConnected && target.getClientRects().length > 0) {
+      target.focus();
+    } else if (!$("api-detail").hidden) {
+      $("api-title").focus();
+    }
   }
 
   // -- setting an external key's secret ------------------------------------------------------
 
   function askSetSecret(key, button) {
+    if (!idle()) return;
     const api = state.selected;
+    const back = { clientId: key.client_id, label: "Set API Secret for " + key.name };
     setError(key.kind + "-error", "");
     if (!key.has_secret) {
-      withBusy(button, () => setSecret(api, key));
+      change(button, async () => {
+        try {
+          await setSecret(api, key, back);
+        } catch (error) {
+          if (error.code === "unauthorized" || api !== state.selected) return;
+          setError(key.kind + "-error", explain(error, { api, kind: key.kind }));
+          if (error.code === "key_not_found") loadApi();
+        }
+      });
       return;
     }
     confirmDialog({
@@ -683,25 +785,19 @@
       text: "A new secret is generated and the current one stops working at once: callers " +
         "using it are refused until they get the new one.",
       ok: "Replace secret",
-      opener: button,
-      run: () => setSecret(api, key, true),
+      api,
+      back,
+      errorId: key.kind + "-error",
+      run: (pending) => setSecret(api, key, back, pending),
     });
   }
 
-  async function setSecret(api, key, fromDialog = false) {
-    const label = "Set API Secret for " + key.name;
-    try {
-      const answer = await authorized("PUT",
-        "apis/" + path(api, "keys", key.client_id, "secret"));
-      if (fromDialog) $("confirm-dialog").close();
-      if (api === state.selected) await loadApi();
-      showSecret(api, key, answer.secret, { clientId: key.client_id, label });
-    } catch (error) {
-      if (error.code === "unauthorized") return;
-      if (fromDialog) throw error;
-      setError(key.kind + "-error", explain(error, { api, kind: key.kind }));
-      if (error.code === "key_not_found") loadApi();
-    }
+  async function setSecret(api, key, back, pending = null) {
+    const answer = await authorized("PUT", "apis/" + path(api, "keys", key.client_id, "secret"));
+    if (pending) closeConfirm(pending); // first, so that it does not take the focus back
+    if (api === state.selected) await loadApi();
+    // Even if the operator moved on meanwhile: this is the only time it can be shown.
+    showSecret(api, key, answer.secret, back);
   }
 
   // -- the ⋮ menu and deleting keys ----------------------------------------------------------------
@@ -767,7 +863,7 @@
     });
     remove.addEventListener("click", () => {
       close(false);
-      askDelete(state.selected, key, button);
+      askDelete(state.selected, key);
     });
     return el("div", { class: "menu-wrap" }, button, menu);
   }
@@ -778,47 +874,63 @@
     }
   }
 
-  function askDelete(api, key, opener) {
+  function askDelete(api, key) {
+    if (!idle()) return;
     confirmDialog({
       title: "Delete key “" + key.name + "”?",
       text: "Callers using the " + KINDS[key.kind].word + " key “" + key.name + "” (client id " +
         key.client_id + ") are refused from their next request. This cannot be undone.",
       ok: "Delete key",
-      opener,
-      run: async () => {
+      api,
+      back: { clientId: key.client_id, label: "Actions for key " + key.name },
+      errorId: key.kind + "-error",
+      run: async (pending) => {
         await authorized("DELETE", "apis/" + path(api, "keys", key.client_id));
-        if (state.confirm) state.confirm.opener = $(key.kind + "-title"); // its row is gone
-        $("confirm-dialog").close();
+        pending.back = { element: $(key.kind + "-title") }; // its row is gone
+        closeConfirm(pending);
         if (api === state.selected) await loadApi();
         announce("Key “" + key.name + "” deleted.");
       },
     });
   }
 
-  function confirmDialog({ title, text, ok, run, opener }) {
+  // Ask before a change that cannot be taken back; run(pending) makes it.
+  function confirmDialog({ title, text, ok, run, api, back, errorId = null }) {
     $("confirm-title").textContent = title;
     $("confirm-text").textContent = text;
     $("confirm-ok").textContent = ok;
     setError("confirm-error", "");
-    state.confirm = { run, opener: opener || document.activeElement };
+    state.confirm = { run, api, back, errorId };
     $("confirm-dialog").showModal();
     $("confirm-cancel").focus(); // the safe choice has the focus
+  }
+
+  // Close the confirm dialog if it is still the one this action was confirmed in.
+  function closeConfirm(pending) {
+    if (state.confirm === pending) $("confirm-dialog").close();
   }
 
   async function confirmed() {
     const pending = state.confirm;
     if (!pending) return;
-    await withBusy($("confirm-ok"), async () => {
+    await change($("confirm-ok"), async () => {
       try {
-        await pending.run();
+        await pending.run(pending);
       } catch (error) {
-        if (error.code === "unauthorized" || state.confirm !== pending) return;
+        if (error.code === "unauthorized") return;
+        if (state.confirm !== pending) {
+          // The dialog was closed meanwhile: say it next to the section instead.
+          if (pending.errorId && pending.api === state.selected) {
+            setError(pending.errorId, explain(error, { api: pending.api }));
+          }
+          return;
+        }
         if (error.code === "key_not_found") {
-          $("confirm-dialog").close();
+          closeConfirm(pending);
           await loadApi();
           setPageError(explain(error));
         } else {
-          setError("confirm-error", explain(error));
+          setError("confirm-error", explain(error, { api: pending.api }));
         }
       }
     });
@@ -827,8 +939,7 @@
   function confirmClosed() {
     const pending = state.confirm;
     state.confirm = null;
-    const opener = pending && pending.opener;
-    if (opener && opener.isConnected) opener.focus();
+    if (pending) restoreFocus(pending.back);
   }
 
   // Close the create and confirm dialogs (their subject changed); the secret dialog too only
@@ -838,7 +949,7 @@
       if ($(id).open) $(id).close();
     }
     state.create = null;
-    if (includingSecret && $("secret-dialog").open) $("secret-dialog").close();
+    if (includingSecret && $("secret-dialog").open) closeSecret();
   }
 
   // -- wiring -----------------------------------------------------------------------------------
@@ -858,7 +969,7 @@
     $("create-dialog").addEventListener("close", () => {
       state.create = null;
     });
-    $("secret-done").addEventListener("click", () => $("secret-dialog").close());
+    $("secret-done").addEventListener("click", closeSecret);
     // Escape must not throw away a secret that may not have been copied yet (closedby="none"
     // says the same to browsers that know it).
     $("secret-dialog").addEventListener("cancel", (event) => event.preventDefault());
