@@ -689,8 +689,9 @@
     await change($("create-save"), async () => {
       try {
         const key = await authorized("POST", "apis/" + path(api, "keys"), { name, kind });
-        if (state.create === pending) $("create-dialog").close();
+        // The dialog closes once the page shows the new key: then the change is complete.
         if (api === state.selected) await loadApi();
+        if (state.create === pending) $("create-dialog").close();
         if (key.secret) {
           // Even if the operator moved on meanwhile: this is the only time it can be shown.
           showSecret(api, key, key.secret, { element: opener });
@@ -794,8 +795,8 @@
 
   async function setSecret(api, key, back, pending = null) {
     const answer = await authorized("PUT", "apis/" + path(api, "keys", key.client_id, "secret"));
-    if (pending) closeConfirm(pending); // first, so that it does not take the focus back
     if (api === state.selected) await loadApi();
+    if (pending) closeConfirm(pending); // before the secret opens, so as not to take its focus
     // Even if the operator moved on meanwhile: this is the only time it can be shown.
     showSecret(api, key, answer.secret, back);
   }
@@ -886,9 +887,9 @@
       errorId: key.kind + "-error",
       run: async (pending) => {
         await authorized("DELETE", "apis/" + path(api, "keys", key.client_id));
+        if (api === state.selected) await loadApi();
         pending.back = { element: $(key.kind + "-title") }; // its row is gone
         closeConfirm(pending);
-        if (api === state.selected) await loadApi();
         announce("Key “" + key.name + "” deleted.");
       },
     });
