@@ -211,10 +211,7 @@
   // it for the page and, for a secret, for the only moment it can be shown. Signing out
   // waits too, so that no answer arrives after the session it belongs to.
   async function change(button, action) {
-    if (state.busy) {
-      announce("Wait a moment: the last change is still being saved.");
-      return;
-    }
+    if (!idle()) return;
     state.busy = true;
     $("sign-out").disabled = true;
     try {
