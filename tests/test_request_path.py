@@ -204,7 +204,9 @@ class SlowContext:
         return "slow"
 
 
-async def test_verification_flood_is_refused_past_the_deadline() -> None:
+async def test_verification_flood_is_refused_past_the_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Wrong secrets that cannot start verifying within the store's timeout get 503 with
     Retry-After; verifications that got a slot, and later valid callers, still succeed."""
     slow = SlowContext()
@@ -219,6 +221,7 @@ async def test_verification_flood_is_refused_past_the_deadline() -> None:
         Starlette(routes=[Route("/echo", echo)]), store=store, api="orders", hasher=hasher
     )
     statuses: list[int] = []
+    caplog.set_level(logging.DEBUG, logger="keyguard")
 
     async def wrong() -> None:
         sent = await run_asgi(
@@ -240,6 +243,8 @@ async def test_verification_flood_is_refused_past_the_deadline() -> None:
                 await anyio.sleep(0.05)
         slow.release.set()
     assert sorted(statuses) == [401, 401, 503, 503, 503, 503]
+    busy = [r for r in caplog.records if "no secret verification could start" in r.getMessage()]
+    assert len(busy) == 4
     valid = [
         (b"x-ibm-client-id", key.client_id.encode()),
         (b"x-ibm-client-secret", key.secret.encode()),
