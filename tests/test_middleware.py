@@ -499,7 +499,8 @@ async def test_state_is_set_in_the_requests_own_dict(store: KeyStore, keys: Keys
         seen.append(scope)
 
     scope = http_scope("/x", [(b"x-ibm-client-id", keys.external_id.encode())])
-    scope["state"] = request_state = dict(lifespan_state)  # what ASGI servers do
+    request_state: dict[str, Any] = dict(lifespan_state)  # what ASGI servers do
+    scope["state"] = request_state
     await run_asgi(KeyGuard(app, store=store, api="orders"), scope)
     assert lifespan_state == {"db": "pool"}
     assert request_state["keyguard"].client_id == keys.external_id

@@ -131,7 +131,7 @@ async def test_secret_is_stripped_on_excluded_paths() -> None:
 
 async def test_query_secret_removal_keeps_every_other_byte() -> None:
     """Only the client_secret parameter's bytes leave the raw query string."""
-    store, client_id = await exposed_store()
+    store, _ = await exposed_store()
     manager = KeyManager(store)
     issued = await manager.create_key("orders", name="Staff", kind="internal")
     assert issued.secret is not None
@@ -210,7 +210,7 @@ async def test_verification_flood_is_refused_past_the_deadline(
     """Wrong secrets that cannot start verifying within the store's timeout get 503 with
     Retry-After; verifications that got a slot, and later valid callers, still succeed."""
     slow = SlowContext()
-    hasher = SecretHasher(slow, offload=True, offload_threads=2)  # type: ignore[arg-type]
+    hasher = SecretHasher(slow, offload=True, offload_threads=2)
     store = MemoryStore()
     store.timeout = 0.2  # type: ignore[attr-defined]
     manager = KeyManager(store, hasher=hasher)
@@ -221,6 +221,7 @@ async def test_verification_flood_is_refused_past_the_deadline(
         Starlette(routes=[Route("/echo", echo)]), store=store, api="orders", hasher=hasher
     )
     statuses: list[int] = []
+    four_refused = anyio.Event()
     caplog.set_level(logging.DEBUG, logger="keyguard")
 
     async def wrong() -> None:
@@ -232,6 +233,8 @@ async def test_verification_flood_is_refused_past_the_deadline(
             ),
         )
         statuses.append(sent[0]["status"])
+        if statuses.count(503) == 4:
+            four_refused.set()
         if sent[0]["status"] == 503:
             assert (b"retry-after", b"2") in sent[0]["headers"]
 
@@ -239,8 +242,7 @@ async def test_verification_flood_is_refused_past_the_deadline(
         for _ in range(6):
             tg.start_soon(wrong)
         with anyio.fail_after(20):
-            while len(statuses) < 4:
-                await anyio.sleep(0.05)
+            await four_refused.wait()
         slow.release.set()
     assert sorted(statuses) == [401, 401, 503, 503, 503, 503]
     busy = [r for r in caplog.records if "no secret verification could start" in r.getMessage()]
