@@ -105,6 +105,28 @@ async def test_routes_using_the_dependency_declare_security(store: MemoryStore) 
     assert "parameters" not in paths["/whoami"]["get"]
 
 
+async def test_document_keyguard_states_the_requirement_and_refusals(store: MemoryStore) -> None:
+    """document_keyguard makes the requirement "id and secret, or id alone" and lists the
+    400/401/404/503 refusals with IBM's body schema on protected operations only."""
+    from keyguard.fastapi import document_keyguard
+
+    app = build(store)
+    document_keyguard(app)
+    async with client(app) as c:
+        document = (await c.get("/openapi.json")).json()
+    paths = document["paths"]
+    expected: list[dict[str, list[str]]] = [{"ClientId": [], "ClientSecret": []}, {"ClientId": []}]
+    assert paths["/whoami"]["get"]["security"] == expected
+    assert paths["/guarded"]["get"]["security"] == expected
+    for status in ("400", "401", "404", "503"):
+        content = paths["/whoami"]["get"]["responses"][status]["content"]
+        ref = content["application/json"]["schema"]["$ref"]
+        assert ref == "#/components/schemas/KeyGuardRefusal"
+    assert "401" not in paths["/public"]["get"]["responses"]
+    schema = document["components"]["schemas"]["KeyGuardRefusal"]
+    assert schema["required"] == ["httpCode", "httpMessage", "moreInformation"]
+
+
 async def test_handler_receives_the_authenticated_key(store: MemoryStore) -> None:
     """A ``CurrentKey`` parameter is the ``KeyInfo`` KeyGuard authenticated."""
     key = await issue(store)

@@ -24,10 +24,9 @@ async def noop_app(scope: object, receive: object, send: object) -> None:
     raise AssertionError("no request here may reach the app")
 
 
-async def test_unknown_id_wrong_secret_and_secretless_cost_the_same() -> None:
-    """Unknown client id, wrong secret, and a secret sent to a secretless key: the same work
-    (one slow verification each), the same response shape; a request that does no
-    verification at all is far cheaper, which shows the measurement can tell them apart."""
+async def test_wrong_secret_and_secretless_cost_the_same() -> None:
+    """A wrong secret and a secret sent to a secretless key share a message and cost the same
+    (one slow verification each); an unknown id, whose message differs, costs none."""
     context = CryptContext(schemes=["pbkdf2_sha256"], pbkdf2_sha256__default_rounds=40_000)
     hasher = SecretHasher(context, offload=False)
     store = MemoryStore()
@@ -58,9 +57,10 @@ async def test_unknown_id_wrong_secret_and_secretless_cost_the_same() -> None:
             times[name].append(time.perf_counter() - start)
             shapes[name].add((sent[0]["status"], tuple(h for h, _ in sent[0]["headers"])))
     median = {name: statistics.median(t) for name, t in times.items()}
-    verified = [median["unknown id"], median["wrong secret"], median["secretless key"]]
+    verified = [median["wrong secret"], median["secretless key"]]
     assert max(verified) / min(verified) < 1.5, median
     assert median["no secret sent"] * 5 < min(verified), median
+    assert median["unknown id"] * 5 < min(verified), median  # no dummy verification
     # Same status and the same header names for all three: only the message differs.
     assert shapes["unknown id"] == shapes["wrong secret"] == shapes["secretless key"]
     assert len(shapes["unknown id"]) == 1

@@ -19,21 +19,25 @@ receives the :class:`~keyguard.KeyInfo` the ``KeyGuard`` middleware put in
 ``request.state.keyguard``. The middleware does the checking; these
 dependencies only describe it and hand its result over.
 
-FastAPI lists the schemes as alternatives (it cannot say "the id, plus the
-secret where the key has one"); which ones a key needs is keyguard's business.
+FastAPI on its own lists the schemes as alternatives, which reads as if the
+secret alone were enough, and knows nothing of KeyGuard's refusals. Call
+``document_keyguard(app)`` once: each protected operation then requires "id
+and secret, or id alone" (``[{"ClientId": [], "ClientSecret": []},
+{"ClientId": []}]``) and lists the 400, 401, 404 and 503 refusals with IBM's
+body schema.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the dependency's
 # annotations at runtime, and they name local variables.
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from keyguard.errors import ConfigurationError
 from keyguard.middleware import DEFAULT_CLIENT_ID_HEADER, DEFAULT_CLIENT_SECRET_HEADER
 from keyguard.models import KeyInfo
 
 try:
-    from fastapi import Depends, Request, Security
+    from fastapi import Depends, FastAPI, Request, Security
     from fastapi.security import APIKeyHeader
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess without fastapi
     raise ConfigurationError("keyguard.fastapi needs: pip install 'keyguard[fastapi]'") from exc
@@ -43,6 +47,7 @@ __all__ = [
     "CLIENT_SECRET_SCHEME",
     "CurrentKey",
     "current_key",
+    "document_keyguard",
     "key_dependency",
 ]
 
@@ -99,3 +104,68 @@ current_key = key_dependency()
 
 CurrentKey = Annotated[KeyInfo, Depends(current_key)]
 """A handler parameter annotated ``CurrentKey`` receives the caller's ``KeyInfo``."""
+
+
+REFUSAL_SCHEMA_NAME = "KeyGuardRefusal"
+_REFUSAL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A refusal in IBM's gateway format.",
+    "properties": {
+        "httpCode": {"type": "string", "examples": ["401"]},
+        "httpMessage": {"type": "string", "examples": ["Unauthorized"]},
+        "moreInformation": {"type": "string", "examples": ["Client id not registered."]},
+    },
+    "required": ["httpCode", "httpMessage", "moreInformation"],
+}
+_REFUSALS = {
+    "400": "Multiple client id or secret values in the request.",
+    "401": "Client id missing, not registered, or an invalid client id or secret.",
+    "404": "The API is unknown or not exposed.",
+    "503": "The key store is unavailable; retry after Retry-After seconds.",
+}
+
+
+def document_keyguard(app: FastAPI) -> None:
+    """Make ``app``'s OpenAPI document say what KeyGuard requires and answers.
+
+    Every operation that uses the key's security schemes requires "id and
+    secret, or id alone", and lists KeyGuard's refusals (400, 401, 404, 503)
+    with IBM's body schema. Call it once, after the routes are added or before:
+    the document is rewritten when it is first built.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        reference = {"$ref": f"#/components/schemas/{REFUSAL_SCHEMA_NAME}"}
+        used = False
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                if not isinstance(operation, dict):
+                    continue
+                schemes = {name for entry in operation.get("security", []) for name in entry}
+                if CLIENT_ID_SCHEME not in schemes:
+                    continue
+                used = True
+                operation["security"] = [
+                    {CLIENT_ID_SCHEME: [], CLIENT_SECRET_SCHEME: []},
+                    {CLIENT_ID_SCHEME: []},
+                ]
+                responses = operation.setdefault("responses", {})
+                for status, description in _REFUSALS.items():
+                    responses.setdefault(
+                        status,
+                        {
+                            "description": description,
+                            "content": {"application/json": {"schema": reference}},
+                        },
+                    )
+        if used:
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas[REFUSAL_SCHEMA_NAME] = _REFUSAL_SCHEMA
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]

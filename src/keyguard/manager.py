@@ -35,6 +35,7 @@ __all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "Denial", "Ke
 DEFAULT_MAX_KEYS_PER_KIND = 5
 MAX_KEYS_PER_KIND_LIMIT = 1000
 _MAX_MEMO = 10_000
+DEFAULT_STORE_TIMEOUT = 3.0
 
 logger = logging.getLogger("keyguard")
 
@@ -72,6 +73,7 @@ class KeyManager:
         self.max_keys_per_kind = _validate_limit(max_keys_per_kind)
         self.hasher = SecretHasher() if hasher is None else hasher
         self._infos: dict[str, tuple[KeyRecord, KeyInfo]] = {}
+        self._verify_deadline = store_timeout(store)
 
     def __repr__(self) -> str:
         return f"KeyManager({self.store!r}, max_keys_per_kind={self.max_keys_per_kind})"
@@ -205,11 +207,13 @@ class KeyManager:
         """Check one request's credentials for ``api`` (a valid API name), SPEC §4's order.
 
         Costs one store lookup. An id keyguard could never have issued is not
-        looked up (the API's state still is: a 404 comes before a 401). A
-        secret is checked whenever one is sent, against a dummy hash if there
-        is nothing real to check it against, so that an unknown id, a wrong
-        secret and a secret sent to a secretless key cost the same.
-        May raise ``StoreUnavailable``.
+        looked up (the API's state still is: a 404 comes before a 401). An
+        unknown id costs no verification: its refusal already says it is
+        unknown. The refusals that share a message cost the same: a wrong
+        secret and a secret sent to a secretless key (checked against a dummy
+        hash) are each one verification. A verification that cannot start
+        within the store's timeout raises ``VerificationBusy`` (a
+        ``StoreUnavailable``), as may the lookup itself.
         """
         plausible = client_id is not None and could_be_client_id(client_id)
         exposed, record = await self.store.lookup(api, client_id if plausible else None)
@@ -218,19 +222,16 @@ class KeyManager:
         if client_id is None:
             return Denial.CLIENT_ID_MISSING
         if record is None:
-            # A malformed id is public knowledge (the format is documented), so
-            # only a well-formed one pays for a dummy verification.
-            if secret is not None and plausible:
-                await self.hasher.verify(client_id, secret, None)
             return Denial.CLIENT_ID_NOT_REGISTERED
         stored_hash = record.secret_hash
+        deadline = self._verify_deadline
         if stored_hash is None:
             if secret is not None:
-                await self.hasher.verify(client_id, secret, None)
+                await self.hasher.verify(client_id, secret, None, deadline=deadline)
                 return Denial.INVALID_SECRET
         elif secret is None or not (
             self.hasher.remembered(client_id, secret, stored_hash)
-            or await self.hasher.verify(client_id, secret, stored_hash)
+            or await self.hasher.verify(client_id, secret, stored_hash, deadline=deadline)
         ):
             return Denial.INVALID_SECRET
         return self._info(record)
@@ -252,6 +253,15 @@ class KeyManager:
         if record is None:
             raise KeyNotFound(f"API {api!r} has no key {client_id!r}")
         return record
+
+
+def store_timeout(store: object) -> float:
+    """The ``timeout`` of ``store`` (or of the store a cache wraps); 3 s if it has none."""
+    for candidate in (store, getattr(store, "store", None)):
+        value = getattr(candidate, "timeout", None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return DEFAULT_STORE_TIMEOUT
 
 
 def _validate_limit(value: object) -> int:

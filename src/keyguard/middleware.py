@@ -11,14 +11,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keyguard.errors import ConfigurationError, InvalidRequest
+from keyguard.errors import ApiNotFound, ConfigurationError, InvalidRequest
 from keyguard.manager import Denial, KeyManager
 from keyguard.models import API_NAME_PATTERN, KeyInfo, validate_api_name
-from keyguard.secrets import SecretHasher
+from keyguard.secrets import SecretHasher, VerificationBusy
 from keyguard.stores.base import KeyStore
 
 __all__ = ["KeyGuard"]
@@ -29,6 +29,8 @@ DEFAULT_CLIENT_ID_HEADER = "X-IBM-Client-Id"
 DEFAULT_CLIENT_SECRET_HEADER = "X-IBM-Client-Secret"  # noqa: S105 - a header name
 RETRY_AFTER_SECONDS = 2
 FAILURE_LOG_INTERVAL = 10  # seconds between two WARNING records of store failures
+NOT_FOUND_LOG_INTERVAL = 60  # seconds between two WARNING records of one API's 404s
+_MAX_NOT_FOUND_WARNINGS = 20  # distinct APIs warned about per interval (made-up names)
 
 _NOT_FOUND = "No resources match requested URI"
 _MISSING = "Client id missing."
@@ -98,12 +100,18 @@ class KeyGuard:
       with a trailing ``/*`` (``"/docs/*"`` opens ``/docs`` and ``/docs/…``, never
       ``/docs-admin``).
     * ``strip_secret`` — remove the secret header (and query parameter) before the
-      app sees the request (default ``True``).
+      app sees the request, excluded paths included (default ``True``).
+    * ``allow_preflight`` — let a CORS preflight (``OPTIONS`` with ``Origin`` and
+      ``Access-Control-Request-Method``) through without credentials (default
+      ``False``: anyone can send those headers; put ``CORSMiddleware`` outside
+      ``KeyGuard`` instead).
     * ``hasher`` — a :class:`~keyguard.secrets.SecretHasher` for a non-default
       passlib context; it must match the one keys were created with.
 
-    On success the app finds a :class:`~keyguard.KeyInfo` in
-    ``scope["state"]["keyguard"]`` (``request.state.keyguard`` in Starlette).
+    Exclusions match the path the app routes on (``scope["path"]`` less
+    ``scope["root_path"]``). On success the app finds a :class:`~keyguard.KeyInfo`
+    in ``scope["state"]["keyguard"]`` (``request.state.keyguard`` in Starlette),
+    set in the request's own state dict so middleware outside sees it too.
     """
 
     def __init__(
@@ -117,6 +125,7 @@ class KeyGuard:
         query_credentials: bool = False,
         exclude_paths: Iterable[str] = (),
         strip_secret: bool = True,
+        allow_preflight: bool = False,
         hasher: SecretHasher | None = None,
     ) -> None:
         self.app = app
@@ -136,6 +145,7 @@ class KeyGuard:
             raise ConfigurationError("client_id_header and client_secret_header must differ")
         self._query = bool(query_credentials)
         self._strip = bool(strip_secret)
+        self._preflight = bool(allow_preflight)
         exact: set[str] = set()
         prefixes: list[str] = []
         for path in [exclude_paths] if isinstance(exclude_paths, str) else exclude_paths:
@@ -149,6 +159,7 @@ class KeyGuard:
         self._exclude_prefixes = tuple(prefixes)
         self._refusals: dict[str, _ApiRefusals] = {}
         self._last_failure_warning = -float(FAILURE_LOG_INTERVAL)
+        self._not_found_warned: dict[str, float] = {}
         if self._api_name is not None:
             self._refusals[self._api_name] = _ApiRefusals(self._api_name)
 
@@ -161,12 +172,16 @@ class KeyGuard:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            # The path the app routes on, as Starlette's router sees it.
+            path = path[len(root_path) :] or "/"
         if (
             path in self._exclude_exact
             or (self._exclude_prefixes and self._excluded_prefix(path))
-            or (scope.get("method") == "OPTIONS" and _is_preflight(scope))
+            or (self._preflight and scope.get("method") == "OPTIONS" and _is_preflight(scope))
         ):
-            await self.app(scope, receive, send)
+            await self.app(self._stripped(scope) if self._strip else scope, receive, send)
             return
 
         id_header = self._id_header
@@ -208,28 +223,82 @@ class KeyGuard:
             return
         try:
             result = await self.manager.authenticate(api, client_id_text, secret_text)
+        except VerificationBusy as exc:
+            logger.debug("answering 503: %s", exc)
+            await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
+            return
         except Exception as exc:
             self._log_store_failure(exc)
             await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
             return
         if not isinstance(result, KeyInfo):
+            if result is Denial.API_NOT_AVAILABLE:
+                await self._log_not_found(api)
             refusals = self._refusals.get(api)
             if refusals is None:
                 refusals = self._remember_refusals(api)
             await _refuse(scope, receive, send, refusals.by_denial[result])
             return
 
+        # The request's own state dict, changed in place: middleware outside KeyGuard
+        # (an access logger) sees who called. Servers copy the lifespan state per request.
         state = scope.get("state")
-        child = dict(scope)
-        child["state"] = {**state, "keyguard": result} if state else {"keyguard": result}
-        if self._strip:
+        if state is None:
+            state = scope["state"] = {}
+        state["keyguard"] = result
+        if self._strip and (secret_pair is not None or query_secret):
+            child = dict(scope)
             if secret_pair is not None:
                 headers = list(scope["headers"])
                 headers.remove(secret_pair)
                 child["headers"] = headers
-            elif query_secret:
+            else:
                 child["query_string"] = _without_secret(scope["query_string"])
-        await self.app(child, receive, send)
+            scope = child
+        await self.app(scope, receive, send)
+
+    def _stripped(self, scope: Scope) -> Scope:
+        """``scope`` without the secret header (or query parameter), for excluded paths."""
+        secret_header = self._secret_header
+        headers = scope["headers"]
+        if any(name == secret_header for name, _ in headers):
+            scope = dict(scope)
+            scope["headers"] = [pair for pair in headers if pair[0] != secret_header]
+        if self._query and b"client_secret" in scope.get("query_string", b""):
+            scope = dict(scope)
+            scope["query_string"] = _without_secret(scope["query_string"])
+        return scope
+
+    async def _log_not_found(self, api: str) -> None:
+        # A forgotten expose() or a wrong database file shows up in the log: once per
+        # API per minute, and for at most a few APIs per minute (made-up names).
+        now = time.monotonic()
+        warned = self._not_found_warned
+        last = warned.get(api)
+        if last is not None and now - last < NOT_FOUND_LOG_INTERVAL:
+            return
+        for name, at in list(warned.items()):
+            if now - at >= NOT_FOUND_LOG_INTERVAL:
+                del warned[name]
+        if len(warned) >= _MAX_NOT_FOUND_WARNINGS:
+            logger.debug("api %s is unknown or not exposed, answering 404", api)
+            return
+        warned[api] = now
+        try:
+            reason = "not exposed" if not (await self.manager.get_api(api)).exposed else None
+        except ApiNotFound:
+            reason = "unknown"
+        except Exception:
+            reason = "unknown or not exposed"
+        if reason is None:  # exposed meanwhile
+            return
+        logger.warning(
+            "api %s is %s in %s: answering 404 (repeats within %d s not logged)",
+            api,
+            reason,
+            _describe(self.manager.store),
+            NOT_FOUND_LOG_INTERVAL,
+        )
 
     def _log_store_failure(self, exc: Exception) -> None:
         # An outage fails every request: one warning (with the traceback) per
@@ -281,21 +350,30 @@ def _header_name(value: object, option: str) -> bytes:
     return value.lower().encode("ascii")
 
 
+def _describe(store: object) -> str:
+    description = getattr(store, "description", None)
+    return description if isinstance(description, str) else repr(store)
+
+
 def _is_preflight(scope: Scope) -> bool:
     names = {name for name, _ in scope["headers"]}
     return b"origin" in names and b"access-control-request-method" in names
 
 
 def _without_secret(query_string: bytes) -> bytes:
-    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
-    return urlencode([(k, v) for k, v in pairs if k != "client_secret"]).encode("latin-1")
+    """The raw query string less its ``client_secret`` parameters, every other byte kept."""
+    kept = [part for part in query_string.split(b"&") if part.split(b"=", 1)[0] != b"client_secret"]
+    return b"&".join(kept)
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, refusal: _Refusal) -> None:
     status, headers, body, close_code = refusal
     if scope["type"] == "http":
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        # A HEAD refusal: the same status and headers (Content-Length too), no body.
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
         return
     # A websocket handshake: read the connect event, then refuse.
     message: Message = await receive()

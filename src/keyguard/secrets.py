@@ -10,7 +10,9 @@ Key stretching exists to slow down guessing of low-entropy passwords; a
 256-bit random secret cannot be guessed however fast the hash is, so extra
 rounds would only cost every request. Users whose policy demands a slow
 scheme pass their own ``CryptContext``; verification then runs in a worker
-thread so the event loop is never blocked.
+thread so the event loop is never blocked, and a verification that cannot
+start within its deadline is refused (``VerificationBusy``, a 503 on the
+request path) instead of queueing without end.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ import hmac
 import os
 import secrets as _secrets
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from passlib.context import CryptContext
+
+from keyguard.errors import StoreUnavailable
 
 __all__ = [
     "CLIENT_ID_LENGTH",
     "DEFAULT_CONTEXT",
     "SecretHasher",
+    "VerificationBusy",
     "could_be_client_id",
     "new_client_id",
     "new_secret",
@@ -43,6 +49,12 @@ DEFAULT_CONTEXT = CryptContext(
     pbkdf2_sha256__default_rounds=1,
 )
 """The default context: salted PBKDF2-SHA256, one round (see the module docstring)."""
+
+
+class VerificationBusy(StoreUnavailable):
+    """Every verification slot stayed busy past the deadline: answered like an outage (503)."""
+
+    code = "verification_busy"
 
 
 def new_client_id() -> str:
@@ -71,16 +83,19 @@ class SecretHasher:
     same secret costs one SHA-256 instead of a passlib verification. (A
     digest of a 256-bit random secret cannot be reversed, and only secrets
     that verified are remembered.) A wrong secret is always verified in full,
-    and so is an unknown client id against a dummy hash: neither is cheaper
-    than the other.
+    and so is a secret sent to a key that has none, against a dummy hash:
+    the two share a refusal message, so neither is cheaper than the other.
 
     ``offload`` runs passlib in worker threads; it defaults to on for any
     context other than the default one, since only the default is known to
     be fast. At most ``offload_threads`` verifications run at once (default:
     one less than the CPU count, at least one), so a burst of slow
     verifications — say, a flood of wrong secrets — always leaves a core to
-    the event loop; the rest wait their turn. ``max_remembered`` bounds the
-    memory of verified secrets.
+    the event loop; the rest wait their turn, but only until the deadline
+    ``verify`` is given: past it the verification is refused with
+    ``VerificationBusy``. A flood of wrong secrets then costs its sender
+    refusals while a valid caller waits at most that long for a slot.
+    ``max_remembered`` bounds the memory of verified secrets.
     """
 
     def __init__(
@@ -100,6 +115,10 @@ class SecretHasher:
         # client_id -> (stored hash, SHA-256 of the secret that matched it)
         self._verified: dict[str, tuple[str, bytes]] = {}
         self._lock = threading.Lock()
+        # One semaphore per event loop (asyncio primitives belong to one loop).
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"SecretHasher(scheme={self.context.default_scheme()!r}, offload={self.offload})"
@@ -123,17 +142,41 @@ class SecretHasher:
             and hmac.compare_digest(seen[1], hashlib.sha256(secret.encode()).digest())
         )
 
-    async def verify(self, client_id: str, secret: str, stored_hash: str | None) -> bool:
+    async def verify(
+        self,
+        client_id: str,
+        secret: str,
+        stored_hash: str | None,
+        *,
+        deadline: float | None = None,
+    ) -> bool:
         """Whether ``secret`` matches ``stored_hash``, by a full passlib verification.
 
-        With ``stored_hash=None`` (unknown key, or a key with no secret) the
-        secret is checked against a dummy hash, costing the same work, and
-        the answer is ``False``. A match is remembered for ``remembered``.
+        With ``stored_hash=None`` (a key with no secret) the secret is checked
+        against a dummy hash, costing the same work, and the answer is
+        ``False``. A match is remembered for ``remembered``. With ``offload``
+        on, a verification that cannot start within ``deadline`` seconds
+        (all ``offload_threads`` busy) raises ``VerificationBusy``.
         """
         target = self._dummy_hash if stored_hash is None else stored_hash
         if self.offload:
             loop = asyncio.get_running_loop()
-            ok = await loop.run_in_executor(self._pool(), self._passlib_verify, secret, target)
+            slots = self._slots.get(loop)
+            if slots is None:
+                slots = self._slots[loop] = asyncio.Semaphore(self._threads)
+            try:
+                if slots.locked():
+                    await asyncio.wait_for(slots.acquire(), deadline)
+                else:
+                    await slots.acquire()  # a free slot: taken at once, no timer
+            except asyncio.TimeoutError:
+                raise VerificationBusy(
+                    f"no secret verification could start within {deadline:g} s"
+                ) from None
+            try:
+                ok = await loop.run_in_executor(self._pool(), self._passlib_verify, secret, target)
+            finally:
+                slots.release()
         else:
             ok = self._passlib_verify(secret, target)
         if not ok or stored_hash is None:

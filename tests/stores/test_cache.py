@@ -92,7 +92,7 @@ async def test_repeat_lookups_hit_the_cache(
         assert await cached.lookup("orders", rec.client_id) == (True, rec)
         assert await cached.lookup("orders", unknown) == (True, None)
         assert await cached.lookup("orders", None) == (True, None)
-    assert dict(counting.calls) == {"get_api": 1, "list_keys": 1}
+    assert dict(counting.calls) == {"list_apis": 1, "get_api": 1, "list_keys": 1}
 
 
 async def test_flood_of_random_ids_costs_one_refresh_per_ttl(
@@ -103,11 +103,11 @@ async def test_flood_of_random_ids_costs_one_refresh_per_ttl(
     cached, counting, clock, _ = setup
     for _ in range(2000):
         assert await cached.lookup("orders", new_client_id()) == (True, None)
-    assert round_trips(counting) == 2
+    assert round_trips(counting) == 3  # the API names, the API, its keys
     clock.now += 6
     for _ in range(2000):
         await cached.lookup("orders", new_client_id())
-    assert round_trips(counting) == 4
+    assert round_trips(counting) == 5  # a known API is refreshed without the names
     assert len(cached) == 2  # the API and its one key
 
 
@@ -125,7 +125,7 @@ async def test_concurrent_misses_share_one_refresh(
         for _ in range(50):
             tg.start_soon(look)
     assert answers == [(True, rec)] * 50
-    assert dict(counting.calls) == {"get_api": 1, "list_keys": 1}
+    assert dict(counting.calls) == {"list_apis": 1, "get_api": 1, "list_keys": 1}
 
 
 async def test_own_writes_are_visible_at_once(
@@ -182,11 +182,47 @@ async def test_key_created_elsewhere_is_refused_no_longer_than_the_ttl(
 async def test_memory_is_bounded(store: KeyStore) -> None:
     """However many APIs are looked up, the cache holds at most max_entries entries."""
     counting = CountingStore(store)
-    cached = CachedStore(counting, ttl=60, max_entries=50)
-    for i in range(500):
+    cached = CachedStore(counting, ttl=60, max_entries=5)
+    for i in range(8):
+        await store.upsert_api(
+            f"api-{i}", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+        )
+    for i in range(8):
         await cached.lookup(f"api-{i}", new_client_id())
-    assert len(cached) == 50
-    assert round_trips(counting) == 500  # unknown APIs: one get_api each
+    assert len(cached) == 5
+    assert counting.calls["get_api"] == 8  # each real API read once
+
+
+async def test_made_up_api_names_cost_one_read_per_ttl(store: KeyStore) -> None:
+    """A flood of invented API names reaches the store once per TTL, and fills no cache."""
+    clock = Clock()
+    counting = CountingStore(store)
+    cached = CachedStore(counting, ttl=1, clock=clock)
+    await cached.upsert_api(
+        "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+    )
+    counting.calls.clear()
+    for i in range(2000):
+        assert await cached.lookup(f"made-up-{i}", new_client_id()) == (False, None)
+    assert dict(counting.calls) == {"list_apis": 1}
+    assert len(cached) == 0
+    clock.now += 1.5
+    for i in range(2000):
+        await cached.lookup(f"again-{i}", None)
+    assert dict(counting.calls) == {"list_apis": 2}
+    assert (await cached.lookup("orders", None))[0] is True  # a real API still answers
+
+
+async def test_new_api_elsewhere_is_seen_within_the_ttl(store: KeyStore) -> None:
+    """An API created behind the cache's back is found once the names are a TTL old."""
+    clock = Clock()
+    cached = CachedStore(store, ttl=1, clock=clock)
+    assert await cached.lookup("later", None) == (False, None)
+    await store.upsert_api(
+        "later", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+    )
+    clock.now += 1.5
+    assert await cached.lookup("later", None) == (True, None)
 
 
 async def test_failures_are_not_cached(
@@ -199,7 +235,7 @@ async def test_failures_are_not_cached(
         await cached.lookup("orders", rec.client_id)
     counting.fail_with = None
     assert await cached.lookup("orders", rec.client_id) == (True, rec)
-    assert counting.calls["get_api"] == 2
+    assert counting.calls["list_apis"] == 2
 
 
 async def test_failed_write_still_invalidates(

@@ -8,6 +8,13 @@ whatever the client id — so a flood of made-up ids, well-formed or not,
 costs at most one refresh per API per ``ttl``, never one store round trip
 per request. Concurrent lookups that miss share one refresh.
 
+Made-up API names (an ``api=`` callable reading the host or the path) are
+bounded the same way: the cache also keeps the set of existing API names,
+read with one ``list_apis`` at most once per ``ttl`` when a name it has no
+snapshot of is asked for. A name not in that set is answered "unknown"
+from it, so a flood of invented names costs at most one store read per
+``ttl``, and never fills the cache (only existing APIs get a snapshot).
+
 Everything else (management reads and every write) goes straight to the
 wrapped store. Staleness is bounded three ways:
 
@@ -57,6 +64,12 @@ class _Snapshot:
         return 1 + len(self.keys)
 
 
+@dataclass(frozen=True, slots=True)
+class _Names:
+    expires: float
+    existing: frozenset[str]
+
+
 class CachedStore:
     """Wrap ``store`` with per-API snapshots kept ``ttl`` seconds, ``max_entries`` keys in all.
 
@@ -82,11 +95,25 @@ class CachedStore:
         self._snapshots: dict[str, _Snapshot] = {}
         self._size = 0
         self._refreshing: dict[str, asyncio.Task[_Snapshot]] = {}
+        self._names: _Names | None = None
+        self._names_task: asyncio.Task[_Names] | None = None
         self._feed = store if isinstance(store, ChangeFeed) else None
         self._watcher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"CachedStore({self.store!r}, ttl={self.ttl})"
+
+    @property
+    def description(self) -> str:
+        """The wrapped store's description (for log lines)."""
+        inner = getattr(self.store, "description", None)
+        return inner if isinstance(inner, str) else repr(self.store)
+
+    @property
+    def timeout(self) -> float | None:
+        """The wrapped store's timeout, if it has one."""
+        value = getattr(self.store, "timeout", None)
+        return float(value) if isinstance(value, (int, float)) else None
 
     def __len__(self) -> int:
         """How many entries (APIs plus their keys) the cache holds now."""
@@ -103,8 +130,35 @@ class CachedStore:
             self._start_watching(self._feed)
         snapshot = self._snapshots.get(api)
         if snapshot is None or snapshot.expires <= self._clock():
+            if snapshot is None and api not in (await self._api_names()).existing:
+                # An API nobody created (perhaps a made-up name): no read of its own.
+                return False, None
             snapshot = await self._refresh(api)
         return snapshot.exposed, None if client_id is None else snapshot.keys.get(client_id)
+
+    async def _api_names(self) -> _Names:
+        names = self._names
+        if names is not None and names.expires > self._clock():
+            return names
+        loop = asyncio.get_running_loop()
+        task = self._names_task
+        if task is None or task.get_loop() is not loop:
+            task = loop.create_task(self._fetch_names(), name="keyguard-cache-refresh-names")
+            self._names_task = task
+            task.add_done_callback(self._names_refreshed)
+        return await asyncio.shield(task)
+
+    async def _fetch_names(self) -> _Names:
+        read_at = self._clock()
+        apis = await self.store.list_apis()
+        return _Names(read_at + self.ttl, frozenset(a.name for a in apis))
+
+    def _names_refreshed(self, task: asyncio.Task[_Names]) -> None:
+        failed = task.cancelled() or task.exception() is not None  # (retrieves the exception)
+        if self._names_task is task:
+            self._names_task = None
+            if not failed:
+                self._names = task.result()
 
     async def _refresh(self, api: str) -> _Snapshot:
         loop = asyncio.get_running_loop()
@@ -159,12 +213,18 @@ class CachedStore:
         """
         self._drop(api)
         self._refreshing.pop(api, None)
+        if client_id is None:
+            # The API itself changed (created, perhaps): the set of names may too.
+            self._names = None
+            self._names_task = None
 
     def clear(self) -> None:
         """Forget everything."""
         self._snapshots.clear()
         self._size = 0
         self._refreshing.clear()
+        self._names = None
+        self._names_task = None
 
     # -- pass-through reads and invalidating writes --------------------------------------------
 
@@ -218,7 +278,9 @@ class CachedStore:
 
     async def aclose(self) -> None:
         """Stop watching for changes and close the wrapped store."""
-        refreshing = list(self._refreshing.values())
+        refreshing: list[asyncio.Task[object]] = [*self._refreshing.values()]
+        if self._names_task is not None:
+            refreshing.append(self._names_task)
         for task in refreshing:
             task.cancel()
         for task in refreshing:

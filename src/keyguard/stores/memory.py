@@ -38,6 +38,11 @@ class MemoryStore:
         keys = sum(len(state.keys) for state in self._apis.values())
         return f"MemoryStore(apis={len(self._apis)}, keys={keys})"
 
+    @property
+    def description(self) -> str:
+        """Where the keys are, for log lines."""
+        return "in-process memory store"
+
     async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
         state = self._apis.get(api)
         exposed = state is not None and state.exposed

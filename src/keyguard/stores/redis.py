@@ -242,6 +242,11 @@ class RedisStore:
         return f"RedisStore({self._location!r}, prefix={self.prefix!r})"
 
     @property
+    def description(self) -> str:
+        """Where the keys are, for log lines (no credentials)."""
+        return f"Redis at {self._location} (prefix {self.prefix!r})"
+
+    @property
     def client(self) -> Redis:
         """The redis-py client the store last used (its own, or the one passed in)."""
         return self._shared if self._shared is not None else self._current[1]

@@ -354,6 +354,19 @@ class SQLStore:
         return self._engine.url.render_as_string(hide_password=True)
 
     @property
+    def description(self) -> str:
+        """Where the keys are, for log lines: a SQLite file by its absolute path, else the URL."""
+        url = self._engine.url
+        if url.get_backend_name() == "sqlite":
+            return f"SQLite database {url.database}"
+        return f"{self.url} (table prefix {self._prefix!r})"
+
+    @property
+    def timeout(self) -> float:
+        """The bound, in seconds, on each store call as a whole."""
+        return self._timeout
+
+    @property
     def table_prefix(self) -> str:
         """The prefix of this store's table names."""
         return self._prefix
