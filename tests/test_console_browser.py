@@ -795,7 +795,7 @@ def test_a_token_rejected_mid_session_asks_to_sign_in_again(console: Console) ->
     page, server = console.page, console.server
     console.sign_in()
     console.add_api(PROTECTED_API)
-    server.change_token("a-new-token-after-restart")
+    server.change_token("a-new-token-after-restart-0123456")
     console.switch.click()
     expect(page.get_by_role("alert")).to_have_text(
         "Your token is no longer accepted. Sign in again."
@@ -804,10 +804,10 @@ def test_a_token_rejected_mid_session_asks_to_sign_in_again(console: Console) ->
     expect(page.get_by_role("heading", level=1, name=PROTECTED_API)).to_have_count(0)
     assert PROTECTED_API not in page.title()
     assert page.evaluate("sessionStorage.length") == 0
-    console.sign_in_here("a-new-token-after-restart")
+    console.sign_in_here("a-new-token-after-restart-0123456")
     expect(page.get_by_role("link", name=re.compile("^orders"))).to_be_visible()
     assert (
-        admin(server, "GET", f"/apis/{PROTECTED_API}", token="a-new-token-after-restart").json()[
+        admin(server, "GET", f"/apis/{PROTECTED_API}", token="a-new-token-after-restart-0123456").json()[
             "exposed"
         ]
         is False

@@ -161,8 +161,8 @@ def test_demo_runs_its_curl_lines_and_reruns(start: Starter, tmp_path: Path) -> 
     assert code == 0
     assert "keyguard demo stopped." in rest
 
-    second = start("--store", store, env=environment(KEYGUARD_DEMO_TOKEN="chosen-token"))
-    assert printed_token(second) == "chosen-token"
+    second = start("--store", store, env=environment(KEYGUARD_DEMO_TOKEN="chosen-token-0123456789-abcdefghij"))
+    assert printed_token(second) == "chosen-token-0123456789-abcdefghij"
     check_tries(second)
     # The first run's internal key, sent to the second run: replaced, so refused.
     second_base = re.findall(r"http://127\.0\.0\.1:\d+", second.tries()[0][2])[0]

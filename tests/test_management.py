@@ -26,7 +26,7 @@ from keyguard.management import MAX_BODY_BYTES, openapi_document
 
 pytestmark = pytest.mark.anyio
 
-TOKEN = "s3cret-admin-token"
+TOKEN = "s3cret-admin-token-0123456789-abc"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DOCUMENT = openapi_document()
 
@@ -196,6 +196,20 @@ def test_token_unusable_in_a_header_is_refused(token: str) -> None:
     """A token that cannot travel in an Authorization header is refused at build time."""
     with pytest.raises(ConfigurationError, match="token"):
         management_app(MemoryStore(), token=token)
+
+
+@pytest.mark.parametrize("length", [1, 16, 31])
+def test_token_shorter_than_32_characters_is_refused(length: int) -> None:
+    """A token under 32 characters is a ConfigurationError at build time, not echoed (SPEC §5)."""
+    token = "t" * (length - 1) + "Z"
+    with pytest.raises(ConfigurationError, match="at least 32") as caught:
+        management_app(MemoryStore(), token=token)
+    assert token not in str(caught.value)
+
+
+def test_token_of_32_characters_is_accepted() -> None:
+    """A token of exactly 32 characters builds an app."""
+    assert management_app(MemoryStore(), token="x" * 32) is not None
 
 
 def test_invalid_default_limit_is_a_configuration_error() -> None:

@@ -9,6 +9,7 @@
     keyguard keys set-secret API CLIENT_ID
     keyguard keys delete API (CLIENT_ID | --name NAME) [--yes]
     keyguard demo [--store URL] [--port 8000]
+    keyguard --version
 
 The store comes from ``--store``, else ``KEYGUARD_STORE``, else
 ``sqlite:///keyguard.db``. ``KEYGUARD_HASH_SCHEME`` (a passlib scheme such as
@@ -82,6 +83,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         parents=[common],
         epilog="Exit codes: 0 done, 1 refused or failed (one line on stderr), 2 usage error.",
     )
+    parser.add_argument("--version", action="version", version=f"keyguard {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     apis = commands.add_parser("apis", help="list, expose and un-expose APIs")
@@ -149,6 +151,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--port", type=_port, default=8000, help="0 picks a free port (default: 8000)"
     )
     return parser, {"delete": delete, "demo": demo}
+
+
+def _version() -> str:
+    """The installed keyguard's version."""
+    from keyguard import __version__
+
+    return __version__
 
 
 def _port(text: str) -> int:

@@ -50,6 +50,7 @@ from keyguard.stores.base import KeyStore
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "MIN_TOKEN_LENGTH",
     "api_json",
     "key_json",
     "management_app",
@@ -59,6 +60,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("keyguard")
+
+MIN_TOKEN_LENGTH = 32
+"""A management token shorter than this is a ``ConfigurationError`` when the app is built."""
 
 MAX_BODY_BYTES = 64 * 1024
 """Request bodies larger than this are refused with 413 (real bodies are under 200 bytes)."""
@@ -237,6 +241,13 @@ def _validate_token(token: str | None, allow_no_auth: bool) -> bytes | None:
         raise ConfigurationError(
             "management_app: token must be a non-empty string of visible ASCII characters "
             "(no spaces), as it travels in an HTTP header"
+        )
+    if len(token) < MIN_TOKEN_LENGTH:
+        # The length only, never the token itself.
+        raise ConfigurationError(
+            f"management_app: token must be at least {MIN_TOKEN_LENGTH} characters, got "
+            f"{len(token)} (generate one with python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))')"
         )
     return token.encode("ascii")
 

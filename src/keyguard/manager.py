@@ -83,7 +83,11 @@ class KeyManager:
         return await self.update_api(api, exposed=True, max_keys_per_kind=max_keys_per_kind)
 
     async def unexpose(self, api: str) -> Api:
-        """Stop ``api``'s keys from working, keeping them (R8); creates the API if needed."""
+        """Stop ``api``'s keys from working, keeping them (R8).
+
+        ``ApiNotFound`` for an API never created: a typo must not make an API.
+        """
+        await self.get_api(api)
         return await self.update_api(api, exposed=False)
 
     async def update_api(
