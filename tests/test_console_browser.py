@@ -807,9 +807,9 @@ def test_a_token_rejected_mid_session_asks_to_sign_in_again(console: Console) ->
     console.sign_in_here("a-new-token-after-restart-0123456")
     expect(page.get_by_role("link", name=re.compile("^orders"))).to_be_visible()
     assert (
-        admin(server, "GET", f"/apis/{PROTECTED_API}", token="a-new-token-after-restart-0123456").json()[
-            "exposed"
-        ]
+        admin(
+            server, "GET", f"/apis/{PROTECTED_API}", token="a-new-token-after-restart-0123456"
+        ).json()["exposed"]
         is False
     )  # the refused click changed nothing
 

@@ -51,4 +51,3 @@ def test_memory_accepts_the_cache_ttl_values_that_mean_no_cache() -> None:
     """memory:// accepts 0, None and an in-range TTL (it needs no cache)."""
     for ttl in (0, None, 1.0):
         assert isinstance(open_store("memory://", cache_ttl=ttl), MemoryStore)
-

@@ -29,13 +29,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from passlib.context import CryptContext
 
-from keyguard.errors import ConfigurationError, KeyGuardError
+from keyguard.errors import ApiNotFound, ConfigurationError, KeyGuardError
 from keyguard.management import api_json, key_json, problem_json, status_for
 from keyguard.manager import KeyManager
 from keyguard.models import Api, IssuedKey, KeyInfo, KeyKind, rfc3339
@@ -43,7 +44,7 @@ from keyguard.secrets import SecretHasher
 from keyguard.stores import open_store
 from keyguard.stores.base import KeyStore
 
-__all__ = ["DEFAULT_STORE", "main"]
+__all__ = ["DEFAULT_STORE", "main", "store_label"]
 
 DEFAULT_STORE = "sqlite:///keyguard.db"
 """The store used without ``--store`` or ``KEYGUARD_STORE``: a SQLite file in the current folder."""
@@ -346,10 +347,47 @@ def _hasher() -> SecretHasher | None:
         ) from None
 
 
-async def _run(store: KeyStore, args: argparse.Namespace, out: _Output) -> int:
+# The commands that may name an API the store has never seen: the rest refuse one.
+_MAY_CREATE = {("apis", "list"), ("apis", "expose")}
+
+
+def store_label(url: str) -> str:
+    """The store as an error names it: a SQLite file by its absolute path, no password."""
+    scheme, _, rest = url.partition("://")
+    if scheme.split("+", 1)[0].lower() == "sqlite" and rest.startswith("/"):
+        path = rest[1:].split("?", 1)[0]
+        if path and "mode=memory" not in url:
+            return f"sqlite:///{os.path.abspath(path)}"
+    return re.sub(r"(?<=:)[^:@/]*(?=@)", "***", url)  # a password, masked
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The absolute path of the SQLite file ``url`` names, if it does not exist yet."""
+    label = store_label(url)
+    if not label.startswith("sqlite:///") or "?" in url:
+        return None
+    path = label.removeprefix("sqlite:///")
+    return None if os.path.exists(path) else path
+
+
+def _unknown_api(api: str, url: str) -> ApiNotFound:
+    return ApiNotFound(
+        f"API {api!r} not found in store {store_label(url)} "
+        f"(create it with: keyguard --store {store_label(url)} apis expose {api})"
+    )
+
+
+async def _run(store: KeyStore, args: argparse.Namespace, out: _Output, url: str = "") -> int:
     command = _COMMANDS[(args.command, args.action)]
     try:
-        await command(KeyManager(store, hasher=_hasher()), args, out)
+        manager = KeyManager(store, hasher=_hasher())
+        if (args.command, args.action) not in _MAY_CREATE:
+            try:
+                await manager.get_api(args.api)
+            except ApiNotFound:
+                # A typo must not pass for an empty API, nor create one.
+                raise _unknown_api(args.api, url) from None
+        await command(manager, args, out)
     except KeyGuardError as exc:
         out.error(exc.code, exc.message, status_for(exc))
         return 1
@@ -384,12 +422,17 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(store_url=getattr(args, "store", None), port=args.port)
         url = getattr(args, "store", None) or os.environ.get(STORE_ENV) or DEFAULT_STORE
+        if (args.command, args.action) not in _MAY_CREATE and _missing_sqlite_file(url):
+            # Opening the store would create the file: the API cannot be in it.
+            error = _unknown_api(args.api, url)
+            out.error(error.code, f"{error.message}; the file does not exist", status_for(error))
+            return 1
         try:
             store = open_store(url)
         except ConfigurationError as exc:
             out.error(exc.code, exc.message)
             return 1
-        return asyncio.run(_run(store, args, out))
+        return asyncio.run(_run(store, args, out, url))
     except KeyboardInterrupt:
         sys.stderr.write("\nkeyguard: interrupted\n")
         return 130

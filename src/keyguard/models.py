@@ -162,9 +162,7 @@ def normalize_name(name: object) -> str:
         trimmed = unicodedata.normalize("NFC", name).strip()
     else:
         trimmed = ""
-    if trimmed and not any(
-        unicodedata.category(char) in _FORBIDDEN_CATEGORIES for char in trimmed
-    ):
+    if trimmed and not any(unicodedata.category(char) in _FORBIDDEN_CATEGORIES for char in trimmed):
         if len(trimmed) > MAX_NAME_LENGTH:
             raise InvalidRequest(f"name must be at most {MAX_NAME_LENGTH} characters")
         return trimmed
