@@ -9,6 +9,7 @@ from passlib.context import CryptContext
 
 from keyguard import Denial, IssuedKey, KeyInfo, KeyKind, KeyManager, MemoryStore, SecretHasher
 from keyguard.errors import (
+    ApiHasKeys,
     ApiNotExposed,
     ApiNotFound,
     DuplicateName,
@@ -369,3 +370,22 @@ async def test_unexpose_of_an_unknown_api_is_api_not_found(manager: KeyManager) 
     with pytest.raises(ApiNotFound):
         await manager.unexpose("nosuch")
     assert await manager.list_apis() == []
+
+
+async def test_delete_api(manager: KeyManager) -> None:
+    """delete_api: ApiNotFound if never created, ApiHasKeys while it has keys, force deletes all."""
+    with pytest.raises(ApiNotFound):
+        await manager.delete_api("orders")
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Acme", kind="internal")
+    with pytest.raises(ApiHasKeys) as refused:
+        await manager.delete_api("orders")
+    assert refused.value.code == "api_has_keys"
+    assert (await manager.get_api("orders")).internal_keys == 1
+    await manager.delete_api("orders", force=True)
+    with pytest.raises(ApiNotFound):
+        await manager.get_api("orders")
+    assert key.secret is not None
+    assert (
+        await manager.authenticate("orders", key.client_id, key.secret) is Denial.API_NOT_AVAILABLE
+    )

@@ -116,6 +116,19 @@ class KeyManager:
         )
         return result
 
+    async def delete_api(self, api: str, *, force: bool = False) -> None:
+        """Delete ``api``; ``ApiNotFound`` if it was never created.
+
+        An API that has keys raises ``ApiHasKeys`` unless ``force``, which
+        deletes its keys with it (their next request fails, R7).
+        """
+        validate_api_name(api)
+        if not isinstance(force, bool):
+            raise InvalidRequest("force must be true or false")
+        if not await self.store.delete_api(api, force=force):
+            raise ApiNotFound(f"API {api!r} does not exist")
+        logger.info("api %s deleted (force=%s)", api, force)
+
     async def get_api(self, api: str) -> Api:
         """The API with its key counts; ``ApiNotFound`` if it was never created."""
         validate_api_name(api)

@@ -235,6 +235,12 @@ class CachedStore:
         finally:
             self.invalidate(api, client_id)
 
+    async def delete_api(self, api: str, *, force: bool) -> bool:
+        try:
+            return await self.store.delete_api(api, force=force)
+        finally:
+            self.invalidate(api)
+
     async def aclose(self) -> None:
         """Stop watching for changes and close the wrapped store."""
         refreshing = list(self._refreshing.values())
