@@ -463,6 +463,24 @@ async def test_delete_key(client: httpx.AsyncClient) -> None:
     assert (await client.get("/apis/orders/keys")).json() == {"keys": []}
 
 
+async def test_delete_api(client: httpx.AsyncClient) -> None:
+    """DELETE /apis/{api}: 404 if unknown, 409 api_has_keys while it has keys, 204 with force."""
+    assert_problem(await client.delete("/apis/orders"), 404, "api_not_found")
+    await expose(client)
+    await create(client)
+    assert_problem(await client.delete("/apis/orders"), 409, "api_has_keys")
+    assert_problem(await client.delete("/apis/orders?force=false"), 409, "api_has_keys")
+    assert_problem(await client.delete("/apis/orders?force=yes"), 422, "invalid_request")
+    assert (await client.get("/apis/orders")).json()["keys"] == {"internal": 1, "external": 0}
+    response = await client.delete("/apis/orders?force=true")
+    assert response.status_code == 204
+    assert response.content == b""
+    assert_problem(await client.get("/apis/orders"), 404, "api_not_found")
+    assert (await client.get("/apis")).json() == {"apis": []}
+    await client.put("/apis/empty", json={})
+    assert (await client.delete("/apis/empty")).status_code == 204
+
+
 async def test_key_of_another_api_is_not_found(client: httpx.AsyncClient) -> None:
     """A key is reachable only under its own API."""
     await expose(client, "orders")
@@ -676,7 +694,7 @@ async def test_unknown_route_is_404_problem(memory_client: httpx.AsyncClient, pa
     ("method", "path", "allowed"),
     [
         ("DELETE", "/apis", {"GET", "HEAD"}),
-        ("POST", "/apis/orders", {"GET", "HEAD", "PUT"}),
+        ("POST", "/apis/orders", {"GET", "HEAD", "PUT", "DELETE"}),
         ("PATCH", "/apis/orders/keys/abc", {"GET", "HEAD", "DELETE"}),
         ("GET", "/apis/orders/keys/abc/secret", {"PUT"}),
     ],
