@@ -449,3 +449,19 @@ def test_unknown_api_never_creates_the_database_file(tmp_path: Path) -> None:
     problem = json.loads(run("--json", "apis", "unexpose", "demo", expect=1).stderr)
     assert (problem["code"], problem["status"]) == ("api_not_found", 404)
     assert not (tmp_path / "keyguard.db").exists()
+
+
+def test_apis_delete(exposed: Run) -> None:
+    """``apis delete``: refused while the API has keys, asks naming the key count, --force deletes."""
+    issue(exposed, "Acme", "external")
+    issue(exposed, "Staff", "internal")
+    line = one_line_error(exposed("apis", "delete", "orders", "--yes", expect=1))
+    assert "has 2 keys" in line and "--force" in line
+    declined = exposed("apis", "delete", "orders", "--force", stdin="n\n", expect=1)
+    assert "Delete API orders and its 2 keys?" in declined.stderr
+    assert exposed.json("apis", "list")["apis"][0]["keys"] == {"internal": 1, "external": 1}
+    done = exposed("apis", "delete", "orders", "--force", stdin="y\n")
+    assert done.stdout == "Deleted API orders and its 2 keys.\n"
+    assert exposed.json("apis", "list") == {"apis": []}
+    line = one_line_error(exposed("apis", "delete", "orders", "--yes", expect=1))
+    assert "'orders' not found" in line

@@ -4,6 +4,7 @@
 
     keyguard [--store URL] [--json] apis list
     keyguard apis expose API [--max-keys N] | apis unexpose API
+    keyguard apis delete API [--force] [--yes]
     keyguard keys list API
     keyguard keys create API --name NAME --kind internal|external
     keyguard keys set-secret API CLIENT_ID
@@ -36,7 +37,7 @@ from typing import Any, TextIO
 
 from passlib.context import CryptContext
 
-from keyguard.errors import ApiNotFound, ConfigurationError, KeyGuardError
+from keyguard.errors import ApiHasKeys, ApiNotFound, ConfigurationError, KeyGuardError
 from keyguard.management import api_json, key_json, problem_json, status_for
 from keyguard.manager import KeyManager
 from keyguard.models import Api, IssuedKey, KeyInfo, KeyKind, rfc3339
@@ -104,6 +105,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "unexpose", parents=[common], help="stop an API's keys from working (keeping them)"
     )
     unexpose.add_argument("api", metavar="API")
+    delete_api = api_actions.add_parser(
+        "delete", parents=[common], help="delete an API (with --force, its keys too)"
+    )
+    delete_api.add_argument("api", metavar="API")
+    delete_api.add_argument(
+        "--force", action="store_true", help="also delete its keys (else refused while it has any)"
+    )
+    delete_api.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
     keys = commands.add_parser("keys", help="list, create, secure and delete keys")
     key_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -257,6 +266,24 @@ async def _apis_unexpose(manager: KeyManager, args: argparse.Namespace, out: _Ou
     _show_api(out, await manager.unexpose(args.api))
 
 
+async def _apis_delete(manager: KeyManager, args: argparse.Namespace, out: _Output) -> None:
+    api = await manager.get_api(args.api)
+    held = api.internal_keys + api.external_keys
+    if held and not args.force:
+        raise ApiHasKeys(
+            f"API {api.name} has {held} keys ({api.internal_keys} internal, "
+            f"{api.external_keys} external): delete them first, or use --force to delete "
+            "them with it"
+        )
+    with_keys = f" and its {held} keys" if held else " (it has no keys)"
+    question = f"Delete API {api.name}{with_keys}? This cannot be undone. [y/N] "
+    if not args.yes and not _confirm(question, out.err):
+        raise _Declined(f"not confirmed: API {api.name} was not deleted")
+    await manager.delete_api(api.name, force=args.force)
+    if not out.as_json:
+        out.line(f"Deleted API {api.name}{f' and its {held} keys' if held else ''}.")
+
+
 async def _keys_list(manager: KeyManager, args: argparse.Namespace, out: _Output) -> None:
     keys = await manager.list_keys(args.api)
     if out.as_json:
@@ -325,6 +352,7 @@ _COMMANDS = {
     ("apis", "list"): _apis_list,
     ("apis", "expose"): _apis_expose,
     ("apis", "unexpose"): _apis_unexpose,
+    ("apis", "delete"): _apis_delete,
     ("keys", "list"): _keys_list,
     ("keys", "create"): _keys_create,
     ("keys", "set-secret"): _keys_set_secret,
