@@ -452,11 +452,12 @@ def test_unknown_api_never_creates_the_database_file(tmp_path: Path) -> None:
 
 
 def test_apis_delete(exposed: Run) -> None:
-    """``apis delete``: refused while the API has keys, asks naming the key count, --force deletes."""
+    """``apis delete``: refused while it has keys; asks, naming the key count; --force deletes."""
     issue(exposed, "Acme", "external")
     issue(exposed, "Staff", "internal")
     line = one_line_error(exposed("apis", "delete", "orders", "--yes", expect=1))
-    assert "has 2 keys" in line and "--force" in line
+    assert "has 2 keys" in line
+    assert "--force" in line
     declined = exposed("apis", "delete", "orders", "--force", stdin="n\n", expect=1)
     assert "Delete API orders and its 2 keys?" in declined.stderr
     assert exposed.json("apis", "list")["apis"][0]["keys"] == {"internal": 1, "external": 1}
