@@ -754,6 +754,29 @@ def test_copy_buttons_put_the_values_on_the_clipboard(
     assert console.problems == []
 
 
+def test_copy_buttons_of_the_secret_dialog_do_not_wrap(
+    browser: Browser, server: ConsoleServer
+) -> None:
+    """At 1280x900 each Copy button of the secret dialog shows its label on one line."""
+    context = browser.new_context(viewport=DESKTOP)
+    console = Console(context.new_page(), server)
+    page = console.page
+    console.open_exposed_api()
+    console.start_create(INTERNAL, "No wrap")
+    console.read_secret()
+    lines = page.evaluate(
+        """() => Array.from(document.querySelectorAll("#secret-dialog button.copy"), (button) => {
+            const range = document.createRange();
+            range.selectNodeContents(button);
+            return new Set(Array.from(range.getClientRects(), (rect) => rect.top)).size;
+        })"""
+    )
+    assert lines == [1, 1]
+    console.close_secret()
+    context.close()
+    assert console.problems == []
+
+
 def test_going_back_while_creating_closes_the_dialog_and_creates_nothing(
     console: Console,
 ) -> None:
