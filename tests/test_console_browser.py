@@ -397,6 +397,31 @@ def test_delete_asks_naming_the_key_and_cancel_keeps_it(console: Console) -> Non
     assert call_protected(server, client_id) == 401
 
 
+def test_delete_api_asks_naming_the_api_and_its_key_count(console: Console) -> None:
+    """ "Delete API" asks naming the API and how many keys go with it; Cancel keeps it,
+    confirming deletes the API and its keys, whose next request is then refused."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Doomed")
+    console.create_external("Doomed too")
+    page.get_by_role("button", name="Delete API").click()
+    confirm = page.get_by_role("dialog", name=f"Delete the API “{PROTECTED_API}” and its 2 keys?")
+    expect(confirm).to_contain_text("(0 internal, 2 external)")
+    expect(confirm).to_contain_text("This cannot be undone.")
+    confirm.get_by_role("button", name="Cancel").click()
+    expect(confirm).to_be_hidden()
+    assert call_protected(server, client_id) == 200
+
+    page.get_by_role("button", name="Delete API").click()
+    confirm.get_by_role("button", name="Delete API").click()
+    expect(confirm).to_be_hidden()
+    expect(page.get_by_role("heading", level=1, name=PROTECTED_API)).to_have_count(0)
+    expect(page.get_by_role("link", name=re.compile(f"^{PROTECTED_API}"))).to_have_count(0)
+    assert admin(server, "GET", "/apis").json() == {"apis": []}
+    assert call_protected(server, client_id) == 404
+    assert console.problems == []
+
+
 # -- errors, in words ---------------------------------------------------------------------------
 
 
