@@ -33,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 from keyguard import KeyGuard, KeyStore, management_app, open_store
 from tests.backends.servers import in_ci
 
-TOKEN = "console-admin-token-0123456789"
+TOKEN = "console-admin-token-0123456789-ab"
 PROTECTED_API = "orders"
 
 # What the machine's Chromium needs here: root (no sandbox), no GPU, and no

@@ -113,6 +113,10 @@ class CountingStore:
         self._enter("delete_key")
         return await self.inner.delete_key(api, client_id)
 
+    async def delete_api(self, api: str, *, force: bool) -> bool:
+        self._enter("delete_api")
+        return await self.inner.delete_api(api, force=force)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

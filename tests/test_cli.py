@@ -264,12 +264,23 @@ async def _with_acme(manager: KeyManager) -> None:
     await manager.create_key("orders", name="Acme", kind="external")
 
 
+async def _unexposed(manager: KeyManager) -> None:
+    """``orders`` created but not exposed."""
+    await manager.update_api("orders")
+
+
 _REFUSALS: list[tuple[str, Callable[[KeyManager], Awaitable[object]], tuple[str, ...], str]] = [
     (
         "not-exposed",
-        _nothing,
+        _unexposed,
         ("keys", "create", "orders", "--name", "A", "--kind", "internal"),
         "api_not_exposed",
+    ),
+    (
+        "never-created",
+        _nothing,
+        ("keys", "create", "orders", "--name", "A", "--kind", "internal"),
+        "api_not_found",
     ),
     (
         "limit",
@@ -291,8 +302,8 @@ _REFUSALS: list[tuple[str, Callable[[KeyManager], Awaitable[object]], tuple[str,
         ("keys", "create", "orders", "--name", "  ", "--kind", "internal"),
         "invalid_request",
     ),
-    ("set-secret-unknown", _nothing, ("keys", "set-secret", "orders", "0" * 32), "key_not_found"),
-    ("delete-unknown", _nothing, ("keys", "delete", "orders", "0" * 32, "--yes"), "key_not_found"),
+    ("set-secret-unknown", expose, ("keys", "set-secret", "orders", "0" * 32), "key_not_found"),
+    ("delete-unknown", expose, ("keys", "delete", "orders", "0" * 32, "--yes"), "key_not_found"),
     (
         "delete-unknown-name",
         _with_acme,
@@ -401,3 +412,57 @@ def test_unreachable_store_exits_1(tmp_path: Path) -> None:
     assert "unavailable" in one_line_error(run("apis", "list", expect=1))
     problem = json.loads(run("--json", "apis", "list", expect=1).stderr)
     assert (problem["status"], problem["code"]) == (503, "store_unavailable")
+
+
+def test_version(run: Run) -> None:
+    """``keyguard --version`` prints the installed version and exits 0."""
+    from keyguard import __version__
+
+    assert run("--version").stdout.strip() == f"keyguard {__version__}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("keys", "list", "nosuch"),
+        ("keys", "create", "nosuch", "--name", "Acme", "--kind", "external"),
+        ("keys", "delete", "nosuch", "--name", "Acme", "--yes"),
+        ("keys", "set-secret", "nosuch", "0" * 22),
+        ("apis", "unexpose", "nosuch"),
+    ],
+)
+def test_unknown_api_is_an_error_naming_the_store(exposed: Run, args: tuple[str, ...]) -> None:
+    """An API the store never saw is exit 1 naming the SQLite file by its absolute path (§6)."""
+    line = one_line_error(exposed(*args, expect=1))
+    assert "'nosuch' not found" in line
+    assert str(exposed.folder / "keys.db") in line
+    assert [api["name"] for api in exposed.json("apis", "list")["apis"]] == ["orders"]
+
+
+def test_unknown_api_never_creates_the_database_file(tmp_path: Path) -> None:
+    """With the default store, ``keys list`` of an API is an error and creates no keyguard.db."""
+    run = Run(tmp_path, None)
+    line = one_line_error(run("keys", "list", "demo", expect=1))
+    assert str(tmp_path / "keyguard.db") in line
+    assert "does not exist" in line
+    assert not (tmp_path / "keyguard.db").exists()
+    problem = json.loads(run("--json", "apis", "unexpose", "demo", expect=1).stderr)
+    assert (problem["code"], problem["status"]) == ("api_not_found", 404)
+    assert not (tmp_path / "keyguard.db").exists()
+
+
+def test_apis_delete(exposed: Run) -> None:
+    """``apis delete``: refused while it has keys; asks, naming the key count; --force deletes."""
+    issue(exposed, "Acme", "external")
+    issue(exposed, "Staff", "internal")
+    line = one_line_error(exposed("apis", "delete", "orders", "--yes", expect=1))
+    assert "has 2 keys" in line
+    assert "--force" in line
+    declined = exposed("apis", "delete", "orders", "--force", stdin="n\n", expect=1)
+    assert "Delete API orders and its 2 keys?" in declined.stderr
+    assert exposed.json("apis", "list")["apis"][0]["keys"] == {"internal": 1, "external": 1}
+    done = exposed("apis", "delete", "orders", "--force", stdin="y\n")
+    assert done.stdout == "Deleted API orders and its 2 keys.\n"
+    assert exposed.json("apis", "list") == {"apis": []}
+    line = one_line_error(exposed("apis", "delete", "orders", "--yes", expect=1))
+    assert "'orders' not found" in line

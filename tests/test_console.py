@@ -20,7 +20,7 @@ from keyguard.console import CONSOLE_PATHS, CONTENT_SECURITY_POLICY
 
 pytestmark = pytest.mark.anyio
 
-TOKEN = "console-unit-token"
+TOKEN = "console-unit-token-0123456789-abc"
 STATIC = files("keyguard") / "static"
 MEDIA_TYPES = {
     "/": "text/html; charset=utf-8",

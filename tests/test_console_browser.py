@@ -397,6 +397,31 @@ def test_delete_asks_naming_the_key_and_cancel_keeps_it(console: Console) -> Non
     assert call_protected(server, client_id) == 401
 
 
+def test_delete_api_asks_naming_the_api_and_its_key_count(console: Console) -> None:
+    """ "Delete API" asks naming the API and how many keys go with it; Cancel keeps it,
+    confirming deletes the API and its keys, whose next request is then refused."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Doomed")
+    console.create_external("Doomed too")
+    page.get_by_role("button", name="Delete API").click()
+    confirm = page.get_by_role("dialog", name=f"Delete the API “{PROTECTED_API}” and its 2 keys?")
+    expect(confirm).to_contain_text("(0 internal, 2 external)")
+    expect(confirm).to_contain_text("This cannot be undone.")
+    confirm.get_by_role("button", name="Cancel").click()
+    expect(confirm).to_be_hidden()
+    assert call_protected(server, client_id) == 200
+
+    page.get_by_role("button", name="Delete API").click()
+    confirm.get_by_role("button", name="Delete API").click()
+    expect(confirm).to_be_hidden()
+    expect(page.get_by_role("heading", level=1, name=PROTECTED_API)).to_have_count(0)
+    expect(page.get_by_role("link", name=re.compile(f"^{PROTECTED_API}"))).to_have_count(0)
+    assert admin(server, "GET", "/apis").json() == {"apis": []}
+    assert call_protected(server, client_id) == 404
+    assert console.problems == []
+
+
 # -- errors, in words ---------------------------------------------------------------------------
 
 
@@ -754,6 +779,29 @@ def test_copy_buttons_put_the_values_on_the_clipboard(
     assert console.problems == []
 
 
+def test_copy_buttons_of_the_secret_dialog_do_not_wrap(
+    browser: Browser, server: ConsoleServer
+) -> None:
+    """At 1280x900 each Copy button of the secret dialog shows its label on one line."""
+    context = browser.new_context(viewport=DESKTOP)
+    console = Console(context.new_page(), server)
+    page = console.page
+    console.open_exposed_api()
+    console.start_create(INTERNAL, "No wrap")
+    console.read_secret()
+    lines = page.evaluate(
+        """() => Array.from(document.querySelectorAll("#secret-dialog button.copy"), (button) => {
+            const range = document.createRange();
+            range.selectNodeContents(button);
+            return new Set(Array.from(range.getClientRects(), (rect) => rect.top)).size;
+        })"""
+    )
+    assert lines == [1, 1]
+    console.close_secret()
+    context.close()
+    assert console.problems == []
+
+
 def test_going_back_while_creating_closes_the_dialog_and_creates_nothing(
     console: Console,
 ) -> None:
@@ -795,7 +843,7 @@ def test_a_token_rejected_mid_session_asks_to_sign_in_again(console: Console) ->
     page, server = console.page, console.server
     console.sign_in()
     console.add_api(PROTECTED_API)
-    server.change_token("a-new-token-after-restart")
+    server.change_token("a-new-token-after-restart-0123456")
     console.switch.click()
     expect(page.get_by_role("alert")).to_have_text(
         "Your token is no longer accepted. Sign in again."
@@ -804,12 +852,12 @@ def test_a_token_rejected_mid_session_asks_to_sign_in_again(console: Console) ->
     expect(page.get_by_role("heading", level=1, name=PROTECTED_API)).to_have_count(0)
     assert PROTECTED_API not in page.title()
     assert page.evaluate("sessionStorage.length") == 0
-    console.sign_in_here("a-new-token-after-restart")
+    console.sign_in_here("a-new-token-after-restart-0123456")
     expect(page.get_by_role("link", name=re.compile("^orders"))).to_be_visible()
     assert (
-        admin(server, "GET", f"/apis/{PROTECTED_API}", token="a-new-token-after-restart").json()[
-            "exposed"
-        ]
+        admin(
+            server, "GET", f"/apis/{PROTECTED_API}", token="a-new-token-after-restart-0123456"
+        ).json()["exposed"]
         is False
     )  # the refused click changed nothing
 

@@ -22,7 +22,7 @@ from keyguard import KeyGuard, KeyManager, MemoryStore, SecretHasher, management
 
 pytestmark = pytest.mark.anyio
 
-TOKEN = "custom-scheme-token-0123456789"
+TOKEN = "custom-scheme-token-0123456789-ab"
 
 
 def sha256_crypt() -> CryptContext:

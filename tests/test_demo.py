@@ -135,6 +135,15 @@ def check_tries(demo: Demo) -> None:
             assert annotation.startswith(json.loads(body)["moreInformation"])
     hello = json.loads(run_curl(tries[0][2])[1])
     assert hello["message"] == "Hello, demo-internal!"
+    (ibm,) = [line for _, _, line in tries if "--request PUT" in line]
+    echoed = json.loads(run_curl(ibm)[1])
+    assert echoed["method"] == "PUT"
+    assert echoed["path"] == "/"
+    assert echoed["name"] == "demo-internal"
+    assert echoed["body"] == {"id": 999999999999999}
+    # Any other method and path is answered the same way.
+    other = tries[0][2].replace("/hello", "/orders/42") + " -X DELETE"
+    assert json.loads(run_curl(other)[1])["method"] == "DELETE"
     # The printed console address serves the page (it asks for the token in the browser).
     (console,) = [line for line in demo.banner if line.startswith("Web console:")]
     status, page = run_curl(f"curl -i {console.split()[2]}")
@@ -161,8 +170,10 @@ def test_demo_runs_its_curl_lines_and_reruns(start: Starter, tmp_path: Path) -> 
     assert code == 0
     assert "keyguard demo stopped." in rest
 
-    second = start("--store", store, env=environment(KEYGUARD_DEMO_TOKEN="chosen-token"))
-    assert printed_token(second) == "chosen-token"
+    second = start(
+        "--store", store, env=environment(KEYGUARD_DEMO_TOKEN="chosen-token-0123456789-abcdefghij")
+    )
+    assert printed_token(second) == "chosen-token-0123456789-abcdefghij"
     check_tries(second)
     # The first run's internal key, sent to the second run: replaced, so refused.
     second_base = re.findall(r"http://127\.0\.0\.1:\d+", second.tries()[0][2])[0]
@@ -194,6 +205,23 @@ def test_demo_defaults_to_keyguard_demo_db_and_ignores_keyguard_store(
     assert len(printed_token(demo)) >= 32
     code, _ = demo.stop(signal.SIGINT)
     assert code == 0
+    # The printed command line manages the demo's own store, from any folder.
+    (manage,) = [
+        line.strip() for line in demo.banner if line.strip().startswith("keyguard --store")
+    ]
+    assert f"--store sqlite:///{tmp_path / 'keyguard-demo.db'} " in manage
+    listed = subprocess.run(
+        ["/bin/sh", "-c", manage.replace("keyguard ", f"{KEYGUARD} --json ", 1)],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=60,
+        check=True,
+    )
+    assert {key["name"] for key in json.loads(listed.stdout)["keys"]} == {
+        "demo-internal",
+        "demo-external",
+    }
     assert (tmp_path / "keyguard-demo.db").is_file()
     assert not (tmp_path / "other.db").exists()
 

@@ -51,7 +51,7 @@ async def test_admin_example_serves_the_console_and_guards_the_api(
     monkeypatch.delenv("KEYGUARD_TOKEN", raising=False)
     with pytest.raises(SystemExit, match="needs KEYGUARD_TOKEN"):
         fresh("examples.admin_app")
-    monkeypatch.setenv("KEYGUARD_TOKEN", "example-admin-token")
+    monkeypatch.setenv("KEYGUARD_TOKEN", "example-admin-token-0123456789-abc")
     example = fresh("examples.admin_app")
     app = example.app
     async with app.router.lifespan_context(app):
@@ -61,7 +61,7 @@ async def test_admin_example_serves_the_console_and_guards_the_api(
             assert page.status_code == 200
             assert "Sharing &amp; keys" in page.text
             assert (await c.get("/apis")).status_code == 401
-            signed = {"Authorization": "Bearer example-admin-token"}
+            signed = {"Authorization": "Bearer example-admin-token-0123456789-abc"}
             created = await c.put("/apis/orders", json={"exposed": True}, headers=signed)
             assert created.status_code == 200
             assert (await c.get("/apis", headers=signed)).json()["apis"][0]["name"] == "orders"

@@ -26,7 +26,7 @@ from keyguard.management import MAX_BODY_BYTES, openapi_document
 
 pytestmark = pytest.mark.anyio
 
-TOKEN = "s3cret-admin-token"
+TOKEN = "s3cret-admin-token-0123456789-abc"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DOCUMENT = openapi_document()
 
@@ -196,6 +196,20 @@ def test_token_unusable_in_a_header_is_refused(token: str) -> None:
     """A token that cannot travel in an Authorization header is refused at build time."""
     with pytest.raises(ConfigurationError, match="token"):
         management_app(MemoryStore(), token=token)
+
+
+@pytest.mark.parametrize("length", [1, 16, 31])
+def test_token_shorter_than_32_characters_is_refused(length: int) -> None:
+    """A token under 32 characters is a ConfigurationError at build time, not echoed (SPEC §5)."""
+    token = "t" * (length - 1) + "Z"
+    with pytest.raises(ConfigurationError, match="at least 32") as caught:
+        management_app(MemoryStore(), token=token)
+    assert token not in str(caught.value)
+
+
+def test_token_of_32_characters_is_accepted() -> None:
+    """A token of exactly 32 characters builds an app."""
+    assert management_app(MemoryStore(), token="x" * 32) is not None
 
 
 def test_invalid_default_limit_is_a_configuration_error() -> None:
@@ -449,6 +463,24 @@ async def test_delete_key(client: httpx.AsyncClient) -> None:
     assert (await client.get("/apis/orders/keys")).json() == {"keys": []}
 
 
+async def test_delete_api(client: httpx.AsyncClient) -> None:
+    """DELETE /apis/{api}: 404 if unknown, 409 api_has_keys while it has keys, 204 with force."""
+    assert_problem(await client.delete("/apis/orders"), 404, "api_not_found")
+    await expose(client)
+    await create(client)
+    assert_problem(await client.delete("/apis/orders"), 409, "api_has_keys")
+    assert_problem(await client.delete("/apis/orders?force=false"), 409, "api_has_keys")
+    assert_problem(await client.delete("/apis/orders?force=yes"), 422, "invalid_request")
+    assert (await client.get("/apis/orders")).json()["keys"] == {"internal": 1, "external": 0}
+    response = await client.delete("/apis/orders?force=true")
+    assert response.status_code == 204
+    assert response.content == b""
+    assert_problem(await client.get("/apis/orders"), 404, "api_not_found")
+    assert (await client.get("/apis")).json() == {"apis": []}
+    await client.put("/apis/empty", json={})
+    assert (await client.delete("/apis/empty")).status_code == 204
+
+
 async def test_key_of_another_api_is_not_found(client: httpx.AsyncClient) -> None:
     """A key is reachable only under its own API."""
     await expose(client, "orders")
@@ -662,7 +694,7 @@ async def test_unknown_route_is_404_problem(memory_client: httpx.AsyncClient, pa
     ("method", "path", "allowed"),
     [
         ("DELETE", "/apis", {"GET", "HEAD"}),
-        ("POST", "/apis/orders", {"GET", "HEAD", "PUT"}),
+        ("POST", "/apis/orders", {"GET", "HEAD", "PUT", "DELETE"}),
         ("PATCH", "/apis/orders/keys/abc", {"GET", "HEAD", "DELETE"}),
         ("GET", "/apis/orders/keys/abc/secret", {"PUT"}),
     ],

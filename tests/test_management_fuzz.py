@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
 
 from keyguard import MemoryStore, management_app
 
-TOKEN = "fuzz-token-0123456789"
+TOKEN = "fuzz-token-0123456789-abcdefghijk"
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 schema = schemathesis.openapi.from_asgi(

@@ -9,6 +9,7 @@ from passlib.context import CryptContext
 
 from keyguard import Denial, IssuedKey, KeyInfo, KeyKind, KeyManager, MemoryStore, SecretHasher
 from keyguard.errors import (
+    ApiHasKeys,
     ApiNotExposed,
     ApiNotFound,
     DuplicateName,
@@ -46,7 +47,7 @@ async def test_get_api_and_list(manager: KeyManager) -> None:
     with pytest.raises(ApiNotFound):
         await manager.get_api("orders")
     await manager.expose("orders")
-    await manager.unexpose("billing")
+    await manager.update_api("billing")
     await manager.create_key("orders", name="a", kind="internal")
     api = await manager.get_api("orders")
     assert (api.internal_keys, api.external_keys) == (1, 0)
@@ -132,7 +133,7 @@ async def test_create_requires_exposed_api(manager: KeyManager) -> None:
     with pytest.raises(ApiNotExposed) as info:
         await manager.create_key("orders", name="Acme", kind="external")
     assert info.value.code == "api_not_exposed"
-    await manager.unexpose("orders")
+    await manager.update_api("orders")
     with pytest.raises(ApiNotExposed):
         await manager.create_key("orders", name="Acme", kind="external")
 
@@ -159,6 +160,43 @@ async def test_invalid_key_names(manager: KeyManager, name: object) -> None:
     with pytest.raises(InvalidRequest):
         await manager.create_key("orders", name=name, kind="external")  # type: ignore[arg-type]
     assert await manager.list_keys("orders") == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\u202egnp.exe",  # right-to-left override: displays as "exe.png"
+        "Ac\u200bme",  # zero-width space
+        "Acme\u200d",  # zero-width joiner
+        "\ufeffAcme",  # byte order mark
+        "Ac\u00adme",  # soft hyphen
+        "a\u2066b\u2069",  # bidi isolates
+        "line\u2028sep",
+        "para\u2029sep",
+        "bell\x07",
+    ],
+)
+async def test_names_with_format_or_separator_characters_are_refused(
+    manager: KeyManager, name: str
+) -> None:
+    """R3: a name holding Cc, Cf, Zl or Zp characters is invalid_request and stores nothing."""
+    await manager.expose("orders")
+    with pytest.raises(InvalidRequest, match="format"):
+        await manager.create_key("orders", name=name, kind="external")
+    assert await manager.list_keys("orders") == []
+
+
+async def test_names_are_stored_nfc_normalized(manager: KeyManager) -> None:
+    """R3: a decomposed name is stored in NFC, so its composed twin is a duplicate name."""
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Cafe\u0301", kind="external")
+    assert key.name == "Caf\u00e9"
+    assert [k.name for k in await manager.list_keys("orders")] == ["Caf\u00e9"]
+    with pytest.raises(DuplicateName):
+        await manager.create_key("orders", name="CAF\u00c9", kind="internal")
+    with pytest.raises(DuplicateName):
+        await manager.create_key("orders", name="cafe\u0301", kind="internal")
+    assert (await manager.find_key_by_name("orders", "CAFE\u0301")).client_id == key.client_id
 
 
 async def test_name_of_100_characters_after_trimming(manager: KeyManager) -> None:
@@ -324,4 +362,30 @@ def test_manager_repr() -> None:
     """A manager's repr names its store and limit."""
     assert repr(KeyManager(MemoryStore())) == (
         "KeyManager(MemoryStore(apis=0, keys=0), max_keys_per_kind=5)"
+    )
+
+
+async def test_unexpose_of_an_unknown_api_is_api_not_found(manager: KeyManager) -> None:
+    """Un-exposing an API nobody created is ApiNotFound and creates nothing (SPEC §2)."""
+    with pytest.raises(ApiNotFound):
+        await manager.unexpose("nosuch")
+    assert await manager.list_apis() == []
+
+
+async def test_delete_api(manager: KeyManager) -> None:
+    """delete_api: ApiNotFound if never created, ApiHasKeys while it has keys, force deletes all."""
+    with pytest.raises(ApiNotFound):
+        await manager.delete_api("orders")
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Acme", kind="internal")
+    with pytest.raises(ApiHasKeys) as refused:
+        await manager.delete_api("orders")
+    assert refused.value.code == "api_has_keys"
+    assert (await manager.get_api("orders")).internal_keys == 1
+    await manager.delete_api("orders", force=True)
+    with pytest.raises(ApiNotFound):
+        await manager.get_api("orders")
+    assert key.secret is not None
+    assert (
+        await manager.authenticate("orders", key.client_id, key.secret) is Denial.API_NOT_AVAILABLE
     )

@@ -37,3 +37,17 @@ def test_memory_takes_no_options() -> None:
     """Options a store does not understand are refused, not ignored."""
     with pytest.raises(ConfigurationError, match="options"):
         open_store("memory://", timeout=3)
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite:///never-created.db"])
+@pytest.mark.parametrize("ttl", [-1, -0.5, 3601, float("nan"), "1", True])
+def test_bad_cache_ttl_is_refused_by_every_store(url: str, ttl: object) -> None:
+    """A cache TTL out of range is a ConfigurationError for memory:// as for SQLite."""
+    with pytest.raises(ConfigurationError, match="cache ttl"):
+        open_store(url, cache_ttl=ttl)  # type: ignore[arg-type]
+
+
+def test_memory_accepts_the_cache_ttl_values_that_mean_no_cache() -> None:
+    """memory:// accepts 0, None and an in-range TTL (it needs no cache)."""
+    for ttl in (0, None, 1.0):
+        assert isinstance(open_store("memory://", cache_ttl=ttl), MemoryStore)

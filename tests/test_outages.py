@@ -41,7 +41,7 @@ from tests.backends.servers import in_ci
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-TOKEN = "outage-admin-token-0123456789"
+TOKEN = "outage-admin-token-0123456789-abc"
 TIMEOUT = 1.0  # the store's bound on every call
 BOUND = TIMEOUT * 6  # generous: what a client may wait, at worst, for its answer
 

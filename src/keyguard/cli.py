@@ -4,11 +4,13 @@
 
     keyguard [--store URL] [--json] apis list
     keyguard apis expose API [--max-keys N] | apis unexpose API
+    keyguard apis delete API [--force] [--yes]
     keyguard keys list API
     keyguard keys create API --name NAME --kind internal|external
     keyguard keys set-secret API CLIENT_ID
     keyguard keys delete API (CLIENT_ID | --name NAME) [--yes]
     keyguard demo [--store URL] [--port 8000]
+    keyguard --version
 
 The store comes from ``--store``, else ``KEYGUARD_STORE``, else
 ``sqlite:///keyguard.db``. ``KEYGUARD_HASH_SCHEME`` (a passlib scheme such as
@@ -28,13 +30,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from passlib.context import CryptContext
 
-from keyguard.errors import ConfigurationError, KeyGuardError
+from keyguard.errors import ApiHasKeys, ApiNotFound, ConfigurationError, KeyGuardError
 from keyguard.management import api_json, key_json, problem_json, status_for
 from keyguard.manager import KeyManager
 from keyguard.models import Api, IssuedKey, KeyInfo, KeyKind, rfc3339
@@ -42,7 +45,7 @@ from keyguard.secrets import SecretHasher
 from keyguard.stores import open_store
 from keyguard.stores.base import KeyStore
 
-__all__ = ["DEFAULT_STORE", "main"]
+__all__ = ["DEFAULT_STORE", "main", "store_label"]
 
 DEFAULT_STORE = "sqlite:///keyguard.db"
 """The store used without ``--store`` or ``KEYGUARD_STORE``: a SQLite file in the current folder."""
@@ -82,6 +85,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         parents=[common],
         epilog="Exit codes: 0 done, 1 refused or failed (one line on stderr), 2 usage error.",
     )
+    parser.add_argument("--version", action="version", version=f"keyguard {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     apis = commands.add_parser("apis", help="list, expose and un-expose APIs")
@@ -101,6 +105,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "unexpose", parents=[common], help="stop an API's keys from working (keeping them)"
     )
     unexpose.add_argument("api", metavar="API")
+    delete_api = api_actions.add_parser(
+        "delete", parents=[common], help="delete an API (with --force, its keys too)"
+    )
+    delete_api.add_argument("api", metavar="API")
+    delete_api.add_argument(
+        "--force", action="store_true", help="also delete its keys (else refused while it has any)"
+    )
+    delete_api.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
     keys = commands.add_parser("keys", help="list, create, secure and delete keys")
     key_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -149,6 +161,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--port", type=_port, default=8000, help="0 picks a free port (default: 8000)"
     )
     return parser, {"delete": delete, "demo": demo}
+
+
+def _version() -> str:
+    """The installed keyguard's version."""
+    from keyguard import __version__
+
+    return __version__
 
 
 def _port(text: str) -> int:
@@ -247,6 +266,24 @@ async def _apis_unexpose(manager: KeyManager, args: argparse.Namespace, out: _Ou
     _show_api(out, await manager.unexpose(args.api))
 
 
+async def _apis_delete(manager: KeyManager, args: argparse.Namespace, out: _Output) -> None:
+    api = await manager.get_api(args.api)
+    held = api.internal_keys + api.external_keys
+    if held and not args.force:
+        raise ApiHasKeys(
+            f"API {api.name} has {held} keys ({api.internal_keys} internal, "
+            f"{api.external_keys} external): delete them first, or use --force to delete "
+            "them with it"
+        )
+    with_keys = f" and its {held} keys" if held else " (it has no keys)"
+    question = f"Delete API {api.name}{with_keys}? This cannot be undone. [y/N] "
+    if not args.yes and not _confirm(question, out.err):
+        raise _Declined(f"not confirmed: API {api.name} was not deleted")
+    await manager.delete_api(api.name, force=args.force)
+    if not out.as_json:
+        out.line(f"Deleted API {api.name}{f' and its {held} keys' if held else ''}.")
+
+
 async def _keys_list(manager: KeyManager, args: argparse.Namespace, out: _Output) -> None:
     keys = await manager.list_keys(args.api)
     if out.as_json:
@@ -315,6 +352,7 @@ _COMMANDS = {
     ("apis", "list"): _apis_list,
     ("apis", "expose"): _apis_expose,
     ("apis", "unexpose"): _apis_unexpose,
+    ("apis", "delete"): _apis_delete,
     ("keys", "list"): _keys_list,
     ("keys", "create"): _keys_create,
     ("keys", "set-secret"): _keys_set_secret,
@@ -337,10 +375,47 @@ def _hasher() -> SecretHasher | None:
         ) from None
 
 
-async def _run(store: KeyStore, args: argparse.Namespace, out: _Output) -> int:
+# The commands that may name an API the store has never seen: the rest refuse one.
+_MAY_CREATE = {("apis", "list"), ("apis", "expose")}
+
+
+def store_label(url: str) -> str:
+    """The store as an error names it: a SQLite file by its absolute path, no password."""
+    scheme, _, rest = url.partition("://")
+    if scheme.split("+", 1)[0].lower() == "sqlite" and rest.startswith("/"):
+        path = rest[1:].split("?", 1)[0]
+        if path and "mode=memory" not in url:
+            return f"sqlite:///{os.path.abspath(path)}"
+    return re.sub(r"(?<=:)[^:@/]*(?=@)", "***", url)  # a password, masked
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The absolute path of the SQLite file ``url`` names, if it does not exist yet."""
+    label = store_label(url)
+    if not label.startswith("sqlite:///") or "?" in url:
+        return None
+    path = label.removeprefix("sqlite:///")
+    return None if os.path.exists(path) else path
+
+
+def _unknown_api(api: str, url: str) -> ApiNotFound:
+    return ApiNotFound(
+        f"API {api!r} not found in store {store_label(url)} "
+        f"(create it with: keyguard --store {store_label(url)} apis expose {api})"
+    )
+
+
+async def _run(store: KeyStore, args: argparse.Namespace, out: _Output, url: str = "") -> int:
     command = _COMMANDS[(args.command, args.action)]
     try:
-        await command(KeyManager(store, hasher=_hasher()), args, out)
+        manager = KeyManager(store, hasher=_hasher())
+        if (args.command, args.action) not in _MAY_CREATE:
+            try:
+                await manager.get_api(args.api)
+            except ApiNotFound:
+                # A typo must not pass for an empty API, nor create one.
+                raise _unknown_api(args.api, url) from None
+        await command(manager, args, out)
     except KeyGuardError as exc:
         out.error(exc.code, exc.message, status_for(exc))
         return 1
@@ -375,12 +450,17 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(store_url=getattr(args, "store", None), port=args.port)
         url = getattr(args, "store", None) or os.environ.get(STORE_ENV) or DEFAULT_STORE
+        if (args.command, args.action) not in _MAY_CREATE and _missing_sqlite_file(url):
+            # Opening the store would create the file: the API cannot be in it.
+            error = _unknown_api(args.api, url)
+            out.error(error.code, f"{error.message}; the file does not exist", status_for(error))
+            return 1
         try:
             store = open_store(url)
         except ConfigurationError as exc:
             out.error(exc.code, exc.message)
             return 1
-        return asyncio.run(_run(store, args, out))
+        return asyncio.run(_run(store, args, out, url))
     except KeyboardInterrupt:
         sys.stderr.write("\nkeyguard: interrupted\n")
         return 130

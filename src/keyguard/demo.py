@@ -1,7 +1,8 @@
 """``keyguard demo``: keyguard's main job, visible in one command.
 
 One server on ``127.0.0.1`` serves a small app protected by ``KeyGuard`` for
-the API ``demo`` (``/hello`` says who called; ``/health`` needs no key) and
+the API ``demo`` (every method on every path answers a JSON echo of the
+method, path, caller and body; ``/health`` needs no key) and
 the management API at ``/keyguard``. The demo exposes ``demo``, gives it one
 internal and one external key, and prints ``curl`` lines that succeed and
 that fail, each with the status it gets.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import os
 import secrets
 import shlex
@@ -28,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -36,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
+from keyguard.cli import store_label
 from keyguard.errors import KeyGuardError, KeyNotFound
 from keyguard.management import management_app
 from keyguard.manager import KeyManager
@@ -58,18 +61,34 @@ INTERNAL_NAME = "demo-internal"
 EXTERNAL_NAME = "demo-external"
 
 
-def demo_app(store: KeyStore, *, token: str) -> Starlette:
-    """The demo's ASGI app: ``/hello`` behind ``KeyGuard``, ``/health`` open, management at
-    ``/keyguard`` (behind its own bearer ``token``, so excluded from key checks)."""
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
-    async def hello(request: Request) -> JSONResponse:
+
+def demo_app(store: KeyStore, *, token: str) -> Starlette:
+    """The demo's ASGI app: every method on every path behind ``KeyGuard`` answers a JSON
+    echo (method, path, the caller's key name, the JSON body received), ``/health`` is
+    open, and the management API is at ``/keyguard`` (behind its own bearer ``token``, so
+    excluded from key checks)."""
+
+    async def echo(request: Request) -> JSONResponse:
         caller: KeyInfo = request.state.keyguard
+        raw = await request.body()
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:  # not JSON (or not UTF-8): say so, as text
+                body = {"not_json": raw.decode("utf-8", "replace")[:1000]}
         return JSONResponse(
             {
                 "message": f"Hello, {caller.name}!",
+                "method": request.method,
+                "path": request.url.path,
+                "name": caller.name,
                 "api": caller.api,
                 "client_id": caller.client_id,
                 "kind": caller.kind.value,
+                "body": body,
             }
         )
 
@@ -78,9 +97,10 @@ def demo_app(store: KeyStore, *, token: str) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/hello", hello),
             Route("/health", health),
             Mount("/keyguard", management_app(store, token=token)),
+            # Last: whatever the gateway's documentation calls, the app answers.
+            Route("/{path:path}", echo, methods=_METHODS),
         ],
         middleware=[
             Middleware(
@@ -122,6 +142,11 @@ def _banner(store_url: str, port: int, token: str, keys: _DemoKeys) -> str:
     assert internal.secret is not None
     internal_id = (DEFAULT_CLIENT_ID_HEADER, internal.client_id)
     external_id = (DEFAULT_CLIENT_ID_HEADER, external.client_id)
+    # Lowercase, as the gateway's documentation writes them (header names ignore case).
+    id_header, secret_header = (
+        DEFAULT_CLIENT_ID_HEADER.lower(),
+        DEFAULT_CLIENT_SECRET_HEADER.lower(),
+    )
     tries = [
         (
             200,
@@ -129,6 +154,20 @@ def _banner(store_url: str, port: int, token: str, keys: _DemoKeys) -> str:
             _curl(hello, internal_id, (DEFAULT_CLIENT_SECRET_HEADER, internal.secret)),
         ),
         (200, "the external key: no secret yet, so the client id alone", _curl(hello, external_id)),
+        (
+            200,
+            "IBM's own example call: any method, any path; the JSON body is echoed back",
+            " ".join(
+                [
+                    "curl -i --request PUT",
+                    shlex.quote(f"{base}/"),
+                    f"--header {shlex.quote('content-type: application/json')}",
+                    f"--header {shlex.quote(f'{id_header}: {internal.client_id}')}",
+                    f"--header {shlex.quote(f'{secret_header}: {internal.secret}')}",
+                    "--data '{\"id\":999999999999999}'",
+                ]
+            ),
+        ),
         (200, "/health is excluded from key checks", _curl(f"{base}/health")),
         (401, "Client id missing.", _curl(hello)),
         (
@@ -171,6 +210,9 @@ def _banner(store_url: str, port: int, token: str, keys: _DemoKeys) -> str:
         f"Web console:    {base}/keyguard/  (sign in with the token below)",
         f"Management API: {base}/keyguard  (OpenAPI document at /keyguard/openapi.json)",
         f"  token: {token}",
+        "",
+        "This demo's store, from the command line (in another terminal):",
+        f"  keyguard --store {shlex.quote(store_label(store_url))} keys list {DEMO_API}",
         "",
         "Try these; the comment above each line is the status it gets:",
         "",

@@ -11,7 +11,8 @@ The tree::
     │   ├── ApiNotExposed         api_not_exposed      (R1)
     │   ├── KeyLimitReached       key_limit_reached    (R2)
     │   ├── DuplicateName         duplicate_name       (R3)
-    │   └── KeyImmutable          key_immutable        (R4)
+    │   ├── KeyImmutable          key_immutable        (R4)
+    │   └── ApiHasKeys            api_has_keys         (deleting an API that has keys)
     └── StoreUnavailable          store_unavailable    (the store cannot be reached or is failing)
 
 ``InvalidRequest`` is also a ``ValueError``. Front doors translate them: the
@@ -23,6 +24,7 @@ Messages never contain a secret or a hash.
 from __future__ import annotations
 
 __all__ = [
+    "ApiHasKeys",
     "ApiNotExposed",
     "ApiNotFound",
     "ConfigurationError",
@@ -97,6 +99,12 @@ class KeyImmutable(RuleViolation):
     """R4: internal keys never change; their secret cannot be set or replaced."""
 
     code = "key_immutable"
+
+
+class ApiHasKeys(RuleViolation):
+    """The API still has keys: deleting it needs ``force`` (which deletes them too)."""
+
+    code = "api_has_keys"
 
 
 class StoreUnavailable(KeyGuardError):

@@ -50,6 +50,7 @@ from keyguard.stores.base import KeyStore
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "MIN_TOKEN_LENGTH",
     "api_json",
     "key_json",
     "management_app",
@@ -59,6 +60,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("keyguard")
+
+MIN_TOKEN_LENGTH = 32
+"""A management token shorter than this is a ``ConfigurationError`` when the app is built."""
 
 MAX_BODY_BYTES = 64 * 1024
 """Request bodies larger than this are refused with 413 (real bodies are under 200 bytes)."""
@@ -238,6 +242,13 @@ def _validate_token(token: str | None, allow_no_auth: bool) -> bytes | None:
             "management_app: token must be a non-empty string of visible ASCII characters "
             "(no spaces), as it travels in an HTTP header"
         )
+    if len(token) < MIN_TOKEN_LENGTH:
+        # The length only, never the token itself.
+        raise ConfigurationError(
+            f"management_app: token must be at least {MIN_TOKEN_LENGTH} characters, got "
+            f"{len(token)} (generate one with python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))')"
+        )
     return token.encode("ascii")
 
 
@@ -367,6 +378,13 @@ class _Endpoints:
         )
         return _json(api_json(api))
 
+    async def delete_api(self, request: Request) -> Response:
+        force = request.query_params.getlist("force")
+        if force not in ([], ["true"], ["false"]):
+            raise InvalidRequest("force: must be given once, as true or false")
+        await self.manager.delete_api(request.path_params["api"], force=force == ["true"])
+        return Response(status_code=204, headers=_NO_STORE)
+
     async def list_keys(self, request: Request) -> Response:
         keys = await self.manager.list_keys(request.path_params["api"])
         return _json({"keys": [key_json(key) for key in keys]})
@@ -444,6 +462,15 @@ _OPERATIONS = (
         errors=(*_WITH_BODY, *_ON_API),
     ),
     _Operation(
+        "DELETE",
+        "/apis/{api}",
+        "delete_api",
+        "Delete an API; while it has keys only with ?force=true, which deletes them too",
+        204,
+        None,
+        errors=(404, 409, *_ON_API),
+    ),
+    _Operation(
         "GET", "/apis/{api}/keys", "list_keys", "List an API's keys", 200, "KeyList", errors=_ON_API
     ),
     _Operation(
@@ -494,7 +521,13 @@ _OPERATIONS = (
 _ERROR_CODES = {
     401: ["unauthorized"],
     404: ["api_not_found", "key_not_found"],
-    409: ["api_not_exposed", "key_limit_reached", "duplicate_name", "key_immutable"],
+    409: [
+        "api_not_exposed",
+        "key_limit_reached",
+        "duplicate_name",
+        "key_immutable",
+        "api_has_keys",
+    ],
     413: ["request_too_large"],
     415: ["unsupported_media_type"],
     422: ["invalid_request"],
@@ -691,7 +724,18 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
         }
-        if parameters := _path_parameters(op.path):
+        parameters = _path_parameters(op.path)
+        if op.name == "delete_api":
+            parameters.append(
+                {
+                    "name": "force",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "boolean", "default": False},
+                    "description": "Delete the API's keys with it (else 409 api_has_keys).",
+                }
+            )
+        if parameters:
             operation["parameters"] = parameters
         if op.request is not None:
             operation["requestBody"] = {

@@ -85,7 +85,11 @@ class KeyManager:
         return await self.update_api(api, exposed=True, max_keys_per_kind=max_keys_per_kind)
 
     async def unexpose(self, api: str) -> Api:
-        """Stop ``api``'s keys from working, keeping them (R8); creates the API if needed."""
+        """Stop ``api``'s keys from working, keeping them (R8).
+
+        ``ApiNotFound`` for an API never created: a typo must not make an API.
+        """
+        await self.get_api(api)
         return await self.update_api(api, exposed=False)
 
     async def update_api(
@@ -113,6 +117,19 @@ class KeyManager:
             result.max_keys_per_kind,
         )
         return result
+
+    async def delete_api(self, api: str, *, force: bool = False) -> None:
+        """Delete ``api``; ``ApiNotFound`` if it was never created.
+
+        An API that has keys raises ``ApiHasKeys`` unless ``force``, which
+        deletes its keys with it (their next request fails, R7).
+        """
+        validate_api_name(api)
+        if not isinstance(force, bool):
+            raise InvalidRequest("force must be true or false")
+        if not await self.store.delete_api(api, force=force):
+            raise ApiNotFound(f"API {api!r} does not exist")
+        logger.info("api %s deleted (force=%s)", api, force)
 
     async def get_api(self, api: str) -> Api:
         """The API with its key counts; ``ApiNotFound`` if it was never created."""

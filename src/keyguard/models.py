@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -31,9 +32,16 @@ __all__ = [
 
 API_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_NAME_LENGTH = 100
-# Characters a key name may not contain: C0/C1 controls, line and paragraph
-# separators, and lone surrogates (which no database or Redis could store).
-NAME_FORBIDDEN = "\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029\\ud800-\\udfff"
+# Characters a key name may not contain, as a regular expression class for JSON
+# Schema documents: C0/C1 controls, the common format characters (soft hyphen,
+# zero-width and bidi controls, BOM), line and paragraph separators, and lone
+# surrogates (which no database or Redis could store). ``normalize_name`` checks
+# the whole Unicode categories Cc, Cf, Zl, Zp and Cs.
+NAME_FORBIDDEN = (
+    "\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u061c\\u180e\\u200b-\\u200f"
+    "\\u2028-\\u202e\\u2060-\\u206f\\ufeff\\ud800-\\udfff"
+)
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 KEY_NAME_PATTERN = f"^[^{NAME_FORBIDDEN}]*[^\\s{NAME_FORBIDDEN}][^{NAME_FORBIDDEN}]*$"
 """A key name (before trimming) as a regular expression, for JSON Schema documents."""
 _FORBIDDEN_IN_NAME = re.compile(f"[{NAME_FORBIDDEN}]")
@@ -140,19 +148,30 @@ def validate_api_name(api: object) -> str:
 
 
 def normalize_name(name: object) -> str:
-    """The key name trimmed and checked (R3), else ``InvalidRequest``."""
+    """The key name trimmed, NFC-normalized and checked (R3), else ``InvalidRequest``.
+
+    A name holds no control, format (bidi overrides, zero-width), line or
+    paragraph separator characters (Unicode categories Cc, Cf, Zl, Zp), nor
+    lone surrogates, so that no two names that look alike, and no name that
+    displays differently from what it is, can be stored.
+    """
     if not isinstance(name, str):
         raise InvalidRequest("name must be a string")
-    trimmed = name.strip()
-    if not trimmed:
+    if _FORBIDDEN_IN_NAME.search(name.strip()) is None:
+        # (Lone surrogates are checked first: NFC cannot take them.)
+        trimmed = unicodedata.normalize("NFC", name).strip()
+    else:
+        trimmed = ""
+    if trimmed and not any(unicodedata.category(char) in _FORBIDDEN_CATEGORIES for char in trimmed):
+        if len(trimmed) > MAX_NAME_LENGTH:
+            raise InvalidRequest(f"name must be at most {MAX_NAME_LENGTH} characters")
+        return trimmed
+    if not name.strip():
         raise InvalidRequest("name is required and cannot be blank")
-    if len(trimmed) > MAX_NAME_LENGTH:
-        raise InvalidRequest(f"name must be at most {MAX_NAME_LENGTH} characters")
-    if _FORBIDDEN_IN_NAME.search(trimmed):
-        raise InvalidRequest(
-            "name cannot contain control characters, line separators or surrogates"
-        )
-    return trimmed
+    raise InvalidRequest(
+        "name cannot contain control, format (such as bidi or zero-width), "
+        "line or paragraph separator characters, or surrogates"
+    )
 
 
 def name_key(name: str) -> str:

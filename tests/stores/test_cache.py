@@ -13,7 +13,7 @@ from keyguard.errors import ConfigurationError, StoreUnavailable
 from keyguard.models import Api, KeyKind, KeyRecord, utcnow
 from keyguard.secrets import new_client_id
 from keyguard.stores import CachedStore
-from tests.helpers import CountingStore
+from tests.helpers import CountingStore, expose, record
 
 pytestmark = pytest.mark.anyio
 
@@ -388,3 +388,14 @@ def test_change_feed_is_watched_in_each_event_loop() -> None:
 
     assert anyio.run(reads_after_a_notice) == 1
     assert anyio.run(reads_after_a_notice) == 1
+
+
+async def test_delete_api_is_seen_at_once() -> None:
+    """Deleting an API through the cache drops its snapshot: its keys stop working at once."""
+    cached = CachedStore(MemoryStore(), ttl=60)
+    await expose(cached)
+    key = record(name="Acme")
+    await cached.insert_key(key)
+    assert (await cached.lookup("orders", key.client_id))[1] is not None  # now cached
+    assert await cached.delete_api("orders", force=True) is True
+    assert await cached.lookup("orders", key.client_id) == (False, None)

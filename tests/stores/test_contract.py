@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from keyguard import KeyStore
-from keyguard.errors import ApiNotExposed, DuplicateName, KeyLimitReached
+from keyguard.errors import ApiHasKeys, ApiNotExposed, DuplicateName, KeyLimitReached
 from keyguard.models import Api, KeyKind, utcnow
 from keyguard.secrets import new_client_id
 from tests.helpers import expose, record
@@ -369,3 +369,54 @@ async def test_names_keep_unicode(store: KeyStore) -> None:
     for name in names:
         await store.insert_key(record(name=name))
     assert [k.name for k in await store.list_keys("orders")] == names
+
+
+async def test_delete_api_without_keys(store: KeyStore) -> None:
+    """delete_api removes an API without keys; a second delete finds nothing."""
+    await expose(store)
+    assert await store.delete_api("orders", force=False) is True
+    assert await store.get_api("orders") is None
+    assert await store.list_apis() == []
+    assert await store.lookup("orders", None) == (False, None)
+    assert await store.delete_api("orders", force=False) is False
+
+
+async def test_delete_api_of_an_unknown_api_is_false(store: KeyStore) -> None:
+    """delete_api of an API never created changes nothing and answers False, forced or not."""
+    assert await store.delete_api("nosuch", force=False) is False
+    assert await store.delete_api("nosuch", force=True) is False
+    assert await store.list_apis() == []
+
+
+async def test_delete_api_with_keys_needs_force(store: KeyStore) -> None:
+    """Without force an API with keys is ApiHasKeys and keeps every key; force deletes them."""
+    await expose(store)
+    await expose(store, "billing")
+    kept = record(api="billing", name="Other", kind=INTERNAL, secret_hash="h")
+    await store.insert_key(kept)
+    doomed = record(name="Acme", kind=INTERNAL, secret_hash="h")
+    await store.insert_key(doomed)
+    with pytest.raises(ApiHasKeys):
+        await store.delete_api("orders", force=False)
+    assert [k.client_id for k in await store.list_keys("orders")] == [doomed.client_id]
+    assert await store.delete_api("orders", force=True) is True
+    assert await store.get_api("orders") is None
+    assert await store.list_keys("orders") == []
+    assert await store.get_key("orders", doomed.client_id) is None
+    assert await store.lookup("orders", doomed.client_id) == (False, None)
+    assert [a.name for a in await store.list_apis()] == ["billing"]
+    assert (await store.get_key("billing", kept.client_id)) is not None
+
+
+async def test_deleted_api_can_be_created_again_empty(store: KeyStore) -> None:
+    """After a forced delete the same name is a new, unexposed API without keys or names."""
+    await expose(store, limit=1)
+    await store.insert_key(record(name="Acme"))
+    await store.delete_api("orders", force=True)
+    again = await store.upsert_api(
+        "orders", exposed=None, max_keys_per_kind=None, default_max_keys_per_kind=5
+    )
+    assert (again.exposed, again.max_keys_per_kind, again.external_keys) == (False, 5, 0)
+    await expose(store)
+    await store.insert_key(record(name="Acme"))  # the name is free again
+    assert [k.name for k in await store.list_keys("orders")] == ["Acme"]

@@ -624,6 +624,31 @@
     });
   }
 
+  // Deleting an API takes its keys with it: the confirmation says how many.
+  function askDeleteApi() {
+    if (!idle() || !state.api) return;
+    const api = state.api.name;
+    const held = state.api.keys.internal + state.api.keys.external;
+    const keys = held === 1 ? "1 key" : held + " keys";
+    confirmDialog({
+      title: "Delete the API “" + api + "” and its " + keys + "?",
+      text: (held ? "Its " + keys + " (" + state.api.keys.internal + " internal, " +
+        state.api.keys.external + " external) are deleted with it: callers using them are " +
+        "refused from their next request. " : "It has no keys. ") + "This cannot be undone.",
+      ok: "Delete API",
+      api,
+      back: { element: $("delete-api") },
+      run: async (pending) => {
+        await authorized("DELETE", "apis/" + path(api) + "?force=true");
+        state.apis = state.apis.filter((item) => item.name !== api);
+        pending.back = { element: $("new-api") }; // the API's page is gone
+        closeConfirm(pending);
+        announce("API “" + api + "” and its " + keys + " deleted.");
+        if (state.selected === api) location.hash = ""; // the hashchange listener routes
+      },
+    });
+  }
+
   async function setExposed(api, exposed) {
     await authorized("PUT", "apis/" + path(api), { exposed });
     if (api !== state.selected) return;
@@ -959,6 +984,7 @@
     $("add-api-form").addEventListener("submit", addApi);
     $("limit-form").addEventListener("submit", saveLimit);
     $("expose").addEventListener("click", toggleExpose);
+    $("delete-api").addEventListener("click", askDeleteApi);
     $("retry").addEventListener("click", retry);
     for (const button of document.querySelectorAll("button.create")) {
       button.addEventListener("click", () => openCreate(button.dataset.kind, button));

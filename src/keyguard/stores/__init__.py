@@ -13,7 +13,12 @@ from typing import Any
 
 from keyguard.errors import ConfigurationError
 from keyguard.stores.base import ChangeFeed, KeyStore
-from keyguard.stores.cache import DEFAULT_CACHE_TTL, DEFAULT_MAX_ENTRIES, CachedStore
+from keyguard.stores.cache import (
+    DEFAULT_CACHE_TTL,
+    DEFAULT_MAX_ENTRIES,
+    CachedStore,
+    check_cache_ttl,
+)
 from keyguard.stores.memory import MemoryStore
 
 __all__ = ["CachedStore", "ChangeFeed", "KeyStore", "MemoryStore", "open_store"]
@@ -45,6 +50,8 @@ def open_store(
             f"store URL must look like 'scheme://…' (memory://, sqlite:///keys.db, "
             f"postgresql://…, mysql://…, redis://…), got {_redact(url)!r}"
         )
+    # Checked for every store, memory:// included, so a bad value is never ignored.
+    check_cache_ttl(cache_ttl)
     scheme = url.split("://", 1)[0].lower()
     base = scheme.split("+", 1)[0]
     if base == "memory":

@@ -85,6 +85,16 @@ class KeyStore(Protocol):
         """Delete the key; ``False`` if ``api`` had no such key."""
         ...
 
+    async def delete_api(self, api: str, *, force: bool) -> bool:
+        """Delete ``api`` and, with ``force``, every key of it, atomically.
+
+        Returns ``False`` (changing nothing) if ``api`` was never created.
+        Without ``force`` an API that has keys raises ``ApiHasKeys`` and is
+        kept: the check and the delete are one atomic step, so a key created
+        meanwhile is never deleted with it.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Release connections. The store must not be used afterwards."""
         ...

@@ -45,12 +45,30 @@ from keyguard.errors import ConfigurationError
 from keyguard.models import Api, KeyRecord
 from keyguard.stores.base import ChangeFeed, KeyStore
 
-__all__ = ["DEFAULT_CACHE_TTL", "DEFAULT_MAX_ENTRIES", "CachedStore"]
+__all__ = ["DEFAULT_CACHE_TTL", "DEFAULT_MAX_ENTRIES", "CachedStore", "check_cache_ttl"]
 
 DEFAULT_CACHE_TTL = 1.0
 DEFAULT_MAX_ENTRIES = 100_000
 
 logger = logging.getLogger("keyguard")
+
+
+def check_cache_ttl(ttl: object) -> None:
+    """Raise ``ConfigurationError`` unless ``ttl`` is ``None``, 0 (no cache) or in (0, 3600].
+
+    The one check of a cache TTL, for every store (``open_store`` and ``CachedStore``).
+    """
+    if ttl is None:
+        return
+    if (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, (int, float))
+        or not (ttl == 0 or 0 < ttl <= 3600)
+    ):
+        raise ConfigurationError(
+            f"cache ttl must be 0 or None (no cache) or a number of seconds in (0, 3600], "
+            f"got {ttl!r}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +102,8 @@ class CachedStore:
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 3600:
+        check_cache_ttl(ttl)
+        if not ttl:
             raise ConfigurationError("cache ttl must be a number of seconds in (0, 3600]")
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ConfigurationError("cache max_entries must be a positive whole number")
@@ -275,6 +294,12 @@ class CachedStore:
             return await self.store.delete_key(api, client_id)
         finally:
             self.invalidate(api, client_id)
+
+    async def delete_api(self, api: str, *, force: bool) -> bool:
+        try:
+            return await self.store.delete_api(api, force=force)
+        finally:
+            self.invalidate(api)
 
     async def aclose(self) -> None:
         """Stop watching for changes and close the wrapped store."""

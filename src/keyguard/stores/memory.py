@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from keyguard.errors import ApiNotExposed, DuplicateName, KeyLimitReached
+from keyguard.errors import ApiHasKeys, ApiNotExposed, DuplicateName, KeyLimitReached
 from keyguard.models import Api, KeyKind, KeyRecord, name_key
 
 __all__ = ["MemoryStore"]
@@ -118,6 +118,16 @@ class MemoryStore:
                 return False
             state.names.discard(name_key(record.name))
             state.counts[record.kind] -= 1
+            return True
+
+    async def delete_api(self, api: str, *, force: bool) -> bool:
+        with self._lock:
+            state = self._apis.get(api)
+            if state is None:
+                return False
+            if state.keys and not force:
+                raise ApiHasKeys(f"API {api!r} has {len(state.keys)} keys")
+            del self._apis[api]
             return True
 
     async def aclose(self) -> None:

@@ -35,6 +35,7 @@ from typing import Any, TypeVar, cast
 import anyio
 
 from keyguard.errors import (
+    ApiHasKeys,
     ApiNotExposed,
     ConfigurationError,
     DuplicateName,
@@ -132,6 +133,19 @@ local name_field = 'n:' .. record[4]
 if redis.call('HGET', api, name_field) == id then redis.call('HDEL', api, name_field) end
 redis.call('HDEL', api, 'k:' .. id, 's:' .. id)
 redis.call('HINCRBY', api, 'c:' .. record[2], -1)
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
+# ARGV: force flag, change channel, change notice.  The check for keys and the delete of
+# the whole hash (state, keys, hashes, names) are one step.
+_DELETE_API_LUA = """
+local api = KEYS[1]
+local state = redis.call('HMGET', api, 'exposed', 'c:internal', 'c:external')
+if not state[1] then return 0 end
+local held = tonumber(state[2] or 0) + tonumber(state[3] or 0)
+if held > 0 and ARGV[1] ~= '1' then return -held end
+redis.call('DEL', api)
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
@@ -237,6 +251,7 @@ class RedisStore:
         self._insert_key = AsyncScript(client, _INSERT_KEY_LUA)
         self._set_secret_hash = AsyncScript(client, _SET_HASH_LUA)
         self._delete_key = AsyncScript(client, _DELETE_KEY_LUA)
+        self._delete_api = AsyncScript(client, _DELETE_API_LUA)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._location!r}, prefix={self.prefix!r})"
@@ -391,6 +406,21 @@ class RedisStore:
             lambda redis: self._delete_key(keys=[key], args=args, client=redis)
         )
         return bool(int(deleted))
+
+    async def delete_api(self, api: str, *, force: bool) -> bool:
+        """Delete the API's hash in one script (refused while it has keys unless ``force``),
+        then its name from the index."""
+        key = self._api_key(api)
+        args = ["1" if force else "0", self._channel, api]
+        outcome = int(
+            await self._call(lambda redis: self._delete_api(keys=[key], args=args, client=redis))
+        )
+        if outcome < 0:
+            raise ApiHasKeys(f"API {api!r} has {-outcome} keys")
+        if outcome:
+            # Another slot, so not in the script; a name without a hash is skipped anyway.
+            await self._call(lambda redis: redis.zrem(self._index, api))
+        return bool(outcome)
 
     async def watch(
         self,

@@ -66,6 +66,7 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.types import TypeEngine
 
 from keyguard.errors import (
+    ApiHasKeys,
     ApiNotExposed,
     ConfigurationError,
     DuplicateName,
@@ -342,7 +343,7 @@ class SQLStore:
         options = _engine_options(parsed, timeout, engine_options)
         engine = _create_engine(parsed, options)
         store = cls(engine, table_prefix=table_prefix, timeout=timeout)
-        store._factory = lambda: create_async_engine(parsed, **options)
+        store._factory = lambda: _create_engine(parsed, options)
         return store
 
     def __repr__(self) -> str:
@@ -577,6 +578,34 @@ class SQLStore:
             # Another call deleted it since we read its kind: give the place back.
             await conn.execute(update(apis).where(apis.c.name == api).values({count: count + 1}))
             return False
+
+        return await self._run(work, write=True)
+
+    async def delete_api(self, api: str, *, force: bool) -> bool:
+        """Delete the API (and, with ``force``, its keys) in one transaction; ``False`` if none."""
+        if not _fits(api, _NAME_LENGTH):
+            return False
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> bool:
+            apis, keys = schema.apis, schema.keys
+            # Lock the API row first, as insert_key does: its counters cannot change
+            # until this transaction ends, so the check below and the delete are one step.
+            locked = await conn.execute(
+                update(apis).where(apis.c.name == api).values(name=apis.c.name)
+            )
+            if locked.rowcount != 1:
+                return False
+            counts = (
+                await conn.execute(
+                    select(apis.c.internal_count, apis.c.external_count).where(apis.c.name == api)
+                )
+            ).one()
+            held = counts.internal_count + counts.external_count
+            if held and not force:
+                raise ApiHasKeys(f"API {api!r} has {held} keys")
+            await conn.execute(delete(keys).where(keys.c.api == api))
+            await conn.execute(delete(apis).where(apis.c.name == api))
+            return True
 
         return await self._run(work, write=True)
 
@@ -845,7 +874,8 @@ def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> di
     elif driver == "aiosqlite":
         connect_args = {"timeout": timeout}  # the busy timeout: how long to wait for a writer
         _hide_aiosqlite_arguments()
-    options: dict[str, Any] = {"hide_parameters": True}
+    # Its own logger, sqlalchemy.engine.Engine.keyguard, whose result rows are hidden.
+    options: dict[str, Any] = {"hide_parameters": True, "logging_name": "keyguard"}
     if "poolclass" not in given:  # NullPool and friends take no pool_timeout
         options["pool_timeout"] = timeout
     if parsed.get_backend_name() in ("mysql", "mariadb"):
@@ -869,6 +899,24 @@ class _WithoutCallArguments(logging.Filter):
         return True
 
 
+class _WithoutRows(logging.Filter):
+    """SQLAlchemy's engine logs every result row at DEBUG — secret hashes among them — however
+    the engine was created. Keep those records (that a row came back), drop the rows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.endswith("Row %r"):
+            record.args = ("<row hidden by keyguard>",)
+        return True
+
+
+def _hide_rows(engine: AsyncEngine) -> None:
+    """Hide the result rows in the log records of ``engine`` (an engine this store created)."""
+    log = engine.sync_engine.logger
+    target = log if isinstance(log, logging.Logger) else log.logger  # echo=True wraps it
+    if not any(isinstance(f, _WithoutRows) for f in target.filters):
+        target.addFilter(_WithoutRows())
+
+
 def _hide_aiosqlite_arguments() -> None:
     log = logging.getLogger("aiosqlite")
     if not any(isinstance(f, _WithoutCallArguments) for f in log.filters):
@@ -887,7 +935,7 @@ def _create_engine(parsed: URL, options: dict[str, Any]) -> AsyncEngine:
             "mysql+asyncmy, mysql+aiomysql, sqlite+aiosqlite)"
         ) from exc
     try:
-        return create_async_engine(parsed, **options)
+        engine = create_async_engine(parsed, **options)
     except ImportError as exc:
         driver = parsed.get_driver_name()
         install = _INSTALL.get(driver, f"pip install {driver}")
@@ -901,6 +949,8 @@ def _create_engine(parsed: URL, options: dict[str, Any]) -> AsyncEngine:
         ) from exc
     except (TypeError, sa_exc.ArgumentError) as exc:
         raise ConfigurationError(f"bad SQL store option: {exc}") from exc
+    _hide_rows(engine)
+    return engine
 
 
 def _mask(url: str) -> str:
