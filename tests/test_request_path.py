@@ -258,7 +258,7 @@ async def test_quiet_404s_are_logged_once_per_api(caplog: pytest.LogCaptureFixtu
     """A 404 for an unknown or unexposed API is a WARNING naming the reason and the store,
     once per API per minute."""
     store = MemoryStore()
-    await KeyManager(store).unexpose("hidden")
+    await KeyManager(store).update_api("hidden", exposed=False)
 
     def api_of(scope: Scope) -> str:
         return str(scope["path"]).strip("/")
