@@ -85,12 +85,16 @@ async def _to_v2(conn: AsyncConnection, prefix: str, meta_table: str) -> int:
         version = int((await conn.execute(text(read))).scalar_one())
         if version != 1:
             return version  # someone else upgraded while this process waited
+        # MySQL (unlike MariaDB and PostgreSQL) has no ADD COLUMN IF NOT EXISTS: it and
+        # SQLite look first; a column another process added meanwhile fails the step with
+        # "duplicate column", and the store's start-up retry then finds it there.
+        look_first = dialect == "sqlite" or not getattr(conn.dialect, "is_mariadb", True)
         for table, columns in tables:
-            existing = await _columns(conn, table) if dialect == "sqlite" else set()
+            existing = await _columns(conn, table) if look_first else set()
             for column, types in columns.items():
                 if column in existing:
                     continue
-                if_missing = "" if dialect == "sqlite" else "IF NOT EXISTS "
+                if_missing = "" if look_first else "IF NOT EXISTS "
                 await conn.execute(
                     text(f"ALTER TABLE {table} ADD COLUMN {if_missing}{column} {types[dialect]}")
                 )
@@ -99,9 +103,15 @@ async def _to_v2(conn: AsyncConnection, prefix: str, meta_table: str) -> int:
 
 
 async def _columns(conn: AsyncConnection, table: str) -> set[str]:
-    """The column names of a SQLite table."""
-    rows = (await conn.execute(text(f"PRAGMA table_info({table})"))).all()
-    return {row[1] for row in rows}
+    """The column names of ``table`` (SQLite or MySQL)."""
+    if conn.dialect.name == "sqlite":
+        rows = (await conn.execute(text(f"PRAGMA table_info({table})"))).all()
+        return {row[1] for row in rows}
+    query = text(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = DATABASE() AND table_name = :table"
+    )
+    return {row[0] for row in (await conn.execute(query, {"table": table})).all()}
 
 
 _STEPS = {1: _to_v2}
