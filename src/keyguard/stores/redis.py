@@ -375,7 +375,8 @@ class RedisStore:
         for name, value in fields.items():
             if name.startswith("k:"):
                 client_id = name[2:]
-                seq, kind, key_name, _folded, micros = json.loads(value)
+                # The first layout's five fields lead; later layouts append (issue 14).
+                seq, kind, key_name, _folded, micros = json.loads(value)[:5]
                 secret_hash = fields.get(f"s:{client_id}")
                 record = KeyRecord(
                     api=api,
@@ -559,7 +560,7 @@ def _api(name: str, row: list[Any]) -> Api | None:
 def _record(
     api: str, client_id: str, raw: bytes | str, secret_hash: bytes | str | None
 ) -> KeyRecord:
-    _seq, kind, name, _folded, micros = json.loads(raw)
+    _seq, kind, name, _folded, micros = json.loads(raw)[:5]
     return KeyRecord(
         api=api,
         client_id=client_id,

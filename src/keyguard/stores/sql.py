@@ -54,6 +54,7 @@ from sqlalchemy import (
     delete,
     insert,
     select,
+    true,
     update,
 )
 from sqlalchemy import exc as sa_exc
@@ -75,6 +76,7 @@ from keyguard.errors import (
     StoreUnavailable,
 )
 from keyguard.models import Api, KeyKind, KeyRecord, name_key
+from keyguard.stores.sql_upgrades import upgrade
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -87,7 +89,7 @@ logger = logging.getLogger("keyguard")
 
 __all__ = ["SCHEMA_VERSION", "SQLStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The version of the tables this code reads and writes, recorded in ``<prefix>meta``."""
 
 T = TypeVar("T")
@@ -183,6 +185,7 @@ class _Schema:
             Column("max_keys_per_kind", Integer, nullable=False),
             Column("internal_count", Integer, nullable=False),
             Column("external_count", Integer, nullable=False),
+            Column("rate_limits", Text(), nullable=False, server_default="[]"),  # version 2
             **table_options,
         )
         self.keys = Table(
@@ -207,6 +210,17 @@ class _Schema:
             Column("kind", String(8), nullable=False),
             Column("secret_hash", Text(), nullable=True),
             Column("created_at", _UTCDateTime(), nullable=False),
+            # Version 2 (sql_upgrades.py adds the same to older tables): database
+            # defaults, so a process still running older code can insert keys.
+            Column(
+                "enabled", Boolean(create_constraint=False), nullable=False, server_default=true()
+            ),
+            Column("expires_at", _UTCDateTime(), nullable=True),
+            Column("meta", Text(), nullable=False, server_default="{}"),
+            Column("previous_secret_hash", Text(), nullable=True),
+            Column("previous_secret_expires_at", _UTCDateTime(), nullable=True),
+            Column("last_used_at", _UTCDateTime(), nullable=True),
+            Column("rate_limits", Text(), nullable=True),
             UniqueConstraint("client_id", name=f"{prefix}keys_client_id_key"),
             UniqueConstraint("api", "name_key", name=f"{prefix}keys_api_name_key"),
             CheckConstraint("kind IN ('internal', 'external')", name=f"{prefix}keys_kind_check"),
@@ -720,6 +734,20 @@ class SQLStore:
                     async with conn.begin():
                         read = select(meta.c.value).where(meta.c.name == _VERSION_ROW)
                         version = int((await conn.execute(read)).scalar_one())
+                    if version < SCHEMA_VERSION:
+                        version = await upgrade(
+                            conn,
+                            prefix=self._prefix,
+                            meta_table=meta.name,
+                            found=version,
+                            target=SCHEMA_VERSION,
+                        )
+                        logger.info(
+                            "SQL store %s: tables %s* upgraded to schema version %s",
+                            self.url,
+                            self._prefix,
+                            version,
+                        )
                     conn.info[_USED] = True
                 break
             except sa_exc.DBAPIError as exc:
@@ -731,7 +759,6 @@ class SQLStore:
                 f"the tables {self._prefix}* have schema version {version}, newer than this "
                 f"keyguard understands ({SCHEMA_VERSION}): upgrade keyguard"
             )
-        # Versions older than SCHEMA_VERSION will be migrated here, step by step.
         return schema
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:

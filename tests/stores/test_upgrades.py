@@ -1,0 +1,195 @@
+"""Stores written by older keyguard (``tests/fixtures/legacy_v1``) keep working with this code.
+
+The fixtures hold what commit 037f1ef (schema version 1, the first Redis
+layout) wrote on each store, with the keys' secrets; see
+``tests/fixtures/make_legacy_v1.py``. Each test loads one into its own
+namespace, opens it with several stores at once (as several processes
+starting together would) and checks that nothing was lost: every API with
+its state and limit, every key with its name, kind and creation time, and
+every key still authenticating with its secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from keyguard import KeyManager, KeyStore
+from keyguard.errors import DuplicateName
+from keyguard.manager import Denial
+from keyguard.models import KeyInfo
+from keyguard.stores.redis import RedisStore
+from keyguard.stores.sql import SCHEMA_VERSION, SQLStore
+from tests.backends.redis import delete_prefixed
+from tests.backends.redis import unique_prefix as redis_prefix
+from tests.backends.servers import require_server
+from tests.backends.sql import drop_tables, sql_url
+from tests.backends.sql import unique_prefix as sql_prefix
+
+pytestmark = pytest.mark.anyio
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_v1"
+LEGACY_SQL_PREFIX = "kglegacy_"
+DUMPS = {"sqlite": "sqlite.sql", "postgres": "postgresql.sql", "mysql": "mariadb.sql"}
+OPENERS = 4  # stores opening the old tables at once, as processes starting together
+
+
+def manifest() -> dict[str, Any]:
+    """The APIs and keys (with secrets) the fixtures hold."""
+    data: dict[str, Any] = json.loads((FIXTURES / "keys.json").read_text(encoding="utf-8"))
+    return data
+
+
+def statements(backend: str, prefix: str) -> list[str]:
+    """The dump of ``backend`` as single statements, its tables renamed to ``prefix``."""
+    text = (FIXTURES / DUMPS[backend]).read_text(encoding="utf-8")
+    text = text.replace(LEGACY_SQL_PREFIX, prefix)
+    found, current = [], []
+    for line in text.splitlines():
+        current.append(line)
+        if line.rstrip().endswith(";"):
+            statement = "\n".join(current).strip()
+            found.append(statement.rstrip(";"))
+            current = []
+    assert not "".join(current).strip(), "the dump ends inside a statement"
+    return [statement for statement in found if statement]
+
+
+async def load_sql(engine: AsyncEngine, backend: str, prefix: str) -> None:
+    """Recreate the fixture's tables and rows under ``prefix``."""
+    async with engine.begin() as conn:
+        for statement in statements(backend, prefix):
+            await conn.exec_driver_sql(statement)
+
+
+async def load_redis(url: str, prefix: str) -> None:
+    """Recreate the fixture's Redis keys under ``prefix``."""
+    dump = json.loads((FIXTURES / "redis.json").read_text(encoding="utf-8"))
+    async with Redis.from_url(url) as client:
+        for suffix, entry in dump["keys"].items():
+            name = f"{prefix}{suffix}"
+            if entry["type"] == "hash":
+                await client.hset(name, mapping=entry["value"])
+            else:
+                assert entry["type"] == "zset"
+                await client.zadd(name, dict(entry["value"]))
+
+
+async def check_nothing_lost(store: KeyStore) -> None:
+    """Every API and key of the manifest is there, and every key authenticates."""
+    manager = KeyManager(store)
+    expected = manifest()["apis"]
+    apis = {api.name: api for api in await manager.list_apis()}
+    assert sorted(apis) == sorted(api["name"] for api in expected)
+    for api in expected:
+        stored = apis[api["name"]]
+        assert stored.exposed is api["exposed"]
+        assert stored.max_keys_per_kind == api["max_keys_per_kind"]
+        keys = await manager.list_keys(api["name"])
+        assert [(k.client_id, k.name, k.kind.value, k.has_secret) for k in keys] == [
+            (k["client_id"], k["name"], k["kind"], k["has_secret"]) for k in api["keys"]
+        ]
+        assert [k.created_at for k in keys] == [
+            datetime.fromisoformat(k["created_at"]) for k in api["keys"]
+        ]
+        assert stored.internal_keys == sum(k["kind"] == "internal" for k in api["keys"])
+        assert stored.external_keys == sum(k["kind"] == "external" for k in api["keys"])
+        if not api["keys"]:
+            continue
+        # Un-exposed APIs answer 404 first; expose them to prove their keys work (R8).
+        if not api["exposed"]:
+            await manager.expose(api["name"])
+        for key in api["keys"]:
+            outcome = await manager.authenticate(api["name"], key["client_id"], key["secret"])
+            assert isinstance(outcome, KeyInfo), (api["name"], key["name"], outcome)
+            assert outcome.name == key["name"]
+            if key["secret"] is not None:
+                wrong = await manager.authenticate(api["name"], key["client_id"], "x" * 43)
+                assert wrong is Denial.INVALID_SECRET
+    # Names stay unique under casefold after the upgrade (R3): the folded index survived.
+    orders = next(api for api in expected if api["name"] == "orders")
+    taken = orders["keys"][-1]["name"].upper()  # "STRASSE FFI CAFÉ": same casefold
+    with pytest.raises(DuplicateName):
+        await manager.create_key("orders", name=taken, kind="external")
+
+
+async def check_upgraded_columns(engine: AsyncEngine, prefix: str) -> None:
+    """The tables record the current schema version, and the added columns hold their
+    defaults on every old row (enabled, no expiry, empty meta, nothing else set)."""
+    async with engine.connect() as conn:
+        version = (
+            await conn.exec_driver_sql(
+                f"SELECT value FROM {prefix}meta WHERE name = 'schema_version'"  # noqa: S608
+            )
+        ).scalar_one()
+        assert version == str(SCHEMA_VERSION)
+        added = "enabled, expires_at, meta, previous_secret_hash, previous_secret_expires_at, "
+        added += "last_used_at, rate_limits"
+        read_added = f"SELECT {added} FROM {prefix}keys"  # noqa: S608 - a test's own prefix
+        rows = (await conn.exec_driver_sql(read_added)).all()
+        expected_keys = sum(len(api["keys"]) for api in manifest()["apis"])
+        assert [tuple(row) for row in rows] == [(1, None, "{}", None, None, None, None)] * (
+            expected_keys
+        )
+        read_limits = f"SELECT rate_limits FROM {prefix}apis"  # noqa: S608 - a test's own prefix
+        limits = (await conn.exec_driver_sql(read_limits)).all()
+        assert [row[0] for row in limits] == ["[]"] * len(manifest()["apis"])
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+async def test_sql_store_of_schema_v1_opens_with_nothing_lost(backend: str, tmp_path: Path) -> None:
+    """Tables written by schema version 1 are opened by several stores at once, lose
+    nothing, and every key still authenticates with its secret."""
+    url = sql_url(backend, tmp_path)
+    prefix = sql_prefix()
+    loader = SQLStore.from_url(url, table_prefix=prefix)
+    stores = [SQLStore.from_url(url, table_prefix=prefix) for _ in range(OPENERS)]
+    try:
+        await load_sql(loader.engine, backend, prefix)
+        # Every store starts at once against the old tables (each its own engine and pool,
+        # as separate processes would have).
+        apis = await asyncio.gather(*(store.list_apis() for store in stores))
+        assert all(len(found) == len(manifest()["apis"]) for found in apis)
+        await check_upgraded_columns(loader.engine, prefix)
+        await check_nothing_lost(stores[0])  # it changes state (expose): once is enough
+    finally:
+        for store in stores:
+            await store.aclose()
+        try:
+            if backend != "sqlite":
+                await drop_tables(loader.engine, prefix)
+        finally:
+            await loader.aclose()
+
+
+async def test_redis_store_of_first_layout_opens_with_nothing_lost() -> None:
+    """Redis data written by the first layout is opened by several stores at once, loses
+    nothing, and every key still authenticates with its secret."""
+    url = require_server("redis")
+    prefix = redis_prefix()
+    stores = [RedisStore.from_url(url, prefix=prefix) for _ in range(OPENERS)]
+    try:
+        await load_redis(url, prefix)
+        apis = await asyncio.gather(*(store.list_apis() for store in stores))
+        assert all(len(found) == len(manifest()["apis"]) for found in apis)
+        await check_nothing_lost(stores[0])
+    finally:
+        for store in stores:
+            await store.aclose()
+        await delete_prefixed(url, prefix)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+def test_sql_fixture_names_only_its_own_tables(backend: str) -> None:
+    """Each SQL dump touches only the fixture's prefixed tables, so a test's prefix confines it."""
+    renamed = statements(backend, "kgt_check_")
+    assert renamed
+    assert all(LEGACY_SQL_PREFIX not in statement for statement in renamed)
+    assert any("schema_version" in statement for statement in renamed)
