@@ -147,6 +147,21 @@ async def test_query_secret_removal_keeps_every_other_byte() -> None:
     assert f'"query":"flag&x=%20y&e=%E9&client_id={issued.client_id}"' in body
 
 
+async def test_percent_encoded_query_secret_is_removed_too() -> None:
+    """A secret sent as ``client%5Fsecret`` is read like ``client_secret``, so it is removed too."""
+    store, _ = await exposed_store()
+    issued = await KeyManager(store).create_key("orders", name="Staff", kind="internal")
+    assert issued.secret is not None
+    app = KeyGuard(
+        Starlette(routes=[Route("/echo", echo)]), store=store, api="orders", query_credentials=True
+    )
+    scope = http_scope("/echo", [])
+    scope["query_string"] = f"client%5Fsecret={issued.secret}&client_id={issued.client_id}".encode()
+    sent = await run_asgi(app, scope)
+    assert sent[0]["status"] == 200
+    assert issued.secret not in sent[1]["body"].decode()
+
+
 async def test_outer_middleware_sees_the_caller_and_the_endpoints_state() -> None:
     """An access logger outside KeyGuard sees the key and what the endpoint put in state,
     while the lifespan's own state is unchanged across requests."""

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -264,9 +264,11 @@ class KeyGuard:
         if any(name == secret_header for name, _ in headers):
             scope = dict(scope)
             scope["headers"] = [pair for pair in headers if pair[0] != secret_header]
-        if self._query and b"client_secret" in scope.get("query_string", b""):
-            scope = dict(scope)
-            scope["query_string"] = _without_secret(scope["query_string"])
+        if self._query and scope.get("query_string"):
+            stripped = _without_secret(scope["query_string"])
+            if stripped != scope["query_string"]:
+                scope = dict(scope)
+                scope["query_string"] = stripped
         return scope
 
     async def _log_not_found(self, api: str) -> None:
@@ -362,8 +364,13 @@ def _is_preflight(scope: Scope) -> bool:
 
 def _without_secret(query_string: bytes) -> bytes:
     """The raw query string less its ``client_secret`` parameters, every other byte kept."""
-    kept = [part for part in query_string.split(b"&") if part.split(b"=", 1)[0] != b"client_secret"]
+    # Names are compared decoded, as parse_qsl read them: ``client%5Fsecret`` is the secret too.
+    kept = [part for part in query_string.split(b"&") if _param_name(part) != "client_secret"]
     return b"&".join(kept)
+
+
+def _param_name(part: bytes) -> str:
+    return unquote(part.split(b"=", 1)[0].replace(b"+", b" ").decode("latin-1"), "latin-1")
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, refusal: _Refusal) -> None:
