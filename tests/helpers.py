@@ -8,12 +8,12 @@ real server to be stopped (the store tests break real servers).
 from __future__ import annotations
 
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from starlette.types import ASGIApp, Message, Scope
 
 from keyguard import KeyStore
-from keyguard.models import Api, KeyKind, KeyRecord, utcnow
+from keyguard.models import Api, KeyChanges, KeyKind, KeyRecord, RateLimit, utcnow
 from keyguard.secrets import new_client_id
 
 
@@ -84,6 +84,7 @@ class CountingStore:
         exposed: bool | None,
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
+        rate_limits: tuple[RateLimit, ...] | None = None,
     ) -> Api:
         self._enter("upsert_api")
         return await self.inner.upsert_api(
@@ -91,6 +92,7 @@ class CountingStore:
             exposed=exposed,
             max_keys_per_kind=max_keys_per_kind,
             default_max_keys_per_kind=default_max_keys_per_kind,
+            rate_limits=rate_limits,
         )
 
     async def insert_key(self, record: KeyRecord) -> None:
@@ -105,9 +107,22 @@ class CountingStore:
         self._enter("list_keys")
         return await self.inner.list_keys(api)
 
-    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
+    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+        self._enter("update_key")
+        return await self.inner.update_key(api, client_id, changes)
+
+    async def set_secret_hash(
+        self,
+        api: str,
+        client_id: str,
+        secret_hash: str,
+        *,
+        previous_until: datetime | None = None,
+    ) -> KeyRecord | None:
         self._enter("set_secret_hash")
-        return await self.inner.set_secret_hash(api, client_id, secret_hash)
+        return await self.inner.set_secret_hash(
+            api, client_id, secret_hash, previous_until=previous_until
+        )
 
     async def delete_key(self, api: str, client_id: str) -> bool:
         self._enter("delete_key")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
 
 from keyguard.errors import (
     ApiNotFound,
@@ -18,12 +21,20 @@ from keyguard.errors import (
     KeyNotFound,
 )
 from keyguard.models import (
+    UNCHANGED,
     Api,
     IssuedKey,
+    IssuedSecret,
+    KeyChanges,
     KeyInfo,
     KeyKind,
     KeyRecord,
+    Unchanged,
     normalize_name,
+    parse_grace,
+    parse_meta,
+    parse_rate_limits,
+    parse_time,
     utcnow,
     validate_api_name,
 )
@@ -51,6 +62,10 @@ class Denial(enum.Enum):
     """No key of this API has this client id."""
     INVALID_SECRET = "invalid_secret"  # noqa: S105 - a reason, not a secret
     """The secret is missing or wrong, or a secret was sent for a key that has none."""
+    DISABLED = "disabled"
+    """The credentials match, but the key is disabled (SPEC §8)."""
+    EXPIRED = "expired"
+    """The credentials match, but the key's ``expires_at`` has passed (SPEC §8)."""
 
 
 class KeyManager:
@@ -84,6 +99,12 @@ class KeyManager:
         """Expose ``api`` (creating it if needed) so keys can be issued and used (R1, R8)."""
         return await self.update_api(api, exposed=True, max_keys_per_kind=max_keys_per_kind)
 
+    async def set_rate_limits(self, api: str, rate_limits: object) -> Api:
+        """Replace ``api``'s rate limits (SPEC §9; ``[]`` for none). ``ApiNotFound`` if it
+        was never created: a typo must not make an API."""
+        await self.get_api(api)
+        return await self.update_api(api, rate_limits=rate_limits)
+
     async def unexpose(self, api: str) -> Api:
         """Stop ``api``'s keys from working, keeping them (R8).
 
@@ -93,28 +114,38 @@ class KeyManager:
         return await self.update_api(api, exposed=False)
 
     async def update_api(
-        self, api: str, *, exposed: bool | None = None, max_keys_per_kind: int | None = None
+        self,
+        api: str,
+        *,
+        exposed: bool | None = None,
+        max_keys_per_kind: int | None = None,
+        rate_limits: object = None,
     ) -> Api:
         """Create ``api`` if needed and set whichever of the fields is given.
 
         Lowering ``max_keys_per_kind`` below the current count deletes nothing;
         it only blocks new keys until the count is below the limit.
+        ``rate_limits`` (up to four ``{"limit", "per"}``, ``RateLimit`` or
+        ``"100/minute"``; ``[]`` for none) apply to each key without its own.
         """
         validate_api_name(api)
         if exposed is not None and not isinstance(exposed, bool):
             raise InvalidRequest("exposed must be true or false")
         limit = None if max_keys_per_kind is None else _validate_limit(max_keys_per_kind)
+        limits = None if rate_limits is None else parse_rate_limits(rate_limits)
         result = await self.store.upsert_api(
             api,
             exposed=exposed,
             max_keys_per_kind=limit,
             default_max_keys_per_kind=self.max_keys_per_kind,
+            rate_limits=limits,
         )
         logger.info(
-            "api %s updated: exposed=%s max_keys_per_kind=%s",
+            "api %s updated: exposed=%s max_keys_per_kind=%s rate_limits=%s",
             api,
             result.exposed,
             result.max_keys_per_kind,
+            ",".join(map(str, result.rate_limits)) or "none",
         )
         return result
 
@@ -145,8 +176,21 @@ class KeyManager:
 
     # -- keys ---------------------------------------------------------------------------
 
-    async def create_key(self, api: str, *, name: str, kind: KeyKind | str) -> IssuedKey:
-        """Issue a new key named ``name`` (R1-R3, R5, R6).
+    async def create_key(
+        self,
+        api: str,
+        *,
+        name: str,
+        kind: KeyKind | str,
+        expires_at: datetime | str | None = None,
+        enabled: bool = True,
+        meta: Mapping[str, Any] | None = None,
+        rate_limits: object = None,
+    ) -> IssuedKey:
+        """Issue a new key named ``name`` (R1-R3, R5, R6), with the lifecycle fields of
+        SPEC §8: ``expires_at`` (an aware time or RFC 3339 text; in the past is allowed),
+        ``enabled``, ``meta`` (a JSON object of at most 4 KB) and ``rate_limits``
+        (``None``: the API's).
 
         An internal key gets its secret now; this is the only time it is shown.
         An external key has no secret until ``set_secret``.
@@ -154,6 +198,9 @@ class KeyManager:
         validate_api_name(api)
         clean_name = normalize_name(name)
         key_kind = KeyKind.parse(kind)
+        expiry = parse_time(expires_at)
+        frozen_meta = parse_meta(meta)
+        limits = None if rate_limits is None else parse_rate_limits(rate_limits)
         secret = new_secret() if key_kind is KeyKind.INTERNAL else None
         record = KeyRecord(
             api=api,
@@ -162,35 +209,101 @@ class KeyManager:
             kind=key_kind,
             secret_hash=None if secret is None else await self.hasher.ahash(secret),
             created_at=utcnow(),
+            enabled=_check_bool(enabled, "enabled"),
+            expires_at=expiry,
+            meta=frozen_meta,
+            rate_limits=limits,
         )
         await self.store.insert_key(record)
         logger.info("key %s (%s) created for api %s", record.client_id, key_kind.value, api)
         info = record.info()
         return IssuedKey(
-            api=info.api,
-            client_id=info.client_id,
-            name=info.name,
-            kind=info.kind,
-            has_secret=info.has_secret,
-            created_at=info.created_at,
+            **{name: getattr(info, name) for name in _INFO_FIELDS},
             secret=secret,
         )
 
-    async def set_secret(self, api: str, client_id: str) -> str:
+    async def update_key(
+        self,
+        api: str,
+        client_id: str,
+        *,
+        name: str | Unchanged = UNCHANGED,
+        enabled: bool | Unchanged = UNCHANGED,
+        expires_at: datetime | str | Unchanged | None = UNCHANGED,
+        meta: Mapping[str, Any] | Unchanged | None = UNCHANGED,
+        rate_limits: object = UNCHANGED,
+    ) -> KeyInfo:
+        """Change only the given fields of a key of either kind (R11) and return it.
+
+        ``name`` is checked like a new one (R3, ``DuplicateName`` atomically in
+        the store); ``expires_at=None`` clears the expiry; ``meta`` replaces the
+        whole object (``None`` or ``{}`` empties it); ``rate_limits=None``
+        inherits the API's, ``[]`` is unlimited. A disabled or expired key
+        admits nothing from the next request on (R10, within the cache bound
+        elsewhere). ``KeyNotFound`` if there is no such key.
+        """
+        validate_api_name(api)
+        changes = KeyChanges(
+            name=UNCHANGED if name is UNCHANGED else normalize_name(name),
+            enabled=UNCHANGED if enabled is UNCHANGED else _check_bool(enabled, "enabled"),
+            expires_at=UNCHANGED if expires_at is UNCHANGED else parse_time(expires_at),
+            meta=UNCHANGED if meta is UNCHANGED else parse_meta(meta),
+            rate_limits=(
+                UNCHANGED
+                if rate_limits is UNCHANGED
+                else None
+                if rate_limits is None
+                else parse_rate_limits(rate_limits)
+            ),
+        )
+        updated = (
+            await self.store.update_key(api, client_id, changes)
+            if isinstance(client_id, str)
+            else None
+        )
+        if updated is None:
+            raise KeyNotFound(f"API {api!r} has no key {client_id!r}")
+        logger.info(
+            "key %s of api %s updated: %s", client_id, api, ", ".join(changes.given()) or "nothing"
+        )
+        return updated.info()
+
+    async def set_secret(
+        self, api: str, client_id: str, *, grace: float | timedelta | str = 0
+    ) -> IssuedSecret:
         """Generate a secret for the external key ``client_id``, replacing any previous one.
 
-        Returns the secret; it is never shown again. Internal keys are
-        immutable (R4, ``KeyImmutable``).
+        Returns the secret (an :class:`~keyguard.models.IssuedSecret`, a ``str``);
+        it is never shown again. With ``grace`` (seconds, a ``timedelta`` or
+        ``"12h"``; at most 30 days) the secret being replaced keeps verifying
+        until ``previous_secret_expires_at``; only one previous secret is kept.
+        Internal keys are immutable (R4, ``KeyImmutable``).
         """
+        period = parse_grace(grace)
         record = await self._get_record(api, client_id)
         if record.kind is KeyKind.INTERNAL:
             raise KeyImmutable("internal keys are immutable: their secret cannot be changed")
         secret = new_secret()
-        if not await self.store.set_secret_hash(api, client_id, await self.hasher.ahash(secret)):
+        until = utcnow() + period if period and record.secret_hash is not None else None
+        updated = await self.store.set_secret_hash(
+            api, client_id, await self.hasher.ahash(secret), previous_until=until
+        )
+        if updated is None:
             # Deleted between the read and the write.
             raise KeyNotFound(f"API {api!r} has no key {client_id!r}")
-        logger.info("secret set for key %s of api %s", client_id, api)
-        return secret
+        logger.info(
+            "secret set for key %s of api %s (previous secret valid until %s)",
+            client_id,
+            api,
+            "now"
+            if updated.previous_secret_expires_at is None
+            else updated.previous_secret_expires_at,
+        )
+        return IssuedSecret(
+            secret,
+            client_id=client_id,
+            previous_secret_expires_at=updated.previous_secret_expires_at,
+        )
 
     async def get_key(self, api: str, client_id: str) -> KeyInfo:
         """The key ``client_id`` of ``api``; ``KeyNotFound`` if there is none."""
@@ -249,9 +362,25 @@ class KeyManager:
         elif secret is None or not (
             self.hasher.remembered(client_id, secret, stored_hash)
             or await self.hasher.verify(client_id, secret, stored_hash, deadline=deadline)
+            or await self._verify_previous(record, client_id, secret)
         ):
             return Denial.INVALID_SECRET
+        if not record.enabled:
+            return Denial.DISABLED
+        if record.expires_at is not None and record.expires_at <= utcnow():
+            return Denial.EXPIRED
         return self._info(record)
+
+    async def _verify_previous(self, record: KeyRecord, client_id: str, secret: str) -> bool:
+        """Whether ``secret`` is the key's previous secret, inside its grace period now."""
+        if record.previous_secret_hash is None:
+            return False
+        previous = record.previous_hash(utcnow())
+        if previous is None:
+            return False
+        return self.hasher.remembered(client_id, secret, previous) or await self.hasher.verify(
+            client_id, secret, previous, deadline=self._verify_deadline
+        )
 
     def _info(self, record: KeyRecord) -> KeyInfo:
         """``record.info()``, reusing the last one made for the same record object."""
@@ -279,6 +408,15 @@ def store_timeout(store: object) -> float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return float(value)
     return DEFAULT_STORE_TIMEOUT
+
+
+_INFO_FIELDS = tuple(KeyInfo.__dataclass_fields__)
+
+
+def _check_bool(value: object, field_name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{field_name} must be true or false")
+    return value
 
 
 def _validate_limit(value: object) -> int:

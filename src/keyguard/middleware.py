@@ -36,6 +36,8 @@ _NOT_FOUND = "No resources match requested URI"
 _MISSING = "Client id missing."
 _NOT_REGISTERED = "Client id not registered."
 _INVALID = "Invalid client id or secret."
+_DISABLED = "Client id disabled."
+_EXPIRED = "Client id expired."
 _MULTIPLE = "Multiple client id or secret values in the request."
 _UNAVAILABLE = "Key store unavailable."
 
@@ -79,6 +81,8 @@ class _ApiRefusals:
             Denial.CLIENT_ID_MISSING: _refusal(401, _MISSING, api),
             Denial.CLIENT_ID_NOT_REGISTERED: _refusal(401, _NOT_REGISTERED, api),
             Denial.INVALID_SECRET: _refusal(401, _INVALID, api),
+            Denial.DISABLED: _refusal(401, _DISABLED, api),
+            Denial.EXPIRED: _refusal(401, _EXPIRED, api),
         }
 
 

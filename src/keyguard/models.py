@@ -1,31 +1,59 @@
-"""The values keyguard hands out: APIs, keys and freshly issued keys.
+"""The values keyguard hands out: APIs, keys and freshly issued keys, and their checks.
 
 All are frozen dataclasses; none of them can show a secret hash, and an
-``IssuedKey``'s secret is left out of its ``repr``.
+``IssuedKey``'s secret is left out of its ``repr``. The lifecycle fields of
+SPEC §8 (``enabled``, ``expires_at``, ``meta``, ``previous_secret_expires_at``,
+``last_used_at``, ``rate_limits``) are here too, with the one validation of
+each that every front door shares.
 """
 
 from __future__ import annotations
 
 import enum
+import json
+import math
 import re
 import unicodedata
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
+from typing import Any, Final, Literal
 
 from keyguard.errors import InvalidRequest
 
 __all__ = [
     "API_NAME_PATTERN",
+    "EMPTY_META",
     "KEY_NAME_PATTERN",
+    "MAX_GRACE",
+    "MAX_META_BYTES",
     "MAX_NAME_LENGTH",
+    "MAX_RATE_LIMITS",
+    "RATE_LIMIT_UNITS",
+    "UNCHANGED",
     "Api",
     "IssuedKey",
+    "IssuedSecret",
+    "KeyChanges",
     "KeyInfo",
     "KeyKind",
     "KeyRecord",
+    "RateLimit",
+    "Unchanged",
+    "dump_meta",
+    "dump_rate_limits",
+    "load_meta",
+    "load_rate_limits",
     "name_key",
     "normalize_name",
+    "parse_duration",
+    "parse_grace",
+    "parse_meta",
+    "parse_rate_limits",
+    "parse_time",
     "rfc3339",
+    "thaw",
     "utcnow",
     "validate_api_name",
 ]
@@ -72,6 +100,53 @@ class KeyKind(str, enum.Enum):
         raise InvalidRequest("kind must be 'internal' or 'external'")
 
 
+MAX_META_BYTES: Final = 4096
+"""The largest ``meta`` a key may carry, as compact UTF-8 JSON (SPEC §8)."""
+MAX_GRACE: Final = timedelta(days=30)
+"""The longest grace period of a rolled secret (SPEC §8)."""
+MAX_RATE_LIMITS: Final = 4
+"""The most rate limits an API or a key may have (SPEC §9)."""
+RATE_LIMIT_UNITS: Final[Mapping[str, int]] = MappingProxyType(
+    {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+)
+"""The periods a rate limit may count over, with their length in seconds."""
+
+RateUnit = Literal["second", "minute", "hour", "day"]
+
+
+class Unchanged(enum.Enum):
+    """The type of :data:`UNCHANGED`: "leave this field as it is" (``None`` can be a value)."""
+
+    UNCHANGED = "unchanged"
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED: Final = Unchanged.UNCHANGED
+"""Marks a field of ``KeyManager.update_key`` / ``KeyChanges`` that is not to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``limit`` requests per ``per`` (SPEC §9), written ``100/minute``."""
+
+    limit: int
+    per: RateUnit
+
+    @property
+    def seconds(self) -> int:
+        """The length of the period in seconds."""
+        return RATE_LIMIT_UNITS[self.per]
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{self.per}"
+
+    def as_json(self) -> dict[str, object]:
+        """``{"limit": n, "per": unit}``."""
+        return {"limit": self.limit, "per": self.per}
+
+
 @dataclass(frozen=True, slots=True)
 class Api:
     """An API as the store knows it, with how many keys of each kind it holds."""
@@ -81,15 +156,27 @@ class Api:
     max_keys_per_kind: int
     internal_keys: int = 0
     external_keys: int = 0
+    rate_limits: tuple[RateLimit, ...] = ()
+    """The limits applying to each key of the API that has none of its own (SPEC §9)."""
 
     def key_count(self, kind: KeyKind) -> int:
         """How many keys of ``kind`` this API holds."""
         return self.internal_keys if kind is KeyKind.INTERNAL else self.external_keys
 
 
+EMPTY_META: Final[Mapping[str, Any]] = MappingProxyType({})
+"""The ``meta`` of a key that has none."""
+
+
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
-    """What anyone may know about a key (R9): never its secret, never its hash."""
+    """What anyone may know about a key (R9): never its secret, never its hash.
+
+    ``meta`` is read-only (nested objects are read-only mappings, arrays are
+    tuples); :func:`thaw` turns it back into plain JSON values.
+    ``previous_secret_expires_at`` is set while a rolled secret's previous
+    secret still verifies (SPEC §8); ``rate_limits`` ``None`` means the API's.
+    """
 
     api: str
     client_id: str
@@ -97,6 +184,16 @@ class KeyInfo:
     kind: KeyKind
     has_secret: bool
     created_at: datetime
+    enabled: bool = True
+    expires_at: datetime | None = None
+    meta: Mapping[str, Any] = field(default_factory=lambda: EMPTY_META)
+    last_used_at: datetime | None = None
+    previous_secret_expires_at: datetime | None = None
+    rate_limits: tuple[RateLimit, ...] | None = None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        """Whether ``expires_at`` has passed at ``now`` (default: this instant)."""
+        return self.expires_at is not None and self.expires_at <= (now or utcnow())
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +206,30 @@ class IssuedKey(KeyInfo):
     secret: str | None = field(default=None, repr=False)
 
 
+class IssuedSecret(str):
+    """A secret just set on an external key: a ``str`` (the secret, shown this once)
+    that also tells which key it belongs to and until when the previous secret
+    still verifies (``None``: not at all). Its ``repr`` hides the secret."""
+
+    client_id: str
+    previous_secret_expires_at: datetime | None
+
+    def __new__(
+        cls, secret: str, *, client_id: str, previous_secret_expires_at: datetime | None
+    ) -> IssuedSecret:
+        issued = super().__new__(cls, secret)
+        issued.client_id = client_id
+        issued.previous_secret_expires_at = previous_secret_expires_at
+        return issued
+
+    def __repr__(self) -> str:
+        return f"IssuedSecret(client_id={self.client_id!r}, secret=<hidden>)"
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
-    """A key as stores keep it: the public fields plus the secret's hash (never the secret)."""
+    """A key as stores keep it: the public fields plus the secret's hash (never the secret),
+    and the hash of the previous secret while its grace period lasts."""
 
     api: str
     client_id: str
@@ -119,14 +237,31 @@ class KeyRecord:
     kind: KeyKind
     secret_hash: str | None = field(repr=False)
     created_at: datetime
+    enabled: bool = True
+    expires_at: datetime | None = None
+    meta: Mapping[str, Any] = field(default_factory=lambda: EMPTY_META)
+    previous_secret_hash: str | None = field(default=None, repr=False)
+    previous_secret_expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    rate_limits: tuple[RateLimit, ...] | None = None
 
     @property
     def has_secret(self) -> bool:
         """Whether the key has a secret that callers must send."""
         return self.secret_hash is not None
 
-    def info(self) -> KeyInfo:
-        """The public view of this record."""
+    def previous_hash(self, now: datetime) -> str | None:
+        """The previous secret's hash if its grace period lasts at ``now``, else ``None``."""
+        until = self.previous_secret_expires_at
+        if self.previous_secret_hash is None or until is None or until <= now:
+            return None
+        return self.previous_secret_hash
+
+    def info(self, now: datetime | None = None) -> KeyInfo:
+        """The public view of this record (a grace period over at ``now`` shows as none)."""
+        until = self.previous_secret_expires_at
+        if until is not None and (self.previous_secret_hash is None or until <= (now or utcnow())):
+            until = None
         return KeyInfo(
             api=self.api,
             client_id=self.client_id,
@@ -134,7 +269,41 @@ class KeyRecord:
             kind=self.kind,
             has_secret=self.secret_hash is not None,
             created_at=self.created_at,
+            enabled=self.enabled,
+            expires_at=self.expires_at,
+            meta=self.meta,
+            last_used_at=self.last_used_at,
+            previous_secret_expires_at=until,
+            rate_limits=self.rate_limits,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChanges:
+    """The fields of a key an update changes (R11); a field left ``UNCHANGED`` keeps its value.
+
+    Values are already validated (``KeyManager`` builds this): ``name``
+    normalized, ``expires_at`` in UTC or ``None``, ``meta`` frozen,
+    ``rate_limits`` a tuple or ``None`` (inherit the API's).
+    """
+
+    name: str | Unchanged = UNCHANGED
+    enabled: bool | Unchanged = UNCHANGED
+    expires_at: datetime | Unchanged | None = UNCHANGED
+    meta: Mapping[str, Any] | Unchanged = UNCHANGED
+    rate_limits: tuple[RateLimit, ...] | Unchanged | None = UNCHANGED
+
+    def given(self) -> dict[str, Any]:
+        """The fields to change, by name, with their new values."""
+        return {
+            name: value
+            for name in ("name", "enabled", "expires_at", "meta", "rate_limits")
+            if (value := getattr(self, name)) is not UNCHANGED
+        }
+
+    def apply(self, record: KeyRecord) -> KeyRecord:
+        """``record`` with these changes made (how stores without SQL apply them)."""
+        return replace(record, **self.given())
 
 
 def validate_api_name(api: object) -> str:
@@ -187,3 +356,170 @@ def utcnow() -> datetime:
 def rfc3339(moment: datetime) -> str:
     """``moment`` as an RFC 3339 UTC timestamp, e.g. ``2026-11-26T21:37:54.123456Z``."""
     return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# -- the lifecycle fields' checks (SPEC §8, §9), shared by every front door ---------------------
+
+_DURATION = re.compile(r"(\d{1,9})([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(value: object, field_name: str = "expires_at") -> datetime | None:
+    """``value`` (an aware ``datetime`` or an RFC 3339 string with a zone, or ``None``)
+    as a UTC datetime to the microsecond, else ``InvalidRequest`` naming ``field_name``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not re.fullmatch(
+            r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,6})?([Zz]|[+-]\d\d:\d\d)", text
+        ):
+            raise InvalidRequest(
+                f"{field_name} must be an RFC 3339 time with a zone, "
+                f"such as 2026-12-31T23:59:59Z, got {value[:40]!r}"
+            )
+        try:
+            value = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidRequest(f"{field_name} is not a valid time: {text[:40]!r}") from None
+    if not isinstance(value, datetime):
+        raise InvalidRequest(f"{field_name} must be an RFC 3339 time with a zone, or null")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidRequest(f"{field_name} must have a time zone (such as Z or +02:00)")
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise InvalidRequest(f"{field_name} is out of range") from None
+
+
+def parse_duration(value: object, field_name: str = "duration") -> timedelta:
+    """A duration written ``30d``, ``12h``, ``90m`` or ``45s`` (or a number of seconds),
+    else ``InvalidRequest`` naming ``field_name``. Never negative."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip().lower())):
+        seconds = float(int(match[1]) * _DURATION_UNITS[match[2]])
+    else:
+        raise InvalidRequest(
+            f"{field_name} must be a duration such as 30d, 12h, 90m or 45s, got {str(value)[:40]!r}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidRequest(f"{field_name} cannot be negative")
+    if seconds > 100 * 365 * 86400:
+        raise InvalidRequest(f"{field_name} is too long")
+    return timedelta(seconds=seconds)
+
+
+def parse_grace(value: object) -> timedelta:
+    """A secret roll's grace period (seconds, a ``timedelta`` or ``30d``-style text):
+    0 to 30 days, else ``InvalidRequest``."""
+    grace = parse_duration(value, "grace")
+    if grace > MAX_GRACE:
+        raise InvalidRequest("grace cannot be longer than 30 days")
+    return grace
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return MappingProxyType({key: _freeze(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(item) for item in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """A frozen ``meta`` (or any part of it) as plain JSON values: dicts and lists."""
+    if isinstance(value, Mapping):
+        return {key: thaw(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [thaw(item) for item in value]
+    return value
+
+
+def dump_meta(meta: Mapping[str, Any]) -> str:
+    """``meta`` as the compact JSON text stores keep."""
+    return json.dumps(thaw(meta), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def load_meta(text: str | None) -> Mapping[str, Any]:
+    """The frozen ``meta`` stored as ``text`` (``None`` or empty: ``{}``)."""
+    if not text or text == "{}":
+        return EMPTY_META
+    loaded = json.loads(text)
+    frozen: Mapping[str, Any] = _freeze(loaded) if isinstance(loaded, dict) else EMPTY_META
+    return frozen
+
+
+def parse_meta(value: object) -> Mapping[str, Any]:
+    """``value`` as a key's ``meta``: a JSON object (a dict, or its JSON text) of at most
+    4,096 bytes as compact UTF-8 JSON; ``None`` is ``{}``. Else ``InvalidRequest``."""
+    if value is None:
+        return EMPTY_META
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InvalidRequest('meta must be a JSON object, such as {"plan": "gold"}') from None
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        value = thaw(value)
+    if not isinstance(value, dict):
+        raise InvalidRequest('meta must be a JSON object, such as {"plan": "gold"}')
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+        raise InvalidRequest("meta must hold only JSON values (no NaN or infinity)") from None
+    if size > MAX_META_BYTES:
+        raise InvalidRequest(f"meta must be at most {MAX_META_BYTES} bytes as JSON, got {size}")
+    return load_meta(text)
+
+
+def parse_rate_limits(value: object, field_name: str = "rate_limits") -> tuple[RateLimit, ...]:
+    """``value`` (a list of ``{"limit", "per"}`` objects, ``RateLimit``s or ``"n/per"``
+    strings) as at most four rate limits, else ``InvalidRequest`` naming ``field_name``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise InvalidRequest(f'{field_name} must be a list of {{"limit", "per"}} objects')
+    if len(value) > MAX_RATE_LIMITS:
+        raise InvalidRequest(f"{field_name} can hold at most {MAX_RATE_LIMITS} limits")
+    return tuple(_rate_limit(item, field_name) for item in value)
+
+
+def _rate_limit(item: object, field_name: str) -> RateLimit:
+    limit: object
+    per: object
+    if isinstance(item, RateLimit):
+        limit, per = item.limit, item.per
+    elif isinstance(item, str):
+        count, _, unit = item.strip().partition("/")
+        if not count.strip().isdigit() or not unit:
+            raise InvalidRequest(f"{field_name}: {item[:40]!r} is not a limit such as 100/minute")
+        limit, per = int(count), unit.strip().lower()
+    elif isinstance(item, Mapping) and set(item) == {"limit", "per"}:
+        limit, per = item["limit"], item["per"]
+    else:
+        raise InvalidRequest(f'{field_name}: each limit is an object {{"limit": n, "per": unit}}')
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10**12:
+        raise InvalidRequest(f"{field_name}: a limit must be a whole number of at least 1")
+    if per == "second" or per == "minute" or per == "hour" or per == "day":
+        return RateLimit(limit, per)
+    raise InvalidRequest(
+        f"{field_name}: the unit must be second, minute, hour or day, got {str(per)[:20]!r}"
+    )
+
+
+def dump_rate_limits(limits: tuple[RateLimit, ...] | None) -> str | None:
+    """Rate limits as the JSON text stores keep (``None`` stays ``None``: inherit)."""
+    if limits is None:
+        return None
+    return json.dumps([item.as_json() for item in limits], separators=(",", ":"))
+
+
+def load_rate_limits(text: str | None) -> tuple[RateLimit, ...] | None:
+    """Rate limits stored as ``text`` (``None``: inherit)."""
+    if text is None:
+        return None
+    if text == "[]":
+        return ()
+    return tuple(RateLimit(item["limit"], item["per"]) for item in json.loads(text))

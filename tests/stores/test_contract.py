@@ -317,8 +317,8 @@ async def test_set_secret_hash_on_external_key(store: KeyStore) -> None:
     await expose(store)
     rec = record()
     await store.insert_key(rec)
-    assert await store.set_secret_hash("orders", rec.client_id, "first") is True
-    assert await store.set_secret_hash("orders", rec.client_id, "second") is True
+    assert await store.set_secret_hash("orders", rec.client_id, "first") is not None
+    assert await store.set_secret_hash("orders", rec.client_id, "second") is not None
     got = await store.get_key("orders", rec.client_id)
     assert got is not None
     assert got.secret_hash == "second"
@@ -331,9 +331,9 @@ async def test_set_secret_hash_refuses_internal_and_unknown(store: KeyStore) -> 
     await expose(store)
     rec = record(kind=INTERNAL, secret_hash="original")
     await store.insert_key(rec)
-    assert await store.set_secret_hash("orders", rec.client_id, "new") is False
-    assert await store.set_secret_hash("orders", new_client_id(), "new") is False
-    assert await store.set_secret_hash("elsewhere", rec.client_id, "new") is False
+    assert await store.set_secret_hash("orders", rec.client_id, "new") is None
+    assert await store.set_secret_hash("orders", new_client_id(), "new") is None
+    assert await store.set_secret_hash("elsewhere", rec.client_id, "new") is None
     got = await store.get_key("orders", rec.client_id)
     assert got is not None
     assert got.secret_hash == "original"

@@ -7,7 +7,15 @@ of SPEC §3 holds across processes and machines sharing one store:
 
 * ``insert_key`` checks R1 (exposed), R2 (per-kind limit) and R3 (unique
   casefolded name) *and* inserts, as one atomic step;
-* ``set_secret_hash`` changes only an external key (R4).
+* ``update_key`` checks R3 on a rename *and* changes the key, as one step;
+* ``set_secret_hash`` changes only an external key (R4), keeping the
+  current hash as the previous one when asked to (a roll with a grace
+  period, SPEC §8).
+
+Stores keep every field of a ``KeyRecord`` and give each back as it was
+written: ``meta`` and ``rate_limits`` as the models' helpers dump and load
+them (``dump_meta``/``load_meta``, ``dump_rate_limits``/``load_rate_limits``),
+times as aware UTC datetimes to the microsecond.
 
 Every method may raise :class:`~keyguard.errors.StoreUnavailable` (with the
 driver's error chained) when the store cannot be reached or fails; no other
@@ -18,9 +26,10 @@ first uses them, and are released with ``aclose``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from keyguard.models import Api, KeyRecord
+from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
 
 __all__ = ["ChangeFeed", "KeyStore"]
 
@@ -51,10 +60,11 @@ class KeyStore(Protocol):
         exposed: bool | None,
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
+        rate_limits: tuple[RateLimit, ...] | None = None,
     ) -> Api:
-        """Create ``api`` if missing (unexposed, limit ``default_max_keys_per_kind``),
-        then set whichever of ``exposed`` and ``max_keys_per_kind`` is not ``None``.
-        Keys are never touched. Returns the API as stored.
+        """Create ``api`` if missing (unexposed, limit ``default_max_keys_per_kind``, no
+        rate limits), then set whichever of ``exposed``, ``max_keys_per_kind`` and
+        ``rate_limits`` is not ``None``. Keys are never touched. Returns the API as stored.
         """
         ...
 
@@ -75,9 +85,32 @@ class KeyStore(Protocol):
         """The keys of ``api`` ordered by ``created_at`` (then by insertion); empty if none."""
         ...
 
-    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
-        """Replace the secret hash of the *external* key ``client_id`` of ``api``.
-        Returns ``False`` (changing nothing) if there is no such external key.
+    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+        """Change the given fields of the key ``client_id`` of ``api`` (of either kind) and
+        return it as stored afterwards; ``None`` (changing nothing) if there is no such key.
+        A new ``name`` equal under ``str.casefold`` to another key's of the API raises
+        ``DuplicateName`` and changes nothing: the check and the change are one atomic
+        step, also against other processes (as at insertion). No change given: the key
+        as it is.
+        """
+        ...
+
+    async def set_secret_hash(
+        self,
+        api: str,
+        client_id: str,
+        secret_hash: str,
+        *,
+        previous_until: datetime | None = None,
+    ) -> KeyRecord | None:
+        """Replace the secret hash of the *external* key ``client_id`` of ``api`` and return
+        the key as stored afterwards; ``None`` (changing nothing) if there is no such
+        external key.
+
+        With ``previous_until``, the hash being replaced (if the key had one) is kept as
+        ``previous_secret_hash`` valid until then, dropping any older previous one;
+        without it, or when the key had no secret, no previous secret is kept. One
+        atomic step: a roll racing another roll keeps one of them whole.
         """
         ...
 

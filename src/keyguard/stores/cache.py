@@ -40,9 +40,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from keyguard.errors import ConfigurationError
-from keyguard.models import Api, KeyRecord
+from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
 from keyguard.stores.base import ChangeFeed, KeyStore
 
 __all__ = ["DEFAULT_CACHE_TTL", "DEFAULT_MAX_ENTRIES", "CachedStore", "check_cache_ttl"]
@@ -266,6 +267,7 @@ class CachedStore:
         exposed: bool | None,
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
+        rate_limits: tuple[RateLimit, ...] | None = None,
     ) -> Api:
         try:
             return await self.store.upsert_api(
@@ -273,6 +275,7 @@ class CachedStore:
                 exposed=exposed,
                 max_keys_per_kind=max_keys_per_kind,
                 default_max_keys_per_kind=default_max_keys_per_kind,
+                rate_limits=rate_limits,
             )
         finally:
             self.invalidate(api)
@@ -283,9 +286,24 @@ class CachedStore:
         finally:
             self.invalidate(record.api, record.client_id)
 
-    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
+    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
         try:
-            return await self.store.set_secret_hash(api, client_id, secret_hash)
+            return await self.store.update_key(api, client_id, changes)
+        finally:
+            self.invalidate(api, client_id)
+
+    async def set_secret_hash(
+        self,
+        api: str,
+        client_id: str,
+        secret_hash: str,
+        *,
+        previous_until: datetime | None = None,
+    ) -> KeyRecord | None:
+        try:
+            return await self.store.set_secret_hash(
+                api, client_id, secret_hash, previous_until=previous_until
+            )
         finally:
             self.invalidate(api, client_id)
 

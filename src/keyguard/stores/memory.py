@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from datetime import datetime
 
 from keyguard.errors import ApiHasKeys, ApiNotExposed, DuplicateName, KeyLimitReached
-from keyguard.models import Api, KeyKind, KeyRecord, name_key
+from keyguard.models import Api, KeyChanges, KeyKind, KeyRecord, RateLimit, name_key
 
 __all__ = ["MemoryStore"]
 
@@ -15,6 +16,7 @@ __all__ = ["MemoryStore"]
 class _ApiState:
     exposed: bool
     max_keys_per_kind: int
+    rate_limits: tuple[RateLimit, ...] = ()
     # client_id -> record, in insertion order (created_at order for this process)
     keys: dict[str, KeyRecord] = dataclasses.field(default_factory=dict)
     names: set[str] = dataclasses.field(default_factory=set)
@@ -64,6 +66,7 @@ class MemoryStore:
         exposed: bool | None,
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
+        rate_limits: tuple[RateLimit, ...] | None = None,
     ) -> Api:
         with self._lock:
             state = self._apis.get(api)
@@ -73,6 +76,8 @@ class MemoryStore:
                 state.exposed = exposed
             if max_keys_per_kind is not None:
                 state.max_keys_per_kind = max_keys_per_kind
+            if rate_limits is not None:
+                state.rate_limits = rate_limits
             return self._api(api, state)
 
     async def insert_key(self, record: KeyRecord) -> None:
@@ -100,15 +105,44 @@ class MemoryStore:
         state = self._apis.get(api)
         return [] if state is None else list(state.keys.values())
 
-    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
+    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+        with self._lock:
+            state = self._apis.get(api)
+            record = None if state is None else state.keys.get(client_id)
+            if state is None or record is None:
+                return None
+            updated = changes.apply(record)
+            old, new = name_key(record.name), name_key(updated.name)
+            if new != old:
+                if new in state.names:
+                    raise DuplicateName(f"API {api!r} already has a key named {updated.name!r}")
+                state.names.discard(old)
+                state.names.add(new)
+            state.keys[client_id] = updated
+            return updated
+
+    async def set_secret_hash(
+        self,
+        api: str,
+        client_id: str,
+        secret_hash: str,
+        *,
+        previous_until: datetime | None = None,
+    ) -> KeyRecord | None:
         with self._lock:
             state = self._apis.get(api)
             record = None if state is None else state.keys.get(client_id)
             if state is None or record is None or record.kind is not KeyKind.EXTERNAL:
-                return False
-            updated = dataclasses.replace(record, secret_hash=secret_hash)
+                return None
+            keep = previous_until is not None and record.secret_hash is not None
+            updated = dataclasses.replace(
+                record,
+                secret_hash=secret_hash,
+                previous_secret_hash=record.secret_hash if keep else None,
+                previous_secret_expires_at=previous_until if keep else None,
+            )
             state.keys[client_id] = updated
-            return True
+            return updated
 
     async def delete_key(self, api: str, client_id: str) -> bool:
         with self._lock:
@@ -141,4 +175,5 @@ class MemoryStore:
             max_keys_per_kind=state.max_keys_per_kind,
             internal_keys=state.counts[KeyKind.INTERNAL],
             external_keys=state.counts[KeyKind.EXTERNAL],
+            rate_limits=state.rate_limits,
         )
