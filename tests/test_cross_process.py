@@ -101,7 +101,7 @@ def server(shared: KeyStore, tmp_path: Path) -> Iterator[str]:
         yield base
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.communicate(timeout=10)  # (also closes the stderr pipe)
 
 
 async def test_a_change_is_seen_by_another_process_within_the_ttl(
