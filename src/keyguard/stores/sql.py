@@ -13,7 +13,10 @@ How the rules hold across processes (SPEC §3):
   the last place. The key is inserted in the same transaction; deleting a
   key decrements the counter in its transaction.
 * R3 — ``UNIQUE (api, name_key)`` where ``name_key`` is ``name.casefold()``,
-  computed in Python so every database folds alike.
+  computed in Python so every database folds alike; a rename writes both in
+  one ``UPDATE``, so the constraint settles a race between renames too.
+* A secret roll (SPEC §8) is one ``UPDATE`` whose new previous hash is the
+  row's own old ``secret_hash``: racing rolls are serialized by the row lock.
 * R6 — client ids (and API names) compare byte for byte: on MariaDB/MySQL
   the tables use a binary, no-pad collation.
 
