@@ -4,16 +4,19 @@ Built on redis-py's asyncio client. The data model, the Lua scripts and the
 failure behaviour are documented in ``docs/redis-store.md``; in short:
 
 * each API is **one hash**, ``<prefix>{<api>}``, holding the API's state
-  (``exposed``, ``max``, per-kind counts, an insertion counter), its keys
-  (``k:<client_id>``), their secret hashes (``s:<client_id>``) and a name
-  index (``n:<casefolded name>`` → client id). The ``{<api>}`` hash tag keeps
-  everything of one API in one Cluster slot, so every script stays legal on
-  Redis Cluster;
+  (``exposed``, ``max``, ``rate_limits``, per-kind counts, an insertion
+  counter), its keys (``k:<client_id>``, see ``_LENGTH`` for the record),
+  their secret hashes (``s:<client_id>``), the previous secret of a roll
+  (``p:<client_id>``) and a name index (``n:<casefolded name>`` → client id).
+  The ``{<api>}`` hash tag keeps everything of one API in one Cluster slot, so
+  every script stays legal on Redis Cluster;
 * the API names are a sorted set, ``<prefix>apis``, so listing never scans;
 * the request path (``lookup``) is one ``HMGET``: the API's state, the key
-  and its secret hash in a single round trip;
-* every write that must be atomic (R1 + R2 + R3 with the insert, R4, delete)
-  is one Lua script on the API's hash.
+  and its secret hashes in a single round trip;
+* every write that must be atomic (R1 + R2 + R3 with the insert, R3 with a
+  rename, R4 and the roll of a secret, delete) is one Lua script on the API's
+  hash. A key record written by the first layout (five fields) is read as it
+  is, the later fields taking their defaults: no upgrade step, no rewrite.
 
 Every call ends within ``timeout`` seconds: any Redis or network failure
 (refused, timed out, wrong password, a failover in progress) is raised as
