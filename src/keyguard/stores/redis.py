@@ -5,7 +5,7 @@ failure behaviour are documented in ``docs/redis-store.md``; in short:
 
 * each API is **one hash**, ``<prefix>{<api>}``, holding the API's state
   (``exposed``, ``max``, ``rate_limits``, per-kind counts, an insertion
-  counter), its keys (``k:<client_id>``, see ``_LENGTH`` for the record),
+  counter), its keys (``k:<client_id>``, laid out at ``_RECORD_LENGTH``),
   their secret hashes (``s:<client_id>``), the previous secret of a roll
   (``p:<client_id>``) and a name index (``n:<casefolded name>`` → client id).
   The ``{<api>}`` hash tag keeps everything of one API in one Cluster slot, so
@@ -89,7 +89,7 @@ _Bound = tuple[Redis, _Closer]
 
 # -- Lua ---------------------------------------------------------------------------------
 # Every script touches exactly one key, the API's hash (KEYS[1]), so it is atomic and
-# legal on Redis Cluster.  Key records are JSON arrays (see _RECORD_FIELDS); scripts only
+# legal on Redis Cluster.  Key records are JSON arrays (see _RECORD_LENGTH); scripts only
 # read them (cjson.decode), never re-encode them: Lua's JSON encoder would round a
 # microsecond timestamp to 14 digits.  A changed record is encoded in Python and written
 # by a script only if the stored one is still the one it was computed from.
@@ -459,7 +459,9 @@ class RedisStore:
                 # The index holds the folded name as written; a name kept keeps its entry.
                 new_folded = old_folded if updated.name == current.name else name_key(updated.name)
                 # Fields a later layout appended, unknown here, are kept as they are.
-                rewritten = _dumps([stored[0], *_body(updated, new_folded), *stored[_LENGTH:]])
+                rewritten = _dumps(
+                    [stored[0], *_body(updated, new_folded), *stored[_RECORD_LENGTH:]]
+                )
                 args = [client_id, raw, rewritten, old_folded, new_folded, self._channel, notice]
                 reply = await self._update_key(keys=[key], args=args, client=redis)
                 if isinstance(reply, list):
@@ -659,7 +661,7 @@ def _api(name: str, row: list[Any]) -> Api | None:
 # has only the first five: the rest read as their defaults, so old records need no
 # rewrite.  The secret hash is ``s:<client_id>``; the previous secret of a roll is
 # ``p:<client_id>``, the JSON array [valid until in µs, hash], written by the roll script.
-_LENGTH = 10
+_RECORD_LENGTH = 10
 _APPENDED_DEFAULTS: tuple[Any, ...] = (True, None, None, None, None)
 
 
@@ -711,7 +713,7 @@ def _decoded(
 ) -> KeyRecord:
     """The key from its decoded record array and its ``s:`` and ``p:`` fields."""
     _seq, kind, name, _folded, created = stored[:5]
-    appended = stored[5:_LENGTH]
+    appended = stored[5:_RECORD_LENGTH]
     enabled, expires, meta, last_used, limits = (
         *appended,
         *_APPENDED_DEFAULTS[len(appended) :],
