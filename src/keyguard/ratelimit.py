@@ -28,6 +28,7 @@ WARNING a minute; with ``fail="closed"`` they are refused instead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -162,10 +163,22 @@ class RateLimiter:
     def _limiter(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._remote is None or self._remote_loop is not loop:
-            # A client is bound to the event loop it first ran in: one per loop.
+            # A client is bound to the event loop it first ran in: one per loop (the one
+            # of a loop that is gone cannot be closed from this one, and is dropped).
             self._remote = self._make_limiter(self.uri, dict(self._options))
             self._remote_loop = loop
         return self._remote
+
+    async def _drop_remote(self) -> None:
+        remote, loop = self._remote, self._remote_loop
+        self._remote = self._remote_loop = None
+        if remote is None or loop is not asyncio.get_running_loop():
+            return
+        client = getattr(getattr(remote.storage, "bridge", None), "storage", None)
+        closing = getattr(client, "aclose", None)
+        if closing is not None:
+            with contextlib.suppress(Exception):
+                await closing()
 
     def _memory(self) -> Any:
         if self._fallback is None:
@@ -196,7 +209,7 @@ class RateLimiter:
         now = time.monotonic()
         self._down_until = now + self._retry
         self._retry = min(self._retry * 2, _RETRY_MAX)
-        self._remote = None  # a new client next time
+        await self._drop_remote()  # a new client next time
         if now - self._last_warning >= WARNING_INTERVAL:
             self._last_warning = now
             logger.warning(
@@ -266,9 +279,8 @@ class RateLimiter:
         return Verdict(False, limit.limit, 0, wait)
 
     async def aclose(self) -> None:
-        """Forget the storage clients (the next check makes new ones)."""
-        self._remote = None
-        self._remote_loop = None
+        """Close the counter storage's client (a later check makes a new one)."""
+        await self._drop_remote()
 
 
 def _masked(url: str) -> str:
