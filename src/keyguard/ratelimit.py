@@ -140,6 +140,7 @@ class RateLimiter:
         self._down_until = 0.0
         self._retry = _RETRY_FIRST
         self._last_warning = -math.inf
+        self._items: dict[RateLimit, Any] = {}
         # Fail at start-up on an unknown scheme or a missing driver, not on a request.
         self._make_limiter(self.uri, self._options)
 
@@ -227,28 +228,21 @@ class RateLimiter:
     async def _check(
         self, limiter: Any, api: str, client_id: str, limits: Sequence[RateLimit]
     ) -> Verdict:
-        from limits import (
-            RateLimitItemPerDay,
-            RateLimitItemPerHour,
-            RateLimitItemPerMinute,
-            RateLimitItemPerSecond,
-        )
-
-        kinds = {
-            "second": RateLimitItemPerSecond,
-            "minute": RateLimitItemPerMinute,
-            "hour": RateLimitItemPerHour,
-            "day": RateLimitItemPerDay,
-        }
-        items = [kinds[limit.per](limit.limit, namespace="k") for limit in limits]
-        windows = await asyncio.gather(
-            *(limiter.get_window_stats(item, api, client_id) for item in items)
-        )
+        items = [self._item(limit) for limit in limits]
+        if len(items) == 1:  # the common case, without the cost of tasks
+            windows = [await limiter.get_window_stats(items[0], api, client_id)]
+        else:
+            windows = await asyncio.gather(
+                *(limiter.get_window_stats(item, api, client_id) for item in items)
+            )
         now = time.time()
         full = [stats.remaining <= 0 for stats in windows]
         if any(full):
             return self._refused(limits, windows, now, full)
-        hits = await asyncio.gather(*(limiter.hit(item, api, client_id) for item in items))
+        if len(items) == 1:
+            hits = [await limiter.hit(items[0], api, client_id)]
+        else:
+            hits = await asyncio.gather(*(limiter.hit(item, api, client_id) for item in items))
         if not all(hits):
             # Lost a race for the last place of a limit.
             return self._refused(limits, windows, now, [not hit for hit in hits])
@@ -277,6 +271,28 @@ class RateLimiter:
             ]
         )
         return Verdict(False, limit.limit, 0, wait)
+
+    def _item(self, limit: RateLimit) -> Any:
+        item = self._items.get(limit)
+        if item is None:
+            from limits import (
+                RateLimitItemPerDay,
+                RateLimitItemPerHour,
+                RateLimitItemPerMinute,
+                RateLimitItemPerSecond,
+            )
+
+            kinds = {
+                "second": RateLimitItemPerSecond,
+                "minute": RateLimitItemPerMinute,
+                "hour": RateLimitItemPerHour,
+                "day": RateLimitItemPerDay,
+            }
+            item = kinds[limit.per](limit.limit, namespace="k")
+            if len(self._items) >= 10_000:
+                self._items.clear()
+            self._items[limit] = item
+        return item
 
     async def aclose(self) -> None:
         """Close the counter storage's client (a later check makes a new one)."""
