@@ -21,6 +21,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from http import HTTPStatus
 from typing import Any
 
@@ -38,12 +39,18 @@ from keyguard.manager import DEFAULT_MAX_KEYS_PER_KIND, MAX_KEYS_PER_KIND_LIMIT,
 from keyguard.middleware import RETRY_AFTER_SECONDS
 from keyguard.models import (
     KEY_NAME_PATTERN,
+    MAX_GRACE,
+    MAX_META_BYTES,
     MAX_NAME_LENGTH,
+    MAX_RATE_LIMITS,
+    RATE_LIMIT_UNITS,
     Api,
     IssuedKey,
     KeyInfo,
     KeyKind,
+    RateLimit,
     rfc3339,
+    thaw,
 )
 from keyguard.secrets import SecretHasher
 from keyguard.stores.base import KeyStore
@@ -56,6 +63,7 @@ __all__ = [
     "management_app",
     "openapi_document",
     "problem_json",
+    "rate_limits_json",
     "status_for",
 ]
 
@@ -78,17 +86,29 @@ _NO_STORE = {"Cache-Control": "no-store"}
 
 
 def api_json(api: Api) -> dict[str, Any]:
-    """The JSON object of an API: name, exposed, its limit and its key counts per kind."""
+    """The JSON object of an API: name, exposed, its key limit, its rate limits and its key
+    counts per kind."""
     return {
         "name": api.name,
         "exposed": api.exposed,
         "max_keys_per_kind": api.max_keys_per_kind,
+        "rate_limits": rate_limits_json(api.rate_limits),
         "keys": {"internal": api.internal_keys, "external": api.external_keys},
     }
 
 
+def rate_limits_json(limits: tuple[RateLimit, ...] | None) -> list[dict[str, object]] | None:
+    """Rate limits as JSON: a list of ``{"limit", "per"}`` (``None`` stays ``None``: inherit)."""
+    return None if limits is None else [limit.as_json() for limit in limits]
+
+
+def _time_json(moment: datetime | None) -> str | None:
+    return None if moment is None else rfc3339(moment)
+
+
 def key_json(key: KeyInfo) -> dict[str, Any]:
-    """The JSON object of a key (R9's fields); for a just-issued key also its ``secret``.
+    """The JSON object of a key (R9's fields and SPEC §8's); for a just-issued key also its
+    ``secret``. Times are RFC 3339 UTC or ``null``; ``rate_limits`` ``null`` means the API's.
 
     ``secret`` is present exactly when ``key`` is an ``IssuedKey``: a string for
     an internal key, ``null`` for an external one (which has no secret yet).
@@ -99,6 +119,12 @@ def key_json(key: KeyInfo) -> dict[str, Any]:
         "kind": key.kind.value,
         "has_secret": key.has_secret,
         "created_at": rfc3339(key.created_at),
+        "enabled": key.enabled,
+        "expires_at": _time_json(key.expires_at),
+        "meta": thaw(key.meta),
+        "last_used_at": _time_json(key.last_used_at),
+        "previous_secret_expires_at": _time_json(key.previous_secret_expires_at),
+        "rate_limits": rate_limits_json(key.rate_limits),
     }
     if isinstance(key, IssuedKey):
         result["secret"] = key.secret
@@ -333,7 +359,11 @@ _GENERATED = {
 
 
 def _check_fields(
-    body: Mapping[str, Any], *, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+    body: Mapping[str, Any],
+    *,
+    allowed: tuple[str, ...],
+    required: tuple[str, ...] = (),
+    nullable: tuple[str, ...] = (),
 ) -> None:
     for name in body:
         if name not in allowed:
@@ -341,11 +371,68 @@ def _check_fields(
                 raise InvalidRequest(_GENERATED[name])
             expected = ", ".join(allowed) if allowed else "none"
             raise InvalidRequest(f"{name}: unknown field (allowed fields: {expected})")
-        if body[name] is None:
+        if body[name] is None and name not in nullable:
             raise InvalidRequest(f"{name}: cannot be null")
     for name in required:
         if name not in body:
             raise InvalidRequest(f"{name}: this field is required")
+
+
+def _whole(value: Any) -> Any:
+    """``value``, an integer-valued float (``5.0``, ``5e0``) made the integer it is.
+
+    JSON has one number type, and JSON Schema calls 5.0 an integer; anything
+    else is returned unchanged, for the checks downstream to refuse.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _expires_at(value: Any) -> Any:
+    """The ``expires_at`` of a body: RFC 3339 text or ``null`` (checked by ``KeyManager``)."""
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest(
+            "expires_at must be an RFC 3339 time with a zone, such as 2026-12-31T23:59:59Z, or null"
+        )
+    return value
+
+
+def _meta(value: Any) -> dict[str, Any]:
+    """The ``meta`` of a body: a JSON object (its size is checked by ``KeyManager``)."""
+    if not isinstance(value, dict):
+        raise InvalidRequest('meta must be a JSON object, such as {"plan": "gold"}')
+    return value
+
+
+def _rate_limits(value: Any) -> list[dict[str, Any]] | None:
+    """The ``rate_limits`` of a body: ``null`` or a list of ``{"limit", "per"}`` objects.
+
+    Only objects: the ``"100/minute"`` shorthand is the command line's, not JSON's.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise InvalidRequest(
+            'rate_limits must be a list of {"limit": n, "per": "second" | "minute" | '
+            '"hour" | "day"} objects'
+        )
+    return [{name: _whole(item[name]) for name in item} for item in value]
+
+
+MAX_GRACE_SECONDS = int(MAX_GRACE.total_seconds())
+"""The longest ``grace_seconds`` of ``PUT …/secret``: 30 days."""
+
+
+def _grace_seconds(value: Any) -> int:
+    value = _whole(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest("grace_seconds must be a whole number of seconds")
+    if not 0 <= value <= MAX_GRACE_SECONDS:
+        raise InvalidRequest(
+            f"grace_seconds must be between 0 and {MAX_GRACE_SECONDS} (30 days), got {value}"
+        )
+    return value
 
 
 # -- the routes -------------------------------------------------------------------------------
@@ -368,13 +455,15 @@ class _Endpoints:
     async def update_api(self, request: Request) -> Response:
         body = await _read_object(request, required=True)
         assert body is not None
-        _check_fields(body, allowed=("exposed", "max_keys_per_kind"))
-        limit = body.get("max_keys_per_kind")
-        if isinstance(limit, float) and limit.is_integer():
-            # JSON has one number type: 5.0 and 5e0 are the integer 5 (as in JSON Schema).
-            limit = int(limit)
+        _check_fields(body, allowed=("exposed", "max_keys_per_kind", "rate_limits"))
+        # JSON has one number type: 5.0 and 5e0 are the integer 5 (as in JSON Schema).
+        limit = _whole(body.get("max_keys_per_kind"))
         api = await self.manager.update_api(
-            request.path_params["api"], exposed=body.get("exposed"), max_keys_per_kind=limit
+            request.path_params["api"],
+            exposed=body.get("exposed"),
+            max_keys_per_kind=limit,
+            # Never null here (checked above): an API's own list has no "inherit".
+            rate_limits=_rate_limits(body["rate_limits"]) if "rate_limits" in body else None,
         )
         return _json(api_json(api))
 
@@ -392,9 +481,20 @@ class _Endpoints:
     async def create_key(self, request: Request) -> Response:
         body = await _read_object(request, required=True)
         assert body is not None
-        _check_fields(body, allowed=("name", "kind"), required=("name", "kind"))
+        _check_fields(
+            body,
+            allowed=_CREATE_FIELDS,
+            required=("name", "kind"),
+            nullable=("expires_at", "rate_limits"),
+        )
         key = await self.manager.create_key(
-            request.path_params["api"], name=body["name"], kind=body["kind"]
+            request.path_params["api"],
+            name=body["name"],
+            kind=body["kind"],
+            expires_at=_expires_at(body.get("expires_at")),
+            enabled=body.get("enabled", True),
+            meta=_meta(body["meta"]) if "meta" in body else None,
+            rate_limits=_rate_limits(body.get("rate_limits")),
         )
         # Built from this app's own mount point (root_path), not with url_for: that resolves
         # through the outermost router, which cannot see inside a wrapped mount. Both parts
@@ -409,13 +509,42 @@ class _Endpoints:
         params = request.path_params
         return _json(key_json(await self.manager.get_key(params["api"], params["client_id"])))
 
+    async def update_key(self, request: Request) -> Response:
+        body = await _read_object(request, required=True)
+        assert body is not None
+        _check_fields(body, allowed=_UPDATE_FIELDS, nullable=("expires_at", "rate_limits"))
+        # Only the fields present change; an absent one stays UNCHANGED (null is a value).
+        changes: dict[str, Any] = {}
+        if "name" in body:
+            changes["name"] = body["name"]
+        if "enabled" in body:
+            changes["enabled"] = body["enabled"]
+        if "expires_at" in body:
+            changes["expires_at"] = _expires_at(body["expires_at"])
+        if "meta" in body:
+            changes["meta"] = _meta(body["meta"])
+        if "rate_limits" in body:
+            changes["rate_limits"] = _rate_limits(body["rate_limits"])
+        params = request.path_params
+        key = await self.manager.update_key(params["api"], params["client_id"], **changes)
+        return _json(key_json(key))
+
     async def set_secret(self, request: Request) -> Response:
         body = await _read_object(request, required=False)
+        grace = 0
         if body is not None:
-            _check_fields(body, allowed=())
-        client_id = request.path_params["client_id"]
-        secret = await self.manager.set_secret(request.path_params["api"], client_id)
-        return _json({"client_id": client_id, "secret": secret})
+            _check_fields(body, allowed=("grace_seconds",))
+            if "grace_seconds" in body:
+                grace = _grace_seconds(body["grace_seconds"])
+        params = request.path_params
+        secret = await self.manager.set_secret(params["api"], params["client_id"], grace=grace)
+        return _json(
+            {
+                "client_id": secret.client_id,
+                "secret": str(secret),
+                "previous_secret_expires_at": _time_json(secret.previous_secret_expires_at),
+            }
+        )
 
     async def delete_key(self, request: Request) -> Response:
         params = request.path_params
@@ -428,6 +557,10 @@ class _Endpoints:
         if root_path:
             document = {**document, "servers": [{"url": root_path}]}
         return _json(document)
+
+
+_CREATE_FIELDS = ("name", "kind", "expires_at", "enabled", "meta", "rate_limits")
+_UPDATE_FIELDS = ("name", "enabled", "expires_at", "meta", "rate_limits")
 
 
 @dataclass(frozen=True)
@@ -493,13 +626,25 @@ _OPERATIONS = (
         errors=(404, *_ON_API),
     ),
     _Operation(
+        "PATCH",
+        "/apis/{api}/keys/{client_id}",
+        "update_key",
+        "Change a key's name, enabled, expires_at, meta or rate_limits (either kind); "
+        "only the fields given change",
+        200,
+        "Key",
+        request="KeyUpdate",
+        errors=(404, 409, *_WITH_BODY, *_ON_API),
+    ),
+    _Operation(
         "PUT",
         "/apis/{api}/keys/{client_id}/secret",
         "set_secret",
-        "Generate a new secret for an external key, replacing any previous one",
+        "Generate a new secret for an external key, replacing the previous one at once or "
+        "after a grace period",
         200,
         "Secret",
-        request="Empty",
+        request="SecretRequest",
         request_required=False,
         errors=(404, 409, *_WITH_BODY, *_ON_API),
     ),
@@ -541,24 +686,76 @@ _API_NAME = {
     "description": "An API name.",
 }
 
-# The fields of a key as every answer shows them (R9): never a secret, never a hash.
+_RATE_LIMITS_REF = {"$ref": "#/components/schemas/RateLimits"}
+_META_DESCRIPTION = (
+    f"A JSON object the operator attaches (a customer id, a plan name): at most "
+    f"{MAX_META_BYTES} bytes as compact UTF-8 JSON, replaced as a whole when changed, "
+    "given to the app as request.state.keyguard.meta."
+)
+
+
+def _nullable_time(description: str) -> dict[str, Any]:
+    return {"type": ["string", "null"], "format": "date-time", "description": description}
+
+
+# The fields of a key as every answer shows them (R9, SPEC §8): never a secret, never a hash.
 _KEY_PROPERTIES: dict[str, Any] = {
     "client_id": {"type": "string"},
     "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
     "kind": {"type": "string", "enum": [kind.value for kind in KeyKind]},
     "has_secret": {"type": "boolean"},
     "created_at": {"type": "string", "format": "date-time"},
+    "enabled": {"type": "boolean", "description": "A disabled key admits no request."},
+    "expires_at": _nullable_time(
+        "From this instant on the key admits no request; null: never expires."
+    ),
+    "meta": {"type": "object", "description": _META_DESCRIPTION},
+    "last_used_at": _nullable_time(
+        "When the key last admitted a request (approximate: written in batches); null: never."
+    ),
+    "previous_secret_expires_at": _nullable_time(
+        "Until when the secret replaced by the last roll still verifies; null: it does not."
+    ),
+    "rate_limits": {
+        "oneOf": [_RATE_LIMITS_REF, {"type": "null"}],
+        "description": "The key's own rate limits, replacing the API's; null: the API's.",
+    },
+}
+
+# The key name as a request gives it (the answers show it trimmed).
+_NAME_INPUT = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_NAME_LENGTH,
+    "pattern": KEY_NAME_PATTERN,
+    "description": (
+        "1-100 characters after trimming, no control characters; stored "
+        "trimmed; unique within the API, ignoring case."
+    ),
+}
+_EXPIRES_AT_INPUT = _nullable_time(
+    "An RFC 3339 time with a zone (stored in UTC, to the microsecond); a time in the past "
+    "expires the key at once; null: never expires."
+)
+_META_INPUT = {"type": "object", "description": _META_DESCRIPTION}
+_RATE_LIMITS_INPUT = {
+    "oneOf": [_RATE_LIMITS_REF, {"type": "null"}],
+    "description": "The key's own rate limits ([] for unlimited); null: inherit the API's.",
 }
 
 _SCHEMAS: dict[str, Any] = {
     "Api": {
         "type": "object",
-        "required": ["name", "exposed", "max_keys_per_kind", "keys"],
+        "required": ["name", "exposed", "max_keys_per_kind", "rate_limits", "keys"],
         "additionalProperties": False,
         "properties": {
             "name": _API_NAME,
             "exposed": {"type": "boolean", "description": "Whether keys can be used and issued."},
             "max_keys_per_kind": {"type": "integer", "minimum": 0},
+            "rate_limits": {
+                **_RATE_LIMITS_REF,
+                "description": "Apply to each key of the API without its own; [] unlimited.",
+            },
             "keys": {
                 "type": "object",
                 "description": "How many keys of each kind the API holds.",
@@ -589,8 +786,29 @@ _SCHEMAS: dict[str, Any] = {
                 "maximum": MAX_KEYS_PER_KIND_LIMIT,
                 "description": "Lowering it below the current count deletes no key.",
             },
+            "rate_limits": {
+                **_RATE_LIMITS_REF,
+                "description": "Replaces the API's rate limits; [] for none (unlimited).",
+            },
         },
         "example": {"exposed": True},
+    },
+    "RateLimit": {
+        "type": "object",
+        "description": "At most `limit` requests per `per`, counted per key.",
+        "required": ["limit", "per"],
+        "additionalProperties": False,
+        "properties": {
+            "limit": {"type": "integer", "minimum": 1, "maximum": 10**12},
+            "per": {"type": "string", "enum": list(RATE_LIMIT_UNITS)},
+        },
+        "example": {"limit": 100, "per": "minute"},
+    },
+    "RateLimits": {
+        "type": "array",
+        "maxItems": MAX_RATE_LIMITS,
+        "items": {"$ref": "#/components/schemas/RateLimit"},
+        "description": f"Up to {MAX_RATE_LIMITS} rate limits; [] for none (unlimited).",
     },
     "Key": {
         "type": "object",
@@ -615,19 +833,30 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["name", "kind"],
         "additionalProperties": False,
         "properties": {
-            "name": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": MAX_NAME_LENGTH,
-                "pattern": KEY_NAME_PATTERN,
-                "description": (
-                    "1-100 characters after trimming, no control characters; stored "
-                    "trimmed; unique within the API, ignoring case."
-                ),
-            },
+            "name": _NAME_INPUT,
             "kind": {"type": "string", "enum": [kind.value for kind in KeyKind]},
+            "expires_at": _EXPIRES_AT_INPUT,
+            "enabled": {"type": "boolean", "default": True},
+            "meta": _META_INPUT,
+            "rate_limits": _RATE_LIMITS_INPUT,
         },
         "example": {"name": "Acme", "kind": "internal"},
+    },
+    "KeyUpdate": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": (
+            "The fields to change, on a key of either kind; a field left out keeps its value "
+            "and {} changes nothing."
+        ),
+        "properties": {
+            "name": _NAME_INPUT,
+            "enabled": {"type": "boolean"},
+            "expires_at": _EXPIRES_AT_INPUT,
+            "meta": _META_INPUT,
+            "rate_limits": _RATE_LIMITS_INPUT,
+        },
+        "example": {"enabled": False},
     },
     "IssuedKey": {
         "type": "object",
@@ -644,17 +873,37 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Secret": {
         "type": "object",
-        "required": ["client_id", "secret"],
+        "required": ["client_id", "secret", "previous_secret_expires_at"],
         "additionalProperties": False,
         "properties": {
             "client_id": {"type": "string"},
             "secret": {"type": "string", "description": "Shown this once."},
+            "previous_secret_expires_at": _nullable_time(
+                "Until when the replaced secret still verifies; null: it stopped at once "
+                "(no grace, or the key had no secret)."
+            ),
         },
     },
-    "Empty": {
+    "SecretRequest": {
         "type": "object",
         "additionalProperties": False,
-        "description": "No fields: the secret is generated by keyguard, never chosen.",
+        "description": (
+            "The secret is generated by keyguard, never chosen. No body, or {}, replaces "
+            "the previous secret at once."
+        ),
+        "properties": {
+            "grace_seconds": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": MAX_GRACE_SECONDS,
+                "default": 0,
+                "description": (
+                    "How long the replaced secret keeps verifying (at most 30 days); only "
+                    "one previous secret is kept."
+                ),
+            },
+        },
+        "example": {"grace_seconds": 86400},
     },
     "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
     "Problem": {
@@ -751,10 +1000,11 @@ def openapi_document() -> dict[str, Any]:
             "title": "keyguard management API",
             "version": "1",
             "description": (
-                "Expose APIs and issue, list, secure and delete their keys. Every route needs "
-                "'Authorization: Bearer <token>'. Errors are RFC 9457 problem details with a "
-                "machine-readable `code`; an unknown route is 404 `not_found` and a wrong "
-                "method 405 `method_not_allowed` (after authentication). Every answer carries "
+                "Expose APIs and issue, list, change, secure and delete their keys. Every "
+                "route needs 'Authorization: Bearer <token>'. Errors are RFC 9457 problem "
+                "details with a machine-readable `code`; an unknown route is 404 "
+                "`not_found` and a wrong method 405 `method_not_allowed` (after "
+                "authentication). Every answer carries "
                 "'Cache-Control: no-store'."
             ),
         },
