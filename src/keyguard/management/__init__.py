@@ -10,12 +10,13 @@ is an RFC 9457 problem details object (``application/problem+json``) whose
 ``unsupported_media_type``, ``internal_error``). The rules themselves live in
 ``KeyManager``; this package only parses, calls and formats.
 
-The modules, by concept: ``shapes`` (the JSON of APIs, keys and problems,
-shared with the command line, so ``keyguard --json`` prints exactly what this
-API answers), ``auth`` (the bearer token), ``bodies`` (reading and checking
-request bodies), ``routes`` (one method per route, and the route table),
-``openapi`` (the document built from that table) and ``app`` (all of it put
-together, with the error handlers).
+The JSON of APIs, keys and secrets is :mod:`keyguard.shapes`, shared with the
+command line, so ``keyguard --json`` prints exactly what this API answers (its
+names are re-exported here). The modules, by concept: ``problems`` (problem
+details, status codes and the no-store responses), ``auth`` (the bearer
+token), ``bodies`` (reading and checking request bodies), ``routes`` (one
+method per route, and the route table), ``openapi`` (the document built from
+that table) and ``app`` (all of it put together, with the error handlers).
 """
 
 from __future__ import annotations
@@ -24,14 +25,8 @@ from keyguard.management.app import management_app
 from keyguard.management.auth import MIN_TOKEN_LENGTH
 from keyguard.management.bodies import MAX_BODY_BYTES, MAX_GRACE_SECONDS
 from keyguard.management.openapi import openapi_document
-from keyguard.management.shapes import (
-    PROBLEM_MEDIA_TYPE,
-    api_json,
-    key_json,
-    problem_json,
-    rate_limits_json,
-    status_for,
-)
+from keyguard.management.problems import PROBLEM_MEDIA_TYPE, problem_json, status_for
+from keyguard.shapes import api_json, key_json, rate_limits_json, secret_json
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -44,5 +39,6 @@ __all__ = [
     "openapi_document",
     "problem_json",
     "rate_limits_json",
+    "secret_json",
     "status_for",
 ]

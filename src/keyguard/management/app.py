@@ -16,8 +16,8 @@ from keyguard.console import CONSOLE_PATHS, console_routes
 from keyguard.errors import ConfigurationError, InvalidRequest, KeyGuardError
 from keyguard.management.auth import BearerAuth, validate_token
 from keyguard.management.openapi import openapi_document
+from keyguard.management.problems import HTTPProblem, problem, status_for
 from keyguard.management.routes import OPERATIONS, Endpoints
-from keyguard.management.shapes import HTTPProblem, problem, status_for
 from keyguard.manager import DEFAULT_MAX_KEYS_PER_KIND, KeyManager
 from keyguard.middleware import RETRY_AFTER_SECONDS
 from keyguard.secrets import SecretHasher

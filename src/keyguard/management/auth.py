@@ -7,7 +7,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keyguard.errors import ConfigurationError
-from keyguard.management.shapes import problem
+from keyguard.management.problems import problem
 
 __all__ = ["MIN_TOKEN_LENGTH", "BearerAuth", "validate_token"]
 

@@ -11,7 +11,7 @@ from typing import Any
 from starlette.requests import Request
 
 from keyguard.errors import InvalidRequest
-from keyguard.management.shapes import HTTPProblem
+from keyguard.management.problems import HTTPProblem
 from keyguard.models import MAX_GRACE
 
 __all__ = [

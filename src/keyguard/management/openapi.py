@@ -6,8 +6,8 @@ from http import HTTPStatus
 from typing import Any
 
 from keyguard.management.bodies import MAX_GRACE_SECONDS
+from keyguard.management.problems import PROBLEM_MEDIA_TYPE
 from keyguard.management.routes import OPERATIONS
-from keyguard.management.shapes import PROBLEM_MEDIA_TYPE
 from keyguard.manager import MAX_KEYS_PER_KIND_LIMIT
 from keyguard.models import (
     KEY_NAME_PATTERN,

@@ -20,8 +20,9 @@ from keyguard.management.bodies import (
     read_object,
     whole,
 )
-from keyguard.management.shapes import NO_STORE, api_json, json_response, key_json, time_json
+from keyguard.management.problems import NO_STORE, json_response
 from keyguard.manager import KeyManager
+from keyguard.shapes import api_json, key_json, secret_json
 
 __all__ = ["OPERATIONS", "Endpoints", "Operation"]
 
@@ -128,13 +129,7 @@ class Endpoints:
                 grace = grace_seconds_value(body["grace_seconds"])
         params = request.path_params
         secret = await self.manager.set_secret(params["api"], params["client_id"], grace=grace)
-        return json_response(
-            {
-                "client_id": secret.client_id,
-                "secret": str(secret),
-                "previous_secret_expires_at": time_json(secret.previous_secret_expires_at),
-            }
-        )
+        return json_response(secret_json(secret))
 
     async def delete_key(self, request: Request) -> Response:
         params = request.path_params

@@ -1,39 +1,29 @@
-"""The JSON shapes of the management API: APIs, keys, problem details, and the responses
-carrying them. Shared with the command line, so ``keyguard --json`` prints what the API answers.
+"""Problem details (RFC 9457) and the responses of the management API, none of them cacheable.
+
+``status_for`` and ``problem_json`` are shared with the command line, so its
+``--json`` errors are the objects this API answers with. The JSON of APIs,
+keys and secrets is :mod:`keyguard.shapes`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
 from http import HTTPStatus
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
 from keyguard.errors import KeyGuardError, RuleViolation
-from keyguard.models import (
-    Api,
-    IssuedKey,
-    KeyInfo,
-    RateLimit,
-    rfc3339,
-    thaw,
-)
 
 __all__ = [
     "NO_STORE",
     "PROBLEM_MEDIA_TYPE",
     "HTTPProblem",
     "ProblemResponse",
-    "api_json",
     "json_response",
-    "key_json",
     "problem",
     "problem_json",
-    "rate_limits_json",
     "status_for",
-    "time_json",
 ]
 
 
@@ -41,52 +31,6 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 # Management answers describe secrets and who holds which key: nothing may cache them.
 NO_STORE = {"Cache-Control": "no-store"}
-
-
-def api_json(api: Api) -> dict[str, Any]:
-    """The JSON object of an API: name, exposed, its key limit, its rate limits and its key
-    counts per kind."""
-    return {
-        "name": api.name,
-        "exposed": api.exposed,
-        "max_keys_per_kind": api.max_keys_per_kind,
-        "rate_limits": rate_limits_json(api.rate_limits),
-        "keys": {"internal": api.internal_keys, "external": api.external_keys},
-    }
-
-
-def rate_limits_json(limits: tuple[RateLimit, ...] | None) -> list[dict[str, object]] | None:
-    """Rate limits as JSON: a list of ``{"limit", "per"}`` (``None`` stays ``None``: inherit)."""
-    return None if limits is None else [limit.as_json() for limit in limits]
-
-
-def time_json(moment: datetime | None) -> str | None:
-    return None if moment is None else rfc3339(moment)
-
-
-def key_json(key: KeyInfo) -> dict[str, Any]:
-    """The JSON object of a key (R9's fields and SPEC §8's); for a just-issued key also its
-    ``secret``. Times are RFC 3339 UTC or ``null``; ``rate_limits`` ``null`` means the API's.
-
-    ``secret`` is present exactly when ``key`` is an ``IssuedKey``: a string for
-    an internal key, ``null`` for an external one (which has no secret yet).
-    """
-    result: dict[str, Any] = {
-        "client_id": key.client_id,
-        "name": key.name,
-        "kind": key.kind.value,
-        "has_secret": key.has_secret,
-        "created_at": rfc3339(key.created_at),
-        "enabled": key.enabled,
-        "expires_at": time_json(key.expires_at),
-        "meta": thaw(key.meta),
-        "last_used_at": time_json(key.last_used_at),
-        "previous_secret_expires_at": time_json(key.previous_secret_expires_at),
-        "rate_limits": rate_limits_json(key.rate_limits),
-    }
-    if isinstance(key, IssuedKey):
-        result["secret"] = key.secret
-    return result
 
 
 _STATUS_BY_CODE = {
