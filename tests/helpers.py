@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from starlette.types import ASGIApp, Message, Scope
 
 from keyguard import KeyStore
+from keyguard.audit import AuditEvent
 from keyguard.models import Api, KeyChanges, KeyKind, KeyRecord, RateLimit, utcnow
 from keyguard.secrets import new_client_id
 
@@ -85,6 +86,7 @@ class CountingStore:
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
         rate_limits: tuple[RateLimit, ...] | None = None,
+        audit: AuditEvent | None = None,
     ) -> Api:
         self._enter("upsert_api")
         return await self.inner.upsert_api(
@@ -93,11 +95,12 @@ class CountingStore:
             max_keys_per_kind=max_keys_per_kind,
             default_max_keys_per_kind=default_max_keys_per_kind,
             rate_limits=rate_limits,
+            audit=audit,
         )
 
-    async def insert_key(self, record: KeyRecord) -> None:
+    async def insert_key(self, record: KeyRecord, *, audit: AuditEvent | None = None) -> None:
         self._enter("insert_key")
-        await self.inner.insert_key(record)
+        await self.inner.insert_key(record, audit=audit)
 
     async def get_key(self, api: str, client_id: str) -> KeyRecord | None:
         self._enter("get_key")
@@ -107,9 +110,16 @@ class CountingStore:
         self._enter("list_keys")
         return await self.inner.list_keys(api)
 
-    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+    async def update_key(
+        self,
+        api: str,
+        client_id: str,
+        changes: KeyChanges,
+        *,
+        audit: AuditEvent | None = None,
+    ) -> KeyRecord | None:
         self._enter("update_key")
-        return await self.inner.update_key(api, client_id, changes)
+        return await self.inner.update_key(api, client_id, changes, audit=audit)
 
     async def set_secret_hash(
         self,
@@ -118,19 +128,33 @@ class CountingStore:
         secret_hash: str,
         *,
         previous_until: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> KeyRecord | None:
         self._enter("set_secret_hash")
         return await self.inner.set_secret_hash(
-            api, client_id, secret_hash, previous_until=previous_until
+            api, client_id, secret_hash, previous_until=previous_until, audit=audit
         )
 
-    async def delete_key(self, api: str, client_id: str) -> bool:
+    async def delete_key(
+        self, api: str, client_id: str, *, audit: AuditEvent | None = None
+    ) -> bool:
         self._enter("delete_key")
-        return await self.inner.delete_key(api, client_id)
+        return await self.inner.delete_key(api, client_id, audit=audit)
 
-    async def delete_api(self, api: str, *, force: bool) -> bool:
+    async def delete_api(self, api: str, *, force: bool, audit: AuditEvent | None = None) -> bool:
         self._enter("delete_api")
-        return await self.inner.delete_api(api, force=force)
+        return await self.inner.delete_api(api, force=force, audit=audit)
+
+    async def list_audit(
+        self,
+        *,
+        api: str | None = None,
+        client_id: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[AuditEvent]:
+        self._enter("list_audit")
+        return await self.inner.list_audit(api=api, client_id=client_id, limit=limit, before=before)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

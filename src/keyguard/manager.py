@@ -15,6 +15,16 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from keyguard.audit import (
+    DEFAULT_AUDIT_LIMIT,
+    AuditEvent,
+    AuditPage,
+    check_actor,
+    check_audit_query,
+    json_value,
+    key_fields,
+    new_event,
+)
 from keyguard.errors import (
     ApiNotFound,
     InvalidRequest,
@@ -78,6 +88,8 @@ class KeyManager:
     existing API keeps the limit stored with it, so every front door over
     one store enforces the same one. ``hasher`` chooses how secrets are
     hashed and checked (see :class:`keyguard.secrets.SecretHasher`).
+    ``actor`` names who makes the changes in the audit log (SPEC §10) unless
+    a call names another with its own ``actor=``.
     """
 
     def __init__(
@@ -86,8 +98,10 @@ class KeyManager:
         *,
         max_keys_per_kind: int = DEFAULT_MAX_KEYS_PER_KIND,
         hasher: SecretHasher | None = None,
+        actor: str = "python",
     ) -> None:
         self.store = store
+        self.actor = check_actor(actor)
         self.max_keys_per_kind = _validate_limit(max_keys_per_kind)
         self.hasher = SecretHasher() if hasher is None else hasher
         self._infos: dict[str, tuple[KeyRecord, KeyInfo]] = {}
@@ -99,23 +113,29 @@ class KeyManager:
 
     # -- APIs ---------------------------------------------------------------------------
 
-    async def expose(self, api: str, *, max_keys_per_kind: int | None = None) -> Api:
+    async def expose(
+        self, api: str, *, max_keys_per_kind: int | None = None, actor: str | None = None
+    ) -> Api:
         """Expose ``api`` (creating it if needed) so keys can be issued and used (R1, R8)."""
-        return await self.update_api(api, exposed=True, max_keys_per_kind=max_keys_per_kind)
+        return await self.update_api(
+            api, exposed=True, max_keys_per_kind=max_keys_per_kind, actor=actor
+        )
 
-    async def set_rate_limits(self, api: str, rate_limits: object) -> Api:
+    async def set_rate_limits(
+        self, api: str, rate_limits: object, *, actor: str | None = None
+    ) -> Api:
         """Replace ``api``'s rate limits (SPEC §9; ``[]`` for none). ``ApiNotFound`` if it
         was never created: a typo must not make an API."""
         await self.get_api(api)
-        return await self.update_api(api, rate_limits=rate_limits)
+        return await self.update_api(api, rate_limits=rate_limits, actor=actor)
 
-    async def unexpose(self, api: str) -> Api:
+    async def unexpose(self, api: str, *, actor: str | None = None) -> Api:
         """Stop ``api``'s keys from working, keeping them (R8).
 
         ``ApiNotFound`` for an API never created: a typo must not make an API.
         """
         await self.get_api(api)
-        return await self.update_api(api, exposed=False)
+        return await self.update_api(api, exposed=False, actor=actor)
 
     async def update_api(
         self,
@@ -124,6 +144,7 @@ class KeyManager:
         exposed: bool | None = None,
         max_keys_per_kind: int | None = None,
         rate_limits: object = None,
+        actor: str | None = None,
     ) -> Api:
         """Create ``api`` if needed and set whichever of the fields is given.
 
@@ -137,12 +158,21 @@ class KeyManager:
             raise InvalidRequest("exposed must be true or false")
         limit = None if max_keys_per_kind is None else _validate_limit(max_keys_per_kind)
         limits = None if rate_limits is None else parse_rate_limits(rate_limits)
+        given = {"exposed": exposed, "max_keys_per_kind": limit, "rate_limits": limits}
+        action = {True: "api.expose", False: "api.unexpose", None: "api.update"}[exposed]
+        event = self._event(
+            actor,
+            action,
+            api,
+            changes={name: json_value(value) for name, value in given.items() if value is not None},
+        )
         result = await self.store.upsert_api(
             api,
             exposed=exposed,
             max_keys_per_kind=limit,
             default_max_keys_per_kind=self.max_keys_per_kind,
             rate_limits=limits,
+            audit=event,
         )
         logger.info(
             "api %s updated: exposed=%s max_keys_per_kind=%s rate_limits=%s",
@@ -153,7 +183,7 @@ class KeyManager:
         )
         return result
 
-    async def delete_api(self, api: str, *, force: bool = False) -> None:
+    async def delete_api(self, api: str, *, force: bool = False, actor: str | None = None) -> None:
         """Delete ``api``; ``ApiNotFound`` if it was never created.
 
         An API that has keys raises ``ApiHasKeys`` unless ``force``, which
@@ -162,7 +192,8 @@ class KeyManager:
         validate_api_name(api)
         if not isinstance(force, bool):
             raise InvalidRequest("force must be true or false")
-        if not await self.store.delete_api(api, force=force):
+        event = self._event(actor, "api.delete", api)
+        if not await self.store.delete_api(api, force=force, audit=event):
             raise ApiNotFound(f"API {api!r} does not exist")
         logger.info("api %s deleted (force=%s)", api, force)
 
@@ -190,6 +221,7 @@ class KeyManager:
         enabled: bool = True,
         meta: Mapping[str, Any] | None = None,
         rate_limits: object = None,
+        actor: str | None = None,
     ) -> IssuedKey:
         """Issue a new key named ``name`` (R1-R3, R5, R6), with the lifecycle fields of
         SPEC §8: ``expires_at`` (an aware time or RFC 3339 text; in the past is allowed),
@@ -218,7 +250,15 @@ class KeyManager:
             meta=frozen_meta,
             rate_limits=limits,
         )
-        await self.store.insert_key(record)
+        event = self._event(
+            actor,
+            "key.create",
+            api,
+            client_id=record.client_id,
+            name=record.name,
+            changes=key_fields(record),
+        )
+        await self.store.insert_key(record, audit=event)
         logger.info("key %s (%s) created for api %s", record.client_id, key_kind.value, api)
         info = record.info()
         return IssuedKey(
@@ -236,6 +276,7 @@ class KeyManager:
         expires_at: datetime | str | Unchanged | None = UNCHANGED,
         meta: Mapping[str, Any] | Unchanged | None = UNCHANGED,
         rate_limits: object = UNCHANGED,
+        actor: str | None = None,
     ) -> KeyInfo:
         """Change only the given fields of a key of either kind (R11) and return it.
 
@@ -260,8 +301,23 @@ class KeyManager:
                 else parse_rate_limits(rate_limits)
             ),
         )
+        given = changes.given()
+        event: AuditEvent | None = None
+        if given:
+            # Read first: the event names the key as it was (a rename's new name is a change).
+            current = await self._get_record(api, client_id)
+            event = self._event(
+                actor,
+                "key.update",
+                api,
+                client_id=client_id,
+                name=current.name,
+                changes={field: json_value(value) for field, value in given.items()},
+            )
+        else:
+            self._actor(actor)
         updated = (
-            await self.store.update_key(api, client_id, changes)
+            await self.store.update_key(api, client_id, changes, audit=event)
             if isinstance(client_id, str)
             else None
         )
@@ -273,7 +329,12 @@ class KeyManager:
         return updated.info(utcnow())
 
     async def set_secret(
-        self, api: str, client_id: str, *, grace: float | timedelta | str = 0
+        self,
+        api: str,
+        client_id: str,
+        *,
+        grace: float | timedelta | str = 0,
+        actor: str | None = None,
     ) -> IssuedSecret:
         """Generate a secret for the external key ``client_id``, replacing any previous one.
 
@@ -289,8 +350,17 @@ class KeyManager:
             raise KeyImmutable("internal keys are immutable: their secret cannot be changed")
         secret = new_secret()
         until = utcnow() + period if period and record.secret_hash is not None else None
+        # Never the secret or its hash: only when the previous one stops working.
+        event = self._event(
+            actor,
+            "key.secret",
+            api,
+            client_id=client_id,
+            name=record.name,
+            changes={"previous_secret_expires_at": json_value(until)},
+        )
         updated = await self.store.set_secret_hash(
-            api, client_id, await self.hasher.ahash(secret), previous_until=until
+            api, client_id, await self.hasher.ahash(secret), previous_until=until, audit=event
         )
         if updated is None:
             # Deleted between the read and the write.
@@ -319,10 +389,12 @@ class KeyManager:
         now = utcnow()
         return [record.info(now) for record in await self.store.list_keys(api)]
 
-    async def delete_key(self, api: str, client_id: str) -> None:
+    async def delete_key(self, api: str, client_id: str, *, actor: str | None = None) -> None:
         """Delete the key; its next request fails (R7). ``KeyNotFound`` if there is none."""
-        validate_api_name(api)
-        if not isinstance(client_id, str) or not await self.store.delete_key(api, client_id):
+        who = self._actor(actor)
+        record = await self._get_record(api, client_id)
+        event = self._event(who, "key.delete", api, client_id=client_id, name=record.name)
+        if not await self.store.delete_key(api, client_id, audit=event):
             raise KeyNotFound(f"API {api!r} has no key {client_id!r}")
         logger.info("key %s of api %s deleted", client_id, api)
 
@@ -333,6 +405,53 @@ class KeyManager:
             if key.name.casefold() == wanted:
                 return key
         raise KeyNotFound(f"API {api!r} has no key named {name.strip()!r}")
+
+    # -- audit log ----------------------------------------------------------------------
+
+    async def audit(
+        self,
+        api: str | None = None,
+        client_id: str | None = None,
+        *,
+        limit: int = DEFAULT_AUDIT_LIMIT,
+        before: str | None = None,
+    ) -> AuditPage:
+        """The audit log (SPEC §10), newest first: every change, or those of ``api`` and/or
+        of the key ``client_id``, ``limit`` (at most 1000) at a time; pass a page's
+        ``next`` as ``before`` for the following one. Events outlive what they concern:
+        a deleted API's or key's history stays readable for the store's retention."""
+        if api is not None:
+            validate_api_name(api)
+        if client_id is not None and not isinstance(client_id, str):
+            raise InvalidRequest("client_id must be text")
+        limit, before = check_audit_query(limit, before)
+        events = await self.store.list_audit(
+            api=api, client_id=client_id, limit=limit + 1, before=before
+        )
+        page = events[:limit]
+        return AuditPage(page, page[-1].id if len(events) > limit else None)
+
+    def _actor(self, actor: str | None) -> str:
+        return self.actor if actor is None else check_actor(actor)
+
+    def _event(
+        self,
+        actor: str | None,
+        action: str,
+        api: str,
+        *,
+        client_id: str | None = None,
+        name: str | None = None,
+        changes: Mapping[str, Any] | None = None,
+    ) -> AuditEvent:
+        return new_event(
+            actor=self._actor(actor),
+            action=action,
+            api=api,
+            client_id=client_id,
+            name=name,
+            changes=changes,
+        )
 
     # -- requests -----------------------------------------------------------------------
 

@@ -12,6 +12,14 @@ of SPEC §3 holds across processes and machines sharing one store:
   current hash as the previous one when asked to (a roll with a grace
   period, SPEC §8).
 
+Every changing method takes ``audit``, the :class:`~keyguard.audit.AuditEvent`
+recording the change (SPEC §10, R12), and writes it *with* the change, in one
+atomic step (one transaction, one script): the event exists if and only if
+the change was made. A call that changes nothing (``None``/``False``
+answers, an error raised) writes no event. ``list_audit`` reads them back,
+newest first; a store keeps events ``audit_retention`` (400 days by
+default) and prunes older ones.
+
 Stores keep every field of a ``KeyRecord`` and give each back as it was
 written: ``meta`` and ``rate_limits`` as the models' helpers dump and load
 them (``dump_meta``/``load_meta``, ``dump_rate_limits``/``load_rate_limits``),
@@ -29,6 +37,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from keyguard.audit import AuditEvent
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
 
 __all__ = ["ChangeFeed", "KeyStore"]
@@ -61,6 +70,7 @@ class KeyStore(Protocol):
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
         rate_limits: tuple[RateLimit, ...] | None = None,
+        audit: AuditEvent | None = None,
     ) -> Api:
         """Create ``api`` if missing (unexposed, limit ``default_max_keys_per_kind``, no
         rate limits), then set whichever of ``exposed``, ``max_keys_per_kind`` and
@@ -68,7 +78,7 @@ class KeyStore(Protocol):
         """
         ...
 
-    async def insert_key(self, record: KeyRecord) -> None:
+    async def insert_key(self, record: KeyRecord, *, audit: AuditEvent | None = None) -> None:
         """Add ``record`` atomically, or raise without adding anything:
         ``ApiNotExposed`` if its API is unknown or unexposed, ``KeyLimitReached`` if the
         API already holds ``max_keys_per_kind`` keys of ``record.kind``,
@@ -85,7 +95,14 @@ class KeyStore(Protocol):
         """The keys of ``api`` ordered by ``created_at`` (then by insertion); empty if none."""
         ...
 
-    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+    async def update_key(
+        self,
+        api: str,
+        client_id: str,
+        changes: KeyChanges,
+        *,
+        audit: AuditEvent | None = None,
+    ) -> KeyRecord | None:
         """Change the given fields of the key ``client_id`` of ``api`` (of either kind) and
         return it as stored afterwards; ``None`` (changing nothing) if there is no such key.
         A new ``name`` equal under ``str.casefold`` to another key's of the API raises
@@ -102,6 +119,7 @@ class KeyStore(Protocol):
         secret_hash: str,
         *,
         previous_until: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> KeyRecord | None:
         """Replace the secret hash of the *external* key ``client_id`` of ``api`` and return
         the key as stored afterwards; ``None`` (changing nothing) if there is no such
@@ -114,17 +132,33 @@ class KeyStore(Protocol):
         """
         ...
 
-    async def delete_key(self, api: str, client_id: str) -> bool:
+    async def delete_key(
+        self, api: str, client_id: str, *, audit: AuditEvent | None = None
+    ) -> bool:
         """Delete the key; ``False`` if ``api`` had no such key."""
         ...
 
-    async def delete_api(self, api: str, *, force: bool) -> bool:
+    async def delete_api(self, api: str, *, force: bool, audit: AuditEvent | None = None) -> bool:
         """Delete ``api`` and, with ``force``, every key of it, atomically.
 
         Returns ``False`` (changing nothing) if ``api`` was never created.
         Without ``force`` an API that has keys raises ``ApiHasKeys`` and is
         kept: the check and the delete are one atomic step, so a key created
         meanwhile is never deleted with it.
+        """
+        ...
+
+    async def list_audit(
+        self,
+        *,
+        api: str | None = None,
+        client_id: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[AuditEvent]:
+        """Up to ``limit`` audit events, newest first (by id), of ``api`` and/or of the key
+        ``client_id`` if given, with ids below ``before`` if given; events older than the
+        store's retention are never returned. Events outlive the API or key they concern.
         """
         ...
 

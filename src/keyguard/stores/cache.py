@@ -47,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from keyguard.audit import AuditEvent
 from keyguard.errors import ConfigurationError
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
 from keyguard.stores.base import ChangeFeed, KeyStore
@@ -297,6 +298,7 @@ class CachedStore:
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
         rate_limits: tuple[RateLimit, ...] | None = None,
+        audit: AuditEvent | None = None,
     ) -> Api:
         try:
             return await self.store.upsert_api(
@@ -305,19 +307,27 @@ class CachedStore:
                 max_keys_per_kind=max_keys_per_kind,
                 default_max_keys_per_kind=default_max_keys_per_kind,
                 rate_limits=rate_limits,
+                audit=audit,
             )
         finally:
             self.invalidate(api)
 
-    async def insert_key(self, record: KeyRecord) -> None:
+    async def insert_key(self, record: KeyRecord, *, audit: AuditEvent | None = None) -> None:
         try:
-            await self.store.insert_key(record)
+            await self.store.insert_key(record, audit=audit)
         finally:
             self.invalidate(record.api, record.client_id)
 
-    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+    async def update_key(
+        self,
+        api: str,
+        client_id: str,
+        changes: KeyChanges,
+        *,
+        audit: AuditEvent | None = None,
+    ) -> KeyRecord | None:
         try:
-            return await self.store.update_key(api, client_id, changes)
+            return await self.store.update_key(api, client_id, changes, audit=audit)
         finally:
             self.invalidate(api, client_id)
 
@@ -328,25 +338,38 @@ class CachedStore:
         secret_hash: str,
         *,
         previous_until: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> KeyRecord | None:
         try:
             return await self.store.set_secret_hash(
-                api, client_id, secret_hash, previous_until=previous_until
+                api, client_id, secret_hash, previous_until=previous_until, audit=audit
             )
         finally:
             self.invalidate(api, client_id)
 
-    async def delete_key(self, api: str, client_id: str) -> bool:
+    async def delete_key(
+        self, api: str, client_id: str, *, audit: AuditEvent | None = None
+    ) -> bool:
         try:
-            return await self.store.delete_key(api, client_id)
+            return await self.store.delete_key(api, client_id, audit=audit)
         finally:
             self.invalidate(api, client_id)
 
-    async def delete_api(self, api: str, *, force: bool) -> bool:
+    async def delete_api(self, api: str, *, force: bool, audit: AuditEvent | None = None) -> bool:
         try:
-            return await self.store.delete_api(api, force=force)
+            return await self.store.delete_api(api, force=force, audit=audit)
         finally:
             self.invalidate(api)
+
+    async def list_audit(
+        self,
+        *,
+        api: str | None = None,
+        client_id: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[AuditEvent]:
+        return await self.store.list_audit(api=api, client_id=client_id, limit=limit, before=before)
 
     async def aclose(self) -> None:
         """Stop watching for changes and close the wrapped store."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from keyguard.audit import DEFAULT_AUDIT_RETENTION, AuditEvent, check_retention, cutoff_id
 from keyguard.errors import ApiHasKeys, ApiNotExposed, DuplicateName, KeyLimitReached
 from keyguard.models import Api, KeyChanges, KeyKind, KeyRecord, RateLimit, name_key
 
@@ -32,9 +34,12 @@ class MemoryStore:
     of one event loop; a lock makes writes safe across threads too.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, audit_retention: timedelta | float = DEFAULT_AUDIT_RETENTION) -> None:
         self._apis: dict[str, _ApiState] = {}
         self._lock = threading.Lock()
+        self.audit_retention = check_retention(audit_retention)
+        # Oldest first, by id: new events append (ids only grow within a process).
+        self._audit: list[AuditEvent] = []
 
     def __repr__(self) -> str:
         keys = sum(len(state.keys) for state in self._apis.values())
@@ -67,6 +72,7 @@ class MemoryStore:
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
         rate_limits: tuple[RateLimit, ...] | None = None,
+        audit: AuditEvent | None = None,
     ) -> Api:
         with self._lock:
             state = self._apis.get(api)
@@ -78,9 +84,10 @@ class MemoryStore:
                 state.max_keys_per_kind = max_keys_per_kind
             if rate_limits is not None:
                 state.rate_limits = rate_limits
+            self._record(audit)
             return self._api(api, state)
 
-    async def insert_key(self, record: KeyRecord) -> None:
+    async def insert_key(self, record: KeyRecord, *, audit: AuditEvent | None = None) -> None:
         with self._lock:
             state = self._apis.get(record.api)
             if state is None or not state.exposed:
@@ -96,6 +103,7 @@ class MemoryStore:
             state.keys[record.client_id] = record
             state.names.add(folded)
             state.counts[record.kind] += 1
+            self._record(audit)
 
     async def get_key(self, api: str, client_id: str) -> KeyRecord | None:
         state = self._apis.get(api)
@@ -105,7 +113,14 @@ class MemoryStore:
         state = self._apis.get(api)
         return [] if state is None else list(state.keys.values())
 
-    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+    async def update_key(
+        self,
+        api: str,
+        client_id: str,
+        changes: KeyChanges,
+        *,
+        audit: AuditEvent | None = None,
+    ) -> KeyRecord | None:
         with self._lock:
             state = self._apis.get(api)
             record = None if state is None else state.keys.get(client_id)
@@ -119,6 +134,7 @@ class MemoryStore:
                 state.names.discard(old)
                 state.names.add(new)
             state.keys[client_id] = updated
+            self._record(audit)
             return updated
 
     async def set_secret_hash(
@@ -128,6 +144,7 @@ class MemoryStore:
         secret_hash: str,
         *,
         previous_until: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> KeyRecord | None:
         with self._lock:
             state = self._apis.get(api)
@@ -142,9 +159,12 @@ class MemoryStore:
                 previous_secret_expires_at=previous_until if keep else None,
             )
             state.keys[client_id] = updated
+            self._record(audit)
             return updated
 
-    async def delete_key(self, api: str, client_id: str) -> bool:
+    async def delete_key(
+        self, api: str, client_id: str, *, audit: AuditEvent | None = None
+    ) -> bool:
         with self._lock:
             state = self._apis.get(api)
             record = None if state is None else state.keys.pop(client_id, None)
@@ -152,9 +172,10 @@ class MemoryStore:
                 return False
             state.names.discard(name_key(record.name))
             state.counts[record.kind] -= 1
+            self._record(audit)
             return True
 
-    async def delete_api(self, api: str, *, force: bool) -> bool:
+    async def delete_api(self, api: str, *, force: bool, audit: AuditEvent | None = None) -> bool:
         with self._lock:
             state = self._apis.get(api)
             if state is None:
@@ -162,7 +183,44 @@ class MemoryStore:
             if state.keys and not force:
                 raise ApiHasKeys(f"API {api!r} has {len(state.keys)} keys")
             del self._apis[api]
+            self._record(audit)
             return True
+
+    async def list_audit(
+        self,
+        *,
+        api: str | None = None,
+        client_id: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[AuditEvent]:
+        cutoff = cutoff_id(self.audit_retention)
+        with self._lock:
+            events = self._audit
+            end = len(events) if before is None else bisect.bisect_left(events, before, key=_id)
+            found: list[AuditEvent] = []
+            for index in range(end - 1, -1, -1):
+                event = events[index]
+                if event.id < cutoff or len(found) >= limit:
+                    break
+                if (api is None or event.api == api) and (
+                    client_id is None or event.client_id == client_id
+                ):
+                    found.append(event)
+            return found
+
+    def _record(self, audit: AuditEvent | None) -> None:
+        """Keep ``audit`` (called under the lock, once the change is made); prune old ones."""
+        if audit is None:
+            return
+        events = self._audit
+        if events and events[-1].id > audit.id:
+            bisect.insort(events, audit, key=_id)  # an id made by another process's clock
+        else:
+            events.append(audit)
+        cutoff = cutoff_id(self.audit_retention)
+        if events[0].id < cutoff:
+            del events[: bisect.bisect_left(events, cutoff, key=_id)]
 
     async def aclose(self) -> None:
         """Nothing to release; the data stays until the store is garbage-collected."""
@@ -177,3 +235,7 @@ class MemoryStore:
             external_keys=state.counts[KeyKind.EXTERNAL],
             rate_limits=state.rate_limits,
         )
+
+
+def _id(event: AuditEvent) -> str:
+    return event.id

@@ -32,8 +32,9 @@ import math
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -45,6 +46,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     Select,
@@ -70,6 +72,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.types import TypeEngine
 
+from keyguard.audit import (
+    DEFAULT_AUDIT_RETENTION,
+    AuditEvent,
+    check_retention,
+    cutoff_id,
+    load_changes,
+)
 from keyguard.errors import (
     ApiHasKeys,
     ApiNotExposed,
@@ -136,6 +145,8 @@ _NAME_KEY_LENGTH = 3 * _KEY_NAME_LENGTH  # casefold() can triple a character ("ï
 _VERSION_ROW = "schema_version"
 _USED = "keyguard_used"  # marks a pooled connection that has served a call before
 _CREATE_ATTEMPTS = 5
+_AUDIT_ID_LENGTH = 26
+_PRUNE_EVERY = 3600.0  # seconds between two prunings of old audit events by one store
 
 
 class _UTCDateTime(TypeDecorator[datetime]):
@@ -171,7 +182,7 @@ class _UTCDateTime(TypeDecorator[datetime]):
 
 
 class _Schema:
-    """The three tables for one prefix on one kind of database, and the hot statements."""
+    """The four tables for one prefix on one kind of database, and the hot statements."""
 
     def __init__(self, prefix: str, dialect: Dialect) -> None:
         self.dialect_name = dialect.name
@@ -239,6 +250,23 @@ class _Schema:
             UniqueConstraint("client_id", name=f"{prefix}keys_client_id_key"),
             UniqueConstraint("api", "name_key", name=f"{prefix}keys_api_name_key"),
             CheckConstraint("kind IN ('internal', 'external')", name=f"{prefix}keys_kind_check"),
+            **table_options,
+        )
+        # The audit log (SPEC Â§10). No foreign keys: events outlive their API and key.
+        # Created by create_all on existing databases too, as a table of its own.
+        self.audit = Table(
+            f"{prefix}audit",
+            self.metadata,
+            Column("id", String(_AUDIT_ID_LENGTH), primary_key=True),  # sorts by time
+            Column("at", _UTCDateTime(), nullable=False),
+            Column("actor", String(200), nullable=False),
+            Column("action", String(16), nullable=False),
+            Column("api", String(_NAME_LENGTH), nullable=False),
+            Column("client_id", String(_NAME_LENGTH), nullable=True),
+            Column("name", String(_KEY_NAME_LENGTH), nullable=True),
+            Column("changes", Text(), nullable=False),
+            Index(f"{prefix}audit_api_idx", "api", "id"),
+            Index(f"{prefix}audit_client_id_idx", "client_id", "id"),
             **table_options,
         )
         apis, keys = self.apis, self.keys
@@ -326,6 +354,7 @@ class SQLStore:
         *,
         table_prefix: str = "keyguard_",
         timeout: float = 3.0,
+        audit_retention: timedelta | float = DEFAULT_AUDIT_RETENTION,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(
@@ -338,6 +367,8 @@ class SQLStore:
             )
         self._prefix = _validate_prefix(table_prefix)
         self._timeout = _validate_timeout(timeout)
+        self.audit_retention = check_retention(audit_retention)
+        self._pruned_at: float | None = None
         if engine.dialect.driver == "aiosqlite":
             _hide_aiosqlite_arguments()
         if not engine.sync_engine.hide_parameters:
@@ -361,6 +392,7 @@ class SQLStore:
         *,
         table_prefix: str = "keyguard_",
         timeout: float = 3.0,
+        audit_retention: timedelta | float = DEFAULT_AUDIT_RETENTION,
         **engine_options: Any,
     ) -> SQLStore:
         """The store for a database URL. Does no I/O; connects on first use.
@@ -376,10 +408,13 @@ class SQLStore:
         """
         timeout = _validate_timeout(timeout)
         _validate_prefix(table_prefix)
+        check_retention(audit_retention)
         parsed = _parse_url(url)
         options = _engine_options(parsed, timeout, engine_options)
         engine = _create_engine(parsed, options)
-        store = cls(engine, table_prefix=table_prefix, timeout=timeout)
+        store = cls(
+            engine, table_prefix=table_prefix, timeout=timeout, audit_retention=audit_retention
+        )
         store._factory = lambda: _create_engine(parsed, options)
         return store
 
@@ -468,6 +503,7 @@ class SQLStore:
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
         rate_limits: tuple[RateLimit, ...] | None = None,
+        audit: AuditEvent | None = None,
     ) -> Api:
         """Create ``api`` if missing, then set the fields given; keys are never touched."""
 
@@ -496,11 +532,12 @@ class SQLStore:
             if changes:
                 await conn.execute(update(apis).where(apis.c.name == api).values(changes))
             row = (await conn.execute(select(*schema.api_columns).where(apis.c.name == api))).one()
+            await _write_audit(conn, schema, audit)
             return _api(row)
 
-        return await self._run(work, write=True)
+        return await self._changed(await self._run(work, write=True), audit)
 
-    async def insert_key(self, record: KeyRecord) -> None:
+    async def insert_key(self, record: KeyRecord, *, audit: AuditEvent | None = None) -> None:
         """Add ``record`` atomically (R1, R2, R3 checked by the database), or raise."""
 
         async def work(conn: AsyncConnection, schema: _Schema) -> None:
@@ -527,6 +564,8 @@ class SQLStore:
                     f"API {record.api!r} already has {row.max_keys_per_kind} "
                     f"{record.kind.value} keys"
                 )
+            # Before the insert, so the event is rolled back with a refused one.
+            await _write_audit(conn, schema, audit)
             try:
                 await conn.execute(
                     insert(schema.keys).values(
@@ -555,6 +594,7 @@ class SQLStore:
                 ) from None
 
         await self._run(work, write=True)
+        await self._changed(None, audit)
 
     async def get_key(self, api: str, client_id: str) -> KeyRecord | None:
         """The key ``client_id`` of ``api``, or ``None``; client ids compare exactly."""
@@ -582,7 +622,14 @@ class SQLStore:
 
         return await self._run(work, write=False)
 
-    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+    async def update_key(
+        self,
+        api: str,
+        client_id: str,
+        changes: KeyChanges,
+        *,
+        audit: AuditEvent | None = None,
+    ) -> KeyRecord | None:
         """Change the given fields in one ``UPDATE`` and return the key as stored afterwards;
         ``None`` if there is no such key. A rename clashing (casefolded) with another key of
         the API is refused by ``UNIQUE (api, name_key)``: ``DuplicateName``, nothing changed.
@@ -606,12 +653,16 @@ class SQLStore:
         async def work(conn: AsyncConnection, schema: _Schema) -> KeyRecord | None:
             keys = schema.keys
             if values:
+                which = (keys.c.api == api) & (keys.c.client_id == client_id)
+                if audit is not None:
+                    # Before the change, so a refused rename rolls the event back with it;
+                    # only for a key that exists (the UPDATE below would find none).
+                    exists = await conn.execute(select(keys.c.id).where(which))
+                    if exists.first() is None:
+                        return None
+                    await _write_audit(conn, schema, audit)
                 try:
-                    await conn.execute(
-                        update(keys)
-                        .where(keys.c.api == api, keys.c.client_id == client_id)
-                        .values(values)
-                    )
+                    changed = await conn.execute(update(keys).where(which).values(values))
                 except sa_exc.IntegrityError:
                     if "name" not in values:
                         raise
@@ -619,10 +670,17 @@ class SQLStore:
                     raise DuplicateName(
                         f"API {api!r} already has a key named {values['name']!r}"
                     ) from None
+                if changed.rowcount != 1:
+                    # Deleted since it was seen: leaving by an error rolls the event back.
+                    raise _Vanished
             # The same transaction: the row lock taken by the UPDATE is still held.
             return await _stored_key(conn, schema, api, client_id)
 
-        return await self._run(work, write=bool(values))
+        try:
+            updated = await self._run(work, write=bool(values))
+        except _Vanished:
+            return None
+        return await self._changed(updated, audit if updated is not None else None)
 
     async def set_secret_hash(
         self,
@@ -631,6 +689,7 @@ class SQLStore:
         secret_hash: str,
         *,
         previous_until: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> KeyRecord | None:
         """Replace the hash of the *external* key ``client_id`` in one ``UPDATE`` (keeping the
         old hash as the previous one until ``previous_until``, if given and there was one)
@@ -671,11 +730,15 @@ class SQLStore:
             )
             if result.rowcount != 1:
                 return None
+            await _write_audit(conn, schema, audit)
             return await _stored_key(conn, schema, api, client_id)
 
-        return await self._run(work, write=True)
+        updated = await self._run(work, write=True)
+        return await self._changed(updated, audit if updated is not None else None)
 
-    async def delete_key(self, api: str, client_id: str) -> bool:
+    async def delete_key(
+        self, api: str, client_id: str, *, audit: AuditEvent | None = None
+    ) -> bool:
         """Delete the key and give its place back, in one transaction; ``False`` if none."""
         if not (_fits(api, _NAME_LENGTH) and _fits(client_id, _NAME_LENGTH)):
             return False
@@ -690,14 +753,16 @@ class SQLStore:
             count = schema.count_column(KeyKind(kind))
             await conn.execute(update(apis).where(apis.c.name == api).values({count: count - 1}))
             if (await conn.execute(delete(keys).where(which))).rowcount == 1:
+                await _write_audit(conn, schema, audit)
                 return True
             # Another call deleted it since we read its kind: give the place back.
             await conn.execute(update(apis).where(apis.c.name == api).values({count: count + 1}))
             return False
 
-        return await self._run(work, write=True)
+        deleted = await self._run(work, write=True)
+        return await self._changed(deleted, audit if deleted else None)
 
-    async def delete_api(self, api: str, *, force: bool) -> bool:
+    async def delete_api(self, api: str, *, force: bool, audit: AuditEvent | None = None) -> bool:
         """Delete the API (and, with ``force``, its keys) in one transaction; ``False`` if none."""
         if not _fits(api, _NAME_LENGTH):
             return False
@@ -721,9 +786,71 @@ class SQLStore:
                 raise ApiHasKeys(f"API {api!r} has {held} keys")
             await conn.execute(delete(keys).where(keys.c.api == api))
             await conn.execute(delete(apis).where(apis.c.name == api))
+            await _write_audit(conn, schema, audit)
             return True
 
+        deleted = await self._run(work, write=True)
+        return await self._changed(deleted, audit if deleted else None)
+
+    async def list_audit(
+        self,
+        *,
+        api: str | None = None,
+        client_id: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[AuditEvent]:
+        """Audit events newest first, by the primary key (ids sort by time); an index on
+        ``(api, id)`` and one on ``(client_id, id)`` serve the filtered listings."""
+        if (api is not None and not _fits(api, _NAME_LENGTH)) or (
+            client_id is not None and not _fits(client_id, _NAME_LENGTH)
+        ):
+            return []
+        cutoff = cutoff_id(self.audit_retention)
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> list[AuditEvent]:
+            audit = schema.audit
+            stmt = select(audit).where(audit.c.id >= cutoff)
+            if api is not None:
+                stmt = stmt.where(audit.c.api == api)
+            if client_id is not None:
+                stmt = stmt.where(audit.c.client_id == client_id)
+            if before is not None:
+                stmt = stmt.where(audit.c.id < before)
+            stmt = stmt.order_by(audit.c.id.desc()).limit(limit)
+            return [_event(row) for row in (await conn.execute(stmt)).all()]
+
+        return await self._run(work, write=False)
+
+    async def prune_audit(self) -> int:
+        """Delete the audit events older than ``audit_retention``; how many were deleted.
+        Run by the store itself after a change, at most once an hour."""
+        cutoff = cutoff_id(self.audit_retention)
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> int:
+            result = await conn.execute(delete(schema.audit).where(schema.audit.c.id < cutoff))
+            return int(result.rowcount or 0)
+
         return await self._run(work, write=True)
+
+    async def _changed(self, result: T, audit: AuditEvent | None) -> T:
+        """``result`` of a change that wrote ``audit``, after pruning old events if due.
+
+        Pruning is a transaction of its own, after the change's: the change is made
+        whatever happens to it, so a failure is only logged.
+        """
+        now = time.monotonic()
+        if audit is None or (self._pruned_at is not None and now - self._pruned_at < _PRUNE_EVERY):
+            return result
+        self._pruned_at = now
+        try:
+            pruned = await self.prune_audit()
+        except StoreUnavailable as exc:
+            logger.warning("SQL store %s: old audit events not pruned (%s)", self.url, exc)
+        else:
+            if pruned:
+                logger.info("SQL store %s: %d audit events past retention pruned", self.url, pruned)
+        return result
 
     async def aclose(self) -> None:
         """Release the connections of an engine this store created; a passed-in one stays open."""
@@ -893,6 +1020,41 @@ def _api(row: _Row) -> Api:
         internal_keys=row.internal_count,
         external_keys=row.external_count,
         rate_limits=load_rate_limits(row.rate_limits) or (),
+    )
+
+
+class _Vanished(Exception):
+    """Leaves a transaction (rolling it back) when the key to change has gone meanwhile."""
+
+
+async def _write_audit(conn: AsyncConnection, schema: _Schema, audit: AuditEvent | None) -> None:
+    """Insert ``audit`` in the transaction of ``conn`` (nothing if ``None``)."""
+    if audit is None:
+        return
+    await conn.execute(
+        insert(schema.audit).values(
+            id=audit.id,
+            at=audit.at,
+            actor=audit.actor,
+            action=audit.action,
+            api=audit.api,
+            client_id=audit.client_id,
+            name=audit.name,
+            changes=audit.dump_changes(),
+        )
+    )
+
+
+def _event(row: _Row) -> AuditEvent:
+    return AuditEvent(
+        id=row.id,
+        at=row.at,
+        actor=row.actor,
+        action=row.action,
+        api=row.api,
+        client_id=row.client_id,
+        name=row.name,
+        changes=load_changes(row.changes),
     )
 
 
