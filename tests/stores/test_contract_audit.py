@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ async def test_each_change_writes_its_event(store: KeyStore) -> None:
     newest first."""
     written: list[AuditEvent] = []
 
-    def new(action: str, **fields: object) -> AuditEvent:
+    def new(action: str, **fields: Any) -> AuditEvent:
         made = event(action, **fields)
         written.append(made)
         return made

@@ -31,12 +31,19 @@ import json
 import math
 import re
 import threading
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar, cast
 
 import anyio
 
+from keyguard.audit import (
+    DEFAULT_AUDIT_RETENTION,
+    AuditEvent,
+    check_retention,
+    cutoff_id,
+)
 from keyguard.errors import (
     ApiHasKeys,
     ApiNotExposed,
@@ -88,6 +95,24 @@ _Closer = AsyncGenerator[None, None]
 _Bound = tuple[Redis, _Closer]
 
 # -- Lua ---------------------------------------------------------------------------------
+# The audit log (SPEC §10): each write script ends, when its change is made, by adding the
+# event to the API's audit sorted set (KEYS[2], ``<prefix>{<api>}:audit``) and, for a key's
+# change, to the key's (KEYS[3], ``<prefix>{<api>}:audit:<client_id>``): the same hash tag,
+# so one script still touches one slot.  Members are the event id (26 characters that sort
+# by time) followed by the event's JSON, all with score 0, so they sort by id and a page is
+# one ZREVRANGEBYLEX.  The last three ARGV of every write script are the member ('' for no
+# event), the id below which events are past retention, and the retention in seconds.
+_AUDIT_LUA = """
+local function record_audit()
+  local member, cutoff, ttl = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
+  if member == '' then return end
+  for i = 2, #KEYS do
+    redis.call('ZADD', KEYS[i], 0, member)
+    redis.call('ZREMRANGEBYLEX', KEYS[i], '-', '(' .. cutoff)
+    redis.call('EXPIRE', KEYS[i], ttl)
+  end
+end
+"""
 # Every script touches exactly one key, the API's hash (KEYS[1]), so it is atomic and
 # legal on Redis Cluster.  Key records are JSON arrays (see _RECORD_LENGTH); scripts only
 # read them (cjson.decode), never re-encode them: Lua's JSON encoder would round a
@@ -104,6 +129,7 @@ if ARGV[2] ~= '' then redis.call('HSET', api, 'exposed', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', api, 'max', ARGV[3]) end
 if ARGV[6] ~= '' then redis.call('HSET', api, 'rate_limits', ARGV[6]) end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
+record_audit()
 return redis.call('HMGET', api, 'exposed', 'max', 'c:internal', 'c:external', 'rate_limits')
 """
 
@@ -127,6 +153,7 @@ redis.call('HSET', api, 'k:' .. id, '[' .. seq .. ',' .. string.sub(ARGV[4], 2),
 if ARGV[5] == '1' then redis.call('HSET', api, 's:' .. id, ARGV[6]) end
 if ARGV[9] ~= '' then redis.call('HSET', api, 'p:' .. id, ARGV[9]) end
 redis.call('PUBLISH', ARGV[7], ARGV[8])
+record_audit()
 return 'ok'
 """
 
@@ -149,6 +176,7 @@ if new_name ~= old_name then
 end
 redis.call('HSET', api, 'k:' .. id, ARGV[3])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
+record_audit()
 return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id)
 """
 
@@ -168,6 +196,7 @@ else
 end
 redis.call('HSET', api, 's:' .. id, ARGV[2])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
+record_audit()
 return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id)
 """
 
@@ -183,6 +212,7 @@ if redis.call('HGET', api, name_field) == id then redis.call('HDEL', api, name_f
 redis.call('HDEL', api, 'k:' .. id, 's:' .. id, 'p:' .. id)
 redis.call('HINCRBY', api, 'c:' .. record[2], -1)
 redis.call('PUBLISH', ARGV[2], ARGV[3])
+record_audit()
 return 1
 """
 
@@ -196,6 +226,7 @@ local held = tonumber(state[2] or 0) + tonumber(state[3] or 0)
 if held > 0 and ARGV[1] ~= '1' then return -held end
 redis.call('DEL', api)
 redis.call('PUBLISH', ARGV[2], ARGV[3])
+record_audit()
 return 1
 """
 
@@ -222,8 +253,9 @@ class RedisStore:
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
+        audit_retention: timedelta | float = DEFAULT_AUDIT_RETENTION,
     ) -> None:
-        self._setup(client, prefix, timeout, factory=None)
+        self._setup(client, prefix, timeout, factory=None, audit_retention=audit_retention)
 
     @classmethod
     def from_url(
@@ -232,6 +264,7 @@ class RedisStore:
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
+        audit_retention: timedelta | float = DEFAULT_AUDIT_RETENTION,
         **client_options: Any,
     ) -> RedisStore:
         """A store on the Redis at ``url`` (``redis://[[user]:password@]host[:port][/db]``,
@@ -243,6 +276,7 @@ class RedisStore:
         Does no I/O: the client connects on first use, in the event loop using it.
         """
         _check_timeout(timeout)
+        check_retention(audit_retention)
         options: dict[str, Any] = {
             "socket_connect_timeout": timeout,
             "socket_timeout": timeout,
@@ -270,19 +304,27 @@ class RedisStore:
             reason = _PASSWORD.sub("***", str(exc))
             raise ConfigurationError(f"invalid Redis store URL or option: {reason}") from None
         store = cls.__new__(cls)
-        store._setup(client, prefix, timeout, factory=factory)
+        store._setup(client, prefix, timeout, factory=factory, audit_retention=audit_retention)
         store._url = url
         return store
 
     def _setup(
-        self, client: Redis, prefix: str, timeout: float, *, factory: Callable[[], Redis] | None
+        self,
+        client: Redis,
+        prefix: str,
+        timeout: float,
+        *,
+        factory: Callable[[], Redis] | None,
+        audit_retention: timedelta | float = DEFAULT_AUDIT_RETENTION,
     ) -> None:
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
             raise ConfigurationError("prefix must be a string without '{' or '}'")
         _check_timeout(timeout)
+        self.audit_retention = check_retention(audit_retention)
         self.prefix = prefix
         self.timeout = float(timeout)
         self._index = f"{prefix}apis"
+        self._audit_index = f"{prefix}audit:apis"
         self._channel = f"{prefix}changes"
         self._location = _location(client)
         self._url: str | None = None
@@ -298,12 +340,12 @@ class RedisStore:
         self._current: tuple[asyncio.AbstractEventLoop | None, Redis] = (None, client)
         self._by_loop: dict[asyncio.AbstractEventLoop, _Bound] = {}
         self._bind_lock = threading.Lock()
-        self._upsert_api = AsyncScript(client, _UPSERT_API_LUA)
-        self._insert_key = AsyncScript(client, _INSERT_KEY_LUA)
-        self._update_key = AsyncScript(client, _UPDATE_KEY_LUA)
-        self._set_secret_hash = AsyncScript(client, _SET_HASH_LUA)
-        self._delete_key = AsyncScript(client, _DELETE_KEY_LUA)
-        self._delete_api = AsyncScript(client, _DELETE_API_LUA)
+        self._upsert_api = AsyncScript(client, _AUDIT_LUA + _UPSERT_API_LUA)
+        self._insert_key = AsyncScript(client, _AUDIT_LUA + _INSERT_KEY_LUA)
+        self._update_key = AsyncScript(client, _AUDIT_LUA + _UPDATE_KEY_LUA)
+        self._set_secret_hash = AsyncScript(client, _AUDIT_LUA + _SET_HASH_LUA)
+        self._delete_key = AsyncScript(client, _AUDIT_LUA + _DELETE_KEY_LUA)
+        self._delete_api = AsyncScript(client, _AUDIT_LUA + _DELETE_API_LUA)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._location!r}, prefix={self.prefix!r})"
@@ -372,9 +414,11 @@ class RedisStore:
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
         rate_limits: tuple[RateLimit, ...] | None = None,
+        audit: AuditEvent | None = None,
     ) -> Api:
         """Index the name, then create or update the API's hash in one script."""
         key = self._api_key(api)
+        keys = [key, *self._audit_keys(api, None)]
         args = [
             int(default_max_keys_per_kind),
             "" if exposed is None else ("1" if exposed else "0"),
@@ -382,20 +426,22 @@ class RedisStore:
             self._channel,
             api,
             dump_rate_limits(rate_limits) or "",
+            *self._audit_args(audit),
         ]
 
         async def write(redis: Redis) -> Any:
             # The index lives in another slot, so it cannot join the script; it is written
             # first, and a name without a hash is skipped by list_apis.
             await redis.zadd(self._index, {api: 0})
-            return await self._upsert_api(keys=[key], args=args, client=redis)
+            await self._index_audit(redis, api, audit)
+            return await self._upsert_api(keys=keys, args=args, client=redis)
 
         row = await self._call(write)
         created = _api(api, row)
         assert created is not None  # the script has just created it
         return created
 
-    async def insert_key(self, record: KeyRecord) -> None:
+    async def insert_key(self, record: KeyRecord, *, audit: AuditEvent | None = None) -> None:
         """Check R1, R2, R3 and insert, atomically, in one Lua script (one round trip)."""
         folded = name_key(record.name)
         body = _dumps(_body(record, folded))
@@ -410,11 +456,15 @@ class RedisStore:
             self._channel,
             _notice(record.api, record.client_id),
             _dump_previous(record),
+            *self._audit_args(audit),
         ]
-        key = self._api_key(record.api)
-        outcome = _text(
-            await self._call(lambda redis: self._insert_key(keys=[key], args=args, client=redis))
-        )
+        keys = [self._api_key(record.api), *self._audit_keys(record.api, record.client_id)]
+
+        async def write(redis: Redis) -> Any:
+            await self._index_audit(redis, record.api, audit)
+            return await self._insert_key(keys=keys, args=args, client=redis)
+
+        outcome = _text(await self._call(write))
         if outcome != "ok":
             error, message = _RULE_ERRORS[outcome]
             raise error(message.format(api=record.api, kind=record.kind.value, name=record.name))
@@ -447,16 +497,26 @@ class RedisStore:
         found.sort(key=lambda entry: entry[:2])
         return [record for _, _, record in found]
 
-    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+    async def update_key(
+        self,
+        api: str,
+        client_id: str,
+        changes: KeyChanges,
+        *,
+        audit: AuditEvent | None = None,
+    ) -> KeyRecord | None:
         """Change the given fields of the key: read it, then write the changed record in one
         script that checks R3 on a rename and that the record is still the one read
         (otherwise it is read again), moving the name entry with it."""
         if not changes.given():
             return await self.get_key(api, client_id)
         key = self._api_key(api)
+        keys = [key, *self._audit_keys(api, client_id)]
         notice = _notice(api, client_id)
+        audit_args = self._audit_args(audit)
 
         async def change(redis: Redis) -> KeyRecord | None:
+            await self._index_audit(redis, api, audit)
             while True:
                 raw = await redis.hget(key, f"k:{client_id}")
                 if raw is None:
@@ -472,7 +532,8 @@ class RedisStore:
                     [stored[0], *_body(updated, new_folded), *stored[_RECORD_LENGTH:]]
                 )
                 args = [client_id, raw, rewritten, old_folded, new_folded, self._channel, notice]
-                reply = await self._update_key(keys=[key], args=args, client=redis)
+                args += audit_args
+                reply = await self._update_key(keys=keys, args=args, client=redis)
                 if isinstance(reply, list):
                     return _record(api, client_id, *reply)
                 outcome = _text(reply)
@@ -491,40 +552,87 @@ class RedisStore:
         secret_hash: str,
         *,
         previous_until: datetime | None = None,
+        audit: AuditEvent | None = None,
     ) -> KeyRecord | None:
         """Set the hash of an external key, atomically checking its kind (R4) and keeping the
         hash it replaces as the previous one until ``previous_until``, in one script."""
-        key = self._api_key(api)
+        keys = [self._api_key(api), *self._audit_keys(api, client_id)]
         until = "" if previous_until is None else str(_micros(previous_until))
         args = [client_id, secret_hash, until, self._channel, _notice(api, client_id)]
-        reply = await self._call(
-            lambda redis: self._set_secret_hash(keys=[key], args=args, client=redis)
-        )
+        args += self._audit_args(audit)
+
+        async def write(redis: Redis) -> Any:
+            await self._index_audit(redis, api, audit)
+            return await self._set_secret_hash(keys=keys, args=args, client=redis)
+
+        reply = await self._call(write)
         return None if reply is None else _record(api, client_id, *reply)
 
-    async def delete_key(self, api: str, client_id: str) -> bool:
+    async def delete_key(
+        self, api: str, client_id: str, *, audit: AuditEvent | None = None
+    ) -> bool:
         """Remove the key, its secret hash, its name entry and its count in one script."""
-        key = self._api_key(api)
-        args = [client_id, self._channel, _notice(api, client_id)]
-        deleted = await self._call(
-            lambda redis: self._delete_key(keys=[key], args=args, client=redis)
-        )
+        keys = [self._api_key(api), *self._audit_keys(api, client_id)]
+        args = [client_id, self._channel, _notice(api, client_id), *self._audit_args(audit)]
+
+        async def write(redis: Redis) -> Any:
+            await self._index_audit(redis, api, audit)
+            return await self._delete_key(keys=keys, args=args, client=redis)
+
+        deleted = await self._call(write)
         return bool(int(deleted))
 
-    async def delete_api(self, api: str, *, force: bool) -> bool:
+    async def delete_api(self, api: str, *, force: bool, audit: AuditEvent | None = None) -> bool:
         """Delete the API's hash in one script (refused while it has keys unless ``force``),
-        then its name from the index."""
-        key = self._api_key(api)
-        args = ["1" if force else "0", self._channel, api]
-        outcome = int(
-            await self._call(lambda redis: self._delete_api(keys=[key], args=args, client=redis))
-        )
+        then its name from the index. Its audit events stay (another Redis key)."""
+        keys = [self._api_key(api), *self._audit_keys(api, None)]
+        args = ["1" if force else "0", self._channel, api, *self._audit_args(audit)]
+
+        async def write(redis: Redis) -> Any:
+            await self._index_audit(redis, api, audit)
+            return await self._delete_api(keys=keys, args=args, client=redis)
+
+        outcome = int(await self._call(write))
         if outcome < 0:
             raise ApiHasKeys(f"API {api!r} has {-outcome} keys")
         if outcome:
             # Another slot, so not in the script; a name without a hash is skipped anyway.
             await self._call(lambda redis: redis.zrem(self._index, api))
         return bool(outcome)
+
+    async def list_audit(
+        self,
+        *,
+        api: str | None = None,
+        client_id: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[AuditEvent]:
+        """Events newest first: one ZREVRANGEBYLEX of the API's (or the key's) sorted set;
+        across APIs, one per API named in the audit index, pipelined and merged."""
+        cutoff = cutoff_id(self.audit_retention)
+        upper = "+" if before is None else f"({before}"
+        lower = f"[{cutoff}"
+
+        async def read(redis: Redis) -> list[AuditEvent]:
+            if api is not None:
+                names = [api]
+            else:
+                oldest = time.time() - self.audit_retention.total_seconds()
+                await redis.zremrangebyscore(self._audit_index, "-inf", f"({oldest}")
+                members = cast("list[bytes | str]", await redis.zrange(self._audit_index, 0, -1))
+                names = [_text(member) for member in members]
+            if not names:
+                return []
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    zset = self._audit_keys(name, client_id)[-1]
+                    pipe.zrevrangebylex(zset, upper, lower, start=0, num=limit)
+                pages = await pipe.execute()
+            members = sorted((_text(m) for page in pages for m in page), reverse=True)
+            return [AuditEvent.loads(member[_AUDIT_ID_LENGTH:]) for member in members[:limit]]
+
+        return await self._call(read)
 
     async def watch(
         self,
@@ -581,6 +689,27 @@ class RedisStore:
 
     def _api_key(self, api: str) -> str:
         return f"{self.prefix}{{{api}}}"
+
+    def _audit_keys(self, api: str, client_id: str | None) -> list[str]:
+        """The API's audit sorted set and, for a key, the key's: in the API's slot."""
+        api_events = f"{self.prefix}{{{api}}}:audit"
+        return [api_events] if client_id is None else [api_events, f"{api_events}:{client_id}"]
+
+    def _audit_args(self, audit: AuditEvent | None) -> list[str]:
+        """The last three arguments of every write script (see ``_AUDIT_LUA``)."""
+        member = "" if audit is None else audit.id + audit.dumps()
+        ttl = math.ceil(self.audit_retention.total_seconds())
+        return [member, cutoff_id(self.audit_retention), str(ttl)]
+
+    async def _index_audit(self, redis: Redis, api: str, audit: AuditEvent | None) -> None:
+        """Name ``api`` in the index of APIs with audit events, before its script runs.
+
+        Another slot, so not in the script: an API indexed whose change was then refused
+        costs an empty read. The score is when it was last indexed, so names whose events
+        have all passed retention are dropped (the sorted sets themselves expire).
+        """
+        if audit is not None:
+            await redis.zadd(self._audit_index, {api: time.time()})
 
     async def _call(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
         """``operation`` on this loop's client within ``timeout``; failures: StoreUnavailable."""
@@ -671,6 +800,7 @@ def _api(name: str, row: list[Any]) -> Api | None:
 # rewrite.  The secret hash is ``s:<client_id>``; the previous secret of a roll is
 # ``p:<client_id>``, the JSON array [valid until in µs, hash], written by the roll script.
 _RECORD_LENGTH = 10
+_AUDIT_ID_LENGTH = 26
 _APPENDED_DEFAULTS: tuple[Any, ...] = (True, None, None, None, None)
 
 
