@@ -5,7 +5,7 @@
 
 from keyguard import errors
 from keyguard.errors import KeyGuardError
-from keyguard.management import management_app
+from keyguard.management import ReadOnly, management_app
 from keyguard.manager import Denial, KeyManager
 from keyguard.middleware import KeyGuard
 from keyguard.models import Api, IssuedKey, KeyInfo, KeyKind
@@ -25,6 +25,7 @@ __all__ = [
     "KeyManager",
     "KeyStore",
     "MemoryStore",
+    "ReadOnly",
     "SecretHasher",
     "errors",
     "management_app",

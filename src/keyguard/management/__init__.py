@@ -22,7 +22,7 @@ that table) and ``app`` (all of it put together, with the error handlers).
 from __future__ import annotations
 
 from keyguard.management.app import management_app
-from keyguard.management.auth import MIN_TOKEN_LENGTH
+from keyguard.management.auth import MIN_TOKEN_LENGTH, ReadOnly
 from keyguard.management.bodies import MAX_BODY_BYTES, MAX_GRACE_SECONDS
 from keyguard.management.openapi import openapi_document
 from keyguard.management.problems import PROBLEM_MEDIA_TYPE, problem_json, status_for
@@ -33,6 +33,7 @@ __all__ = [
     "MAX_GRACE_SECONDS",
     "MIN_TOKEN_LENGTH",
     "PROBLEM_MEDIA_TYPE",
+    "ReadOnly",
     "api_json",
     "key_json",
     "management_app",

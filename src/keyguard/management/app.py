@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from keyguard.console import CONSOLE_PATHS, console_routes
 from keyguard.errors import ConfigurationError, InvalidRequest, KeyGuardError
-from keyguard.management.auth import BearerAuth, validate_token
+from keyguard.management.auth import BearerAuth, ReadOnly, validate_tokens
 from keyguard.management.openapi import openapi_document
 from keyguard.management.problems import HTTPProblem, problem, status_for
 from keyguard.management.routes import OPERATIONS, Endpoints
@@ -79,6 +79,7 @@ def management_app(
     store: KeyStore,
     *,
     token: str | None = None,
+    tokens: Mapping[str, str | ReadOnly] | None = None,
     max_keys_per_kind: int = DEFAULT_MAX_KEYS_PER_KIND,
     allow_no_auth: bool = False,
     hasher: SecretHasher | None = None,
@@ -86,9 +87,14 @@ def management_app(
 ) -> Starlette:
     """The management HTTP API over ``store``, to mount anywhere (SPEC §5).
 
-    ``token`` is the bearer token every request must carry; building the app
-    without one raises ``ConfigurationError`` unless ``allow_no_auth=True``
-    says that something in front of it authenticates operators.
+    ``token`` is the bearer token every request must carry (one admin token,
+    named ``admin``); ``tokens`` names several instead, ``{"ops": "…",
+    "dashboard": ReadOnly("…")}``, a :class:`ReadOnly` one answering 403
+    ``forbidden`` to any change. Every token is at least 32 characters. A
+    token's name is the actor of its changes in the audit log
+    (``token:<name>``). Building the app without a token raises
+    ``ConfigurationError`` unless ``allow_no_auth=True`` says that something
+    in front of it authenticates operators.
     ``max_keys_per_kind`` is the limit given to APIs created through it
     (an existing API keeps its stored limit). ``hasher`` hashes the secrets it
     issues: give it the same :class:`~keyguard.SecretHasher` as the middleware
@@ -100,7 +106,7 @@ def management_app(
     static files are the only answers given without the token; the page asks
     the operator for the token and sends it with every call it makes.
     """
-    secret_token = validate_token(token, allow_no_auth)
+    secret_tokens = validate_tokens(token, tokens, allow_no_auth)
     try:
         manager = KeyManager(store, max_keys_per_kind=max_keys_per_kind, hasher=hasher)
     except InvalidRequest as exc:
@@ -116,10 +122,10 @@ def management_app(
     ]
     public = CONSOLE_PATHS if console else frozenset()
     if console:
-        routes += console_routes(token_required=secret_token is not None)
+        routes += console_routes(token_required=secret_tokens is not None)
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(BearerAuth, token=secret_token, public=public)],
+        middleware=[Middleware(BearerAuth, tokens=secret_tokens, public=public)],
         exception_handlers={
             KeyGuardError: _keyguard_error,
             HTTPProblem: _http_problem,

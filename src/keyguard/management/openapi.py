@@ -5,6 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+from keyguard.audit import ACTIONS, DEFAULT_AUDIT_LIMIT, MAX_AUDIT_LIMIT
 from keyguard.management.bodies import MAX_GRACE_SECONDS
 from keyguard.management.problems import PROBLEM_MEDIA_TYPE
 from keyguard.management.routes import OPERATIONS
@@ -22,6 +23,7 @@ __all__ = ["openapi_document"]
 
 _ERROR_CODES = {
     401: ["unauthorized"],
+    403: ["forbidden"],
     404: ["api_not_found", "key_not_found"],
     409: [
         "api_not_exposed",
@@ -262,6 +264,53 @@ _SCHEMAS: dict[str, Any] = {
         },
         "example": {"grace_seconds": 86400},
     },
+    "AuditEvent": {
+        "type": "object",
+        "description": (
+            "One change (SPEC §10). `changes` maps each field the change set to its new "
+            "value; it never holds a secret or a hash."
+        ),
+        "required": ["id", "at", "actor", "action", "api", "client_id", "name", "changes"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9a-f]{26}$"},
+            "at": {"type": "string", "format": "date-time"},
+            "actor": {
+                "type": "string",
+                "description": "token:<name>, cli:<login name>, or what the code said.",
+            },
+            "action": {"type": "string", "enum": list(ACTIONS)},
+            "api": {"type": "string"},
+            "client_id": {"type": ["string", "null"]},
+            "name": {
+                "type": ["string", "null"],
+                "description": "The key's name when the change was made.",
+            },
+            "changes": {"type": "object"},
+        },
+    },
+    "AuditPage": {
+        "type": "object",
+        "required": ["events", "next"],
+        "additionalProperties": False,
+        "properties": {
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEvent"}},
+            "next": {
+                "type": ["string", "null"],
+                "description": "Pass as ?before= for the next page; null: no more.",
+            },
+        },
+    },
+    "WhoAmI": {
+        "type": "object",
+        "required": ["token", "actor", "read_only"],
+        "additionalProperties": False,
+        "properties": {
+            "token": {"type": ["string", "null"]},
+            "actor": {"type": "string"},
+            "read_only": {"type": "boolean"},
+        },
+    },
     "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
     "Problem": {
         "type": "object",
@@ -282,6 +331,42 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
 }
+
+
+_AUDIT_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "api",
+        "in": "query",
+        "required": False,
+        "schema": _API_NAME,
+        "description": "Only this API's events.",
+    },
+    {
+        "name": "client_id",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Only this key's events.",
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_AUDIT_LIMIT,
+            "default": DEFAULT_AUDIT_LIMIT,
+        },
+    },
+    {
+        "name": "before",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{26}$"},
+        "description": "The `next` of the previous page.",
+    },
+]
 
 
 def _problem_response(status: int) -> dict[str, Any]:
@@ -326,7 +411,9 @@ def openapi_document() -> dict[str, Any]:
                 str(op.status): success,
                 **{
                     str(status): _problem_response(status)
-                    for status in sorted((401, *op.errors, 500))
+                    for status in sorted(
+                        (401, *op.errors, *(() if op.method == "GET" else (403,)), 500)
+                    )
                 },
             },
         }
@@ -341,6 +428,8 @@ def openapi_document() -> dict[str, Any]:
                     "description": "Delete the API's keys with it (else 409 api_has_keys).",
                 }
             )
+        if op.name == "audit":
+            parameters += _AUDIT_PARAMETERS
         if parameters:
             operation["parameters"] = parameters
         if op.request is not None:
@@ -358,7 +447,8 @@ def openapi_document() -> dict[str, Any]:
             "version": "1",
             "description": (
                 "Expose APIs and issue, list, change, secure and delete their keys. Every "
-                "route needs 'Authorization: Bearer <token>'. Errors are RFC 9457 problem "
+                "route needs 'Authorization: Bearer <token>'; a read-only token's change is "
+                "403 `forbidden`. Errors are RFC 9457 problem "
                 "details with a machine-readable `code`; an unknown route is 404 "
                 "`not_found` and a wrong method 405 `method_not_allowed` (after "
                 "authentication). Every answer carries "

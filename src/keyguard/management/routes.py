@@ -10,7 +10,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from keyguard.audit import DEFAULT_AUDIT_LIMIT, MAX_AUDIT_LIMIT
 from keyguard.errors import InvalidRequest
+from keyguard.management.auth import principal
 from keyguard.management.bodies import (
     check_fields,
     expires_at_value,
@@ -49,6 +51,7 @@ class Endpoints:
         limit = whole(body.get("max_keys_per_kind"))
         api = await self.manager.update_api(
             request.path_params["api"],
+            actor=_actor(request),
             exposed=body.get("exposed"),
             max_keys_per_kind=limit,
             # Never null here (checked above): an API's own list has no "inherit".
@@ -60,7 +63,9 @@ class Endpoints:
         force = request.query_params.getlist("force")
         if force not in ([], ["true"], ["false"]):
             raise InvalidRequest("force: must be given once, as true or false")
-        await self.manager.delete_api(request.path_params["api"], force=force == ["true"])
+        await self.manager.delete_api(
+            request.path_params["api"], force=force == ["true"], actor=_actor(request)
+        )
         return Response(status_code=204, headers=NO_STORE)
 
     async def list_keys(self, request: Request) -> Response:
@@ -84,6 +89,7 @@ class Endpoints:
             enabled=body.get("enabled", True),
             meta=meta_value(body["meta"]) if "meta" in body else None,
             rate_limits=rate_limits_value(body.get("rate_limits")),
+            actor=_actor(request),
         )
         # Built from this app's own mount point (root_path), not with url_for: that resolves
         # through the outermost router, which cannot see inside a wrapped mount. Both parts
@@ -117,7 +123,9 @@ class Endpoints:
         if "rate_limits" in body:
             changes["rate_limits"] = rate_limits_value(body["rate_limits"])
         params = request.path_params
-        key = await self.manager.update_key(params["api"], params["client_id"], **changes)
+        key = await self.manager.update_key(
+            params["api"], params["client_id"], **changes, actor=_actor(request)
+        )
         return json_response(key_json(key))
 
     async def set_secret(self, request: Request) -> Response:
@@ -128,13 +136,31 @@ class Endpoints:
             if "grace_seconds" in body:
                 grace = grace_seconds_value(body["grace_seconds"])
         params = request.path_params
-        secret = await self.manager.set_secret(params["api"], params["client_id"], grace=grace)
+        secret = await self.manager.set_secret(
+            params["api"], params["client_id"], grace=grace, actor=_actor(request)
+        )
         return json_response(secret_json(secret))
 
     async def delete_key(self, request: Request) -> Response:
         params = request.path_params
-        await self.manager.delete_key(params["api"], params["client_id"])
+        await self.manager.delete_key(params["api"], params["client_id"], actor=_actor(request))
         return Response(status_code=204, headers=NO_STORE)
+
+    async def audit(self, request: Request) -> Response:
+        query = _single_query(request, ("api", "client_id", "limit", "before"))
+        limit = query.get("limit", str(DEFAULT_AUDIT_LIMIT))
+        if not limit.isascii() or not limit.isdigit() or len(limit) > 4:
+            raise InvalidRequest(f"limit: a whole number from 1 to {MAX_AUDIT_LIMIT}")
+        page = await self.manager.audit(
+            query.get("api") or None,
+            query.get("client_id") or None,
+            limit=int(limit),
+            before=query.get("before") or None,
+        )
+        return json_response(page.as_json())
+
+    async def whoami(self, request: Request) -> Response:
+        return json_response(principal(request.scope).as_json())
 
     async def openapi(self, request: Request) -> Response:
         document = self.document
@@ -142,6 +168,22 @@ class Endpoints:
         if root_path:
             document = {**document, "servers": [{"url": root_path}]}
         return json_response(document)
+
+
+def _actor(request: Request) -> str:
+    """The audit log's actor for this request: its token's name (``token:<name>``)."""
+    return principal(request.scope).actor
+
+
+def _single_query(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query parameters, each at most once and each one of ``allowed``."""
+    params = request.query_params
+    for name in params:
+        if name not in allowed:
+            raise InvalidRequest(f"unknown query parameter {name[:40]!r}")
+        if len(params.getlist(name)) > 1:
+            raise InvalidRequest(f"{name}: give it at most once")
+    return {name: params[name] for name in params}
 
 
 _CREATE_FIELDS = ("name", "kind", "expires_at", "enabled", "meta", "rate_limits")
@@ -241,6 +283,23 @@ OPERATIONS = (
         204,
         None,
         errors=(404, *_ON_API),
+    ),
+    Operation(
+        "GET",
+        "/audit",
+        "audit",
+        "The audit log, newest first: every change, who made it, what it changed",
+        200,
+        "AuditPage",
+        errors=(422, 503),
+    ),
+    Operation(
+        "GET",
+        "/whoami",
+        "whoami",
+        "The token this request carries: its name, its audit actor, whether it is read-only",
+        200,
+        "WhoAmI",
     ),
     Operation("GET", "/openapi.json", "openapi", "This OpenAPI document", 200, "OpenApiDocument"),
 )
