@@ -130,7 +130,7 @@ async def test_pages_and_filters(manager: KeyManager) -> None:
     assert mine.next is None
     for bad in ({"limit": 0}, {"limit": 1001}, {"before": "nope"}, {"limit": True}):
         with pytest.raises(InvalidRequest):
-            await manager.audit(**bad)  # type: ignore[arg-type]
+            await manager.audit(**bad)
     with pytest.raises(InvalidRequest):
         await manager.audit("not a name")
 
@@ -219,6 +219,7 @@ async def test_every_token_is_checked() -> None:
     """Tokens shorter than 32 characters, read-only ones included, unnamed or shared ones,
     or token= with tokens=, are refused at start-up; a wrong token is 401 whichever names
     exist, and ReadOnly hides its token in its repr."""
+    bad: dict[str, Any]
     for bad in (
         {"tokens": {"ops": OPS, "dashboard": ReadOnly("short")}},
         {"tokens": {"ops": "x" * 31}},
@@ -229,7 +230,7 @@ async def test_every_token_is_checked() -> None:
         {"token": ADMIN, "tokens": {"ops": OPS}},
     ):
         with pytest.raises(ConfigurationError) as caught:
-            management_app(MemoryStore(), **bad)  # type: ignore[arg-type]
+            management_app(MemoryStore(), **bad)
         assert OPS not in str(caught.value)
     assert VIEWER not in repr(ReadOnly(VIEWER))
     app = management_app(MemoryStore(), tokens={"ops": OPS, "dashboard": ReadOnly(VIEWER)})
