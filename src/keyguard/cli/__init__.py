@@ -13,6 +13,7 @@
                              [--limits N/UNIT ... | --inherit-limits | --no-limits]
     keyguard keys set-secret API CLIENT_ID [--grace DURATION]
     keyguard keys delete API (CLIENT_ID | --name NAME) [--yes]
+    keyguard audit [API] [--limit N] [--before CURSOR]
     keyguard demo [--store URL] [--port 8000]
     keyguard --version
 
@@ -22,7 +23,8 @@ The store comes from ``--store``, else ``KEYGUARD_STORE``, else
 configured with ``SecretHasher(CryptContext(schemes=[...]))``. ``--json`` and
 ``--store`` may stand before or after the subcommand. Exit codes: 0 done; 1 a
 rule broken, an invalid value, an unknown API or key, an unreachable store or
-a declined prompt (one line on stderr); 2 a usage error.
+a declined prompt (one line on stderr); 2 a usage error. Changes are
+recorded in the audit log with the actor ``cli:<login name>``.
 With ``--json`` stdout gets the objects the management API answers with, and
 an error is its problem details object on stderr.
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import os
 import re
 import sys
@@ -53,7 +56,7 @@ from keyguard.secrets import SecretHasher
 from keyguard.stores import open_store
 from keyguard.stores.base import KeyStore
 
-__all__ = ["DEFAULT_STORE", "main", "store_label"]
+__all__ = ["DEFAULT_STORE", "cli_actor", "main", "store_label"]
 
 HASH_SCHEME_ENV = "KEYGUARD_HASH_SCHEME"
 
@@ -73,8 +76,19 @@ def _hasher() -> SecretHasher | None:
         ) from None
 
 
-# The commands that may name an API the store has never seen: the rest refuse one.
-_MAY_CREATE = {("apis", "list"), ("apis", "expose")}
+# The commands that may name an API the store has never seen: the rest refuse one. The audit
+# log keeps a deleted API's history, so ``audit`` may name an API that is gone.
+_MAY_CREATE = {("apis", "list"), ("apis", "expose"), ("audit", "")}
+
+
+def cli_actor() -> str:
+    """Who the audit log says made the command line's changes: ``cli:<login name>``."""
+    try:
+        login = getpass.getuser()
+    except Exception:  # no login name anywhere: no USER variable, no password entry
+        login = ""
+    login = "".join(char for char in login if char.isprintable()).strip()[:100]
+    return f"cli:{login or 'unknown'}"
 
 
 def store_label(url: str) -> str:
@@ -108,7 +122,7 @@ async def _run(
 ) -> int:
     command = COMMANDS[(args.command, args.action)]
     try:
-        manager = KeyManager(store, hasher=_hasher())
+        manager = KeyManager(store, hasher=_hasher(), actor=cli_actor())
         if (args.command, args.action) not in _MAY_CREATE:
             try:
                 await manager.get_api(args.api)

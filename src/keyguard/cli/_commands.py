@@ -321,6 +321,37 @@ def _confirm(question: str, err: TextIO) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+async def _audit(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    page = await manager.audit(args.api, limit=args.limit, before=args.before)
+    if out.as_json:
+        out.json(page.as_json())
+        return
+    if not page.events:
+        where = f" for API {args.api}" if args.api else ""
+        out.line(f"No changes recorded{where}.")
+        return
+    out.table(
+        ("AT", "ACTOR", "ACTION", "API", "KEY", "CHANGES"),
+        [
+            (
+                _time(event.at),
+                _printable(event.actor),
+                event.action,
+                event.api,
+                _printable(event.name or event.client_id or ""),
+                _printable(json.dumps(event.as_json()["changes"], ensure_ascii=False))
+                if event.changes
+                else "",
+            )
+            for event in page.events
+        ],
+    )
+    if page.next is not None:
+        out.line(f"More: keyguard audit {args.api or ''} --before {page.next}".replace("  ", " "))
+
+
 COMMANDS: dict[tuple[str, str], Command] = {
     ("apis", "list"): _apis_list,
     ("apis", "expose"): _apis_expose,
@@ -332,5 +363,6 @@ COMMANDS: dict[tuple[str, str], Command] = {
     ("keys", "update"): _keys_update,
     ("keys", "set-secret"): _keys_set_secret,
     ("keys", "delete"): _keys_delete,
+    ("audit", ""): _audit,
 }
 """Each (command, action) and the coroutine that runs it."""

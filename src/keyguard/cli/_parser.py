@@ -61,6 +61,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     subparsers = _keys(
         commands.add_parser("keys", help="list, create, change, secure and delete keys"), common
     )
+    _audit(commands, common)
     subparsers["demo"] = _demo(commands)
     return main, subparsers
 
@@ -204,6 +205,30 @@ _WHEN_HELP = (
     "or a duration from now (30d, 12h, 90m)"
 )
 _META_HELP = 'a JSON object for the app, at most 4096 bytes, such as \'{"plan": "gold"}\''
+
+
+def _audit(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    audit = commands.add_parser(
+        "audit",
+        parents=[common],
+        help="show the audit log: who changed what, newest first",
+        description=(
+            "The audit log, newest first: every change to APIs and keys, through any front "
+            "door, with who made it (token:<name>, cli:<login name>, or what code said) "
+            "and the fields it set. Never a secret or a hash."
+        ),
+    )
+    audit.set_defaults(action="")
+    audit.add_argument("api", metavar="API", nargs="?", help="only this API's changes")
+    audit.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="at most N events (default 50, max 1000)"
+    )
+    audit.add_argument(
+        "--before", metavar="CURSOR", help="events before this one (a listing's next cursor)"
+    )
 
 
 def _demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
