@@ -106,10 +106,17 @@ async def test_full_flow_leaks_nothing(store: KeyStore, caplog: pytest.LogCaptur
         wrong = await c.get("/admin/apis", headers={"Authorization": f"Bearer {TOKEN}x"})
         seen.append(wrong.text + str(wrong.headers))
         seen.append((await c.delete(f"/admin/apis/orders/keys/{ext_id}")).text)
+        # R12: the audit log records every change above, and none of its secrets or hashes.
+        audit = await c.get("/admin/audit", params={"limit": 1000})
+        actions = [event["action"] for event in audit.json()["events"]]
+        assert actions.count("key.secret") == 2
+        assert {"api.expose", "key.create", "key.update", "key.delete"} <= set(actions)
+        seen.append(audit.text)
     records = [*await store.list_keys("orders"), rolled_record]  # (that one is deleted)
     hashes = [h for r in records for h in (r.secret_hash, r.previous_secret_hash) if h]
     assert hashes
     seen.append(repr(await store.list_keys("orders")) + repr(cached) + repr(store))
+    seen.append(repr(await store.list_audit(limit=1000)))
     shown = "\n".join(seen)
     assert "secret_hash" not in shown  # logged SQL may name the column; nothing shown may
     logged = "\n".join(r.getMessage() + repr(r.args) + str(r.exc_info) for r in caplog.records)
@@ -176,6 +183,8 @@ def test_cli_leaks_nothing_but_the_issued_secret(
         ["--json", "keys", "list", "orders"],
         ["apis", "list"],
         ["keys", "create", "orders", "--name", "s", "--kind", "internal"],  # duplicate: exit 1
+        ["audit"],
+        ["--json", "audit"],
     ):
         cli_main([*store, *argv])
     out = capsys.readouterr()
