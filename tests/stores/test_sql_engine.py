@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ import asyncpg
 import pytest
 
 from keyguard.errors import StoreUnavailable
+from keyguard.models import KeyKind
 from keyguard.stores.sql import SQLStore
 from tests.helpers import expose, record
 from tests.test_outages import _pg_bindir, free_port, need
@@ -186,7 +188,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
                 host="127.0.0.1", port=port, user="postgres", database="postgres", ssl=False
             )
             try:
-                await conn.execute("CREATE ROLE certuser LOGIN")
+                await conn.execute("CREATE ROLE certuser LOGIN SUPERUSER")
             finally:
                 await conn.close()
 
@@ -331,3 +333,97 @@ async def test_store_closed_in_its_loop_frees_that_loop_only(
         assert await private_postgres.connections_left(name) == 0
         with pytest.raises(StoreUnavailable, match="closed"):
             await store.get_api("orders")
+
+
+# -- item 10: SQLite under writers from several processes -----------------------------------------
+
+PROCESSES, TASKS, ROUNDS = 8, 3, 20
+STORM_TIMEOUT = 2.0  # short, so that a writer starved behind the others shows
+
+
+async def _storm(path: str, worker: int, barrier: Any) -> tuple[int, int, list[str]]:
+    """One process of the storm: TASKS tasks, each creating keys, exposing and un-exposing
+    an API of its own, deleting every other key and reading; returns what it did and every
+    failure it met."""
+    store = SQLStore.from_url(f"sqlite:///{path}", timeout=STORM_TIMEOUT)
+    await anyio.to_thread.run_sync(barrier.wait)  # every process starts together
+    created = deleted = 0
+    failures: list[str] = []
+
+    async def task(t: int) -> None:
+        nonlocal created, deleted
+        for i in range(ROUNDS):
+            try:
+                await store.upsert_api(
+                    "storm", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=10_000
+                )
+                key = record(
+                    api="storm",
+                    name=f"w{worker} t{t} {i}",
+                    kind=KeyKind.INTERNAL if i % 2 else KeyKind.EXTERNAL,
+                )
+                await store.insert_key(key)
+                created += 1
+                await store.upsert_api(
+                    f"w{worker}-t{t}",
+                    exposed=i % 2 == 0,
+                    max_keys_per_kind=None,
+                    default_max_keys_per_kind=5,
+                )
+                if i % 2:
+                    assert await store.delete_key("storm", key.client_id) is True
+                    deleted += 1
+                assert await store.get_api("storm") is not None
+            except Exception as exc:
+                failures.append(f"round {i} of task {t}: {type(exc).__name__}: {exc}")
+
+    try:
+        await asyncio.gather(*(task(t) for t in range(TASKS)))
+    finally:
+        await store.aclose()
+    return created, deleted, failures
+
+
+def _storm_process(path: str, worker: int, barrier: Any, results: Any) -> None:
+    try:
+        results.put((worker, asyncio.run(_storm(path, worker, barrier))))
+    except BaseException as exc:  # reported, not lost in the child's stderr
+        results.put((worker, (0, 0, [f"{type(exc).__name__}: {exc}"])))
+
+
+async def test_sqlite_serves_a_storm_of_writers_from_several_processes(tmp_path: Path) -> None:
+    """8 processes x 3 tasks writing to one new SQLite file at once (creating its tables,
+    creating, deleting and reading keys, exposing APIs) are all served: no call refused for
+    lock contention, and the keys and the per-kind counts are exactly what was written."""
+    path = str(tmp_path / "storm.db")
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(PROCESSES)
+    results = spawn.Queue()
+    workers = [
+        spawn.Process(target=_storm_process, args=(path, n, barrier, results))
+        for n in range(PROCESSES)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        outcomes = dict([await anyio.to_thread.run_sync(results.get, True, BOUND) for _ in workers])
+    finally:
+        for worker in workers:
+            worker.join(BOUND)
+            if worker.is_alive():
+                worker.kill()
+    failures = [failure for _, _, found in outcomes.values() for failure in found]
+    assert failures == []
+    created = sum(c for c, _, _ in outcomes.values())
+    deleted = sum(d for _, d, _ in outcomes.values())
+    assert (created, deleted) == (PROCESSES * TASKS * ROUNDS, PROCESSES * TASKS * ROUNDS // 2)
+    store = SQLStore.from_url(f"sqlite:///{path}")
+    try:
+        keys = await store.list_keys("storm")
+        api = await store.get_api("storm")
+        assert api is not None
+        assert len(keys) == created - deleted
+        assert (api.internal_keys, api.external_keys) == (0, created - deleted)
+        assert len(await store.list_apis()) == 1 + PROCESSES * TASKS
+    finally:
+        await store.aclose()

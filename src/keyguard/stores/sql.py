@@ -34,7 +34,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -125,6 +125,7 @@ _KEY_NAME_LENGTH = 100
 _NAME_KEY_LENGTH = 3 * _KEY_NAME_LENGTH  # casefold() can triple a character ("ﬃ" -> "ffi")
 _VERSION_ROW = "schema_version"
 _USED = "keyguard_used"  # marks a pooled connection that has served a call before
+_LOCK_POLL_MS = 10  # SQLite: how long one try for the write lock waits (see _begin_immediate)
 
 
 class _UTCDateTime(TypeDecorator[datetime]):
@@ -697,11 +698,11 @@ class SQLStore:
         for attempt in (1, 2):
             reused = committing = False
             try:
-                async with _connect(bind) as conn:
+                async with _queue(bound.write_lock if immediate else None), _connect(bind) as conn:
                     reused = bool(conn.info.get(_USED))
                     async with conn.begin():
                         if immediate:
-                            await _begin_immediate(conn, deadline)
+                            await _begin_immediate(conn, deadline, self._timeout)
                         result = await work(conn, schema)
                         committing = True
                     conn.info[_USED] = True
@@ -786,7 +787,7 @@ class SQLStore:
                     meta = schema.meta
                     async with conn.begin():
                         if sqlite:
-                            await _begin_immediate(conn, deadline)
+                            await _begin_immediate(conn, deadline, self._timeout)
                         await conn.run_sync(schema.metadata.create_all)
                         await conn.execute(
                             schema.insert_ignore(
@@ -910,6 +911,9 @@ class _Bound:
     reader: AsyncEngine  # the same pool; autocommit on PostgreSQL (see SQLStore._reader)
     schema_lock: asyncio.Lock
     closer: _Closer | None  # None for an engine the app passed in: the app closes it
+    # SQLite: this loop's writers queue here, in order, so that only one of them at a
+    # time polls for the file's write lock against other processes (see _begin_immediate).
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 async def _close_with_loop(
@@ -965,6 +969,16 @@ async def _connect(bind: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             raise
 
 
+@asynccontextmanager
+async def _queue(lock: asyncio.Lock | None) -> AsyncIterator[None]:
+    """``lock`` held for the block, if there is one."""
+    if lock is None:
+        yield
+        return
+    async with lock:
+        yield
+
+
 def _sever(conn: AsyncConnection) -> None:
     """Close the network connection under ``conn`` now, without a word to the server."""
     sync = conn.sync_connection
@@ -983,17 +997,42 @@ def _sever(conn: AsyncConnection) -> None:
             terminate()
 
 
-async def _begin_immediate(conn: AsyncConnection, deadline: float) -> None:
+async def _begin_immediate(conn: AsyncConnection, deadline: float, reader_wait: float) -> None:
     """Start a SQLite write transaction by taking the file's write lock, waiting for it
     (behind other writers) until the call's deadline.
 
     A deferred transaction that reads first and then writes fails at once with
     "database is locked" when another process wrote in between, whatever the
     busy timeout; taking the lock up front makes writers queue instead.
+
+    SQLite's own busy handler is not first come, first served: it sleeps ever
+    longer between tries (up to 100 ms), so under a steady stream of writers
+    one that has waited long keeps losing to newcomers, past any timeout. So
+    each try waits only briefly (``_LOCK_POLL_MS``) and the store tries again until
+    the deadline: every waiter polls at the same pace. The writers of one loop
+    first queue on ``_Bound.write_lock``, so one of them at a time polls.
     """
-    remaining = max(1, int((deadline - anyio.current_time()) * 1000))
-    await conn.exec_driver_sql(f"PRAGMA busy_timeout = {remaining}")
-    await conn.exec_driver_sql("BEGIN IMMEDIATE")
+    await conn.exec_driver_sql(f"PRAGMA busy_timeout = {_LOCK_POLL_MS}")
+    try:
+        while True:
+            try:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                break
+            except sa_exc.OperationalError as exc:
+                if not _is_busy(exc) or anyio.current_time() >= deadline:
+                    raise
+    finally:
+        # Back to the connection's own wait, for the rare lock a reader meets.
+        with anyio.CancelScope(shield=True):
+            await conn.exec_driver_sql(f"PRAGMA busy_timeout = {math.ceil(reader_wait * 1000)}")
+
+
+def _is_busy(exc: sa_exc.OperationalError) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (another connection writes)."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    if code is not None:
+        return bool(code & 0xFF == 5)  # SQLITE_BUSY, and its extended codes
+    return "database is locked" in str(exc.orig)
 
 
 def _validate_prefix(prefix: object) -> str:
