@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing
 import os
 import shutil
@@ -26,9 +27,15 @@ from urllib.parse import quote
 
 import anyio
 import asyncpg
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
-from keyguard.errors import StoreUnavailable
+from keyguard import KeyGuard, open_store
+from keyguard.errors import ConfigurationError, StoreUnavailable
 from keyguard.models import KeyKind
 from keyguard.stores.sql import SQLStore
 from tests.helpers import expose, record
@@ -427,3 +434,130 @@ async def test_sqlite_serves_a_storm_of_writers_from_several_processes(tmp_path:
         assert len(await store.list_apis()) == 1 + PROCESSES * TASKS
     finally:
         await store.aclose()
+
+
+# -- item 11: libpq's TLS parameters -------------------------------------------------------------
+
+
+def test_tls_parameters_leave_the_url_for_asyncpg(private_postgres: PrivatePostgres) -> None:
+    """sslmode, sslrootcert, sslcert and sslkey are taken out of the URL SQLAlchemy sees (so
+    neither asyncpg's keywords nor the store's repr get them) and given to asyncpg whole."""
+    certs = private_postgres.certs
+    url = private_postgres.url(
+        sslmode="verify-full",
+        sslrootcert=str(certs / "ca.crt"),
+        sslcert=str(certs / "client.crt"),
+        sslkey=str(certs / "client.key"),
+    )
+    store = SQLStore.from_url(url)
+    assert not set(store.engine.url.query) & {"sslmode", "sslrootcert", "sslcert", "sslkey"}
+    for hidden in (PASSWORD, str(certs), "sslkey"):
+        assert hidden not in repr(store)
+        assert hidden not in store.url
+        assert hidden not in store.description
+
+
+def test_unknown_sslmode_is_refused_at_opening() -> None:
+    """An sslmode libpq does not know is a ConfigurationError when the store is opened."""
+    with pytest.raises(ConfigurationError, match="sslmode must be one of"):
+        SQLStore.from_url("postgresql://u@db.example/app?sslmode=verify_full")
+
+
+async def _uses_tls(store: SQLStore) -> bool:
+    async with store.engine.connect() as conn:
+        found = await conn.exec_driver_sql(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        )
+        return bool(found.scalar_one())
+
+
+@pytest.mark.parametrize(
+    ("user", "query"),
+    [
+        ("postgres", {"sslmode": "require"}),
+        ("postgres", {"sslmode": "verify-ca", "sslrootcert": "ca.crt"}),
+        ("postgres", {"sslmode": "verify-full", "sslrootcert": "ca.crt"}),
+        (
+            "certuser",  # logs in with a client certificate only (pg_hba "cert")
+            {
+                "sslmode": "verify-full",
+                "sslrootcert": "ca.crt",
+                "sslcert": "client.crt",
+                "sslkey": "client.key",
+            },
+        ),
+    ],
+)
+async def test_tls_urls_work(
+    private_postgres: PrivatePostgres, user: str, query: dict[str, str]
+) -> None:
+    """A PostgreSQL URL with libpq's TLS parameters connects over TLS and serves the store:
+    sslmode=require, verify-ca and verify-full with the CA, and a client certificate."""
+    query = {k: str(private_postgres.certs / v) if k != "sslmode" else v for k, v in query.items()}
+    store = SQLStore.from_url(private_postgres.url(user, **query), table_prefix="kg_tls_")
+    try:
+        with anyio.fail_after(BOUND):
+            await expose(store)
+            key = record()
+            await store.insert_key(key)
+            assert await store.lookup("orders", key.client_id) == (True, key)
+            assert await _uses_tls(store) is True
+    finally:
+        with anyio.fail_after(BOUND):
+            await _drop(store)
+            await store.aclose()
+
+
+async def test_client_certificate_is_what_logs_in(private_postgres: PrivatePostgres) -> None:
+    """Without sslcert/sslkey, the role that needs a client certificate is refused: the
+    certificate of the test above really was sent."""
+    certs = private_postgres.certs
+    url = private_postgres.url("certuser", sslmode="verify-full", sslrootcert=str(certs / "ca.crt"))
+    store = SQLStore.from_url(url, timeout=5)
+    try:
+        with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
+            await store.get_api("orders")
+    finally:
+        await store.aclose()
+
+
+async def _hello(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("hello")
+
+
+async def test_wrong_ca_is_a_clean_503_and_nothing_secret_is_logged(
+    private_postgres: PrivatePostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """verify-full against a server whose certificate another CA signed fails with
+    StoreUnavailable at the store and 503 on the request path (never a 500 or a raw
+    driver error), and no log record, at DEBUG through every logger, shows the password or
+    the certificate and key paths."""
+    for name in ("", "keyguard", "sqlalchemy", "asyncpg"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    certs = private_postgres.certs
+    url = private_postgres.url(
+        sslmode="verify-full",
+        sslrootcert=str(certs / "other-ca.crt"),
+        sslcert=str(certs / "client.crt"),
+        sslkey=str(certs / "client.key"),
+    )
+    store = SQLStore.from_url(url, timeout=5)
+    guarded = open_store(url, timeout=5, cache_ttl=0)
+    app = Starlette(routes=[Route("/hello", _hello)])
+    app.add_middleware(KeyGuard, store=guarded, api="orders")
+    try:
+        with anyio.fail_after(BOUND):
+            with pytest.raises(StoreUnavailable) as caught:
+                await store.get_api("orders")
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                answer = await client.get("/hello", headers={"X-IBM-Client-Id": "0" * 32})
+    finally:
+        await store.aclose()
+        await guarded.aclose()
+    assert "certificate" in str(caught.value.__cause__).lower()
+    assert answer.status_code == 503, answer.text
+    assert caplog.records  # the loggers were listening
+    for shown in (str(caught.value), repr(store), answer.text, caplog.text):
+        assert PASSWORD not in shown
+        assert str(certs) not in shown

@@ -37,6 +37,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlencode
 
 import anyio
 from sqlalchemy import (
@@ -108,6 +109,8 @@ _DEFAULT_DRIVERS = {
     "mariadb": ("mariadb", "asyncmy"),
 }
 _DIALECTS = ("sqlite", "postgresql", "mysql", "mariadb")
+_TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey")  # libpq's, SPEC §7
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 # driver module -> how to install it
 _INSTALL = {
     "asyncpg": "pip install 'keyguard[postgres]'",
@@ -1078,7 +1081,26 @@ def _parse_url(url: str) -> URL:
             parsed = parsed.set(database=os.path.abspath(database))
     elif dialect in ("mysql", "mariadb") and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    elif dialect == "postgresql":
+        mode = parsed.query.get("sslmode")
+        if mode is not None and mode not in _SSL_MODES:
+            raise ConfigurationError(
+                f"sslmode must be one of {', '.join(_SSL_MODES)}; got {mode!r}"
+            )
     return parsed
+
+
+def _tls_parameters(parsed: URL) -> dict[str, str]:
+    """libpq's TLS parameters in a PostgreSQL URL for asyncpg, which does not take them
+    as keywords (``sslmode=require`` would reach ``asyncpg.connect`` as an unknown one)."""
+    if parsed.get_driver_name() != "asyncpg":
+        return {}  # psycopg hands them to libpq itself
+    found: dict[str, str] = {}
+    for name in _TLS_PARAMETERS:
+        value = parsed.query.get(name)
+        if value is not None:
+            found[name] = value if isinstance(value, str) else value[-1]
+    return found
 
 
 def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -1091,6 +1113,11 @@ def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> di
             "command_timeout": timeout,
             "server_settings": {"application_name": "keyguard"},
         }
+        if tls := _tls_parameters(parsed):
+            # asyncpg reads libpq's TLS parameters from a DSN only, with libpq's meaning
+            # (verify-full checks the name, require with a root certificate verifies the
+            # chain…); the host, user and the rest still come as keywords, which win.
+            connect_args["dsn"] = "postgresql://?" + urlencode(tls)
     elif driver == "psycopg":
         connect_args = {
             "connect_timeout": max(1, math.ceil(timeout)),
@@ -1164,6 +1191,8 @@ def _create_engine(parsed: URL, options: dict[str, Any]) -> AsyncEngine:
             "async driver, or name an async one (postgresql+asyncpg, postgresql+psycopg, "
             "mysql+asyncmy, mysql+aiomysql, sqlite+aiosqlite)"
         ) from exc
+    if tls := _tls_parameters(parsed):
+        parsed = parsed.difference_update_query(tls)  # given to asyncpg by _engine_options
     try:
         engine = create_async_engine(parsed, **options)
     except ImportError as exc:
