@@ -701,7 +701,8 @@ class SQLStore:
         for attempt in (1, 2):
             reused = committing = False
             try:
-                async with _queue(bound.write_lock if immediate else None), _connect(bind) as conn:
+                queue = bound.write_lock if immediate else contextlib.nullcontext()
+                async with queue, _connect(bind) as conn:
                     reused = bool(conn.info.get(_USED))
                     async with conn.begin():
                         if immediate:
@@ -970,16 +971,6 @@ async def _connect(bind: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             if not isinstance(exc, KeyGuardError | sa_exc.IntegrityError):
                 _sever(conn)
             raise
-
-
-@asynccontextmanager
-async def _queue(lock: asyncio.Lock | None) -> AsyncIterator[None]:
-    """``lock`` held for the block, if there is one."""
-    if lock is None:
-        yield
-        return
-    async with lock:
-        yield
 
 
 def _sever(conn: AsyncConnection) -> None:
