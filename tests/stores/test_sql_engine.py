@@ -14,6 +14,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,9 @@ import anyio
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -38,6 +42,7 @@ from keyguard import KeyGuard, open_store
 from keyguard.errors import ConfigurationError, StoreUnavailable
 from keyguard.models import KeyKind
 from keyguard.stores.sql import SQLStore
+from tests.backends.servers import require_server
 from tests.helpers import expose, record
 from tests.test_outages import _pg_bindir, free_port, need
 
@@ -561,3 +566,57 @@ async def test_wrong_ca_is_a_clean_503_and_nothing_secret_is_logged(
     for shown in (str(caught.value), repr(store), answer.text, caplog.text):
         assert PASSWORD not in shown
         assert str(certs) not in shown
+
+
+def test_twenty_event_loops_on_mariadb_hold_no_more_connections_than_one() -> None:
+    """The same on MariaDB (which went from 4 to 117 connections with the old store): over 20
+    successive asyncio.run calls, the server never holds more of the store's connections
+    (counted by their database, one of the test's own) than one loop's pool."""
+    base = make_url(require_server("mysql")).set(drivername="mysql+asyncmy")
+    database = f"kgt_loops_{secrets.token_hex(4)}"
+    admin_url = base.render_as_string(hide_password=False)
+
+    async def admin(statement: str, *parameters: str) -> int:
+        engine = create_async_engine(admin_url, poolclass=NullPool)
+        try:
+            async with engine.begin() as conn:
+                result = await conn.exec_driver_sql(statement, parameters)
+                return int(result.scalar() or 0) if result.returns_rows else 0
+        finally:
+            await engine.dispose()
+
+    count = "SELECT COUNT(*) FROM information_schema.processlist WHERE db = %s"
+    asyncio.run(admin(f"CREATE DATABASE {database}"))
+    store = SQLStore.from_url(
+        base.set(database=database).render_as_string(hide_password=False),
+        pool_size=POOL_SIZE,
+        max_overflow=0,
+    )
+    counts: list[int] = []
+    try:
+
+        async def one_loop(n: int) -> None:
+            with anyio.fail_after(BOUND):
+                await expose(store, limit=100)
+                await store.insert_key(record(name=f"Key {n}"))
+                await asyncio.gather(*(store.lookup("orders", None) for _ in range(6)))
+                counts.append(await admin(count, database))
+
+        for n in range(20):
+            asyncio.run(one_loop(n))
+
+        async def finish() -> int:
+            with anyio.fail_after(BOUND):
+                assert len(await store.list_keys("orders")) == 20
+                await store.aclose()
+                for _ in range(200):  # a server thread ends a moment after the goodbye
+                    if not (left := await admin(count, database)):
+                        break
+                    await asyncio.sleep(0.05)
+                return left
+
+        assert asyncio.run(finish()) == 0, counts
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {database}"))
+    assert max(counts) <= POOL_SIZE, counts
+    assert counts[-1] >= 1, counts
