@@ -266,7 +266,7 @@ class KeyManager:
         logger.info(
             "key %s of api %s updated: %s", client_id, api, ", ".join(changes.given()) or "nothing"
         )
-        return updated.info()
+        return updated.info(utcnow())
 
     async def set_secret(
         self, api: str, client_id: str, *, grace: float | timedelta | str = 0
@@ -307,12 +307,13 @@ class KeyManager:
 
     async def get_key(self, api: str, client_id: str) -> KeyInfo:
         """The key ``client_id`` of ``api``; ``KeyNotFound`` if there is none."""
-        return (await self._get_record(api, client_id)).info()
+        return (await self._get_record(api, client_id)).info(utcnow())
 
     async def list_keys(self, api: str) -> list[KeyInfo]:
         """The keys of ``api``, oldest first; empty for an API never created (R9)."""
         validate_api_name(api)
-        return [record.info() for record in await self.store.list_keys(api)]
+        now = utcnow()
+        return [record.info(now) for record in await self.store.list_keys(api)]
 
     async def delete_key(self, api: str, client_id: str) -> None:
         """Delete the key; its next request fails (R7). ``KeyNotFound`` if there is none."""
