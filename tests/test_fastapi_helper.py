@@ -52,6 +52,10 @@ def build(store: MemoryStore, **guard: Any) -> FastAPI:
     async def whoami(key: CurrentKey) -> dict[str, str]:
         return {"name": key.name, "client_id": key.client_id, "kind": key.kind.value}
 
+    @app.get("/plan")
+    async def plan(key: CurrentKey) -> dict[str, Any]:
+        return {"plan": key.meta.get("plan"), "enabled": key.enabled}
+
     @app.get("/guarded", dependencies=[Depends(current_key)])
     async def guarded() -> dict[str, str]:
         return {"ok": "yes"}
@@ -141,6 +145,20 @@ async def test_handler_receives_the_authenticated_key(store: MemoryStore) -> Non
         "kind": "internal",
     }
     assert guarded.json() == {"ok": "yes"}
+
+
+async def test_handler_receives_the_keys_meta(store: MemoryStore) -> None:
+    """The dependency's KeyInfo carries the key's lifecycle fields, meta included."""
+    manager = KeyManager(store)
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Acme", kind="external", meta={"plan": "gold"})
+    async with client(build(store)) as c:
+        response = await c.get("/plan", headers={"X-IBM-Client-Id": key.client_id})
+        await manager.update_key("orders", key.client_id, enabled=False)
+        refused = await c.get("/plan", headers={"X-IBM-Client-Id": key.client_id})
+    assert response.json() == {"plan": "gold", "enabled": True}
+    assert refused.status_code == 401
+    assert refused.json()["moreInformation"] == "Client id disabled."
 
 
 async def test_external_key_without_secret_passes(store: MemoryStore) -> None:

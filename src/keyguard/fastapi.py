@@ -119,7 +119,10 @@ _REFUSAL_SCHEMA: dict[str, Any] = {
 }
 _REFUSALS = {
     "400": "Multiple client id or secret values in the request.",
-    "401": "Client id missing, not registered, or an invalid client id or secret.",
+    "401": (
+        "Client id missing, not registered, disabled or expired, "
+        "or an invalid client id or secret."
+    ),
     "404": "The API is unknown or not exposed.",
     "503": "The key store is unavailable; retry after Retry-After seconds.",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,6 +30,7 @@ from keyguard.models import (
     KeyInfo,
     KeyKind,
     KeyRecord,
+    RateLimit,
     Unchanged,
     normalize_name,
     parse_grace,
@@ -46,6 +48,7 @@ __all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "Denial", "Ke
 DEFAULT_MAX_KEYS_PER_KIND = 5
 MAX_KEYS_PER_KIND_LIMIT = 1000
 _MAX_MEMO = 10_000
+_API_LIMITS_TTL = 1.0  # seconds an uncached API's rate limits are remembered
 DEFAULT_STORE_TIMEOUT = 3.0
 
 logger = logging.getLogger("keyguard")
@@ -88,6 +91,7 @@ class KeyManager:
         self.max_keys_per_kind = _validate_limit(max_keys_per_kind)
         self.hasher = SecretHasher() if hasher is None else hasher
         self._infos: dict[str, tuple[KeyRecord, KeyInfo]] = {}
+        self._api_limits: dict[str, tuple[float, tuple[RateLimit, ...]]] = {}
         self._verify_deadline = store_timeout(store)
 
     def __repr__(self) -> str:
@@ -382,6 +386,29 @@ class KeyManager:
         return self.hasher.remembered(client_id, secret, previous) or await self.hasher.verify(
             client_id, secret, previous, deadline=self._verify_deadline
         )
+
+    async def rate_limits_for(self, api: str, key: KeyInfo) -> tuple[RateLimit, ...]:
+        """The rate limits that apply to ``key`` of ``api`` (SPEC §9): its own, else the
+        API's. Read from the cache's snapshot ``authenticate`` just used where there is
+        one; otherwise from the API, remembered for a second (one read per API per
+        second at most)."""
+        if key.rate_limits is not None:
+            return key.rate_limits
+        cached = getattr(self.store, "cached_rate_limits", None)
+        if cached is not None:
+            limits: tuple[RateLimit, ...] | None = cached(api)
+            if limits is not None:
+                return limits
+        now = time.monotonic()
+        memo = self._api_limits.get(api)
+        if memo is not None and memo[0] > now:
+            return memo[1]
+        found = await self.store.get_api(api)
+        limits = () if found is None else found.rate_limits
+        if len(self._api_limits) >= _MAX_MEMO:
+            self._api_limits.clear()
+        self._api_limits[api] = (now + _API_LIMITS_TTL, limits)
+        return limits
 
     def _info(self, record: KeyRecord) -> KeyInfo:
         """``record.info()``, reusing the last one made for the same record object."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import json
 import shutil
 import socket
 import ssl
@@ -40,14 +41,25 @@ from redis.exceptions import AuthenticationError, MasterDownError, ReadOnlyError
 from starlette.types import Receive, Scope, Send
 
 from keyguard import KeyGuard, KeyManager
-from keyguard.errors import ConfigurationError, KeyLimitReached, StoreUnavailable
-from keyguard.models import KeyKind, KeyRecord
+from keyguard.errors import ConfigurationError, DuplicateName, KeyLimitReached, StoreUnavailable
+from keyguard.manager import Denial
+from keyguard.models import (
+    EMPTY_META,
+    KeyChanges,
+    KeyInfo,
+    KeyKind,
+    KeyRecord,
+    RateLimit,
+    load_meta,
+    utcnow,
+)
 from keyguard.secrets import new_client_id
 from keyguard.stores import CachedStore, open_store
 from keyguard.stores.redis import RedisStore
 from tests.backends.redis import delete_prefixed, open_redis_test_store, unique_prefix
 from tests.backends.servers import in_ci, require_server
 from tests.helpers import expose, record
+from tests.stores.test_upgrades import load_redis, manifest
 
 pytestmark = pytest.mark.anyio
 
@@ -381,7 +393,9 @@ async def test_every_method_raises_store_unavailable_when_redis_is_down() -> Non
         lambda: store.insert_key(record()),
         lambda: store.get_key("orders", new_client_id()),
         lambda: store.list_keys("orders"),
+        lambda: store.update_key("orders", new_client_id(), KeyChanges(enabled=False)),
         lambda: store.set_secret_hash("orders", new_client_id(), "h"),
+        lambda: store.set_secret_hash("orders", new_client_id(), "h", previous_until=utcnow()),
         lambda: store.delete_key("orders", new_client_id()),
     ]
     try:
@@ -672,7 +686,8 @@ async def test_another_process_delete_reaches_a_cached_store_through_the_feed() 
 
 
 async def test_watch_reports_each_change_with_its_api_and_key() -> None:
-    """Each write is announced as (api, client_id), or (api, None) for the API itself."""
+    """Each write is announced as (api, client_id), or (api, None) for the API itself; a
+    write that changes nothing (a refused rename, a second delete) announces nothing."""
     async with shared_store() as store:
         seen: list[tuple[str, str | None]] = []
         ready, done = anyio.Event(), anyio.Event()
@@ -689,13 +704,25 @@ async def test_watch_reports_each_change_with_its_api_and_key() -> None:
                 await ready.wait()
                 await expose(store)
                 await store.insert_key(key)
+                await store.insert_key(other := record(name="Other"))
                 await store.set_secret_hash("orders", key.client_id, "h")
+                await store.set_secret_hash("orders", key.client_id, "h2", previous_until=utcnow())
+                await store.update_key("orders", key.client_id, KeyChanges(enabled=False))
+                with pytest.raises(DuplicateName):  # refused: nothing changes, no notice
+                    await store.update_key("orders", key.client_id, KeyChanges(name="other"))
                 await store.delete_key("orders", key.client_id)
                 await store.delete_key("orders", key.client_id)  # nothing changes: no notice
                 await store.insert_key(dataclasses.replace(record(name="z"), client_id="last"))
                 await done.wait()
             tg.cancel_scope.cancel()
-        assert seen == [("orders", None)] + [("orders", key.client_id)] * 3 + [("orders", "last")]
+        mine = [("orders", key.client_id)]
+        assert seen == (
+            [("orders", None)]
+            + mine
+            + [("orders", other.client_id)]
+            + mine * 4
+            + [("orders", "last")]
+        )
 
 
 async def test_watch_raises_store_unavailable_when_redis_goes_away(
@@ -734,3 +761,435 @@ async def test_a_burst_beyond_the_pool_waits_instead_of_failing() -> None:
         await store.insert_key(rec)
         answers = await asyncio.gather(*(store.lookup("orders", rec.client_id) for _ in range(200)))
     assert answers == [(True, rec)] * 200
+
+
+# -- the lifecycle fields (issue 14) ------------------------------------------------------------
+
+FIRST_LAYOUT_MICROS = 1796210861652650  # 2026-12-02T…: a created_at of 16 digits
+
+
+async def write_first_layout_key(
+    admin: Redis, store: RedisStore, *, name: str, kind: KeyKind, secret_hash: str | None
+) -> str:
+    """A key written as the first layout wrote it (a five-field record), under an API
+    the store has created; returns its client id."""
+    client_id = new_client_id()
+    api = f"{store.prefix}{{orders}}"
+    seq = await admin.hincrby(api, "seq", 1)
+    await admin.hincrby(api, f"c:{kind.value}", 1)
+    folded = name.casefold()
+    raw = json.dumps(
+        [seq, kind.value, name, folded, FIRST_LAYOUT_MICROS],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    await admin.hset(api, mapping={f"k:{client_id}": raw, f"n:{folded}": client_id})
+    if secret_hash is not None:
+        await admin.hset(api, f"s:{client_id}", secret_hash)
+    return client_id
+
+
+def first_layout_created_at() -> datetime:
+    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=FIRST_LAYOUT_MICROS)
+
+
+async def test_first_layout_records_read_with_the_lifecycle_defaults() -> None:
+    """A five-field record of the first layout reads, through every read, as an enabled key
+    with no expiry, empty meta, no previous secret, no use and the API's rate limits."""
+    url = require_server("redis")
+    async with shared_store() as store, Redis.from_url(url) as admin:
+        await expose(store)
+        client_id = await write_first_layout_key(
+            admin, store, name="Straße Café", kind=KeyKind.EXTERNAL, secret_hash="h0"
+        )
+        expected = KeyRecord(
+            "orders", client_id, "Straße Café", KeyKind.EXTERNAL, "h0", first_layout_created_at()
+        )
+        assert await store.get_key("orders", client_id) == expected
+        assert await store.lookup("orders", client_id) == (True, expected)
+        assert await store.list_keys("orders") == [expected]
+        got = await store.get_key("orders", client_id)
+        assert got is not None
+        assert (got.enabled, got.expires_at, got.meta, got.rate_limits) == (
+            True,
+            None,
+            EMPTY_META,
+            None,
+        )
+        assert (got.previous_secret_hash, got.previous_secret_expires_at, got.last_used_at) == (
+            None,
+            None,
+            None,
+        )
+
+
+async def test_first_layout_record_takes_update_and_roll_and_reads_back_whole() -> None:
+    """update_key and a rolling set_secret_hash on a first-layout record write every field,
+    keep its seq, kind and created_at, move its name entry, and read back whole."""
+    url = require_server("redis")
+    async with shared_store() as store, Redis.from_url(url) as admin:
+        await expose(store)
+        client_id = await write_first_layout_key(
+            admin, store, name="Acme", kind=KeyKind.EXTERNAL, secret_hash="h0"
+        )
+        expires = datetime(2099, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+        limits = (RateLimit(100, "minute"), RateLimit(5, "second"))
+        changes = KeyChanges(
+            name="Acme Two",
+            enabled=False,
+            expires_at=expires,
+            meta=load_meta('{"plan":"gold","ids":[1,2],"path":"a/b"}'),
+            rate_limits=limits,
+        )
+        updated = await store.update_key("orders", client_id, changes)
+        until = datetime(2099, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)
+        rolled = await store.set_secret_hash("orders", client_id, "h1/+=", previous_until=until)
+        expected = KeyRecord(
+            "orders",
+            client_id,
+            "Acme Two",
+            KeyKind.EXTERNAL,
+            "h1/+=",
+            first_layout_created_at(),
+            enabled=False,
+            expires_at=expires,
+            meta=load_meta('{"plan":"gold","ids":[1,2],"path":"a/b"}'),
+            previous_secret_hash="h0",
+            previous_secret_expires_at=until,
+            rate_limits=limits,
+        )
+        assert updated == dataclasses.replace(
+            expected, secret_hash="h0", previous_secret_hash=None, previous_secret_expires_at=None
+        )
+        assert rolled == expected
+        assert await store.get_key("orders", client_id) == expected
+        assert await store.lookup("orders", client_id) == (True, expected)
+        assert await store.list_keys("orders") == [expected]
+        # The record keeps the first layout's five fields in front (old readers read them).
+        raw = await admin.hget(f"{store.prefix}{{orders}}", f"k:{client_id}")
+        assert raw is not None
+        assert json.loads(raw)[:5] == [1, "external", "Acme Two", "acme two", FIRST_LAYOUT_MICROS]
+        # The name entry moved: the old name is free, the new one taken (R3).
+        await store.insert_key(record(name="ACME"))
+        with pytest.raises(DuplicateName):
+            await store.insert_key(record(name="acme TWO"))
+        # A roll without a grace period drops the previous secret.
+        replaced = await store.set_secret_hash("orders", client_id, "h2")
+        assert replaced == dataclasses.replace(
+            expected, secret_hash="h2", previous_secret_hash=None, previous_secret_expires_at=None
+        )
+
+
+async def test_first_layout_fixture_keys_read_with_defaults() -> None:
+    """Every key of the first layout's fixture reads with the lifecycle defaults, its APIs
+    with no rate limits."""
+    url = require_server("redis")
+    prefix = unique_prefix()
+    store = RedisStore.from_url(url, prefix=prefix)
+    try:
+        await load_redis(url, prefix)
+        apis = await store.list_apis()
+        assert [api.rate_limits for api in apis] == [()] * len(manifest()["apis"])
+        keys = [key for api in apis for key in await store.list_keys(api.name)]
+        assert len(keys) == sum(len(api["keys"]) for api in manifest()["apis"])
+        for key in keys:
+            assert await store.get_key(key.api, key.client_id) == key
+            assert (key.enabled, key.expires_at, key.meta, key.rate_limits) == (
+                True,
+                None,
+                EMPTY_META,
+                None,
+            )
+            assert (key.previous_secret_hash, key.previous_secret_expires_at) == (None, None)
+            assert key.last_used_at is None
+    finally:
+        await store.aclose()
+        await delete_prefixed(url, prefix)
+
+
+async def test_update_keeps_fields_a_later_layout_appended() -> None:
+    """A record with more fields than this code knows (a later layout) keeps them through
+    update_key, so an older process never erases what a newer one wrote."""
+    url = require_server("redis")
+    async with shared_store() as store, Redis.from_url(url) as admin:
+        await expose(store)
+        key = record()
+        await store.insert_key(key)
+        field = f"k:{key.client_id}"
+        api = f"{store.prefix}{{orders}}"
+        raw = await admin.hget(api, field)
+        assert raw is not None
+        await admin.hset(api, field, json.dumps([*json.loads(raw), {"future": 1}]))
+        updated = await store.update_key("orders", key.client_id, KeyChanges(enabled=False))
+        assert updated == dataclasses.replace(key, enabled=False)
+        after = await admin.hget(api, field)
+        assert after is not None
+        assert json.loads(after)[10:] == [{"future": 1}]
+
+
+async def test_times_keep_microseconds_through_every_write() -> None:
+    """expires_at, last_used_at and previous_secret_expires_at come back, in UTC, equal to
+    the microsecond (also the one the roll script writes), even beyond 14 digits."""
+    async with shared_store() as store:
+        await expose(store)
+        zone = timezone(timedelta(hours=-7))
+        far = datetime(2262, 4, 11, 23, 47, 16, 854775, tzinfo=zone)
+        key = dataclasses.replace(
+            record(secret_hash="h0"),
+            expires_at=far,
+            last_used_at=far - timedelta(microseconds=1),
+            previous_secret_hash="older",
+            previous_secret_expires_at=far + timedelta(microseconds=1),
+        )
+        await store.insert_key(key)
+        assert await store.get_key("orders", key.client_id) == key
+        rolled = await store.set_secret_hash("orders", key.client_id, "h1", previous_until=far)
+        assert rolled is not None
+        assert rolled.previous_secret_expires_at == far
+        assert rolled.previous_secret_hash == "h0"
+        got = await store.get_key("orders", key.client_id)
+        assert got is not None
+        for moment in (got.expires_at, got.last_used_at, got.previous_secret_expires_at):
+            assert moment is not None
+            assert moment.tzinfo == timezone.utc
+            assert moment.microsecond in (854775, 854774)
+        assert got.expires_at == far
+
+
+async def test_api_rate_limits_are_kept_and_none_leaves_them() -> None:
+    """upsert_api keeps an API's rate limits; None leaves them, () clears them."""
+    async with shared_store() as store:
+        limits = (RateLimit(10, "second"),)
+        created = await store.upsert_api(
+            "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+        )
+        assert created.rate_limits == ()
+        set_ = await store.upsert_api(
+            "orders",
+            exposed=None,
+            max_keys_per_kind=None,
+            default_max_keys_per_kind=5,
+            rate_limits=limits,
+        )
+        assert set_.rate_limits == limits
+        left = await store.upsert_api(
+            "orders", exposed=False, max_keys_per_kind=3, default_max_keys_per_kind=5
+        )
+        assert (left.rate_limits, left.exposed, left.max_keys_per_kind) == (limits, False, 3)
+        assert [api.rate_limits for api in await store.list_apis()] == [limits]
+        cleared = await store.upsert_api(
+            "orders",
+            exposed=None,
+            max_keys_per_kind=None,
+            default_max_keys_per_kind=5,
+            rate_limits=(),
+        )
+        assert cleared.rate_limits == ()
+        got = await store.get_api("orders")
+        assert got is not None
+        assert got.rate_limits == ()
+
+
+RACERS = 8
+
+
+async def test_concurrent_renames_to_one_name_leave_exactly_one_winner() -> None:
+    """Keys renamed at once to one name (in several casings) through separate stores, each
+    with its own connection: exactly one wins, the others change nothing (R3)."""
+    url = require_server("redis")
+    async with shared_store() as store, AsyncExitStack() as stack:
+        stores = []
+        for _ in range(RACERS):
+            other = RedisStore.from_url(url, prefix=store.prefix)
+            stack.push_async_callback(other.aclose)
+            stores.append(other)
+        await expose(store, limit=RACERS + 3)
+        keys = [record(name=f"key {i}") for i in range(RACERS)]
+        for key in keys:
+            await store.insert_key(key)
+        for racer in stores:  # each connected before the race
+            await racer.lookup("orders", None)
+        outcomes: list[KeyRecord | str | None] = [None] * RACERS
+
+        async def rename(i: int) -> None:
+            target = "Winner" if i % 2 else "WINNER"
+            try:
+                outcomes[i] = await stores[i].update_key(
+                    "orders", keys[i].client_id, KeyChanges(name=target)
+                )
+            except DuplicateName:
+                outcomes[i] = "duplicate"
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(RACERS):
+                    tg.start_soon(rename, i)
+        winners = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, KeyRecord)]
+        assert len(winners) == 1
+        assert outcomes.count("duplicate") == RACERS - 1
+        names = {key.client_id: key.name for key in await store.list_keys("orders")}
+        winner = outcomes[winners[0]]
+        assert isinstance(winner, KeyRecord)
+        assert winner.name == names[winner.client_id]
+        assert winner.name in ("Winner", "WINNER")
+        assert [names[key.client_id] for i, key in enumerate(keys) if i not in winners] == [
+            key.name for i, key in enumerate(keys) if i not in winners
+        ]
+        # The index agrees: the losers keep their own names, the winner holds the new one.
+        with pytest.raises(DuplicateName):
+            await store.insert_key(record(name="winner"))
+        with pytest.raises(DuplicateName):
+            await store.insert_key(record(name=keys[(winners[0] + 1) % RACERS].name))
+        await store.insert_key(record(name=keys[winners[0]].name))  # its old name is free
+
+
+async def test_concurrent_changes_of_one_key_lose_none() -> None:
+    """Different fields of one key changed at once through separate stores are all kept:
+    a change made between another's read and write is read again, never overwritten."""
+    url = require_server("redis")
+    async with shared_store() as store, AsyncExitStack() as stack:
+        await expose(store)
+        key = record()
+        await store.insert_key(key)
+        stores = []
+        for _ in range(4):
+            other = RedisStore.from_url(url, prefix=store.prefix)
+            stack.push_async_callback(other.aclose)
+            await other.lookup("orders", None)
+            stores.append(other)
+        expires = datetime(2030, 1, 1, tzinfo=timezone.utc)
+        changes = [
+            KeyChanges(name="Renamed"),
+            KeyChanges(enabled=False),
+            KeyChanges(expires_at=expires),
+            KeyChanges(meta=load_meta('{"plan":"gold"}')),
+        ]
+        for _ in range(5):  # a few rounds, so the writes really interleave
+            await store.update_key(
+                "orders",
+                key.client_id,
+                KeyChanges(name="Acme", enabled=True, expires_at=None, meta=EMPTY_META),
+            )
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for racer, change in zip(stores, changes, strict=True):
+                        tg.start_soon(racer.update_key, "orders", key.client_id, change)
+            got = await store.get_key("orders", key.client_id)
+            assert got is not None
+            assert (got.name, got.enabled, got.expires_at, dict(got.meta)) == (
+                "Renamed",
+                False,
+                expires,
+                {"plan": "gold"},
+            )
+
+
+async def test_concurrent_rolls_each_keep_a_whole_pair() -> None:
+    """Two rolls with a grace period racing through separate stores end with one new
+    secret current and the other as its previous one: neither is lost, the hash both
+    replaced is not kept."""
+    url = require_server("redis")
+    async with shared_store() as store, AsyncExitStack() as stack:
+        racers = []
+        for _ in range(2):
+            other = RedisStore.from_url(url, prefix=store.prefix)
+            stack.push_async_callback(other.aclose)
+            racers.append(other)
+        await expose(store)
+        key = record(secret_hash="h0")
+        await store.insert_key(key)
+        until = utcnow() + timedelta(days=1)
+        for round_ in range(10):
+            await store.set_secret_hash("orders", key.client_id, f"start{round_}")
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for i, racer in enumerate(racers):
+                        tg.start_soon(
+                            partial(
+                                racer.set_secret_hash,
+                                "orders",
+                                key.client_id,
+                                f"new{round_}-{i}",
+                                previous_until=until,
+                            )
+                        )
+            got = await store.get_key("orders", key.client_id)
+            assert got is not None
+            pair = (got.secret_hash, got.previous_secret_hash)
+            first, second = f"new{round_}-0", f"new{round_}-1"
+            assert pair in ((first, second), (second, first))
+
+
+async def test_roll_without_a_current_secret_keeps_no_previous() -> None:
+    """A first secret set with previous_until keeps no previous secret; an internal key
+    or an unknown one changes nothing and answers None."""
+    async with shared_store() as store:
+        await expose(store)
+        key = record()
+        internal = record(name="Internal", kind=KeyKind.INTERNAL, secret_hash="fixed")
+        await store.insert_key(key)
+        await store.insert_key(internal)
+        until = utcnow() + timedelta(hours=1)
+        first = await store.set_secret_hash("orders", key.client_id, "h1", previous_until=until)
+        assert first == dataclasses.replace(key, secret_hash="h1")
+        assert (
+            await store.set_secret_hash("orders", internal.client_id, "x", previous_until=until)
+            is None
+        )
+        assert await store.set_secret_hash("orders", new_client_id(), "x") is None
+        assert await store.get_key("orders", internal.client_id) == internal
+
+
+async def test_update_of_a_missing_key_is_none_and_changes_nothing() -> None:
+    """update_key of an unknown key, or of another API's key, answers None and writes
+    nothing; no change given answers the key as it is."""
+    url = require_server("redis")
+    async with shared_store() as store, Redis.from_url(url) as admin:
+        await expose(store)
+        await expose(store, "billing")
+        key = record()
+        await store.insert_key(key)
+        before = await admin.hgetall(f"{store.prefix}{{orders}}")
+        change = KeyChanges(name="Other", enabled=False)
+        assert await store.update_key("orders", new_client_id(), change) is None
+        assert await store.update_key("billing", key.client_id, change) is None
+        assert await store.update_key("nowhere", key.client_id, change) is None
+        assert await store.update_key("orders", key.client_id, KeyChanges()) == key
+        assert await admin.hgetall(f"{store.prefix}{{orders}}") == before
+        assert await admin.exists(f"{store.prefix}{{nowhere}}") == 0
+
+
+async def test_another_process_change_reaches_a_cached_store_through_the_feed() -> None:
+    """update_key and set_secret_hash through another store object are announced and drop
+    the cached lookup long before the cache's ttl: a disabled key or a replaced secret is
+    refused at once by a KeyManager over the cache."""
+    async with shared_store() as writer:
+        inner = RedisStore.from_url(require_server("redis"), prefix=writer.prefix)
+        reader = CachedStore(inner, ttl=600)
+        manager = KeyManager(reader)
+        try:
+            await KeyManager(writer).expose("orders")
+            issued = await KeyManager(writer).create_key("orders", name="Acme", kind="external")
+            secret = await KeyManager(writer).set_secret("orders", issued.client_id)
+            found = await reader.lookup("orders", issued.client_id)
+            assert found[1] is not None
+            assert found[1].enabled is True
+
+            await writer.update_key("orders", issued.client_id, KeyChanges(enabled=False))
+
+            async def disabled() -> bool:
+                outcome = await manager.authenticate("orders", issued.client_id, str(secret))
+                return outcome is Denial.DISABLED
+
+            await eventually(disabled)
+            await writer.update_key("orders", issued.client_id, KeyChanges(enabled=True))
+            replaced = await KeyManager(writer).set_secret("orders", issued.client_id)
+
+            async def replaced_seen() -> bool:
+                old = await manager.authenticate("orders", issued.client_id, str(secret))
+                new = await manager.authenticate("orders", issued.client_id, str(replaced))
+                return old is Denial.INVALID_SECRET and isinstance(new, KeyInfo)
+
+            await eventually(replaced_seen)
+        finally:
+            await reader.aclose()

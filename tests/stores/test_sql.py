@@ -5,13 +5,15 @@ schema, atomicity across processes, and clean failures against real servers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,20 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from keyguard import KeyStore, open_store
-from keyguard.errors import ConfigurationError, KeyLimitReached, StoreUnavailable
-from keyguard.models import utcnow
+from keyguard.errors import ConfigurationError, DuplicateName, KeyLimitReached, StoreUnavailable
+from keyguard.models import (
+    MAX_META_BYTES,
+    KeyChanges,
+    KeyRecord,
+    RateLimit,
+    dump_meta,
+    parse_meta,
+    utcnow,
+)
 from keyguard.secrets import new_client_id
 from keyguard.stores.sql import SCHEMA_VERSION, SQLStore
 from tests.backends.servers import require_server
@@ -663,3 +673,294 @@ async def test_an_engine_that_shows_parameters_is_warned_about(
         finally:
             await engine.dispose()
         assert any("hide_parameters" in r.getMessage() for r in caplog.records) is warned
+
+
+# -- the lifecycle columns (issue 14) ----------------------------------------------------------
+
+# Non-ASCII of every width UTF-8 has (2, 3 and 4 bytes: the last needs utf8mb4 on MariaDB).
+ODD_TEXT = "Straße ﬃ café 東京 𝄞 🔑"
+
+
+def meta_of_exactly(size: int) -> Mapping[str, Any]:
+    """A non-ASCII meta whose compact UTF-8 JSON is exactly ``size`` bytes."""
+    base = {"text": ODD_TEXT, "pad": ""}
+    missing = size - len(dump_meta(base).encode("utf-8"))
+    meta = parse_meta({"text": ODD_TEXT, "pad": "x" * missing})
+    assert len(dump_meta(meta).encode("utf-8")) == size
+    return meta
+
+
+async def raw_columns(store: SQLStore, client_id: str, *names: str) -> tuple[Any, ...]:
+    """The raw values of the key's columns ``names``, read past the store."""
+    keys = table(
+        f"{store.table_prefix}keys", *(column(name) for name in names), column("client_id")
+    )
+    async with side_engine(store) as other, other.connect() as conn:
+        row = (
+            await conn.execute(
+                select(*(keys.c[name] for name in names)).where(keys.c.client_id == client_id)
+            )
+        ).one()
+    return tuple(row)
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_non_ascii_meta_of_the_full_size_round_trips(backend: str, tmp_path: Path) -> None:
+    """A meta of non-ASCII text (astral characters included) and of exactly 4,096 bytes is
+    stored as its compact UTF-8 JSON, unescaped, and reads back equal, at insertion and on
+    update."""
+    small = parse_meta({"name": ODD_TEXT, "nested": {"ü": [ODD_TEXT, 1, None, True]}})
+    full = meta_of_exactly(MAX_META_BYTES)
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        for first, second in ((small, full), (full, small)):
+            rec = dataclasses.replace(record(name=f"first {len(dump_meta(first))}"), meta=first)
+            await store.insert_key(rec)
+            got = await store.get_key("orders", rec.client_id)
+            assert got is not None
+            assert got.meta == first
+            assert await raw_columns(store, rec.client_id, "meta") == (dump_meta(first),)
+            updated = await store.update_key("orders", rec.client_id, KeyChanges(meta=second))
+            assert updated is not None
+            assert updated.meta == second
+            assert await store.get_key("orders", rec.client_id) == updated
+            assert await raw_columns(store, rec.client_id, "meta") == (dump_meta(second),)
+        listed = {key.client_id: key.meta for key in await store.list_keys("orders")}
+        assert sorted(map(dump_meta, listed.values())) == sorted(
+            [dump_meta(small), dump_meta(full)]
+        )
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_inherited_and_unlimited_rate_limits_are_kept_apart(
+    backend: str, tmp_path: Path
+) -> None:
+    """A key's rate_limits None (inherit the API's) is stored as NULL and () (unlimited) as
+    '[]', each reading back as it was, through insertion, update and listing; an API's are
+    '[]' until set, and upsert_api without rate_limits leaves them."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        api = await expose(store)
+        assert api.rate_limits == ()
+        inherit = record(name="inherit")
+        unlimited = dataclasses.replace(record(name="unlimited", offset=1), rate_limits=())
+        for rec in (inherit, unlimited):
+            await store.insert_key(rec)
+        assert await raw_columns(store, inherit.client_id, "rate_limits") == (None,)
+        assert await raw_columns(store, unlimited.client_id, "rate_limits") == ("[]",)
+        listed = await store.list_keys("orders")
+        assert [key.rate_limits for key in listed] == [None, ()]
+        # Swap them by update.
+        await store.update_key("orders", inherit.client_id, KeyChanges(rate_limits=()))
+        await store.update_key("orders", unlimited.client_id, KeyChanges(rate_limits=None))
+        assert await raw_columns(store, inherit.client_id, "rate_limits") == ("[]",)
+        assert await raw_columns(store, unlimited.client_id, "rate_limits") == (None,)
+        exposed, found = await store.lookup("orders", unlimited.client_id)
+        assert exposed is True
+        assert found is not None
+        assert found.rate_limits is None
+        # The API's own list.
+        limits = (RateLimit(5, "second"), RateLimit(1000, "day"))
+        api = await store.upsert_api(
+            "orders",
+            exposed=None,
+            max_keys_per_kind=None,
+            default_max_keys_per_kind=5,
+            rate_limits=limits,
+        )
+        assert api.rate_limits == limits
+        api = await store.upsert_api(
+            "orders", exposed=False, max_keys_per_kind=None, default_max_keys_per_kind=5
+        )
+        assert api.rate_limits == limits
+        assert [found.rate_limits for found in await store.list_apis()] == [limits]
+        cleared = await store.upsert_api(
+            "orders",
+            exposed=None,
+            max_keys_per_kind=None,
+            default_max_keys_per_kind=5,
+            rate_limits=(),
+        )
+        assert cleared.rate_limits == ()
+        apis = table(f"{store.table_prefix}apis", column("rate_limits"))
+        async with side_engine(store) as other, other.connect() as conn:
+            assert (await conn.execute(select(apis.c.rate_limits))).scalar_one() == "[]"
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_update_and_roll_are_one_update_each(backend: str, tmp_path: Path) -> None:
+    """update_key sends one UPDATE naming only the columns it changes, and a roll one UPDATE;
+    each reads the key back afterwards."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        rec = record(secret_hash="h0")
+        await store.insert_key(rec)
+        with counting_statements(store.engine) as sent:
+            changed = await store.update_key(
+                "orders", rec.client_id, KeyChanges(enabled=False, name="Renamed")
+            )
+        assert changed is not None
+        assert (changed.enabled, changed.name) == (False, "Renamed")
+        updates = [s for s in sent if s.lstrip().upper().startswith("UPDATE")]
+        assert len(updates) == 1, sent
+        assignments = updates[0].upper().split(" SET ", 1)[1].split(" WHERE ", 1)[0]
+        assert sorted(part.split("=")[0].strip() for part in assignments.split(",")) == [
+            "ENABLED",
+            "NAME",
+            "NAME_KEY",
+        ]
+        until = utcnow() + timedelta(hours=1)
+        with counting_statements(store.engine) as sent:
+            rolled = await store.set_secret_hash(
+                "orders", rec.client_id, "h1", previous_until=until
+            )
+        assert rolled is not None
+        assert (rolled.secret_hash, rolled.previous_secret_hash) == ("h1", "h0")
+        assert rolled.previous_secret_expires_at == until
+        assert len([s for s in sent if s.lstrip().upper().startswith("UPDATE")]) == 1, sent
+
+
+async def lock_waiters(conn: AsyncConnection, backend: str, prefix: str) -> int:
+    """How many statements on ``prefix``'s keys table the server holds, waiting for a lock.
+
+    PostgreSQL tells lock waits apart; MariaDB lists them only as statements in flight,
+    which while the test holds the rows' lock are the ones waiting for it.
+    """
+    if backend == "postgres":
+        query = text(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND query LIKE :pattern"
+        )
+    else:
+        query = text(
+            "SELECT count(*) FROM information_schema.processlist "
+            "WHERE info LIKE :pattern AND id <> CONNECTION_ID()"
+        )
+    return int((await conn.execute(query, {"pattern": f"%{prefix}keys%"})).scalar_one())
+
+
+@asynccontextmanager
+async def rows_held(
+    store: SQLStore, backend: str, *client_ids: str
+) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+    """Hold the write lock on the keys ``client_ids`` (SQLite: on the whole database) until
+    the block ends; yields a wait for that many store calls to queue behind it."""
+    prefix = store.table_prefix
+    if backend == "sqlite":
+        database = store.engine.url.database
+        assert database is not None
+        file_lock = sqlite3.connect(database, isolation_level=None)
+        try:
+            file_lock.execute("BEGIN IMMEDIATE")
+
+            async def settle(count: int) -> None:
+                # SQLite cannot tell who waits for its lock: give the calls time to start.
+                await anyio.sleep(0.3)
+
+            yield settle
+            file_lock.execute("ROLLBACK")
+        finally:
+            file_lock.close()
+        return
+    keys = table(f"{prefix}keys", column("client_id"))
+    async with side_engine(store) as other, other.connect() as holder, other.connect() as watcher:
+        await holder.execute(
+            select(keys.c.client_id).where(keys.c.client_id.in_(client_ids)).with_for_update()
+        )
+
+        async def queued(count: int) -> None:
+            with anyio.fail_after(BOUND):
+                # Polling the server: nothing in this process could signal it.
+                while await lock_waiters(watcher, backend, prefix) < count:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+
+        yield queued
+        await holder.rollback()
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+async def test_two_processes_rename_two_keys_to_one_name(backend: str, tmp_path: Path) -> None:
+    """Two stores (as two processes) renaming two keys to one name at the same instant:
+    exactly one rename wins, the other raises DuplicateName and leaves its key as it was."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        first, second = record(name="first"), record(name="second", offset=1)
+        for rec in (first, second):
+            await store.insert_key(rec)
+        other = SQLStore(
+            create_async_engine(store.engine.url, hide_parameters=True),
+            table_prefix=store.table_prefix,
+        )
+        outcomes: dict[str, str] = {}
+
+        async def rename(on: SQLStore, rec: KeyRecord) -> None:
+            try:
+                await on.update_key("orders", rec.client_id, KeyChanges(name="WINNER"))
+            except DuplicateName:
+                outcomes[rec.client_id] = "duplicate"
+            else:
+                outcomes[rec.client_id] = "renamed"
+
+        try:
+            await expose(other)  # its schema read before the race
+            # The lock goes first, releasing both renames together; the group waits for them.
+            async with (
+                anyio.create_task_group() as group,
+                rows_held(store, backend, first.client_id, second.client_id) as queued,
+            ):
+                group.start_soon(rename, store, first)
+                group.start_soon(rename, other, second)
+                await queued(2)
+        finally:
+            await other.engine.dispose()
+        assert sorted(outcomes.values()) == ["duplicate", "renamed"]
+        names = {key.client_id: key.name for key in await store.list_keys("orders")}
+        winner = next(cid for cid, outcome in outcomes.items() if outcome == "renamed")
+        loser = next(cid for cid, outcome in outcomes.items() if outcome == "duplicate")
+        assert names[winner] == "WINNER"
+        assert names[loser] == ("first" if loser == first.client_id else "second")
+        assert await raw_columns(store, loser, "name_key") == (names[loser],)
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_two_processes_roll_one_secret_at_once(backend: str, tmp_path: Path) -> None:
+    """Two stores (as two processes) rolling one key's secret with grace periods at the same
+    instant are serialized: the later roll keeps the earlier one's hash as the previous
+    secret, with its own deadline, and that whole pair is what is stored."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        rec = record(secret_hash="h0")
+        await store.insert_key(rec)
+        other = SQLStore(
+            create_async_engine(store.engine.url, hide_parameters=True),
+            table_prefix=store.table_prefix,
+        )
+        now = utcnow()
+        deadlines = {"h1": now + timedelta(hours=1), "h2": now + timedelta(hours=2)}
+        results: list[KeyRecord | None] = []
+
+        async def roll(on: SQLStore, new_hash: str) -> None:
+            rolled = await on.set_secret_hash(
+                "orders", rec.client_id, new_hash, previous_until=deadlines[new_hash]
+            )
+            results.append(rolled)
+
+        try:
+            await expose(other)
+            async with (
+                anyio.create_task_group() as group,
+                rows_held(store, backend, rec.client_id) as queued,
+            ):
+                group.start_soon(roll, store, "h1")
+                group.start_soon(roll, other, "h2")
+                await queued(2)
+        finally:
+            await other.engine.dispose()
+        assert len(results) == 2
+        assert all(rolled is not None for rolled in results)
+        done = [rolled for rolled in results if rolled is not None]
+        earlier = next(rolled for rolled in done if rolled.previous_secret_hash == "h0")
+        later = next(rolled for rolled in done if rolled is not earlier)
+        assert earlier.previous_secret_expires_at == deadlines[str(earlier.secret_hash)]
+        assert later.previous_secret_hash == earlier.secret_hash
+        assert later.previous_secret_expires_at == deadlines[str(later.secret_hash)]
+        assert await store.get_key("orders", rec.client_id) == later

@@ -77,6 +77,7 @@ class _Snapshot:
     expires: float
     exposed: bool
     keys: dict[str, KeyRecord]
+    rate_limits: tuple[RateLimit, ...] = ()
 
     @property
     def size(self) -> int:
@@ -156,6 +157,14 @@ class CachedStore:
             snapshot = await self._refresh(api)
         return snapshot.exposed, None if client_id is None else snapshot.keys.get(client_id)
 
+    def cached_rate_limits(self, api: str) -> tuple[RateLimit, ...] | None:
+        """``api``'s rate limits from its snapshot while it is fresh, else ``None``
+        (what ``KeyManager`` reads right after a ``lookup``: no store round trip)."""
+        snapshot = self._snapshots.get(api)
+        if snapshot is None or snapshot.expires <= self._clock():
+            return None
+        return snapshot.rate_limits
+
     async def _api_names(self) -> _Names:
         names = self._names
         if names is not None and names.expires > self._clock():
@@ -199,6 +208,7 @@ class CachedStore:
             read_at + self.ttl,
             found is not None and found.exposed,
             {record.client_id: record for record in records},
+            () if found is None else found.rate_limits,
         )
 
     def _refreshed(self, api: str, task: asyncio.Task[_Snapshot]) -> None:

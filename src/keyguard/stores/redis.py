@@ -4,16 +4,19 @@ Built on redis-py's asyncio client. The data model, the Lua scripts and the
 failure behaviour are documented in ``docs/redis-store.md``; in short:
 
 * each API is **one hash**, ``<prefix>{<api>}``, holding the API's state
-  (``exposed``, ``max``, per-kind counts, an insertion counter), its keys
-  (``k:<client_id>``), their secret hashes (``s:<client_id>``) and a name
-  index (``n:<casefolded name>`` → client id). The ``{<api>}`` hash tag keeps
-  everything of one API in one Cluster slot, so every script stays legal on
-  Redis Cluster;
+  (``exposed``, ``max``, ``rate_limits``, per-kind counts, an insertion
+  counter), its keys (``k:<client_id>``, laid out at ``_RECORD_LENGTH``),
+  their secret hashes (``s:<client_id>``), the previous secret of a roll
+  (``p:<client_id>``) and a name index (``n:<casefolded name>`` → client id).
+  The ``{<api>}`` hash tag keeps everything of one API in one Cluster slot, so
+  every script stays legal on Redis Cluster;
 * the API names are a sorted set, ``<prefix>apis``, so listing never scans;
 * the request path (``lookup``) is one ``HMGET``: the API's state, the key
-  and its secret hash in a single round trip;
-* every write that must be atomic (R1 + R2 + R3 with the insert, R4, delete)
-  is one Lua script on the API's hash.
+  and its secret hashes in a single round trip;
+* every write that must be atomic (R1 + R2 + R3 with the insert, R3 with a
+  rename, R4 and the roll of a secret, delete) is one Lua script on the API's
+  hash. A key record written by the first layout (five fields) is read as it
+  is, the later fields taking their defaults: no upgrade step, no rewrite.
 
 Every call ends within ``timeout`` seconds: any Redis or network failure
 (refused, timed out, wrong password, a failover in progress) is raised as
@@ -43,7 +46,18 @@ from keyguard.errors import (
     KeyLimitReached,
     StoreUnavailable,
 )
-from keyguard.models import Api, KeyKind, KeyRecord, name_key
+from keyguard.models import (
+    Api,
+    KeyChanges,
+    KeyKind,
+    KeyRecord,
+    RateLimit,
+    dump_meta,
+    dump_rate_limits,
+    load_meta,
+    load_rate_limits,
+    name_key,
+)
 
 try:
     from redis.asyncio import BlockingConnectionPool, Redis
@@ -75,8 +89,10 @@ _Bound = tuple[Redis, _Closer]
 
 # -- Lua ---------------------------------------------------------------------------------
 # Every script touches exactly one key, the API's hash (KEYS[1]), so it is atomic and
-# legal on Redis Cluster.  Key records are JSON arrays [seq, kind, name, folded name,
-# created_at in µs]; scripts only read them (cjson.decode), never re-encode them.
+# legal on Redis Cluster.  Key records are JSON arrays (see _RECORD_LENGTH); scripts only
+# read them (cjson.decode), never re-encode them: Lua's JSON encoder would round a
+# microsecond timestamp to 14 digits.  A changed record is encoded in Python and written
+# by a script only if the stored one is still the one it was computed from.
 
 _UPSERT_API_LUA = """
 local api = KEYS[1]
@@ -86,14 +102,15 @@ if redis.call('HEXISTS', api, 'exposed') == 0 then
 end
 if ARGV[2] ~= '' then redis.call('HSET', api, 'exposed', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', api, 'max', ARGV[3]) end
+if ARGV[6] ~= '' then redis.call('HSET', api, 'rate_limits', ARGV[6]) end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
-return redis.call('HMGET', api, 'exposed', 'max', 'c:internal', 'c:external')
+return redis.call('HMGET', api, 'exposed', 'max', 'c:internal', 'c:external', 'rate_limits')
 """
 
 # ARGV: client id, kind, casefolded name, record JSON without its seq, has-secret flag,
-# secret hash, change channel, change notice.  R1, R2, R3 are checked against the stored
-# state, then the key, its name entry, its secret hash and the count are written and the
-# change announced: nothing can run in between.
+# secret hash, change channel, change notice, previous-secret JSON ('' for none).  R1, R2,
+# R3 are checked against the stored state, then the key, its name entry, its secret hashes
+# and the count are written and the change announced: nothing can run in between.
 _INSERT_KEY_LUA = """
 local api = KEYS[1]
 local id, kind, folded = ARGV[1], ARGV[2], ARGV[3]
@@ -108,21 +125,53 @@ redis.call('HINCRBY', api, 'c:' .. kind, 1)
 redis.call('HSET', api, 'k:' .. id, '[' .. seq .. ',' .. string.sub(ARGV[4], 2),
            'n:' .. folded, id)
 if ARGV[5] == '1' then redis.call('HSET', api, 's:' .. id, ARGV[6]) end
+if ARGV[9] ~= '' then redis.call('HSET', api, 'p:' .. id, ARGV[9]) end
 redis.call('PUBLISH', ARGV[7], ARGV[8])
 return 'ok'
 """
 
-# ARGV: client id, secret hash, change channel, change notice.  Only an external key
-# takes a secret (R4).
-_SET_HASH_LUA = """
-local raw = redis.call('HGET', KEYS[1], 'k:' .. ARGV[1])
-if not raw or cjson.decode(raw)[2] ~= 'external' then return 0 end
-redis.call('HSET', KEYS[1], 's:' .. ARGV[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
-return 1
+# ARGV: client id, the record as read, the record to write, its casefolded name as read,
+# the new casefolded name, change channel, change notice.  Compare-and-set: if another
+# writer changed the record since it was read, nothing is written ('stale', the caller
+# reads again).  R3 on a rename is checked against the name index, which changes with
+# the record.  Answers the record, its secret hash and its previous secret as stored.
+_UPDATE_KEY_LUA = """
+local api, id = KEYS[1], ARGV[1]
+local raw = redis.call('HGET', api, 'k:' .. id)
+if not raw then return 'missing' end
+if raw ~= ARGV[2] then return 'stale' end
+local old_name, new_name = 'n:' .. ARGV[4], 'n:' .. ARGV[5]
+if new_name ~= old_name then
+  local holder = redis.call('HGET', api, new_name)
+  if holder and holder ~= id then return 'duplicate_name' end
+  if redis.call('HGET', api, old_name) == id then redis.call('HDEL', api, old_name) end
+  redis.call('HSET', api, new_name, id)
+end
+redis.call('HSET', api, 'k:' .. id, ARGV[3])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id)
 """
 
-# ARGV: client id, change channel, change notice.  The key, its secret hash, its name
+# ARGV: client id, secret hash, previous secret's end in µs ('' to keep none), change
+# channel, change notice.  Only an external key takes a secret (R4).  The hash being
+# replaced is read here, so a roll racing another roll keeps a whole pair: its new hash,
+# and as previous the hash that was current when it ran.
+_SET_HASH_LUA = """
+local api, id = KEYS[1], ARGV[1]
+local raw = redis.call('HGET', api, 'k:' .. id)
+if not raw or cjson.decode(raw)[2] ~= 'external' then return false end
+local current = redis.call('HGET', api, 's:' .. id)
+if ARGV[3] ~= '' and current then
+  redis.call('HSET', api, 'p:' .. id, '[' .. ARGV[3] .. ',' .. cjson.encode(current) .. ']')
+else
+  redis.call('HDEL', api, 'p:' .. id)
+end
+redis.call('HSET', api, 's:' .. id, ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id)
+"""
+
+# ARGV: client id, change channel, change notice.  The key, its secret hashes, its name
 # entry and its count go together.
 _DELETE_KEY_LUA = """
 local api, id = KEYS[1], ARGV[1]
@@ -131,7 +180,7 @@ if not raw then return 0 end
 local record = cjson.decode(raw)
 local name_field = 'n:' .. record[4]
 if redis.call('HGET', api, name_field) == id then redis.call('HDEL', api, name_field) end
-redis.call('HDEL', api, 'k:' .. id, 's:' .. id)
+redis.call('HDEL', api, 'k:' .. id, 's:' .. id, 'p:' .. id)
 redis.call('HINCRBY', api, 'c:' .. record[2], -1)
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
@@ -249,6 +298,7 @@ class RedisStore:
         self._bind_lock = threading.Lock()
         self._upsert_api = AsyncScript(client, _UPSERT_API_LUA)
         self._insert_key = AsyncScript(client, _INSERT_KEY_LUA)
+        self._update_key = AsyncScript(client, _UPDATE_KEY_LUA)
         self._set_secret_hash = AsyncScript(client, _SET_HASH_LUA)
         self._delete_key = AsyncScript(client, _DELETE_KEY_LUA)
         self._delete_api = AsyncScript(client, _DELETE_API_LUA)
@@ -274,9 +324,11 @@ class RedisStore:
         if client_id is None:
             (exposed,) = await self._call(lambda redis: redis.hmget(key, ["exposed"]))
             return exposed in _TRUE, None
-        fields = ["exposed", f"k:{client_id}", f"s:{client_id}"]
-        exposed, raw, secret_hash = await self._call(lambda redis: redis.hmget(key, fields))
-        record = None if raw is None else _record(api, client_id, raw, secret_hash)
+        fields = ["exposed", *_key_fields(client_id)]
+        exposed, raw, secret_hash, previous = await self._call(
+            lambda redis: redis.hmget(key, fields)
+        )
+        record = None if raw is None else _record(api, client_id, raw, secret_hash, previous)
         return exposed in _TRUE, record
 
     async def get_api(self, api: str) -> Api | None:
@@ -310,6 +362,7 @@ class RedisStore:
         exposed: bool | None,
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
+        rate_limits: tuple[RateLimit, ...] | None = None,
     ) -> Api:
         """Index the name, then create or update the API's hash in one script."""
         key = self._api_key(api)
@@ -319,6 +372,7 @@ class RedisStore:
             "" if max_keys_per_kind is None else int(max_keys_per_kind),
             self._channel,
             api,
+            dump_rate_limits(rate_limits) or "",
         ]
 
         async def write(redis: Redis) -> Any:
@@ -335,11 +389,7 @@ class RedisStore:
     async def insert_key(self, record: KeyRecord) -> None:
         """Check R1, R2, R3 and insert, atomically, in one Lua script (one round trip)."""
         folded = name_key(record.name)
-        body = json.dumps(
-            [record.kind.value, record.name, folded, _micros(record.created_at)],
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        body = _dumps(_body(record, folded))
         has_secret = record.secret_hash is not None
         args = [
             record.client_id,
@@ -350,6 +400,7 @@ class RedisStore:
             record.secret_hash or "",
             self._channel,
             _notice(record.api, record.client_id),
+            _dump_previous(record),
         ]
         key = self._api_key(record.api)
         outcome = _text(
@@ -362,9 +413,9 @@ class RedisStore:
     async def get_key(self, api: str, client_id: str) -> KeyRecord | None:
         """The key ``client_id`` of ``api`` with its secret hash (one ``HMGET``), or ``None``."""
         key = self._api_key(api)
-        fields = [f"k:{client_id}", f"s:{client_id}"]
-        raw, secret_hash = await self._call(lambda redis: redis.hmget(key, fields))
-        return None if raw is None else _record(api, client_id, raw, secret_hash)
+        fields = _key_fields(client_id)
+        raw, secret_hash, previous = await self._call(lambda redis: redis.hmget(key, fields))
+        return None if raw is None else _record(api, client_id, raw, secret_hash, previous)
 
     async def list_keys(self, api: str) -> list[KeyRecord]:
         """The keys of ``api`` from one ``HGETALL`` of its hash, by ``created_at``, then seq."""
@@ -375,29 +426,72 @@ class RedisStore:
         for name, value in fields.items():
             if name.startswith("k:"):
                 client_id = name[2:]
-                # The first layout's five fields lead; later layouts append (issue 14).
-                seq, kind, key_name, _folded, micros = json.loads(value)[:5]
-                secret_hash = fields.get(f"s:{client_id}")
-                record = KeyRecord(
-                    api=api,
-                    client_id=client_id,
-                    name=key_name,
-                    kind=KeyKind(kind),
-                    secret_hash=None if secret_hash is None else _text(secret_hash),
-                    created_at=_EPOCH + micros * _MICROSECOND,
+                stored = json.loads(value)
+                record = _decoded(
+                    api,
+                    client_id,
+                    stored,
+                    fields.get(f"s:{client_id}"),
+                    fields.get(f"p:{client_id}"),
                 )
-                found.append((micros, seq, record))
+                found.append((stored[4], stored[0], record))
         found.sort(key=lambda entry: entry[:2])
         return [record for _, _, record in found]
 
-    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
-        """Set the hash of an external key, atomically checking its kind (R4), in one script."""
+    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+        """Change the given fields of the key: read it, then write the changed record in one
+        script that checks R3 on a rename and that the record is still the one read
+        (otherwise it is read again), moving the name entry with it."""
+        if not changes.given():
+            return await self.get_key(api, client_id)
         key = self._api_key(api)
-        args = [client_id, secret_hash, self._channel, _notice(api, client_id)]
-        changed = await self._call(
+        notice = _notice(api, client_id)
+
+        async def change(redis: Redis) -> KeyRecord | None:
+            while True:
+                raw = await redis.hget(key, f"k:{client_id}")
+                if raw is None:
+                    return None
+                stored = json.loads(raw)
+                current = _decoded(api, client_id, stored, None, None)
+                updated = changes.apply(current)
+                old_folded: str = stored[3]
+                # The index holds the folded name as written; a name kept keeps its entry.
+                new_folded = old_folded if updated.name == current.name else name_key(updated.name)
+                # Fields a later layout appended, unknown here, are kept as they are.
+                rewritten = _dumps(
+                    [stored[0], *_body(updated, new_folded), *stored[_RECORD_LENGTH:]]
+                )
+                args = [client_id, raw, rewritten, old_folded, new_folded, self._channel, notice]
+                reply = await self._update_key(keys=[key], args=args, client=redis)
+                if isinstance(reply, list):
+                    return _record(api, client_id, *reply)
+                outcome = _text(reply)
+                if outcome == "missing":
+                    return None
+                if outcome == "duplicate_name":
+                    raise DuplicateName(f"API {api!r} already has a key named {updated.name!r}")
+                # "stale": another writer changed the key since it was read; read it again.
+
+        return await self._call(change)
+
+    async def set_secret_hash(
+        self,
+        api: str,
+        client_id: str,
+        secret_hash: str,
+        *,
+        previous_until: datetime | None = None,
+    ) -> KeyRecord | None:
+        """Set the hash of an external key, atomically checking its kind (R4) and keeping the
+        hash it replaces as the previous one until ``previous_until``, in one script."""
+        key = self._api_key(api)
+        until = "" if previous_until is None else str(_micros(previous_until))
+        args = [client_id, secret_hash, until, self._channel, _notice(api, client_id)]
+        reply = await self._call(
             lambda redis: self._set_secret_hash(keys=[key], args=args, client=redis)
         )
-        return bool(int(changed))
+        return None if reply is None else _record(api, client_id, *reply)
 
     async def delete_key(self, api: str, client_id: str) -> bool:
         """Remove the key, its secret hash, its name entry and its count in one script."""
@@ -541,11 +635,11 @@ async def _finish(closer: _Closer) -> None:
     await closer.aclose()
 
 
-_API_FIELDS = ["exposed", "max", "c:internal", "c:external"]
+_API_FIELDS = ["exposed", "max", "c:internal", "c:external", "rate_limits"]
 
 
 def _api(name: str, row: list[Any]) -> Api | None:
-    exposed, limit, internal, external = row
+    exposed, limit, internal, external, rate_limits = row
     if exposed is None:
         return None
     return Api(
@@ -554,21 +648,96 @@ def _api(name: str, row: list[Any]) -> Api | None:
         max_keys_per_kind=int(limit),
         internal_keys=int(internal or 0),
         external_keys=int(external or 0),
+        # An API written before rate limits existed has none.
+        rate_limits=load_rate_limits(None if rate_limits is None else _text(rate_limits)) or (),
+    )
+
+
+# A key record ``k:<client_id>`` is the JSON array
+#   [seq, kind, name, casefolded name, created_at,                 <- the first layout
+#    enabled, expires_at, meta, last_used_at, rate_limits]         <- appended (issue 14)
+# with times in whole µs since the epoch (or null), meta as dump_meta's text and
+# rate_limits as dump_rate_limits' text (null: the API's).  A record of the first layout
+# has only the first five: the rest read as their defaults, so old records need no
+# rewrite.  The secret hash is ``s:<client_id>``; the previous secret of a roll is
+# ``p:<client_id>``, the JSON array [valid until in µs, hash], written by the roll script.
+_RECORD_LENGTH = 10
+_APPENDED_DEFAULTS: tuple[Any, ...] = (True, None, None, None, None)
+
+
+def _key_fields(client_id: str) -> list[str]:
+    """The hash fields of one key: its record, its secret hash, its previous secret."""
+    return [f"k:{client_id}", f"s:{client_id}", f"p:{client_id}"]
+
+
+def _body(record: KeyRecord, folded: str) -> list[Any]:
+    """The record's array without its seq."""
+    return [
+        record.kind.value,
+        record.name,
+        folded,
+        _micros(record.created_at),
+        record.enabled,
+        _optional_micros(record.expires_at),
+        dump_meta(record.meta),
+        _optional_micros(record.last_used_at),
+        dump_rate_limits(record.rate_limits),
+    ]
+
+
+def _dump_previous(record: KeyRecord) -> str:
+    """The ``p:`` field of ``record`` ('' when it has no previous secret)."""
+    if record.previous_secret_hash is None and record.previous_secret_expires_at is None:
+        return ""
+    return _dumps(
+        [_optional_micros(record.previous_secret_expires_at), record.previous_secret_hash]
     )
 
 
 def _record(
-    api: str, client_id: str, raw: bytes | str, secret_hash: bytes | str | None
+    api: str,
+    client_id: str,
+    raw: bytes | str,
+    secret_hash: bytes | str | None,
+    previous: bytes | str | None = None,
 ) -> KeyRecord:
-    _seq, kind, name, _folded, micros = json.loads(raw)[:5]
+    return _decoded(api, client_id, json.loads(raw), secret_hash, previous)
+
+
+def _decoded(
+    api: str,
+    client_id: str,
+    stored: list[Any],
+    secret_hash: bytes | str | None,
+    previous: bytes | str | None,
+) -> KeyRecord:
+    """The key from its decoded record array and its ``s:`` and ``p:`` fields."""
+    _seq, kind, name, _folded, created = stored[:5]
+    appended = stored[5:_RECORD_LENGTH]
+    enabled, expires, meta, last_used, limits = (
+        *appended,
+        *_APPENDED_DEFAULTS[len(appended) :],
+    )
+    previous_until, previous_hash = (None, None) if previous is None else json.loads(previous)
     return KeyRecord(
         api=api,
         client_id=client_id,
         name=name,
         kind=KeyKind(kind),
         secret_hash=None if secret_hash is None else _text(secret_hash),
-        created_at=_EPOCH + micros * _MICROSECOND,
+        created_at=_EPOCH + created * _MICROSECOND,
+        enabled=bool(enabled),
+        expires_at=_from_micros(expires),
+        meta=load_meta(meta),
+        previous_secret_hash=previous_hash,
+        previous_secret_expires_at=_from_micros(previous_until),
+        last_used_at=_from_micros(last_used),
+        rate_limits=load_rate_limits(limits),
     )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _notice(api: str, client_id: str) -> str:
@@ -581,6 +750,14 @@ def _micros(moment: datetime) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return (moment - _EPOCH) // _MICROSECOND
+
+
+def _optional_micros(moment: datetime | None) -> int | None:
+    return None if moment is None else _micros(moment)
+
+
+def _from_micros(micros: int | None) -> datetime | None:
+    return None if micros is None else _EPOCH + micros * _MICROSECOND
 
 
 def _text(value: bytes | str) -> str:

@@ -13,7 +13,10 @@ How the rules hold across processes (SPEC §3):
   the last place. The key is inserted in the same transaction; deleting a
   key decrements the counter in its transaction.
 * R3 — ``UNIQUE (api, name_key)`` where ``name_key`` is ``name.casefold()``,
-  computed in Python so every database folds alike.
+  computed in Python so every database folds alike; a rename writes both in
+  one ``UPDATE``, so the constraint settles a race between renames too.
+* A secret roll (SPEC §8) is one ``UPDATE`` whose new previous hash is the
+  row's own old ``secret_hash``: racing rolls are serialized by the row lock.
 * R6 — client ids (and API names) compare byte for byte: on MariaDB/MySQL
   the tables use a binary, no-pad collation.
 
@@ -51,6 +54,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     bindparam,
+    case,
     delete,
     insert,
     select,
@@ -75,7 +79,18 @@ from keyguard.errors import (
     KeyLimitReached,
     StoreUnavailable,
 )
-from keyguard.models import Api, KeyKind, KeyRecord, name_key
+from keyguard.models import (
+    Api,
+    KeyChanges,
+    KeyKind,
+    KeyRecord,
+    RateLimit,
+    dump_meta,
+    dump_rate_limits,
+    load_meta,
+    load_rate_limits,
+    name_key,
+)
 from keyguard.stores.sql_upgrades import upgrade
 
 if TYPE_CHECKING:
@@ -233,6 +248,7 @@ class _Schema:
             apis.c.max_keys_per_kind,
             apis.c.internal_count,
             apis.c.external_count,
+            apis.c.rate_limits,
         )
         self.key_columns = (
             keys.c.api,
@@ -241,6 +257,13 @@ class _Schema:
             keys.c.kind,
             keys.c.secret_hash,
             keys.c.created_at,
+            keys.c.enabled,
+            keys.c.expires_at,
+            keys.c.meta,
+            keys.c.previous_secret_hash,
+            keys.c.previous_secret_expires_at,
+            keys.c.last_used_at,
+            keys.c.rate_limits,
         )
         # The request path's statements, built once.
         self.lookup_api: Select[Any] = select(apis.c.exposed).where(apis.c.name == bindparam("api"))
@@ -444,6 +467,7 @@ class SQLStore:
         exposed: bool | None,
         max_keys_per_kind: int | None,
         default_max_keys_per_kind: int,
+        rate_limits: tuple[RateLimit, ...] | None = None,
     ) -> Api:
         """Create ``api`` if missing, then set the fields given; keys are never touched."""
 
@@ -458,6 +482,7 @@ class SQLStore:
                         "max_keys_per_kind": default_max_keys_per_kind,
                         "internal_count": 0,
                         "external_count": 0,
+                        "rate_limits": dump_rate_limits(()),
                     },
                 )
             )
@@ -466,6 +491,8 @@ class SQLStore:
                 changes["exposed"] = exposed
             if max_keys_per_kind is not None:
                 changes["max_keys_per_kind"] = max_keys_per_kind
+            if rate_limits is not None:
+                changes["rate_limits"] = dump_rate_limits(rate_limits)
             if changes:
                 await conn.execute(update(apis).where(apis.c.name == api).values(changes))
             row = (await conn.execute(select(*schema.api_columns).where(apis.c.name == api))).one()
@@ -510,6 +537,13 @@ class SQLStore:
                         kind=record.kind.value,
                         secret_hash=record.secret_hash,
                         created_at=record.created_at,
+                        enabled=record.enabled,
+                        expires_at=record.expires_at,
+                        meta=dump_meta(record.meta),
+                        previous_secret_hash=record.previous_secret_hash,
+                        previous_secret_expires_at=record.previous_secret_expires_at,
+                        last_used_at=record.last_used_at,
+                        rate_limits=dump_rate_limits(record.rate_limits),
                     )
                 )
             except sa_exc.IntegrityError:
@@ -528,12 +562,7 @@ class SQLStore:
             return None
 
         async def work(conn: AsyncConnection, schema: _Schema) -> KeyRecord | None:
-            keys = schema.keys
-            stmt = select(*schema.key_columns).where(
-                keys.c.api == api, keys.c.client_id == client_id
-            )
-            row = (await conn.execute(stmt)).first()
-            return None if row is None else _record(row)
+            return await _stored_key(conn, schema, api, client_id)
 
         return await self._run(work, write=False)
 
@@ -553,13 +582,84 @@ class SQLStore:
 
         return await self._run(work, write=False)
 
-    async def set_secret_hash(self, api: str, client_id: str, secret_hash: str) -> bool:
-        """Replace the hash of the *external* key ``client_id``; ``False`` if there is none."""
+    async def update_key(self, api: str, client_id: str, changes: KeyChanges) -> KeyRecord | None:
+        """Change the given fields in one ``UPDATE`` and return the key as stored afterwards;
+        ``None`` if there is no such key. A rename clashing (casefolded) with another key of
+        the API is refused by ``UNIQUE (api, name_key)``: ``DuplicateName``, nothing changed.
+        """
         if not (_fits(api, _NAME_LENGTH) and _fits(client_id, _NAME_LENGTH)):
-            return False
+            return None
+        given = changes.given()
+        values: dict[str, Any] = {}
+        if "name" in given:
+            values["name"] = given["name"]
+            values["name_key"] = name_key(given["name"])
+        if "enabled" in given:
+            values["enabled"] = given["enabled"]
+        if "expires_at" in given:
+            values["expires_at"] = given["expires_at"]
+        if "meta" in given:
+            values["meta"] = dump_meta(given["meta"])
+        if "rate_limits" in given:
+            values["rate_limits"] = dump_rate_limits(given["rate_limits"])
 
-        async def work(conn: AsyncConnection, schema: _Schema) -> bool:
+        async def work(conn: AsyncConnection, schema: _Schema) -> KeyRecord | None:
             keys = schema.keys
+            if values:
+                try:
+                    await conn.execute(
+                        update(keys)
+                        .where(keys.c.api == api, keys.c.client_id == client_id)
+                        .values(values)
+                    )
+                except sa_exc.IntegrityError:
+                    if "name" not in values:
+                        raise
+                    # UNIQUE (api, name_key); not chained, as in insert_key.
+                    raise DuplicateName(
+                        f"API {api!r} already has a key named {values['name']!r}"
+                    ) from None
+            # The same transaction: the row lock taken by the UPDATE is still held.
+            return await _stored_key(conn, schema, api, client_id)
+
+        return await self._run(work, write=bool(values))
+
+    async def set_secret_hash(
+        self,
+        api: str,
+        client_id: str,
+        secret_hash: str,
+        *,
+        previous_until: datetime | None = None,
+    ) -> KeyRecord | None:
+        """Replace the hash of the *external* key ``client_id`` in one ``UPDATE`` (keeping the
+        old hash as the previous one until ``previous_until``, if given and there was one)
+        and return the key afterwards; ``None`` if there is no such external key.
+        """
+        if not (_fits(api, _NAME_LENGTH) and _fits(client_id, _NAME_LENGTH)):
+            return None
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> KeyRecord | None:
+            keys = schema.keys
+            previous: list[tuple[Column[Any], Any]]
+            if previous_until is None:
+                previous = [(keys.c.previous_secret_expires_at, None)]
+                previous.append((keys.c.previous_secret_hash, None))
+            else:
+                # The old hash and the roll's end come from the row as this statement finds
+                # it, so a roll racing another keeps one whole pair. MariaDB/MySQL assign
+                # left to right, each later expression seeing the earlier ones' new values:
+                # every expression reading secret_hash comes before it is set.
+                previous = [
+                    (
+                        keys.c.previous_secret_expires_at,
+                        case(
+                            (keys.c.secret_hash.is_(None), None),
+                            else_=bindparam("previous_until", previous_until, _UTCDateTime()),
+                        ),
+                    ),
+                    (keys.c.previous_secret_hash, keys.c.secret_hash),
+                ]
             result = await conn.execute(
                 update(keys)
                 .where(
@@ -567,9 +667,11 @@ class SQLStore:
                     keys.c.client_id == client_id,
                     keys.c.kind == KeyKind.EXTERNAL.value,
                 )
-                .values(secret_hash=secret_hash)
+                .ordered_values(*previous, (keys.c.secret_hash, secret_hash))
             )
-            return result.rowcount == 1
+            if result.rowcount != 1:
+                return None
+            return await _stored_key(conn, schema, api, client_id)
 
         return await self._run(work, write=True)
 
@@ -790,6 +892,7 @@ def _api(row: _Row) -> Api:
         max_keys_per_kind=row.max_keys_per_kind,
         internal_keys=row.internal_count,
         external_keys=row.external_count,
+        rate_limits=load_rate_limits(row.rate_limits) or (),
     )
 
 
@@ -801,7 +904,24 @@ def _record(row: _Row) -> KeyRecord:
         kind=KeyKind(row.kind),
         secret_hash=row.secret_hash,
         created_at=row.created_at,
+        enabled=bool(row.enabled),
+        expires_at=row.expires_at,
+        meta=load_meta(row.meta),
+        previous_secret_hash=row.previous_secret_hash,
+        previous_secret_expires_at=row.previous_secret_expires_at,
+        last_used_at=row.last_used_at,
+        rate_limits=load_rate_limits(row.rate_limits),
     )
+
+
+async def _stored_key(
+    conn: AsyncConnection, schema: _Schema, api: str, client_id: str
+) -> KeyRecord | None:
+    """The key ``client_id`` of ``api`` as ``conn`` sees it, or ``None``."""
+    keys = schema.keys
+    stmt = select(*schema.key_columns).where(keys.c.api == api, keys.c.client_id == client_id)
+    row = (await conn.execute(stmt)).first()
+    return None if row is None else _record(row)
 
 
 def _fits(value: str, length: int) -> bool:

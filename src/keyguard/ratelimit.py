@@ -1,0 +1,281 @@
+"""Rate limits per key (SPEC §9), counted through the ``limits`` library.
+
+``RateLimiter(url)`` counts in the counter storage ``url`` names: ``memory://``
+(this process only), ``redis://…``, ``rediss://…``, ``redis+cluster://…``, or
+any other storage ``limits`` supports (``memcached://…``, ``mongodb://…``,
+``valkey://…``). Counting uses ``limits``' *moving window* strategy: each
+admitted request is an entry that lives ``per`` seconds, and a request is
+admitted only while fewer than ``limit`` entries are alive. Unlike fixed
+windows, which admit up to twice the limit across a window's edge, this holds
+in *every* window of that length, across every process sharing the storage,
+at the price of one entry per admitted request (``limit`` entries per key and
+limit at most).
+
+A request is checked in two steps: the windows of all the key's limits are
+read together, and a request that would exceed one is refused without
+consuming anything; otherwise every limit is hit, each atomically in the
+storage (a hit that would exceed its limit does not count). Only when two
+requests race for the last place of one limit while another limit still has
+room can the loser consume a place of that other limit; admitted requests
+never exceed any limit.
+
+If the counter storage fails, requests are counted in this process's memory
+until it answers again (the limits still hold, per process), with one
+WARNING a minute; with ``fail="closed"`` they are refused instead
+(``RateLimiterUnavailable``, answered 503 by the middleware).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from keyguard.errors import ConfigurationError, StoreUnavailable
+from keyguard.models import RateLimit
+
+__all__ = [
+    "DEFAULT_RATE_LIMIT_TIMEOUT",
+    "RateLimiter",
+    "RateLimiterUnavailable",
+    "Verdict",
+    "tightest",
+]
+
+logger = logging.getLogger("keyguard")
+
+DEFAULT_RATE_LIMIT_TIMEOUT = 1.0
+WARNING_INTERVAL = 60.0  # seconds between two WARNINGs of a failing counter storage
+_RETRY_FIRST = 0.5  # seconds before the failed storage is tried again, doubling …
+_RETRY_MAX = 5.0  # … up to this
+_PREFIX = "keyguard-rl"
+
+
+class RateLimiterUnavailable(StoreUnavailable):
+    """The counter storage failed and ``rate_limit_fail="closed"``: answer 503."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a request's rate limits decided, for the response and its headers.
+
+    ``limit`` and ``remaining`` are those of the tightest limit (the fewest
+    requests remaining after this one; on a tie the shortest period);
+    ``retry_after`` is the whole number of seconds until a refused request
+    would pass (0 when admitted).
+    """
+
+    admitted: bool
+    limit: int
+    remaining: int
+    retry_after: int
+
+
+def tightest(states: Sequence[tuple[RateLimit, int]]) -> tuple[RateLimit, int]:
+    """Of ``(limit, remaining)`` pairs, the one with the fewest remaining, then the
+    shortest period (SPEC §9's "tightest limit")."""
+    return min(states, key=lambda state: (state[1], state[0].seconds))
+
+
+def _storage_uri(url: str) -> tuple[str, dict[str, Any]]:
+    """The ``limits`` async storage URI for ``url``, and the options it needs."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(
+            f"rate_limiter must be a counter storage URL such as memory:// or redis://host:6379, "
+            f"got {url!r}"
+        )
+    scheme = url.split("://", 1)[0].lower()
+    uri = url if scheme.startswith("async+") else f"async+{url}"
+    base = uri.split("://", 1)[0].lower()
+    options: dict[str, Any] = {}
+    if base.startswith(("async+redis", "async+rediss")):
+        options["implementation"] = "redispy"  # redis-py, keyguard's Redis client
+    return uri, options
+
+
+class RateLimiter:
+    """Counts requests per key against their rate limits, in the storage ``url`` names.
+
+    ``fail`` is ``"open"`` (default: count in this process's memory while the
+    storage fails) or ``"closed"`` (refuse with ``RateLimiterUnavailable``).
+    ``timeout`` bounds each check against the storage, in seconds.
+    Creating one does no I/O; the storage connects on first use.
+    """
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        fail: Literal["open", "closed"] = "open",
+        timeout: float = DEFAULT_RATE_LIMIT_TIMEOUT,
+        **options: Any,
+    ) -> None:
+        if fail not in ("open", "closed"):
+            raise ConfigurationError(f"rate_limit_fail must be 'open' or 'closed', got {fail!r}")
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout <= 60
+        ):
+            raise ConfigurationError(
+                f"rate limiter timeout must be in (0, 60] seconds, got {timeout!r}"
+            )
+        self.uri, self._options = _storage_uri(url)
+        self._options.update(options)
+        if self.uri.startswith(("async+redis", "async+rediss")):
+            self._options.setdefault("socket_timeout", timeout)
+            self._options.setdefault("socket_connect_timeout", timeout)
+        self.url = url
+        self.fail = fail
+        self.timeout = float(timeout)
+        self.local = self.uri.startswith("async+memory")
+        self._remote: Any = None
+        self._remote_loop: asyncio.AbstractEventLoop | None = None
+        self._fallback: Any = None
+        self._down_until = 0.0
+        self._retry = _RETRY_FIRST
+        self._last_warning = -math.inf
+        # Fail at start-up on an unknown scheme or a missing driver, not on a request.
+        self._make_limiter(self.uri, self._options)
+
+    def __repr__(self) -> str:
+        return f"RateLimiter({_masked(self.url)!r}, fail={self.fail!r})"
+
+    @staticmethod
+    def _make_limiter(uri: str, options: dict[str, Any]) -> Any:
+        from limits.aio.strategies import MovingWindowRateLimiter
+        from limits.errors import ConfigurationError as LimitsConfigurationError
+        from limits.storage import storage_from_string
+
+        if not uri.startswith("async+memory"):
+            options = {"key_prefix": _PREFIX, **options}
+        try:
+            storage = storage_from_string(uri, wrap_exceptions=True, **options)
+        except LimitsConfigurationError as exc:
+            raise ConfigurationError(f"rate_limiter {_masked(uri)!r}: {exc}") from None
+        return MovingWindowRateLimiter(storage)
+
+    def _limiter(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._remote is None or self._remote_loop is not loop:
+            # A client is bound to the event loop it first ran in: one per loop.
+            self._remote = self._make_limiter(self.uri, dict(self._options))
+            self._remote_loop = loop
+        return self._remote
+
+    def _memory(self) -> Any:
+        if self._fallback is None:
+            self._fallback = self._make_limiter("async+memory://", {})
+        return self._fallback
+
+    async def hit(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> Verdict:
+        """Count one request of key ``client_id`` of ``api`` against ``limits`` (non-empty),
+        or refuse it without counting it. See the module docstring."""
+        if self.local or time.monotonic() < self._down_until:
+            return await self._check(self._memory(), api, client_id, limits)
+        try:
+            verdict = await asyncio.wait_for(
+                self._check(self._limiter(), api, client_id, limits), self.timeout
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the storage failed: StorageError, a timeout, …
+            return await self._failed(exc, api, client_id, limits)
+        if self._retry != _RETRY_FIRST:
+            logger.warning("rate-limit counter storage %s is back", _masked(self.url))
+            self._retry = _RETRY_FIRST
+        return verdict
+
+    async def _failed(
+        self, exc: Exception, api: str, client_id: str, limits: Sequence[RateLimit]
+    ) -> Verdict:
+        now = time.monotonic()
+        self._down_until = now + self._retry
+        self._retry = min(self._retry * 2, _RETRY_MAX)
+        self._remote = None  # a new client next time
+        if now - self._last_warning >= WARNING_INTERVAL:
+            self._last_warning = now
+            logger.warning(
+                "rate-limit counter storage %s failed (%s); %s",
+                _masked(self.url),
+                type(exc).__name__,
+                "refusing rate-limited requests with 503 until it is back"
+                if self.fail == "closed"
+                else "counting in this process's memory until it is back",
+            )
+        if self.fail == "closed":
+            raise RateLimiterUnavailable("rate-limit counter storage unavailable") from None
+        return await self._check(self._memory(), api, client_id, limits)
+
+    async def _check(
+        self, limiter: Any, api: str, client_id: str, limits: Sequence[RateLimit]
+    ) -> Verdict:
+        from limits import (
+            RateLimitItemPerDay,
+            RateLimitItemPerHour,
+            RateLimitItemPerMinute,
+            RateLimitItemPerSecond,
+        )
+
+        kinds = {
+            "second": RateLimitItemPerSecond,
+            "minute": RateLimitItemPerMinute,
+            "hour": RateLimitItemPerHour,
+            "day": RateLimitItemPerDay,
+        }
+        items = [kinds[limit.per](limit.limit, namespace="k") for limit in limits]
+        windows = await asyncio.gather(
+            *(limiter.get_window_stats(item, api, client_id) for item in items)
+        )
+        now = time.time()
+        full = [stats.remaining <= 0 for stats in windows]
+        if any(full):
+            return self._refused(limits, windows, now, full)
+        hits = await asyncio.gather(*(limiter.hit(item, api, client_id) for item in items))
+        if not all(hits):
+            # Lost a race for the last place of a limit.
+            return self._refused(limits, windows, now, [not hit for hit in hits])
+        limit, remaining = tightest(
+            [
+                (limit, max(stats.remaining - 1, 0))
+                for limit, stats in zip(limits, windows, strict=True)
+            ]
+        )
+        return Verdict(True, limit.limit, remaining, 0)
+
+    @staticmethod
+    def _refused(
+        limits: Sequence[RateLimit], windows: Sequence[Any], now: float, refusing: Sequence[bool]
+    ) -> Verdict:
+        # Every refusing limit must have a free place again: the longest wait of theirs.
+        wait = max(
+            max(1, math.ceil(stats.reset_time - now))
+            for stats, refused in zip(windows, refusing, strict=True)
+            if refused
+        )
+        limit, _ = tightest(
+            [
+                (limit, 0 if refused else stats.remaining)
+                for limit, stats, refused in zip(limits, windows, refusing, strict=True)
+            ]
+        )
+        return Verdict(False, limit.limit, 0, wait)
+
+    async def aclose(self) -> None:
+        """Forget the storage clients (the next check makes new ones)."""
+        self._remote = None
+        self._remote_loop = None
+
+
+def _masked(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    credentials, _, host = rest.partition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else f"{scheme}://***@{host}"

@@ -1,0 +1,146 @@
+"""Changes made in one process, seen by a real server process over the same store (SPEC §8, §11).
+
+A uvicorn process serves an app behind ``KeyGuard`` over ``open_store(url)``
+with its default cache (TTL 1 s); this test process changes a key through
+its own ``KeyManager`` over the same store. SPEC §11's bound for a change
+made elsewhere is the cache TTL, counted from when a cached read *started*:
+so every request that *starts* a full TTL after the change's answer must
+see it. That is asserted exactly; how much sooner the server saw it (at once
+on Redis, through the change feed) is measured in ``benchmarks/``, not here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from keyguard import KeyManager, KeyStore
+from keyguard.stores.redis import RedisStore
+from keyguard.stores.sql import SQLStore
+from tests.backends import open_test_store
+from tests.backends.servers import server_url
+from tests.test_real_servers import free_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+TTL = 1.0
+
+APP = """
+import os
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from keyguard import KeyGuard, open_store
+
+async def whoami(request: Request) -> JSONResponse:
+    return JSONResponse({"name": request.state.keyguard.name})
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"ok": True})
+
+options = {os.environ["KG_PREFIX_OPTION"]: os.environ["KG_PREFIX"]}
+store = open_store(os.environ["KG_URL"], cache_ttl=float(os.environ["KG_TTL"]), **options)
+app = KeyGuard(Starlette(routes=[Route("/whoami", whoami), Route("/health", health)]),
+               store=store, api="orders", exclude_paths=["/health"])
+"""
+
+
+@pytest.fixture(params=["redis", "postgres"])
+async def shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KeyStore]:
+    """A store on a real server that a server process can open too."""
+    async with open_test_store(request.param, tmp_path) as store:
+        yield store
+
+
+@pytest.fixture
+def server(shared: KeyStore, tmp_path: Path) -> Iterator[str]:
+    """uvicorn serving the app over the same store as ``shared``; its base URL."""
+    if isinstance(shared, SQLStore):
+        url, option, prefix = server_url("postgres"), "table_prefix", shared.table_prefix
+    else:
+        assert isinstance(shared, RedisStore)
+        url, option, prefix = server_url("redis"), "prefix", shared.prefix
+    (tmp_path / "xpapp.py").write_text(APP)
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path),
+        "KG_URL": url,
+        "KG_PREFIX_OPTION": option,
+        "KG_PREFIX": prefix,
+        "KG_TTL": str(TTL),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--port", str(port), "--no-access-log", "xpapp:app"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    pytest.fail(f"uvicorn did not start: {proc.communicate()[1][-2000:]!r}")
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)  # (also closes the stderr pipe)
+
+
+async def test_a_change_is_seen_by_another_process_within_the_ttl(
+    shared: KeyStore, server: str
+) -> None:
+    """Disable, enable, expire, roll with and without grace: each seen by the server process
+    from one TTL after the change at the latest (and the key works again after undoing it)."""
+    manager = KeyManager(shared)
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Acme", kind="external")
+    first = await manager.set_secret("orders", key.client_id)
+    async with httpx.AsyncClient(base_url=server, timeout=10) as http:
+
+        async def status(secret: str) -> tuple[int, str]:
+            response = await http.get(
+                "/whoami", headers={"X-IBM-Client-Id": key.client_id, "X-IBM-Client-Secret": secret}
+            )
+            body = response.json()
+            return response.status_code, body.get("moreInformation", body.get("name"))
+
+        async def after_ttl(secret: str) -> tuple[int, str]:
+            # Every cached entry the server holds now was read before this instant plus
+            # (at most) one TTL; one that started after the change sees it.
+            await anyio.sleep(TTL + 0.05)
+            return await status(secret)
+
+        assert await status(first) == (200, "Acme")  # cached in the server now
+        await manager.update_key("orders", key.client_id, enabled=False)
+        assert await after_ttl(first) == (401, "Client id disabled.")
+        await manager.update_key("orders", key.client_id, enabled=True)
+        assert await after_ttl(first) == (200, "Acme")
+        await manager.update_key("orders", key.client_id, expires_at="2001-01-01T00:00:00Z")
+        assert await after_ttl(first) == (401, "Client id expired.")
+        await manager.update_key("orders", key.client_id, expires_at=None, name="Acme Corp")
+        assert await after_ttl(first) == (200, "Acme Corp")
+        second = await manager.set_secret("orders", key.client_id, grace=3600)
+        assert await after_ttl(second) == (200, "Acme Corp")
+        assert await status(first) == (200, "Acme Corp")  # inside its grace period
+        third = await manager.set_secret("orders", key.client_id)
+        assert await after_ttl(third) == (200, "Acme Corp")
+        for old in (first, second):
+            assert await status(old) == (401, "Invalid client id or secret.")
