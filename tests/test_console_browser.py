@@ -579,13 +579,18 @@ def test_keyboard_alone_creates_and_deletes_a_key(console: Console) -> None:
     menu_button = page.get_by_role("button", name="Actions for key Keyboard user")
     tab_to(page, menu_button)
     page.keyboard.press("Enter")
-    item = page.get_by_role("menuitem", name="Delete key")
+    first = page.get_by_role("menuitem", name="Disable key")
+    item = page.get_by_role("menuitem", name="Delete key")  # the last one
+    expect(first).to_be_focused()
+    page.keyboard.press("End")
     expect(item).to_be_focused()
+    page.keyboard.press("ArrowDown")  # round to the first
+    expect(first).to_be_focused()
     page.keyboard.press("Escape")
     expect(item).to_be_hidden()
     expect(menu_button).to_be_focused()
     expect(menu_button).to_have_attribute("aria-expanded", "false")
-    page.keyboard.press("ArrowDown")
+    page.keyboard.press("ArrowUp")  # opens on the last item
     expect(item).to_be_focused()
     page.keyboard.press("Enter")
     confirm = page.get_by_role("dialog", name="Delete key “Keyboard user”?")
@@ -596,6 +601,7 @@ def test_keyboard_alone_creates_and_deletes_a_key(console: Console) -> None:
     expect(console.row("Keyboard user")).to_be_visible()
 
     page.keyboard.press("Enter")
+    page.keyboard.press("End")
     page.keyboard.press("Enter")
     expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()
     page.keyboard.press("Tab")
