@@ -4,7 +4,7 @@ import { FieldError, announce, el, idle, state } from "./core.js";
 import { closeConfirm, confirmDialog } from "./dialogs.js";
 import { field, patchKey } from "./actions.js";
 import {
-  formatDateTime, fromLocalInput, isPast, later, relative, toLocalInput,
+  formatDateTime, fromLocalInput, isPast, later, toLocalInput, when,
 } from "./times.js";
 
 const QUICK_DAYS = [7, 30, 90];
@@ -13,9 +13,10 @@ const QUICK_DAYS = [7, 30, 90];
 
 function expiryNow(key) {
   if (!key.expires_at) return "It never expires.";
-  const when = formatDateTime(key.expires_at);
-  return isPast(key.expires_at) ? "It expired on " + when + "."
-    : "It expires on " + when + " (" + relative(key.expires_at) + ").";
+  const date = formatDateTime(key.expires_at);
+  if (isPast(key.expires_at)) return "It expired on " + date + ".";
+  const near = when(key.expires_at);
+  return "It expires on " + date + (near.startsWith("on ") ? "." : " (" + near + ").");
 }
 
 export function askExpiry(key, back) {

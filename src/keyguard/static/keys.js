@@ -9,7 +9,7 @@ import {
   askDelete, askDisable, askRename, askReplace, askSetSecret, enable,
 } from "./actions.js";
 import { askExpiry, askMeta } from "./edits.js";
-import { formatDate, formatDateTime, isPast, relative } from "./times.js";
+import { formatDate, formatDateTime, isPast, when } from "./times.js";
 
 const META_SHOWN = 60; // characters of a key's meta shown in its row; all of it on hover
 
@@ -98,7 +98,7 @@ function statusList(key) {
       text: "Expired" }));
   } else if (key.expires_at) {
     items.push(el("span", { class: "soon", title: formatDateTime(key.expires_at),
-      text: "Expires " + relative(key.expires_at) }));
+      text: "Expires " + when(key.expires_at) }));
   } else {
     items.push(el("span", { class: "muted", text: "No expiry" }));
   }
@@ -108,7 +108,7 @@ function statusList(key) {
   }
   if (key.last_used_at !== undefined) {
     items.push(el("span", { class: "muted", title: key.last_used_at || "",
-      text: key.last_used_at ? "Last used " + relative(key.last_used_at) : "Never used" }));
+      text: key.last_used_at ? "Last used " + when(key.last_used_at) : "Never used" }));
   }
   const meta = key.meta && typeof key.meta === "object" ? key.meta : {};
   if (Object.keys(meta).length > 0) {

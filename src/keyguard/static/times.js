@@ -56,6 +56,14 @@ export function relative(value, now = Date.now()) {
   return relativeFormat.format(Math.round(diff / DAY), "day");
 }
 
+// "in 3 days" or "2 hours ago" when near (up to two months), else "on May 6, 2031".
+export function when(value, now = Date.now()) {
+  const date = parsed(value);
+  if (!date) return value;
+  return Math.abs(date.getTime() - now) <= 60 * DAY ? relative(value, now)
+    : "on " + formatDate(value);
+}
+
 // RFC 3339 in UTC, to the second, as the API stores it.
 export function rfc3339(date) {
   return date.toISOString().replace(/\.\d{3}Z$/, "Z");
