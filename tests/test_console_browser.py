@@ -546,6 +546,7 @@ def test_an_expiry_can_be_set_in_local_time_and_cleared(
     expect(dialog).to_contain_text("It never expires.")
     field = dialog.get_by_label("Expires at (your local time)")
     expect(field).to_be_focused()
+    expect(field).to_have_value("")
     field.fill("2031-05-06T07:08")
     dialog.get_by_role("button", name="Save expiry").click()
     expect(dialog).to_be_hidden()
@@ -1014,6 +1015,20 @@ def test_phone_width_needs_no_sideways_scrolling(browser: Browser, server: Conso
     assert overflow("document.querySelector('dialog[open]')") <= 0
     assert overflow("document.documentElement") <= 0
     page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
+    # The dialogs with fields fit too.
+    for key, action in (
+        (long_name, "Replace key…"),
+        ("Phone", "Set or clear expiry…"),
+        ("Phone", "Edit metadata…"),
+    ):
+        console.choose(key, action)
+        expect(page.get_by_role("dialog")).to_be_visible()
+        assert overflow("document.querySelector('dialog[open]')") <= 0, action
+        assert overflow("document.documentElement") <= 0, action
+        save = page.get_by_role("dialog").locator("#confirm-ok").bounding_box()
+        assert save is not None
+        assert save["x"] + save["width"] <= PHONE["width"], action
+        page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
 
     # Nor at any width in between, where the key tables turn into cards.
     for width in (480, 768, 800, 900, 1024, 1100, 1280, 1600):

@@ -33,7 +33,7 @@ export function renderKind(kind) {
   // otherwise drop the table's meaning for screen readers.
   const header = (text) => el("th", { scope: "col", role: "columnheader" }, text);
   const head = el("thead", { role: "rowgroup" }, el("tr", { role: "row" },
-    header("Name"), header("Client ID"), header("Secret"), header("Status"), header("Created"),
+    header("Name"), header("Client ID"), header("Secret"), header("Status"),
     header(hiddenText("Actions"))));
   const body = el("tbody", { role: "rowgroup" }, ...keys.map((key) => keyRow(key)));
   holder.replaceChildren(el("table", { class: "keys", role: "table" },
@@ -62,8 +62,6 @@ function keyRow(key) {
       onclick: (event) => askSetSecret(key, event.currentTarget),
     }));
   }
-  const created = el("time", { datetime: key.created_at, title: key.created_at,
-    text: formatDate(key.created_at) });
   const cell = (label, ...content) => el("td", { role: "cell", "data-label": label }, ...content);
   const name = cell("Name", key.name);
   name.className = "name";
@@ -76,7 +74,6 @@ function keyRow(key) {
     cell("Client ID", el("div", { class: "client-id" }, idCode, copyId)),
     cell("Secret", secret),
     status,
-    cell("Created", created),
     actions);
   if (!admits(key)) row.classList.add("refused");
   return row;
@@ -87,7 +84,7 @@ function admits(key) {
 }
 
 // The key's lifecycle (SPEC §8) in a few words: enabled or not, its expiry, a secret still
-// in its grace period, when it was last used, and its meta.
+// in its grace period, when it was last used and created, and its meta.
 function statusList(key) {
   const items = [];
   const enabled = key.enabled !== false;
@@ -110,6 +107,8 @@ function statusList(key) {
     items.push(el("span", { class: "muted", title: key.last_used_at || "",
       text: key.last_used_at ? "Last used " + when(key.last_used_at) : "Never used" }));
   }
+  items.push(el("span", { class: "muted" }, "Created ", el("time", { datetime: key.created_at,
+    title: key.created_at, text: formatDate(key.created_at) })));
   const meta = key.meta && typeof key.meta === "object" ? key.meta : {};
   if (Object.keys(meta).length > 0) {
     items.push(el("span", { class: "meta" }, el("span", { class: "muted", text: "Meta: " }),

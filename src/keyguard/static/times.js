@@ -21,6 +21,7 @@ export const GRACES = [
 const relativeFormat = new Intl.RelativeTimeFormat("en", { numeric: "auto" });
 
 function parsed(value) {
+  if (typeof value !== "string" || !value) return null; // new Date(null) would be 1970
   const date = new Date(value);
   return Number.isNaN(date.getTime()) ? null : date;
 }
