@@ -7,7 +7,7 @@ import {
   page, path, setError, state,
 } from "./core.js";
 import { closeConfirm, confirmDialog, focusInRow, showSecret } from "./dialogs.js";
-import { GRACES, formatDateTime, later } from "./times.js";
+import { GRACES, formatDateTime, isPast, later } from "./times.js";
 
 const NAME_HINT = "1 to 100 characters, unique within this API (ignoring case).";
 
@@ -87,7 +87,7 @@ export function field(label, control, hint = "") {
   return parts;
 }
 
-export function graceSelect(chosen) {
+function graceSelect(chosen) {
   return el("select", {}, ...GRACES.map(({ seconds, label }) => {
     const option = el("option", { value: String(seconds), text: label });
     option.selected = seconds === chosen;
@@ -313,7 +313,7 @@ async function replace(api, key, name, grace, pending) {
   const note = failure
     ? old + " could not be given an expiry (" + explain(failure, { api }) + ") It still " +
       "works: set its expiry with ⋮ → Set or clear expiry."
-    : old + (grace === 0 && until !== key.expires_at ? " has expired: it works no more."
+    : old + (isPast(until) ? " has expired: it works no more."
       : " keeps working until " + formatDateTime(until) + ".");
   showSecret(api, created, created.secret,
     { clientId: created.client_id, label: "Actions for key " + created.name }, note);

@@ -397,6 +397,12 @@ function wire() {
   window.addEventListener("hashchange", () => {
     if (state.token !== null) route({ focus: true, refresh: true });
   });
+  // Back in a tab left open: "expires in 3 days" and other operators' changes are redrawn,
+  // unless something is open or on its way (a reload would pull the rows from under it).
+  document.addEventListener("visibilitychange", () => {
+    const open = document.querySelector("dialog[open], .menu:not([hidden])");
+    if (!document.hidden && state.selected && !state.busy && !open) loadApi();
+  });
 }
 
 async function boot() {

@@ -47,7 +47,7 @@ export const page = {
 
 // -- talking to the management API --------------------------------------------------------
 
-export class ApiError extends Error {
+class ApiError extends Error {
   constructor(status, code, detail) {
     super(detail || code || "HTTP " + status);
     this.status = status;

@@ -31,7 +31,7 @@ function wipeSecret() {
   getSelection().removeAllRanges();
 }
 
-export function closeSecret() {
+function closeSecret() {
   wipeSecret(); // at once, not when the browser gets round to the "close" event
   $("secret-dialog").close();
 }
@@ -57,7 +57,7 @@ export function focusInRow(clientId, label) {
 
 // Put the focus back where an action came from: a control of a key's row (found again by
 // client id and label, as the rows are redrawn), else an element, else the API's heading.
-export function restoreFocus(back) {
+function restoreFocus(back) {
   if (!back) return;
   if (back.clientId && focusInRow(back.clientId, back.label)) return;
   const target = back.element;

@@ -46,7 +46,7 @@ export function formatDateTime(value) {
 }
 
 // "in 3 days", "2 hours ago", "in 5 minutes": the largest unit that fits, rounded.
-export function relative(value, now = Date.now()) {
+function relative(value, now = Date.now()) {
   const date = parsed(value);
   if (!date) return value;
   const diff = date.getTime() - now;
@@ -66,7 +66,7 @@ export function when(value, now = Date.now()) {
 }
 
 // RFC 3339 in UTC, to the second, as the API stores it.
-export function rfc3339(date) {
+function rfc3339(date) {
   return date.toISOString().replace(/\.\d{3}Z$/, "Z");
 }
 
