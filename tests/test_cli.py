@@ -13,19 +13,33 @@ import re
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from keyguard import IssuedKey, KeyManager, open_store
+from keyguard import Denial, IssuedKey, KeyInfo, KeyManager, open_store
 
 pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 
 KEYGUARD = Path(sys.executable).parent / "keyguard"
-KEY_FIELDS = {"client_id", "name", "kind", "has_secret", "created_at"}
+KEY_FIELDS = {
+    "client_id",
+    "name",
+    "kind",
+    "has_secret",
+    "created_at",
+    "enabled",
+    "expires_at",
+    "meta",
+    "last_used_at",
+    "previous_secret_expires_at",
+    "rate_limits",
+}
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z")
 
 
 class Run:
@@ -123,8 +137,9 @@ def test_help_lists_the_commands(run: Run) -> None:
     for word in ("apis", "keys", "demo", "--store", "--json"):
         assert word in out
     keys_help = run("keys", "--help").stdout
-    for word in ("list", "create", "set-secret", "delete"):
+    for word in ("list", "create", "update", "set-secret", "delete"):
         assert word in keys_help
+    assert "limits" in run("apis", "--help").stdout
 
 
 @pytest.mark.parametrize(
@@ -141,6 +156,18 @@ def test_help_lists_the_commands(run: Run) -> None:
         ("apis", "expose", "orders", "--max-keys", "many"),
         ("demo", "--port", "70000"),
         ("--json", "demo"),
+        ("keys", "update", "orders", "0" * 32),
+        ("keys", "update", "orders", "--disable"),
+        ("keys", "update", "orders", "0" * 32, "--name", "Acme", "--disable"),
+        ("keys", "update", "orders", "0" * 32, "--enable", "--disable"),
+        ("keys", "update", "orders", "0" * 32, "--expires", "1d", "--no-expiry"),
+        ("keys", "update", "orders", "0" * 32, "--limits", "1/second", "--inherit-limits"),
+        ("keys", "update", "orders", "0" * 32, "--inherit-limits", "--no-limits"),
+        ("keys", "update", "orders", "0" * 32, "--limits"),
+        ("apis", "limits", "orders"),
+        ("apis", "limits", "orders", "--set", "1/second", "--clear"),
+        ("apis", "limits", "orders", "--set"),
+        ("keys", "set-secret", "orders", "0" * 32, "--grace"),
     ],
     ids=[
         "no-command",
@@ -154,6 +181,18 @@ def test_help_lists_the_commands(run: Run) -> None:
         "max-keys-not-int",
         "port-out-of-range",
         "json-demo",
+        "update-nothing",
+        "update-neither",
+        "update-both",
+        "enable-and-disable",
+        "expires-and-no-expiry",
+        "limits-and-inherit",
+        "inherit-and-no-limits",
+        "limits-without-value",
+        "apis-limits-neither",
+        "apis-limits-both",
+        "set-without-value",
+        "grace-without-value",
     ],
 )
 def test_usage_errors_exit_2(run: Run, args: tuple[str, ...]) -> None:
@@ -174,7 +213,7 @@ def test_api_lifecycle_human(run: Run) -> None:
     assert "billing: not exposed" in out
     lines = run("apis", "list").stdout.splitlines()
     assert lines == [
-        "NAME     EXPOSED  MAX/KIND  INTERNAL  EXTERNAL",
+        "NAME     EXPOSED  MAX/KIND  INTERNAL  EXTERNAL  RATE LIMITS",
         "billing  no       5         0         0",
         "orders   yes      3         0         0",
     ]
@@ -199,12 +238,22 @@ def test_key_lifecycle_human(exposed: Run) -> None:
     assert "will never show it again" in out
 
     lines = exposed("keys", "list", "orders").stdout.splitlines()
-    assert (
-        lines[0] == "CLIENT_ID" + " " * 25 + "NAME" + " " * 9 + "KIND" + " " * 6 + "SECRET  CREATED"
-    )
+    assert lines[0].split() == [
+        "CLIENT_ID",
+        "NAME",
+        "KIND",
+        "SECRET",
+        "CREATED",
+        "LAST",
+        "USED",
+        "STATE",
+        "LIMITS",
+        "META",
+    ]
+    assert lines[0].startswith("CLIENT_ID" + " " * 25 + "NAME" + " " * 9 + "KIND" + " " * 6)
     assert lines[1].startswith(f"{internal_id[1]}  Acme         internal  yes     20")
     assert lines[2].startswith(f"{external_id[1]}  Globex Corp  external  yes     20")
-    assert lines[1].endswith("Z")
+    assert lines[1].endswith("Z  never      enabled")
 
     out = exposed("keys", "delete", "orders", internal_id[1], "--yes").stdout
     assert out == f"Deleted key {internal_id[1]} (Acme) of API orders.\n"
@@ -227,6 +276,7 @@ def test_json_before_and_after_the_subcommand(exposed: Run) -> None:
                 "name": "orders",
                 "exposed": True,
                 "max_keys_per_kind": 5,
+                "rate_limits": [],
                 "keys": {"internal": 1, "external": 0},
             }
         ]
@@ -243,8 +293,9 @@ def test_json_shapes_of_every_command(exposed: Run) -> None:
     assert external["secret"] is None
     assert external["has_secret"] is False
     secret = exposed.json("keys", "set-secret", "orders", external["client_id"])
-    assert set(secret) == {"client_id", "secret"}
+    assert set(secret) == {"client_id", "secret", "previous_secret_expires_at"}
     assert secret["client_id"] == external["client_id"]
+    assert secret["previous_secret_expires_at"] is None
     result = exposed("keys", "delete", "orders", external["client_id"], "--yes", "--json")
     assert result.stdout == ""
 
@@ -429,6 +480,10 @@ def test_version(run: Run) -> None:
         ("keys", "delete", "nosuch", "--name", "Acme", "--yes"),
         ("keys", "set-secret", "nosuch", "0" * 22),
         ("apis", "unexpose", "nosuch"),
+        ("apis", "limits", "nosuch", "--set", "10/second"),
+        ("apis", "limits", "nosuch", "--clear"),
+        ("keys", "update", "nosuch", "--name", "Acme", "--disable"),
+        ("keys", "set-secret", "nosuch", "0" * 22, "--grace", "1h"),
     ],
 )
 def test_unknown_api_is_an_error_naming_the_store(exposed: Run, args: tuple[str, ...]) -> None:
@@ -466,3 +521,316 @@ def test_apis_delete(exposed: Run) -> None:
     assert exposed.json("apis", "list") == {"apis": []}
     line = one_line_error(exposed("apis", "delete", "orders", "--yes", expect=1))
     assert "'orders' not found" in line
+
+
+# -- the key lifecycle (SPEC §6, §8) and rate limits (§9) ----------------------------------------
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 UTC time the CLI printed, as an aware datetime."""
+    assert RFC3339_UTC.fullmatch(text), text
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def authenticate(run: Run, client_id: str, secret: str | None) -> KeyInfo | Denial:
+    """What ``KeyManager.authenticate`` answers for these credentials on ``orders``."""
+    return manage(run, lambda manager: manager.authenticate("orders", client_id, secret))
+
+
+def test_json_key_has_every_lifecycle_field(exposed: Run) -> None:
+    """``keys create`` and ``keys list`` with --json show §5's key: every §8 field, defaults
+    for a plain key (enabled, no expiry, empty meta, never used, no grace, the API's limits)."""
+    created = exposed.json("keys", "create", "orders", "--name", "Acme", "--kind", "external")
+    assert set(created) == {*KEY_FIELDS, "secret"}
+    (listed,) = exposed.json("keys", "list", "orders")["keys"]
+    assert set(listed) == KEY_FIELDS
+    assert RFC3339_UTC.fullmatch(listed["created_at"])
+    assert {field: listed[field] for field in KEY_FIELDS - {"client_id", "created_at"}} == {
+        "name": "Acme",
+        "kind": "external",
+        "has_secret": False,
+        "enabled": True,
+        "expires_at": None,
+        "meta": {},
+        "last_used_at": None,
+        "previous_secret_expires_at": None,
+        "rate_limits": None,
+    }
+
+
+def test_create_with_expiry_and_meta(exposed: Run) -> None:
+    """``--expires`` takes an RFC 3339 time with any zone (stored in UTC) or a duration from
+    now, and ``--meta`` a JSON object; both show in --json and in the text output."""
+    key = exposed.json(
+        "keys",
+        "create",
+        "orders",
+        "--name",
+        "Acme",
+        "--kind",
+        "internal",
+        "--expires",
+        "2030-01-01T02:00:00+02:00",
+        "--meta",
+        '{"customer": 42, "plan": "gold", "tags": ["a", "b"]}',
+    )
+    assert key["expires_at"] == "2030-01-01T00:00:00Z"
+    assert key["meta"] == {"customer": 42, "plan": "gold", "tags": ["a", "b"]}
+    in_a_month = exposed.json(
+        "keys", "create", "orders", "--name", "Globex", "--kind", "external", "--expires", "30d"
+    )
+    lasts = parse_time(in_a_month["expires_at"]) - parse_time(in_a_month["created_at"])
+    assert timedelta(days=30) - timedelta(minutes=5) < lasts <= timedelta(days=30)
+    out = exposed(
+        "keys", "create", "orders", "--name", "Initech", "--kind", "external", "--meta", "{}"
+    ).stdout
+    assert "meta:" not in out
+    out = exposed(
+        "keys", "create", "orders", "--name", "Umbrella", "--kind", "external",
+        "--expires", "2031-06-01T12:00:00Z", "--meta", '{"plan": "free"}',
+    ).stdout  # fmt: skip
+    assert "  expires:   2031-06-01T12:00:00Z\n" in out
+    assert '  meta:      {"plan":"free"}\n' in out
+
+
+def test_create_expired_is_allowed_and_refused_at_once(exposed: Run) -> None:
+    """A past ``--expires`` is allowed (SPEC §8): the key is created expired, and says so."""
+    out = exposed(
+        "keys", "create", "orders", "--name", "Old", "--kind", "internal",
+        "--expires", "2020-01-01T00:00:00Z",
+    ).stdout  # fmt: skip
+    assert "  expired:   2020-01-01T00:00:00Z\n" in out
+    secret = re.search(r"secret: +(\S+)\n", out)
+    client_id = re.search(r"client id: (\S+)\n", out)
+    assert secret is not None
+    assert client_id is not None
+    assert authenticate(exposed, client_id[1], secret[1]) is Denial.EXPIRED
+    assert "enabled, expired 2020-01-01T00:00:00Z" in exposed("keys", "list", "orders").stdout
+
+
+def test_update_changes_only_the_given_fields(exposed: Run) -> None:
+    """``keys update`` changes what is given and keeps the rest (R11), on either kind, found
+    by client id or by --name (trimmed, ignoring case)."""
+    key = exposed.json(
+        "keys", "create", "orders", "--name", "Staff", "--kind", "internal",
+        "--expires", "2030-01-01T00:00:00Z", "--meta", '{"team": "ops"}',
+    )  # fmt: skip
+    renamed = exposed.json("keys", "update", "orders", key["client_id"], "--rename", "Ops team")
+    unchanged = {k: v for k, v in key.items() if k not in ("name", "secret")}
+    assert renamed == {**unchanged, "name": "Ops team"}
+    disabled = exposed.json("keys", "update", "orders", "--name", "  OPS TEAM ", "--disable")
+    assert disabled == {**renamed, "enabled": False}
+    changed = exposed.json(
+        "keys", "update", "orders", key["client_id"],
+        "--enable", "--no-expiry", "--meta", '{"plan": "gold"}', "--limits", "5/second",
+    )  # fmt: skip
+    assert changed == {
+        **renamed,
+        "expires_at": None,
+        "meta": {"plan": "gold"},
+        "rate_limits": [{"limit": 5, "per": "second"}],
+    }
+    assert exposed.json("keys", "list", "orders") == {"keys": [changed]}
+
+
+def test_update_text_output(exposed: Run) -> None:
+    """Without --json, ``keys update`` prints the key's new state, limits and meta."""
+    key = issue(exposed, "Acme", "external")
+    out = exposed(
+        "keys", "update", "orders", key.client_id, "--rename", "Acme Corp", "--disable",
+        "--expires", "2030-01-01T00:00:00Z", "--meta", '{"plan": "gold"}',
+    ).stdout  # fmt: skip
+    assert out == (
+        f"Updated key {key.client_id} (Acme Corp) of API orders:\n"
+        "  state:     disabled, expires 2030-01-01T00:00:00Z\n"
+        "  limits:    the API's\n"
+        '  meta:      {"plan":"gold"}\n'
+    )
+    out = exposed("keys", "update", "orders", key.client_id, "--no-limits", "--meta", "{}").stdout
+    assert "  limits:    unlimited\n" in out
+    assert "  meta:      {}\n" in out
+
+
+def test_update_rename_to_a_taken_name_is_refused(exposed: Run) -> None:
+    """A rename clashing (casefolded) with another key of the API is ``duplicate_name``."""
+    issue(exposed, "Acme", "external")
+    staff = issue(exposed, "Staff", "internal")
+    result = exposed(
+        "--json", "keys", "update", "orders", staff.client_id, "--rename", "ACME", expect=1
+    )
+    problem = json.loads(result.stderr)
+    assert (problem["code"], problem["status"]) == ("duplicate_name", 409)
+    names = [key["name"] for key in exposed.json("keys", "list", "orders")["keys"]]
+    assert names == ["Acme", "Staff"]
+
+
+def test_update_unknown_key(exposed: Run) -> None:
+    """``keys update`` of a client id or name the API does not have is ``key_not_found``."""
+    for selector in (("0" * 32,), ("--name", "Nobody")):
+        result = exposed("--json", "keys", "update", "orders", *selector, "--disable", expect=1)
+        assert json.loads(result.stderr)["code"] == "key_not_found"
+
+
+def test_disable_and_enable_through_the_cli(exposed: Run) -> None:
+    """After ``--disable`` the right credentials get ``Denial.DISABLED``; ``--enable`` lets
+    the key in again, with the same id and secret (SPEC §8)."""
+    key = issue(exposed, "Staff", "internal")
+    assert isinstance(authenticate(exposed, key.client_id, key.secret), KeyInfo)
+    exposed("keys", "update", "orders", key.client_id, "--disable")
+    assert authenticate(exposed, key.client_id, key.secret) is Denial.DISABLED
+    assert "  disabled" in exposed("keys", "list", "orders").stdout
+    exposed("keys", "update", "orders", "--name", "staff", "--enable")
+    assert isinstance(authenticate(exposed, key.client_id, key.secret), KeyInfo)
+
+
+def test_expire_and_clear_the_expiry(exposed: Run) -> None:
+    """``--expires`` in the past refuses the key (``Denial.EXPIRED``); ``--no-expiry`` clears
+    it; a duration from now keeps it working until then."""
+    key = issue(exposed, "Staff", "internal")
+    exposed("keys", "update", "orders", key.client_id, "--expires", "2000-01-01T00:00:00Z")
+    assert authenticate(exposed, key.client_id, key.secret) is Denial.EXPIRED
+    cleared = exposed.json("keys", "update", "orders", key.client_id, "--no-expiry")
+    assert cleared["expires_at"] is None
+    assert isinstance(authenticate(exposed, key.client_id, key.secret), KeyInfo)
+    later = exposed.json("keys", "update", "orders", key.client_id, "--expires", "12h")
+    assert parse_time(later["expires_at"]) > parse_time(later["created_at"])
+    assert isinstance(authenticate(exposed, key.client_id, key.secret), KeyInfo)
+    assert "enabled, expires 20" in exposed("keys", "list", "orders").stdout
+
+
+def test_key_rate_limits(exposed: Run) -> None:
+    """``--limits`` (repeated, or several after one) sets a key's own limits, ``--no-limits``
+    makes it unlimited ([]), ``--inherit-limits`` gives it the API's again (null)."""
+    key = issue(exposed, "Acme", "external")
+    limited = exposed.json(
+        "keys", "update", "orders", key.client_id,
+        "--limits", "10/second", "--limits", "100/minute", "1000/hour", "--limits", "5000/DAY",
+    )  # fmt: skip
+    assert limited["rate_limits"] == [
+        {"limit": 10, "per": "second"},
+        {"limit": 100, "per": "minute"},
+        {"limit": 1000, "per": "hour"},
+        {"limit": 5000, "per": "day"},
+    ]
+    assert "10/second, 100/minute, 1000/hour, 5000/day" in exposed("keys", "list", "orders").stdout
+    unlimited = exposed.json("keys", "update", "orders", key.client_id, "--no-limits")
+    assert unlimited["rate_limits"] == []
+    assert "  unlimited" in exposed("keys", "list", "orders").stdout
+    inherited = exposed.json("keys", "update", "orders", key.client_id, "--inherit-limits")
+    assert inherited["rate_limits"] is None
+
+
+def test_keys_list_shows_each_keys_state(exposed: Run) -> None:
+    """The text listing shows enabled/disabled, the expiry, the grace period, limits and meta
+    (meta's control and format characters escaped)."""
+    plain = issue(exposed, "Plain", "external")
+    busy = issue(exposed, "Busy", "external")
+    exposed(
+        "keys", "update", "orders", busy.client_id, "--disable",
+        "--expires", "2000-01-01T00:00:00Z", "--limits", "7/minute",
+        "--meta", '{"plan": "gold", "note": "a\\u202eb"}',
+    )  # fmt: skip
+    lines = exposed("keys", "list", "orders").stdout.splitlines()
+    assert lines[1].startswith(plain.client_id)
+    assert lines[1].endswith("  never      enabled")
+    assert lines[2].startswith(busy.client_id)
+    assert "  disabled, expired 2000-01-01T00:00:00Z  7/minute  " in lines[2]
+    assert lines[2].endswith('{"plan":"gold","note":"a\\u202eb"}')
+    assert "\u202e" not in exposed("keys", "list", "orders").stdout
+
+
+def test_set_secret_with_grace_keeps_the_previous_secret(exposed: Run) -> None:
+    """``--grace 1h`` prints the new secret once and until when the previous one is valid;
+    both verify meanwhile. Without --grace the previous secret stops at once."""
+    key = issue(exposed, "Acme", "external")
+    first = exposed.json("keys", "set-secret", "orders", key.client_id)["secret"]
+    rolled = exposed.json("keys", "set-secret", "orders", key.client_id, "--grace", "1h")
+    until = parse_time(rolled["previous_secret_expires_at"])
+    second = rolled["secret"]
+    assert second != first
+    assert isinstance(authenticate(exposed, key.client_id, first), KeyInfo)
+    assert isinstance(authenticate(exposed, key.client_id, second), KeyInfo)
+    (listed,) = exposed.json("keys", "list", "orders")["keys"]
+    assert parse_time(listed["previous_secret_expires_at"]) == until
+    assert "previous secret valid until 20" in exposed("keys", "list", "orders").stdout
+
+    out = exposed("keys", "set-secret", "orders", key.client_id, "--grace", "30m").stdout
+    assert re.search(r"\(previous secret valid until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\):\n", out)
+    third = re.search(r"secret: +(\S+)\n", out)
+    assert third is not None
+    assert authenticate(exposed, key.client_id, first) is Denial.INVALID_SECRET  # one previous
+    assert isinstance(authenticate(exposed, key.client_id, second), KeyInfo)
+
+    out = exposed("keys", "set-secret", "orders", key.client_id).stdout
+    assert "(any previous one is void)" in out
+    assert authenticate(exposed, key.client_id, third[1]) is Denial.INVALID_SECRET
+
+
+def test_apis_limits(exposed: Run) -> None:
+    """``apis limits --set`` replaces the API's rate limits (shown by ``apis list`` and its
+    --json), ``--clear`` removes them."""
+    api = exposed.json("apis", "limits", "orders", "--set", "100/minute", "--set", "1000/hour")
+    assert api["rate_limits"] == [{"limit": 100, "per": "minute"}, {"limit": 1000, "per": "hour"}]
+    assert exposed.json("apis", "list")["apis"][0]["rate_limits"] == api["rate_limits"]
+    assert exposed("apis", "list").stdout.splitlines()[1].endswith("  100/minute, 1000/hour")
+    out = exposed("apis", "limits", "orders", "--set", "5/second").stdout
+    assert out == "API orders: rate limits 5/second for each key without limits of its own.\n"
+    out = exposed("apis", "limits", "orders", "--clear").stdout
+    assert out.startswith("API orders: no rate limits")
+    assert exposed.json("apis", "list")["apis"][0]["rate_limits"] == []
+
+
+_UPDATE = ("keys", "update", "orders", "ID")
+_CREATE = ("keys", "create", "orders", "--name", "A", "--kind", "internal")
+_ROLL = ("keys", "set-secret", "orders", "ID")
+_BAD_VALUES: list[tuple[str, tuple[str, ...], str]] = [
+    ("expires-word", (*_UPDATE, "--expires", "tomorrow"), "--expires"),
+    ("expires-no-zone", (*_UPDATE, "--expires", "2030-01-01T00:00:00"), "zone"),
+    ("expires-no-date", (*_UPDATE, "--expires", "2030-02-30T00:00:00Z"), "--expires"),
+    ("expires-unit", (*_UPDATE, "--expires", "30y"), "--expires"),
+    ("expires-no-unit", (*_UPDATE, "--expires", "30"), "--expires"),
+    ("expires-negative", (*_UPDATE, "--expires=-5d"), "--expires"),
+    ("expires-create", (*_CREATE, "--expires", "soon"), "--expires"),
+    ("meta-array", (*_UPDATE, "--meta", "[1]"), "--meta"),
+    ("meta-broken", (*_CREATE, "--meta", "{"), "--meta"),
+    ("meta-too-big", (*_UPDATE, "--meta", json.dumps({"x": "y" * 4096})), "4096"),
+    ("limits-zero", (*_UPDATE, "--limits", "0/minute"), "--limits"),
+    ("limits-unit", (*_UPDATE, "--limits", "5/fortnight"), "--limits"),
+    ("limits-shape", (*_UPDATE, "--limits", "lots"), "--limits"),
+    ("limits-five", (*_UPDATE, "--limits", *(f"{n}/second" for n in range(1, 6))), "at most 4"),
+    ("set-unit", ("apis", "limits", "orders", "--set", "10/week"), "--set"),
+    ("grace-too-long", (*_ROLL, "--grace", "31d"), "30 days"),
+    ("grace-unit", (*_ROLL, "--grace", "1x"), "--grace"),
+    ("grace-passed", (*_ROLL, "--grace", "2000-01-01T00:00:00Z"), "passed"),
+    ("rename-blank", (*_UPDATE, "--rename", "   "), "name"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [case[1:] for case in _BAD_VALUES],
+    ids=[case[0] for case in _BAD_VALUES],
+)
+def test_bad_values_exit_1_with_one_line(exposed: Run, args: tuple[str, ...], says: str) -> None:
+    """A bad WHEN, DURATION, N/UNIT, JSON or name is an invalid value: exit 1, one line naming
+    what is wrong (no traceback), a 422 ``invalid_request`` problem with --json; nothing changes."""
+    key = issue(exposed, "Acme", "external")
+    argv = [key.client_id if arg == "ID" else arg for arg in args]
+    before = exposed.json("keys", "list", "orders")
+    line = one_line_error(exposed(*argv, expect=1))
+    assert says in line
+    result = exposed("--json", *argv, expect=1)
+    assert result.stdout == ""
+    problem = json.loads(result.stderr)
+    assert (problem["code"], problem["status"]) == ("invalid_request", 422)
+    assert says in problem["detail"]
+    assert exposed.json("keys", "list", "orders") == before
+    assert exposed.json("apis", "list")["apis"][0]["rate_limits"] == []
+
+
+def test_bad_value_is_reported_before_the_store_is_opened(tmp_path: Path) -> None:
+    """A bad value is the error even when the store does not exist yet (and none is created)."""
+    run = Run(tmp_path, None)
+    line = one_line_error(run("apis", "limits", "orders", "--set", "1/week", expect=1))
+    assert "--set" in line
+    assert not (tmp_path / "keyguard.db").exists()

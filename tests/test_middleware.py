@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -594,15 +595,23 @@ async def test_content_length_matches_body(http: httpx.AsyncClient) -> None:
 
 
 async def test_one_store_lookup_per_request(store: KeyStore, keys: Keys) -> None:
-    """Each checked request costs exactly one store call, a lookup of state and key together."""
+    """Each checked request costs exactly one store call, a lookup of state and key together;
+    without a cache, the API's rate limits (which admitted keys inherit) are read once a second
+    at most, however many requests."""
     counting = CountingStore(store)
+    started = time.monotonic()
     async with client(protected(counting)) as c:
         await c.get("/whoami", headers={ID: keys.internal_id, SECRET: keys.internal_secret})
         await c.get("/whoami", headers={ID: keys.external_id})
         await c.get("/whoami", headers={ID: "1" * 32})
         await c.get("/whoami")
-    assert dict(counting.calls) == {"lookup": 4}
-    assert counting.lookups == [
+        for _ in range(20):
+            await c.get("/whoami", headers={ID: keys.external_id})
+    elapsed = time.monotonic() - started
+    assert set(counting.calls) == {"lookup", "get_api"}
+    assert counting.calls["lookup"] == 24
+    assert 1 <= counting.calls["get_api"] <= 1 + int(elapsed)
+    assert counting.lookups[:4] == [
         ("orders", keys.internal_id),
         ("orders", keys.external_id),
         ("orders", "1" * 32),

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Literal
 from urllib.parse import parse_qsl, unquote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from keyguard.errors import ApiNotFound, ConfigurationError, InvalidRequest
 from keyguard.manager import Denial, KeyManager
 from keyguard.models import API_NAME_PATTERN, KeyInfo, validate_api_name
+from keyguard.ratelimit import RateLimiter, RateLimiterUnavailable, Verdict
 from keyguard.secrets import SecretHasher, VerificationBusy
 from keyguard.stores.base import KeyStore
 
@@ -41,7 +43,15 @@ _EXPIRED = "Client id expired."
 _MULTIPLE = "Multiple client id or secret values in the request."
 _UNAVAILABLE = "Key store unavailable."
 
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 503: "Service Unavailable"}
+_RATE_LIMITED = "Rate Limit exceeded"
+
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    503: "Service Unavailable",
+}
 
 # A refusal: status, raw headers, body, and the websocket close code used when
 # the server cannot send an HTTP response to a websocket handshake.
@@ -62,12 +72,26 @@ def _refusal(status: int, message: str, api: str | None = None) -> _Refusal:
         headers.append((b"www-authenticate", f'APIKey realm="{api}"'.encode()))
     if status == 503:
         headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
-    return status, headers, body, 1013 if status == 503 else 1008
+    return status, headers, body, 1013 if status in (429, 503) else 1008
 
 
 _BAD_REQUEST = _refusal(400, _MULTIPLE)
 _API_NOT_AVAILABLE = _refusal(404, _NOT_FOUND)
 _STORE_UNAVAILABLE = _refusal(503, _UNAVAILABLE)
+_TOO_MANY = _refusal(429, _RATE_LIMITED)
+
+
+def _rate_headers(verdict: Verdict) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-ratelimit-limit", str(verdict.limit).encode()),
+        (b"x-ratelimit-remaining", str(verdict.remaining).encode()),
+    ]
+
+
+def _too_many(verdict: Verdict) -> _Refusal:
+    status, headers, body, close = _TOO_MANY
+    extra = [(b"retry-after", str(verdict.retry_after).encode()), *_rate_headers(verdict)]
+    return status, [*headers, *extra], body, close
 
 
 class _ApiRefusals:
@@ -111,6 +135,13 @@ class KeyGuard:
       ``KeyGuard`` instead).
     * ``hasher`` — a :class:`~keyguard.secrets.SecretHasher` for a non-default
       passlib context; it must match the one keys were created with.
+    * ``rate_limiter`` — where rate-limit counters live (SPEC §9): a URL the
+      ``limits`` library knows (``memory://``, ``redis://…``, ``redis+cluster://…``,
+      ``memcached://…``) or a :class:`~keyguard.ratelimit.RateLimiter`. Default: the
+      key store's own Redis when the store is Redis, else ``memory://`` (counted
+      per process).
+    * ``rate_limit_fail`` — ``"open"`` (default: while the counter storage fails,
+      count in this process's memory) or ``"closed"`` (answer 503).
 
     Exclusions match the path the app routes on (``scope["path"]`` less
     ``scope["root_path"]``). On success the app finds a :class:`~keyguard.KeyInfo`
@@ -131,9 +162,13 @@ class KeyGuard:
         strip_secret: bool = True,
         allow_preflight: bool = False,
         hasher: SecretHasher | None = None,
+        rate_limiter: str | RateLimiter | None = None,
+        rate_limit_fail: Literal["open", "closed"] = "open",
     ) -> None:
         self.app = app
         self.manager = KeyManager(store, hasher=hasher)
+        self.rate_limiter = _rate_limiter(store, rate_limiter, rate_limit_fail)
+        self._told_per_process = not self.rate_limiter.local
         if callable(api):
             self._api_name: str | None = None
             self._api_func: Callable[[Scope], str | None] | None = api
@@ -171,8 +206,15 @@ class KeyGuard:
         api = self._api_name if self._api_func is None else self._api_func
         return f"KeyGuard(store={self.manager.store!r}, api={api!r})"
 
+    async def aclose(self) -> None:
+        """Release what this middleware opened itself (its rate limiter's client); done
+        on the lifespan's shutdown too. The store is the caller's to close."""
+        await self.rate_limiter.aclose()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
+            if scope["type"] == "lifespan":
+                send = self._closing_on_shutdown(send)
             await self.app(scope, receive, send)
             return
         path = scope["path"]
@@ -250,6 +292,28 @@ class KeyGuard:
         if state is None:
             state = scope["state"] = {}
         state["keyguard"] = result
+        try:
+            limits = await self.manager.rate_limits_for(api, result)
+            verdict = await self.rate_limiter.hit(api, result.client_id, limits) if limits else None
+        except RateLimiterUnavailable as exc:
+            logger.debug("answering 503: %s", exc)
+            await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
+            return
+        except Exception as exc:
+            self._log_store_failure(exc)
+            await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
+            return
+        if verdict is not None:
+            if not self._told_per_process:
+                self._told_per_process = True
+                logger.info(
+                    "rate limits are counted per process (memory://): pass "
+                    "rate_limiter='redis://…' to share the counters between processes"
+                )
+            if not verdict.admitted:
+                await _refuse(scope, receive, send, _too_many(verdict))
+                return
+            send = _with_headers(send, _rate_headers(verdict))
         if self._strip and (secret_pair is not None or query_secret):
             child = dict(scope)
             if secret_pair is not None:
@@ -260,6 +324,14 @@ class KeyGuard:
                 child["query_string"] = _without_secret(scope["query_string"])
             scope = child
         await self.app(scope, receive, send)
+
+    def _closing_on_shutdown(self, send: Send) -> Send:
+        async def sending(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.aclose()
+            await send(message)
+
+        return sending
 
     def _stripped(self, scope: Scope) -> Scope:
         """``scope`` without the secret header (or query parameter), for excluded paths."""
@@ -343,6 +415,30 @@ class KeyGuard:
             self._refusals.clear()
         refusals = self._refusals[api] = _ApiRefusals(api)
         return refusals
+
+
+def _rate_limiter(store: KeyStore, given: object, fail: Literal["open", "closed"]) -> RateLimiter:
+    if isinstance(given, RateLimiter):
+        return given
+    if given is None:
+        inner = getattr(store, "store", store)
+        url = getattr(inner, "counter_url", None)
+        given = url if isinstance(url, str) else "memory://"
+    if not isinstance(given, str):
+        raise ConfigurationError("rate_limiter must be a counter storage URL or a RateLimiter")
+    return RateLimiter(given, fail=fail)
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """``send`` adding ``extra`` headers to the response start (or websocket accept),
+    leaving every other message, and so the body and its streaming, untouched."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] in ("http.response.start", "websocket.accept"):
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return sending
 
 
 def _header_name(value: object, option: str) -> bytes:

@@ -28,6 +28,7 @@ WARNING a minute; with ``fail="closed"`` they are refused instead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -139,6 +140,7 @@ class RateLimiter:
         self._down_until = 0.0
         self._retry = _RETRY_FIRST
         self._last_warning = -math.inf
+        self._items: dict[RateLimit, Any] = {}
         # Fail at start-up on an unknown scheme or a missing driver, not on a request.
         self._make_limiter(self.uri, self._options)
 
@@ -162,10 +164,22 @@ class RateLimiter:
     def _limiter(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._remote is None or self._remote_loop is not loop:
-            # A client is bound to the event loop it first ran in: one per loop.
+            # A client is bound to the event loop it first ran in: one per loop (the one
+            # of a loop that is gone cannot be closed from this one, and is dropped).
             self._remote = self._make_limiter(self.uri, dict(self._options))
             self._remote_loop = loop
         return self._remote
+
+    async def _drop_remote(self) -> None:
+        remote, loop = self._remote, self._remote_loop
+        self._remote = self._remote_loop = None
+        if remote is None or loop is not asyncio.get_running_loop():
+            return
+        client = getattr(getattr(remote.storage, "bridge", None), "storage", None)
+        closing = getattr(client, "aclose", None)
+        if closing is not None:
+            with contextlib.suppress(Exception):
+                await closing()
 
     def _memory(self) -> Any:
         if self._fallback is None:
@@ -196,7 +210,7 @@ class RateLimiter:
         now = time.monotonic()
         self._down_until = now + self._retry
         self._retry = min(self._retry * 2, _RETRY_MAX)
-        self._remote = None  # a new client next time
+        await self._drop_remote()  # a new client next time
         if now - self._last_warning >= WARNING_INTERVAL:
             self._last_warning = now
             logger.warning(
@@ -214,28 +228,21 @@ class RateLimiter:
     async def _check(
         self, limiter: Any, api: str, client_id: str, limits: Sequence[RateLimit]
     ) -> Verdict:
-        from limits import (
-            RateLimitItemPerDay,
-            RateLimitItemPerHour,
-            RateLimitItemPerMinute,
-            RateLimitItemPerSecond,
-        )
-
-        kinds = {
-            "second": RateLimitItemPerSecond,
-            "minute": RateLimitItemPerMinute,
-            "hour": RateLimitItemPerHour,
-            "day": RateLimitItemPerDay,
-        }
-        items = [kinds[limit.per](limit.limit, namespace="k") for limit in limits]
-        windows = await asyncio.gather(
-            *(limiter.get_window_stats(item, api, client_id) for item in items)
-        )
+        items = [self._item(limit) for limit in limits]
+        if len(items) == 1:  # the common case, without the cost of tasks
+            windows = [await limiter.get_window_stats(items[0], api, client_id)]
+        else:
+            windows = await asyncio.gather(
+                *(limiter.get_window_stats(item, api, client_id) for item in items)
+            )
         now = time.time()
         full = [stats.remaining <= 0 for stats in windows]
         if any(full):
             return self._refused(limits, windows, now, full)
-        hits = await asyncio.gather(*(limiter.hit(item, api, client_id) for item in items))
+        if len(items) == 1:
+            hits = [await limiter.hit(items[0], api, client_id)]
+        else:
+            hits = await asyncio.gather(*(limiter.hit(item, api, client_id) for item in items))
         if not all(hits):
             # Lost a race for the last place of a limit.
             return self._refused(limits, windows, now, [not hit for hit in hits])
@@ -265,10 +272,31 @@ class RateLimiter:
         )
         return Verdict(False, limit.limit, 0, wait)
 
+    def _item(self, limit: RateLimit) -> Any:
+        item = self._items.get(limit)
+        if item is None:
+            from limits import (
+                RateLimitItemPerDay,
+                RateLimitItemPerHour,
+                RateLimitItemPerMinute,
+                RateLimitItemPerSecond,
+            )
+
+            kinds = {
+                "second": RateLimitItemPerSecond,
+                "minute": RateLimitItemPerMinute,
+                "hour": RateLimitItemPerHour,
+                "day": RateLimitItemPerDay,
+            }
+            item = kinds[limit.per](limit.limit, namespace="k")
+            if len(self._items) >= 10_000:
+                self._items.clear()
+            self._items[limit] = item
+        return item
+
     async def aclose(self) -> None:
-        """Forget the storage clients (the next check makes new ones)."""
-        self._remote = None
-        self._remote_loop = None
+        """Close the counter storage's client (a later check makes a new one)."""
+        await self._drop_remote()
 
 
 def _masked(url: str) -> str:

@@ -271,6 +271,7 @@ class RedisStore:
             raise ConfigurationError(f"invalid Redis store URL or option: {reason}") from None
         store = cls.__new__(cls)
         store._setup(client, prefix, timeout, factory=factory)
+        store._url = url
         return store
 
     def _setup(
@@ -284,6 +285,7 @@ class RedisStore:
         self._index = f"{prefix}apis"
         self._channel = f"{prefix}changes"
         self._location = _location(client)
+        self._url: str | None = None
         self._factory = factory
         self._closed = False
         # A client the caller passed in is used as it is, in whatever loop they use it.
@@ -305,6 +307,13 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self._location!r}, prefix={self.prefix!r})"
+
+    @property
+    def counter_url(self) -> str | None:
+        """The URL this store was opened with (password included: never log it), for a
+        rate limiter counting on the same server (SPEC §9's default); ``None`` for a
+        store made from a client."""
+        return self._url
 
     @property
     def description(self) -> str:

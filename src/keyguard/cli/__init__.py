@@ -1,0 +1,168 @@
+"""The ``keyguard`` command line (SPEC §6): argv in, ``KeyManager`` calls, text out.
+
+::
+
+    keyguard [--store URL] [--json] apis list
+    keyguard apis expose API [--max-keys N] | apis unexpose API
+    keyguard apis limits API (--set N/UNIT ... | --clear)
+    keyguard apis delete API [--force] [--yes]
+    keyguard keys list API
+    keyguard keys create API --name NAME --kind internal|external [--expires WHEN] [--meta JSON]
+    keyguard keys update API (CLIENT_ID | --name NAME) [--rename NEW] [--enable | --disable]
+                             [--expires WHEN | --no-expiry] [--meta JSON]
+                             [--limits N/UNIT ... | --inherit-limits | --no-limits]
+    keyguard keys set-secret API CLIENT_ID [--grace DURATION]
+    keyguard keys delete API (CLIENT_ID | --name NAME) [--yes]
+    keyguard demo [--store URL] [--port 8000]
+    keyguard --version
+
+The store comes from ``--store``, else ``KEYGUARD_STORE``, else
+``sqlite:///keyguard.db``. ``KEYGUARD_HASH_SCHEME`` (a passlib scheme such as
+``bcrypt``) hashes new secrets with a non-default scheme, to match an app
+configured with ``SecretHasher(CryptContext(schemes=[...]))``. ``--json`` and
+``--store`` may stand before or after the subcommand. Exit codes: 0 done; 1 a
+rule broken, an invalid value, an unknown API or key, an unreachable store or
+a declined prompt (one line on stderr); 2 a usage error.
+With ``--json`` stdout gets the objects the management API answers with, and
+an error is its problem details object on stderr.
+
+The package: ``_parser`` (argv and its usage rules), ``_values`` (``WHEN``,
+``DURATION``, ``N/UNIT``, JSON), ``_commands`` (each command and its output);
+here the store, the checks before it, and the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import sys
+from typing import Any
+
+from passlib.context import CryptContext
+
+from keyguard.cli._commands import COMMANDS, Declined, Output
+from keyguard.cli._parser import DEFAULT_STORE, STORE_ENV, check_usage, parser
+from keyguard.cli._values import manager_arguments
+from keyguard.errors import ApiNotFound, ConfigurationError, KeyGuardError
+from keyguard.management import status_for
+from keyguard.manager import KeyManager
+from keyguard.secrets import SecretHasher
+from keyguard.stores import open_store
+from keyguard.stores.base import KeyStore
+
+__all__ = ["DEFAULT_STORE", "main", "store_label"]
+
+HASH_SCHEME_ENV = "KEYGUARD_HASH_SCHEME"
+
+
+def _hasher() -> SecretHasher | None:
+    """The hasher for ``KEYGUARD_HASH_SCHEME`` (a passlib scheme such as ``bcrypt``), if set."""
+    scheme = os.environ.get(HASH_SCHEME_ENV, "").strip()
+    if not scheme:
+        return None
+    try:
+        if not scheme.isidentifier() or scheme != scheme.lower():
+            raise ValueError("a scheme name is lowercase letters, digits and '_'")
+        return SecretHasher(CryptContext(schemes=[scheme]))
+    except (KeyError, ValueError, ImportError) as exc:
+        raise ConfigurationError(
+            f"{HASH_SCHEME_ENV}={scheme!r} is not a usable passlib scheme ({exc})"
+        ) from None
+
+
+# The commands that may name an API the store has never seen: the rest refuse one.
+_MAY_CREATE = {("apis", "list"), ("apis", "expose")}
+
+
+def store_label(url: str) -> str:
+    """The store as an error names it: a SQLite file by its absolute path, no password."""
+    scheme, _, rest = url.partition("://")
+    if scheme.split("+", 1)[0].lower() == "sqlite" and rest.startswith("/"):
+        path = rest[1:].split("?", 1)[0]
+        if path and "mode=memory" not in url:
+            return f"sqlite:///{os.path.abspath(path)}"
+    return re.sub(r"(?<=:)[^:@/]*(?=@)", "***", url)  # a password, masked
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The absolute path of the SQLite file ``url`` names, if it does not exist yet."""
+    label = store_label(url)
+    if not label.startswith("sqlite:///") or "?" in url:
+        return None
+    path = label.removeprefix("sqlite:///")
+    return None if os.path.exists(path) else path
+
+
+def _unknown_api(api: str, url: str) -> ApiNotFound:
+    return ApiNotFound(
+        f"API {api!r} not found in store {store_label(url)} "
+        f"(create it with: keyguard --store {store_label(url)} apis expose {api})"
+    )
+
+
+async def _run(
+    store: KeyStore, args: argparse.Namespace, values: dict[str, Any], out: Output, url: str
+) -> int:
+    command = COMMANDS[(args.command, args.action)]
+    try:
+        manager = KeyManager(store, hasher=_hasher())
+        if (args.command, args.action) not in _MAY_CREATE:
+            try:
+                await manager.get_api(args.api)
+            except ApiNotFound:
+                # A typo must not pass for an empty API, nor create one.
+                raise _unknown_api(args.api, url) from None
+        await command(manager, args, values, out)
+    except KeyGuardError as exc:
+        out.error(exc.code, exc.message, status_for(exc))
+        return 1
+    except Declined as exc:
+        out.error("declined", str(exc))
+        return 1
+    finally:
+        with contextlib.suppress(KeyGuardError):
+            await store.aclose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``keyguard`` command line with ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    main_parser, subparsers = parser()
+    try:
+        args = main_parser.parse_args(argv)
+        check_usage(args, subparsers)
+    except SystemExit as exc:  # --help, or a usage error argparse has printed
+        return exc.code if isinstance(exc.code, int) else 2
+    out = Output(as_json=getattr(args, "json", False), out=sys.stdout, err=sys.stderr)
+    try:
+        if args.command == "demo":
+            from keyguard.demo import run_demo
+
+            return run_demo(store_url=getattr(args, "store", None), port=args.port)
+        try:
+            # Before the store: a bad value is the same error whatever the store holds.
+            values = manager_arguments(args)
+        except KeyGuardError as exc:
+            out.error(exc.code, exc.message, status_for(exc))
+            return 1
+        url = getattr(args, "store", None) or os.environ.get(STORE_ENV) or DEFAULT_STORE
+        if (args.command, args.action) not in _MAY_CREATE and _missing_sqlite_file(url):
+            # Opening the store would create the file: the API cannot be in it.
+            error = _unknown_api(args.api, url)
+            out.error(error.code, f"{error.message}; the file does not exist", status_for(error))
+            return 1
+        try:
+            store = open_store(url)
+        except ConfigurationError as exc:
+            out.error(exc.code, exc.message)
+            return 1
+        return asyncio.run(_run(store, args, values, out, url))
+    except KeyboardInterrupt:
+        sys.stderr.write("\nkeyguard: interrupted\n")
+        return 130
+    except Exception as exc:  # a bug: still one line, never a traceback
+        out.error("internal_error", f"unexpected {type(exc).__name__}: {exc}")
+        return 1

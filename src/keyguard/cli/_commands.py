@@ -1,0 +1,336 @@
+"""The command line's commands: ``KeyManager`` calls, and their results as text or JSON.
+
+Each command gets the manager, the parsed arguments, the checked values of its
+options (``_values.manager_arguments``) and where to write. With ``--json`` it
+prints the management API's objects (``keyguard.shapes``); else sentences and
+aligned tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import unicodedata
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+from keyguard.errors import ApiHasKeys
+from keyguard.management import problem_json
+from keyguard.manager import KeyManager
+from keyguard.models import (
+    Api,
+    IssuedKey,
+    IssuedSecret,
+    KeyInfo,
+    RateLimit,
+    dump_meta,
+    rfc3339,
+    utcnow,
+)
+from keyguard.shapes import api_json, key_json, secret_json
+
+__all__ = ["COMMANDS", "Declined", "Output"]
+
+
+class Declined(Exception):
+    """The operator did not confirm; nothing was done."""
+
+
+class Output:
+    """Where results and errors go, as tables and sentences or as JSON."""
+
+    def __init__(self, *, as_json: bool, out: TextIO, err: TextIO) -> None:
+        self.as_json = as_json
+        self.out = out
+        self.err = err
+
+    def json(self, value: Any) -> None:
+        self.out.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+    def line(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+        for row in (headers, *rows):
+            cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            self.line("  ".join(cells).rstrip())
+
+    def error(self, code: str, detail: str, status: int | None = None) -> None:
+        if self.as_json:
+            self.err.write(json.dumps(problem_json(code, detail, status), ensure_ascii=False))
+            self.err.write("\n")
+        else:
+            self.err.write(f"keyguard: error: {' '.join(detail.split())}\n")
+
+
+# -- how things read as text ------------------------------------------------------------------
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _time(moment: datetime) -> str:
+    return rfc3339(moment.replace(microsecond=0))
+
+
+def _limits(limits: Sequence[RateLimit] | None) -> str:
+    """A key's or an API's rate limits; ``""`` when inherited (a key) or none (an API)."""
+    return ", ".join(map(str, limits or ()))
+
+
+def _key_limits(key: KeyInfo) -> str:
+    """A key's own rate limits, ``unlimited`` for an empty list, ``""`` when it has the API's."""
+    if key.rate_limits is None:
+        return ""
+    return _limits(key.rate_limits) or "unlimited"
+
+
+def _printable(text: str) -> str:
+    """``text`` with every control, format and separator character escaped, so an
+    operator's terminal shows what the value holds (meta is free JSON)."""
+    return "".join(
+        f"\\u{ord(char):04x}" if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") else char
+        for char in text
+    )
+
+
+def _meta(key: KeyInfo) -> str:
+    return _printable(dump_meta(key.meta)) if key.meta else ""
+
+
+def _state(key: KeyInfo, now: datetime) -> str:
+    """``enabled`` or ``disabled``, then ``expires <time>`` or ``expired <time>``, then the
+    previous secret's grace period if one lasts."""
+    parts = ["enabled" if key.enabled else "disabled"]
+    if key.expires_at is not None:
+        verb = "expired" if key.expired(now) else "expires"
+        parts.append(f"{verb} {_time(key.expires_at)}")
+    if key.previous_secret_expires_at is not None:
+        parts.append(f"previous secret valid until {_time(key.previous_secret_expires_at)}")
+    return ", ".join(parts)
+
+
+def _show_api(out: Output, api: Api) -> None:
+    if out.as_json:
+        out.json(api_json(api))
+        return
+    state = "exposed" if api.exposed else "not exposed"
+    limits = f", rate limits {_limits(api.rate_limits)}" if api.rate_limits else ""
+    out.line(
+        f"API {api.name}: {state}, at most {api.max_keys_per_kind} keys of each kind "
+        f"({api.internal_keys} internal, {api.external_keys} external){limits}"
+    )
+
+
+def _show_secret(out: Output, secret: str) -> None:
+    out.line(f"  secret:    {secret}")
+    out.line()
+    out.line("Copy the secret now: keyguard keeps only a hash of it and will never show it again.")
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+Command = Callable[[KeyManager, argparse.Namespace, dict[str, Any], Output], Awaitable[None]]
+
+
+async def _apis_list(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    apis = await manager.list_apis()
+    if out.as_json:
+        out.json({"apis": [api_json(api) for api in apis]})
+    elif not apis:
+        out.line("No APIs yet. Expose one with: keyguard apis expose NAME")
+    else:
+        out.table(
+            ("NAME", "EXPOSED", "MAX/KIND", "INTERNAL", "EXTERNAL", "RATE LIMITS"),
+            [
+                (
+                    api.name,
+                    _yes_no(api.exposed),
+                    str(api.max_keys_per_kind),
+                    str(api.internal_keys),
+                    str(api.external_keys),
+                    _limits(api.rate_limits),
+                )
+                for api in apis
+            ],
+        )
+
+
+async def _apis_expose(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    _show_api(out, await manager.expose(args.api, max_keys_per_kind=args.max_keys))
+
+
+async def _apis_unexpose(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    _show_api(out, await manager.unexpose(args.api))
+
+
+async def _apis_limits(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    api = await manager.set_rate_limits(args.api, values["rate_limits"])
+    if out.as_json:
+        out.json(api_json(api))
+    elif api.rate_limits:
+        out.line(
+            f"API {api.name}: rate limits {_limits(api.rate_limits)} for each key "
+            "without limits of its own."
+        )
+    else:
+        out.line(
+            f"API {api.name}: no rate limits (keys without limits of their own are unlimited)."
+        )
+
+
+async def _apis_delete(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    api = await manager.get_api(args.api)
+    held = api.internal_keys + api.external_keys
+    if held and not args.force:
+        raise ApiHasKeys(
+            f"API {api.name} has {held} keys ({api.internal_keys} internal, "
+            f"{api.external_keys} external): delete them first, or use --force to delete "
+            "them with it"
+        )
+    with_keys = f" and its {held} keys" if held else " (it has no keys)"
+    question = f"Delete API {api.name}{with_keys}? This cannot be undone. [y/N] "
+    if not args.yes and not _confirm(question, out.err):
+        raise Declined(f"not confirmed: API {api.name} was not deleted")
+    await manager.delete_api(api.name, force=args.force)
+    if not out.as_json:
+        out.line(f"Deleted API {api.name}{f' and its {held} keys' if held else ''}.")
+
+
+async def _keys_list(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    keys = await manager.list_keys(args.api)
+    if out.as_json:
+        out.json({"keys": [key_json(key) for key in keys]})
+        return
+    if not keys:
+        out.line(f"API {args.api} has no keys.")
+        return
+    now = utcnow()
+    out.table(
+        ("CLIENT_ID", "NAME", "KIND", "SECRET", "CREATED", "LAST USED", "STATE", "LIMITS", "META"),
+        [
+            (
+                key.client_id,
+                key.name,
+                key.kind.value,
+                _yes_no(key.has_secret),
+                _time(key.created_at),
+                "never" if key.last_used_at is None else _time(key.last_used_at),
+                _state(key, now),
+                _key_limits(key),
+                _meta(key),
+            )
+            for key in keys
+        ],
+    )
+
+
+async def _keys_create(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    key: IssuedKey = await manager.create_key(args.api, name=args.name, kind=args.kind, **values)
+    if out.as_json:
+        out.json(key_json(key))
+        return
+    out.line(f"Created {key.kind.value} key {key.name!r} for API {key.api}:")
+    out.line(f"  client id: {key.client_id}")
+    if key.expires_at is not None:
+        verb = "expired" if key.expired() else "expires"
+        out.line(f"  {verb}:   {_time(key.expires_at)}")
+    if key.meta:
+        out.line(f"  meta:      {_meta(key)}")
+    if key.secret is not None:
+        _show_secret(out, key.secret)
+    else:
+        out.line("  secret:    none yet; callers send only the client id")
+        out.line()
+        out.line(f"Give it a secret with: keyguard keys set-secret {key.api} {key.client_id}")
+
+
+async def _keys_update(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    client_id = args.client_id or (await manager.find_key_by_name(args.api, args.name)).client_id
+    key = await manager.update_key(args.api, client_id, **values)
+    if out.as_json:
+        out.json(key_json(key))
+        return
+    out.line(f"Updated key {key.client_id} ({key.name}) of API {key.api}:")
+    out.line(f"  state:     {_state(key, utcnow())}")
+    limits = _key_limits(key) or "the API's"
+    out.line(f"  limits:    {limits}")
+    out.line(f"  meta:      {_meta(key) or '{}'}")
+
+
+async def _keys_set_secret(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    secret: IssuedSecret = await manager.set_secret(args.api, args.client_id, **values)
+    if out.as_json:
+        out.json(secret_json(secret))
+        return
+    until = secret.previous_secret_expires_at
+    previous = (
+        "any previous one is void"
+        if until is None
+        else f"previous secret valid until {_time(until)}"
+    )
+    out.line(f"New secret for key {args.client_id} of API {args.api} ({previous}):")
+    _show_secret(out, secret)
+
+
+async def _keys_delete(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    if args.name is not None:
+        key = await manager.find_key_by_name(args.api, args.name)
+    else:
+        key = await manager.get_key(args.api, args.client_id)
+    question = f"Delete key {key.client_id} ({key.name}) of API {key.api}? [y/N] "
+    if not args.yes and not _confirm(question, out.err):
+        raise Declined(f"not confirmed: key {key.client_id} ({key.name}) was not deleted")
+    await manager.delete_key(key.api, key.client_id)
+    if not out.as_json:
+        out.line(f"Deleted key {key.client_id} ({key.name}) of API {key.api}.")
+
+
+def _confirm(question: str, err: TextIO) -> bool:
+    """Ask on stderr, read one line from stdin; anything but yes (or end of input) is no."""
+    err.write(question)
+    err.flush()
+    stdin = sys.stdin
+    answer = stdin.readline() if stdin is not None else ""
+    if stdin is None or not stdin.isatty() or not answer:
+        err.write("\n")  # nobody's Enter key ended the prompt's line
+    return answer.strip().lower() in ("y", "yes")
+
+
+COMMANDS: dict[tuple[str, str], Command] = {
+    ("apis", "list"): _apis_list,
+    ("apis", "expose"): _apis_expose,
+    ("apis", "unexpose"): _apis_unexpose,
+    ("apis", "limits"): _apis_limits,
+    ("apis", "delete"): _apis_delete,
+    ("keys", "list"): _keys_list,
+    ("keys", "create"): _keys_create,
+    ("keys", "update"): _keys_update,
+    ("keys", "set-secret"): _keys_set_secret,
+    ("keys", "delete"): _keys_delete,
+}
+"""Each (command, action) and the coroutine that runs it."""
