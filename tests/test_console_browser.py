@@ -747,6 +747,40 @@ def test_replace_key_creates_a_new_internal_key_and_expires_the_old_one(
     expect(console.status("Staff")).to_contain_text("Expired")
 
 
+def test_replace_key_still_shows_the_new_secret_when_the_old_key_keeps_no_expiry(
+    console: Console,
+) -> None:
+    """If setting the old key's expiry fails after the new key was created (here the PATCH is
+    answered 503 on its way), the new secret is still shown once, and the dialog and the
+    section say the old key still works and how to expire it."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    old_id, old_secret = console.create_internal("Ops")
+    page.route(
+        re.compile(rf"/keys/{old_id}$"),
+        lambda route: (
+            route.fulfill(
+                status=503,
+                content_type="application/problem+json",
+                body='{"code": "store_unavailable", "status": 503}',
+            )
+            if route.request.method == "PATCH"
+            else route.continue_()
+        ),
+    )
+    console.choose("Ops", "Replace key…")
+    page.get_by_role("dialog").get_by_role("button", name="Replace key").click()
+    secret_dialog = page.get_by_role("dialog", name="Copy the API secret now")
+    expect(secret_dialog).to_contain_text("The old key “Ops” could not be given an expiry")
+    new_id, new_secret = console.read_secret()
+    console.close_secret()
+    assert call_protected(server, new_id, new_secret) == 200
+    assert call_protected(server, old_id, old_secret) == 200
+    assert stored(server, old_id).expires_at is None
+    expect(console.section(INTERNAL).get_by_role("alert")).to_contain_text("Set or clear expiry")
+    expect(console.status("Ops")).to_contain_text("No expiry")
+
+
 def test_internal_keys_offer_replace_and_external_keys_set_api_secret_in_the_menu(
     console: Console,
 ) -> None:
