@@ -685,8 +685,9 @@ def test_replace_key_creates_a_new_internal_key_and_expires_the_old_one(
     console: Console,
 ) -> None:
     """ "Replace key…" on an internal key creates, in one confirmation, a new internal key
-    (named "<old> (new)" unless changed, with the old one's meta) whose secret is shown once,
-    and sets the old key to expire after the grace chosen (7 days by default): both work
+    (named "<old> (new)" unless changed, with the old one's meta and rate limits) whose
+    secret is shown once, and sets the old key to expire after the grace chosen (7 days by
+    default): both work
     meanwhile. A clashing name is refused and creates nothing; no grace expires it at once."""
     page, server = console.page, console.server
     admin(server, "PUT", f"/apis/{PROTECTED_API}", json={"exposed": True})
@@ -694,7 +695,12 @@ def test_replace_key_creates_a_new_internal_key_and_expires_the_old_one(
         server,
         "POST",
         f"/apis/{PROTECTED_API}/keys",
-        json={"name": "Staff", "kind": "internal", "meta": {"team": "ops"}},
+        json={
+            "name": "Staff",
+            "kind": "internal",
+            "meta": {"team": "ops"},
+            "rate_limits": [{"limit": 1000, "per": "minute"}],
+        },
     ).json()
     console.sign_in()
     page.get_by_role("link", name=re.compile("^orders")).click()
@@ -718,6 +724,8 @@ def test_replace_key_creates_a_new_internal_key_and_expires_the_old_one(
     assert call_protected(server, new_id, new_secret) == 200
     assert call_protected(server, old["client_id"], old["secret"]) == 200  # in its grace
     new = stored(server, new_id)
+    assert new.rate_limits == stored(server, old["client_id"]).rate_limits
+    assert new.rate_limits is not None
     assert (new.name, new.kind.value, thaw(new.meta)) == (
         "Staff (new)",
         "internal",
