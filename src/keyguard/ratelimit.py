@@ -228,46 +228,60 @@ class RateLimiter:
     async def _check(
         self, limiter: Any, api: str, client_id: str, limits: Sequence[RateLimit]
     ) -> Verdict:
-        items = [self._item(limit) for limit in limits]
-        if len(items) == 1:  # the common case, without the cost of tasks
-            windows = [await limiter.get_window_stats(items[0], api, client_id)]
+        # The moving-window storage calls of ``limits`` (what its MovingWindowRateLimiter's
+        # get_window_stats and hit do), each key built once.
+        storage = limiter.storage
+        entries = [
+            (item.key_for(api, client_id), item.amount, item.get_expiry())
+            for item in map(self._item, limits)
+        ]
+        if len(entries) == 1:  # the common case, without the cost of tasks
+            windows = [await storage.get_moving_window(*entries[0])]
         else:
             windows = await asyncio.gather(
-                *(limiter.get_window_stats(item, api, client_id) for item in items)
+                *(storage.get_moving_window(*entry) for entry in entries)
             )
         now = time.time()
-        full = [stats.remaining <= 0 for stats in windows]
+        # (remaining, when the oldest entry leaves the window) per limit
+        states = [
+            (amount - count, start + expiry)
+            for (_, amount, expiry), (start, count) in zip(entries, windows, strict=True)
+        ]
+        full = [remaining <= 0 for remaining, _ in states]
         if any(full):
-            return self._refused(limits, windows, now, full)
-        if len(items) == 1:
-            hits = [await limiter.hit(items[0], api, client_id)]
+            return self._refused(limits, states, now, full)
+        if len(entries) == 1:
+            hits = [await storage.acquire_entry(*entries[0])]
         else:
-            hits = await asyncio.gather(*(limiter.hit(item, api, client_id) for item in items))
+            hits = await asyncio.gather(*(storage.acquire_entry(*entry) for entry in entries))
         if not all(hits):
             # Lost a race for the last place of a limit.
-            return self._refused(limits, windows, now, [not hit for hit in hits])
+            return self._refused(limits, states, now, [not hit for hit in hits])
         limit, remaining = tightest(
             [
-                (limit, max(stats.remaining - 1, 0))
-                for limit, stats in zip(limits, windows, strict=True)
+                (limit, max(remaining - 1, 0))
+                for limit, (remaining, _) in zip(limits, states, strict=True)
             ]
         )
         return Verdict(True, limit.limit, remaining, 0)
 
     @staticmethod
     def _refused(
-        limits: Sequence[RateLimit], windows: Sequence[Any], now: float, refusing: Sequence[bool]
+        limits: Sequence[RateLimit],
+        states: Sequence[tuple[int, float]],
+        now: float,
+        refusing: Sequence[bool],
     ) -> Verdict:
         # Every refusing limit must have a free place again: the longest wait of theirs.
         wait = max(
-            max(1, math.ceil(stats.reset_time - now))
-            for stats, refused in zip(windows, refusing, strict=True)
+            max(1, math.ceil(reset - now))
+            for (_, reset), refused in zip(states, refusing, strict=True)
             if refused
         )
         limit, _ = tightest(
             [
-                (limit, 0 if refused else stats.remaining)
-                for limit, stats, refused in zip(limits, windows, refusing, strict=True)
+                (limit, 0 if refused else remaining)
+                for limit, (remaining, _), refused in zip(limits, states, refusing, strict=True)
             ]
         )
         return Verdict(False, limit.limit, 0, wait)
