@@ -121,6 +121,29 @@ async def test_first_requests_of_valid_keys_start_before_a_queued_flood() -> Non
     assert all(s.hasher.recent_failures(client_id) == 0 for client_id, _ in valid)
 
 
+async def test_a_first_burst_for_one_id_waits_behind_other_ids() -> None:
+    """Before any of them has failed, six concurrent wrong secrets for one id rank by the
+    verifications of that id already under way: three valid first requests arriving later
+    still verify right after the one holding the slot."""
+    s = Setup(timeout=30)
+    target, valid = await s.keys(3)
+    wrong: list[int] = []
+    ok: list[int] = []
+    async with anyio.create_task_group() as tg:
+        for _ in range(6):
+            tg.start_soon(s.request, target, WRONG, wrong)
+        await until(lambda: s.hasher.queued() == 5)
+        for client_id, secret in valid:
+            tg.start_soon(s.request, client_id, secret, ok)
+        await until(lambda: s.hasher.queued() == 8)
+        s.gate.permits.release(6)
+    assert ok == [200] * 3
+    assert wrong == [401] * 6
+    assert s.gate.started[0] == WRONG
+    assert sorted(s.gate.started[1:4]) == sorted(secret for _, secret in valid)
+    assert s.gate.started[4:] == [WRONG] * 5
+
+
 async def test_flood_gets_the_503s_and_valid_first_requests_get_the_slot() -> None:
     """A flood of wrong secrets queued past the store's timeout: the flood's waiters are
     refused with 503, valid first requests that came later are admitted, and a secret

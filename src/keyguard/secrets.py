@@ -13,9 +13,9 @@ scheme pass their own ``CryptContext``; verification then runs in a worker
 thread so the event loop is never blocked, and a verification that cannot
 start within its deadline is refused (``VerificationBusy``, a 503 on the
 request path) instead of queueing without end. Waiting verifications are
-served by their client id's recent failures, fewest first, so a flood of
-wrong secrets for one id queues behind the first requests of other callers
-instead of in front of them.
+served by their client id's recent failures and verifications under way,
+fewest first, so a flood of wrong secrets for one id queues behind the first
+requests of other callers instead of in front of them.
 """
 
 from __future__ import annotations
@@ -94,13 +94,15 @@ class _Slots:
     live waiters.
     """
 
-    __slots__ = ("_arrivals", "_free", "_heap", "_live")
+    __slots__ = ("_arrivals", "_free", "_heap", "_live", "under_way")
 
     def __init__(self, size: int) -> None:
         self._free = size
         self._heap: list[tuple[int, int, asyncio.Future[bool]]] = []
         self._arrivals = itertools.count()
         self._live = 0
+        # client_id -> its verifications waiting or running (entries dropped at zero)
+        self.under_way: dict[str, int] = {}
 
     @property
     def waiting(self) -> int:
@@ -167,13 +169,16 @@ class SecretHasher:
     ``verify`` is given: past it the verification is refused with
     ``VerificationBusy``. Waiters are not served in arrival order but by
     their client id's failed verifications in the last ``FAILURE_WINDOW``
-    seconds (``failed`` counts them), fewest first: a flood of wrong secrets
-    for an id piles up behind every other caller's first request, so it costs
-    its sender the refusals while valid callers get the slots. The id under
-    attack is the exception: its own first requests queue among the flood's
-    (a secret that verified before is answered by ``remembered`` and never
-    queues). ``max_remembered`` bounds the memory of verified secrets and,
-    separately, of failure counts (client ids only, nothing of a secret).
+    seconds (``failed`` counts them) plus its verifications already waiting
+    or running, fewest first: a flood of wrong secrets for an id — even its
+    first burst, before any has failed — piles up behind every other caller's
+    first request, so it costs its sender the refusals while valid callers
+    get the slots. The id under attack is the exception: its own first
+    requests queue among the flood's (a secret that verified before is
+    answered by ``remembered`` and never queues). ``max_remembered`` bounds
+    the memory of verified secrets and, separately, of failure counts (client
+    ids only, nothing of a secret); the count of verifications under way per
+    id lasts only as long as they do.
     """
 
     def __init__(
@@ -261,10 +266,11 @@ class SecretHasher:
         against a dummy hash, costing the same work, and the answer is
         ``False``. A match is remembered for ``remembered``. With ``offload``
         on, a verification that cannot start within ``deadline`` seconds
-        (all ``offload_threads`` busy) raises ``VerificationBusy``; waiting
-        verifications start in order of ``recent_failures(client_id)``, then
-        of arrival. A mismatch is not counted here: the caller decides, with
-        ``failed``, whether the request as a whole failed.
+        (all ``offload_threads`` busy) raises ``VerificationBusy``. Waiting
+        verifications start in order of their id's ``recent_failures`` plus
+        the verifications for the same id already waiting or running when
+        they came, then of arrival. A mismatch is not counted here: the
+        caller decides, with ``failed``, whether the request as a whole failed.
         """
         target = self._dummy_hash if stored_hash is None else stored_hash
         if self.offload:
@@ -272,12 +278,25 @@ class SecretHasher:
             slots = self._slots.get(loop)
             if slots is None:
                 slots = self._slots[loop] = _Slots(self._threads)
-            if not await slots.acquire(self.recent_failures(client_id), deadline):
-                raise VerificationBusy(f"no secret verification could start within {deadline:g} s")
+            under_way = slots.under_way
+            ahead = under_way.get(client_id, 0)
+            under_way[client_id] = ahead + 1
             try:
-                ok = await loop.run_in_executor(self._pool(), self._passlib_verify, secret, target)
+                if not await slots.acquire(self.recent_failures(client_id) + ahead, deadline):
+                    raise VerificationBusy(
+                        f"no secret verification could start within {deadline:g} s"
+                    )
+                try:
+                    ok = await loop.run_in_executor(
+                        self._pool(), self._passlib_verify, secret, target
+                    )
+                finally:
+                    slots.release()
             finally:
-                slots.release()
+                if under_way[client_id] == 1:
+                    del under_way[client_id]
+                else:
+                    under_way[client_id] -= 1
         else:
             ok = self._passlib_verify(secret, target)
         if not ok or stored_hash is None:
