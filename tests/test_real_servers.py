@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -271,6 +271,7 @@ class Handshake:
     accepted: bool = False
     text: str | None = None
     status: int | None = None
+    headers: dict[bytes, bytes] = field(default_factory=dict)
     body: bytes = b""
     close_code: int | None = None
 
@@ -300,6 +301,7 @@ def handshake(server: Server, path: str, headers: dict[str, str]) -> Handshake:
                     seen.text = (seen.text or "") + event.data
                 elif isinstance(event, RejectConnection):
                     seen.status = event.status_code
+                    seen.headers = {k.lower(): v for k, v in event.headers}
                     if not event.has_body:
                         return seen
                 elif isinstance(event, RejectData):
@@ -327,6 +329,9 @@ def assert_refused(seen: Handshake, server: Server, message: str) -> None:
         assert seen.body == b""
     else:
         assert seen.status == 401
+        assert seen.headers[b"www-authenticate"] == b'APIKey realm="orders"'
+        assert seen.headers[b"content-type"] == b"application/json"
+        assert seen.headers[b"cache-control"] == b"no-store"
         assert json.loads(seen.body) == {
             "httpCode": "401",
             "httpMessage": "Unauthorized",
