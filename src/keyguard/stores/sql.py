@@ -683,7 +683,7 @@ class SQLStore:
                     ) from None
                 if changed.rowcount != 1:
                     # Deleted since it was seen: leaving by an error rolls the event back.
-                    raise _Vanished
+                    raise _Vanished()
             # The same transaction: the row lock taken by the UPDATE is still held.
             return await _stored_key(conn, schema, api, client_id)
 
@@ -1092,8 +1092,12 @@ def _api(row: _Row) -> Api:
     )
 
 
-class _Vanished(Exception):
-    """Leaves a transaction (rolling it back) when the key to change has gone meanwhile."""
+class _Vanished(KeyGuardError):
+    """Leaves a transaction (rolling it back) when the key to change has gone meanwhile.
+    A ``KeyGuardError``, so the connection is rolled back and kept, not cut."""
+
+    def __init__(self) -> None:
+        super().__init__("the key is gone")
 
 
 async def _write_audit(conn: AsyncConnection, schema: _Schema, audit: AuditEvent | None) -> None:
