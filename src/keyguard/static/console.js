@@ -13,6 +13,7 @@ import {
 import { closeConfirm, closeDialogs, confirmDialog, wireDialogs } from "./dialogs.js";
 import { createKey, openCreate } from "./actions.js";
 import { closeMenus, renderKind } from "./keys.js";
+import { formatDateTime } from "./times.js";
 
 const TOKEN_KEY = "keyguard.token:" + location.pathname;
 const API_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -40,6 +41,8 @@ function signOut(message) {
   $("internal-keys").replaceChildren();
   $("external-keys").replaceChildren();
   $("api-title").textContent = "";
+  $("activity-list").replaceChildren();
+  setReadOnly(null);
   show($("api-detail"), false);
   document.title = "Sharing & keys · keyguard";
   show($("sign-out"), false);
@@ -80,6 +83,14 @@ async function start(token) {
   }
   state.token = token;
   if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  // Which token this is: a read-only one turns every changing control off (SPEC §5a).
+  let who = null;
+  try {
+    who = await call("GET", "whoami", undefined, token);
+  } catch (error) {
+    who = null; // an older server without /whoami: the server still refuses changes (403)
+  }
+  setReadOnly(who && who.read_only ? who.token || "" : null);
   show($("sign-out"), Boolean(token));
   setError("sign-in-error", "");
   $("token").value = "";
@@ -217,6 +228,7 @@ async function loadApi() {
     state.keys = keys.keys;
     setPageError("");
     renderApi();
+    loadActivity(name, current);
     return true;
   } catch (error) {
     if (error.code === "unauthorized" || !current()) return false;
@@ -275,6 +287,92 @@ function renderApi() {
   if (index >= 0) state.apis[index] = api;
   else state.apis.push(api);
   renderApiList();
+}
+
+// -- a read-only session ----------------------------------------------------------------------
+
+let readOnlyWatch = null;
+
+// Turn every control that would change something off, saying why; ``null`` turns them on.
+function setReadOnly(name) {
+  state.readOnly = name !== null;
+  show($("read-only"), state.readOnly);
+  $("read-only-name").textContent = name || "";
+  document.body.dataset.readOnly = String(state.readOnly);
+  if (readOnlyWatch) readOnlyWatch.disconnect();
+  readOnlyWatch = null;
+  applyReadOnly();
+  if (state.readOnly) {
+    // Key rows are redrawn on every load: their new buttons are turned off as they come.
+    readOnlyWatch = new MutationObserver(applyReadOnly);
+    readOnlyWatch.observe($("console"), { childList: true, subtree: true });
+  }
+}
+
+function applyReadOnly() {
+  for (const control of $("console").querySelectorAll("button, input, select, textarea")) {
+    if (control.id === "retry") continue;
+    if (state.readOnly) {
+      if (control.disabled && control.dataset.readOnly === "true") continue;
+      control.disabled = true;
+      control.dataset.readOnly = "true";
+      control.title = "Read-only token: changes are turned off";
+      control.setAttribute("aria-describedby",
+        ((control.getAttribute("aria-describedby") || "") + " read-only").trim());
+    } else if (control.dataset.readOnly === "true") {
+      control.disabled = false;
+      delete control.dataset.readOnly;
+      control.removeAttribute("title");
+      const described = (control.getAttribute("aria-describedby") || "").split(" ")
+        .filter((id) => id && id !== "read-only").join(" ");
+      if (described) control.setAttribute("aria-describedby", described);
+      else control.removeAttribute("aria-describedby");
+    }
+  }
+}
+
+// -- the API's activity (the audit log) -------------------------------------------------------
+
+const ACTIONS = {
+  "api.expose": "exposed the API",
+  "api.unexpose": "stopped exposing the API",
+  "api.update": "changed the API",
+  "api.delete": "deleted the API",
+  "key.create": "created the key",
+  "key.update": "changed the key",
+  "key.secret": "set a new secret for the key",
+  "key.delete": "deleted the key",
+};
+
+async function loadActivity(name, current) {
+  try {
+    const answer = await authorized("GET", "audit?api=" + encodeURIComponent(name) + "&limit=20");
+    if (!current()) return;
+    setError("activity-error", "");
+    renderActivity(answer.events);
+  } catch (error) {
+    if (error.code === "unauthorized" || !current()) return;
+    $("activity-list").replaceChildren();
+    show($("activity-empty"), false);
+    setError("activity-error", "The activity could not be read: " + explain(error, { api: name }));
+  }
+}
+
+function renderActivity(events) {
+  $("activity-list").replaceChildren(
+    ...events.map((event) => {
+      const what = ACTIONS[event.action] || event.action;
+      const key = event.name || event.client_id;
+      const changes = Object.entries(event.changes || {})
+        .map(([field, value]) => field + ": " + JSON.stringify(value)).join(", ");
+      return el("li", { "data-action": event.action },
+        el("time", { datetime: event.at, text: formatDateTime(event.at) }),
+        el("span", { class: "activity-actor", text: event.actor }),
+        el("span", { text: what + (key ? " “" + key + "”" : "") }),
+        changes ? el("span", { class: "activity-changes hint", text: changes }) : null);
+    }),
+  );
+  show($("activity-empty"), events.length === 0);
 }
 
 // -- the expose switch and the limit ---------------------------------------------------------
