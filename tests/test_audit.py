@@ -249,3 +249,27 @@ async def test_console_files_need_no_token() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.get("/")).status_code == 200
         assert (await c.get("/audit")).status_code == 401
+
+
+async def test_every_token_is_compared_on_every_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The presented token is compared with every configured token, whichever matches and
+    whether any does: no early exit tells which one it was."""
+    import hmac
+
+    compared: list[int] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared[-1] += 1
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)  # the module auth.py calls into
+    third = "audit-test-third-token-0123456789a"
+    app = management_app(
+        MemoryStore(), tokens={"ops": OPS, "dashboard": ReadOnly(VIEWER), "third": third}
+    )
+    for presented in (OPS, VIEWER, third, ADMIN):
+        compared.append(0)
+        async with client(app, presented) as c:
+            await c.get("/apis")
+    assert compared == [3, 3, 3, 3]
