@@ -228,7 +228,7 @@ class RedisCore(Generic[ClientT]):
     """
 
     #: What the store is on, for log lines and errors ("Redis at …").
-    kind: ClassVar[str] = "Redis"
+    _server: ClassVar[str] = "Redis"
 
     def _setup(
         self,
@@ -280,7 +280,7 @@ class RedisCore(Generic[ClientT]):
     @property
     def description(self) -> str:
         """Where the keys are, for log lines (no credentials)."""
-        return f"{self.kind} at {self._location} (prefix {self.prefix!r})"
+        return f"{self._server} at {self._location} (prefix {self.prefix!r})"
 
     @property
     def client(self) -> ClientT:
@@ -576,7 +576,7 @@ class RedisCore(Generic[ClientT]):
     async def _redis(self) -> ClientT:
         """The client for the running event loop."""
         if self._closed:
-            raise StoreUnavailable(f"the {self.kind} store is closed")
+            raise StoreUnavailable(f"the {self._server} store is closed")
         loop = asyncio.get_running_loop()
         current_loop, client = self._current
         if current_loop is loop:
@@ -588,7 +588,7 @@ class RedisCore(Generic[ClientT]):
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-        return StoreUnavailable(f"{self.kind} at {self._location} unavailable ({reason})")
+        return StoreUnavailable(f"{self._server} at {self._location} unavailable ({reason})")
 
     async def _bind(self, loop: asyncio.AbstractEventLoop) -> ClientT:
         """This loop's own client: the first loop gets the one built in ``from_url``."""

@@ -63,7 +63,7 @@ class RedisClusterStore(RedisCore[RedisCluster]):
     ``timeout`` mean what they mean for :class:`~keyguard.stores.redis.RedisStore`.
     """
 
-    kind = "Redis Cluster"
+    _server = "Redis Cluster"
 
     def __init__(
         self,
