@@ -18,7 +18,8 @@ from pathlib import Path
 
 from benchmarks import apps, inprocess, report, scale, server, slow
 from benchmarks.inprocess import Contender
-from benchmarks.stores import BACKENDS, Seeded, drop, reachable, seed
+from benchmarks.stores import BACKENDS, SERVER_URLS, Seeded, drop, reachable, seed
+from keyguard import KeyManager
 
 ID = b"x-ibm-client-id"
 SECRET = b"x-ibm-client-secret"
@@ -67,6 +68,34 @@ async def section_inprocess(
             "keyguard memory, id only", apps.keyguard(memory.store), external_headers(memory)
         ),
     ]
+    # The same external key with a rate limit it never reaches: what counting costs.
+    limited = await KeyManager(memory.store).create_key(
+        "bench", name="limited", kind="external", rate_limits=["10000/second"]
+    )
+    limited_headers = [(ID, limited.client_id.encode())]
+    contenders.append(
+        Contender(
+            "keyguard memory, id only, rate-limited (memory:// counters)",
+            apps.keyguard(memory.store),
+            limited_headers,
+        )
+    )
+    if "redis" in backends:
+        redis_url = SERVER_URLS["redis"]
+        contenders.append(
+            Contender(
+                "keyguard memory, id only, rate-limited (Redis counters)",
+                apps.keyguard(memory.store, rate_limiter=redis_url),
+                limited_headers,
+            )
+        )
+        contenders.append(
+            Contender(
+                "bare app + one raw redis-py round trip (PING)",
+                apps.raw_redis_round_trip(redis_url),
+                [],
+            )
+        )
     for backend in backends:
         if backend == "memory":
             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.authentication import (
@@ -120,8 +121,26 @@ def fastapi_key_auth(api_key: str) -> ASGIApp | None:
     return app
 
 
-def keyguard(store: KeyStore, api: str = "bench", hasher: SecretHasher | None = None) -> ASGIApp:
-    """keyguard, with default options (and ``hasher`` where keys use a custom scheme)."""
+def keyguard(
+    store: KeyStore, api: str = "bench", hasher: SecretHasher | None = None, **options: Any
+) -> ASGIApp:
+    """keyguard, with default options (and ``hasher`` where keys use a custom scheme;
+    ``options`` such as ``rate_limiter``)."""
     app = bare()
-    app.add_middleware(KeyGuard, store=store, api=api, hasher=hasher)
+    app.add_middleware(KeyGuard, store=store, api=api, hasher=hasher, **options)
+    return app
+
+
+def raw_redis_round_trip(url: str) -> ASGIApp:
+    """The bare app after one raw redis-py round trip (``PING``): what one Redis call costs."""
+    import redis.asyncio as aioredis
+
+    inner = bare()
+    client = aioredis.from_url(url)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await client.ping()
+        await inner(scope, receive, send)
+
     return app

@@ -111,7 +111,8 @@ async def test_routes_using_the_dependency_declare_security(store: MemoryStore) 
 
 async def test_document_keyguard_states_the_requirement_and_refusals(store: MemoryStore) -> None:
     """document_keyguard makes the requirement "id and secret, or id alone" and lists the
-    400/401/404/503 refusals with IBM's body schema on protected operations only."""
+    400/401/404/429/503 refusals with IBM's body schema (and the 429's headers) on protected
+    operations only."""
     from keyguard.fastapi import document_keyguard
 
     app = build(store)
@@ -122,7 +123,14 @@ async def test_document_keyguard_states_the_requirement_and_refusals(store: Memo
     expected: list[dict[str, list[str]]] = [{"ClientId": [], "ClientSecret": []}, {"ClientId": []}]
     assert paths["/whoami"]["get"]["security"] == expected
     assert paths["/guarded"]["get"]["security"] == expected
-    for status in ("400", "401", "404", "503"):
+    responses = paths["/whoami"]["get"]["responses"]
+    assert set(responses["429"]["headers"]) == {
+        "Retry-After",
+        "X-RateLimit-Limit",
+        "X-RateLimit-Remaining",
+    }
+    assert set(responses["503"]["headers"]) == {"Retry-After"}
+    for status in ("400", "401", "404", "429", "503"):
         content = paths["/whoami"]["get"]["responses"][status]["content"]
         ref = content["application/json"]["schema"]["$ref"]
         assert ref == "#/components/schemas/KeyGuardRefusal"

@@ -75,6 +75,14 @@ async def test_full_flow_leaks_nothing(store: KeyStore, caplog: pytest.LogCaptur
         ext_id = external.json()["client_id"]
         set_secret = await c.put(f"/admin/apis/orders/keys/{ext_id}/secret")
         issued.append(set_secret.json()["secret"])
+        # A roll with a grace period keeps the previous secret's hash: it must not show either.
+        rolled = await c.put(f"/admin/apis/orders/keys/{ext_id}/secret", json={"grace_seconds": 60})
+        issued.append(rolled.json()["secret"])
+        rolled_record = await store.get_key("orders", ext_id)
+        assert rolled_record is not None
+        assert rolled_record.previous_secret_hash is not None
+        patched = await c.patch(f"/admin/apis/orders/keys/{ext_id}", json={"meta": {"plan": "x"}})
+        seen.append(patched.text)
         int_id = created.json()["client_id"]
         for headers in (
             {"X-IBM-Client-Id": int_id, "X-IBM-Client-Secret": issued[0]},
@@ -98,7 +106,8 @@ async def test_full_flow_leaks_nothing(store: KeyStore, caplog: pytest.LogCaptur
         wrong = await c.get("/admin/apis", headers={"Authorization": f"Bearer {TOKEN}x"})
         seen.append(wrong.text + str(wrong.headers))
         seen.append((await c.delete(f"/admin/apis/orders/keys/{ext_id}")).text)
-    hashes = [r.secret_hash for r in await store.list_keys("orders") if r.secret_hash]
+    records = [*await store.list_keys("orders"), rolled_record]  # (that one is deleted)
+    hashes = [h for r in records for h in (r.secret_hash, r.previous_secret_hash) if h]
     assert hashes
     seen.append(repr(await store.list_keys("orders")) + repr(cached) + repr(store))
     shown = "\n".join(seen)
@@ -108,7 +117,19 @@ async def test_full_flow_leaks_nothing(store: KeyStore, caplog: pytest.LogCaptur
     for secret in [*issued, *hashes, TOKEN]:
         assert secret not in text
     assert "$pbkdf2" not in text
-    assert set(listing["keys"][0]) == {"client_id", "name", "kind", "has_secret", "created_at"}
+    assert set(listing["keys"][0]) == {
+        "client_id",
+        "name",
+        "kind",
+        "has_secret",
+        "created_at",
+        "enabled",
+        "expires_at",
+        "meta",
+        "last_used_at",
+        "previous_secret_expires_at",
+        "rate_limits",
+    }
 
 
 async def test_errors_and_reprs_leak_nothing(manager: KeyManager) -> None:

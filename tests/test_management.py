@@ -58,6 +58,18 @@ def _is_type(value: object, name: str) -> bool:
 def validate(value: object, schema: dict[str, Any], where: str = "$") -> None:
     """Assert ``value`` matches ``schema`` (the JSON Schema subset the document uses)."""
     schema = _resolve(schema)
+    for combinator in ("oneOf", "anyOf"):
+        if combinator in schema:
+            matches = 0
+            for option in schema[combinator]:
+                try:
+                    validate(value, option, where)
+                except AssertionError:
+                    continue
+                matches += 1
+            assert matches == 1 if combinator == "oneOf" else matches >= 1, (
+                f"{where}: {value!r} matches {matches} of {combinator}"
+            )
     if "type" in schema:
         types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         assert any(_is_type(value, t) for t in types), f"{where}: {value!r} is not {types}"
@@ -72,6 +84,8 @@ def validate(value: object, schema: dict[str, Any], where: str = "$") -> None:
         for name, item in value.items():
             if name in properties:
                 validate(item, properties[name], f"{where}.{name}")
+    if isinstance(value, list):
+        assert len(value) <= schema.get("maxItems", len(value)), f"{where}: too many items"
     if isinstance(value, list) and "items" in schema:
         for index, item in enumerate(value):
             validate(item, schema["items"], f"{where}[{index}]")
@@ -291,6 +305,7 @@ async def test_api_lifecycle(client: httpx.AsyncClient) -> None:
         "name": "orders",
         "exposed": True,
         "max_keys_per_kind": 5,
+        "rate_limits": [],
         "keys": {"internal": 0, "external": 0},
     }
     await create(client, "Acme", "internal")
@@ -302,6 +317,7 @@ async def test_api_lifecycle(client: httpx.AsyncClient) -> None:
         "name": "orders",
         "exposed": False,
         "max_keys_per_kind": 5,
+        "rate_limits": [],
         "keys": {"internal": 1, "external": 1},
     }
     assert (await client.get("/apis")).json() == {"apis": [got]}
@@ -429,7 +445,8 @@ async def test_set_secret_on_external_key(client: httpx.AsyncClient, store: KeyS
     first = await client.put(path)
     assert first.status_code == 200
     assert first.headers["cache-control"] == "no-store"
-    assert set(first.json()) == {"client_id", "secret"}
+    assert set(first.json()) == {"client_id", "secret", "previous_secret_expires_at"}
+    assert first.json()["previous_secret_expires_at"] is None
     assert first.json()["client_id"] == key["client_id"]
     second = (await client.put(path, json={})).json()["secret"]
     assert second != first.json()["secret"]
@@ -695,7 +712,7 @@ async def test_unknown_route_is_404_problem(memory_client: httpx.AsyncClient, pa
     [
         ("DELETE", "/apis", {"GET", "HEAD"}),
         ("POST", "/apis/orders", {"GET", "HEAD", "PUT", "DELETE"}),
-        ("PATCH", "/apis/orders/keys/abc", {"GET", "HEAD", "DELETE"}),
+        ("POST", "/apis/orders/keys/abc", {"GET", "HEAD", "PATCH", "DELETE"}),
         ("GET", "/apis/orders/keys/abc/secret", {"PUT"}),
     ],
 )
@@ -724,6 +741,7 @@ class DownStore(MemoryStore):
             "get_key",
             "list_keys",
             "set_secret_hash",
+            "update_key",
             "delete_key",
         ):
 
@@ -750,6 +768,7 @@ class BrokenStore(MemoryStore):
         ("GET", "/apis/orders/keys", None),
         ("POST", "/apis/orders/keys", {"name": "Acme", "kind": "internal"}),
         ("GET", "/apis/orders/keys/" + "0" * 32, None),
+        ("PATCH", "/apis/orders/keys/" + "0" * 32, {"enabled": False}),
         ("PUT", "/apis/orders/keys/" + "0" * 32 + "/secret", None),
         ("DELETE", "/apis/orders/keys/" + "0" * 32, None),
     ],

@@ -123,7 +123,23 @@ _REFUSALS = {
         "Client id missing, not registered, disabled or expired, or an invalid client id or secret."
     ),
     "404": "The API is unknown or not exposed.",
+    "429": "A rate limit of the key is used up; retry after Retry-After seconds.",
     "503": "The key store is unavailable; retry after Retry-After seconds.",
+}
+_SECONDS = {"schema": {"type": "integer", "minimum": 1}, "description": "Seconds to wait."}
+_RATE_HEADERS: dict[str, Any] = {
+    "X-RateLimit-Limit": {
+        "schema": {"type": "integer"},
+        "description": "The key's tightest rate limit (sent to rate-limited keys only).",
+    },
+    "X-RateLimit-Remaining": {
+        "schema": {"type": "integer"},
+        "description": "Requests left within that limit (sent to rate-limited keys only).",
+    },
+}
+_HEADERS: dict[str, dict[str, Any]] = {
+    "429": {"Retry-After": _SECONDS, **_RATE_HEADERS},
+    "503": {"Retry-After": _SECONDS},
 }
 
 
@@ -131,8 +147,9 @@ def document_keyguard(app: FastAPI) -> None:
     """Make ``app``'s OpenAPI document say what KeyGuard requires and answers.
 
     Every operation that uses the key's security schemes requires "id and
-    secret, or id alone", and lists KeyGuard's refusals (400, 401, 404, 503)
-    with IBM's body schema. Call it once, after the routes are added or before:
+    secret, or id alone", and lists KeyGuard's refusals (400, 401, 404, 429,
+    503) with IBM's body schema and their ``Retry-After`` and rate-limit
+    headers. Call it once, after the routes are added or before:
     the document is rewritten when it is first built.
     """
     build = app.openapi
@@ -157,13 +174,13 @@ def document_keyguard(app: FastAPI) -> None:
                 ]
                 responses = operation.setdefault("responses", {})
                 for status, description in _REFUSALS.items():
-                    responses.setdefault(
-                        status,
-                        {
-                            "description": description,
-                            "content": {"application/json": {"schema": reference}},
-                        },
-                    )
+                    refusal: dict[str, Any] = {
+                        "description": description,
+                        "content": {"application/json": {"schema": reference}},
+                    }
+                    if status in _HEADERS:
+                        refusal["headers"] = _HEADERS[status]
+                    responses.setdefault(status, refusal)
         if used:
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
             schemas[REFUSAL_SCHEMA_NAME] = _REFUSAL_SCHEMA

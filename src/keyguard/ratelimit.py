@@ -144,6 +144,7 @@ class RateLimiter:
         self._down_until = 0.0
         self._retry = _RETRY_FIRST
         self._last_warning = -math.inf
+        self._items: dict[RateLimit, Any] = {}
         # Fail at start-up on an unknown scheme or a missing driver, not on a request.
         self._make_limiter(self.uri, self._options)
 
@@ -231,56 +232,85 @@ class RateLimiter:
     async def _check(
         self, limiter: Any, api: str, client_id: str, limits: Sequence[RateLimit]
     ) -> Verdict:
-        from limits import (
-            RateLimitItemPerDay,
-            RateLimitItemPerHour,
-            RateLimitItemPerMinute,
-            RateLimitItemPerSecond,
-        )
-
-        kinds = {
-            "second": RateLimitItemPerSecond,
-            "minute": RateLimitItemPerMinute,
-            "hour": RateLimitItemPerHour,
-            "day": RateLimitItemPerDay,
-        }
-        items = [kinds[limit.per](limit.limit, namespace="k") for limit in limits]
-        windows = await asyncio.gather(
-            *(limiter.get_window_stats(item, api, client_id) for item in items)
-        )
+        # The moving-window storage calls of ``limits`` (what its MovingWindowRateLimiter's
+        # get_window_stats and hit do), each key built once.
+        storage = limiter.storage
+        entries = [
+            (item.key_for(api, client_id), item.amount, item.get_expiry())
+            for item in map(self._item, limits)
+        ]
+        if len(entries) == 1:  # the common case, without the cost of tasks
+            windows = [await storage.get_moving_window(*entries[0])]
+        else:
+            windows = await asyncio.gather(
+                *(storage.get_moving_window(*entry) for entry in entries)
+            )
         now = time.time()
-        full = [stats.remaining <= 0 for stats in windows]
+        # (remaining, when the oldest entry leaves the window) per limit
+        states = [
+            (amount - count, start + expiry)
+            for (_, amount, expiry), (start, count) in zip(entries, windows, strict=True)
+        ]
+        full = [remaining <= 0 for remaining, _ in states]
         if any(full):
-            return self._refused(limits, windows, now, full)
-        hits = await asyncio.gather(*(limiter.hit(item, api, client_id) for item in items))
+            return self._refused(limits, states, now, full)
+        if len(entries) == 1:
+            hits = [await storage.acquire_entry(*entries[0])]
+        else:
+            hits = await asyncio.gather(*(storage.acquire_entry(*entry) for entry in entries))
         if not all(hits):
             # Lost a race for the last place of a limit.
-            return self._refused(limits, windows, now, [not hit for hit in hits])
+            return self._refused(limits, states, now, [not hit for hit in hits])
         limit, remaining = tightest(
             [
-                (limit, max(stats.remaining - 1, 0))
-                for limit, stats in zip(limits, windows, strict=True)
+                (limit, max(remaining - 1, 0))
+                for limit, (remaining, _) in zip(limits, states, strict=True)
             ]
         )
         return Verdict(True, limit.limit, remaining, 0)
 
     @staticmethod
     def _refused(
-        limits: Sequence[RateLimit], windows: Sequence[Any], now: float, refusing: Sequence[bool]
+        limits: Sequence[RateLimit],
+        states: Sequence[tuple[int, float]],
+        now: float,
+        refusing: Sequence[bool],
     ) -> Verdict:
         # Every refusing limit must have a free place again: the longest wait of theirs.
         wait = max(
-            max(1, math.ceil(stats.reset_time - now))
-            for stats, refused in zip(windows, refusing, strict=True)
+            max(1, math.ceil(reset - now))
+            for (_, reset), refused in zip(states, refusing, strict=True)
             if refused
         )
         limit, _ = tightest(
             [
-                (limit, 0 if refused else stats.remaining)
-                for limit, stats, refused in zip(limits, windows, refusing, strict=True)
+                (limit, 0 if refused else remaining)
+                for limit, (remaining, _), refused in zip(limits, states, refusing, strict=True)
             ]
         )
         return Verdict(False, limit.limit, 0, wait)
+
+    def _item(self, limit: RateLimit) -> Any:
+        item = self._items.get(limit)
+        if item is None:
+            from limits import (
+                RateLimitItemPerDay,
+                RateLimitItemPerHour,
+                RateLimitItemPerMinute,
+                RateLimitItemPerSecond,
+            )
+
+            kinds = {
+                "second": RateLimitItemPerSecond,
+                "minute": RateLimitItemPerMinute,
+                "hour": RateLimitItemPerHour,
+                "day": RateLimitItemPerDay,
+            }
+            item = kinds[limit.per](limit.limit, namespace="k")
+            if len(self._items) >= 10_000:
+                self._items.clear()
+            self._items[limit] = item
+        return item
 
     async def aclose(self) -> None:
         """Close the counter storage's client (a later check makes a new one)."""

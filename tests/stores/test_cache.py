@@ -399,3 +399,50 @@ async def test_delete_api_is_seen_at_once() -> None:
     assert (await cached.lookup("orders", key.client_id))[1] is not None  # now cached
     assert await cached.delete_api("orders", force=True) is True
     assert await cached.lookup("orders", key.client_id) == (False, None)
+
+
+async def test_refresh_ahead_answers_without_waiting(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """In its TTL's last quarter, a snapshot in use is refreshed in the background: the lookup
+    answers from it at once, even while the store is held, and the refresh then replaces it."""
+    cached, counting, clock, rec = setup
+    assert (await cached.lookup("orders", rec.client_id))[1] == rec
+    await counting.inner.delete_key("orders", rec.client_id)  # "another process"
+    counting.calls.clear()
+    started, release = hold_list_keys(counting)
+    clock.now += 3.0  # 2 s left of 5: not yet refreshed ahead
+    assert (await cached.lookup("orders", rec.client_id))[1] == rec
+    assert counting.calls["list_keys"] == 0
+    clock.now += 1.0  # 1 s left: the next use starts a refresh and does not wait for it
+    with anyio.fail_after(5):  # (a deadlock guard: the held store never answers by itself)
+        assert (await cached.lookup("orders", rec.client_id))[1] == rec
+        await started.wait()
+        # Still held: every lookup meanwhile answers from the valid snapshot, and shares
+        # the one refresh.
+        for _ in range(3):
+            assert (await cached.lookup("orders", rec.client_id))[1] == rec
+        assert counting.calls["list_keys"] == 1
+        refresh = cached._refreshing["orders"]
+        release.set()
+        await refresh
+    assert await cached.lookup("orders", rec.client_id) == (True, None)
+    assert counting.calls["list_keys"] == 1
+
+
+async def test_a_slow_refresh_is_valid_from_when_its_read_started(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """A refresh that took longer than the TTL is expired when it lands: it answers the
+    lookups that waited for it, and the next one reads again (SPEC §11)."""
+    cached, counting, clock, rec = setup
+    started, release = hold_list_keys(counting, first_only=True)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(cached.lookup, "orders", rec.client_id)
+            await started.wait()
+            clock.now += 6.0  # the store answers 6 s after the read started
+            release.set()
+    before = counting.calls["list_keys"]
+    assert (await cached.lookup("orders", rec.client_id))[1] == rec
+    assert counting.calls["list_keys"] == before + 1

@@ -24,8 +24,13 @@ wrapped store. Staleness is bounded three ways:
 * where the wrapped store has a change feed (``ChangeFeed``: Redis pub/sub),
   a change made by another process drops the snapshot as soon as the
   notice arrives;
-* in every case a snapshot is used for at most ``ttl`` seconds: the
-  documented bound for a change made elsewhere (R7), e.g. if a notice is lost.
+* in every case a snapshot is used for at most ``ttl`` seconds from when its
+  read *started*: the documented bound for a change made elsewhere (R7), e.g.
+  if a notice is lost, and it holds while the store is slow.
+
+A snapshot used in the last quarter of its TTL is refreshed in the
+background while it keeps answering, so a busy API's requests never wait on
+the store; a request waits only when no valid snapshot exists.
 
 Memory is bounded by ``max_entries``: the snapshots together hold at most
 that many keys (each API counting one more), the oldest dropped first.
@@ -50,6 +55,8 @@ __all__ = ["DEFAULT_CACHE_TTL", "DEFAULT_MAX_ENTRIES", "CachedStore", "check_cac
 
 DEFAULT_CACHE_TTL = 1.0
 DEFAULT_MAX_ENTRIES = 100_000
+REFRESH_AHEAD = 0.25
+"""The last part of its TTL in which a snapshot in use is refreshed in the background."""
 
 logger = logging.getLogger("keyguard")
 
@@ -111,6 +118,8 @@ class CachedStore:
             raise ConfigurationError("cache max_entries must be a positive whole number")
         self.store = store
         self.ttl = float(ttl)
+        # A snapshot this close to expiry is refreshed in the background on its next use.
+        self._ahead = self.ttl * REFRESH_AHEAD
         self.max_entries = max_entries
         self._clock = clock
         self._snapshots: dict[str, _Snapshot] = {}
@@ -150,11 +159,16 @@ class CachedStore:
             self.clear()
             self._start_watching(self._feed)
         snapshot = self._snapshots.get(api)
-        if snapshot is None or snapshot.expires <= self._clock():
+        now = self._clock()
+        if snapshot is None or snapshot.expires <= now:
             if snapshot is None and api not in (await self._api_names()).existing:
                 # An API nobody created (perhaps a made-up name): no read of its own.
                 return False, None
             snapshot = await self._refresh(api)
+        elif snapshot.expires - now <= self._ahead and api not in self._refreshing:
+            # Nearly expired: refresh it in the background and answer from it meanwhile,
+            # so no request waits on the store while a valid entry exists (SPEC §11).
+            self._start_refresh(api)
         return snapshot.exposed, None if client_id is None else snapshot.keys.get(client_id)
 
     def cached_rate_limits(self, api: str) -> tuple[RateLimit, ...] | None:
@@ -193,12 +207,17 @@ class CachedStore:
         loop = asyncio.get_running_loop()
         task = self._refreshing.get(api)
         if task is None or task.get_loop() is not loop:
-            # Its own task, shared by every lookup that misses meanwhile: a caller that
-            # is cancelled (a client gone) cancels neither the refresh nor the others.
-            task = loop.create_task(self._fetch(api), name=f"keyguard-cache-refresh-{api}")
-            self._refreshing[api] = task
-            task.add_done_callback(functools.partial(self._refreshed, api))
+            task = self._start_refresh(api)
         return await asyncio.shield(task)
+
+    def _start_refresh(self, api: str) -> asyncio.Task[_Snapshot]:
+        # Its own task, shared by every lookup that misses meanwhile: a caller that
+        # is cancelled (a client gone) cancels neither the refresh nor the others.
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._fetch(api), name=f"keyguard-cache-refresh-{api}")
+        self._refreshing[api] = task
+        task.add_done_callback(functools.partial(self._refreshed, api))
+        return task
 
     async def _fetch(self, api: str) -> _Snapshot:
         read_at = self._clock()  # the snapshot's age counts from before the reads
