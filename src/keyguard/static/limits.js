@@ -44,7 +44,7 @@ function limitEditor(initial) {
   const hint = el("p", { class: "hint", id: hintId, text: "Each a whole number of requests, " +
     "at least 1, per second, minute, hour or day; up to " + MAX_LIMITS + " limits, and a " +
     "request must fit within all of them." });
-  const list = el("ol", { class: "limit-rows" });
+  const list = el("div", { class: "limit-rows" });
   const none = el("p", { class: "muted limit-none", text: "No limits." });
   const add = el("button", { type: "button", class: "small", "aria-describedby": hintId,
     text: "Add a limit" });
@@ -78,7 +78,7 @@ function limitEditor(initial) {
         return option;
       }));
     const remove = el("button", { type: "button", class: "small", text: "Remove" });
-    const row = el("li", { class: "limit-row", role: "group" }, count,
+    const row = el("div", { class: "limit-row", role: "group" }, count,
       el("label", { for: count.id, text: "requests" }), el("label", { for: unit.id, text: "per" }),
       unit, remove);
     Object.assign(row, { count, unit, removeButton: remove });
@@ -137,7 +137,7 @@ function limitEditor(initial) {
 
   const first = () => counts()[0] || add;
   const box = el("div", { class: "limit-editor" }, hint, list, none, add);
-  return { box, read, refused, first, hintId };
+  return { box, read, refused, first };
 }
 
 // -- the API's limits --------------------------------------------------------------------------
