@@ -215,7 +215,7 @@ export function askKeyLimits(key, back) {
   };
   for (const { radio } of radios) radio.addEventListener("change", showEditor);
   showEditor();
-  const group = el("fieldset", { class: "choices", "aria-describedby": id + "-hint" },
+  const group = el("fieldset", { class: "choices" },
     el("legend", { text: "Rate limits of this key" }), ...radios.map(({ node }) => node), hint);
   confirmDialog({
     title: "Rate limits of key “" + key.name + "”",
