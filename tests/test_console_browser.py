@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -236,6 +237,50 @@ def stored(server: ConsoleServer, client_id: str) -> KeyInfo:
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, read()).result(timeout=30)
+
+
+def api_limits(server: ConsoleServer) -> list[str]:
+    """The API's rate limits as the store now holds them ("100/minute"), read like stored()."""
+
+    async def read() -> list[str]:
+        store = open_store(server.url, cache_ttl=0)
+        try:
+            api = await KeyManager(store).get_api(PROTECTED_API)
+            return [str(limit) for limit in api.rate_limits]
+        finally:
+            await store.aclose()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, read()).result(timeout=30)
+
+
+def key_limits(server: ConsoleServer, client_id: str) -> list[str] | None:
+    """A key's own rate limits as the store holds them (None: it inherits the API's)."""
+    limits = stored(server, client_id).rate_limits
+    return None if limits is None else [str(limit) for limit in limits]
+
+
+def limit_header(server: ConsoleServer, client_id: str) -> str | None:
+    """The ``X-RateLimit-Limit`` the protected app answers this key with (None: no limit)."""
+    response = httpx.get(
+        f"{server.base}/{PROTECTED_API}/hello", headers={"X-IBM-Client-Id": client_id}
+    )
+    assert response.status_code == 200
+    limit: str | None = response.headers.get("x-ratelimit-limit")
+    return limit
+
+
+def limit_header_becomes(server: ConsoleServer, client_id: str, expected: str | None) -> None:
+    """The protected app comes to answer this key with ``expected`` as its limit header: an
+    API's limits are remembered by the request path for a second (SPEC §9), so a change to
+    them reaches it within that (waited for here, up to a generous bound, not timed)."""
+    seen: list[str | None] = []
+    for _ in range(50):
+        seen.append(limit_header(server, client_id))
+        if seen[-1] == expected:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"X-RateLimit-Limit never became {expected!r}: {seen[-3:]}")
 
 
 def now() -> datetime:
@@ -798,12 +843,259 @@ def test_internal_keys_offer_replace_and_external_keys_set_api_secret_in_the_men
     console.open_exposed_api()
     console.create_internal("Inside")
     console.create_external("Outside")
-    common = ["Disable key", "Rename…", "Set or clear expiry…", "Edit metadata…"]
+    common = [
+        "Disable key",
+        "Rename…",
+        "Set or clear expiry…",
+        "Edit metadata…",
+        "Edit rate limits…",
+    ]
     for key, special in (("Inside", "Replace key…"), ("Outside", "Set API Secret…")):
         page.get_by_role("button", name=f"Actions for key {key}").click()
         menu = page.get_by_role("menu", name=f"Actions for key {key}")
         expect(menu.get_by_role("menuitem")).to_have_text([*common, special, "Delete key"])
         page.keyboard.press("Escape")
+
+
+# -- rate limits (SPEC §9) -------------------------------------------------------------------
+
+
+def test_the_apis_rate_limits_are_shown_by_the_switch_and_edited_in_a_dialog(
+    console: Console,
+) -> None:
+    """ "Edit rate limits…" by the Expose switch edits the API's list in rows of a number and
+    a unit: two limits are added and saved with Enter, shown as "Rate limits: 100/minute,
+    5000/day", stored, and applied to the API's keys; removing both clears them ("No rate
+    limits"). Escape closes the dialog and the focus returns to its button each time."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Counted")
+    summary = page.locator("#api-limits")
+    edit = page.get_by_role("button", name="Edit rate limits…")
+    expect(summary).to_have_text("No rate limits")
+    expect(edit).to_have_accessible_description(re.compile(r"^No rate limits Each key"))
+
+    edit.click()
+    dialog = page.get_by_role("dialog", name=f"Rate limits of “{PROTECTED_API}”")
+    expect(dialog.get_by_text("No limits.")).to_be_visible()
+    add = dialog.get_by_role("button", name="Add a limit")
+    expect(add).to_be_focused()  # no row yet: the way to add one
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    expect(edit).to_be_focused()
+
+    edit.click()
+    add.click()
+    first = dialog.get_by_label("Limit 1: requests", exact=True)
+    expect(first).to_be_focused()
+    expect(first).to_have_accessible_description(re.compile("at least 1"))
+    expect(dialog.get_by_label("Limit 1: requests per")).to_have_value("minute")
+    first.fill("100")
+    add.click()
+    second = dialog.get_by_label("Limit 2: requests", exact=True)
+    expect(second).to_be_focused()
+    second.fill("5000")
+    dialog.get_by_label("Limit 2: requests per").select_option("day")
+    expect(dialog.get_by_text("No limits.")).to_be_hidden()
+    second.press("Enter")
+    expect(dialog).to_be_hidden()
+    expect(summary).to_have_text("Rate limits: 100/minute, 5000/day")
+    expect(edit).to_be_focused()
+    assert api_limits(server) == ["100/minute", "5000/day"]
+    assert admin(server, "GET", f"/apis/{PROTECTED_API}").json()["rate_limits"] == [
+        {"limit": 100, "per": "minute"},
+        {"limit": 5000, "per": "day"},
+    ]
+    limit_header_becomes(server, client_id, "100")  # the key inherits them
+    expect(console.status("Counted")).to_contain_text("Limits: the API's")
+
+    edit.click()
+    expect(first).to_have_value("100")
+    expect(second).to_have_value("5000")
+    expect(dialog.get_by_label("Limit 2: requests per")).to_have_value("day")
+    dialog.get_by_role("button", name="Remove limit 1").click()
+    # The rows are renumbered; the focus goes to the row that took the removed one's place.
+    expect(first).to_have_value("5000")
+    expect(first).to_be_focused()
+    expect(second).to_have_count(0)
+    dialog.get_by_role("button", name="Remove limit 1").click()
+    expect(add).to_be_focused()
+    expect(dialog.get_by_text("No limits.")).to_be_visible()
+    dialog.get_by_role("button", name="Save rate limits").click()
+    expect(dialog).to_be_hidden()
+    expect(summary).to_have_text("No rate limits")
+    assert api_limits(server) == []
+    limit_header_becomes(server, client_id, None)
+
+
+def test_no_more_than_four_rate_limits_can_be_added(console: Console) -> None:
+    """The editor holds at most four rows: "Add a limit" is disabled at four, and enabled
+    again once one is removed."""
+    page = console.page
+    console.open_exposed_api()
+    page.get_by_role("button", name="Edit rate limits…").click()
+    dialog = page.get_by_role("dialog")
+    add = dialog.get_by_role("button", name="Add a limit")
+    for _ in range(4):
+        add.click()
+    expect(dialog.get_by_role("spinbutton")).to_have_count(4)
+    expect(add).to_be_disabled()
+    dialog.get_by_role("button", name="Remove limit 4").click()
+    expect(add).to_be_enabled()
+    # The last row gone, the focus goes to the one before it.
+    expect(dialog.get_by_label("Limit 3: requests", exact=True)).to_be_focused()
+    dialog.get_by_role("button", name="Cancel").click()
+
+
+def test_a_keys_rate_limits_can_be_its_own_unlimited_or_the_apis(console: Console) -> None:
+    """ "Edit rate limits…" in a key's menu chooses between the API's limits (null), none
+    ([]) and its own list (the same rows, starting from the API's): each is stored, said in
+    the key's status cell and applied by the protected app; the focus returns to the menu."""
+    page, server = console.page, console.server
+    admin(
+        server,
+        "PUT",
+        f"/apis/{PROTECTED_API}",
+        json={"exposed": True, "rate_limits": [{"limit": 100, "per": "minute"}]},
+    )
+    console.sign_in()
+    page.get_by_role("link", name=re.compile("^orders")).click()
+    expect(page.locator("#api-limits")).to_have_text("Rate limits: 100/minute")
+    client_id = console.create_external("Acme")
+    status = console.status("Acme")
+    expect(status).to_contain_text("Limits: the API's")
+    expect(status.get_by_text("Limits: the API's")).to_have_attribute(
+        "title", "The API's: 100/minute"
+    )
+    menu = page.get_by_role("button", name="Actions for key Acme")
+
+    console.choose("Acme", "Edit rate limits…")
+    dialog = page.get_by_role("dialog", name="Rate limits of key “Acme”")
+    expect(dialog).to_contain_text("It has the API's limits now.")
+    inherit = dialog.get_by_label("The API's limits (now 100/minute)")
+    expect(inherit).to_be_checked()
+    expect(inherit).to_be_focused()
+    expect(inherit).to_have_accessible_description(re.compile("replace the API's"))
+    count = dialog.get_by_label("Limit 1: requests", exact=True)
+    expect(count).to_be_hidden()  # the rows are for a list of its own only
+    dialog.get_by_label("Its own limits").check()
+    expect(count).to_have_value("100")  # starting from the API's
+    count.fill("10")
+    dialog.get_by_label("Limit 1: requests per").select_option("second")
+    dialog.get_by_role("button", name="Save rate limits").click()
+    expect(dialog).to_be_hidden()
+    expect(status).to_contain_text("Limits: 10/second")
+    expect(menu).to_be_focused()
+    assert key_limits(server, client_id) == ["10/second"]
+    assert limit_header(server, client_id) == "10"
+
+    console.choose("Acme", "Edit rate limits…")
+    expect(dialog).to_contain_text("It has its own limits now: 10/second.")
+    expect(dialog.get_by_label("Its own limits")).to_be_checked()
+    expect(count).to_have_value("10")
+    dialog.get_by_label("Unlimited").check()
+    expect(count).to_be_hidden()
+    dialog.get_by_role("button", name="Save rate limits").click()
+    expect(dialog).to_be_hidden()
+    expect(status).to_contain_text("Unlimited")
+    expect(status).not_to_contain_text("Limits:")
+    assert key_limits(server, client_id) == []
+    assert limit_header(server, client_id) is None  # whatever the API says
+
+    console.choose("Acme", "Edit rate limits…")
+    expect(dialog).to_contain_text("It is unlimited now.")
+    inherit.check()
+    inherit.press("Enter")  # Enter saves, from the choice too
+    expect(dialog).to_be_hidden()
+    expect(status).to_contain_text("Limits: the API's")
+    expect(menu).to_be_focused()
+    assert key_limits(server, client_id) is None
+    assert limit_header(server, client_id) == "100"
+
+
+def test_rate_limits_the_page_refuses_are_explained_in_the_dialog(console: Console) -> None:
+    """An empty number, 0 or a fraction is refused by the page, which says which limit and
+    why, marks the field invalid and puts the cursor there; a key's own list with no row is
+    refused too. Nothing is stored."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Acme")
+    page.get_by_role("button", name="Edit rate limits…").click()
+    dialog = page.get_by_role("dialog", name=f"Rate limits of “{PROTECTED_API}”")
+    add = dialog.get_by_role("button", name="Add a limit")
+    add.click()
+    dialog.get_by_label("Limit 1: requests", exact=True).fill("60")
+    add.click()
+    field = dialog.get_by_label("Limit 2: requests", exact=True)
+    save = dialog.get_by_role("button", name="Save rate limits")
+    save.click()
+    alert = dialog.get_by_role("alert")
+    expect(alert).to_have_text("Enter a number of requests for limit 2, such as 100.")
+    expect(field).to_have_attribute("aria-invalid", "true")
+    expect(field).to_be_focused()
+    expect(dialog.get_by_label("Limit 1: requests", exact=True)).to_have_attribute(
+        "aria-invalid", "false"
+    )
+    for bad in ("0", "2.5", "-3"):
+        field.fill(bad)
+        field.press("Enter")
+        expect(alert).to_have_text(
+            "The number of requests of limit 2 must be a whole number of at least 1, such as 100."
+        )
+        expect(field).to_have_attribute("aria-invalid", "true")
+        expect(field).to_be_focused()
+    assert api_limits(server) == []
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+
+    console.choose("Acme", "Edit rate limits…")
+    key_dialog = page.get_by_role("dialog", name="Rate limits of key “Acme”")
+    key_dialog.get_by_label("Its own limits").check()
+    key_dialog.get_by_role("button", name="Remove limit 1").click()
+    key_dialog.get_by_role("button", name="Save rate limits").click()
+    expect(key_dialog.get_by_role("alert")).to_have_text("Add a limit, or choose Unlimited.")
+    expect(key_dialog.get_by_role("button", name="Add a limit")).to_be_focused()
+    assert key_limits(server, client_id) is None
+
+
+def test_a_rate_limit_the_server_refuses_is_shown_in_the_dialog(console: Console) -> None:
+    """A number past the server's range gets its 422 in the dialog, in words, with the
+    offending field marked and focused, for the API's list and for a key's; nothing changes
+    and the dialog stays open to correct it."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Acme")
+    page.get_by_role("button", name="Edit rate limits…").click()
+    dialog = page.get_by_role("dialog", name=f"Rate limits of “{PROTECTED_API}”")
+    add = dialog.get_by_role("button", name="Add a limit")
+    add.click()
+    dialog.get_by_label("Limit 1: requests", exact=True).fill("100")
+    add.click()
+    huge = dialog.get_by_label("Limit 2: requests", exact=True)
+    huge.fill("10000000000000")
+    dialog.get_by_role("button", name="Save rate limits").click()
+    alert = dialog.get_by_role("alert")
+    expect(alert).to_contain_text("That was not accepted: rate_limits")
+    expect(huge).to_have_attribute("aria-invalid", "true")
+    expect(huge).to_be_focused()
+    expect(dialog).to_be_visible()
+    assert api_limits(server) == []
+    huge.fill("1000")
+    huge.press("Enter")
+    expect(dialog).to_be_hidden()
+    assert api_limits(server) == ["100/minute", "1000/minute"]
+
+    console.choose("Acme", "Edit rate limits…")
+    key_dialog = page.get_by_role("dialog", name="Rate limits of key “Acme”")
+    key_dialog.get_by_label("Its own limits").check()
+    own = key_dialog.get_by_label("Limit 1: requests", exact=True)
+    own.fill("99999999999999")
+    key_dialog.get_by_role("button", name="Save rate limits").click()
+    expect(key_dialog.get_by_role("alert")).to_contain_text("That was not accepted: rate_limits")
+    expect(own).to_have_attribute("aria-invalid", "true")
+    expect(own).to_be_focused()
+    assert key_limits(server, client_id) is None
+    expect(console.status("Acme")).to_contain_text("Limits: the API's")
 
 
 # -- errors, in words ---------------------------------------------------------------------------
@@ -1062,6 +1354,7 @@ def test_phone_width_needs_no_sideways_scrolling(browser: Browser, server: Conso
         (long_name, "Replace key…"),
         ("Phone", "Set or clear expiry…"),
         ("Phone", "Edit metadata…"),
+        ("Phone", "Edit rate limits…"),
     ):
         console.choose(key, action)
         expect(page.get_by_role("dialog")).to_be_visible()
@@ -1071,6 +1364,26 @@ def test_phone_width_needs_no_sideways_scrolling(browser: Browser, server: Conso
         assert save is not None
         assert save["x"] + save["width"] <= PHONE["width"], action
         page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
+    # The rate limit editors fit with their four rows, for the API and for a key.
+    for of_key in (False, True):
+        if of_key:
+            console.choose("Phone", "Edit rate limits…")
+        else:
+            page.get_by_role("button", name="Edit rate limits…").click()
+        dialog = page.get_by_role("dialog")
+        if of_key:
+            dialog.get_by_label("Its own limits").check()
+        add = dialog.get_by_role("button", name="Add a limit")
+        while add.is_enabled():
+            add.click()
+        dialog.get_by_label("Limit 4: requests", exact=True).fill("1000000000000")
+        assert overflow("document.querySelector('dialog[open]')") <= 0
+        assert overflow("document.documentElement") <= 0
+        for control in (dialog.get_by_role("button", name="Remove limit 4"), add):
+            box = control.bounding_box()
+            assert box is not None
+            assert box["x"] + box["width"] <= PHONE["width"]
+        dialog.get_by_role("button", name="Cancel").click()
 
     # Nor at any width in between, where the key tables turn into cards.
     for width in (480, 768, 800, 900, 1024, 1100, 1280, 1600):

@@ -36,6 +36,7 @@ SCRIPT_MODULES = (
     "dialogs.js",
     "edits.js",
     "keys.js",
+    "limits.js",
     "times.js",
 )
 

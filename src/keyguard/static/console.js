@@ -4,7 +4,8 @@
 // app's own files and JSON routes, which live next to this page (relative URLs, so it works
 // wherever the management app is mounted). This module signs in and out, lists the APIs,
 // shows the chosen one and its settings, and starts the page; the keys are in keys.js,
-// what can be done to them in actions.js and edits.js, the shared dialogs in dialogs.js.
+// what can be done to them in actions.js and edits.js, rate limits (the API's and a key's)
+// in limits.js, the shared dialogs in dialogs.js.
 
 import {
   $, KINDS, announce, authorized, call, change, copy, el, explain, idle, invalid, page, path,
@@ -13,6 +14,7 @@ import {
 import { closeConfirm, closeDialogs, confirmDialog, wireDialogs } from "./dialogs.js";
 import { createKey, openCreate } from "./actions.js";
 import { closeMenus, renderKind } from "./keys.js";
+import { askApiLimits, renderApiLimits } from "./limits.js";
 import { formatDateTime } from "./times.js";
 
 const TOKEN_KEY = "keyguard.token:" + location.pathname;
@@ -270,6 +272,7 @@ function renderApi() {
   $("expose").setAttribute("aria-checked", String(api.exposed));
   $("expose-state").textContent = api.exposed ? "On" : "Off";
   show($("not-exposed"), !api.exposed);
+  renderApiLimits(api);
   // The limit field keeps what the operator typed there for this API; otherwise it shows
   // the stored value.
   const limit = $("limit");
@@ -475,6 +478,7 @@ function wire() {
   $("limit-form").addEventListener("submit", saveLimit);
   $("expose").addEventListener("click", toggleExpose);
   $("delete-api").addEventListener("click", askDeleteApi);
+  $("edit-api-limits").addEventListener("click", () => askApiLimits($("edit-api-limits")));
   $("retry").addEventListener("click", retry);
   for (const button of document.querySelectorAll("button.create")) {
     button.addEventListener("click", () => openCreate(button.dataset.kind, button));

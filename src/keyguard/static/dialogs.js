@@ -73,7 +73,8 @@ function restoreFocus(back) {
 // Ask before a change; run(pending) makes it, and may throw a FieldError for a value the
 // page refuses itself. ``fields`` are nodes shown between the text and the buttons (labels
 // and inputs built by the caller); ``focus`` is where the cursor starts (else Cancel, the
-// safe choice); ``field`` is marked invalid when the server refuses its value;
+// safe choice); ``field`` (or the one ``field()`` returns, for dialogs whose fields come and
+// go) is marked invalid when the server refuses its value;
 // ``words(error)`` explains a server error in the action's own terms.
 export function confirmDialog({
   title, text, ok, run, api, back, errorId = null, fields = [], tone = "danger", focus = null,
@@ -131,10 +132,10 @@ async function confirmed(event) {
         return;
       }
       setError("confirm-error", inWords(pending, error));
-      if (pending.field && (error.code === "invalid_request" ||
-        error.code === "duplicate_name")) {
-        pending.field.setAttribute("aria-invalid", "true");
-        pending.field.focus();
+      const refused = typeof pending.field === "function" ? pending.field() : pending.field;
+      if (refused && (error.code === "invalid_request" || error.code === "duplicate_name")) {
+        refused.setAttribute("aria-invalid", "true");
+        refused.focus();
       }
     }
   });

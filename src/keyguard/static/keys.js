@@ -1,5 +1,6 @@
 // keyguard console: the two sections of keys — their tables, each key's state at a glance,
-// and its ⋮ menu of actions (the actions themselves are in actions.js and edits.js).
+// and its ⋮ menu of actions (the actions themselves are in actions.js, edits.js and
+// limits.js).
 
 import {
   $, KINDS, copy, el, hiddenText, show, state,
@@ -9,6 +10,7 @@ import {
   askDelete, askDisable, askRename, askReplace, askSetSecret, enable,
 } from "./actions.js";
 import { askExpiry, askMeta } from "./edits.js";
+import { askKeyLimits, describeLimits, keyLimitsText } from "./limits.js";
 import { formatDate, formatDateTime, isPast, when } from "./times.js";
 
 const META_SHOWN = 60; // characters of a key's meta shown in its row; all of it on hover
@@ -83,8 +85,8 @@ function admits(key) {
   return key.enabled !== false && !(key.expires_at && isPast(key.expires_at));
 }
 
-// The key's lifecycle (SPEC §8) in a few words: enabled or not, its expiry, a secret still
-// in its grace period, when it was last used and created, and its meta.
+// The key's lifecycle (SPEC §8) in a few words: enabled or not, its expiry, its rate limits
+// (§9), a secret still in its grace period, when it was last used and created, and its meta.
 function statusList(key) {
   const items = [];
   const enabled = key.enabled !== false;
@@ -98,6 +100,16 @@ function statusList(key) {
       text: "Expires " + when(key.expires_at) }));
   } else {
     items.push(el("span", { class: "muted", text: "No expiry" }));
+  }
+  const limits = keyLimitsText(key);
+  if (limits !== null) {
+    const apiLimits = state.api && Array.isArray(state.api.rate_limits) ? state.api.rate_limits
+      : [];
+    // Inheriting: what the API's limits are now, on hover.
+    const title = key.rate_limits === null
+      ? (apiLimits.length ? "The API's: " + describeLimits(apiLimits) : "The API has none") : "";
+    items.push(el("span", { class: key.rate_limits === null ? "muted" : "", title,
+      text: limits }));
   }
   const previous = key.previous_secret_expires_at;
   if (previous && !isPast(previous)) {
@@ -150,6 +162,7 @@ function keyMenu(key) {
     ["Rename…", () => askRename(key, back)],
     ["Set or clear expiry…", () => askExpiry(key, back)],
     ["Edit metadata…", () => askMeta(key, back)],
+    ["Edit rate limits…", () => askKeyLimits(key, back)],
     key.kind === "external" ? ["Set API Secret…", () => askSetSecret(key, button)]
       : ["Replace key…", () => askReplace(key, back)],
     ["Delete key", () => askDelete(state.selected, key, back), "danger"],
