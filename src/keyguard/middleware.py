@@ -332,8 +332,9 @@ class KeyGuard:
                 await _refuse(scope, receive, send, _too_many(verdict))
                 return
             send = _with_headers(send, _rate_headers(verdict))
-        if self.usage is not None:
-            self.usage.admitted(api, result.client_id)
+        usage = self.usage
+        if usage is not None:
+            usage.admitted(api, result.client_id)  # a dict increment (keyguard.usage)
         if self._strip and (secret_pair is not None or query_secret):
             child = dict(scope)
             if secret_pair is not None:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from keyguard.errors import ConfigurationError
 
@@ -90,7 +90,15 @@ def check_usage_flush(value: object) -> float | None:
 
 
 class UsageRecorder:
-    """Counts per (api, client id, hour) in memory; writes them to ``store`` in batches.
+    """Counts per key in memory, in the current hour's bucket; writes them to ``store`` in
+    batches.
+
+    The request path's cost is one dict lookup by client id (client ids are unique
+    across APIs) and an increment: no clock read, no tuple built. The background task
+    closes the bucket at each flush and at each hour boundary, so every count lands in
+    the hour it was made in (to the loop's timer precision). A key's ``last_used_at``
+    is the time of the write that carried its admitted requests: at most one interval
+    after the actual last request (SPEC §8: approximate by design).
 
     ``clock`` is the wall clock (seconds since the epoch; tests pass their own).
     """
@@ -105,17 +113,17 @@ class UsageRecorder:
         self.store = store
         self.interval = interval
         self._clock = clock
-        # (api, client_id, hour number) -> [requests, rate_limited, last admitted time]
-        self._counts: dict[tuple[str, str, int], list[float]] = {}
-        # Taken from _counts but not written yet (a write failed, or one is under way).
+        # The open bucket: client_id -> [requests, rate_limited, api], of hour _hour.
+        self._counts: dict[str, list[Any]] = {}
+        self._hour = _hour_of(clock())
+        # Closed buckets not written yet (a write failed, or one is under way):
+        # (api, client_id, hour number) -> [requests, rate_limited, last admitted time].
         self._pending: dict[tuple[str, str, int], list[float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
         self._last_prune = -PRUNE_INTERVAL
         self._last_failure_warning = -FAILURE_LOG_INTERVAL
-        self._hour = 0
-        self._hour_ends = 0.0
 
     def __repr__(self) -> str:
         return f"UsageRecorder(interval={self.interval:g}, counted={len(self._counts)})"
@@ -124,79 +132,74 @@ class UsageRecorder:
 
     def admitted(self, api: str, client_id: str) -> None:
         """Count one admitted request of the key ``client_id`` of ``api``."""
-        now = self._clock()
-        if now >= self._hour_ends:
-            self._new_hour(now)
-        entry = self._counts.get((api, client_id, self._hour))
+        entry = self._counts.get(client_id)
         if entry is None:
-            self._counts[(api, client_id, self._hour)] = [1, 0, now]
-            self._started()
+            self._open(api, client_id, 1, 0)
         else:
             entry[0] += 1
-            entry[2] = now
 
     def rate_limited(self, api: str, client_id: str) -> None:
         """Count one request of the key answered 429."""
-        now = self._clock()
-        if now >= self._hour_ends:
-            self._new_hour(now)
-        entry = self._counts.get((api, client_id, self._hour))
+        entry = self._counts.get(client_id)
         if entry is None:
-            self._counts[(api, client_id, self._hour)] = [0, 1, 0.0]
-            self._started()
+            self._open(api, client_id, 0, 1)
         else:
             entry[1] += 1
 
-    def _new_hour(self, now: float) -> None:
-        self._hour = int(now // _HOUR)
-        self._hour_ends = (self._hour + 1) * _HOUR
-
-    def _started(self) -> None:
-        """A new bucket: make sure a flush task runs in this loop (started lazily)."""
+    def _open(self, api: str, client_id: str, requests: int, limited: int) -> None:
+        """A key's first count in the open bucket; makes sure a flush task runs."""
+        if not self._counts and self._task is None:
+            # Nothing has kept the bucket's hour current (no task): set it now.
+            self._hour = _hour_of(self._clock())
+        self._counts[client_id] = [requests, limited, api]
         task = self._task
         if task is None or task.done():
             try:
                 loop = asyncio.get_running_loop()
-            except RuntimeError:  # counted outside a loop: flushed by the next one, or aclose
+            except RuntimeError:  # counted outside a loop: written by the next flush
                 return
             self._task = loop.create_task(self._run(), name="keyguard-usage-flush")
 
     # -- writing ------------------------------------------------------------------------------
 
+    def next_wake(self, now: float) -> float:
+        """When the task next closes the bucket: after ``interval``, or at the next hour
+        boundary if that comes first (a flush then, so no count crosses an hour)."""
+        return min(now + self.interval, (_hour_of(now) + 1) * _HOUR)
+
     async def _run(self) -> None:
         try:
             while True:
-                await asyncio.sleep(self.interval)
+                now = self._clock()
+                await asyncio.sleep(max(0.0, self.next_wake(now) - now))
                 await self.flush()
         finally:
             # Cancelled, or the loop is closing: a later request in a running loop starts
-            # a new task, which finds these counts (nothing counted is dropped here).
+            # a new task, which writes these counts (nothing counted is dropped here).
             self._task = None
-            self._take()
+            self._close_bucket()
 
-    def _take(self) -> None:
-        """Move the counts into ``_pending``, so new requests start new buckets."""
-        counts, self._counts = self._counts, {}
+    def _close_bucket(self) -> None:
+        """Move the open bucket into ``_pending`` and open the current hour's."""
+        now = self._clock()
+        counts, hour = self._counts, self._hour
+        self._counts, self._hour = {}, _hour_of(now)
         pending = self._pending
-        for key, entry in counts.items():
+        for client_id, (requests, limited, api) in counts.items():
+            key = (api, client_id, hour)
             held = pending.get(key)
             if held is None:
-                pending[key] = entry
+                pending[key] = [requests, limited, now if requests else 0.0]
             else:
-                held[0] += entry[0]
-                held[1] += entry[1]
-                held[2] = max(held[2], entry[2])
+                held[0] += requests
+                held[1] += limited
+                if requests:
+                    held[2] = now
 
     def batch(self) -> list[UsageCount]:
-        """What the next write would hold (for tests and the curious); changes nothing."""
-        merged: dict[tuple[str, str, int], list[float]] = {}
-        for source in (self._pending, self._counts):
-            for key, entry in source.items():
-                held = merged.setdefault(key, [0, 0, 0.0])
-                held[0] += entry[0]
-                held[1] += entry[1]
-                held[2] = max(held[2], entry[2])
-        return _rows(merged)
+        """What is counted and not written yet, closed buckets only (for tests and the
+        curious)."""
+        return _rows(self._pending)
 
     async def flush(self) -> None:
         """Write everything counted so far in one ``record_usage`` call (none if nothing
@@ -206,14 +209,14 @@ class UsageRecorder:
         if self._lock is None or self._lock_loop is not loop:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         async with self._lock:  # one write at a time: a shutdown flush waits for a running one
-            self._take()
+            self._close_bucket()
             if not self._pending:
                 return
             taken, self._pending = self._pending, {}
             try:
                 await self.store.record_usage(_rows(taken))
             except Exception as exc:
-                for key, entry in taken.items():  # back, merged with anything taken meanwhile
+                for key, entry in taken.items():  # back, merged with anything closed meanwhile
                     held = self._pending.setdefault(key, [0, 0, 0.0])
                     held[0] += entry[0]
                     held[1] += entry[1]
@@ -249,15 +252,18 @@ class UsageRecorder:
     async def aclose(self) -> None:
         """Write what is counted and stop the background task (a later request starts it
         again)."""
-        task, self._task = self._task, None
+        task = self._task
         await self.flush()
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            self._task = None
-            if self._counts:  # counted while the task stopped: one more write
-                await self.flush()
+        if self._counts or self._pending:  # counted while the task stopped
+            await self.flush()
+
+
+def _hour_of(timestamp: float) -> int:
+    return int(timestamp // _HOUR)
 
 
 def _rows(counts: dict[tuple[str, str, int], list[float]]) -> list[UsageCount]:
