@@ -431,3 +431,84 @@ async def test_four_processes_flushing_one_key_sum_exactly(shared: KeyStore) -> 
     usage = await manager.usage("orders", key.client_id, hours=2)
     assert sum(h["requests"] for h in usage["hours"]) == 600
     assert (await manager.get_key("orders", key.client_id)).last_used_at is not None
+
+
+# -- a real server's shutdown ------------------------------------------------------------------
+
+SERVED_APP = """
+import contextlib, os
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from keyguard import KeyGuard, open_store
+
+store = open_store(os.environ["KG_URL"])
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    yield
+    await store.aclose()  # the app closes its store in its own shutdown
+
+async def hello(request):
+    return PlainTextResponse("hello")
+
+async def health(request):
+    return PlainTextResponse("ok")
+
+app = KeyGuard(Starlette(routes=[Route("/", hello), Route("/health", health)], lifespan=lifespan),
+               store=store, api="orders", exclude_paths=["/health"], usage_flush=3600)
+"""
+
+
+@pytest.mark.slow
+async def test_uvicorn_shutdown_writes_the_counts(tmp_path: Path) -> None:
+    """uvicorn serving KeyGuard (flush interval one hour), stopped with SIGTERM: the requests
+    it admitted are in the store afterwards, written before the app closed its store."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from keyguard import open_store
+    from tests.test_real_servers import free_port
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    setup = open_store(url)
+    manager = KeyManager(setup)
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Acme", kind="external")
+    await setup.aclose()
+    (tmp_path / "servedapp.py").write_text(SERVED_APP)
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
+        [sys.executable, "-m", "uvicorn", "--port", str(port), "--no-access-log", "servedapp:app"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "KG_URL": url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            while True:
+                try:
+                    await http.get("/health")
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        proc.kill()
+                        pytest.fail(f"uvicorn did not start: {proc.communicate()[1][-2000:]!r}")
+                    await anyio.sleep(0.1)
+            assert await send(http, key.client_id, 6) == [200] * 6
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    assert b"usage could not be written" not in stderr, stderr
+    after = open_store(url)
+    try:
+        usage = await KeyManager(after).usage("orders", key.client_id, hours=1)
+        assert usage["hours"][-1]["requests"] == 6
+        assert (await KeyManager(after).get_key("orders", key.client_id)).last_used_at is not None
+    finally:
+        await after.aclose()
