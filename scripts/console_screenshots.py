@@ -36,6 +36,11 @@ def create(page: Page, section: str, name: str) -> None:
     dialog.get_by_role("button", name="Save", exact=True).click()
 
 
+def choose(page: Page, key: str, action: str) -> None:
+    page.get_by_role("button", name=f"Actions for key {key}", exact=True).click()
+    page.get_by_role("menuitem", name=action, exact=True).click()
+
+
 def close_secret(page: Page) -> None:
     page.get_by_role("button", name="I have copied it, close").click()
     expect(page.get_by_role("dialog")).to_have_count(0)
@@ -75,9 +80,37 @@ def main() -> None:
             expect(page.get_by_role("dialog")).to_have_count(0)
         page.get_by_role("button", name="Set API Secret for Acme Corp").click()
         close_secret(page)
+        # Some of each key's lifecycle (SPEC §8), through the ⋮ menus.
+        choose(page, "Acme Corp", "Edit metadata…")
+        page.get_by_role("dialog").get_by_label("Metadata (JSON)").fill(
+            '{"customer": "C-1042", "plan": "gold"}'
+        )
+        shoot(page, "edit-metadata")
+        page.get_by_role("button", name="Save metadata").click()
+        expect(page.get_by_role("dialog")).to_have_count(0)
+        page.get_by_role("button", name="Set API Secret for Acme Corp").click()
+        page.get_by_label("Keep the current secret working for").select_option(label="7 days")
+        page.get_by_role("button", name="Replace secret").click()
+        expect(page.get_by_role("dialog", name="Copy the API secret now")).to_be_visible()
+        shoot(page, "secret-with-grace")
+        close_secret(page)
+        choose(page, "Finance reports", "Set or clear expiry…")
+        page.get_by_role("dialog").get_by_role("button", name="In 30 days").click()
+        page.get_by_role("button", name="Save expiry").click()
+        expect(page.get_by_role("dialog")).to_have_count(0)
+        choose(page, "Globex", "Disable key")
+        page.get_by_role("dialog").get_by_role("button", name="Disable key").click()
+        expect(page.get_by_role("dialog")).to_have_count(0)
         page.mouse.move(0, 0)
         page.evaluate("document.activeElement && document.activeElement.blur()")
         shoot(page, "sharing-and-keys", full_page=True)
+
+        page.get_by_role("button", name="Actions for key Warehouse team").click()
+        shoot(page, "key-menu")
+        page.get_by_role("menuitem", name="Replace key…").click()
+        expect(page.get_by_role("dialog", name=re.compile("Replace key"))).to_be_visible()
+        shoot(page, "replace-key")
+        page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
 
         page.get_by_role("button", name="Actions for key Globex").click()
         page.get_by_role("menuitem", name="Delete key").click()

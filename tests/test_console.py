@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from keyguard import MemoryStore, management_app
-from keyguard.console import CONSOLE_PATHS, CONTENT_SECURITY_POLICY
+from keyguard.console import CONSOLE_PATHS, CONTENT_SECURITY_POLICY, SCRIPT_MODULES
 
 pytestmark = pytest.mark.anyio
 
@@ -25,8 +25,10 @@ STATIC = files("keyguard") / "static"
 MEDIA_TYPES = {
     "/": "text/html; charset=utf-8",
     "/console.css": "text/css; charset=utf-8",
-    "/console.js": "text/javascript; charset=utf-8",
+    **{f"/{module}": "text/javascript; charset=utf-8" for module in SCRIPT_MODULES},
 }
+CONSOLE_FILES = ("console.html", "console.css", *SCRIPT_MODULES)
+IMPORT = re.compile(r'^import\b[^;]*?\bfrom "\./([\w-]+\.js)";', re.MULTILINE | re.DOTALL)
 
 
 def client_for(app: Starlette, prefix: str = "") -> httpx.AsyncClient:
@@ -41,9 +43,24 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield opened
 
 
-def test_the_console_paths_are_the_page_and_its_two_files() -> None:
-    """Exactly three paths are public: the page, its stylesheet and its script."""
+def test_the_console_paths_are_the_page_and_its_files() -> None:
+    """Exactly these paths are public: the page, its stylesheet and its script modules."""
     assert set(MEDIA_TYPES) == CONSOLE_PATHS
+
+
+def test_the_script_modules_are_every_script_shipped_and_each_is_imported() -> None:
+    """Every ``.js`` file in ``static/`` is served, and every module but ``console.js`` is
+    imported by another one by relative URL (a module left out would break the page only in a
+    browser; a file left over would be served for nothing)."""
+    shipped = sorted(item.name for item in STATIC.iterdir() if item.name.endswith(".js"))
+    assert shipped == sorted(SCRIPT_MODULES)
+    imported: set[str] = set()
+    for module in SCRIPT_MODULES:
+        text = (STATIC / module).read_text(encoding="utf-8")
+        found = IMPORT.findall(text)
+        assert set(found) <= set(SCRIPT_MODULES), module
+        imported.update(found)
+    assert imported == set(SCRIPT_MODULES) - {"console.js"}
 
 
 @pytest.mark.parametrize("path", sorted(MEDIA_TYPES))
@@ -92,10 +109,12 @@ async def test_other_methods_on_the_page_need_the_token(
         "/console.html",
         "/console.css/x",
         "/static/console.js",
+        "/keys.js/",
+        "/times.mjs",
     ],
 )
 async def test_every_other_path_still_needs_the_token(client: httpx.AsyncClient, path: str) -> None:
-    """The exemption is for the three exact paths: the JSON routes and look-alikes are 401."""
+    """The exemption is for the exact paths: the JSON routes and look-alikes are 401."""
     response = await client.get(path)
     assert response.status_code == 401
     assert response.json()["code"] == "unauthorized"
@@ -137,16 +156,18 @@ async def test_page_says_whether_it_must_ask_for_a_token() -> None:
 
 
 def test_console_files_fetch_nothing_from_elsewhere() -> None:
-    """No absolute URL in the page, its stylesheet or its script: it works offline."""
-    for filename in ("console.html", "console.css", "console.js"):
+    """No absolute URL in the page, its stylesheet or its scripts: it works offline."""
+    for filename in CONSOLE_FILES:
         text = (STATIC / filename).read_text(encoding="utf-8")
         assert re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}", text) == [], filename
         assert "@import" not in text, filename
 
 
 def test_page_loads_only_its_own_files() -> None:
-    """The page's script and stylesheet are the two console files, by relative URL."""
+    """The page's script and stylesheet are console files, by relative URL; the script is a
+    module, so that it can import the others."""
     page = (STATIC / "console.html").read_text(encoding="utf-8")
+    assert re.findall(r'<script type="module" src="([^"]+)"></script>', page) == ["console.js"]
     assert re.findall(r'<script[^>]*src="([^"]+)"', page) == ["console.js"]
     assert re.findall(r'<link rel="stylesheet" href="([^"]+)"', page) == ["console.css"]
     # No inline script or style: the CSP would block it, and it would weaken the policy.
@@ -156,12 +177,14 @@ def test_page_loads_only_its_own_files() -> None:
     assert re.search(r"<[^>]+\son[a-z]+=", page) is None
 
 
-def test_script_never_writes_markup_from_data() -> None:
-    """The script builds the page with textContent and values only, never innerHTML & co."""
-    script = (STATIC / "console.js").read_text(encoding="utf-8")
+@pytest.mark.parametrize("module", SCRIPT_MODULES)
+def test_script_never_writes_markup_from_data(module: str) -> None:
+    """The scripts build the page with textContent and values only, never innerHTML & co."""
+    script = (STATIC / module).read_text(encoding="utf-8")
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in script, sink
     assert "localStorage" not in script  # the token lives in sessionStorage only
+    assert "import(" not in script  # imports are static, all listed in SCRIPT_MODULES
 
 
 async def test_a_server_set_root_path_is_honoured_exactly() -> None:

@@ -11,9 +11,13 @@ violation or a request to anywhere but the app itself.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,8 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
+from keyguard import KeyInfo, KeyManager, open_store
+from keyguard.models import thaw
 from tests.browser import CHROMIUM_ARGS, PROTECTED_API, TOKEN, ConsoleServer, chromium_path
 
 pytestmark = pytest.mark.slow
@@ -133,6 +139,15 @@ class Console:
         self.dialog.get_by_label("Key name").fill(name)
         self.dialog.get_by_role("button", name="Save", exact=True).click()
 
+    def choose(self, key_name: str, action: str) -> None:
+        """Open the ⋮ menu of the key ``key_name`` and choose ``action`` in it."""
+        self.page.get_by_role("button", name=f"Actions for key {key_name}", exact=True).click()
+        self.page.get_by_role("menuitem", name=action, exact=True).click()
+
+    def status(self, key_name: str) -> Locator:
+        """The Status cell of a key's row."""
+        return self.row(key_name).get_by_role("cell").nth(3)
+
     def read_secret(self) -> tuple[str, str]:
         """The client id and secret in the open "copy it now" dialog."""
         dialog = self.page.get_by_role("dialog", name="Copy the API secret now")
@@ -207,6 +222,69 @@ def admin(
     )
     response.raise_for_status()
     return response
+
+
+def stored(server: ConsoleServer, client_id: str) -> KeyInfo:
+    """The key as the store now holds it, read by a KeyManager over a store of its own (in a
+    thread of its own too: Playwright's sync API keeps an event loop running in this one)."""
+
+    async def read() -> KeyInfo:
+        store = open_store(server.url, cache_ttl=0)
+        try:
+            return await KeyManager(store).get_key(PROTECTED_API, client_id)
+        finally:
+            await store.aclose()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, read()).result(timeout=30)
+
+
+def api_limits(server: ConsoleServer) -> list[str]:
+    """The API's rate limits as the store now holds them ("100/minute"), read like stored()."""
+
+    async def read() -> list[str]:
+        store = open_store(server.url, cache_ttl=0)
+        try:
+            api = await KeyManager(store).get_api(PROTECTED_API)
+            return [str(limit) for limit in api.rate_limits]
+        finally:
+            await store.aclose()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, read()).result(timeout=30)
+
+
+def key_limits(server: ConsoleServer, client_id: str) -> list[str] | None:
+    """A key's own rate limits as the store holds them (None: it inherits the API's)."""
+    limits = stored(server, client_id).rate_limits
+    return None if limits is None else [str(limit) for limit in limits]
+
+
+def limit_header(server: ConsoleServer, client_id: str) -> str | None:
+    """The ``X-RateLimit-Limit`` the protected app answers this key with (None: no limit)."""
+    response = httpx.get(
+        f"{server.base}/{PROTECTED_API}/hello", headers={"X-IBM-Client-Id": client_id}
+    )
+    assert response.status_code == 200
+    limit: str | None = response.headers.get("x-ratelimit-limit")
+    return limit
+
+
+def limit_header_becomes(server: ConsoleServer, client_id: str, expected: str | None) -> None:
+    """The protected app comes to answer this key with ``expected`` as its limit header: an
+    API's limits are remembered by the request path for a second (SPEC §9), so a change to
+    them reaches it within that (waited for here, up to a generous bound, not timed)."""
+    seen: list[str | None] = []
+    for _ in range(50):
+        seen.append(limit_header(server, client_id))
+        if seen[-1] == expected:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"X-RateLimit-Limit never became {expected!r}: {seen[-3:]}")
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 # -- signing in -------------------------------------------------------------------------------
@@ -422,6 +500,604 @@ def test_delete_api_asks_naming_the_api_and_its_key_count(console: Console) -> N
     assert console.problems == []
 
 
+# -- a key's lifecycle (SPEC §8) -------------------------------------------------------------
+
+
+def test_a_key_can_be_disabled_and_enabled_from_its_menu(console: Console) -> None:
+    """ "Disable key" asks first, then the key admits nothing and says "Disabled", yet is kept;
+    "Enable key" makes it work again at once. The store holds each state."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Acme")
+    expect(console.status("Acme")).to_contain_text("Enabled")
+    expect(console.status("Acme")).to_contain_text("No expiry")
+
+    console.choose("Acme", "Disable key")
+    confirm = page.get_by_role("dialog", name="Disable key “Acme”?")
+    expect(confirm).to_contain_text("until you enable it again")
+    confirm.get_by_role("button", name="Cancel").click()
+    assert stored(server, client_id).enabled is True
+    console.choose("Acme", "Disable key")
+    confirm.get_by_role("button", name="Disable key").click()
+    expect(confirm).to_be_hidden()
+    expect(console.status("Acme")).to_contain_text("Disabled")
+    expect(page.get_by_role("button", name="Actions for key Acme")).to_be_focused()
+    assert stored(server, client_id).enabled is False
+    assert call_protected(server, client_id) == 401
+
+    console.choose("Acme", "Enable key")
+    expect(console.status("Acme")).to_contain_text("Enabled")
+    expect(page.get_by_role("button", name="Actions for key Acme")).to_be_focused()
+    assert stored(server, client_id).enabled is True
+    assert call_protected(server, client_id) == 200
+
+
+def test_a_key_can_be_renamed_and_a_duplicate_name_is_explained(console: Console) -> None:
+    """ "Rename…" offers the current name; a name another key has (in any case) is refused in
+    the dialog, naming it, and changes nothing; a new name is stored and shown, and the focus
+    returns to the renamed key's menu."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    console.create_external("Acme")
+    client_id = console.create_external("Globex")
+
+    console.choose("Globex", "Rename…")
+    dialog = page.get_by_role("dialog", name="Rename key “Globex”")
+    field = dialog.get_by_label("New name")
+    expect(field).to_be_focused()
+    expect(field).to_have_value("Globex")
+    field.fill("  ")
+    dialog.get_by_role("button", name="Rename").click()
+    expect(dialog.get_by_role("alert")).to_have_text("Enter a name for the key.")
+    field.fill("ACME")
+    field.press("Enter")
+    expect(dialog.get_by_role("alert")).to_have_text(
+        "A key named “ACME” already exists in this API (names are compared ignoring case). "
+        "Choose another name."
+    )
+    expect(field).to_have_attribute("aria-invalid", "true")
+    expect(field).to_be_focused()
+    assert stored(server, client_id).name == "Globex"
+
+    field.fill(" Globex Corp ")
+    dialog.get_by_role("button", name="Rename").click()
+    expect(dialog).to_be_hidden()
+    expect(console.row("Globex Corp")).to_be_visible()
+    expect(console.row("Globex")).to_have_count(0)
+    expect(page.get_by_role("button", name="Actions for key Globex Corp")).to_be_focused()
+    assert stored(server, client_id).name == "Globex Corp"  # stored trimmed
+    assert call_protected(server, client_id) == 200  # same client id, still working
+
+    console.choose("Globex Corp", "Rename…")
+    page.keyboard.press("Escape")
+    expect(page.get_by_role("dialog")).to_have_count(0)
+    expect(page.get_by_role("button", name="Actions for key Globex Corp")).to_be_focused()
+
+
+def test_an_expiry_can_be_set_in_local_time_and_cleared(
+    browser: Browser, server: ConsoleServer
+) -> None:
+    """ "Set or clear expiry…" turns the local time typed (here Paris, UTC+2 in May) into UTC,
+    shows "Expires in …", offers "In 30 days" and "Never" (which clears it), and a time in the
+    past expires the key at once; the store holds each value."""
+    context = browser.new_context(viewport=DESKTOP, timezone_id="Europe/Paris")
+    console = Console(context.new_page(), server)
+    page = console.page
+    console.open_exposed_api()
+    client_id = console.create_external("Temp")
+
+    console.choose("Temp", "Set or clear expiry…")
+    dialog = page.get_by_role("dialog", name="Expiry of key “Temp”")
+    expect(dialog).to_contain_text("It never expires.")
+    field = dialog.get_by_label("Expires at (your local time)")
+    expect(field).to_be_focused()
+    expect(field).to_have_value("")
+    field.fill("2031-05-06T07:08")
+    dialog.get_by_role("button", name="Save expiry").click()
+    expect(dialog).to_be_hidden()
+    assert stored(server, client_id).expires_at == datetime(2031, 5, 6, 5, 8, tzinfo=timezone.utc)
+    expect(console.status("Temp")).to_contain_text("Expires on ")
+    assert call_protected(server, client_id) == 200
+
+    console.choose("Temp", "Set or clear expiry…")
+    expect(field).to_have_value("2031-05-06T07:08")
+    dialog.get_by_role("button", name="Never").click()
+    expect(field).to_have_value("")
+    dialog.get_by_role("button", name="Save expiry").click()
+    expect(dialog).to_be_hidden()
+    expect(console.status("Temp")).to_contain_text("No expiry")
+    assert stored(server, client_id).expires_at is None
+
+    before = now()
+    console.choose("Temp", "Set or clear expiry…")
+    dialog.get_by_role("button", name="In 30 days").click()
+    dialog.get_by_role("button", name="Save expiry").click()
+    expect(dialog).to_be_hidden()
+    after = now()
+    expires = stored(server, client_id).expires_at
+    assert expires is not None
+    # The field holds minutes: up to a minute earlier than "now + 30 days".
+    assert before + timedelta(days=30, minutes=-1) <= expires <= after + timedelta(days=30)
+    expect(console.status("Temp")).to_contain_text("Expires in 30 days")
+
+    console.choose("Temp", "Set or clear expiry…")
+    field.fill("2020-01-01T00:00")
+    dialog.get_by_role("button", name="Save expiry").click()
+    expect(dialog).to_be_hidden()
+    expect(console.status("Temp")).to_contain_text("Expired")
+    assert stored(server, client_id).expires_at == datetime(2019, 12, 31, 23, tzinfo=timezone.utc)
+    assert call_protected(server, client_id) == 401
+    context.close()
+    assert console.problems == []
+
+
+def test_metadata_is_edited_as_json_with_errors_shown_in_the_dialog(console: Console) -> None:
+    """ "Edit metadata…" takes a JSON object: text that is not JSON, or JSON that is not an
+    object, is refused by the page; one too large is refused by the server; both say so in
+    the dialog and change nothing. A valid object is stored whole and shown compactly."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Meta")
+
+    console.choose("Meta", "Edit metadata…")
+    dialog = page.get_by_role("dialog", name="Metadata of key “Meta”")
+    area = dialog.get_by_label("Metadata (JSON)")
+    expect(area).to_be_focused()
+    expect(area).to_have_value("{}")
+    save = dialog.get_by_role("button", name="Save metadata")
+    area.fill('{"plan": gold}')
+    save.click()
+    expect(dialog.get_by_role("alert")).to_contain_text("That is not valid JSON: ")
+    expect(area).to_have_attribute("aria-invalid", "true")
+    area.fill("[1, 2]")
+    save.click()
+    expect(dialog.get_by_role("alert")).to_have_text(
+        'The metadata must be a JSON object, in braces, such as {"plan": "gold"}.'
+    )
+    area.fill('{"blob": "' + "x" * 5000 + '"}')
+    save.click()
+    expect(dialog.get_by_role("alert")).to_contain_text("That was not accepted: ")
+    expect(dialog.get_by_role("alert")).to_contain_text("4096")
+    expect(area).to_have_attribute("aria-invalid", "true")
+    assert dict(stored(server, client_id).meta) == {}
+
+    area.fill('{"plan": "gold", "seats": 5, "owner": {"team": "ops"}}')
+    save.click()
+    expect(dialog).to_be_hidden()
+    expect(console.status("Meta")).to_contain_text('plan: gold, seats: 5, owner: {"team":"ops"}')
+    assert thaw(stored(server, client_id).meta) == {
+        "plan": "gold",
+        "seats": 5,
+        "owner": {"team": "ops"},
+    }
+    console.choose("Meta", "Edit metadata…")
+    expect(area).to_have_value(re.compile(r'^\{\n  "plan": "gold",'))  # shown to edit, indented
+    area.fill("")
+    save.click()  # empty means {}
+    expect(dialog).to_be_hidden()
+    expect(console.status("Meta")).not_to_contain_text("plan")
+    assert dict(stored(server, client_id).meta) == {}
+
+
+def test_set_api_secret_with_a_grace_period_keeps_the_previous_one_working(
+    console: Console,
+) -> None:
+    """Replacing an external key's secret with a grace period keeps the previous secret
+    working until the time the secret dialog and the key's row show; replacing it again with
+    none drops every older secret at once."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Roll")
+    console.row("Roll").get_by_role("button", name="Set API Secret for Roll").click()
+    _, first = console.read_secret()
+    console.close_secret()
+
+    before = now()
+    console.choose("Roll", "Set API Secret…")
+    confirm = page.get_by_role("dialog", name="Replace the secret of “Roll”?")
+    grace = confirm.get_by_label("Keep the current secret working for")
+    expect(grace).to_have_value("0")
+    expect(confirm).to_contain_text("the current one stops working at once")
+    grace.select_option(label="7 days")
+    expect(confirm).to_contain_text("the current one keeps working for 7 days")
+    confirm.get_by_role("button", name="Replace secret").click()
+    secret_dialog = page.get_by_role("dialog", name="Copy the API secret now")
+    expect(secret_dialog).to_contain_text("Previous secret valid until ")
+    _, second = console.read_secret()
+    console.close_secret()
+    after = now()
+    assert second != first
+    assert call_protected(server, client_id, first) == 200
+    assert call_protected(server, client_id, second) == 200
+    until = stored(server, client_id).previous_secret_expires_at
+    assert until is not None
+    assert before + timedelta(days=7, seconds=-1) <= until <= after + timedelta(days=7, seconds=1)
+    expect(console.status("Roll")).to_contain_text("Previous secret valid until ")
+
+    console.row("Roll").get_by_role("button", name="Set API Secret for Roll").click()
+    confirm.get_by_role("button", name="Replace secret").click()  # grace: none, the default
+    expect(secret_dialog).not_to_contain_text("Previous secret")
+    _, third = console.read_secret()
+    console.close_secret()
+    assert call_protected(server, client_id, first) == 401
+    assert call_protected(server, client_id, second) == 401
+    assert call_protected(server, client_id, third) == 200
+    assert stored(server, client_id).previous_secret_expires_at is None
+    expect(console.status("Roll")).not_to_contain_text("Previous secret")
+
+
+def test_replace_key_creates_a_new_internal_key_and_expires_the_old_one(
+    console: Console,
+) -> None:
+    """ "Replace key…" on an internal key creates, in one confirmation, a new internal key
+    (named "<old> (new)" unless changed, with the old one's meta and rate limits) whose
+    secret is shown once, and sets the old key to expire after the grace chosen (7 days by
+    default): both work
+    meanwhile. A clashing name is refused and creates nothing; no grace expires it at once."""
+    page, server = console.page, console.server
+    admin(server, "PUT", f"/apis/{PROTECTED_API}", json={"exposed": True})
+    old = admin(
+        server,
+        "POST",
+        f"/apis/{PROTECTED_API}/keys",
+        json={
+            "name": "Staff",
+            "kind": "internal",
+            "meta": {"team": "ops"},
+            "rate_limits": [{"limit": 1000, "per": "minute"}],
+        },
+    ).json()
+    console.sign_in()
+    page.get_by_role("link", name=re.compile("^orders")).click()
+
+    before = now()
+    console.choose("Staff", "Replace key…")
+    confirm = page.get_by_role("dialog", name="Replace key “Staff”?")
+    name = confirm.get_by_label("Name of the new key")
+    expect(name).to_be_focused()
+    expect(name).to_have_value("Staff (new)")
+    expect(confirm.get_by_label("The old key keeps working for")).to_have_value(str(7 * 86400))
+    confirm.get_by_role("button", name="Replace key").click()
+    secret_dialog = page.get_by_role("dialog", name="Copy the API secret now")
+    expect(secret_dialog).to_contain_text("The internal key “Staff (new)” of the API “orders”")
+    expect(secret_dialog).to_contain_text("The old key “Staff” keeps working until ")
+    new_id, new_secret = console.read_secret()
+    console.close_secret()
+    after = now()
+    expect(page.get_by_role("button", name="Actions for key Staff (new)")).to_be_focused()
+    assert new_id != old["client_id"]
+    assert call_protected(server, new_id, new_secret) == 200
+    assert call_protected(server, old["client_id"], old["secret"]) == 200  # in its grace
+    new = stored(server, new_id)
+    assert new.rate_limits == stored(server, old["client_id"]).rate_limits
+    assert new.rate_limits is not None
+    assert (new.name, new.kind.value, thaw(new.meta)) == (
+        "Staff (new)",
+        "internal",
+        {"team": "ops"},
+    )
+    expires = stored(server, old["client_id"]).expires_at
+    assert expires is not None
+    assert before + timedelta(days=7, seconds=-1) <= expires <= after + timedelta(days=7, seconds=1)
+    expect(console.status("Staff")).to_contain_text("Expires in 7 days")
+    expect(console.section(INTERNAL).get_by_text("2 of 5")).to_be_visible()
+
+    console.choose("Staff", "Replace key…")
+    name.fill("staff (NEW)")
+    confirm.get_by_role("button", name="Replace key").click()
+    expect(confirm.get_by_role("alert")).to_contain_text("A key named “staff (NEW)” already exists")
+    expect(name).to_have_attribute("aria-invalid", "true")
+    assert len(admin(server, "GET", f"/apis/{PROTECTED_API}/keys").json()["keys"]) == 2
+
+    name.fill("Staff 3")
+    confirm.get_by_label("The old key keeps working for").select_option(label="None: at once")
+    confirm.get_by_role("button", name="Replace key").click()
+    expect(secret_dialog).to_contain_text("The old key “Staff” has expired")
+    third_id, third_secret = console.read_secret()
+    console.close_secret()
+    assert call_protected(server, third_id, third_secret) == 200
+    assert call_protected(server, old["client_id"], old["secret"]) == 401
+    expect(console.status("Staff")).to_contain_text("Expired")
+
+
+def test_replace_key_still_shows_the_new_secret_when_the_old_key_keeps_no_expiry(
+    console: Console,
+) -> None:
+    """If setting the old key's expiry fails after the new key was created (here the PATCH is
+    answered 503 on its way), the new secret is still shown once, and the dialog and the
+    section say the old key still works and how to expire it."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    old_id, old_secret = console.create_internal("Ops")
+    page.route(
+        re.compile(rf"/keys/{old_id}$"),
+        lambda route: (
+            route.fulfill(
+                status=503,
+                content_type="application/problem+json",
+                body='{"code": "store_unavailable", "status": 503}',
+            )
+            if route.request.method == "PATCH"
+            else route.continue_()
+        ),
+    )
+    console.choose("Ops", "Replace key…")
+    page.get_by_role("dialog").get_by_role("button", name="Replace key").click()
+    secret_dialog = page.get_by_role("dialog", name="Copy the API secret now")
+    expect(secret_dialog).to_contain_text("The old key “Ops” could not be given an expiry")
+    new_id, new_secret = console.read_secret()
+    console.close_secret()
+    assert call_protected(server, new_id, new_secret) == 200
+    assert call_protected(server, old_id, old_secret) == 200
+    assert stored(server, old_id).expires_at is None
+    expect(console.section(INTERNAL).get_by_role("alert")).to_contain_text("Set or clear expiry")
+    expect(console.status("Ops")).to_contain_text("No expiry")
+
+
+def test_internal_keys_offer_replace_and_external_keys_set_api_secret_in_the_menu(
+    console: Console,
+) -> None:
+    """The ⋮ menu holds every action of the key's kind, Delete last: internal keys can be
+    replaced, external ones get Set API Secret."""
+    page = console.page
+    console.open_exposed_api()
+    console.create_internal("Inside")
+    console.create_external("Outside")
+    common = [
+        "Disable key",
+        "Rename…",
+        "Set or clear expiry…",
+        "Edit metadata…",
+        "Edit rate limits…",
+    ]
+    for key, special in (("Inside", "Replace key…"), ("Outside", "Set API Secret…")):
+        page.get_by_role("button", name=f"Actions for key {key}").click()
+        menu = page.get_by_role("menu", name=f"Actions for key {key}")
+        expect(menu.get_by_role("menuitem")).to_have_text([*common, special, "Delete key"])
+        page.keyboard.press("Escape")
+
+
+# -- rate limits (SPEC §9) -------------------------------------------------------------------
+
+
+def test_the_apis_rate_limits_are_shown_by_the_switch_and_edited_in_a_dialog(
+    console: Console,
+) -> None:
+    """ "Edit rate limits…" by the Expose switch edits the API's list in rows of a number and
+    a unit: two limits are added and saved with Enter, shown as "Rate limits: 100/minute,
+    5000/day", stored, and applied to the API's keys; removing both clears them ("No rate
+    limits"). Escape closes the dialog and the focus returns to its button each time."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Counted")
+    summary = page.locator("#api-limits")
+    edit = page.get_by_role("button", name="Edit rate limits…")
+    expect(summary).to_have_text("No rate limits")
+    expect(edit).to_have_accessible_description(re.compile(r"^No rate limits Each key"))
+
+    edit.click()
+    dialog = page.get_by_role("dialog", name=f"Rate limits of “{PROTECTED_API}”")
+    expect(dialog.get_by_text("No limits.")).to_be_visible()
+    add = dialog.get_by_role("button", name="Add a limit")
+    expect(add).to_be_focused()  # no row yet: the way to add one
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    expect(edit).to_be_focused()
+
+    edit.click()
+    add.click()
+    first = dialog.get_by_label("Limit 1: requests", exact=True)
+    expect(first).to_be_focused()
+    expect(first).to_have_accessible_description(re.compile("at least 1"))
+    expect(dialog.get_by_label("Limit 1: requests per")).to_have_value("minute")
+    first.fill("100")
+    add.click()
+    second = dialog.get_by_label("Limit 2: requests", exact=True)
+    expect(second).to_be_focused()
+    second.fill("5000")
+    dialog.get_by_label("Limit 2: requests per").select_option("day")
+    expect(dialog.get_by_text("No limits.")).to_be_hidden()
+    second.press("Enter")
+    expect(dialog).to_be_hidden()
+    expect(summary).to_have_text("Rate limits: 100/minute, 5000/day")
+    expect(edit).to_be_focused()
+    assert api_limits(server) == ["100/minute", "5000/day"]
+    assert admin(server, "GET", f"/apis/{PROTECTED_API}").json()["rate_limits"] == [
+        {"limit": 100, "per": "minute"},
+        {"limit": 5000, "per": "day"},
+    ]
+    limit_header_becomes(server, client_id, "100")  # the key inherits them
+    expect(console.status("Counted")).to_contain_text("Limits: the API's")
+
+    edit.click()
+    expect(first).to_have_value("100")
+    expect(second).to_have_value("5000")
+    expect(dialog.get_by_label("Limit 2: requests per")).to_have_value("day")
+    dialog.get_by_role("button", name="Remove limit 1").click()
+    # The rows are renumbered; the focus goes to the row that took the removed one's place.
+    expect(first).to_have_value("5000")
+    expect(first).to_be_focused()
+    expect(second).to_have_count(0)
+    dialog.get_by_role("button", name="Remove limit 1").click()
+    expect(add).to_be_focused()
+    expect(dialog.get_by_text("No limits.")).to_be_visible()
+    dialog.get_by_role("button", name="Save rate limits").click()
+    expect(dialog).to_be_hidden()
+    expect(summary).to_have_text("No rate limits")
+    assert api_limits(server) == []
+    limit_header_becomes(server, client_id, None)
+
+
+def test_no_more_than_four_rate_limits_can_be_added(console: Console) -> None:
+    """The editor holds at most four rows: "Add a limit" is disabled at four, and enabled
+    again once one is removed."""
+    page = console.page
+    console.open_exposed_api()
+    page.get_by_role("button", name="Edit rate limits…").click()
+    dialog = page.get_by_role("dialog")
+    add = dialog.get_by_role("button", name="Add a limit")
+    for _ in range(4):
+        add.click()
+    expect(dialog.get_by_role("spinbutton")).to_have_count(4)
+    expect(add).to_be_disabled()
+    dialog.get_by_role("button", name="Remove limit 4").click()
+    expect(add).to_be_enabled()
+    # The last row gone, the focus goes to the one before it.
+    expect(dialog.get_by_label("Limit 3: requests", exact=True)).to_be_focused()
+    dialog.get_by_role("button", name="Cancel").click()
+
+
+def test_a_keys_rate_limits_can_be_its_own_unlimited_or_the_apis(console: Console) -> None:
+    """ "Edit rate limits…" in a key's menu chooses between the API's limits (null), none
+    ([]) and its own list (the same rows, starting from the API's): each is stored, said in
+    the key's status cell and applied by the protected app; the focus returns to the menu."""
+    page, server = console.page, console.server
+    admin(
+        server,
+        "PUT",
+        f"/apis/{PROTECTED_API}",
+        json={"exposed": True, "rate_limits": [{"limit": 100, "per": "minute"}]},
+    )
+    console.sign_in()
+    page.get_by_role("link", name=re.compile("^orders")).click()
+    expect(page.locator("#api-limits")).to_have_text("Rate limits: 100/minute")
+    client_id = console.create_external("Acme")
+    status = console.status("Acme")
+    expect(status).to_contain_text("Limits: the API's")
+    expect(status.get_by_text("Limits: the API's")).to_have_attribute(
+        "title", "The API's: 100/minute"
+    )
+    menu = page.get_by_role("button", name="Actions for key Acme")
+
+    console.choose("Acme", "Edit rate limits…")
+    dialog = page.get_by_role("dialog", name="Rate limits of key “Acme”")
+    expect(dialog).to_contain_text("It has the API's limits now.")
+    inherit = dialog.get_by_label("The API's limits (now 100/minute)")
+    expect(inherit).to_be_checked()
+    expect(inherit).to_be_focused()
+    expect(inherit).to_have_accessible_description(re.compile("replace the API's"))
+    count = dialog.get_by_label("Limit 1: requests", exact=True)
+    expect(count).to_be_hidden()  # the rows are for a list of its own only
+    dialog.get_by_label("Its own limits").check()
+    expect(count).to_have_value("100")  # starting from the API's
+    count.fill("10")
+    dialog.get_by_label("Limit 1: requests per").select_option("second")
+    dialog.get_by_role("button", name="Save rate limits").click()
+    expect(dialog).to_be_hidden()
+    expect(status).to_contain_text("Limits: 10/second")
+    expect(menu).to_be_focused()
+    assert key_limits(server, client_id) == ["10/second"]
+    assert limit_header(server, client_id) == "10"
+
+    console.choose("Acme", "Edit rate limits…")
+    expect(dialog).to_contain_text("It has its own limits now: 10/second.")
+    expect(dialog.get_by_label("Its own limits")).to_be_checked()
+    expect(count).to_have_value("10")
+    dialog.get_by_label("Unlimited").check()
+    expect(count).to_be_hidden()
+    dialog.get_by_role("button", name="Save rate limits").click()
+    expect(dialog).to_be_hidden()
+    expect(status).to_contain_text("Unlimited")
+    expect(status).not_to_contain_text("Limits:")
+    assert key_limits(server, client_id) == []
+    assert limit_header(server, client_id) is None  # whatever the API says
+
+    console.choose("Acme", "Edit rate limits…")
+    expect(dialog).to_contain_text("It is unlimited now.")
+    inherit.check()
+    inherit.press("Enter")  # Enter saves, from the choice too
+    expect(dialog).to_be_hidden()
+    expect(status).to_contain_text("Limits: the API's")
+    expect(menu).to_be_focused()
+    assert key_limits(server, client_id) is None
+    assert limit_header(server, client_id) == "100"
+
+
+def test_rate_limits_the_page_refuses_are_explained_in_the_dialog(console: Console) -> None:
+    """An empty number, 0 or a fraction is refused by the page, which says which limit and
+    why, marks the field invalid and puts the cursor there; a key's own list with no row is
+    refused too. Nothing is stored."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Acme")
+    page.get_by_role("button", name="Edit rate limits…").click()
+    dialog = page.get_by_role("dialog", name=f"Rate limits of “{PROTECTED_API}”")
+    add = dialog.get_by_role("button", name="Add a limit")
+    add.click()
+    dialog.get_by_label("Limit 1: requests", exact=True).fill("60")
+    add.click()
+    field = dialog.get_by_label("Limit 2: requests", exact=True)
+    save = dialog.get_by_role("button", name="Save rate limits")
+    save.click()
+    alert = dialog.get_by_role("alert")
+    expect(alert).to_have_text("Enter a number of requests for limit 2, such as 100.")
+    expect(field).to_have_attribute("aria-invalid", "true")
+    expect(field).to_be_focused()
+    expect(dialog.get_by_label("Limit 1: requests", exact=True)).to_have_attribute(
+        "aria-invalid", "false"
+    )
+    for bad in ("0", "2.5", "-3"):
+        field.fill(bad)
+        field.press("Enter")
+        expect(alert).to_have_text(
+            "The number of requests of limit 2 must be a whole number of at least 1, such as 100."
+        )
+        expect(field).to_have_attribute("aria-invalid", "true")
+        expect(field).to_be_focused()
+    assert api_limits(server) == []
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+
+    console.choose("Acme", "Edit rate limits…")
+    key_dialog = page.get_by_role("dialog", name="Rate limits of key “Acme”")
+    key_dialog.get_by_label("Its own limits").check()
+    key_dialog.get_by_role("button", name="Remove limit 1").click()
+    key_dialog.get_by_role("button", name="Save rate limits").click()
+    expect(key_dialog.get_by_role("alert")).to_have_text("Add a limit, or choose Unlimited.")
+    expect(key_dialog.get_by_role("button", name="Add a limit")).to_be_focused()
+    assert key_limits(server, client_id) is None
+
+
+def test_a_rate_limit_the_server_refuses_is_shown_in_the_dialog(console: Console) -> None:
+    """A number past the server's range gets its 422 in the dialog, in words, with the
+    offending field marked and focused, for the API's list and for a key's; nothing changes
+    and the dialog stays open to correct it."""
+    page, server = console.page, console.server
+    console.open_exposed_api()
+    client_id = console.create_external("Acme")
+    page.get_by_role("button", name="Edit rate limits…").click()
+    dialog = page.get_by_role("dialog", name=f"Rate limits of “{PROTECTED_API}”")
+    add = dialog.get_by_role("button", name="Add a limit")
+    add.click()
+    dialog.get_by_label("Limit 1: requests", exact=True).fill("100")
+    add.click()
+    huge = dialog.get_by_label("Limit 2: requests", exact=True)
+    huge.fill("10000000000000")
+    dialog.get_by_role("button", name="Save rate limits").click()
+    alert = dialog.get_by_role("alert")
+    expect(alert).to_contain_text("That was not accepted: rate_limits")
+    expect(huge).to_have_attribute("aria-invalid", "true")
+    expect(huge).to_be_focused()
+    expect(dialog).to_be_visible()
+    assert api_limits(server) == []
+    huge.fill("1000")
+    huge.press("Enter")
+    expect(dialog).to_be_hidden()
+    assert api_limits(server) == ["100/minute", "1000/minute"]
+
+    console.choose("Acme", "Edit rate limits…")
+    key_dialog = page.get_by_role("dialog", name="Rate limits of key “Acme”")
+    key_dialog.get_by_label("Its own limits").check()
+    own = key_dialog.get_by_label("Limit 1: requests", exact=True)
+    own.fill("99999999999999")
+    key_dialog.get_by_role("button", name="Save rate limits").click()
+    expect(key_dialog.get_by_role("alert")).to_contain_text("That was not accepted: rate_limits")
+    expect(own).to_have_attribute("aria-invalid", "true")
+    expect(own).to_be_focused()
+    assert key_limits(server, client_id) is None
+    expect(console.status("Acme")).to_contain_text("Limits: the API's")
+
+
 # -- errors, in words ---------------------------------------------------------------------------
 
 
@@ -579,13 +1255,18 @@ def test_keyboard_alone_creates_and_deletes_a_key(console: Console) -> None:
     menu_button = page.get_by_role("button", name="Actions for key Keyboard user")
     tab_to(page, menu_button)
     page.keyboard.press("Enter")
-    item = page.get_by_role("menuitem", name="Delete key")
+    first = page.get_by_role("menuitem", name="Disable key")
+    item = page.get_by_role("menuitem", name="Delete key")  # the last one
+    expect(first).to_be_focused()
+    page.keyboard.press("End")
     expect(item).to_be_focused()
+    page.keyboard.press("ArrowDown")  # round to the first
+    expect(first).to_be_focused()
     page.keyboard.press("Escape")
     expect(item).to_be_hidden()
     expect(menu_button).to_be_focused()
     expect(menu_button).to_have_attribute("aria-expanded", "false")
-    page.keyboard.press("ArrowDown")
+    page.keyboard.press("ArrowUp")  # opens on the last item
     expect(item).to_be_focused()
     page.keyboard.press("Enter")
     confirm = page.get_by_role("dialog", name="Delete key “Keyboard user”?")
@@ -596,6 +1277,7 @@ def test_keyboard_alone_creates_and_deletes_a_key(console: Console) -> None:
     expect(console.row("Keyboard user")).to_be_visible()
 
     page.keyboard.press("Enter")
+    page.keyboard.press("End")
     page.keyboard.press("Enter")
     expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()
     page.keyboard.press("Tab")
@@ -667,6 +1349,41 @@ def test_phone_width_needs_no_sideways_scrolling(browser: Browser, server: Conso
     assert overflow("document.querySelector('dialog[open]')") <= 0
     assert overflow("document.documentElement") <= 0
     page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
+    # The dialogs with fields fit too.
+    for key, action in (
+        (long_name, "Replace key…"),
+        ("Phone", "Set or clear expiry…"),
+        ("Phone", "Edit metadata…"),
+        ("Phone", "Edit rate limits…"),
+    ):
+        console.choose(key, action)
+        expect(page.get_by_role("dialog")).to_be_visible()
+        assert overflow("document.querySelector('dialog[open]')") <= 0, action
+        assert overflow("document.documentElement") <= 0, action
+        save = page.get_by_role("dialog").locator("#confirm-ok").bounding_box()
+        assert save is not None
+        assert save["x"] + save["width"] <= PHONE["width"], action
+        page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
+    # The rate limit editors fit with their four rows, for the API and for a key.
+    for of_key in (False, True):
+        if of_key:
+            console.choose("Phone", "Edit rate limits…")
+        else:
+            page.get_by_role("button", name="Edit rate limits…").click()
+        dialog = page.get_by_role("dialog")
+        if of_key:
+            dialog.get_by_label("Its own limits").check()
+        add = dialog.get_by_role("button", name="Add a limit")
+        while add.is_enabled():
+            add.click()
+        dialog.get_by_label("Limit 4: requests", exact=True).fill("1000000000000")
+        assert overflow("document.querySelector('dialog[open]')") <= 0
+        assert overflow("document.documentElement") <= 0
+        for control in (dialog.get_by_role("button", name="Remove limit 4"), add):
+            box = control.bounding_box()
+            assert box is not None
+            assert box["x"] + box["width"] <= PHONE["width"]
+        dialog.get_by_role("button", name="Cancel").click()
 
     # Nor at any width in between, where the key tables turn into cards.
     for width in (480, 768, 800, 900, 1024, 1100, 1280, 1600):

@@ -1,12 +1,13 @@
 """The web console: the "Sharing & keys" page, served by ``management_app`` at its root.
 
-The page is three static files shipped in the package (``static/``): HTML, CSS
-and plain JavaScript, with no build step and nothing fetched from anywhere
-else, so it works offline and behind a firewall. In the browser it calls the
+The page is static files shipped in the package (``static/``): HTML, CSS and
+plain JavaScript modules (``console.js`` imports the others), with no build
+step and nothing fetched from anywhere else, so it works offline and behind a
+firewall. In the browser it calls the
 management API's JSON routes (SPEC §5) with the bearer token the operator
 types in once; the page keeps the token in ``sessionStorage`` (that tab only).
 
-The three files hold no data, and a browser's address bar cannot send a bearer
+These files hold no data, and a browser's address bar cannot send a bearer
 token, so they are the only answers given without one: ``GET`` and ``HEAD`` of
 exactly these paths. Every JSON route still needs the token. The page is
 served with a strict Content-Security-Policy (its own scripts, styles and
@@ -23,13 +24,27 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-__all__ = ["CONSOLE_PATHS", "CONTENT_SECURITY_POLICY", "console_routes"]
+__all__ = ["CONSOLE_PATHS", "CONTENT_SECURITY_POLICY", "SCRIPT_MODULES", "console_routes"]
+
+_JAVASCRIPT = "text/javascript; charset=utf-8"
+
+# The page's script modules: console.js, and the modules it imports (by relative URL).
+SCRIPT_MODULES = (
+    "actions.js",
+    "console.js",
+    "core.js",
+    "dialogs.js",
+    "edits.js",
+    "keys.js",
+    "limits.js",
+    "times.js",
+)
 
 # Route path inside the management app -> (file in keyguard/static, media type).
 _FILES = {
     "/": ("console.html", "text/html; charset=utf-8"),
     "/console.css": ("console.css", "text/css; charset=utf-8"),
-    "/console.js": ("console.js", "text/javascript; charset=utf-8"),
+    **{f"/{module}": (module, _JAVASCRIPT) for module in SCRIPT_MODULES},
 }
 
 CONSOLE_PATHS = frozenset(_FILES)

@@ -348,9 +348,11 @@ class KeyManager:
         unknown id costs no verification: its refusal already says it is
         unknown. The refusals that share a message cost the same: a wrong
         secret and a secret sent to a secretless key (checked against a dummy
-        hash) are each one verification. A verification that cannot start
-        within the store's timeout raises ``VerificationBusy`` (a
-        ``StoreUnavailable``), as may the lookup itself.
+        hash) are each one verification, and each is counted against the id
+        (``SecretHasher.failed``), so that a flood of them waits behind other
+        callers' verifications. A verification that cannot start within the
+        store's timeout raises ``VerificationBusy`` (a ``StoreUnavailable``),
+        as may the lookup itself.
         """
         plausible = client_id is not None and could_be_client_id(client_id)
         exposed, record = await self.store.lookup(api, client_id if plausible else None)
@@ -365,12 +367,16 @@ class KeyManager:
         if stored_hash is None:
             if secret is not None:
                 await self.hasher.verify(client_id, secret, None, deadline=deadline)
+                self.hasher.failed(client_id)
                 return Denial.INVALID_SECRET
-        elif secret is None or not (
+        elif secret is None:
+            return Denial.INVALID_SECRET
+        elif not (
             self.hasher.remembered(client_id, secret, stored_hash)
             or await self.hasher.verify(client_id, secret, stored_hash, deadline=deadline)
             or await self._verify_previous(record, client_id, secret)
         ):
+            self.hasher.failed(client_id)
             return Denial.INVALID_SECRET
         if not record.enabled:
             return Denial.DISABLED

@@ -500,8 +500,10 @@ def _rate_limit(item: object, field_name: str) -> RateLimit:
         limit, per = item["limit"], item["per"]
     else:
         raise InvalidRequest(f'{field_name}: each limit is an object {{"limit": n, "per": unit}}')
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10**12:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidRequest(f"{field_name}: a limit must be a whole number of at least 1")
+    if limit > 10**12:
+        raise InvalidRequest(f"{field_name}: a limit can be at most 1000000000000")
     if per == "second" or per == "minute" or per == "hour" or per == "day":
         return RateLimit(limit, per)
     raise InvalidRequest(

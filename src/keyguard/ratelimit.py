@@ -93,6 +93,10 @@ def _storage_uri(url: str) -> tuple[str, dict[str, Any]]:
     uri = url if scheme.startswith("async+") else f"async+{url}"
     base = uri.split("://", 1)[0].lower()
     options: dict[str, Any] = {}
+    if base == "async+rediss+cluster":
+        # limits names a TLS cluster by its option, not its scheme.
+        uri = "async+redis+cluster" + uri[len(base) :]
+        options["ssl"] = True
     if base.startswith(("async+redis", "async+rediss")):
         options["implementation"] = "redispy"  # redis-py, keyguard's Redis client
     return uri, options

@@ -12,17 +12,23 @@ rounds would only cost every request. Users whose policy demands a slow
 scheme pass their own ``CryptContext``; verification then runs in a worker
 thread so the event loop is never blocked, and a verification that cannot
 start within its deadline is refused (``VerificationBusy``, a 503 on the
-request path) instead of queueing without end.
+request path) instead of queueing without end. Waiting verifications are
+served by their client id's recent failures and verifications under way,
+fewest first, so a flood of wrong secrets for one id queues behind the first
+requests of other callers instead of in front of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import hmac
+import itertools
 import os
 import secrets as _secrets
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,6 +49,8 @@ __all__ = [
 CLIENT_ID_LENGTH = 32
 SECRET_BYTES = 32  # 256 bits
 _HEX = "0123456789abcdef"
+FAILURE_WINDOW = 60.0
+"""Seconds a client id's failed verifications count against its place in the queue."""
 
 DEFAULT_CONTEXT = CryptContext(
     schemes=["pbkdf2_sha256"],
@@ -75,6 +83,72 @@ def could_be_client_id(value: str) -> bool:
     return len(value) == CLIENT_ID_LENGTH and not value.strip(_HEX)
 
 
+class _Slots:
+    """Verification slots of one event loop, handed out by priority (lowest first).
+
+    A semaphore whose waiters are a heap of ``(priority, arrival, future)``
+    instead of a FIFO: a released slot goes to the waiter with the fewest
+    recent failures, the earliest among equals. A waiter past its deadline
+    leaves with ``False``; its entry is dropped when it reaches the top or
+    when stale entries outnumber live ones, so the heap stays bounded by the
+    live waiters.
+    """
+
+    __slots__ = ("_arrivals", "_free", "_heap", "_live", "under_way")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._heap: list[tuple[int, int, asyncio.Future[bool]]] = []
+        self._arrivals = itertools.count()
+        self._live = 0
+        # client_id -> its verifications waiting or running (entries dropped at zero)
+        self.under_way: dict[str, int] = {}
+
+    @property
+    def waiting(self) -> int:
+        return self._live
+
+    async def acquire(self, priority: int, deadline: float | None) -> bool:
+        """Take a slot: ``True`` once taken, ``False`` if none came within ``deadline``."""
+        if self._free > 0:  # free slots imply no waiters: taken at once, no timer
+            self._free -= 1
+            return True
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        if len(self._heap) > 2 * self._live + 64:
+            self._heap = [entry for entry in self._heap if not entry[2].done()]
+            heapq.heapify(self._heap)
+        heapq.heappush(self._heap, (priority, next(self._arrivals), future))
+        self._live += 1
+        timer = None if deadline is None else loop.call_later(deadline, self._expire, future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.cancelled():  # the task was cancelled while waiting
+                self._live -= 1
+            elif future.done() and future.result():
+                self.release()  # handed a slot just as the task was cancelled
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, future: asyncio.Future[bool]) -> None:
+        if not future.done():
+            self._live -= 1
+            future.set_result(False)
+
+    def release(self) -> None:
+        """Hand the slot to the first live waiter, or free it."""
+        while self._heap:
+            future = heapq.heappop(self._heap)[2]
+            if not future.done():
+                self._live -= 1
+                future.set_result(True)
+                return
+        self._free += 1
+
+
 class SecretHasher:
     """Hashes new secrets and checks presented ones against stored hashes.
 
@@ -93,9 +167,18 @@ class SecretHasher:
     verifications — say, a flood of wrong secrets — always leaves a core to
     the event loop; the rest wait their turn, but only until the deadline
     ``verify`` is given: past it the verification is refused with
-    ``VerificationBusy``. A flood of wrong secrets then costs its sender
-    refusals while a valid caller waits at most that long for a slot.
-    ``max_remembered`` bounds the memory of verified secrets.
+    ``VerificationBusy``. Waiters are not served in arrival order but by
+    their client id's failed verifications in the last ``FAILURE_WINDOW``
+    seconds (``failed`` counts them) plus its verifications already waiting
+    or running, fewest first: a flood of wrong secrets for an id — even its
+    first burst, before any has failed — piles up behind every other caller's
+    first request, so it costs its sender the refusals while valid callers
+    get the slots. The id under attack is the exception: its own first
+    requests queue among the flood's (a secret that verified before is
+    answered by ``remembered`` and never queues). ``max_remembered`` bounds
+    the memory of verified secrets and, separately, of failure counts (client
+    ids only, nothing of a secret); the count of verifications under way per
+    id lasts only as long as they do.
     """
 
     def __init__(
@@ -114,9 +197,11 @@ class SecretHasher:
         self._dummy_hash = self.context.hash(new_secret())
         # client_id -> (stored hash, SHA-256 of the secret that matched it)
         self._verified: dict[str, tuple[str, bytes]] = {}
+        # client_id -> (failed verifications, monotonic time of the last), oldest first
+        self._failures: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
-        # One semaphore per event loop (asyncio primitives belong to one loop).
-        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+        # Slots per event loop (asyncio futures belong to one loop).
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Slots] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -142,6 +227,31 @@ class SecretHasher:
             and hmac.compare_digest(seen[1], hashlib.sha256(secret.encode()).digest())
         )
 
+    def failed(self, client_id: str) -> None:
+        """Count a failed verification against ``client_id``: for ``FAILURE_WINDOW``
+        seconds after its last failure, its verifications wait behind those of ids
+        with fewer failures."""
+        now = time.monotonic()
+        with self._lock:
+            count, last = self._failures.pop(client_id, (0, now))
+            if now - last > FAILURE_WINDOW:
+                count = 0
+            if len(self._failures) >= self._max_remembered:
+                self._failures.pop(next(iter(self._failures)), None)
+            self._failures[client_id] = (count + 1, now)
+
+    def recent_failures(self, client_id: str) -> int:
+        """``client_id``'s failed verifications, none more than ``FAILURE_WINDOW`` s apart."""
+        seen = self._failures.get(client_id)
+        if seen is None or time.monotonic() - seen[1] > FAILURE_WINDOW:
+            return 0
+        return seen[0]
+
+    def queued(self) -> int:
+        """Verifications waiting for a slot on the running event loop."""
+        slots = self._slots.get(asyncio.get_running_loop())
+        return 0 if slots is None else slots.waiting
+
     async def verify(
         self,
         client_id: str,
@@ -156,27 +266,37 @@ class SecretHasher:
         against a dummy hash, costing the same work, and the answer is
         ``False``. A match is remembered for ``remembered``. With ``offload``
         on, a verification that cannot start within ``deadline`` seconds
-        (all ``offload_threads`` busy) raises ``VerificationBusy``.
+        (all ``offload_threads`` busy) raises ``VerificationBusy``. Waiting
+        verifications start in order of their id's ``recent_failures`` plus
+        the verifications for the same id already waiting or running when
+        they came, then of arrival. A mismatch is not counted here: the
+        caller decides, with ``failed``, whether the request as a whole failed.
         """
         target = self._dummy_hash if stored_hash is None else stored_hash
         if self.offload:
             loop = asyncio.get_running_loop()
             slots = self._slots.get(loop)
             if slots is None:
-                slots = self._slots[loop] = asyncio.Semaphore(self._threads)
+                slots = self._slots[loop] = _Slots(self._threads)
+            under_way = slots.under_way
+            ahead = under_way.get(client_id, 0)
+            under_way[client_id] = ahead + 1
             try:
-                if slots.locked():
-                    await asyncio.wait_for(slots.acquire(), deadline)
-                else:
-                    await slots.acquire()  # a free slot: taken at once, no timer
-            except asyncio.TimeoutError:
-                raise VerificationBusy(
-                    f"no secret verification could start within {deadline:g} s"
-                ) from None
-            try:
-                ok = await loop.run_in_executor(self._pool(), self._passlib_verify, secret, target)
+                if not await slots.acquire(self.recent_failures(client_id) + ahead, deadline):
+                    raise VerificationBusy(
+                        f"no secret verification could start within {deadline:g} s"
+                    )
+                try:
+                    ok = await loop.run_in_executor(
+                        self._pool(), self._passlib_verify, secret, target
+                    )
+                finally:
+                    slots.release()
             finally:
-                slots.release()
+                if under_way[client_id] == 1:
+                    del under_way[client_id]
+                else:
+                    under_way[client_id] -= 1
         else:
             ok = self._passlib_verify(secret, target)
         if not ok or stored_hash is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from keyguard import KeyStore, MemoryStore
 
-BACKENDS = ("memory", "sqlite", "postgres", "mysql", "redis")
+BACKENDS = ("memory", "sqlite", "postgres", "mysql", "redis", "cluster")
 
 
 @asynccontextmanager
@@ -31,6 +31,8 @@ async def open_test_store(backend: str, tmp_path: Path) -> AsyncIterator[KeyStor
         from tests.backends.sql import open_sql_test_store as opener
     elif backend == "redis":
         from tests.backends.redis import open_redis_test_store as opener
+    elif backend == "cluster":  # a local Redis Cluster the suite starts (tests/backends/cluster.py)
+        from tests.backends.cluster import open_cluster_test_store as opener
     else:  # pragma: no cover - a typo in BACKENDS
         raise ValueError(f"unknown backend {backend!r}")
     async with opener(backend, tmp_path) as store:

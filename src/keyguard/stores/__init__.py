@@ -1,4 +1,5 @@
-"""Stores, chosen by URL: ``open_store("memory://")``, ``"sqlite:///keys.db"``, ``"redis://…"``.
+"""Stores, chosen by URL: ``open_store("memory://")``, ``"sqlite:///keys.db"``, ``"redis://…"``,
+``"redis+cluster://…"``.
 
 ``open_store`` does no I/O and needs no event loop: each store connects
 lazily, in the loop that first uses it. Adapters for optional drivers are
@@ -26,6 +27,7 @@ __all__ = ["CachedStore", "ChangeFeed", "KeyStore", "MemoryStore", "open_store"]
 _PASSWORD = re.compile(r"(?<=:)[^:@/]*(?=@)")
 _SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 _REDIS_SCHEMES = ("redis", "rediss")
+_REDIS_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
 def open_store(
@@ -41,14 +43,14 @@ def open_store(
     Every other store is wrapped in a :class:`CachedStore` of ``cache_ttl``
     seconds (at most ``cache_size`` entries) unless ``cache_ttl`` is 0 or
     ``None``: a change made in another process is then seen within
-    ``cache_ttl`` seconds (at once on Redis, which announces changes), one
-    made through this store object at once. Raises ``ConfigurationError``
+    ``cache_ttl`` seconds (at once on Redis and Redis Cluster, which announce
+    changes), one made through this store object at once. Raises ``ConfigurationError``
     for an unknown scheme or a missing extra.
     """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
             f"store URL must look like 'scheme://…' (memory://, sqlite:///keys.db, "
-            f"postgresql://…, mysql://…, redis://…), got {_redact(url)!r}"
+            f"postgresql://…, mysql://…, redis://…, redis+cluster://…), got {_redact(url)!r}"
         )
     # Checked for every store, memory:// included, so a bad value is never ignored.
     check_cache_ttl(cache_ttl)
@@ -64,6 +66,10 @@ def open_store(
         from keyguard.stores.sql import SQLStore
 
         store = SQLStore.from_url(url, **options)
+    elif scheme in _REDIS_CLUSTER_SCHEMES:
+        from keyguard.stores.redis_cluster import RedisClusterStore
+
+        store = RedisClusterStore.from_url(url, **options)
     elif base in _REDIS_SCHEMES:
         from keyguard.stores.redis import RedisStore
 
@@ -71,7 +77,8 @@ def open_store(
     else:
         raise ConfigurationError(
             f"unknown store scheme {scheme!r}: use memory://, sqlite:///path.db, "
-            "postgresql://…, mysql://…, mariadb://…, redis:// or rediss://"
+            "postgresql://…, mysql://…, mariadb://…, redis://, rediss://, "
+            "redis+cluster:// or rediss+cluster://"
         )
     if not cache_ttl:
         return store

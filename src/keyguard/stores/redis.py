@@ -9,8 +9,10 @@ failure behaviour are documented in ``docs/redis-store.md``; in short:
   their secret hashes (``s:<client_id>``), the previous secret of a roll
   (``p:<client_id>``) and a name index (``n:<casefolded name>`` → client id).
   The ``{<api>}`` hash tag keeps everything of one API in one Cluster slot, so
-  every script stays legal on Redis Cluster;
-* the API names are a sorted set, ``<prefix>apis``, so listing never scans;
+  every script stays legal on Redis Cluster (``redis_cluster.py`` runs this same
+  code, :class:`RedisCore`, on a ``RedisCluster`` client);
+* the API names are a sorted set, ``<prefix>apis``, so listing never scans; it is
+  in a slot of its own, so it is written beside the scripts, never in them;
 * the request path (``lookup``) is one ``HMGET``: the API's state, the key
   and its secret hashes in a single round trip;
 * every write that must be atomic (R1 + R2 + R3 with the insert, R3 with a
@@ -33,7 +35,7 @@ import re
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import anyio
 
@@ -61,7 +63,8 @@ from keyguard.models import (
 from keyguard.usage import RETENTION, UsageCount, hour_start
 
 try:
-    from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+    from redis.asyncio.client import PubSub
     from redis.asyncio.connection import SSLConnection
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
@@ -70,9 +73,11 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides redis
     raise ConfigurationError("redis:// needs: pip install 'keyguard[redis]'") from exc
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisCore", "RedisStore"]
 
 T = TypeVar("T")
+# The redis-py client a store runs on: a standalone Redis, or a Cluster (redis_cluster.py).
+ClientT = TypeVar("ClientT", bound="Redis | RedisCluster")
 
 DEFAULT_PREFIX = "keyguard:"
 DEFAULT_TIMEOUT = 3.0
@@ -86,7 +91,6 @@ _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError, asyncio.T
 _TRUE = (b"1", "1")
 _PASSWORD = re.compile(r"(?<=:)[^:@/]*(?=@)")
 _Closer = AsyncGenerator[None, None]
-_Bound = tuple[Redis, _Closer]
 
 # -- Lua ---------------------------------------------------------------------------------
 # Every script touches exactly one key, the API's hash (KEYS[1]), so it is atomic and
@@ -95,17 +99,23 @@ _Bound = tuple[Redis, _Closer]
 # microsecond timestamp to 14 digits.  A changed record is encoded in Python and written
 # by a script only if the stored one is still the one it was computed from.
 
+# ARGV: default max, exposed ('' to keep), max ('' to keep), change channel, change notice,
+# rate limits JSON ('' to keep).  Answers the API's fields and whether it was created.
 _UPSERT_API_LUA = """
 local api = KEYS[1]
+local created = 0
 if redis.call('HEXISTS', api, 'exposed') == 0 then
   redis.call('HSET', api, 'exposed', '0', 'max', ARGV[1],
              'c:internal', 0, 'c:external', 0, 'seq', 0)
+  created = 1
 end
 if ARGV[2] ~= '' then redis.call('HSET', api, 'exposed', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', api, 'max', ARGV[3]) end
 if ARGV[6] ~= '' then redis.call('HSET', api, 'rate_limits', ARGV[6]) end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
-return redis.call('HMGET', api, 'exposed', 'max', 'c:internal', 'c:external', 'rate_limits')
+local row = redis.call('HMGET', api, 'exposed', 'max', 'c:internal', 'c:external', 'rate_limits')
+row[6] = created
+return row
 """
 
 # ARGV: client id, kind, casefolded name, record JSON without its seq, has-secret flag,
@@ -234,75 +244,27 @@ _RULE_ERRORS = {
 }
 
 
-class RedisStore:
-    """A :class:`~keyguard.KeyStore` in Redis; the data model is in ``docs/redis-store.md``.
+class RedisCore(Generic[ClientT]):
+    """What every Redis store shares, whatever client it runs on: the data model, the
+    scripts, the record encoding, the change feed and the event-loop binding.
 
-    Open one with :meth:`from_url` (``open_store("redis://…")`` does) or wrap a
-    ``redis.asyncio.Redis`` client you already have. ``prefix`` starts every
-    Redis key the store writes, so several apps can share one Redis; ``timeout``
-    (seconds) bounds every call: past it, the call raises ``StoreUnavailable``.
+    :class:`RedisStore` runs it on a standalone ``redis.asyncio.Redis``,
+    :class:`~keyguard.stores.redis_cluster.RedisClusterStore` on a
+    ``redis.asyncio.RedisCluster``: every key of one API is one Redis key, so every
+    script touches one slot and works alike on both. Not to be used directly.
     """
 
-    def __init__(
-        self,
-        client: Redis,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> None:
-        self._setup(client, prefix, timeout, factory=None)
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        timeout: float = DEFAULT_TIMEOUT,
-        **client_options: Any,
-    ) -> RedisStore:
-        """A store on the Redis at ``url`` (``redis://[[user]:password@]host[:port][/db]``,
-        or ``rediss://…`` for TLS), with a client the store creates and closes itself.
-
-        ``client_options`` go to ``redis.asyncio.Redis.from_url`` (for example
-        ``ssl_ca_certs``, ``max_connections``) and override the store's defaults:
-        connect and read timeouts of ``timeout`` and a single immediate retry.
-        Does no I/O: the client connects on first use, in the event loop using it.
-        """
-        _check_timeout(timeout)
-        options: dict[str, Any] = {
-            "socket_connect_timeout": timeout,
-            "socket_timeout": timeout,
-            # One immediate retry replaces a pooled connection that died with a
-            # restarted or failed-over server; more would only delay the answer.
-            "retry": Retry(NoBackoff(), retries=1),
-            **client_options,
-        }
-
-        def factory() -> Redis:
-            # A blocking pool: past max_connections, a call waits (up to ``timeout``)
-            # for a connection to come free instead of failing at once, so a burst of
-            # requests queues briefly rather than turning into 503s.
-            pool_options = {"max_connections": DEFAULT_MAX_CONNECTIONS, "timeout": timeout}
-            pool = BlockingConnectionPool.from_url(url, **{**pool_options, **options})
-            return Redis.from_pool(pool)
-
-        try:
-            client = factory()
-            pool = client.connection_pool
-            # The pool only stores its options; building one connection object (no
-            # I/O) surfaces a misspelt option now rather than on the first request.
-            pool.connection_class(**pool.connection_kwargs)
-        except (ValueError, TypeError, RedisError) as exc:
-            reason = _PASSWORD.sub("***", str(exc))
-            raise ConfigurationError(f"invalid Redis store URL or option: {reason}") from None
-        store = cls.__new__(cls)
-        store._setup(client, prefix, timeout, factory=factory)
-        store._url = url
-        return store
+    #: What the store is on, for log lines and errors ("Redis at …").
+    _server: ClassVar[str] = "Redis"
 
     def _setup(
-        self, client: Redis, prefix: str, timeout: float, *, factory: Callable[[], Redis] | None
+        self,
+        client: ClientT,
+        prefix: str,
+        timeout: float,
+        *,
+        factory: Callable[[], ClientT] | None,
+        location: str,
     ) -> None:
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
             raise ConfigurationError("prefix must be a string without '{' or '}'")
@@ -311,19 +273,19 @@ class RedisStore:
         self.timeout = float(timeout)
         self._index = f"{prefix}apis"
         self._channel = f"{prefix}changes"
-        self._location = _location(client)
+        self._location = location
         self._url: str | None = None
-        self._factory = factory
+        self._factory: Callable[[], ClientT] | None = factory
         self._closed = False
         # A client the caller passed in is used as it is, in whatever loop they use it.
-        self._shared: Redis | None = None if factory else client
+        self._shared: ClientT | None = None if factory else client
         # Our own clients: one per event loop (redis-py's connections belong to the
         # loop that opened them).  ``_current`` is the last (loop, client) used, read in
         # one step on the hot path; a call from another loop (or after aclose) finds
         # its loop differs and goes through ``_redis``.
-        self._fresh: Redis | None = client if factory else None
-        self._current: tuple[asyncio.AbstractEventLoop | None, Redis] = (None, client)
-        self._by_loop: dict[asyncio.AbstractEventLoop, _Bound] = {}
+        self._fresh: ClientT | None = client if factory else None
+        self._current: tuple[asyncio.AbstractEventLoop | None, ClientT] = (None, client)
+        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[ClientT, _Closer]] = {}
         self._bind_lock = threading.Lock()
         self._upsert_api = AsyncScript(client, _UPSERT_API_LUA)
         self._insert_key = AsyncScript(client, _INSERT_KEY_LUA)
@@ -334,7 +296,7 @@ class RedisStore:
         self._record_usage = AsyncScript(client, _RECORD_USAGE_LUA)
 
     def __repr__(self) -> str:
-        return f"RedisStore({self._location!r}, prefix={self.prefix!r})"
+        return f"{type(self).__name__}({self._location!r}, prefix={self.prefix!r})"
 
     @property
     def counter_url(self) -> str | None:
@@ -346,10 +308,10 @@ class RedisStore:
     @property
     def description(self) -> str:
         """Where the keys are, for log lines (no credentials)."""
-        return f"Redis at {self._location} (prefix {self.prefix!r})"
+        return f"{self._server} at {self._location} (prefix {self.prefix!r})"
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> ClientT:
         """The redis-py client the store last used (its own, or the one passed in)."""
         return self._shared if self._shared is not None else self._current[1]
 
@@ -377,7 +339,7 @@ class RedisStore:
     async def list_apis(self) -> list[Api]:
         """Every API by name: the name index, then one pipelined ``HMGET`` per API."""
 
-        async def read(redis: Redis) -> list[Api]:
+        async def read(redis: ClientT) -> list[Api]:
             members = cast("list[bytes | str]", await redis.zrange(self._index, 0, -1))
             names = [_text(member) for member in members]
             if not names:
@@ -401,7 +363,8 @@ class RedisStore:
         default_max_keys_per_kind: int,
         rate_limits: tuple[RateLimit, ...] | None = None,
     ) -> Api:
-        """Index the name, then create or update the API's hash in one script."""
+        """Index the name, then create or update the API's hash in one script (and index
+        the name again if the script created the hash: see ``docs/redis-store.md``)."""
         key = self._api_key(api)
         args = [
             int(default_max_keys_per_kind),
@@ -412,16 +375,21 @@ class RedisStore:
             dump_rate_limits(rate_limits) or "",
         ]
 
-        async def write(redis: Redis) -> Any:
-            # The index lives in another slot, so it cannot join the script; it is written
-            # first, and a name without a hash is skipped by list_apis.
+        async def write(redis: ClientT) -> Any:
+            # The index lives in another slot, so it cannot join the script.  It is written
+            # first (a crash after it leaves a name without a hash, which readers skip),
+            # and again after a script that created the hash: a delete_api racing this
+            # call may have taken the name out in between.
             await redis.zadd(self._index, {api: 0})
-            return await self._upsert_api(keys=[key], args=args, client=redis)
+            row = await self._upsert_api(keys=[key], args=args, client=redis)
+            if row[5]:
+                await redis.zadd(self._index, {api: 0})
+            return row
 
         row = await self._call(write)
-        created = _api(api, row)
-        assert created is not None  # the script has just created it
-        return created
+        upserted = _api(api, row[:5])
+        assert upserted is not None  # the script has just created it
+        return upserted
 
     async def insert_key(self, record: KeyRecord) -> None:
         """Check R1, R2, R3 and insert, atomically, in one Lua script (one round trip)."""
@@ -485,7 +453,7 @@ class RedisStore:
         key = self._api_key(api)
         notice = _notice(api, client_id)
 
-        async def change(redis: Redis) -> KeyRecord | None:
+        async def change(redis: ClientT) -> KeyRecord | None:
             while True:
                 raw = await redis.hget(key, f"k:{client_id}")
                 if raw is None:
@@ -542,21 +510,28 @@ class RedisStore:
 
     async def delete_api(self, api: str, *, force: bool) -> bool:
         """Delete the API's hash in one script (refused while it has keys unless ``force``),
-        then its name from the index."""
+        then its name from the index, unless an upsert has created the API again."""
         key = self._api_key(api)
         args = ["1" if force else "0", self._channel, api]
-        outcome = int(
-            await self._call(lambda redis: self._delete_api(keys=[key], args=args, client=redis))
-        )
+
+        async def remove(redis: ClientT) -> int:
+            outcome = int(await self._delete_api(keys=[key], args=args, client=redis))
+            if outcome > 0:
+                # Another slot, so not in the script.  An upsert_api that re-created the
+                # API since the script may have indexed it before this ZREM: index it again.
+                await redis.zrem(self._index, api)
+                if await redis.hexists(key, "exposed"):
+                    await redis.zadd(self._index, {api: 0})
+            return outcome
+
+        outcome = await self._call(remove)
         if outcome < 0:
             raise ApiHasKeys(f"API {api!r} has {-outcome} keys")
-        if outcome:
-            # Another slot, so not in the script; a name without a hash is skipped anyway.
-            await self._call(lambda redis: redis.zrem(self._index, api))
         return bool(outcome)
 
     async def record_usage(self, counts: Sequence[UsageCount]) -> None:
-        """One script per API, all in one pipeline (one round trip): each hour's counts go
+        """One script per API, all in one pipeline (one round trip; on a cluster, the scripts
+        run concurrently, one per API): each hour's counts go
         to the hash ``<prefix>{<api>}:usage:<hour>`` (``HINCRBY`` of ``r:``/``l:<client_id>``),
         which expires 35 days after its hour; each key's ``u:<client_id>`` rises to its
         latest use. The ``{<api>}`` hash tag keeps an API's usage in its Cluster slot."""
@@ -581,7 +556,17 @@ class RedisStore:
                 ]
             calls.append((keys, args))
 
-        async def write(redis: Redis) -> None:
+        async def write(redis: ClientT) -> None:
+            if not isinstance(redis, Redis):
+                # A cluster client: one script call per API, all at once (each API's keys
+                # are in its own slot, perhaps on another node).
+                await asyncio.gather(
+                    *(
+                        self._record_usage(keys=keys, args=args, client=redis)
+                        for keys, args in calls
+                    )
+                )
+                return
             async with redis.pipeline(transaction=False) as pipe:
                 for keys, args in calls:
                     await self._record_usage(keys=keys, args=args, client=pipe)
@@ -606,7 +591,7 @@ class RedisStore:
         if not hours:
             return []
 
-        async def read(redis: Redis) -> list[Any]:
+        async def read(redis: ClientT) -> list[Any]:
             async with redis.pipeline(transaction=False) as pipe:
                 for hour in hours:
                     key = self._usage_key(api, hour)
@@ -651,9 +636,10 @@ class RedisStore:
         after redis-py silently reconnects, since notices may have been missed.
         """
         client = await self._redis()
-        pubsub = client.pubsub()
+        pubsub: PubSub | None = None
         try:
             with anyio.fail_after(self.timeout):
+                pubsub = await self._subscriber(client)
                 await pubsub.subscribe(self._channel)
             while True:
                 # An explicit read timeout answers None when nothing came, on every
@@ -670,8 +656,9 @@ class RedisStore:
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
         finally:
-            with anyio.CancelScope(shield=True), contextlib.suppress(*_FAILURES):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
+            if pubsub is not None:
+                with anyio.CancelScope(shield=True), contextlib.suppress(*_FAILURES):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
 
     async def aclose(self) -> None:
         """Close the connections of a client the store created; a passed-in one stays open."""
@@ -698,7 +685,11 @@ class RedisStore:
         """The hash of ``api``'s usage in the hour starting at ``hour`` (Unix seconds)."""
         return f"{self.prefix}{{{api}}}:usage:{int(hour.timestamp())}"
 
-    async def _call(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
+    async def _subscriber(self, client: ClientT) -> PubSub:
+        """A pub/sub connection for the change feed (not yet subscribed)."""
+        raise NotImplementedError
+
+    async def _call(self, operation: Callable[[ClientT], Awaitable[T]]) -> T:
         """``operation`` on this loop's client within ``timeout``; failures: StoreUnavailable."""
         loop, client = self._current
         if loop is not asyncio.get_running_loop():
@@ -709,10 +700,10 @@ class RedisStore:
         except _FAILURES as exc:
             raise self._unavailable(exc) from exc
 
-    async def _redis(self) -> Redis:
+    async def _redis(self) -> ClientT:
         """The client for the running event loop."""
         if self._closed:
-            raise StoreUnavailable("the Redis store is closed")
+            raise StoreUnavailable(f"the {self._server} store is closed")
         loop = asyncio.get_running_loop()
         current_loop, client = self._current
         if current_loop is loop:
@@ -724,9 +715,9 @@ class RedisStore:
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-        return StoreUnavailable(f"Redis at {self._location} unavailable ({reason})")
+        return StoreUnavailable(f"{self._server} at {self._location} unavailable ({reason})")
 
-    async def _bind(self, loop: asyncio.AbstractEventLoop) -> Redis:
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> ClientT:
         """This loop's own client: the first loop gets the one built in ``from_url``."""
         bound = self._by_loop.get(loop)
         if bound is None:
@@ -743,9 +734,80 @@ class RedisStore:
         return bound[0]
 
 
+class RedisStore(RedisCore[Redis]):
+    """A :class:`~keyguard.KeyStore` in Redis; the data model is in ``docs/redis-store.md``.
+
+    Open one with :meth:`from_url` (``open_store("redis://…")`` does) or wrap a
+    ``redis.asyncio.Redis`` client you already have. ``prefix`` starts every
+    Redis key the store writes, so several apps can share one Redis; ``timeout``
+    (seconds) bounds every call: past it, the call raises ``StoreUnavailable``.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._setup(client, prefix, timeout, factory=None, location=_location(client))
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        **client_options: Any,
+    ) -> RedisStore:
+        """A store on the Redis at ``url`` (``redis://[[user]:password@]host[:port][/db]``,
+        or ``rediss://…`` for TLS), with a client the store creates and closes itself.
+
+        ``client_options`` go to ``redis.asyncio.Redis.from_url`` (for example
+        ``ssl_ca_certs``, ``max_connections``) and override the store's defaults:
+        connect and read timeouts of ``timeout`` and a single immediate retry.
+        Does no I/O: the client connects on first use, in the event loop using it.
+        """
+        _check_timeout(timeout)
+        options: dict[str, Any] = {
+            "socket_connect_timeout": timeout,
+            "socket_timeout": timeout,
+            # One immediate retry replaces a pooled connection that died with a
+            # restarted or failed-over server; more would only delay the answer.
+            "retry": Retry(NoBackoff(), retries=1),
+            **client_options,
+        }
+
+        def factory() -> Redis:
+            # A blocking pool: past max_connections, a call waits (up to ``timeout``)
+            # for a connection to come free instead of failing at once, so a burst of
+            # requests queues briefly rather than turning into 503s.
+            pool_options = {"max_connections": DEFAULT_MAX_CONNECTIONS, "timeout": timeout}
+            pool = BlockingConnectionPool.from_url(url, **{**pool_options, **options})
+            return Redis.from_pool(pool)
+
+        try:
+            client = factory()
+            pool = client.connection_pool
+            # The pool only stores its options; building one connection object (no
+            # I/O) surfaces a misspelt option now rather than on the first request.
+            pool.connection_class(**pool.connection_kwargs)
+        except (ValueError, TypeError, RedisError) as exc:
+            reason = _PASSWORD.sub("***", str(exc))
+            raise ConfigurationError(f"invalid Redis store URL or option: {reason}") from None
+        store = cls.__new__(cls)
+        store._setup(client, prefix, timeout, factory=factory, location=_location(client))
+        store._url = url
+        return store
+
+    async def _subscriber(self, client: Redis) -> PubSub:
+        return client.pubsub()
+
+
 async def _close_with_loop(
-    client: Redis,
-    registry: dict[asyncio.AbstractEventLoop, _Bound],
+    client: Redis | RedisCluster,
+    registry: dict[asyncio.AbstractEventLoop, Any],
     loop: asyncio.AbstractEventLoop,
 ) -> _Closer:
     try:

@@ -27,14 +27,20 @@ the driver's error chained, within a bounded time set by ``timeout``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import math
 import os
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlencode
 
 import anyio
 from sqlalchemy import (
@@ -121,6 +127,8 @@ _DEFAULT_DRIVERS = {
     "mariadb": ("mariadb", "asyncmy"),
 }
 _DIALECTS = ("sqlite", "postgresql", "mysql", "mariadb")
+_TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey")  # libpq's, SPEC §7
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 # driver module -> how to install it
 _INSTALL = {
     "asyncpg": "pip install 'keyguard[postgres]'",
@@ -138,7 +146,7 @@ _KEY_NAME_LENGTH = 100
 _NAME_KEY_LENGTH = 3 * _KEY_NAME_LENGTH  # casefold() can triple a character ("ﬃ" -> "ffi")
 _VERSION_ROW = "schema_version"
 _USED = "keyguard_used"  # marks a pooled connection that has served a call before
-_CREATE_ATTEMPTS = 5
+_LOCK_POLL_MS = 10  # SQLite: how long one try for the write lock waits (see _begin_immediate)
 _DEADLOCK_ATTEMPTS = 4  # tries of a usage write the database chose as a deadlock's victim
 
 
@@ -361,9 +369,8 @@ class SQLStore:
     ``table_prefix`` names the tables (``keyguard_apis``, ``keyguard_keys``,
     ``keyguard_meta``), so they can live in an app's existing database. They
     are created on first use. ``timeout`` (seconds) bounds how long a call
-    can take before it gives up with ``StoreUnavailable``: each wait (for a
-    pooled connection, to connect, for a statement or a lock) is bounded by
-    it on engines this store creates, and a whole call by four times it on
+    can take, as a whole, before it gives up with ``StoreUnavailable``: the
+    pool checkout, connecting, the retry and the statements together, on
     any engine.
     """
 
@@ -394,10 +401,14 @@ class SQLStore:
             )
         self._engine = engine
         self._factory: Callable[[], AsyncEngine] | None = None  # set when the store owns it
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._read_engine: AsyncEngine | None = None
+        # One engine per event loop (connections belong to the loop that opened them).
+        # ``_current`` is the last loop's, read in one step on the hot path; the engine
+        # above serves the first loop that uses the store (see ``_bind``).
+        self._current: _Bound | None = None
+        self._by_loop: dict[asyncio.AbstractEventLoop, _Bound] = {}
+        self._unbound: AsyncEngine | None = engine
+        self._bind_lock = threading.Lock()
         self._schema: _Schema | None = None
-        self._schema_lock: asyncio.Lock | None = None
         self._closed = False
         self._password = engine.url.password
 
@@ -863,10 +874,26 @@ class SQLStore:
         await self._run(work, write=True)
 
     async def aclose(self) -> None:
-        """Release the connections of an engine this store created; a passed-in one stays open."""
+        """Release the connections of engines this store created; a passed-in one stays open."""
         self._closed = True
-        if self._factory is not None:
-            await self._engine.dispose()
+        self._current = None  # every call now takes the slow path, which refuses it
+        if self._factory is None:
+            return
+        running = _running_loop()
+        for loop, bound in list(self._by_loop.items()):
+            assert bound.closer is not None
+            if loop is running:
+                await bound.closer.aclose()
+            elif loop.is_running():
+                # Another thread's loop: close there (its shutdown would, but later).
+                asyncio.run_coroutine_threadsafe(_finish(bound.closer), loop)
+            else:
+                self._by_loop.pop(loop, None)
+                _abandon(bound.engine)
+        with self._bind_lock:
+            unbound, self._unbound = self._unbound, None
+        if unbound is not None:
+            await unbound.dispose()  # never connected: nothing to wait for
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -875,15 +902,20 @@ class SQLStore:
     ) -> T:
         """``work`` in one transaction, driver errors turned into ``StoreUnavailable``.
 
+        The whole call — getting this loop's engine, creating the tables,
+        the pool checkout, connecting, the retry and the statements — ends
+        within ``timeout``: past it the call is cancelled, and a connection
+        it was using is cut rather than politely rolled back, since a server
+        that does not answer would not answer the rollback either.
+
         A pooled connection found dead (the server restarted, an idle
         connection was killed) is replaced and the call retried once, unless
         a write had reached its commit, whose outcome is then unknown. This
         is how the store recovers by itself without a ping per call.
         """
-        limit = 4 * self._timeout
         try:
-            with anyio.move_on_after(limit):
-                return await self._attempts(work, write=write)
+            with anyio.move_on_after(self._timeout) as scope:
+                return await self._attempts(work, write=write, deadline=scope.deadline)
         except KeyGuardError:
             raise
         except Exception as exc:
@@ -891,19 +923,29 @@ class SQLStore:
                 raise self._unavailable(exc) from exc
             raise
         # Only reached when the deadline cancelled the attempts.
-        raise StoreUnavailable(f"SQL store {self.url} unavailable (no answer within {limit:g} s)")
+        raise StoreUnavailable(
+            f"SQL store {self.url} unavailable (no answer within {self._timeout:g} s)"
+        )
 
     async def _attempts(
-        self, work: Callable[[AsyncConnection, _Schema], Awaitable[T]], *, write: bool
+        self,
+        work: Callable[[AsyncConnection, _Schema], Awaitable[T]],
+        *,
+        write: bool,
+        deadline: float,
     ) -> T:
-        engine, schema = await self._ready()
-        bind = engine if write else self._reader(engine)
+        bound, schema = await self._ready(deadline)
+        bind = bound.engine if write else bound.reader
+        immediate = write and bound.engine.dialect.name == "sqlite"
         for attempt in (1, 2):
             reused = committing = False
             try:
-                async with bind.connect() as conn:
+                queue = bound.write_lock if immediate else contextlib.nullcontext()
+                async with queue, _connect(bind) as conn:
                     reused = bool(conn.info.get(_USED))
                     async with conn.begin():
+                        if immediate:
+                            await _begin_immediate(conn, deadline, self._timeout)
                         result = await work(conn, schema)
                         committing = True
                     conn.info[_USED] = True
@@ -922,47 +964,73 @@ class SQLStore:
         """
         if engine.dialect.name != "postgresql":
             return engine
-        if self._read_engine is None or self._read_engine.sync_engine.pool is not engine.pool:
-            self._read_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-        return self._read_engine
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    async def _ready(self) -> tuple[AsyncEngine, _Schema]:
-        """The engine for the running event loop, and the tables, created if needed."""
+    async def _ready(self, deadline: float) -> tuple[_Bound, _Schema]:
+        """The running event loop's engine, and the tables, created if needed."""
+        bound = self._current
+        if bound is None or bound.loop is not asyncio.get_running_loop():
+            bound = await self._bind()
+        if self._schema is None:
+            async with bound.schema_lock:
+                if self._schema is None:
+                    self._schema = await self._create_schema(bound.engine, deadline)
+        return bound, self._schema
+
+    async def _bind(self) -> _Bound:
+        """This loop's engine: the first loop gets the one built in ``from_url``, each
+        later loop a new one, closed when that loop shuts down."""
         if self._closed:
             raise StoreUnavailable(f"SQL store {self.url} is closed")
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            if self._loop is not None and self._factory is not None:
-                # Connections belong to the loop that opened them: start afresh in this one.
-                # SQLite's run in threads and can be closed from here; a network driver's
-                # are tied to the old loop (usually closed by now) and are abandoned.
-                stale, self._engine = self._engine, self._factory()
-                await stale.dispose(close=stale.dialect.name == "sqlite")
-            self._loop = loop
-            self._schema_lock = asyncio.Lock()
-        if self._schema is None:
-            assert self._schema_lock is not None
-            async with self._schema_lock:
-                if self._schema is None:
-                    self._schema = await self._create_schema(self._engine)
-        return self._engine, self._schema
+        bound = self._by_loop.get(loop)
+        if bound is None:
+            closer: _Closer | None = None
+            if self._factory is None:
+                engine = self._engine  # the app's engine, used as it is in every loop
+            else:
+                with self._bind_lock:  # loops in two threads must not share the first engine
+                    engine, self._unbound = self._unbound or self._factory(), None
+                closer = _close_with_loop(engine, self._by_loop, loop, self._timeout)
+                # Started here, the generator belongs to this loop: when the loop shuts
+                # down (asyncio.run, anyio.run, a test client's portal) its
+                # ``shutdown_asyncgens`` finalizes it, closing the engine's connections
+                # while the loop still runs.
+                await closer.asend(None)
+            bound = _Bound(loop, engine, self._reader(engine), asyncio.Lock(), closer)
+            self._by_loop[loop] = bound
+            for other, stale in list(self._by_loop.items()):
+                if other.is_closed():
+                    # A loop closed without finalizing its async generators: its
+                    # connections cannot be closed any more, only dropped.
+                    self._by_loop.pop(other, None)
+                    _abandon(stale.engine)
+        self._engine = bound.engine
+        self._current = bound
+        return bound
 
-    async def _create_schema(self, engine: AsyncEngine) -> _Schema:
+    async def _create_schema(self, engine: AsyncEngine, deadline: float) -> _Schema:
         """Create the tables if missing and record the schema version, or check it.
 
         Several processes may start at once: whoever loses the race to create
-        a table (an "already exists" error) tries again and finds it there.
+        a table (an "already exists" error) tries again and finds it there,
+        until the call's deadline.
         """
-        for attempt in range(1, _CREATE_ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                async with engine.connect() as conn:
+                async with _connect(engine) as conn:
                     schema = _Schema(self._prefix, conn.dialect)
-                    if schema.dialect_name == "sqlite":
+                    sqlite = schema.dialect_name == "sqlite"
+                    if sqlite:
                         # Readers never wait for a writer; the mode sticks to the file.
                         await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                         await conn.commit()
                     meta = schema.meta
                     async with conn.begin():
+                        if sqlite:
+                            await _begin_immediate(conn, deadline, self._timeout)
                         await conn.run_sync(schema.metadata.create_all)
                         await conn.execute(
                             schema.insert_ignore(
@@ -990,9 +1058,10 @@ class SQLStore:
                     conn.info[_USED] = True
                 break
             except sa_exc.DBAPIError as exc:
-                if attempt == _CREATE_ATTEMPTS or not _lost_creation_race(exc):
+                if not _lost_creation_race(exc):
                     raise
-                await asyncio.sleep(0.02 * attempt)
+                # Retried until the call's deadline cancels the wait.
+                await asyncio.sleep(min(0.02 * attempt, 0.2))
         if version > SCHEMA_VERSION:
             raise StoreUnavailable(
                 f"the tables {self._prefix}* have schema version {version}, newer than this "
@@ -1089,6 +1158,134 @@ def _lost_creation_race(exc: sa_exc.DBAPIError) -> bool:
     return "already exists" in text or "duplicate" in text or "database is locked" in text
 
 
+# -- engines per event loop, deadlines ---------------------------------------------------------
+
+_Closer = AsyncGenerator[None, None]
+
+
+@dataclass(eq=False)
+class _Bound:
+    """One event loop's engine, and what goes with it."""
+
+    loop: asyncio.AbstractEventLoop
+    engine: AsyncEngine
+    reader: AsyncEngine  # the same pool; autocommit on PostgreSQL (see SQLStore._reader)
+    schema_lock: asyncio.Lock
+    closer: _Closer | None  # None for an engine the app passed in: the app closes it
+    # SQLite: this loop's writers queue here, in order, so that only one of them at a
+    # time polls for the file's write lock against other processes (see _begin_immediate).
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+async def _close_with_loop(
+    engine: AsyncEngine,
+    registry: dict[asyncio.AbstractEventLoop, _Bound],
+    loop: asyncio.AbstractEventLoop,
+    patience: float,
+) -> _Closer:
+    try:
+        yield
+    finally:
+        registry.pop(loop, None)
+        # Polite goodbyes (each connection's close message) for at most ``patience``
+        # seconds: a server that does not answer must not hold up the loop's shutdown.
+        with anyio.move_on_after(patience) as scope:
+            await engine.dispose()
+        if scope.cancelled_caught:
+            _abandon(engine)
+
+
+async def _finish(closer: _Closer) -> None:
+    await closer.aclose()
+
+
+def _abandon(engine: AsyncEngine) -> None:
+    """Drop ``engine``'s pool without closing its connections (their loop is gone)."""
+    engine.sync_engine.dispose(close=False)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+@asynccontextmanager
+async def _connect(bind: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection from ``bind``'s pool, cut on the spot if the work on it fails.
+
+    Leaving the block returns the connection to the pool, which rolls it back
+    and, if that fails, closes it politely: on a server that stopped
+    answering, each of those steps waits for its own timeout, after the
+    call's deadline. A cut connection makes them fail at once instead.
+    Rule errors and constraint violations leave the connection as it is.
+    """
+    async with bind.connect() as conn:
+        try:
+            yield conn
+        except BaseException as exc:
+            if not isinstance(exc, KeyGuardError | sa_exc.IntegrityError):
+                _sever(conn)
+            raise
+
+
+def _sever(conn: AsyncConnection) -> None:
+    """Close the network connection under ``conn`` now, without a word to the server."""
+    sync = conn.sync_connection
+    if conn.dialect.name == "sqlite" or sync is None or sync.invalidated or sync.closed:
+        return  # SQLite has no network; SQLAlchemy already dealt with an invalidated one
+    try:
+        driver = sync.connection.driver_connection
+    except sa_exc.SQLAlchemyError:
+        return
+    terminate = getattr(driver, "terminate", None)  # asyncpg
+    if terminate is None:
+        close = getattr(driver, "close", None)  # asyncmy, aiomysql: closes the socket
+        terminate = None if inspect.iscoroutinefunction(close) else close
+    if callable(terminate):
+        with contextlib.suppress(Exception):
+            terminate()
+
+
+async def _begin_immediate(conn: AsyncConnection, deadline: float, reader_wait: float) -> None:
+    """Start a SQLite write transaction by taking the file's write lock, waiting for it
+    (behind other writers) until the call's deadline.
+
+    A deferred transaction that reads first and then writes fails at once with
+    "database is locked" when another process wrote in between, whatever the
+    busy timeout; taking the lock up front makes writers queue instead.
+
+    SQLite's own busy handler is not first come, first served: it sleeps ever
+    longer between tries (up to 100 ms), so under a steady stream of writers
+    one that has waited long keeps losing to newcomers, past any timeout. So
+    each try waits only briefly (``_LOCK_POLL_MS``) and the store tries again until
+    the deadline: every waiter polls at the same pace. The writers of one loop
+    first queue on ``_Bound.write_lock``, so one of them at a time polls.
+    """
+    await conn.exec_driver_sql(f"PRAGMA busy_timeout = {_LOCK_POLL_MS}")
+    try:
+        while True:
+            try:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                break
+            except sa_exc.OperationalError as exc:
+                if not _is_busy(exc) or anyio.current_time() >= deadline:
+                    raise
+    finally:
+        # Back to the connection's own wait, for the rare lock a reader meets.
+        with anyio.CancelScope(shield=True):
+            await conn.exec_driver_sql(f"PRAGMA busy_timeout = {math.ceil(reader_wait * 1000)}")
+
+
+def _is_busy(exc: sa_exc.OperationalError) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (another connection writes)."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    if code is not None:
+        return bool(code & 0xFF == 5)  # SQLITE_BUSY, and its extended codes
+    return "database is locked" in str(exc.orig)
+
+
 def _validate_prefix(prefix: object) -> str:
     if not isinstance(prefix, str) or not _PREFIX_PATTERN.fullmatch(prefix):
         raise ConfigurationError(
@@ -1132,7 +1329,26 @@ def _parse_url(url: str) -> URL:
             parsed = parsed.set(database=os.path.abspath(database))
     elif dialect in ("mysql", "mariadb") and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    elif dialect == "postgresql":
+        mode = parsed.query.get("sslmode")
+        if mode is not None and mode not in _SSL_MODES:
+            raise ConfigurationError(
+                f"sslmode must be one of {', '.join(_SSL_MODES)}; got {mode!r}"
+            )
     return parsed
+
+
+def _tls_parameters(parsed: URL) -> dict[str, str]:
+    """libpq's TLS parameters in a PostgreSQL URL for asyncpg, which does not take them
+    as keywords (``sslmode=require`` would reach ``asyncpg.connect`` as an unknown one)."""
+    if parsed.get_driver_name() != "asyncpg":
+        return {}  # psycopg hands them to libpq itself
+    found: dict[str, str] = {}
+    for name in _TLS_PARAMETERS:
+        value = parsed.query.get(name)
+        if value is not None:
+            found[name] = value if isinstance(value, str) else value[-1]
+    return found
 
 
 def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -1145,6 +1361,11 @@ def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> di
             "command_timeout": timeout,
             "server_settings": {"application_name": "keyguard"},
         }
+        if tls := _tls_parameters(parsed):
+            # asyncpg reads libpq's TLS parameters from a DSN only, with libpq's meaning
+            # (verify-full checks the name, require with a root certificate verifies the
+            # chain…); the host, user and the rest still come as keywords, which win.
+            connect_args["dsn"] = "postgresql://?" + urlencode(tls)
     elif driver == "psycopg":
         connect_args = {
             "connect_timeout": max(1, math.ceil(timeout)),
@@ -1218,6 +1439,8 @@ def _create_engine(parsed: URL, options: dict[str, Any]) -> AsyncEngine:
             "async driver, or name an async one (postgresql+asyncpg, postgresql+psycopg, "
             "mysql+asyncmy, mysql+aiomysql, sqlite+aiosqlite)"
         ) from exc
+    if tls := _tls_parameters(parsed):
+        parsed = parsed.difference_update_query(tls)  # given to asyncpg by _engine_options
     try:
         engine = create_async_engine(parsed, **options)
     except ImportError as exc:
