@@ -377,16 +377,19 @@ async def test_usage_refuses_bad_ranges_and_unknown_names() -> None:
 
 
 def _traffic(options: dict[str, Any], client_id: str, n: int, out: Any) -> None:
-    """One process: KeyGuard over the shared store, ``n`` requests, then its shutdown flush."""
+    """One process: KeyGuard over the shared store flushing every 20 ms, ``n`` requests, then
+    its last flush in ``aclose``."""
     from keyguard import open_store
 
     async def run() -> int:
         store = open_store(**options)
-        app = guarded(store)
+        app = guarded(store, usage_flush=0.02)  # many writes, overlapping other processes'
         admitted = 0
         async with client(app) as http:
-            for _ in range(n):
+            for i in range(n):
                 admitted += (await http.get("/", headers={ID: client_id})).status_code == 200
+                if i % 10 == 9:
+                    await asyncio.sleep(0.01)  # (in-process calls never yield: let it flush)
         await app.aclose()
         await store.aclose()
         return admitted
@@ -394,7 +397,7 @@ def _traffic(options: dict[str, Any], client_id: str, n: int, out: Any) -> None:
     out.put(asyncio.run(run()))
 
 
-@pytest.fixture(params=["postgres", "redis"])
+@pytest.fixture(params=["postgres", "mysql", "redis"])
 async def shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KeyStore]:
     async with open_test_store(request.param, tmp_path) as store:
         yield store
@@ -402,14 +405,16 @@ async def shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 @pytest.mark.slow
 async def test_four_processes_flushing_one_key_sum_exactly(shared: KeyStore) -> None:
-    """4 spawned processes x 150 requests on one key of a shared store (PostgreSQL, Redis),
-    each flushing the same hour: the stored total is the 600 requests sent."""
+    """4 spawned processes x 150 requests on one key of a shared store (PostgreSQL, MariaDB,
+    Redis), each writing the same bucket every 20 ms and at the end: the stored total is the
+    600 requests sent."""
     from keyguard.stores.redis import RedisStore
     from keyguard.stores.sql import SQLStore
     from tests.backends.servers import server_url
 
     if isinstance(shared, SQLStore):
-        options = {"url": server_url("postgres"), "table_prefix": shared.table_prefix}
+        server = "postgres" if shared.engine.dialect.name == "postgresql" else "mysql"
+        options = {"url": server_url(server), "table_prefix": shared.table_prefix}
     else:
         assert isinstance(shared, RedisStore)
         options = {"url": server_url("redis"), "prefix": shared.prefix}
