@@ -5,9 +5,10 @@ Two measurements, medians over interleaved rounds:
 * the counter alone: ``UsageRecorder.admitted`` called in a tight loop for
   ten keys, against the same loop calling a no-op method (so loop and call
   overhead are not charged to the counter);
-* in process: the same memory-store key behind ``KeyGuard`` with usage
-  counting on (the default) and off (``usage_flush=None``), through the
-  harness of ``benchmarks.inprocess`` (the difference is the hook's cost).
+* ``KeyGuard`` alone, in front of an ASGI app that does nothing, with usage
+  counting on (the default) and off (``usage_flush=None``), alternating;
+* in process: the same, behind the Starlette app of ``benchmarks.inprocess``
+  (noisier: the app's own work varies more than the hook costs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from starlette.types import Message, Receive, Scope, Send
 
 from benchmarks import apps, inprocess, report
 from benchmarks.inprocess import Contender
@@ -83,6 +86,45 @@ async def inprocess_rows(rounds: int, batch: int) -> list[list[str]]:
     ] + [["usage on - usage off (the hook's cost)", "—", report.num(hook)]]
 
 
+async def guard_only_ns(rounds: int = 40, batch: int = 5000) -> tuple[float, float]:
+    """KeyGuard in front of an ASGI app that does nothing, usage on against off, in
+    alternating order: (median of the paired per-round differences, difference of the
+    fastest rounds), ns per request. Without Starlette's routing and response around it
+    the hook's cost is not lost in their noise."""
+    from keyguard import KeyGuard
+
+    async def nothing(scope: Scope, receive: Receive, send: Send) -> None:
+        pass
+
+    async def sink(message: Message) -> None:
+        pass
+
+    with tempfile.TemporaryDirectory() as tmp:
+        memory = await seed("memory", Path(tmp), cache=False)
+        template = inprocess.scope_for([(ID, memory.external)])
+        off = KeyGuard(nothing, store=memory.store, api="bench", usage_flush=None)
+        on = KeyGuard(nothing, store=memory.store, api="bench")
+
+        async def timed(app: KeyGuard) -> float:
+            start = time.perf_counter_ns()
+            for _ in range(batch):
+                scope = dict(template)
+                scope["state"] = {}
+                await app(scope, inprocess._receive, sink)
+            return (time.perf_counter_ns() - start) / batch
+
+        times: dict[bool, list[float]] = {True: [], False: []}
+        try:
+            for n in range(rounds):
+                for usage_on in (True, False) if n % 2 else (False, True):
+                    times[usage_on].append(await timed(on if usage_on else off))
+        finally:
+            await on.aclose()
+            await drop(memory)
+    paired = statistics.median(a - b for a, b in zip(times[True], times[False], strict=True))
+    return paired, min(times[True]) - min(times[False])
+
+
 async def main() -> None:
     counted, empty = await counter_ns()
     print("## What counting usage costs\n")
@@ -93,6 +135,17 @@ async def main() -> None:
                 ["UsageRecorder.admitted", report.num(counted, 0)],
                 ["a no-op method (loop and call overhead)", report.num(empty, 0)],
                 ["the count itself (difference)", report.num(counted - empty, 0)],
+            ],
+        )
+    )
+    print()
+    paired, fastest = await guard_only_ns()
+    print(
+        report.table(
+            ["KeyGuard before a no-op app, usage on - off", "ns per request"],
+            [
+                ["median of paired rounds", report.num(paired, 0)],
+                ["fastest round on - fastest round off", report.num(fastest, 0)],
             ],
         )
     )
