@@ -230,7 +230,7 @@ class KeyGuard:
             if scope["type"] == "lifespan":
                 send = self._closing_on_shutdown(send)
                 if self.usage is not None:
-                    receive = _flushing_on_shutdown(receive, self.usage)
+                    receive = self.usage.flushing_on_shutdown(receive)
             await self.app(scope, receive, send)
             return
         path = scope["path"]
@@ -448,19 +448,6 @@ def _rate_limiter(store: KeyStore, given: object, fail: Literal["open", "closed"
     if not isinstance(given, str):
         raise ConfigurationError("rate_limiter must be a counter storage URL or a RateLimiter")
     return RateLimiter(given, fail=fail)
-
-
-def _flushing_on_shutdown(receive: Receive, usage: UsageRecorder) -> Receive:
-    """``receive`` writing the usage counts when the server announces the shutdown, before
-    the app's own shutdown runs (and perhaps closes the store); the message is unchanged."""
-
-    async def receiving() -> Message:
-        message = await receive()
-        if message["type"] == "lifespan.shutdown":
-            await usage.flush()
-        return message
-
-    return receiving
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from keyguard.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from starlette.types import Message, Receive
+
     from keyguard.stores.base import KeyStore
 
 __all__ = [
@@ -248,6 +250,19 @@ class UsageRecorder:
             )
         else:
             logger.debug("usage write failed: %s", type(exc).__name__)
+
+    def flushing_on_shutdown(self, receive: Receive) -> Receive:
+        """A lifespan's ``receive`` that writes the counts when the server announces the
+        shutdown, before the app's own shutdown runs (and perhaps closes the store); the
+        message itself is passed on unchanged."""
+
+        async def receiving() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.flush()
+            return message
+
+        return receiving
 
     async def aclose(self) -> None:
         """Write what is counted and stop the background task (a later request starts it
