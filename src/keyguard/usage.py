@@ -1,17 +1,18 @@
 """Per-key usage (SPEC §10): counted in memory on the request path, written in batches.
 
 The request path pays one dict lookup and an increment (``UsageRecorder.admitted``
-/ ``rate_limited``): no I/O, no lock (the event loop is single-threaded). A
-background task started lazily in the running loop writes everything counted
-since its last write every ``interval`` seconds as **one** ``record_usage``
-call, whatever the number of requests, keys or APIs; the middleware also
-flushes on the lifespan's shutdown and in ``aclose``. A write that fails is
+/ ``rate_limited``): no I/O, no lock (the event loop is single-threaded), no
+clock read. A background task started lazily in the running loop writes
+everything counted since its last write every ``interval`` seconds (and at
+each hour boundary) as **one** ``record_usage`` call, whatever the number of
+requests, keys or APIs; the middleware also flushes on the lifespan's
+shutdown and in ``aclose``. A write that fails is
 kept and retried with the next one, so a store outage loses nothing while the
 process lives; a crash loses at most one interval.
 
 Buckets are hours (UTC); stores add counts to what a bucket holds, so many
 processes flushing the same hour sum correctly, and keep ``last_used_at``
-as the latest time any of them saw. Buckets older than ``RETENTION`` are
+as the latest any of them wrote. Buckets older than ``RETENTION`` are
 pruned, at most once an hour per process.
 """
 
@@ -39,7 +40,9 @@ __all__ = [
     "RETENTION",
     "UsageCount",
     "UsageRecorder",
+    "check_usage_flush",
     "hour_start",
+    "merge_hours",
 ]
 
 logger = logging.getLogger("keyguard")
