@@ -288,7 +288,26 @@ def test_counting_reads_no_clock_and_builds_no_key() -> None:
         recorder.admitted("orders", "a")
         recorder.rate_limited("orders", "a")
     assert len(reads) == before
-    assert recorder._counts == {"a": [101, 100, "orders"]}
+    assert recorder._counts == {"a": [101, 100, "orders", "a"]}
+
+
+async def test_one_client_id_in_two_apis_is_counted_apart() -> None:
+    """Should a store hold one client id in two APIs, their counts stay apart."""
+    store = MemoryStore()
+    recorder = UsageRecorder(store)
+    for api, n in (("orders", 3), ("billing", 2), ("orders", 1)):
+        for _ in range(n):
+            recorder.admitted(api, "same-id")
+    recorder.rate_limited("billing", "same-id")
+    await recorder.aclose()
+    rows = {
+        api: [
+            (r.requests, r.rate_limited)
+            for r in await store.read_usage(api, None, hour_start(utcnow()))
+        ]
+        for api in ("orders", "billing")
+    }
+    assert rows == {"orders": [(4, 0)], "billing": [(2, 1)]}
 
 
 async def test_old_buckets_are_pruned_on_flush_once_an_hour(counting: CountingStore) -> None:

@@ -118,8 +118,9 @@ class UsageRecorder:
         self.store = store
         self.interval = interval
         self._clock = clock
-        # The open bucket: client_id -> [requests, rate_limited, api], of hour _hour.
-        self._counts: dict[str, list[Any]] = {}
+        # The open bucket, of hour _hour: client_id -> [requests, rate_limited, api,
+        # client_id] (keyed by (api, client_id) only for an id seen in a second API).
+        self._counts: dict[str | tuple[str, str], list[Any]] = {}
         self._hour = _hour_of(clock())
         # Closed buckets not written yet (a write failed, or one is under way):
         # (api, client_id, hour number) -> [requests, rate_limited, last admitted time].
@@ -138,7 +139,7 @@ class UsageRecorder:
     def admitted(self, api: str, client_id: str) -> None:
         """Count one admitted request of the key ``client_id`` of ``api``."""
         entry = self._counts.get(client_id)
-        if entry is None:
+        if entry is None or entry[2] != api:
             self._open(api, client_id, 1, 0)
         else:
             entry[0] += 1
@@ -146,17 +147,32 @@ class UsageRecorder:
     def rate_limited(self, api: str, client_id: str) -> None:
         """Count one request of the key answered 429."""
         entry = self._counts.get(client_id)
-        if entry is None:
+        if entry is None or entry[2] != api:
             self._open(api, client_id, 0, 1)
         else:
             entry[1] += 1
 
     def _open(self, api: str, client_id: str, requests: int, limited: int) -> None:
-        """A key's first count in the open bucket; makes sure a flush task runs."""
-        if not self._counts and self._task is None:
+        """A count not in the open bucket under its client id; makes sure a flush task runs.
+
+        Client ids are generated (R6) and so unique, but a store is not obliged to refuse
+        one id in two APIs: the second API's entry is kept under ``(api, client_id)``.
+        """
+        counts = self._counts
+        if not counts and self._task is None:
             # Nothing has kept the bucket's hour current (no task): set it now.
             self._hour = _hour_of(self._clock())
-        self._counts[client_id] = [requests, limited, api]
+        entry = counts.get(client_id)
+        if entry is None:
+            counts[client_id] = [requests, limited, api, client_id]
+        else:
+            other = counts.get((api, client_id))
+            if other is None:
+                counts[(api, client_id)] = [requests, limited, api, client_id]
+            else:
+                other[0] += requests
+                other[1] += limited
+            return
         task = self._task
         if task is None or task.done():
             try:
@@ -190,7 +206,7 @@ class UsageRecorder:
         counts, hour = self._counts, self._hour
         self._counts, self._hour = {}, _hour_of(now)
         pending = self._pending
-        for client_id, (requests, limited, api) in counts.items():
+        for requests, limited, api, client_id in counts.values():
             key = (api, client_id, hour)
             held = pending.get(key)
             if held is None:
