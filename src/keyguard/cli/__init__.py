@@ -13,6 +13,7 @@
                              [--limits N/UNIT ... | --inherit-limits | --no-limits]
     keyguard keys set-secret API CLIENT_ID [--grace DURATION]
     keyguard keys delete API (CLIENT_ID | --name NAME) [--yes]
+    keyguard usage API [CLIENT_ID] [--hours N]
     keyguard demo [--store URL] [--port 8000]
     keyguard --version
 
