@@ -67,6 +67,13 @@ async def section_inprocess(
         Contender(
             "keyguard memory, id only", apps.keyguard(memory.store), external_headers(memory)
         ),
+        # The same key with usage counting off: the difference is what counting costs
+        # (SPEC §10; the counter alone is timed by ``python -m benchmarks.usage``).
+        Contender(
+            "keyguard memory, id only, usage counting off",
+            apps.keyguard(memory.store, usage_flush=None),
+            external_headers(memory),
+        ),
     ]
     # The same external key with a rate limit it never reaches: what counting costs.
     limited = await KeyManager(memory.store).create_key(

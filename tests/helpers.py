@@ -8,6 +8,7 @@ real server to be stopped (the store tests break real servers).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from starlette.types import ASGIApp, Message, Scope
@@ -16,6 +17,7 @@ from keyguard import KeyStore
 from keyguard.audit import AuditEvent
 from keyguard.models import Api, KeyChanges, KeyKind, KeyRecord, RateLimit, utcnow
 from keyguard.secrets import new_client_id
+from keyguard.usage import UsageCount
 
 
 def record(
@@ -155,6 +157,20 @@ class CountingStore:
     ) -> list[AuditEvent]:
         self._enter("list_audit")
         return await self.inner.list_audit(api=api, client_id=client_id, limit=limit, before=before)
+
+    async def record_usage(self, counts: Sequence[UsageCount]) -> None:
+        self._enter("record_usage")
+        await self.inner.record_usage(counts)
+
+    async def read_usage(
+        self, api: str, client_id: str | None, since: datetime
+    ) -> list[UsageCount]:
+        self._enter("read_usage")
+        return await self.inner.read_usage(api, client_id, since)
+
+    async def prune_usage(self, before: datetime) -> None:
+        self._enter("prune_usage")
+        await self.inner.prune_usage(before)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -47,11 +47,13 @@ from keyguard.models import (
     parse_meta,
     parse_rate_limits,
     parse_time,
+    rfc3339,
     utcnow,
     validate_api_name,
 )
 from keyguard.secrets import SecretHasher, could_be_client_id, new_client_id, new_secret
 from keyguard.stores.base import KeyStore
+from keyguard.usage import MAX_USAGE_HOURS, hour_start, merge_hours
 
 __all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "Denial", "KeyManager"]
 
@@ -534,6 +536,62 @@ class KeyManager:
             self._api_limits.clear()
         self._api_limits[api] = (now + _API_LIMITS_TTL, limits)
         return limits
+
+    # -- usage (SPEC §10) ----------------------------------------------------------------
+
+    async def usage(
+        self, api: str, client_id: str | None = None, *, hours: int = 24
+    ) -> dict[str, Any]:
+        """The traffic of ``api``'s key ``client_id`` (or of the whole API) over the last
+        ``hours`` hours (1 to 840, 35 days), as SPEC §10's JSON object.
+
+        A key's: ``{"client_id", "hours": [{"start", "requests", "rate_limited"}, …]}``,
+        oldest first, every hour present (zeros for none), the last one the current
+        hour. An API's: ``{"api", "hours": [...], "keys": [{"client_id", "name",
+        "requests", "rate_limited"}, …]}``, every key of the API with its totals over the
+        range, zeros included; its hours count all of the API's traffic, keys deleted
+        since included. ``requests`` counts admitted requests, ``rate_limited`` 429s.
+        Counts reach the store in batches (``KeyGuard(usage_flush=…)``), so the last
+        seconds of traffic may be missing. ``ApiNotFound`` / ``KeyNotFound`` for an
+        unknown API or key.
+        """
+        if isinstance(hours, bool) or not isinstance(hours, int):
+            raise InvalidRequest("hours must be a whole number")
+        if not 1 <= hours <= MAX_USAGE_HOURS:
+            raise InvalidRequest(f"hours must be between 1 and {MAX_USAGE_HOURS} (35 days)")
+        await self.get_api(api)
+        keys = (
+            [await self._get_record(api, client_id)]
+            if client_id is not None
+            else await self.store.list_keys(api)
+        )
+        first = hour_start(utcnow()) - timedelta(hours=hours - 1)
+        rows = await self.store.read_usage(api, client_id, first)
+        series = [
+            {"start": rfc3339(start), "requests": requests, "rate_limited": limited}
+            for start, requests, limited in merge_hours(rows, first, hours)
+        ]
+        if client_id is not None:
+            return {"client_id": client_id, "hours": series}
+        totals = {record.client_id: [0, 0] for record in keys}
+        for row in rows:
+            slot = totals.get(row.client_id)
+            if slot is not None and row.hour >= first:
+                slot[0] += row.requests
+                slot[1] += row.rate_limited
+        return {
+            "api": api,
+            "hours": series,
+            "keys": [
+                {
+                    "client_id": record.client_id,
+                    "name": record.name,
+                    "requests": totals[record.client_id][0],
+                    "rate_limited": totals[record.client_id][1],
+                }
+                for record in keys
+            ],
+        }
 
     def _info(self, record: KeyRecord) -> KeyInfo:
         """``record.info()``, reusing the last one made for the same record object."""

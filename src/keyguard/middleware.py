@@ -22,6 +22,7 @@ from keyguard.models import API_NAME_PATTERN, KeyInfo, validate_api_name
 from keyguard.ratelimit import RateLimiter, RateLimiterUnavailable, Verdict
 from keyguard.secrets import SecretHasher, VerificationBusy
 from keyguard.stores.base import KeyStore
+from keyguard.usage import DEFAULT_USAGE_FLUSH, UsageRecorder, check_usage_flush
 
 __all__ = ["KeyGuard"]
 
@@ -142,6 +143,11 @@ class KeyGuard:
       per process).
     * ``rate_limit_fail`` — ``"open"`` (default: while the counter storage fails,
       count in this process's memory) or ``"closed"`` (answer 503).
+    * ``usage_flush`` — seconds between two writes of the per-key usage counts (SPEC
+      §10; default 10): admitted requests and 429s are counted in memory and written
+      in one store call per interval, on the lifespan's shutdown and in ``aclose``.
+      ``0`` or ``None`` turns usage counting off. ``guard.usage`` is the
+      :class:`~keyguard.usage.UsageRecorder` (``None`` when off).
 
     Exclusions match the path the app routes on (``scope["path"]`` less
     ``scope["root_path"]``). On success the app finds a :class:`~keyguard.KeyInfo`
@@ -164,9 +170,12 @@ class KeyGuard:
         hasher: SecretHasher | None = None,
         rate_limiter: str | RateLimiter | None = None,
         rate_limit_fail: Literal["open", "closed"] = "open",
+        usage_flush: float | None = DEFAULT_USAGE_FLUSH,
     ) -> None:
         self.app = app
         self.manager = KeyManager(store, hasher=hasher)
+        interval = check_usage_flush(usage_flush)
+        self.usage = None if interval is None else UsageRecorder(store, interval=interval)
         self.rate_limiter = _rate_limiter(store, rate_limiter, rate_limit_fail)
         self._told_per_process = not self.rate_limiter.local
         if callable(api):
@@ -207,14 +216,21 @@ class KeyGuard:
         return f"KeyGuard(store={self.manager.store!r}, api={api!r})"
 
     async def aclose(self) -> None:
-        """Release what this middleware opened itself (its rate limiter's client); done
-        on the lifespan's shutdown too. The store is the caller's to close."""
-        await self.rate_limiter.aclose()
+        """Write the usage counted so far and release what this middleware opened itself
+        (its rate limiter's client); done on the lifespan's shutdown too. The store is the
+        caller's to close."""
+        try:
+            if self.usage is not None:
+                await self.usage.aclose()
+        finally:
+            await self.rate_limiter.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             if scope["type"] == "lifespan":
                 send = self._closing_on_shutdown(send)
+                if self.usage is not None:
+                    receive = self.usage.flushing_on_shutdown(receive)
             await self.app(scope, receive, send)
             return
         path = scope["path"]
@@ -311,9 +327,14 @@ class KeyGuard:
                     "rate_limiter='redis://…' to share the counters between processes"
                 )
             if not verdict.admitted:
+                if self.usage is not None:
+                    self.usage.rate_limited(api, result.client_id)
                 await _refuse(scope, receive, send, _too_many(verdict))
                 return
             send = _with_headers(send, _rate_headers(verdict))
+        usage = self.usage
+        if usage is not None:
+            usage.admitted(api, result.client_id)  # a dict increment (keyguard.usage)
         if self._strip and (secret_pair is not None or query_secret):
             child = dict(scope)
             if secret_pair is not None:

@@ -19,7 +19,7 @@ from keyguard.stores.sql import SQLStore
 from tests.backends.servers import require_server
 
 SQL_BACKENDS = ("sqlite", "postgres", "mysql")
-TABLES = ("audit", "keys", "apis", "meta")  # in an order that drops the referencing table first
+TABLES = ("audit", "usage", "keys", "apis", "meta")  # drops the referencing table first
 
 
 def unique_prefix() -> str:

@@ -14,6 +14,7 @@
     keyguard keys set-secret API CLIENT_ID [--grace DURATION]
     keyguard keys delete API (CLIENT_ID | --name NAME) [--yes]
     keyguard audit [API] [--limit N] [--before CURSOR]
+    keyguard usage API [CLIENT_ID] [--hours N]
     keyguard demo [--store URL] [--port 8000]
     keyguard --version
 

@@ -310,6 +310,49 @@ async def _keys_delete(
         out.line(f"Deleted key {key.client_id} ({key.name}) of API {key.api}.")
 
 
+async def _usage(
+    manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
+) -> None:
+    usage = await manager.usage(args.api, args.client_id, **values)
+    if out.as_json:
+        out.json(usage)
+        return
+    hours = usage["hours"]
+    requests = sum(h["requests"] for h in hours)
+    limited = sum(h["rate_limited"] for h in hours)
+    who = f"key {args.client_id} of API {args.api}" if args.client_id else f"API {args.api}"
+    span = f"{len(hours)} hour{'s' if len(hours) != 1 else ''}"
+    out.line(
+        f"Usage of {who}, last {span} (UTC, the current hour last): {requests} requests, "
+        f"{limited} rate limited (429)."
+    )
+    if "keys" in usage:
+        out.line()
+        if usage["keys"]:
+            out.table(
+                ("CLIENT_ID", "NAME", "REQUESTS", "RATE LIMITED"),
+                [
+                    (k["client_id"], k["name"], str(k["requests"]), str(k["rate_limited"]))
+                    for k in usage["keys"]
+                ],
+            )
+        else:
+            out.line(f"API {args.api} has no keys.")
+    out.line()
+    # Per hour up to two days; per UTC day beyond (840 rows would not read as a table).
+    by_day = len(hours) > 48
+    rows: dict[str, list[int]] = {}
+    for hour in hours:
+        label = hour["start"][:10] if by_day else hour["start"][:16].replace("T", " ")
+        slot = rows.setdefault(label, [0, 0])
+        slot[0] += hour["requests"]
+        slot[1] += hour["rate_limited"]
+    out.table(
+        ("DAY (UTC)" if by_day else "HOUR (UTC)", "REQUESTS", "RATE LIMITED"),
+        [(label, str(r), str(n)) for label, (r, n) in rows.items()],
+    )
+
+
 def _confirm(question: str, err: TextIO) -> bool:
     """Ask on stderr, read one line from stdin; anything but yes (or end of input) is no."""
     err.write(question)
@@ -364,5 +407,6 @@ COMMANDS: dict[tuple[str, str], Command] = {
     ("keys", "set-secret"): _keys_set_secret,
     ("keys", "delete"): _keys_delete,
     ("audit", ""): _audit,
+    ("usage", "show"): _usage,
 }
 """Each (command, action) and the coroutine that runs it."""

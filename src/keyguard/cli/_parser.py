@@ -62,8 +62,34 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         commands.add_parser("keys", help="list, create, change, secure and delete keys"), common
     )
     _audit(commands, common)
+    _usage(commands, common)
     subparsers["demo"] = _demo(commands)
     return main, subparsers
+
+
+def _usage(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    usage = commands.add_parser(
+        "usage",
+        parents=[common],
+        help="requests and 429s per hour of an API's keys, or of one key",
+        description=(
+            "Admitted requests and requests answered 429, per hour (per day beyond 48 hours), "
+            "for an API and each of its keys, or for one key. Counts reach the store in "
+            "batches (every 10 s by default), so the last seconds may be missing."
+        ),
+    )
+    usage.set_defaults(action="show")
+    usage.add_argument("api", metavar="API")
+    usage.add_argument("client_id", metavar="CLIENT_ID", nargs="?")
+    usage.add_argument(
+        "--hours",
+        metavar="N",
+        default="24",
+        help="how many hours back, the current one included (1 to 840; default 24)",
+    )
 
 
 def _apis(apis: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:

@@ -23,8 +23,9 @@ from keyguard.models import (
     parse_time,
     utcnow,
 )
+from keyguard.usage import MAX_USAGE_HOURS
 
-__all__ = ["grace", "manager_arguments", "meta", "rate_limits", "when"]
+__all__ = ["grace", "hours", "manager_arguments", "meta", "rate_limits", "when"]
 
 # A number and letters: meant as a duration (a wrong unit is then a duration's error).
 _LOOKS_LIKE_DURATION = re.compile(r"\s*\d+\s*[A-Za-z]*\s*")
@@ -105,4 +106,16 @@ def manager_arguments(args: argparse.Namespace) -> dict[str, Any]:
         given["grace"] = grace(args.grace)
     elif command == ("apis", "limits"):
         given["rate_limits"] = () if args.clear else rate_limits(args.limits, "--set")
+    elif command == ("usage", "show"):
+        given["hours"] = hours(args.hours)
     return given
+
+
+def hours(text: str) -> int:
+    """``--hours N`` of ``usage``: a whole number from 1 to 840 (the 35 days kept)."""
+    value = text.strip()
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_USAGE_HOURS):
+        raise InvalidRequest(
+            f"--hours must be a whole number from 1 to {MAX_USAGE_HOURS}, got {text[:20]!r}"
+        )
+    return int(value)

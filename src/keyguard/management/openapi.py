@@ -8,7 +8,7 @@ from typing import Any
 from keyguard.audit import ACTIONS, DEFAULT_AUDIT_LIMIT, MAX_AUDIT_LIMIT
 from keyguard.management.bodies import MAX_GRACE_SECONDS
 from keyguard.management.problems import PROBLEM_MEDIA_TYPE
-from keyguard.management.routes import OPERATIONS
+from keyguard.management.routes import DEFAULT_USAGE_HOURS, OPERATIONS
 from keyguard.manager import MAX_KEYS_PER_KIND_LIMIT
 from keyguard.models import (
     KEY_NAME_PATTERN,
@@ -18,6 +18,7 @@ from keyguard.models import (
     RATE_LIMIT_UNITS,
     KeyKind,
 )
+from keyguard.usage import MAX_USAGE_HOURS
 
 __all__ = ["openapi_document"]
 
@@ -311,6 +312,63 @@ _SCHEMAS: dict[str, Any] = {
             "read_only": {"type": "boolean"},
         },
     },
+    "UsageHour": {
+        "type": "object",
+        "required": ["start", "requests", "rate_limited"],
+        "additionalProperties": False,
+        "properties": {
+            "start": {"type": "string", "format": "date-time", "description": "The hour's start."},
+            "requests": {"type": "integer", "minimum": 0, "description": "Admitted requests."},
+            "rate_limited": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Requests answered 429.",
+            },
+        },
+    },
+    "UsageHours": {
+        "type": "array",
+        "items": {"$ref": "#/components/schemas/UsageHour"},
+        "description": (
+            "One entry per hour, oldest first, hours without traffic included as zeros; the "
+            "last is the current hour. Counts are written in batches (every 10 s by "
+            "default), so the last seconds may be missing."
+        ),
+    },
+    "KeyUsage": {
+        "type": "object",
+        "required": ["client_id", "hours"],
+        "additionalProperties": False,
+        "properties": {
+            "client_id": {"type": "string"},
+            "hours": {"$ref": "#/components/schemas/UsageHours"},
+        },
+    },
+    "ApiUsage": {
+        "type": "object",
+        "required": ["api", "hours", "keys"],
+        "additionalProperties": False,
+        "properties": {
+            "api": _API_NAME,
+            "hours": {"$ref": "#/components/schemas/UsageHours"},
+            "keys": {
+                "type": "array",
+                "description": "Every key of the API (oldest first) with its totals over the "
+                "range, zeros included.",
+                "items": {
+                    "type": "object",
+                    "required": ["client_id", "name", "requests", "rate_limited"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "client_id": {"type": "string"},
+                        "name": {"type": "string"},
+                        "requests": {"type": "integer", "minimum": 0},
+                        "rate_limited": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
+        },
+    },
     "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
     "Problem": {
         "type": "object",
@@ -430,6 +488,22 @@ def openapi_document() -> dict[str, Any]:
             )
         if op.name == "audit":
             parameters += _AUDIT_PARAMETERS
+        if op.name in ("api_usage", "key_usage"):
+            parameters.append(
+                {
+                    "name": "hours",
+                    "in": "query",
+                    "required": False,
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_USAGE_HOURS,
+                        "default": DEFAULT_USAGE_HOURS,
+                    },
+                    "description": "How many hours back, the current one included (at most "
+                    "840: the 35 days kept).",
+                }
+            )
         if parameters:
             operation["parameters"] = parameters
         if op.request is not None:

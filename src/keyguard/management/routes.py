@@ -25,6 +25,9 @@ from keyguard.management.bodies import (
 from keyguard.management.problems import NO_STORE, json_response
 from keyguard.manager import KeyManager
 from keyguard.shapes import api_json, key_json, secret_json
+from keyguard.usage import MAX_USAGE_HOURS
+
+DEFAULT_USAGE_HOURS = 24
 
 __all__ = ["OPERATIONS", "Endpoints", "Operation"]
 
@@ -162,6 +165,15 @@ class Endpoints:
     async def whoami(self, request: Request) -> Response:
         return json_response(principal(request.scope).as_json())
 
+    async def api_usage(self, request: Request) -> Response:
+        usage = await self.manager.usage(request.path_params["api"], hours=_hours(request))
+        return json_response(usage)
+
+    async def key_usage(self, request: Request) -> Response:
+        params = request.path_params
+        usage = await self.manager.usage(params["api"], params["client_id"], hours=_hours(request))
+        return json_response(usage)
+
     async def openapi(self, request: Request) -> Response:
         document = self.document
         root_path = request.scope.get("root_path", "")
@@ -184,6 +196,19 @@ def _single_query(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
         if len(params.getlist(name)) > 1:
             raise InvalidRequest(f"{name}: give it at most once")
     return {name: params[name] for name in params}
+
+
+def _hours(request: Request) -> int:
+    """``?hours=`` of the usage routes: given at most once, a whole number (default 24);
+    ``KeyManager.usage`` checks the range."""
+    given = request.query_params.getlist("hours")
+    if not given:
+        return DEFAULT_USAGE_HOURS
+    if len(given) > 1 or not given[0].isascii() or not given[0].isdigit() or len(given[0]) > 6:
+        raise InvalidRequest(
+            f"hours: must be given once, as a whole number from 1 to {MAX_USAGE_HOURS}"
+        )
+    return int(given[0])
 
 
 _CREATE_FIELDS = ("name", "kind", "expires_at", "enabled", "meta", "rate_limits")
@@ -300,6 +325,25 @@ OPERATIONS = (
         "The token this request carries: its name, its audit actor, whether it is read-only",
         200,
         "WhoAmI",
+    ),
+    Operation(
+        "GET",
+        "/apis/{api}/usage",
+        "api_usage",
+        "Requests and 429s of an API per hour, and of each of its keys in total, over the "
+        "last ?hours=24 hours",
+        200,
+        "ApiUsage",
+        errors=(404, *_ON_API),
+    ),
+    Operation(
+        "GET",
+        "/apis/{api}/keys/{client_id}/usage",
+        "key_usage",
+        "Requests and 429s of one key per hour over the last ?hours=24 hours",
+        200,
+        "KeyUsage",
+        errors=(404, *_ON_API),
     ),
     Operation("GET", "/openapi.json", "openapi", "This OpenAPI document", 200, "OpenApiDocument"),
 )

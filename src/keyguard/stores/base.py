@@ -33,12 +33,15 @@ first uses them, and are released with ``aclose``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from keyguard.audit import AuditEvent
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
+
+if TYPE_CHECKING:
+    from keyguard.usage import UsageCount
 
 __all__ = ["ChangeFeed", "KeyStore"]
 
@@ -160,6 +163,29 @@ class KeyStore(Protocol):
         ``client_id`` if given, with ids below ``before`` if given; events older than the
         store's retention are never returned. Events outlive the API or key they concern.
         """
+        ...
+
+    async def record_usage(self, counts: Sequence[UsageCount]) -> None:
+        """Add each count to its key's hourly bucket (SPEC §10), creating buckets as needed,
+        and raise each existing key's ``last_used_at`` to the count's ``last_used_at`` if that
+        is later (never lowering it). Additive: many processes writing the same bucket sum
+        up. Counts of a key that no longer exists are kept like any others (they age out);
+        its ``last_used_at`` is not. One write, whatever the number of counts.
+        """
+        ...
+
+    async def read_usage(
+        self, api: str, client_id: str | None, since: datetime
+    ) -> list[UsageCount]:
+        """The buckets of ``api`` (of the key ``client_id`` only, if given) whose hour is
+        ``since`` or later, in any order, each with its summed counts and
+        ``last_used_at=None``. Hours without traffic may be missing.
+        """
+        ...
+
+    async def prune_usage(self, before: datetime) -> None:
+        """Delete the buckets of hours before ``before`` (a store whose buckets expire by
+        themselves may do nothing)."""
         ...
 
     async def aclose(self) -> None:

@@ -43,14 +43,18 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from keyguard.audit import AuditEvent
 from keyguard.errors import ConfigurationError
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
 from keyguard.stores.base import ChangeFeed, KeyStore
+
+if TYPE_CHECKING:
+    from keyguard.usage import UsageCount
 
 __all__ = ["DEFAULT_CACHE_TTL", "DEFAULT_MAX_ENTRIES", "CachedStore", "check_cache_ttl"]
 
@@ -370,6 +374,20 @@ class CachedStore:
         before: str | None = None,
     ) -> list[AuditEvent]:
         return await self.store.list_audit(api=api, client_id=client_id, limit=limit, before=before)
+
+    # Usage goes straight through: a key's last_used_at changing drops no snapshot (it is
+    # approximate by design, SPEC §8, and would otherwise empty the cache every flush).
+
+    async def record_usage(self, counts: Sequence[UsageCount]) -> None:
+        await self.store.record_usage(counts)
+
+    async def read_usage(
+        self, api: str, client_id: str | None, since: datetime
+    ) -> list[UsageCount]:
+        return await self.store.read_usage(api, client_id, since)
+
+    async def prune_usage(self, before: datetime) -> None:
+        await self.store.prune_usage(before)
 
     async def aclose(self) -> None:
         """Stop watching for changes and close the wrapped store."""

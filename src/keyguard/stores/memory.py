@@ -5,11 +5,13 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from keyguard.audit import DEFAULT_AUDIT_RETENTION, AuditEvent, check_retention, cutoff_id
 from keyguard.errors import ApiHasKeys, ApiNotExposed, DuplicateName, KeyLimitReached
 from keyguard.models import Api, KeyChanges, KeyKind, KeyRecord, RateLimit, name_key
+from keyguard.usage import UsageCount
 
 __all__ = ["MemoryStore"]
 
@@ -40,6 +42,8 @@ class MemoryStore:
         self.audit_retention = check_retention(audit_retention)
         # Oldest first, by id: new events append (ids only grow within a process).
         self._audit: list[AuditEvent] = []
+        # (api, hour) -> client_id -> [requests, rate_limited]
+        self._usage: dict[tuple[str, datetime], dict[str, list[int]]] = {}
 
     def __repr__(self) -> str:
         keys = sum(len(state.keys) for state in self._apis.values())
@@ -221,6 +225,38 @@ class MemoryStore:
         cutoff = cutoff_id(self.audit_retention)
         if events[0].id < cutoff:
             del events[: bisect.bisect_left(events, cutoff, key=_id)]
+
+    async def record_usage(self, counts: Sequence[UsageCount]) -> None:
+        with self._lock:
+            for count in counts:
+                bucket = self._usage.setdefault((count.api, count.hour), {})
+                held = bucket.setdefault(count.client_id, [0, 0])
+                held[0] += count.requests
+                held[1] += count.rate_limited
+                used = count.last_used_at
+                state = self._apis.get(count.api)
+                record = None if state is None else state.keys.get(count.client_id)
+                if state is None or record is None or used is None:
+                    continue
+                if record.last_used_at is None or record.last_used_at < used:
+                    state.keys[count.client_id] = dataclasses.replace(record, last_used_at=used)
+
+    async def read_usage(
+        self, api: str, client_id: str | None, since: datetime
+    ) -> list[UsageCount]:
+        found = []
+        for (bucket_api, hour), bucket in list(self._usage.items()):
+            if bucket_api != api or hour < since:
+                continue
+            for key_id, (requests, limited) in list(bucket.items()):
+                if client_id is None or key_id == client_id:
+                    found.append(UsageCount(api, key_id, hour, requests, limited))
+        return found
+
+    async def prune_usage(self, before: datetime) -> None:
+        with self._lock:
+            for api, hour in [slot for slot in self._usage if slot[1] < before]:
+                del self._usage[(api, hour)]
 
     async def aclose(self) -> None:
         """Nothing to release; the data stays until the store is garbage-collected."""

@@ -34,7 +34,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
@@ -67,6 +67,7 @@ from keyguard.models import (
     load_rate_limits,
     name_key,
 )
+from keyguard.usage import RETENTION, UsageCount, hour_start
 
 try:
     from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -187,7 +188,7 @@ end
 redis.call('HSET', api, 'k:' .. id, ARGV[3])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 record_audit()
-return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id)
+return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id, 'u:' .. id)
 """
 
 # ARGV: client id, secret hash, previous secret's end in µs ('' to keep none), change
@@ -207,7 +208,7 @@ end
 redis.call('HSET', api, 's:' .. id, ARGV[2])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 record_audit()
-return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id)
+return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id, 'u:' .. id)
 """
 
 # ARGV: client id, change channel, change notice.  The key, its secret hashes, its name
@@ -219,7 +220,7 @@ if not raw then return 0 end
 local record = cjson.decode(raw)
 local name_field = 'n:' .. record[4]
 if redis.call('HGET', api, name_field) == id then redis.call('HDEL', api, name_field) end
-redis.call('HDEL', api, 'k:' .. id, 's:' .. id, 'p:' .. id)
+redis.call('HDEL', api, 'k:' .. id, 's:' .. id, 'p:' .. id, 'u:' .. id)
 redis.call('HINCRBY', api, 'c:' .. record[2], -1)
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 record_audit()
@@ -237,6 +238,32 @@ if held > 0 and ARGV[1] ~= '1' then return -held end
 redis.call('DEL', api)
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 record_audit()
+return 1
+"""
+
+# KEYS: the API's hash, then one usage hash per hour written.  ARGV: for each usage hash
+# its expiry (Unix seconds), then five values per count: the usage hash's number (1 for
+# KEYS[2]), client id, requests, rate-limited, last admitted time in µs ('' for none).
+# Counts are added (HINCRBY), so processes flushing the same hour sum up; a key's
+# ``u:<client_id>`` (its last_used_at) only ever rises, and only for a key that exists.
+_RECORD_USAGE_LUA = """
+local api = KEYS[1]
+local hours = #KEYS - 1
+local i = hours + 1
+while i <= #ARGV do
+  local bucket, id = KEYS[tonumber(ARGV[i]) + 1], ARGV[i + 1]
+  if ARGV[i + 2] ~= '0' then redis.call('HINCRBY', bucket, 'r:' .. id, ARGV[i + 2]) end
+  if ARGV[i + 3] ~= '0' then redis.call('HINCRBY', bucket, 'l:' .. id, ARGV[i + 3]) end
+  local used = ARGV[i + 4]
+  if used ~= '' and redis.call('HEXISTS', api, 'k:' .. id) == 1 then
+    local old = redis.call('HGET', api, 'u:' .. id)
+    if not old or tonumber(old) < tonumber(used) then
+      redis.call('HSET', api, 'u:' .. id, used)
+    end
+  end
+  i = i + 5
+end
+for h = 1, hours do redis.call('EXPIREAT', KEYS[h + 1], ARGV[h]) end
 return 1
 """
 
@@ -300,6 +327,7 @@ class RedisCore(Generic[ClientT]):
         self._set_secret_hash = AsyncScript(client, _AUDIT_LUA + _SET_HASH_LUA)
         self._delete_key = AsyncScript(client, _AUDIT_LUA + _DELETE_KEY_LUA)
         self._delete_api = AsyncScript(client, _AUDIT_LUA + _DELETE_API_LUA)
+        self._record_usage = AsyncScript(client, _RECORD_USAGE_LUA)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._location!r}, prefix={self.prefix!r})"
@@ -330,10 +358,10 @@ class RedisCore(Generic[ClientT]):
             (exposed,) = await self._call(lambda redis: redis.hmget(key, ["exposed"]))
             return exposed in _TRUE, None
         fields = ["exposed", *_key_fields(client_id)]
-        exposed, raw, secret_hash, previous = await self._call(
+        exposed, raw, secret_hash, previous, used = await self._call(
             lambda redis: redis.hmget(key, fields)
         )
-        record = None if raw is None else _record(api, client_id, raw, secret_hash, previous)
+        record = None if raw is None else _record(api, client_id, raw, secret_hash, previous, used)
         return exposed in _TRUE, record
 
     async def get_api(self, api: str) -> Api | None:
@@ -433,8 +461,8 @@ class RedisCore(Generic[ClientT]):
         """The key ``client_id`` of ``api`` with its secret hash (one ``HMGET``), or ``None``."""
         key = self._api_key(api)
         fields = _key_fields(client_id)
-        raw, secret_hash, previous = await self._call(lambda redis: redis.hmget(key, fields))
-        return None if raw is None else _record(api, client_id, raw, secret_hash, previous)
+        raw, secret_hash, previous, used = await self._call(lambda redis: redis.hmget(key, fields))
+        return None if raw is None else _record(api, client_id, raw, secret_hash, previous, used)
 
     async def list_keys(self, api: str) -> list[KeyRecord]:
         """The keys of ``api`` from one ``HGETALL`` of its hash, by ``created_at``, then seq."""
@@ -452,6 +480,7 @@ class RedisCore(Generic[ClientT]):
                     stored,
                     fields.get(f"s:{client_id}"),
                     fields.get(f"p:{client_id}"),
+                    fields.get(f"u:{client_id}"),
                 )
                 found.append((stored[4], stored[0], record))
         found.sort(key=lambda entry: entry[:2])
@@ -482,7 +511,7 @@ class RedisCore(Generic[ClientT]):
                 if raw is None:
                     return None
                 stored = json.loads(raw)
-                current = _decoded(api, client_id, stored, None, None)
+                current = _decoded(api, client_id, stored, None, None, None)
                 updated = changes.apply(current)
                 old_folded: str = stored[3]
                 # The index holds the folded name as written; a name kept keeps its entry.
@@ -600,6 +629,100 @@ class RedisCore(Generic[ClientT]):
 
         return await self._call(read)
 
+    async def record_usage(self, counts: Sequence[UsageCount]) -> None:
+        """One script per API, all in one pipeline (one round trip; on a cluster, the scripts
+        run concurrently, one per API): each hour's counts go
+        to the hash ``<prefix>{<api>}:usage:<hour>`` (``HINCRBY`` of ``r:``/``l:<client_id>``),
+        which expires 35 days after its hour; each key's ``u:<client_id>`` rises to its
+        latest use. The ``{<api>}`` hash tag keeps an API's usage in its Cluster slot."""
+        by_api: dict[str, list[UsageCount]] = {}
+        for count in counts:
+            by_api.setdefault(count.api, []).append(count)
+        if not by_api:
+            return
+        calls: list[tuple[list[str], list[Any]]] = []
+        for api, rows in sorted(by_api.items()):
+            hours = sorted({row.hour for row in rows})
+            number = {hour: n for n, hour in enumerate(hours, start=1)}
+            keys = [self._api_key(api), *(self._usage_key(api, hour) for hour in hours)]
+            args: list[Any] = [int((hour + RETENTION).timestamp()) for hour in hours]
+            for row in rows:
+                args += [
+                    number[row.hour],
+                    row.client_id,
+                    int(row.requests),
+                    int(row.rate_limited),
+                    "" if row.last_used_at is None else _micros(row.last_used_at),
+                ]
+            calls.append((keys, args))
+
+        async def write(redis: ClientT) -> None:
+            if not isinstance(redis, Redis):
+                # A cluster client: one script call per API, all at once (each API's keys
+                # are in its own slot, perhaps on another node).
+                await asyncio.gather(
+                    *(
+                        self._record_usage(keys=keys, args=args, client=redis)
+                        for keys, args in calls
+                    )
+                )
+                return
+            async with redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await self._record_usage(keys=keys, args=args, client=pipe)
+                await pipe.execute()
+
+        await self._call(write)
+
+    async def read_usage(
+        self, api: str, client_id: str | None, since: datetime
+    ) -> list[UsageCount]:
+        """Every hour's hash from ``since`` to now in one pipeline: ``HGETALL`` for an API,
+        ``HMGET`` of the key's two fields for one key."""
+        first = hour_start(since)
+        if first < since:
+            first += timedelta(hours=1)
+        last = hour_start(datetime.now(timezone.utc))
+        first = max(first, last - RETENTION)  # older hashes have expired
+        hours: list[datetime] = []
+        while first <= last:
+            hours.append(first)
+            first += timedelta(hours=1)
+        if not hours:
+            return []
+
+        async def read(redis: ClientT) -> list[Any]:
+            async with redis.pipeline(transaction=False) as pipe:
+                for hour in hours:
+                    key = self._usage_key(api, hour)
+                    if client_id is None:
+                        pipe.hgetall(key)
+                    else:
+                        pipe.hmget(key, [f"r:{client_id}", f"l:{client_id}"])
+                replies: list[Any] = await pipe.execute()
+                return replies
+
+        replies = await self._call(read)
+        found = []
+        for hour, reply in zip(hours, replies, strict=True):
+            if client_id is not None:
+                requests, limited = reply
+                if requests is not None or limited is not None:
+                    found.append(
+                        UsageCount(api, client_id, hour, int(requests or 0), int(limited or 0))
+                    )
+                continue
+            per_key: dict[str, list[int]] = {}
+            for name, value in reply.items():
+                field = _text(name)
+                slot = per_key.setdefault(field[2:], [0, 0])
+                slot[0 if field.startswith("r:") else 1] += int(value)
+            found += [UsageCount(api, key_id, hour, r, n) for key_id, (r, n) in per_key.items()]
+        return found
+
+    async def prune_usage(self, before: datetime) -> None:
+        """Nothing to do: each hour's hash expires by itself 35 days after its hour."""
+
     async def watch(
         self,
         on_change: Callable[[str, str | None], None],
@@ -678,6 +801,10 @@ class RedisCore(Generic[ClientT]):
         """
         if audit is not None:
             await redis.zadd(self._audit_index, {api: time.time()})
+
+    def _usage_key(self, api: str, hour: datetime) -> str:
+        """The hash of ``api``'s usage in the hour starting at ``hour`` (Unix seconds)."""
+        return f"{self.prefix}{{{api}}}:usage:{int(hour.timestamp())}"
 
     async def _subscriber(self, client: ClientT) -> PubSub:
         """A pub/sub connection for the change feed (not yet subscribed)."""
@@ -859,14 +986,18 @@ def _api(name: str, row: list[Any]) -> Api | None:
 # has only the first five: the rest read as their defaults, so old records need no
 # rewrite.  The secret hash is ``s:<client_id>``; the previous secret of a roll is
 # ``p:<client_id>``, the JSON array [valid until in µs, hash], written by the roll script.
+# ``u:<client_id>`` is the key's last use in µs, raised by the usage writes (a field of
+# its own, so a flush never rewrites records); last_used_at is the later of it and the
+# record's own.
 _RECORD_LENGTH = 10
 _AUDIT_ID_LENGTH = 26
 _APPENDED_DEFAULTS: tuple[Any, ...] = (True, None, None, None, None)
 
 
 def _key_fields(client_id: str) -> list[str]:
-    """The hash fields of one key: its record, its secret hash, its previous secret."""
-    return [f"k:{client_id}", f"s:{client_id}", f"p:{client_id}"]
+    """The hash fields of one key: its record, its secret hash, its previous secret, and
+    its last use as the usage writes keep it."""
+    return [f"k:{client_id}", f"s:{client_id}", f"p:{client_id}", f"u:{client_id}"]
 
 
 def _body(record: KeyRecord, folded: str) -> list[Any]:
@@ -899,8 +1030,9 @@ def _record(
     raw: bytes | str,
     secret_hash: bytes | str | None,
     previous: bytes | str | None = None,
+    used: bytes | str | None = None,
 ) -> KeyRecord:
-    return _decoded(api, client_id, json.loads(raw), secret_hash, previous)
+    return _decoded(api, client_id, json.loads(raw), secret_hash, previous, used)
 
 
 def _decoded(
@@ -909,8 +1041,9 @@ def _decoded(
     stored: list[Any],
     secret_hash: bytes | str | None,
     previous: bytes | str | None,
+    used: bytes | str | None,
 ) -> KeyRecord:
-    """The key from its decoded record array and its ``s:`` and ``p:`` fields."""
+    """The key from its decoded record array and its ``s:``, ``p:`` and ``u:`` fields."""
     _seq, kind, name, _folded, created = stored[:5]
     appended = stored[5:_RECORD_LENGTH]
     enabled, expires, meta, last_used, limits = (
@@ -930,7 +1063,8 @@ def _decoded(
         meta=load_meta(meta),
         previous_secret_hash=previous_hash,
         previous_secret_expires_at=_from_micros(previous_until),
-        last_used_at=_from_micros(last_used),
+        # The record's own (as written at creation) or the usage writes', the later.
+        last_used_at=_from_micros(last_used if used is None else max(int(used), last_used or 0)),
         rate_limits=load_rate_limits(limits),
     )
 

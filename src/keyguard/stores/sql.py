@@ -36,7 +36,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -65,6 +65,7 @@ from sqlalchemy import (
     case,
     delete,
     insert,
+    or_,
     select,
     true,
     update,
@@ -107,6 +108,7 @@ from keyguard.models import (
     name_key,
 )
 from keyguard.stores.sql_upgrades import upgrade
+from keyguard.usage import UsageCount
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -155,6 +157,7 @@ _USED = "keyguard_used"  # marks a pooled connection that has served a call befo
 _LOCK_POLL_MS = 10  # SQLite: how long one try for the write lock waits (see _begin_immediate)
 _AUDIT_ID_LENGTH = 26
 _PRUNE_EVERY = 3600.0  # seconds between two prunings of old audit events by one store
+_DEADLOCK_ATTEMPTS = 4  # tries of a usage write the database chose as a deadlock's victim
 
 
 class _UTCDateTime(TypeDecorator[datetime]):
@@ -277,6 +280,19 @@ class _Schema:
             Index(f"{prefix}audit_client_id_idx", "client_id", "id"),
             **table_options,
         )
+        # Hourly usage buckets (SPEC §10). A new table, so create_all adds it to existing
+        # stores too. No foreign key: a deleted key's counts stay until they are pruned.
+        self.usage = Table(
+            f"{prefix}usage",
+            self.metadata,
+            Column("api", String(_NAME_LENGTH), primary_key=True),
+            Column("client_id", String(_NAME_LENGTH), primary_key=True),
+            Column("hour", _UTCDateTime(), primary_key=True),
+            Column("requests", BigInteger, nullable=False),
+            Column("rate_limited", BigInteger, nullable=False),
+            Index(f"{prefix}usage_hour", "hour"),
+            **table_options,
+        )
         apis, keys = self.apis, self.keys
         self.api_columns = (
             apis.c.name,
@@ -319,6 +335,36 @@ class _Schema:
         return (
             self.apis.c.internal_count if kind is KeyKind.INTERNAL else self.apis.c.external_count
         )
+
+    def add_usage(self) -> Insert:
+        """``INSERT`` of one usage bucket (parameters ``api``, ``client_id``, ``hour``,
+        ``requests``, ``rate_limited``) that adds the counts to the bucket if it exists."""
+        usage = self.usage
+        key = [usage.c.api, usage.c.client_id, usage.c.hour]
+        if self.dialect_name == "postgresql":
+            pg = pg_dialect.insert(usage)
+            return pg.on_conflict_do_update(
+                index_elements=key,
+                set_={
+                    "requests": usage.c.requests + pg.excluded.requests,
+                    "rate_limited": usage.c.rate_limited + pg.excluded.rate_limited,
+                },
+            )
+        if self.dialect_name == "sqlite":
+            lite = sqlite_dialect.insert(usage)
+            return lite.on_conflict_do_update(
+                index_elements=key,
+                set_={
+                    "requests": usage.c.requests + lite.excluded.requests,
+                    "rate_limited": usage.c.rate_limited + lite.excluded.rate_limited,
+                },
+            )
+        my = mysql_dialect.insert(usage)  # MariaDB / MySQL
+        upsert: Insert = my.on_duplicate_key_update(
+            requests=usage.c.requests + my.inserted.requests,
+            rate_limited=usage.c.rate_limited + my.inserted.rate_limited,
+        )
+        return upsert
 
     def insert_ignore(self, table: Table, values: Mapping[str, Any]) -> Insert:
         """``INSERT`` of ``values`` that does nothing if the primary key exists."""
@@ -862,6 +908,96 @@ class SQLStore:
             if pruned:
                 logger.info("SQL store %s: %d audit events past retention pruned", self.url, pruned)
         return result
+
+    async def record_usage(self, counts: Sequence[UsageCount]) -> None:
+        """Add the counts to their buckets (one upsert per bucket, adding to what it holds)
+        and raise the keys' ``last_used_at``, all in one transaction.
+
+        Rows are written in one order (API, client id, hour) by every process, so two
+        flushes never wait on each other's rows in a cycle; a deadlock the database
+        reports anyway (MariaDB's gap locks) is retried: it rolled everything back.
+        """
+        buckets = [
+            {
+                "api": c.api,
+                "client_id": c.client_id,
+                "hour": c.hour,
+                "requests": c.requests,
+                "rate_limited": c.rate_limited,
+            }
+            for c in sorted(counts, key=lambda c: (c.api, c.client_id, c.hour))
+            if (c.requests or c.rate_limited)
+            and _fits(c.api, _NAME_LENGTH)
+            and _fits(c.client_id, _NAME_LENGTH)
+        ]
+        latest: dict[tuple[str, str], datetime] = {}
+        for c in counts:
+            key = (c.api, c.client_id)
+            if c.last_used_at is not None and (key not in latest or latest[key] < c.last_used_at):
+                latest[key] = c.last_used_at
+        used = [
+            {"b_api": api, "b_client_id": client_id, "b_at": at}
+            for (api, client_id), at in sorted(latest.items())
+        ]
+        if not buckets and not used:
+            return
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> None:
+            if buckets:
+                await conn.execute(schema.add_usage(), buckets)
+            if used:
+                keys = schema.keys
+                at = bindparam("b_at", type_=_UTCDateTime())
+                await conn.execute(
+                    update(keys)
+                    .where(
+                        keys.c.api == bindparam("b_api"),
+                        keys.c.client_id == bindparam("b_client_id"),
+                        or_(keys.c.last_used_at.is_(None), keys.c.last_used_at < at),
+                    )
+                    .values(last_used_at=at),
+                    used,
+                )
+
+        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
+            try:
+                await self._run(work, write=True)
+                return
+            except StoreUnavailable as exc:
+                if attempt == _DEADLOCK_ATTEMPTS or "deadlock" not in str(exc).lower():
+                    raise
+                await asyncio.sleep(0.01 * attempt)
+
+    async def read_usage(
+        self, api: str, client_id: str | None, since: datetime
+    ) -> list[UsageCount]:
+        """The buckets of ``api`` (or of its key ``client_id``) from ``since`` on: one query."""
+        if not _fits(api, _NAME_LENGTH) or (
+            client_id is not None and not _fits(client_id, _NAME_LENGTH)
+        ):
+            return []
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> list[UsageCount]:
+            usage = schema.usage
+            stmt = select(
+                usage.c.client_id, usage.c.hour, usage.c.requests, usage.c.rate_limited
+            ).where(usage.c.api == api, usage.c.hour >= since)
+            if client_id is not None:
+                stmt = stmt.where(usage.c.client_id == client_id)
+            return [
+                UsageCount(api, row.client_id, row.hour, int(row.requests), int(row.rate_limited))
+                for row in (await conn.execute(stmt)).all()
+            ]
+
+        return await self._run(work, write=False)
+
+    async def prune_usage(self, before: datetime) -> None:
+        """Delete the buckets of hours before ``before``."""
+
+        async def work(conn: AsyncConnection, schema: _Schema) -> None:
+            await conn.execute(delete(schema.usage).where(schema.usage.c.hour < before))
+
+        await self._run(work, write=True)
 
     async def aclose(self) -> None:
         """Release the connections of engines this store created; a passed-in one stays open."""

@@ -1,0 +1,145 @@
+"""The usage routes of the management API (SPEC §5, §10), over traffic sent through KeyGuard.
+
+One app: ``KeyGuard`` in front of a small route, the management API mounted
+beside it (excluded from the key check). Requests go through the guard, its
+counts are flushed, and the routes answer with SPEC §10's objects; every
+answer is checked against the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from keyguard import KeyGuard, KeyManager, KeyStore, management_app
+from keyguard.models import rfc3339, utcnow
+from keyguard.usage import hour_start
+from tests.test_management import TOKEN, assert_problem, client_for
+
+pytestmark = pytest.mark.anyio
+
+ID = "X-IBM-Client-Id"
+SECRET = "X-IBM-Client-Secret"
+
+
+async def hello(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("hello")
+
+
+@pytest.fixture
+async def served(store: KeyStore) -> AsyncIterator[tuple[KeyGuard, httpx.AsyncClient]]:
+    """The guarded app with the management API at /admin, and a client with the token."""
+    inner = Starlette(
+        routes=[Route("/", hello), Mount("/admin", management_app(store, token=TOKEN))]
+    )
+    guard = KeyGuard(inner, store=store, api="orders", exclude_paths=["/admin/*"])
+    async with client_for(guard) as http:
+        yield guard, http
+    await guard.aclose()
+
+
+async def test_usage_of_an_api_and_of_a_key(
+    served: tuple[KeyGuard, httpx.AsyncClient], store: KeyStore
+) -> None:
+    """Traffic of two keys (one rate-limited to 2/minute) read back per API and per key, with
+    every hour of the range and the current hour last; an unused key listed with zeros."""
+    guard, http = served
+    await http.put("/admin/apis/orders", json={"exposed": True})
+    made = [
+        (await http.post("/admin/apis/orders/keys", json=body)).json()
+        for body in (
+            {"name": "Acme", "kind": "internal"},
+            {"name": "Tiny", "kind": "external", "rate_limits": [{"limit": 2, "per": "minute"}]},
+            {"name": "Idle", "kind": "external"},
+        )
+    ]
+    acme, tiny, idle = made
+    for _ in range(5):
+        ok = await http.get("/", headers={ID: acme["client_id"], SECRET: acme["secret"]})
+        assert ok.status_code == 200
+    statuses = [
+        (await http.get("/", headers={ID: tiny["client_id"]})).status_code for _ in range(5)
+    ]
+    assert statuses == [200, 200, 429, 429, 429]
+    assert guard.usage is not None
+    await guard.usage.flush()
+
+    response = await http.get("/admin/apis/orders/usage", params={"hours": 3})
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body["api"] == "orders"
+    now = hour_start(utcnow())
+    assert [h["start"] for h in body["hours"]] == [
+        rfc3339(now - timedelta(hours=n)) for n in (2, 1, 0)
+    ]
+    assert body["hours"][-1] == {"start": rfc3339(now), "requests": 7, "rate_limited": 3}
+    assert [(h["requests"], h["rate_limited"]) for h in body["hours"][:2]] == [(0, 0), (0, 0)]
+    assert body["keys"] == [
+        {"client_id": acme["client_id"], "name": "Acme", "requests": 5, "rate_limited": 0},
+        {"client_id": tiny["client_id"], "name": "Tiny", "requests": 2, "rate_limited": 3},
+        {"client_id": idle["client_id"], "name": "Idle", "requests": 0, "rate_limited": 0},
+    ]
+    default = (await http.get("/admin/apis/orders/usage")).json()
+    assert len(default["hours"]) == 24
+
+    one = await http.get(f"/admin/apis/orders/keys/{tiny['client_id']}/usage?hours=1")
+    assert one.status_code == 200
+    assert one.json() == {
+        "client_id": tiny["client_id"],
+        "hours": [{"start": rfc3339(now), "requests": 2, "rate_limited": 3}],
+    }
+    key = (await http.get(f"/admin/apis/orders/keys/{acme['client_id']}")).json()
+    assert key["last_used_at"] is not None
+
+
+@pytest.mark.parametrize("hours", ["0", "841", "-1", "2.5", "abc", "", "\uff11\uff12"])
+async def test_a_bad_hours_is_422(served: tuple[KeyGuard, httpx.AsyncClient], hours: str) -> None:
+    """hours outside 1..840 or not a whole number: 422 invalid_request, on both routes."""
+    _, http = served
+    await http.put("/admin/apis/orders", json={"exposed": True})
+    key = (
+        await http.post("/admin/apis/orders/keys", json={"name": "A", "kind": "external"})
+    ).json()
+    for path in ("/admin/apis/orders/usage", f"/admin/apis/orders/keys/{key['client_id']}/usage"):
+        assert_problem(
+            await http.get(path, params={"hours": hours}), 422, "invalid_request", "hours"
+        )
+
+
+async def test_hours_given_twice_is_422(served: tuple[KeyGuard, httpx.AsyncClient]) -> None:
+    """?hours=1&hours=2 is refused rather than one of them picked."""
+    _, http = served
+    await http.put("/admin/apis/orders", json={"exposed": True})
+    response = await http.get("/admin/apis/orders/usage?hours=1&hours=2")
+    assert_problem(response, 422, "invalid_request", "hours")
+
+
+async def test_unknown_api_and_key_are_404(served: tuple[KeyGuard, httpx.AsyncClient]) -> None:
+    """An API never created: api_not_found; an unknown key of an existing API: key_not_found;
+    no token: 401."""
+    _, http = served
+    assert_problem(await http.get("/admin/apis/nope/usage"), 404, "api_not_found")
+    await http.put("/admin/apis/orders", json={"exposed": True})
+    missing = await http.get(f"/admin/apis/orders/keys/{'0' * 32}/usage")
+    assert_problem(missing, 404, "key_not_found")
+    anonymous = await http.get("/admin/apis/orders/usage", headers={"Authorization": ""})
+    assert_problem(anonymous, 401, "unauthorized")
+
+
+async def test_usage_through_the_manager_matches_the_route(
+    served: tuple[KeyGuard, httpx.AsyncClient], store: KeyStore
+) -> None:
+    """The route answers exactly what ``KeyManager.usage`` returns (one definition)."""
+    _, http = served
+    await http.put("/admin/apis/orders", json={"exposed": True})
+    await http.post("/admin/apis/orders/keys", json={"name": "A", "kind": "external"})
+    route = (await http.get("/admin/apis/orders/usage?hours=5")).json()
+    assert route == await KeyManager(store).usage("orders", hours=5)
