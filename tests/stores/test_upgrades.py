@@ -24,9 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from keyguard import KeyManager, KeyStore
 from keyguard.errors import DuplicateName
 from keyguard.manager import Denial
-from keyguard.models import KeyInfo
+from keyguard.models import KeyInfo, utcnow
 from keyguard.stores.redis import RedisStore
 from keyguard.stores.sql import SCHEMA_VERSION, SQLStore
+from keyguard.usage import UsageCount
 from tests.backends.redis import delete_prefixed
 from tests.backends.redis import unique_prefix as redis_prefix
 from tests.backends.servers import require_server
@@ -118,6 +119,18 @@ async def check_nothing_lost(store: KeyStore) -> None:
     taken = orders["keys"][-1]["name"].upper()  # "STRASSE FFI CAFÉ": same casefold
     with pytest.raises(DuplicateName):
         await manager.create_key("orders", name=taken, kind="external")
+    # What later versions added beside the keys works on the upgraded store: the audit log
+    # (the expose calls above were recorded) and usage (tables created on first use).
+    if any(not api["exposed"] and api["keys"] for api in expected):
+        page = await manager.audit()
+        assert page.events
+        assert {event.action for event in page.events} == {"api.expose"}
+    first = orders["keys"][0]
+    hour = utcnow().replace(minute=0, second=0, microsecond=0)
+    await store.record_usage([UsageCount("orders", first["client_id"], hour, 3, 1, utcnow())])
+    usage = await manager.usage("orders", first["client_id"], hours=1)
+    assert usage["hours"][-1]["requests"] == 3
+    assert usage["hours"][-1]["rate_limited"] == 1
 
 
 async def check_upgraded_columns(engine: AsyncEngine, prefix: str) -> None:

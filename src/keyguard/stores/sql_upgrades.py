@@ -20,6 +20,12 @@ Version 2 (issue 14, key lifecycle) adds to the keys ``enabled``,
 ``expires_at``, ``meta``, ``previous_secret_hash``,
 ``previous_secret_expires_at``, ``last_used_at`` and ``rate_limits``, and to
 the APIs ``rate_limits``.
+
+Tables added later (``usage``, issue 16; ``audit``, issue 16) need no
+version step: ``SQLStore`` creates missing tables on every first use
+(``create_all`` with ``checkfirst``), and older code never reads them, so a
+rolling deploy mixing versions keeps working. The version moves only when a
+table that older code reads changes.
 """
 
 from __future__ import annotations
