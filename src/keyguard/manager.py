@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -108,6 +108,10 @@ class KeyManager:
         self.hasher = SecretHasher() if hasher is None else hasher
         self._infos: dict[str, tuple[KeyRecord, KeyInfo]] = {}
         self._api_limits: dict[str, tuple[float, tuple[RateLimit, ...]]] = {}
+        # A cache's fresh snapshot answers an API's rate limits without a round trip.
+        self._cached_rate_limits: Callable[[str], tuple[RateLimit, ...] | None] | None = getattr(
+            store, "cached_rate_limits", None
+        )
         self._verify_deadline = store_timeout(store)
 
     def __repr__(self) -> str:
@@ -521,9 +525,9 @@ class KeyManager:
         second at most)."""
         if key.rate_limits is not None:
             return key.rate_limits
-        cached = getattr(self.store, "cached_rate_limits", None)
+        cached = self._cached_rate_limits
         if cached is not None:
-            limits: tuple[RateLimit, ...] | None = cached(api)
+            limits = cached(api)
             if limits is not None:
                 return limits
         now = time.monotonic()

@@ -285,13 +285,8 @@ class KeyGuard:
             return
         try:
             result = await self.manager.authenticate(api, client_id_text, secret_text)
-        except VerificationBusy as exc:
-            logger.debug("answering 503: %s", exc)
-            await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
-            return
         except Exception as exc:
-            self._log_store_failure(exc)
-            await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
+            await self._unavailable(scope, receive, send, exc)
             return
         if not isinstance(result, KeyInfo):
             if result is Denial.API_NOT_AVAILABLE:
@@ -311,13 +306,8 @@ class KeyGuard:
         try:
             limits = await self.manager.rate_limits_for(api, result)
             verdict = await self.rate_limiter.hit(api, result.client_id, limits) if limits else None
-        except RateLimiterUnavailable as exc:
-            logger.debug("answering 503: %s", exc)
-            await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
-            return
         except Exception as exc:
-            self._log_store_failure(exc)
-            await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
+            await self._unavailable(scope, receive, send, exc)
             return
         if verdict is not None:
             if not self._told_per_process:
@@ -345,6 +335,18 @@ class KeyGuard:
                 child["query_string"] = _without_secret(scope["query_string"])
             scope = child
         await self.app(scope, receive, send)
+
+    async def _unavailable(
+        self, scope: Scope, receive: Receive, send: Send, exc: Exception
+    ) -> None:
+        """Answer 503: a verification that could not start in time, a failing counter
+        storage with ``rate_limit_fail="closed"`` (both expected under load, logged at
+        DEBUG), or a failing store (logged at WARNING, at most every few seconds)."""
+        if isinstance(exc, (VerificationBusy, RateLimiterUnavailable)):
+            logger.debug("answering 503: %s", exc)
+        else:
+            self._log_store_failure(exc)
+        await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
 
     def _closing_on_shutdown(self, send: Send) -> Send:
         async def sending(message: Message) -> None:
