@@ -1,0 +1,358 @@
+"""What every SQL store call stands on.
+
+The engine of the running loop, the schema (created or upgraded on first use),
+one transaction per call within the deadline, and driver errors turned into
+``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import (
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from keyguard.audit import (
+    DEFAULT_AUDIT_RETENTION,
+    check_retention,
+)
+from keyguard.errors import (
+    ConfigurationError,
+    KeyGuardError,
+    StoreUnavailable,
+)
+from keyguard.stores.sql._upgrades import upgrade
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    # A result row. Row's type parameters differ between SQLAlchemy 2.0 (a tuple TypeVar)
+    # and 2.1 (a TypeVarTuple), and no spelling suits both; its columns are Any either way.
+    _Row: TypeAlias = Any
+
+from keyguard.stores.sql._engine import (
+    _DIALECTS,
+    _USED,
+    _abandon,
+    _begin_immediate,
+    _Bound,
+    _close_with_loop,
+    _Closer,
+    _connect,
+    _finish,
+    _hide_aiosqlite_arguments,
+    _is_driver_error,
+    _lost_creation_race,
+    _running_loop,
+    _validate_prefix,
+    _validate_timeout,
+)
+from keyguard.stores.sql._schema import _VERSION_ROW, SCHEMA_VERSION, _Schema
+
+logger = logging.getLogger("keyguard")
+
+
+T = TypeVar("T")
+
+
+class _SQLCore:
+    """The connections, schema and call plumbing under :class:`SQLStore`'s operations."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        table_prefix: str = "keyguard_",
+        timeout: float = 3.0,
+        audit_retention: timedelta | float = DEFAULT_AUDIT_RETENTION,
+    ) -> None:
+        if not isinstance(engine, AsyncEngine):
+            raise ConfigurationError(
+                "SQLStore needs a SQLAlchemy AsyncEngine (create_async_engine), "
+                f"got {type(engine).__name__}"
+            )
+        if engine.dialect.name not in _DIALECTS:
+            raise ConfigurationError(
+                f"SQLStore supports SQLite, PostgreSQL and MariaDB/MySQL, not {engine.dialect.name}"
+            )
+        self._prefix = _validate_prefix(table_prefix)
+        self._timeout = _validate_timeout(timeout)
+        self.audit_retention = check_retention(audit_retention)
+        self._pruned_at: float | None = None
+        if engine.dialect.driver == "aiosqlite":
+            _hide_aiosqlite_arguments()
+        if not engine.sync_engine.hide_parameters:
+            logger.warning(
+                "the engine given to SQLStore does not hide statement parameters: a failed "
+                "write's error could quote a secret hash; create it with hide_parameters=True"
+            )
+        self._engine = engine
+        self._factory: Callable[[], AsyncEngine] | None = None  # set when the store owns it
+        # One engine per event loop (connections belong to the loop that opened them).
+        # ``_current`` is the last loop's, read in one step on the hot path; the engine
+        # above serves the first loop that uses the store (see ``_bind``).
+        self._current: _Bound | None = None
+        self._by_loop: dict[asyncio.AbstractEventLoop, _Bound] = {}
+        self._unbound: AsyncEngine | None = engine
+        self._bind_lock = threading.Lock()
+        self._schema: _Schema | None = None
+        self._closed = False
+        self._password = engine.url.password
+
+    def __repr__(self) -> str:
+        return f"SQLStore({self.url!r}, table_prefix={self._prefix!r})"
+
+    @property
+    def url(self) -> str:
+        """The database URL, password masked."""
+        return self._engine.url.render_as_string(hide_password=True)
+
+    @property
+    def description(self) -> str:
+        """Where the keys are, for log lines: a SQLite file by its absolute path, else the URL."""
+        url = self._engine.url
+        if url.get_backend_name() == "sqlite":
+            return f"SQLite database {url.database}"
+        return f"{self.url} (table prefix {self._prefix!r})"
+
+    @property
+    def timeout(self) -> float:
+        """The bound, in seconds, on each store call as a whole."""
+        return self._timeout
+
+    @property
+    def table_prefix(self) -> str:
+        """The prefix of this store's table names."""
+        return self._prefix
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine in use (for tests, monitoring and event listeners)."""
+        return self._engine
+
+    async def aclose(self) -> None:
+        """Release the connections of engines this store created; a passed-in one stays open."""
+        self._closed = True
+        self._current = None  # every call now takes the slow path, which refuses it
+        if self._factory is None:
+            return
+        running = _running_loop()
+        for loop, bound in list(self._by_loop.items()):
+            assert bound.closer is not None
+            if loop is running:
+                await bound.closer.aclose()
+            elif loop.is_running():
+                # Another thread's loop: close there (its shutdown would, but later).
+                asyncio.run_coroutine_threadsafe(_finish(bound.closer), loop)
+            else:
+                self._by_loop.pop(loop, None)
+                _abandon(bound.engine)
+        with self._bind_lock:
+            unbound, self._unbound = self._unbound, None
+        if unbound is not None:
+            await unbound.dispose()  # never connected: nothing to wait for
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _run(
+        self, work: Callable[[AsyncConnection, _Schema], Awaitable[T]], *, write: bool
+    ) -> T:
+        """``work`` in one transaction, driver errors turned into ``StoreUnavailable``.
+
+        The whole call — getting this loop's engine, creating the tables,
+        the pool checkout, connecting, the retry and the statements — ends
+        within ``timeout``: past it the call is cancelled, and a connection
+        it was using is cut rather than politely rolled back, since a server
+        that does not answer would not answer the rollback either.
+
+        A pooled connection found dead (the server restarted, an idle
+        connection was killed) is replaced and the call retried once, unless
+        a write had reached its commit, whose outcome is then unknown. This
+        is how the store recovers by itself without a ping per call.
+        """
+        try:
+            with anyio.move_on_after(self._timeout) as scope:
+                return await self._attempts(work, write=write, deadline=scope.deadline)
+        except KeyGuardError:
+            raise
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise self._unavailable(exc) from exc
+            raise
+        # Only reached when the deadline cancelled the attempts.
+        raise StoreUnavailable(
+            f"SQL store {self.url} unavailable (no answer within {self._timeout:g} s)"
+        )
+
+    async def _attempts(
+        self,
+        work: Callable[[AsyncConnection, _Schema], Awaitable[T]],
+        *,
+        write: bool,
+        deadline: float,
+    ) -> T:
+        bound, schema = await self._ready(deadline)
+        bind = bound.engine if write else bound.reader
+        immediate = write and bound.engine.dialect.name == "sqlite"
+        for attempt in (1, 2):
+            reused = committing = False
+            try:
+                queue = bound.write_lock if immediate else contextlib.nullcontext()
+                async with queue, _connect(bind) as conn:
+                    reused = bool(conn.info.get(_USED))
+                    async with conn.begin():
+                        if immediate:
+                            await _begin_immediate(conn, deadline, self._timeout)
+                        result = await work(conn, schema)
+                        committing = True
+                    conn.info[_USED] = True
+                return result
+            except sa_exc.DBAPIError as exc:
+                retry = exc.connection_invalidated and reused and attempt == 1
+                if not retry or (write and committing):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reader(self, engine: AsyncEngine) -> AsyncEngine:
+        """The engine for single-statement reads.
+
+        On PostgreSQL they run in autocommit, which spares the BEGIN and
+        ROLLBACK round trips (a single statement is atomic by itself).
+        """
+        if engine.dialect.name != "postgresql":
+            return engine
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    async def _ready(self, deadline: float) -> tuple[_Bound, _Schema]:
+        """The running event loop's engine, and the tables, created if needed."""
+        bound = self._current
+        if bound is None or bound.loop is not asyncio.get_running_loop():
+            bound = await self._bind()
+        if self._schema is None:
+            async with bound.schema_lock:
+                if self._schema is None:
+                    self._schema = await self._create_schema(bound.engine, deadline)
+        return bound, self._schema
+
+    async def _bind(self) -> _Bound:
+        """This loop's engine: the first loop gets the one built in ``from_url``, each
+        later loop a new one, closed when that loop shuts down."""
+        if self._closed:
+            raise StoreUnavailable(f"SQL store {self.url} is closed")
+        loop = asyncio.get_running_loop()
+        bound = self._by_loop.get(loop)
+        if bound is None:
+            closer: _Closer | None = None
+            if self._factory is None:
+                engine = self._engine  # the app's engine, used as it is in every loop
+            else:
+                with self._bind_lock:  # loops in two threads must not share the first engine
+                    engine, self._unbound = self._unbound or self._factory(), None
+                closer = _close_with_loop(engine, self._by_loop, loop, self._timeout)
+                # Started here, the generator belongs to this loop: when the loop shuts
+                # down (asyncio.run, anyio.run, a test client's portal) its
+                # ``shutdown_asyncgens`` finalizes it, closing the engine's connections
+                # while the loop still runs.
+                await closer.asend(None)
+            bound = _Bound(loop, engine, self._reader(engine), asyncio.Lock(), closer)
+            self._by_loop[loop] = bound
+            for other, stale in list(self._by_loop.items()):
+                if other.is_closed():
+                    # A loop closed without finalizing its async generators: its
+                    # connections cannot be closed any more, only dropped.
+                    self._by_loop.pop(other, None)
+                    _abandon(stale.engine)
+        self._engine = bound.engine
+        self._current = bound
+        return bound
+
+    async def _create_schema(self, engine: AsyncEngine, deadline: float) -> _Schema:
+        """Create the tables if missing and record the schema version, or check it.
+
+        Several processes may start at once: whoever loses the race to create
+        a table (an "already exists" error) tries again and finds it there,
+        until the call's deadline.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with _connect(engine) as conn:
+                    schema = _Schema(self._prefix, conn.dialect)
+                    sqlite = schema.dialect_name == "sqlite"
+                    if sqlite:
+                        # Readers never wait for a writer; the mode sticks to the file.
+                        await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                        await conn.commit()
+                    meta = schema.meta
+                    async with conn.begin():
+                        if sqlite:
+                            await _begin_immediate(conn, deadline, self._timeout)
+                        await conn.run_sync(schema.metadata.create_all)
+                        await conn.execute(
+                            schema.insert_ignore(
+                                meta, {"name": _VERSION_ROW, "value": str(SCHEMA_VERSION)}
+                            )
+                        )
+                    # A new transaction: its snapshot shows a row another process wrote.
+                    async with conn.begin():
+                        read = select(meta.c.value).where(meta.c.name == _VERSION_ROW)
+                        version = int((await conn.execute(read)).scalar_one())
+                    if version < SCHEMA_VERSION:
+                        version = await upgrade(
+                            conn,
+                            prefix=self._prefix,
+                            meta_table=meta.name,
+                            found=version,
+                            target=SCHEMA_VERSION,
+                        )
+                        logger.info(
+                            "SQL store %s: tables %s* upgraded to schema version %s",
+                            self.url,
+                            self._prefix,
+                            version,
+                        )
+                    conn.info[_USED] = True
+                break
+            except sa_exc.DBAPIError as exc:
+                if not _lost_creation_race(exc):
+                    raise
+                # Retried until the call's deadline cancels the wait.
+                await asyncio.sleep(min(0.02 * attempt, 0.2))
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"the tables {self._prefix}* have schema version {version}, newer than this "
+                f"keyguard understands ({SCHEMA_VERSION}): upgrade keyguard"
+            )
+        return schema
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        """The error for a driver failure: what failed, never the password."""
+        cause: BaseException = exc
+        if isinstance(exc, sa_exc.DBAPIError) and isinstance(exc.orig, BaseException):
+            cause = exc.orig
+            # SQLAlchemy's async adapters wrap the driver's own error once more.
+            if cause.__cause__ is not None and type(cause).__module__.startswith("sqlalchemy"):
+                cause = cause.__cause__
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        if self._password:
+            detail = detail.replace(self._password, "***")
+        if len(detail) > 200:
+            detail = detail[:197] + "..."
+        reason = type(cause).__name__ + (f": {detail}" if detail else "")
+        if isinstance(exc, TimeoutError | asyncio.TimeoutError) and not detail:
+            reason = f"no answer within {self._timeout:g} s"  # the driver's own timeout
+        return StoreUnavailable(f"SQL store {self.url} unavailable ({reason})")
+
+
+# -- helpers ----------------------------------------------------------------------------------

@@ -1,0 +1,394 @@
+"""Engines and their URLs: one engine per event loop, connections cut on failure,
+SQLite's write lock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import os
+import sqlite3
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import anyio
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from keyguard.errors import (
+    ConfigurationError,
+    KeyGuardError,
+)
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    # A result row. Row's type parameters differ between SQLAlchemy 2.0 (a tuple TypeVar)
+    # and 2.1 (a TypeVarTuple), and no spelling suits both; its columns are Any either way.
+    _Row: TypeAlias = Any
+
+from keyguard.stores.sql._schema import _PREFIX_PATTERN
+
+logger = logging.getLogger("keyguard")
+
+
+# scheme -> (SQLAlchemy dialect, default async driver)
+_DEFAULT_DRIVERS = {
+    "sqlite": ("sqlite", "aiosqlite"),
+    "postgresql": ("postgresql", "asyncpg"),
+    "postgres": ("postgresql", "asyncpg"),
+    "mysql": ("mysql", "asyncmy"),
+    "mariadb": ("mariadb", "asyncmy"),
+}
+_DIALECTS = ("sqlite", "postgresql", "mysql", "mariadb")
+_TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey")  # libpq's, SPEC §7
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# driver module -> how to install it
+_INSTALL = {
+    "asyncpg": "pip install 'keyguard[postgres]'",
+    "asyncmy": "pip install 'keyguard[mysql]'",
+    "aiomysql": "pip install 'keyguard[mysql]' aiomysql",
+    "psycopg": "pip install 'keyguard[postgres]' 'psycopg[binary]'",
+    "aiosqlite": "pip install aiosqlite (a core dependency: reinstall keyguard)",
+}
+_DRIVER_PACKAGES = frozenset(
+    {"asyncpg", "asyncmy", "aiomysql", "pymysql", "psycopg", "psycopg_pool", "aiosqlite", "sqlite3"}
+)
+_USED = "keyguard_used"  # marks a pooled connection that has served a call before
+_LOCK_POLL_MS = 10  # SQLite: how long one try for the write lock waits (see _begin_immediate)
+
+
+def _is_driver_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the database, its driver or the network."""
+    if isinstance(exc, sa_exc.SQLAlchemyError | OSError | TimeoutError | asyncio.TimeoutError):
+        return True
+    if isinstance(exc, sqlite3.Error):
+        return True
+    return any(cls.__module__.split(".")[0] in _DRIVER_PACKAGES for cls in type(exc).__mro__)
+
+
+def _lost_creation_race(exc: sa_exc.DBAPIError) -> bool:
+    """Whether ``exc`` says another process created the table (or row) first."""
+    if isinstance(exc, sa_exc.IntegrityError):
+        return True  # PostgreSQL's pg_type race, or the version row
+    text = str(exc.orig).lower()
+    # SQLite in WAL mode: a transaction that read the schema and then writes it, after
+    # another process changed it, fails at once with "database is locked" (the busy
+    # timeout does not apply to that upgrade); starting over sees the new schema.
+    return "already exists" in text or "duplicate" in text or "database is locked" in text
+
+
+# -- engines per event loop, deadlines ---------------------------------------------------------
+
+_Closer = AsyncGenerator[None, None]
+
+
+@dataclass(eq=False)
+class _Bound:
+    """One event loop's engine, and what goes with it."""
+
+    loop: asyncio.AbstractEventLoop
+    engine: AsyncEngine
+    reader: AsyncEngine  # the same pool; autocommit on PostgreSQL (see SQLStore._reader)
+    schema_lock: asyncio.Lock
+    closer: _Closer | None  # None for an engine the app passed in: the app closes it
+    # SQLite: this loop's writers queue here, in order, so that only one of them at a
+    # time polls for the file's write lock against other processes (see _begin_immediate).
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+async def _close_with_loop(
+    engine: AsyncEngine,
+    registry: dict[asyncio.AbstractEventLoop, _Bound],
+    loop: asyncio.AbstractEventLoop,
+    patience: float,
+) -> _Closer:
+    try:
+        yield
+    finally:
+        registry.pop(loop, None)
+        # Polite goodbyes (each connection's close message) for at most ``patience``
+        # seconds: a server that does not answer must not hold up the loop's shutdown.
+        with anyio.move_on_after(patience) as scope:
+            await engine.dispose()
+        if scope.cancelled_caught:
+            _abandon(engine)
+
+
+async def _finish(closer: _Closer) -> None:
+    await closer.aclose()
+
+
+def _abandon(engine: AsyncEngine) -> None:
+    """Drop ``engine``'s pool without closing its connections (their loop is gone)."""
+    engine.sync_engine.dispose(close=False)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+@asynccontextmanager
+async def _connect(bind: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection from ``bind``'s pool, cut on the spot if the work on it fails.
+
+    Leaving the block returns the connection to the pool, which rolls it back
+    and, if that fails, closes it politely: on a server that stopped
+    answering, each of those steps waits for its own timeout, after the
+    call's deadline. A cut connection makes them fail at once instead.
+    Rule errors and constraint violations leave the connection as it is.
+    """
+    async with bind.connect() as conn:
+        try:
+            yield conn
+        except BaseException as exc:
+            if not isinstance(exc, KeyGuardError | sa_exc.IntegrityError):
+                _sever(conn)
+            raise
+
+
+def _sever(conn: AsyncConnection) -> None:
+    """Close the network connection under ``conn`` now, without a word to the server."""
+    sync = conn.sync_connection
+    if conn.dialect.name == "sqlite" or sync is None or sync.invalidated or sync.closed:
+        return  # SQLite has no network; SQLAlchemy already dealt with an invalidated one
+    try:
+        driver = sync.connection.driver_connection
+    except sa_exc.SQLAlchemyError:
+        return
+    terminate = getattr(driver, "terminate", None)  # asyncpg
+    if terminate is None:
+        close = getattr(driver, "close", None)  # asyncmy, aiomysql: closes the socket
+        terminate = None if inspect.iscoroutinefunction(close) else close
+    if callable(terminate):
+        with contextlib.suppress(Exception):
+            terminate()
+
+
+async def _begin_immediate(conn: AsyncConnection, deadline: float, reader_wait: float) -> None:
+    """Start a SQLite write transaction by taking the file's write lock, waiting for it
+    (behind other writers) until the call's deadline.
+
+    A deferred transaction that reads first and then writes fails at once with
+    "database is locked" when another process wrote in between, whatever the
+    busy timeout; taking the lock up front makes writers queue instead.
+
+    SQLite's own busy handler is not first come, first served: it sleeps ever
+    longer between tries (up to 100 ms), so under a steady stream of writers
+    one that has waited long keeps losing to newcomers, past any timeout. So
+    each try waits only briefly (``_LOCK_POLL_MS``) and the store tries again until
+    the deadline: every waiter polls at the same pace. The writers of one loop
+    first queue on ``_Bound.write_lock``, so one of them at a time polls.
+    """
+    await conn.exec_driver_sql(f"PRAGMA busy_timeout = {_LOCK_POLL_MS}")
+    try:
+        while True:
+            try:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                break
+            except sa_exc.OperationalError as exc:
+                if not _is_busy(exc) or anyio.current_time() >= deadline:
+                    raise
+    finally:
+        # Back to the connection's own wait, for the rare lock a reader meets.
+        with anyio.CancelScope(shield=True):
+            await conn.exec_driver_sql(f"PRAGMA busy_timeout = {math.ceil(reader_wait * 1000)}")
+
+
+def _is_busy(exc: sa_exc.OperationalError) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (another connection writes)."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    if code is not None:
+        return bool(code & 0xFF == 5)  # SQLITE_BUSY, and its extended codes
+    return "database is locked" in str(exc.orig)
+
+
+def _validate_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str) or not _PREFIX_PATTERN.fullmatch(prefix):
+        raise ConfigurationError(
+            "table_prefix must be 1-40 characters of lowercase letters, digits and '_', "
+            f"not starting with a digit; got {prefix!r}"
+        )
+    return prefix
+
+
+def _validate_timeout(timeout: object) -> float:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _parse_url(url: str) -> URL:
+    """``url`` with its async driver chosen and a SQLite path made absolute."""
+    try:
+        parsed = make_url(url)
+    except (sa_exc.ArgumentError, ValueError) as exc:
+        raise ConfigurationError(f"invalid SQL store URL {_mask(url)!r}") from exc
+    scheme, _, driver = parsed.drivername.partition("+")
+    if scheme not in _DEFAULT_DRIVERS:
+        raise ConfigurationError(f"not a SQL store URL: {_mask(url)!r}")
+    dialect, default_driver = _DEFAULT_DRIVERS[scheme]
+    parsed = parsed.set(drivername=f"{dialect}+{driver or default_driver}")
+    if dialect == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or "mode=memory" in database:
+            raise ConfigurationError(
+                "an in-memory SQLite database lives in one connection; use memory:// for "
+                "an in-process store, or sqlite:///path.db for a file"
+            )
+        if not parsed.query.get("uri"):
+            # Resolved now, so a later chdir cannot move the store.
+            parsed = parsed.set(database=os.path.abspath(database))
+    elif dialect in ("mysql", "mariadb") and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    elif dialect == "postgresql":
+        mode = parsed.query.get("sslmode")
+        if mode is not None and mode not in _SSL_MODES:
+            raise ConfigurationError(
+                f"sslmode must be one of {', '.join(_SSL_MODES)}; got {mode!r}"
+            )
+    return parsed
+
+
+def _tls_parameters(parsed: URL) -> dict[str, str]:
+    """libpq's TLS parameters in a PostgreSQL URL for asyncpg, which does not take them
+    as keywords (``sslmode=require`` would reach ``asyncpg.connect`` as an unknown one)."""
+    if parsed.get_driver_name() != "asyncpg":
+        return {}  # psycopg hands them to libpq itself
+    found: dict[str, str] = {}
+    for name in _TLS_PARAMETERS:
+        value = parsed.query.get(name)
+        if value is not None:
+            found[name] = value if isinstance(value, str) else value[-1]
+    return found
+
+
+def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> dict[str, Any]:
+    """This store's engine defaults (every wait bounded by ``timeout``), under ``given``."""
+    driver = parsed.get_driver_name()
+    connect_args: dict[str, Any] = {}
+    if driver == "asyncpg":
+        connect_args = {
+            "timeout": timeout,
+            "command_timeout": timeout,
+            "server_settings": {"application_name": "keyguard"},
+        }
+        if tls := _tls_parameters(parsed):
+            # asyncpg reads libpq's TLS parameters from a DSN only, with libpq's meaning
+            # (verify-full checks the name, require with a root certificate verifies the
+            # chain…); the host, user and the rest still come as keywords, which win.
+            connect_args["dsn"] = "postgresql://?" + urlencode(tls)
+    elif driver == "psycopg":
+        connect_args = {
+            "connect_timeout": max(1, math.ceil(timeout)),
+            "options": f"-c statement_timeout={math.ceil(timeout * 1000)}",
+            "application_name": "keyguard",
+        }
+    elif driver == "asyncmy":
+        connect_args = {"connect_timeout": timeout, "read_timeout": timeout}
+    elif driver == "aiomysql":
+        connect_args = {"connect_timeout": timeout}
+    elif driver == "aiosqlite":
+        connect_args = {"timeout": timeout}  # the busy timeout: how long to wait for a writer
+        _hide_aiosqlite_arguments()
+    # Its own logger, sqlalchemy.engine.Engine.keyguard, whose result rows are hidden.
+    options: dict[str, Any] = {"hide_parameters": True, "logging_name": "keyguard"}
+    if "poolclass" not in given:  # NullPool and friends take no pool_timeout
+        options["pool_timeout"] = timeout
+    if parsed.get_backend_name() in ("mysql", "mariadb"):
+        # Fewer gap locks; PostgreSQL's default already.
+        options["isolation_level"] = "READ COMMITTED"
+    options.update(given)
+    options["hide_parameters"] = True  # statements' parameters include secret hashes
+    options["connect_args"] = {**connect_args, **dict(given.get("connect_args") or {})}
+    return options
+
+
+class _WithoutCallArguments(logging.Filter):
+    """aiosqlite logs every call at DEBUG with its arguments — SQL parameters, secret hashes
+    among them. Keep those records (that a call happened), drop the arguments."""
+
+    _MESSAGES = frozenset({"executing %s", "operation %s completed"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self._MESSAGES:
+            record.args = ("<call arguments hidden by keyguard>",)
+        return True
+
+
+class _WithoutRows(logging.Filter):
+    """SQLAlchemy's engine logs every result row at DEBUG — secret hashes among them — however
+    the engine was created. Keep those records (that a row came back), drop the rows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.endswith("Row %r"):
+            record.args = ("<row hidden by keyguard>",)
+        return True
+
+
+def _hide_rows(engine: AsyncEngine) -> None:
+    """Hide the result rows in the log records of ``engine`` (an engine this store created)."""
+    log = engine.sync_engine.logger
+    target = log if isinstance(log, logging.Logger) else log.logger  # echo=True wraps it
+    if not any(isinstance(f, _WithoutRows) for f in target.filters):
+        target.addFilter(_WithoutRows())
+
+
+def _hide_aiosqlite_arguments() -> None:
+    log = logging.getLogger("aiosqlite")
+    if not any(isinstance(f, _WithoutCallArguments) for f in log.filters):
+        log.addFilter(_WithoutCallArguments())
+
+
+def _create_engine(parsed: URL, options: dict[str, Any]) -> AsyncEngine:
+    """The engine for ``parsed`` (no I/O), or ``ConfigurationError`` saying what is wrong."""
+    scheme = parsed.get_backend_name()
+    try:
+        parsed.get_dialect()
+    except sa_exc.NoSuchModuleError as exc:
+        raise ConfigurationError(
+            f"unknown SQL driver {parsed.drivername!r}: use {scheme}:// for the default "
+            "async driver, or name an async one (postgresql+asyncpg, postgresql+psycopg, "
+            "mysql+asyncmy, mysql+aiomysql, sqlite+aiosqlite)"
+        ) from exc
+    if tls := _tls_parameters(parsed):
+        parsed = parsed.difference_update_query(tls)  # given to asyncpg by _engine_options
+    try:
+        engine = create_async_engine(parsed, **options)
+    except ImportError as exc:
+        driver = parsed.get_driver_name()
+        install = _INSTALL.get(driver, f"pip install {driver}")
+        raise ConfigurationError(
+            f"{parsed.drivername}:// needs the {driver} driver: {install}"
+        ) from exc
+    except sa_exc.InvalidRequestError as exc:
+        raise ConfigurationError(
+            f"{parsed.drivername}:// is not an async driver; keyguard needs one "
+            f"(for example {scheme}:// alone chooses it)"
+        ) from exc
+    except (TypeError, sa_exc.ArgumentError) as exc:
+        raise ConfigurationError(f"bad SQL store option: {exc}") from exc
+    _hide_rows(engine)
+    return engine
+
+
+def _mask(url: str) -> str:
+    """``url`` with any password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://", 1)[0] + "://…"
