@@ -40,13 +40,13 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides redis
     raise ConfigurationError("redis+cluster:// needs: pip install 'keyguard[redis]'") from exc
 
-from keyguard.stores.redis import (
+from keyguard.stores.redis._common import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
-    RedisCore,
     _check_timeout,
 )
+from keyguard.stores.redis._core import RedisCore
 
 __all__ = ["RedisClusterStore", "parse_cluster_url"]
 

@@ -1,29 +1,4 @@
-"""``redis://`` and ``rediss://``: keys in Redis, shared by many app instances.
-
-Built on redis-py's asyncio client. The data model, the Lua scripts and the
-failure behaviour are documented in ``docs/redis-store.md``; in short:
-
-* each API is **one hash**, ``<prefix>{<api>}``, holding the API's state
-  (``exposed``, ``max``, ``rate_limits``, per-kind counts, an insertion
-  counter), its keys (``k:<client_id>``, laid out at ``_RECORD_LENGTH``),
-  their secret hashes (``s:<client_id>``), the previous secret of a roll
-  (``p:<client_id>``) and a name index (``n:<casefolded name>`` → client id).
-  The ``{<api>}`` hash tag keeps everything of one API in one Cluster slot, so
-  every script stays legal on Redis Cluster (``redis_cluster.py`` runs this same
-  code, :class:`RedisCore`, on a ``RedisCluster`` client);
-* the API names are a sorted set, ``<prefix>apis``, so listing never scans; it is
-  in a slot of its own, so it is written beside the scripts, never in them;
-* the request path (``lookup``) is one ``HMGET``: the API's state, the key
-  and its secret hashes in a single round trip;
-* every write that must be atomic (R1 + R2 + R3 with the insert, R3 with a
-  rename, R4 and the roll of a secret, delete) is one Lua script on the API's
-  hash. A key record written by the first layout (five fields) is read as it
-  is, the later fields taking their defaults: no upgrade step, no rewrite.
-
-Every call ends within ``timeout`` seconds: any Redis or network failure
-(refused, timed out, wrong password, a failover in progress) is raised as
-:class:`~keyguard.errors.StoreUnavailable` with the driver's error chained.
-"""
+"""The Redis stores' shared core: data model, scripts, change feed, loop binding."""
 
 from __future__ import annotations
 
@@ -31,12 +6,11 @@ import asyncio
 import contextlib
 import json
 import math
-import re
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, cast
 
 import anyio
 
@@ -48,231 +22,60 @@ from keyguard.audit import (
 )
 from keyguard.errors import (
     ApiHasKeys,
-    ApiNotExposed,
     ConfigurationError,
     DuplicateName,
-    InvalidRequest,
-    KeyLimitReached,
     StoreUnavailable,
 )
 from keyguard.models import (
     Api,
     KeyChanges,
-    KeyKind,
     KeyRecord,
     RateLimit,
-    dump_meta,
     dump_rate_limits,
-    load_meta,
-    load_rate_limits,
     name_key,
 )
 from keyguard.usage import RETENTION, UsageCount, hour_start
 
 try:
-    from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+    from redis.asyncio import Redis, RedisCluster
     from redis.asyncio.client import PubSub
-    from redis.asyncio.connection import SSLConnection
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
     from redis.commands.core import AsyncScript
-    from redis.exceptions import RedisClusterException, RedisError
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides redis
     raise ConfigurationError("redis:// needs: pip install 'keyguard[redis]'") from exc
 
-__all__ = ["RedisCore", "RedisStore"]
-
-T = TypeVar("T")
-# The redis-py client a store runs on: a standalone Redis, or a Cluster (redis_cluster.py).
-ClientT = TypeVar("ClientT", bound="Redis | RedisCluster")
-
-DEFAULT_PREFIX = "keyguard:"
-DEFAULT_TIMEOUT = 3.0
-DEFAULT_MAX_CONNECTIONS = 100
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MICROSECOND = timedelta(microseconds=1)
-# What a failing Redis or network can raise; each becomes StoreUnavailable.  The
-# built-in TimeoutError is the overall deadline (anyio.fail_after) running out.
-_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError, asyncio.TimeoutError)
-_TRUE = (b"1", "1")
-_PASSWORD = re.compile(r"(?<=:)[^:@/]*(?=@)")
-_Closer = AsyncGenerator[None, None]
-
-# -- Lua ---------------------------------------------------------------------------------
-# The audit log (SPEC §10): each write script ends, when its change is made, by adding the
-# event to the API's audit sorted set (KEYS[2], ``<prefix>{<api>}:audit``) and, for a key's
-# change, to the key's (KEYS[3], ``<prefix>{<api>}:audit:<client_id>``): the same hash tag,
-# so one script still touches one slot.  Members are the event id (26 characters that sort
-# by time) followed by the event's JSON, all with score 0, so they sort by id and a page is
-# one ZREVRANGEBYLEX.  The last three ARGV of every write script are the member ('' for no
-# event), the id below which events are past retention, and the retention in seconds.
-_AUDIT_LUA = """
-local function record_audit()
-  local member, cutoff, ttl = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
-  if member == '' then return end
-  for i = 2, #KEYS do
-    redis.call('ZADD', KEYS[i], 0, member)
-    redis.call('ZREMRANGEBYLEX', KEYS[i], '-', '(' .. cutoff)
-    redis.call('EXPIRE', KEYS[i], ttl)
-  end
-end
-"""
-# Every script touches exactly one key, the API's hash (KEYS[1]), so it is atomic and
-# legal on Redis Cluster.  Key records are JSON arrays (see _RECORD_LENGTH); scripts only
-# read them (cjson.decode), never re-encode them: Lua's JSON encoder would round a
-# microsecond timestamp to 14 digits.  A changed record is encoded in Python and written
-# by a script only if the stored one is still the one it was computed from.
-
-# ARGV: default max, exposed ('' to keep), max ('' to keep), change channel, change notice,
-# rate limits JSON ('' to keep).  Answers the API's fields and whether it was created.
-_UPSERT_API_LUA = """
-local api = KEYS[1]
-local created = 0
-if redis.call('HEXISTS', api, 'exposed') == 0 then
-  redis.call('HSET', api, 'exposed', '0', 'max', ARGV[1],
-             'c:internal', 0, 'c:external', 0, 'seq', 0)
-  created = 1
-end
-if ARGV[2] ~= '' then redis.call('HSET', api, 'exposed', ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('HSET', api, 'max', ARGV[3]) end
-if ARGV[6] ~= '' then redis.call('HSET', api, 'rate_limits', ARGV[6]) end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-record_audit()
-local row = redis.call('HMGET', api, 'exposed', 'max', 'c:internal', 'c:external', 'rate_limits')
-row[6] = created
-return row
-"""
-
-# ARGV: client id, kind, casefolded name, record JSON without its seq, has-secret flag,
-# secret hash, change channel, change notice, previous-secret JSON ('' for none).  R1, R2,
-# R3 are checked against the stored state, then the key, its name entry, its secret hashes
-# and the count are written and the change announced: nothing can run in between.
-_INSERT_KEY_LUA = """
-local api = KEYS[1]
-local id, kind, folded = ARGV[1], ARGV[2], ARGV[3]
-local state = redis.call('HMGET', api, 'exposed', 'max', 'c:' .. kind,
-                         'n:' .. folded, 'k:' .. id)
-if state[1] ~= '1' then return 'api_not_exposed' end
-if tonumber(state[3] or 0) >= tonumber(state[2]) then return 'key_limit_reached' end
-if state[4] then return 'duplicate_name' end
-if state[5] then return 'duplicate_client_id' end
-local seq = redis.call('HINCRBY', api, 'seq', 1)
-redis.call('HINCRBY', api, 'c:' .. kind, 1)
-redis.call('HSET', api, 'k:' .. id, '[' .. seq .. ',' .. string.sub(ARGV[4], 2),
-           'n:' .. folded, id)
-if ARGV[5] == '1' then redis.call('HSET', api, 's:' .. id, ARGV[6]) end
-if ARGV[9] ~= '' then redis.call('HSET', api, 'p:' .. id, ARGV[9]) end
-redis.call('PUBLISH', ARGV[7], ARGV[8])
-record_audit()
-return 'ok'
-"""
-
-# ARGV: client id, the record as read, the record to write, its casefolded name as read,
-# the new casefolded name, change channel, change notice.  Compare-and-set: if another
-# writer changed the record since it was read, nothing is written ('stale', the caller
-# reads again).  R3 on a rename is checked against the name index, which changes with
-# the record.  Answers the record, its secret hash and its previous secret as stored.
-_UPDATE_KEY_LUA = """
-local api, id = KEYS[1], ARGV[1]
-local raw = redis.call('HGET', api, 'k:' .. id)
-if not raw then return 'missing' end
-if raw ~= ARGV[2] then return 'stale' end
-local old_name, new_name = 'n:' .. ARGV[4], 'n:' .. ARGV[5]
-if new_name ~= old_name then
-  local holder = redis.call('HGET', api, new_name)
-  if holder and holder ~= id then return 'duplicate_name' end
-  if redis.call('HGET', api, old_name) == id then redis.call('HDEL', api, old_name) end
-  redis.call('HSET', api, new_name, id)
-end
-redis.call('HSET', api, 'k:' .. id, ARGV[3])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
-record_audit()
-return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id, 'u:' .. id)
-"""
-
-# ARGV: client id, secret hash, previous secret's end in µs ('' to keep none), change
-# channel, change notice.  Only an external key takes a secret (R4).  The hash being
-# replaced is read here, so a roll racing another roll keeps a whole pair: its new hash,
-# and as previous the hash that was current when it ran.
-_SET_HASH_LUA = """
-local api, id = KEYS[1], ARGV[1]
-local raw = redis.call('HGET', api, 'k:' .. id)
-if not raw or cjson.decode(raw)[2] ~= 'external' then return false end
-local current = redis.call('HGET', api, 's:' .. id)
-if ARGV[3] ~= '' and current then
-  redis.call('HSET', api, 'p:' .. id, '[' .. ARGV[3] .. ',' .. cjson.encode(current) .. ']')
-else
-  redis.call('HDEL', api, 'p:' .. id)
-end
-redis.call('HSET', api, 's:' .. id, ARGV[2])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-record_audit()
-return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id, 'u:' .. id)
-"""
-
-# ARGV: client id, change channel, change notice.  The key, its secret hashes, its name
-# entry and its count go together.
-_DELETE_KEY_LUA = """
-local api, id = KEYS[1], ARGV[1]
-local raw = redis.call('HGET', api, 'k:' .. id)
-if not raw then return 0 end
-local record = cjson.decode(raw)
-local name_field = 'n:' .. record[4]
-if redis.call('HGET', api, name_field) == id then redis.call('HDEL', api, name_field) end
-redis.call('HDEL', api, 'k:' .. id, 's:' .. id, 'p:' .. id, 'u:' .. id)
-redis.call('HINCRBY', api, 'c:' .. record[2], -1)
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-record_audit()
-return 1
-"""
-
-# ARGV: force flag, change channel, change notice.  The check for keys and the delete of
-# the whole hash (state, keys, hashes, names) are one step.
-_DELETE_API_LUA = """
-local api = KEYS[1]
-local state = redis.call('HMGET', api, 'exposed', 'c:internal', 'c:external')
-if not state[1] then return 0 end
-local held = tonumber(state[2] or 0) + tonumber(state[3] or 0)
-if held > 0 and ARGV[1] ~= '1' then return -held end
-redis.call('DEL', api)
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-record_audit()
-return 1
-"""
-
-# KEYS: the API's hash, then one usage hash per hour written.  ARGV: for each usage hash
-# its expiry (Unix seconds), then five values per count: the usage hash's number (1 for
-# KEYS[2]), client id, requests, rate-limited, last admitted time in µs ('' for none).
-# Counts are added (HINCRBY), so processes flushing the same hour sum up; a key's
-# ``u:<client_id>`` (its last_used_at) only ever rises, and only for a key that exists.
-_RECORD_USAGE_LUA = """
-local api = KEYS[1]
-local hours = #KEYS - 1
-local i = hours + 1
-while i <= #ARGV do
-  local bucket, id = KEYS[tonumber(ARGV[i]) + 1], ARGV[i + 1]
-  if ARGV[i + 2] ~= '0' then redis.call('HINCRBY', bucket, 'r:' .. id, ARGV[i + 2]) end
-  if ARGV[i + 3] ~= '0' then redis.call('HINCRBY', bucket, 'l:' .. id, ARGV[i + 3]) end
-  local used = ARGV[i + 4]
-  if used ~= '' and redis.call('HEXISTS', api, 'k:' .. id) == 1 then
-    local old = redis.call('HGET', api, 'u:' .. id)
-    if not old or tonumber(old) < tonumber(used) then
-      redis.call('HSET', api, 'u:' .. id, used)
-    end
-  end
-  i = i + 5
-end
-for h = 1, hours do redis.call('EXPIREAT', KEYS[h + 1], ARGV[h]) end
-return 1
-"""
-
-_RULE_ERRORS = {
-    "api_not_exposed": (ApiNotExposed, "API {api!r} is not exposed"),
-    "key_limit_reached": (KeyLimitReached, "API {api!r} already has its limit of {kind} keys"),
-    "duplicate_name": (DuplicateName, "API {api!r} already has a key named {name!r}"),
-    "duplicate_client_id": (InvalidRequest, "API {api!r} already has a key with this client id"),
-}
+from keyguard.stores.redis._common import (
+    _API_FIELDS,
+    _AUDIT_ID_LENGTH,
+    _FAILURES,
+    _RECORD_LENGTH,
+    _TRUE,
+    ClientT,
+    T,
+    _api,
+    _body,
+    _check_timeout,
+    _decoded,
+    _dump_previous,
+    _dumps,
+    _key_fields,
+    _micros,
+    _notice,
+    _record,
+    _running_loop,
+    _text,
+)
+from keyguard.stores.redis._lua import (
+    _AUDIT_LUA,
+    _DELETE_API_LUA,
+    _DELETE_KEY_LUA,
+    _INSERT_KEY_LUA,
+    _RECORD_USAGE_LUA,
+    _RULE_ERRORS,
+    _SET_HASH_LUA,
+    _UPDATE_KEY_LUA,
+    _UPSERT_API_LUA,
+    _Closer,
+)
 
 
 class RedisCore(Generic[ClientT]):
@@ -855,94 +658,6 @@ class RedisCore(Generic[ClientT]):
         return bound[0]
 
 
-class RedisStore(RedisCore[Redis]):
-    """A :class:`~keyguard.KeyStore` in Redis; the data model is in ``docs/redis-store.md``.
-
-    Open one with :meth:`from_url` (``open_store("redis://…")`` does) or wrap a
-    ``redis.asyncio.Redis`` client you already have. ``prefix`` starts every
-    Redis key the store writes, so several apps can share one Redis; ``timeout``
-    (seconds) bounds every call: past it, the call raises ``StoreUnavailable``.
-    """
-
-    def __init__(
-        self,
-        client: Redis,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        timeout: float = DEFAULT_TIMEOUT,
-        audit_retention: timedelta | float = DEFAULT_AUDIT_RETENTION,
-    ) -> None:
-        self._setup(
-            client,
-            prefix,
-            timeout,
-            factory=None,
-            location=_location(client),
-            audit_retention=audit_retention,
-        )
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        timeout: float = DEFAULT_TIMEOUT,
-        audit_retention: timedelta | float = DEFAULT_AUDIT_RETENTION,
-        **client_options: Any,
-    ) -> RedisStore:
-        """A store on the Redis at ``url`` (``redis://[[user]:password@]host[:port][/db]``,
-        or ``rediss://…`` for TLS), with a client the store creates and closes itself.
-
-        ``client_options`` go to ``redis.asyncio.Redis.from_url`` (for example
-        ``ssl_ca_certs``, ``max_connections``) and override the store's defaults:
-        connect and read timeouts of ``timeout`` and a single immediate retry.
-        Does no I/O: the client connects on first use, in the event loop using it.
-        """
-        _check_timeout(timeout)
-        check_retention(audit_retention)
-        options: dict[str, Any] = {
-            "socket_connect_timeout": timeout,
-            "socket_timeout": timeout,
-            # One immediate retry replaces a pooled connection that died with a
-            # restarted or failed-over server; more would only delay the answer.
-            "retry": Retry(NoBackoff(), retries=1),
-            **client_options,
-        }
-
-        def factory() -> Redis:
-            # A blocking pool: past max_connections, a call waits (up to ``timeout``)
-            # for a connection to come free instead of failing at once, so a burst of
-            # requests queues briefly rather than turning into 503s.
-            pool_options = {"max_connections": DEFAULT_MAX_CONNECTIONS, "timeout": timeout}
-            pool = BlockingConnectionPool.from_url(url, **{**pool_options, **options})
-            return Redis.from_pool(pool)
-
-        try:
-            client = factory()
-            pool = client.connection_pool
-            # The pool only stores its options; building one connection object (no
-            # I/O) surfaces a misspelt option now rather than on the first request.
-            pool.connection_class(**pool.connection_kwargs)
-        except (ValueError, TypeError, RedisError) as exc:
-            reason = _PASSWORD.sub("***", str(exc))
-            raise ConfigurationError(f"invalid Redis store URL or option: {reason}") from None
-        store = cls.__new__(cls)
-        store._setup(
-            client,
-            prefix,
-            timeout,
-            factory=factory,
-            location=_location(client),
-            audit_retention=audit_retention,
-        )
-        store._url = url
-        return store
-
-    async def _subscriber(self, client: Redis) -> PubSub:
-        return client.pubsub()
-
-
 async def _close_with_loop(
     client: Redis | RedisCluster,
     registry: dict[asyncio.AbstractEventLoop, Any],
@@ -958,171 +673,3 @@ async def _close_with_loop(
 
 async def _finish(closer: _Closer) -> None:
     await closer.aclose()
-
-
-_API_FIELDS = ["exposed", "max", "c:internal", "c:external", "rate_limits"]
-
-
-def _api(name: str, row: list[Any]) -> Api | None:
-    exposed, limit, internal, external, rate_limits = row
-    if exposed is None:
-        return None
-    return Api(
-        name=name,
-        exposed=exposed in _TRUE,
-        max_keys_per_kind=int(limit),
-        internal_keys=int(internal or 0),
-        external_keys=int(external or 0),
-        # An API written before rate limits existed has none.
-        rate_limits=load_rate_limits(None if rate_limits is None else _text(rate_limits)) or (),
-    )
-
-
-# A key record ``k:<client_id>`` is the JSON array
-#   [seq, kind, name, casefolded name, created_at,                 <- the first layout
-#    enabled, expires_at, meta, last_used_at, rate_limits]         <- appended (issue 14)
-# with times in whole µs since the epoch (or null), meta as dump_meta's text and
-# rate_limits as dump_rate_limits' text (null: the API's).  A record of the first layout
-# has only the first five: the rest read as their defaults, so old records need no
-# rewrite.  The secret hash is ``s:<client_id>``; the previous secret of a roll is
-# ``p:<client_id>``, the JSON array [valid until in µs, hash], written by the roll script.
-# ``u:<client_id>`` is the key's last use in µs, raised by the usage writes (a field of
-# its own, so a flush never rewrites records); last_used_at is the later of it and the
-# record's own.
-_RECORD_LENGTH = 10
-_AUDIT_ID_LENGTH = 26
-_APPENDED_DEFAULTS: tuple[Any, ...] = (True, None, None, None, None)
-
-
-def _key_fields(client_id: str) -> list[str]:
-    """The hash fields of one key: its record, its secret hash, its previous secret, and
-    its last use as the usage writes keep it."""
-    return [f"k:{client_id}", f"s:{client_id}", f"p:{client_id}", f"u:{client_id}"]
-
-
-def _body(record: KeyRecord, folded: str) -> list[Any]:
-    """The record's array without its seq."""
-    return [
-        record.kind.value,
-        record.name,
-        folded,
-        _micros(record.created_at),
-        record.enabled,
-        _optional_micros(record.expires_at),
-        dump_meta(record.meta),
-        _optional_micros(record.last_used_at),
-        dump_rate_limits(record.rate_limits),
-    ]
-
-
-def _dump_previous(record: KeyRecord) -> str:
-    """The ``p:`` field of ``record`` ('' when it has no previous secret)."""
-    if record.previous_secret_hash is None and record.previous_secret_expires_at is None:
-        return ""
-    return _dumps(
-        [_optional_micros(record.previous_secret_expires_at), record.previous_secret_hash]
-    )
-
-
-def _record(
-    api: str,
-    client_id: str,
-    raw: bytes | str,
-    secret_hash: bytes | str | None,
-    previous: bytes | str | None = None,
-    used: bytes | str | None = None,
-) -> KeyRecord:
-    return _decoded(api, client_id, json.loads(raw), secret_hash, previous, used)
-
-
-def _decoded(
-    api: str,
-    client_id: str,
-    stored: list[Any],
-    secret_hash: bytes | str | None,
-    previous: bytes | str | None,
-    used: bytes | str | None,
-) -> KeyRecord:
-    """The key from its decoded record array and its ``s:``, ``p:`` and ``u:`` fields."""
-    _seq, kind, name, _folded, created = stored[:5]
-    appended = stored[5:_RECORD_LENGTH]
-    enabled, expires, meta, last_used, limits = (
-        *appended,
-        *_APPENDED_DEFAULTS[len(appended) :],
-    )
-    previous_until, previous_hash = (None, None) if previous is None else json.loads(previous)
-    return KeyRecord(
-        api=api,
-        client_id=client_id,
-        name=name,
-        kind=KeyKind(kind),
-        secret_hash=None if secret_hash is None else _text(secret_hash),
-        created_at=_EPOCH + created * _MICROSECOND,
-        enabled=bool(enabled),
-        expires_at=_from_micros(expires),
-        meta=load_meta(meta),
-        previous_secret_hash=previous_hash,
-        previous_secret_expires_at=_from_micros(previous_until),
-        # The record's own (as written at creation) or the usage writes', the later.
-        last_used_at=_from_micros(last_used if used is None else max(int(used), last_used or 0)),
-        rate_limits=load_rate_limits(limits),
-    )
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _notice(api: str, client_id: str) -> str:
-    """The change-feed message for one key of ``api``."""
-    return f"{api}\n{client_id}"
-
-
-def _micros(moment: datetime) -> int:
-    """``moment`` as whole microseconds since the epoch (naive means UTC)."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return (moment - _EPOCH) // _MICROSECOND
-
-
-def _optional_micros(moment: datetime | None) -> int | None:
-    return None if moment is None else _micros(moment)
-
-
-def _from_micros(micros: int | None) -> datetime | None:
-    return None if micros is None else _EPOCH + micros * _MICROSECOND
-
-
-def _text(value: bytes | str) -> str:
-    """A reply as text, whether or not the client decodes responses itself."""
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def _check_timeout(timeout: object) -> None:
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not math.isfinite(timeout)
-        or timeout <= 0
-    ):
-        raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
-
-
-def _location(client: Redis) -> str:
-    """Where ``client`` connects, as a URL without credentials (for repr and errors)."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is None:  # not a plain client (a cluster client, say): say no more than that
-        return type(client).__name__
-    kwargs: Mapping[str, Any] = pool.connection_kwargs
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
-    scheme = "rediss" if issubclass(pool.connection_class, SSLConnection) else "redis"
-    host = kwargs.get("host", "localhost")
-    return f"{scheme}://{host}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

@@ -1,0 +1,31 @@
+"""``redis://`` and ``rediss://``: keys in Redis, shared by many app instances.
+
+Built on redis-py's asyncio client. The data model, the Lua scripts and the
+failure behaviour are documented in ``docs/redis-store.md``; in short:
+
+* each API is **one hash**, ``<prefix>{<api>}``, holding the API's state
+  (``exposed``, ``max``, ``rate_limits``, per-kind counts, an insertion
+  counter), its keys (``k:<client_id>``, laid out at ``_RECORD_LENGTH``),
+  their secret hashes (``s:<client_id>``), the previous secret of a roll
+  (``p:<client_id>``) and a name index (``n:<casefolded name>`` → client id).
+  The ``{<api>}`` hash tag keeps everything of one API in one Cluster slot, so
+  every script stays legal on Redis Cluster (``redis_cluster.py`` runs this same
+  code, :class:`RedisCore`, on a ``RedisCluster`` client);
+* the API names are a sorted set, ``<prefix>apis``, so listing never scans; it is
+  in a slot of its own, so it is written beside the scripts, never in them;
+* the request path (``lookup``) is one ``HMGET``: the API's state, the key
+  and its secret hashes in a single round trip;
+* every write that must be atomic (R1 + R2 + R3 with the insert, R3 with a
+  rename, R4 and the roll of a secret, delete) is one Lua script on the API's
+  hash. A key record written by the first layout (five fields) is read as it
+  is, the later fields taking their defaults: no upgrade step, no rewrite.
+
+Every call ends within ``timeout`` seconds: any Redis or network failure
+(refused, timed out, wrong password, a failover in progress) is raised as
+:class:`~keyguard.errors.StoreUnavailable` with the driver's error chained.
+"""
+
+from keyguard.stores.redis._core import RedisCore
+from keyguard.stores.redis._store import RedisStore
+
+__all__ = ["RedisCore", "RedisStore"]
