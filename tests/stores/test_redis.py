@@ -19,7 +19,6 @@ import socket
 import ssl
 import sys
 import tempfile
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import datetime, timedelta, timezone
@@ -33,7 +32,6 @@ import anyio.abc
 import anyio.lowlevel
 import httpx
 import pytest
-from anyio.streams.buffered import BufferedByteReceiveStream
 from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
@@ -59,6 +57,7 @@ from keyguard.stores.redis import RedisStore
 from tests.backends.redis import delete_prefixed, open_redis_test_store, unique_prefix
 from tests.backends.servers import in_ci, require_server
 from tests.helpers import expose, record
+from tests.stores.racing import race_for_keys
 from tests.stores.test_upgrades import load_redis, manifest
 
 pytestmark = pytest.mark.anyio
@@ -179,89 +178,19 @@ async def command_calls(admin: Redis) -> dict[str, int]:
 
 # -- many processes ---------------------------------------------------------------------------
 
-RACER = textwrap.dedent(
-    """
-    import sys
-
-    import anyio
-
-    from keyguard.errors import KeyLimitReached
-    from keyguard.models import KeyKind, KeyRecord, utcnow
-    from keyguard.secrets import new_client_id
-    from keyguard.stores.redis import RedisStore
-
-    url, prefix, worker = sys.argv[1:]
-
-    async def main():
-        store = RedisStore.from_url(url, prefix=prefix)
-        accepted = []
-        try:
-            await store.lookup("race", None)  # connected before the start signal
-            print("ready", flush=True)
-            assert sys.stdin.readline() == "go\\n"
-
-            async def create(i, kind):
-                record = KeyRecord(
-                    api="race", client_id=new_client_id(), name=f"{worker}-{kind.value}-{i}",
-                    kind=kind, secret_hash=None, created_at=utcnow(),
-                )
-                try:
-                    await store.insert_key(record)
-                except KeyLimitReached:
-                    return
-                accepted.append(kind.value)
-
-            async with anyio.create_task_group() as tg:
-                for i in range(8):
-                    for kind in KeyKind:
-                        tg.start_soon(create, i, kind)
-        finally:
-            await store.aclose()
-        print(" ".join(accepted), flush=True)
-
-    anyio.run(main)
-    """
-)
-
 
 @pytest.mark.slow
 async def test_four_processes_racing_get_exactly_five_keys_per_kind(tmp_path: Path) -> None:
     """R2 holds across processes: four fresh interpreters racing for keys get five per kind."""
     url = require_server("redis")
-    async with shared_store() as store, AsyncExitStack() as stack:
+    async with shared_store() as store:
         await expose(store, "race")
-        script = tmp_path / "racer.py"
-        script.write_text(RACER)
-        processes = []
-        for worker in range(4):
-            process = await anyio.open_process(
-                [sys.executable, str(script), url, store.prefix, str(worker)], stderr=None
-            )
-            stack.push_async_callback(reap, process)
-            processes.append(process)
-        with anyio.fail_after(60):
-            outputs = [BufferedByteReceiveStream(p.stdout) for p in processes if p.stdout]
-            for output in outputs:  # every racer is connected and waiting...
-                assert await output.receive_until(b"\n", 100) == b"ready"
-            for process in processes:  # ...then all are told to go at once
-                assert process.stdin is not None
-                await process.stdin.send(b"go\n")
-            results = [await output.receive_until(b"\n", 10_000) for output in outputs]
-            assert [await process.wait() for process in processes] == [0, 0, 0, 0]
-        accepted = b" ".join(results).decode().split()
-        assert sorted(accepted) == ["external"] * 5 + ["internal"] * 5
+        accepted = await race_for_keys(url, store.prefix, tmp_path)
+        assert accepted == ["external"] * 5 + ["internal"] * 5
         api = await store.get_api("race")
         assert api is not None
         assert (api.internal_keys, api.external_keys) == (5, 5)
         assert len(await store.list_keys("race")) == 10
-
-
-async def reap(process: anyio.abc.Process) -> None:
-    """Kill ``process`` if it still runs, and release its pipes."""
-    if process.returncode is None:
-        process.kill()
-    with anyio.CancelScope(shield=True):
-        await process.aclose()
 
 
 # -- the request path: one command ------------------------------------------------------------

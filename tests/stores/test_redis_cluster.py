@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import sys
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,6 @@ import anyio
 import anyio.abc
 import httpx
 import pytest
-from anyio.streams.buffered import BufferedByteReceiveStream
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from starlette.applications import Starlette
@@ -44,6 +40,7 @@ from tests.backends.cluster import (
 )
 from tests.backends.redis import unique_prefix
 from tests.helpers import expose, record
+from tests.stores.racing import race_for_keys
 from tests.test_rate_limits import _hammer
 
 pytestmark = pytest.mark.anyio
@@ -191,57 +188,6 @@ async def test_an_api_that_exists_is_always_listed_under_racing_deletes(
 
 # -- many processes -----------------------------------------------------------------------------
 
-RACER = textwrap.dedent(
-    """
-    import sys
-
-    import anyio
-
-    from keyguard.errors import KeyLimitReached
-    from keyguard.models import KeyKind, KeyRecord, utcnow
-    from keyguard.secrets import new_client_id
-    from keyguard.stores.redis_cluster import RedisClusterStore
-
-    url, prefix, worker = sys.argv[1:]
-
-    async def main():
-        store = RedisClusterStore.from_url(url, prefix=prefix)
-        accepted = []
-        try:
-            await store.lookup("race", None)  # connected before the start signal
-            print("ready", flush=True)
-            assert sys.stdin.readline() == "go\\n"
-
-            async def create(i, kind):
-                record = KeyRecord(
-                    api="race", client_id=new_client_id(), name=f"{worker}-{kind.value}-{i}",
-                    kind=kind, secret_hash=None, created_at=utcnow(),
-                )
-                try:
-                    await store.insert_key(record)
-                except KeyLimitReached:
-                    return
-                accepted.append(kind.value)
-
-            async with anyio.create_task_group() as tg:
-                for i in range(8):
-                    for kind in KeyKind:
-                        tg.start_soon(create, i, kind)
-        finally:
-            await store.aclose()
-        print(" ".join(accepted), flush=True)
-
-    anyio.run(main)
-    """
-)
-
-
-async def reap(process: anyio.abc.Process) -> None:
-    if process.returncode is None:
-        process.kill()
-    with anyio.CancelScope(shield=True):
-        await process.aclose()
-
 
 @pytest.mark.slow
 async def test_four_processes_racing_on_the_cluster_get_exactly_five_keys_per_kind(
@@ -249,29 +195,9 @@ async def test_four_processes_racing_on_the_cluster_get_exactly_five_keys_per_ki
 ) -> None:
     """R2 holds across processes on a cluster: four interpreters racing for keys of one API
     get exactly max_keys_per_kind (5) of each kind between them."""
-    url = shared_cluster().url
     await expose(cluster_store, "race")
-    script = tmp_path / "racer.py"
-    script.write_text(RACER)
-    async with AsyncExitStack() as stack:
-        processes = []
-        for worker in range(4):
-            process = await anyio.open_process(
-                [sys.executable, str(script), url, cluster_store.prefix, str(worker)], stderr=None
-            )
-            stack.push_async_callback(reap, process)
-            processes.append(process)
-        with anyio.fail_after(60):
-            outputs = [BufferedByteReceiveStream(p.stdout) for p in processes if p.stdout]
-            for output in outputs:
-                assert await output.receive_until(b"\n", 100) == b"ready"
-            for process in processes:
-                assert process.stdin is not None
-                await process.stdin.send(b"go\n")
-            results = [await output.receive_until(b"\n", 10_000) for output in outputs]
-            assert [await process.wait() for process in processes] == [0, 0, 0, 0]
-    accepted = b" ".join(results).decode().split()
-    assert sorted(accepted) == ["external"] * 5 + ["internal"] * 5
+    accepted = await race_for_keys(shared_cluster().url, cluster_store.prefix, tmp_path)
+    assert accepted == ["external"] * 5 + ["internal"] * 5
     api = await cluster_store.get_api("race")
     assert api is not None
     assert (api.internal_keys, api.external_keys) == (5, 5)

@@ -1,6 +1,6 @@
 """``redis+cluster://`` and ``rediss+cluster://``: keys in a Redis Cluster.
 
-The same store as ``redis.py`` (:class:`~keyguard.stores.redis.RedisCore`: one
+The same store as ``keyguard.stores.redis`` (:class:`~keyguard.stores.redis.RedisCore`: one
 data model, the same Lua scripts, the same record encoding), run on redis-py's
 asyncio ``RedisCluster`` client. What makes it work on a cluster, in short (the
 whole story is in ``docs/redis-store.md``):
