@@ -9,7 +9,6 @@
 // (its buttons carry data-read, which console.js leaves enabled).
 
 import { $, announce, authorized, el, explain, keyUrl, path, show, state } from "./core.js";
-import { formatDate, formatDateTime } from "./times.js";
 
 const HOUR = 3600 * 1000;
 const MAX_HOURS = 840; // the longest range the management API reads (35 days)
@@ -110,7 +109,9 @@ function bars(hours, range) {
     return points.map((point) => ({
       ...point,
       label: point.start.toLocaleTimeString(undefined, { hour: "numeric", minute: "2-digit" }),
-      title: formatDateTime(point.start.toISOString()),
+      title: point.start.toLocaleString(undefined, {
+        month: "short", day: "numeric", hour: "numeric", minute: "2-digit",
+      }),
     }));
   }
   const dayOf = (date) => date.getFullYear() + "-" + date.getMonth() + "-" + date.getDate();
@@ -126,7 +127,8 @@ function bars(hours, range) {
       requests: 0,
       rateLimited: 0,
       label: day.toLocaleDateString(undefined, { month: "short", day: "numeric" }),
-      title: formatDate(day.toISOString()),
+      title: day.toLocaleDateString(undefined, { weekday: "short", month: "short",
+        day: "numeric" }),
     };
     days.push(bar);
     byDay.set(dayOf(day), bar);
@@ -245,8 +247,8 @@ function renderChart() {
   const requests = data.reduce((sum, bar) => sum + bar.requests, 0);
   const limited = data.reduce((sum, bar) => sum + bar.rateLimited, 0);
   const summary = plural(requests, "request") + " admitted and " + number.format(limited) +
-    " rate limited (answered 429) in " + range.words + ".";
-  $("usage-summary").textContent = summary;
+    " rate limited (answered 429)";
+  $("usage-summary").textContent = summary + " in " + range.words + ".";
   if (width > 0) draw(data, width, summary);
   renderTable(data);
 }
@@ -273,7 +275,7 @@ function draw(data, width, summary) {
   const range = RANGES[view.range];
   const peak = busiest.requests + busiest.rateLimited;
   const label = "Bar chart of the requests per " + range.per + " of " + subject() +
-    " over " + range.words + ": " + summary +
+    " over " + range.words + ": " + summary + "." +
     (peak > 0 ? " The busiest " + range.per + ", " + busiest.title + ", had " +
       plural(peak, "request") + "." : "") + " The exact numbers are in the table below.";
   const root = $("usage-svg");
@@ -321,20 +323,25 @@ function draw(data, width, summary) {
     }
     root.append(group);
   });
-  // The time axis: as many labels as fit, counted back from the latest bar.
-  const room = view.range === "day" ? 48 : 56;
+  // The time axis: as many labels as fit, counted back from the latest bar (the latest
+  // ends at the right edge); one that would touch its neighbour or the edge is left out.
+  const room = view.range === "day" ? 64 : 52;
   const steps = view.range === "day" ? [1, 2, 3, 4, 6, 12] : [1, 2, 3, 5, 7, 10, 15];
   const step = steps.find((candidate) => candidate * slot >= room) || steps[steps.length - 1];
+  let free = width; // where the label placed last (to the right) begins
   for (let index = data.length - 1; index >= 0; index -= step) {
     const last = index === data.length - 1;
-    const center = MARGIN.left + (index + 0.5) * slot;
-    if (!last && center - room / 2 < 0) break;
-    root.append(svg("text", {
-      x: last ? MARGIN.left + (index + 1) * slot : center,
-      y: HEIGHT - 6,
-      "text-anchor": last ? "end" : "middle",
-      class: "tick",
-    }, data[index].label));
+    const x = last ? MARGIN.left + (index + 1) * slot : MARGIN.left + (index + 0.5) * slot;
+    const text = svg("text", { x, y: HEIGHT - 6, "text-anchor": last ? "end" : "middle",
+      class: "tick" }, data[index].label);
+    root.append(text);
+    const size = text.getComputedTextLength();
+    const left = last ? x - size : x - size / 2;
+    if (left < 0 || left + size > free - 8) {
+      text.remove();
+      continue;
+    }
+    free = left;
   }
 }
 
