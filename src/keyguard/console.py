@@ -38,6 +38,7 @@ SCRIPT_MODULES = (
     "keys.js",
     "limits.js",
     "times.js",
+    "usage.js",
 )
 
 # Route path inside the management app -> (file in keyguard/static, media type).

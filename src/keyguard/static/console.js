@@ -16,6 +16,7 @@ import { createKey, openCreate } from "./actions.js";
 import { closeMenus, renderKind } from "./keys.js";
 import { askApiLimits, renderApiLimits } from "./limits.js";
 import { formatDateTime } from "./times.js";
+import { clearUsage, loadUsage, wireUsage } from "./usage.js";
 
 const TOKEN_KEY = "keyguard.token:" + location.pathname;
 const API_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -44,6 +45,7 @@ function signOut(message) {
   $("external-keys").replaceChildren();
   $("api-title").textContent = "";
   $("activity-list").replaceChildren();
+  clearUsage();
   setReadOnly(null);
   show($("api-detail"), false);
   document.title = "Sharing & keys · keyguard";
@@ -231,6 +233,7 @@ async function loadApi() {
     setPageError("");
     renderApi();
     loadActivity(name, current);
+    loadUsage(name, current);
     return true;
   } catch (error) {
     if (error.code === "unauthorized" || !current()) return false;
@@ -314,7 +317,8 @@ function setReadOnly(name) {
 
 function applyReadOnly() {
   for (const control of $("console").querySelectorAll("button, input, select, textarea")) {
-    if (control.id === "retry") continue;
+    // Reads (Try again, the usage chart's choices) stay on: they change nothing.
+    if (control.id === "retry" || control.dataset.read === "true") continue;
     if (state.readOnly) {
       if (control.disabled && control.dataset.readOnly === "true") continue;
       control.disabled = true;
@@ -489,6 +493,7 @@ function wire() {
     state.create = null;
   });
   wireDialogs();
+  wireUsage();
   for (const button of document.querySelectorAll("[data-copy]")) {
     const source = $(button.dataset.copy);
     button.addEventListener("click", () => copy(source.value, button, source));

@@ -12,6 +12,7 @@ import {
 import { askExpiry, askMeta } from "./edits.js";
 import { askKeyLimits, describeLimits, keyLimitsText } from "./limits.js";
 import { formatDate, formatDateTime, isPast, when } from "./times.js";
+import { showKeyUsage, usageLine } from "./usage.js";
 
 const META_SHOWN = 60; // characters of a key's meta shown in its row; all of it on hover
 
@@ -116,9 +117,17 @@ function statusList(key) {
     items.push(el("span", { text: "Previous secret valid until " + formatDateTime(previous) }));
   }
   if (key.last_used_at !== undefined) {
-    items.push(el("span", { class: "muted", title: key.last_used_at || "",
-      text: key.last_used_at ? "Last used " + when(key.last_used_at) : "Never used" }));
+    // Relative ("2 hours ago"), the exact local time on hover.
+    items.push(key.last_used_at
+      ? el("span", { class: "muted" }, "Last used ", el("time", { datetime: key.last_used_at,
+        title: formatDateTime(key.last_used_at), text: when(key.last_used_at) }))
+      : el("span", { class: "muted", text: "Never used" }));
   }
+  items.push(usageLine(key));
+  // Reading a key's usage changes nothing: it stays on in a read-only session.
+  items.push(el("button", { type: "button", class: "small", "data-read": "true",
+    "aria-label": "View usage of key " + key.name, text: "View usage",
+    onclick: () => showKeyUsage(key) }));
   items.push(el("span", { class: "muted" }, "Created ", el("time", { datetime: key.created_at,
     title: key.created_at, text: formatDate(key.created_at) })));
   const meta = key.meta && typeof key.meta === "object" ? key.meta : {};
