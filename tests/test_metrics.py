@@ -360,6 +360,32 @@ async def test_a_timed_store_is_not_timed_twice(reader: InMemoryMetricReader) ->
     assert durations(reader)["upsert_api", "memory"].count == 1
 
 
+async def test_with_no_provider_set_up_nothing_is_wrapped_or_recorded(tmp_path: Path) -> None:
+    """With opentelemetry-api installed but no provider set up (the API's placeholder, as
+    in an app that only has the API through FastAPI) or a no-op provider, keyguard's
+    objects record nothing and pay nothing: the store is not wrapped, the counters are
+    no-ops."""
+    from opentelemetry import metrics as otel
+    from opentelemetry.metrics import NoOpMeterProvider
+
+    assert type(otel.get_meter_provider()).__name__ == "_ProxyMeterProvider"  # none set
+    for given in (None, NoOpMeterProvider()):
+        metrics.use_meter_provider(given)
+        try:
+            store = MemoryStore()
+            assert KeyManager(store).store is store
+            guard = app_for(store, "orders")
+            assert guard.manager.store is store
+            assert guard._count is metrics._no_request
+            cached = open_store(f"sqlite:///{tmp_path / 'keys.db'}")
+            try:
+                assert getattr(cached, "_count_lookup", None) is metrics._no_lookup
+            finally:
+                await cached.aclose()
+        finally:
+            metrics.use_meter_provider(None)
+
+
 BLOCKED_RUN = """
 import asyncio, json, sys
 

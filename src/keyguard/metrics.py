@@ -23,17 +23,18 @@ unexposed, or not yet resolved (a 400 comes before the API is asked for) — is
 recorded as :data:`UNKNOWN_API`. So a flood of invented API names adds no
 attribute sets.
 
-Without ``opentelemetry-api`` nothing is imported and nothing is recorded:
-the import is tried once, when the first ``KeyGuard``, ``KeyManager`` or
-``CachedStore`` is made, and each of them then holds a no-op (the request
-path calls a function that returns at once; it builds no attributes). Store
-calls are then made on the store itself, not through a timing wrapper.
+The Meter comes from OpenTelemetry's global provider as it is when a
+``KeyGuard``, ``KeyManager`` or ``CachedStore`` is made (set it up first, at
+startup), or from the provider given to :func:`use_meter_provider` (tests, or
+an app keeping keyguard's metrics apart).
 
-The Meter comes from the global provider (``opentelemetry.metrics.set_meter_provider``;
-a provider set after keyguard's objects were made is used too, through the API's
-proxies). :func:`use_meter_provider` gives keyguard a provider of its own
-instead, for the objects made afterwards: for tests, or an application that keeps
-keyguard's metrics apart.
+Recording costs nothing where it could not count: without
+``opentelemetry-api`` (nothing is imported; the import is tried once), and
+while no provider is set up — the API's placeholder before any
+``set_meter_provider``, or its ``NoOpMeterProvider`` (the API alone is in many
+apps: FastAPI depends on it). The objects made then hold a no-op: the request
+path calls a function that returns at once and builds no attributes, and the
+store is used as it is, without a timing wrapper.
 """
 
 from __future__ import annotations
@@ -160,12 +161,10 @@ _SQL_NAMES = {"sqlite": "sqlite", "postgresql": "postgresql", "mysql": "mysql", 
 class _Instruments:
     """The three instruments of one Meter, and the attribute sets already made."""
 
-    def __init__(self, provider: MeterProvider | None) -> None:
-        from opentelemetry import metrics
-
+    def __init__(self, provider: MeterProvider) -> None:
         from keyguard import __version__
 
-        meter = metrics.get_meter(METER_NAME, __version__, meter_provider=provider)
+        meter = provider.get_meter(METER_NAME, __version__)
         self.requests: Counter = meter.create_counter(
             "keyguard.requests",
             unit="{request}",
@@ -188,9 +187,9 @@ class _Instruments:
         self.miss = {"result": "miss"}
 
 
-_resolved: _Instruments | None = None
-_tried = False  # whether _resolved was looked for since the last use_meter_provider
-_provider: MeterProvider | None = None
+_api_missing = False  # opentelemetry-api could not be imported (tried once)
+_provider: MeterProvider | None = None  # use_meter_provider's
+_made: tuple[MeterProvider, _Instruments] | None = None  # the last provider's instruments
 
 
 def use_meter_provider(provider: MeterProvider | None) -> None:
@@ -200,25 +199,46 @@ def use_meter_provider(provider: MeterProvider | None) -> None:
     Objects made earlier keep the instruments they were given. Does nothing where
     ``opentelemetry-api`` is not installed.
     """
-    global _resolved, _provider, _tried
+    global _provider
     _provider = provider
-    _resolved = None
-    _tried = False
 
 
 def _instruments() -> _Instruments | None:
-    """The instruments to record into, or ``None`` without ``opentelemetry-api``.
+    """The instruments to record into, or ``None``: without ``opentelemetry-api``, or while
+    no provider that records is set up (the API's placeholder or its no-op provider).
 
-    Called when a keyguard object is made, never per request: the import is tried once.
+    Called when a keyguard object is made, never per request; the import is tried once.
     """
-    global _resolved, _tried
-    if not _tried:
-        _tried = True
-        try:
-            _resolved = _Instruments(_provider)
-        except ImportError:
-            _resolved = None
-    return _resolved
+    global _api_missing, _made
+    if _api_missing:
+        return None
+    try:
+        from opentelemetry import metrics
+    except ImportError:
+        _api_missing = True
+        return None
+    provider = _provider if _provider is not None else metrics.get_meter_provider()
+    if not _records(provider):
+        return None
+    if _made is None or _made[0] is not provider:
+        _made = (provider, _Instruments(provider))
+    return _made[1]
+
+
+def _records(provider: MeterProvider) -> bool:
+    """Whether ``provider`` is one an application set up, so that recording can count.
+
+    The API's global placeholder (no ``set_meter_provider`` yet) and ``NoOpMeterProvider``
+    record nothing: keyguard then records nothing either, and its objects pay nothing —
+    opentelemetry-api is installed in many apps that set up no SDK (FastAPI depends on it).
+    """
+    from opentelemetry.metrics import NoOpMeterProvider
+    from opentelemetry.metrics import _internal as api_internals
+
+    placeholder = getattr(api_internals, "_ProxyMeterProvider", None)  # None: record
+    return not isinstance(provider, NoOpMeterProvider) and not (
+        isinstance(placeholder, type) and isinstance(provider, placeholder)
+    )
 
 
 # -- keyguard.requests --------------------------------------------------------------------
