@@ -159,7 +159,7 @@ _SQL_NAMES = {"sqlite": "sqlite", "postgresql": "postgresql", "mysql": "mysql", 
 
 
 class _Instruments:
-    """The three instruments of one Meter, and the attribute sets already made."""
+    """The three instruments of one provider's Meter."""
 
     def __init__(self, provider: MeterProvider) -> None:
         from keyguard import __version__
@@ -245,7 +245,7 @@ def _records(provider: MeterProvider) -> bool:
 
 
 def _no_request(api: str | None, outcome: str | Denial) -> None:
-    """Without metrics: nothing to record."""
+    """Metrics off: nothing to record."""
 
 
 class _RequestCounter:
@@ -305,7 +305,7 @@ def _request_attributes(api: str, outcome: str) -> Mapping[str, str]:
 def request_counter(fixed_api: str | None) -> Callable[[str | None, str | Denial], None]:
     """``count(api, outcome)`` for one middleware (``fixed_api``: its ``api=`` name, or
     ``None`` for a callable): records into ``keyguard.requests``, or does nothing
-    without ``opentelemetry-api``. ``outcome`` is one of :data:`OUTCOMES` or a
+    without ``opentelemetry-api`` or a provider set up. ``outcome`` is one of :data:`OUTCOMES` or a
     :class:`~keyguard.Denial`; ``api`` is the request's API name, ``None`` when not
     resolved."""
     instruments = _instruments()
@@ -318,12 +318,13 @@ def request_counter(fixed_api: str | None) -> Callable[[str | None, str | Denial
 
 
 def _no_lookup(hit: bool) -> None:
-    """Without metrics: nothing to record."""
+    """Metrics off: nothing to record."""
 
 
 def count_lookup() -> Callable[[bool], None]:
     """``count(hit)`` for one ``CachedStore``: records a hit or a miss into
-    ``keyguard.cache.lookups``, or does nothing without ``opentelemetry-api``."""
+    ``keyguard.cache.lookups``, or does nothing without ``opentelemetry-api`` or a
+    provider set up."""
     instruments = _instruments()
     if instruments is None:
         return _no_lookup
@@ -407,7 +408,7 @@ def _timed(
 
 def timed_store(store: KeyStore) -> KeyStore:
     """``store`` with its calls timed into ``keyguard.store.duration``, or ``store`` itself
-    without ``opentelemetry-api`` (or when it is timed already).
+    without ``opentelemetry-api`` or a provider set up (or when it is timed already).
 
     A ``CachedStore``'s ``lookup`` is not timed here: it times its own reads of the store
     it wraps (what a lookup costs when it waits), and counts hits and misses.

@@ -213,7 +213,7 @@ class KeyGuard:
         self._not_found_warned: dict[str, float] = {}
         if self._api_name is not None:
             self._refusals[self._api_name] = _ApiRefusals(self._api_name)
-        # keyguard.requests, one call per decided request; a no-op without opentelemetry.
+        # keyguard.requests, one call per decided request; a no-op when metrics are off.
         self._count = metrics.request_counter(self._api_name)
 
     def __repr__(self) -> str:
