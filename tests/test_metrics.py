@@ -35,7 +35,7 @@ from keyguard.models import utcnow
 from keyguard.secrets import new_client_id
 from keyguard.stores.base import KeyStore as KeyStoreProtocol
 from tests.backends import open_test_store
-from tests.helpers import CountingStore
+from tests.helpers import CountingStore, run_asgi
 
 pytestmark = pytest.mark.anyio
 
@@ -215,6 +215,24 @@ async def test_a_fixed_api_names_its_requests(reader: InMemoryMetricReader) -> N
         ("orders", "bad_request"): 1,
         ("ghost", "api_not_available"): 1,
     }
+
+
+async def test_websocket_handshakes_and_excluded_paths(reader: InMemoryMetricReader) -> None:
+    """A websocket handshake is counted like an HTTP request; a request to an excluded
+    path passes without a decision and is not counted."""
+    store = MemoryStore()
+    await KeyManager(store).expose("orders")
+    starlette = Starlette(routes=[Route("/{path:path}", hello)])
+    guard = KeyGuard(
+        starlette, store=store, api="orders", exclude_paths=["/health"], usage_flush=None
+    )
+    handshake: Scope = {"type": "websocket", "path": "/ws", "root_path": "", "headers": []}
+    handshake |= {"query_string": b"", "scheme": "ws", "subprotocols": []}
+    sent = await run_asgi(guard, handshake, [{"type": "websocket.connect"}])
+    assert sent == [{"type": "websocket.close", "code": 1008, "reason": ""}]
+    async with client(guard) as http:
+        assert (await http.get("/health")).status_code == 200
+    assert requests_by(reader) == {("orders", "client_id_missing"): 1}
 
 
 async def test_made_up_api_names_add_no_attribute_sets(
