@@ -227,7 +227,7 @@ async def test_websocket_handshakes_and_excluded_paths(reader: InMemoryMetricRea
         starlette, store=store, api="orders", exclude_paths=["/health"], usage_flush=None
     )
     handshake: Scope = {"type": "websocket", "path": "/ws", "root_path": "", "headers": []}
-    handshake |= {"query_string": b"", "scheme": "ws", "subprotocols": []}
+    handshake.update(query_string=b"", scheme="ws", subprotocols=[])
     sent = await run_asgi(guard, handshake, [{"type": "websocket.connect"}])
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": ""}]
     async with client(guard) as http:
