@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import httpx
@@ -65,3 +71,57 @@ async def test_admin_example_serves_the_console_and_guards_the_api(
             created = await c.put("/apis/orders", json={"exposed": True}, headers=signed)
             assert created.status_code == 200
             assert (await c.get("/apis", headers=signed)).json()["apis"][0]["name"] == "orders"
+
+
+def test_prometheus_example_serves_keyguard_metrics(tmp_path: Path) -> None:
+    """The Prometheus example, run under uvicorn (it sets the process's global meter
+    provider, hence a process of its own), counts its requests by outcome and serves them
+    at /metrics without a key: ``keyguard_requests_total`` for the admitted call and the
+    refused one, and the store's duration histogram in seconds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    root = Path(__file__).parent.parent
+    log = tmp_path / "server.log"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--port", str(port), "examples.prometheus_app:app"],
+            cwd=root,
+            env={**os.environ, "KEYGUARD_STORE": "memory://"},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        assert proc.stdout is not None
+        printed = ""
+        while "X-IBM-Client-Secret: " not in printed:
+            line = proc.stdout.readline()
+            assert line, f"the example stopped: {log.read_text()}"
+            printed += line
+        found = re.search(r"X-IBM-Client-Id: (\S+)' -H 'X-IBM-Client-Secret: (\S+)'", printed)
+        assert found is not None, printed
+        key = {"X-IBM-Client-Id": found[1], "X-IBM-Client-Secret": found[2]}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            assert c.get("/orders", headers=key).json()["caller"] == "example"
+            assert c.get("/orders").status_code == 401
+            scraped = c.get("/metrics")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert scraped.status_code == 200
+    text = scraped.text
+    for outcome in ("admitted", "client_id_missing"):
+        sample = re.search(
+            rf'^keyguard_requests_total{{[^}}]*outcome="{outcome}"[^}}]*}} (\S+)$',
+            text,
+            re.MULTILINE,
+        )
+        assert sample is not None, text
+        assert 'api="orders"' in sample[0]
+        assert float(sample[1]) == 1.0
+    assert re.search(r'^keyguard_store_duration_seconds_count{[^}]*operation="lookup"', text, re.M)
+    assert found[1] not in text
+    assert found[2] not in text

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from keyguard import metrics
 from keyguard.audit import (
     DEFAULT_AUDIT_LIMIT,
     AuditEvent,
@@ -102,7 +103,8 @@ class KeyManager:
         hasher: SecretHasher | None = None,
         actor: str = "python",
     ) -> None:
-        self.store = store
+        # Every call timed into keyguard.store.duration where metrics are on; else ``store``.
+        self.store = metrics.timed_store(store)
         self.actor = check_actor(actor)
         self.max_keys_per_kind = _validate_limit(max_keys_per_kind)
         self.hasher = SecretHasher() if hasher is None else hasher

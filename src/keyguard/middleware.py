@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, unquote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keyguard import metrics
 from keyguard.errors import ApiNotFound, ConfigurationError, InvalidRequest
 from keyguard.manager import Denial, KeyManager
 from keyguard.models import API_NAME_PATTERN, KeyInfo, validate_api_name
@@ -175,7 +176,9 @@ class KeyGuard:
         self.app = app
         self.manager = KeyManager(store, hasher=hasher)
         interval = check_usage_flush(usage_flush)
-        self.usage = None if interval is None else UsageRecorder(store, interval=interval)
+        # The manager's store: its calls are timed where metrics are on (keyguard.metrics).
+        usage_store = self.manager.store
+        self.usage = None if interval is None else UsageRecorder(usage_store, interval=interval)
         self.rate_limiter = _rate_limiter(store, rate_limiter, rate_limit_fail)
         self._told_per_process = not self.rate_limiter.local
         if callable(api):
@@ -210,6 +213,8 @@ class KeyGuard:
         self._not_found_warned: dict[str, float] = {}
         if self._api_name is not None:
             self._refusals[self._api_name] = _ApiRefusals(self._api_name)
+        # keyguard.requests, one call per decided request; a no-op when metrics are off.
+        self._count = metrics.request_counter(self._api_name)
 
     def __repr__(self) -> str:
         api = self._api_name if self._api_func is None else self._api_func
@@ -276,19 +281,23 @@ class KeyGuard:
                     query_secret = True
                     secret_text = value_text.strip() or None
         if ids > 1 or secrets > 1:
+            self._count(self._api_name, metrics.BAD_REQUEST)
             await _refuse(scope, receive, send, _BAD_REQUEST)
             return
 
         api = self._api_name if self._api_func is None else self._resolve_api(scope)
         if api is None:
+            self._count(None, metrics.API_NOT_AVAILABLE)
             await _refuse(scope, receive, send, _API_NOT_AVAILABLE)
             return
         try:
             result = await self.manager.authenticate(api, client_id_text, secret_text)
         except Exception as exc:
+            self._count(api, metrics.STORE_UNAVAILABLE)
             await self._unavailable(scope, receive, send, exc)
             return
         if not isinstance(result, KeyInfo):
+            self._count(api, result)
             if result is Denial.API_NOT_AVAILABLE:
                 await self._log_not_found(api)
             refusals = self._refusals.get(api)
@@ -307,6 +316,7 @@ class KeyGuard:
             limits = await self.manager.rate_limits_for(api, result)
             verdict = await self.rate_limiter.hit(api, result.client_id, limits) if limits else None
         except Exception as exc:
+            self._count(api, metrics.STORE_UNAVAILABLE)
             await self._unavailable(scope, receive, send, exc)
             return
         if verdict is not None:
@@ -317,6 +327,7 @@ class KeyGuard:
                     "rate_limiter='redis://…' to share the counters between processes"
                 )
             if not verdict.admitted:
+                self._count(api, metrics.RATE_LIMITED)
                 if self.usage is not None:
                     self.usage.rate_limited(api, result.client_id)
                 await _refuse(scope, receive, send, _too_many(verdict))
@@ -325,6 +336,7 @@ class KeyGuard:
         usage = self.usage
         if usage is not None:
             usage.admitted(api, result.client_id)  # a dict increment (keyguard.usage)
+        self._count(api, metrics.ADMITTED)
         if self._strip and (secret_pair is not None or query_secret):
             child = dict(scope)
             if secret_pair is not None:

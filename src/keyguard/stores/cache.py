@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from keyguard import metrics
 from keyguard.audit import AuditEvent
 from keyguard.errors import ConfigurationError
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
@@ -133,6 +134,9 @@ class CachedStore:
         self._names: _Names | None = None
         self._names_task: asyncio.Task[_Names] | None = None
         self._feed = store if isinstance(store, ChangeFeed) else None
+        # keyguard.metrics: the refreshes' reads timed, lookups counted (no-ops when off).
+        self._reads = metrics.timed_store(store)
+        self._count_lookup = metrics.count_lookup()
         self._watcher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -166,14 +170,17 @@ class CachedStore:
         snapshot = self._snapshots.get(api)
         now = self._clock()
         if snapshot is None or snapshot.expires <= now:
+            self._count_lookup(False)
             if snapshot is None and api not in (await self._api_names()).existing:
                 # An API nobody created (perhaps a made-up name): no read of its own.
                 return False, None
             snapshot = await self._refresh(api)
-        elif snapshot.expires - now <= self._ahead and api not in self._refreshing:
-            # Nearly expired: refresh it in the background and answer from it meanwhile,
-            # so no request waits on the store while a valid entry exists (SPEC §11).
-            self._start_refresh(api)
+        else:
+            self._count_lookup(True)
+            if snapshot.expires - now <= self._ahead and api not in self._refreshing:
+                # Nearly expired: refresh it in the background and answer from it meanwhile,
+                # so no request waits on the store while a valid entry exists (SPEC §11).
+                self._start_refresh(api)
         return snapshot.exposed, None if client_id is None else snapshot.keys.get(client_id)
 
     def cached_rate_limits(self, api: str) -> tuple[RateLimit, ...] | None:
@@ -198,7 +205,7 @@ class CachedStore:
 
     async def _fetch_names(self) -> _Names:
         read_at = self._clock()
-        apis = await self.store.list_apis()
+        apis = await self._reads.list_apis()
         return _Names(read_at + self.ttl, frozenset(a.name for a in apis))
 
     def _names_refreshed(self, task: asyncio.Task[_Names]) -> None:
@@ -226,8 +233,8 @@ class CachedStore:
 
     async def _fetch(self, api: str) -> _Snapshot:
         read_at = self._clock()  # the snapshot's age counts from before the reads
-        found = await self.store.get_api(api)
-        records = await self.store.list_keys(api) if found is not None else []
+        found = await self._reads.get_api(api)
+        records = await self._reads.list_keys(api) if found is not None else []
         return _Snapshot(
             read_at + self.ttl,
             found is not None and found.exposed,
