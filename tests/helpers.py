@@ -17,6 +17,7 @@ from keyguard import KeyStore
 from keyguard.audit import AuditEvent
 from keyguard.models import Api, KeyChanges, KeyKind, KeyRecord, RateLimit, utcnow
 from keyguard.secrets import new_client_id
+from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
 from keyguard.usage import UsageCount
 
 
@@ -111,6 +112,17 @@ class CountingStore:
     async def list_keys(self, api: str) -> list[KeyRecord]:
         self._enter("list_keys")
         return await self.inner.list_keys(api)
+
+    async def page_keys(
+        self,
+        api: str,
+        *,
+        limit: int = DEFAULT_PAGE_SIZE,
+        after: str | None = None,
+        name: str | None = None,
+    ) -> KeyPage:
+        self._enter("page_keys")
+        return await self.inner.page_keys(api, limit=limit, after=after, name=name)
 
     async def update_key(
         self,

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from keyguard import Denial, IssuedKey, KeyInfo, KeyManager, open_store
+from keyguard.models import KeyKind, KeyRecord, utcnow
 
 pytestmark = pytest.mark.slow
 
@@ -268,7 +269,7 @@ def test_json_before_and_after_the_subcommand(exposed: Run) -> None:
     before = exposed.json("keys", "list", "orders")
     after = json.loads(exposed("keys", "list", "orders", "--json").stdout)
     expected = {k: v for k, v in created.items() if k != "secret"}
-    assert before == after == {"keys": [expected]}
+    assert before == after == {"keys": [expected], "next": None}
     apis = exposed("apis", "list", "--json").stdout
     assert json.loads(apis) == {
         "apis": [
@@ -400,7 +401,7 @@ def test_delete_prompt_yes(exposed: Run) -> None:
     key = exposed.json("keys", "create", "orders", "--name", "Acme", "--kind", "external")
     result = exposed("keys", "delete", "orders", key["client_id"], stdin="y\n")
     assert result.stderr.startswith(f"Delete key {key['client_id']} (Acme) of API orders? [y/N] ")
-    assert exposed.json("keys", "list", "orders") == {"keys": []}
+    assert exposed.json("keys", "list", "orders") == {"keys": [], "next": None}
 
 
 @pytest.mark.parametrize("answer", ["n\n", ""], ids=["n", "eof"])
@@ -419,7 +420,7 @@ def test_delete_by_name_ignores_case_and_spaces(exposed: Run) -> None:
     issue(exposed, "Acme Inc", "external")
     result = exposed("keys", "delete", "orders", "--name", "  ACME inc ", "--yes")
     assert "(Acme Inc)" in result.stdout
-    assert exposed.json("keys", "list", "orders") == {"keys": []}
+    assert exposed.json("keys", "list", "orders") == {"keys": [], "next": None}
 
 
 def test_store_from_environment(tmp_path: Path) -> None:
@@ -630,7 +631,7 @@ def test_update_changes_only_the_given_fields(exposed: Run) -> None:
         "meta": {"plan": "gold"},
         "rate_limits": [{"limit": 5, "per": "second"}],
     }
-    assert exposed.json("keys", "list", "orders") == {"keys": [changed]}
+    assert exposed.json("keys", "list", "orders") == {"keys": [changed], "next": None}
 
 
 def test_update_text_output(exposed: Run) -> None:
@@ -834,3 +835,112 @@ def test_bad_value_is_reported_before_the_store_is_opened(tmp_path: Path) -> Non
     line = one_line_error(run("apis", "limits", "orders", "--set", "1/week", expect=1))
     assert "--set" in line
     assert not (tmp_path / "keyguard.db").exists()
+
+
+# -- keys list, a page at a time (issue 17) ---------------------------------------------------
+
+
+def fill(run: Run, count: int, names: Callable[[int], str] = "Key {:04}".format) -> list[str]:
+    """Expose ``orders`` with room for ``count`` keys and insert ``count`` external keys
+    straight into the store (faster than the manager, and past its ceiling); their ids,
+    oldest first."""
+    url = run.store
+    assert url is not None
+
+    async def go() -> list[str]:
+        store = open_store(url)
+        try:
+            await store.upsert_api(
+                "orders", exposed=True, max_keys_per_kind=count, default_max_keys_per_kind=5
+            )
+            start = utcnow()
+            ids = []
+            for n in range(count):
+                client_id = f"{n:032x}"
+                record = KeyRecord(
+                    api="orders",
+                    client_id=client_id,
+                    name=names(n),
+                    kind=KeyKind.EXTERNAL,
+                    secret_hash=None,
+                    created_at=start + timedelta(microseconds=n),
+                )
+                await store.insert_key(record)
+                ids.append(client_id)
+            return ids
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+def test_keys_list_streams_every_key_past_one_page(run: Run) -> None:
+    """Without --limit, ``keys list`` prints every key once, oldest first, across store pages
+    of 1000, in one aligned table; --json is SPEC §5's object, exactly as json.dumps writes it."""
+    ids = fill(run, 1003)
+    lines = run("keys", "list", "orders").stdout.splitlines()
+    assert lines[0].startswith("CLIENT_ID" + " " * 25 + "NAME")
+    assert [line.split()[0] for line in lines[1:]] == ids
+    assert len({line.index("external") for line in lines[1:]}) == 1  # one column, aligned
+    text = run("--json", "keys", "list", "orders").stdout
+    listing = json.loads(text)
+    assert [key["client_id"] for key in listing["keys"]] == ids
+    assert listing["next"] is None
+    assert text == json.dumps(listing, indent=2, ensure_ascii=False) + "\n"
+
+
+def test_keys_list_limit_prints_one_page_and_the_next_command(run: Run) -> None:
+    """``--limit N`` prints N keys and the command for the next page; following it lists
+    the rest, each key once; --json gives ``{"keys", "next"}``."""
+    ids = fill(run, 5)
+    out = run("keys", "list", "orders", "--limit", "2").stdout.splitlines()
+    assert [line.split()[0] for line in out[1:3]] == ids[:2]
+    more = re.fullmatch(r"More: keyguard keys list orders --limit 2 --after (\S+)", out[3])
+    assert more is not None
+    seen = ids[:2]
+    after: str | None = more[1]
+    while after is not None:
+        page = run.json("keys", "list", "orders", "--limit", "2", "--after", after)
+        assert set(page) == {"keys", "next"}
+        seen += [key["client_id"] for key in page["keys"]]
+        after = page["next"]
+    assert seen == ids
+    last = run("keys", "list", "orders", "--limit", "5").stdout
+    assert "More:" not in last
+
+
+def test_keys_list_name_filters_case_insensitively(run: Run) -> None:
+    """``--name`` keeps the keys whose name contains the text in any case, page by page too."""
+    names = ["Acme Corp", "Beta", "ACME Labs", "Gamma", "the acme"]
+    ids = fill(run, len(names), names.__getitem__)
+    listing = run.json("keys", "list", "orders", "--name", "aCmE")
+    assert [key["client_id"] for key in listing["keys"]] == [ids[0], ids[2], ids[4]]
+    out = run("keys", "list", "orders", "--name", "acme", "--limit", "1").stdout
+    assert "--name acme" in out.splitlines()[-1]
+    none = run("keys", "list", "orders", "--name", "zeta").stdout
+    assert none == "API orders has no keys whose name contains 'zeta'.\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--after", "not-a-cursor!"), "after"),
+        (("--after", "MToxOjE6MQ"), "after"),
+        (("--limit", "0"), "limit"),
+        (("--limit", "1001"), "limit"),
+        (("--name", "a\u202eb"), "name"),
+    ],
+)
+def test_keys_list_bad_page_values_exit_1(run: Run, args: tuple[str, ...], says: str) -> None:
+    """A bad cursor, limit or name filter is an invalid value: exit 1, one line, and a 422
+    problem with --json."""
+    fill(run, 1)
+    line = one_line_error(run("keys", "list", "orders", *args, expect=1))
+    assert says in line
+    problem = json.loads(run("--json", "keys", "list", "orders", *args, expect=1).stderr)
+    assert (problem["code"], problem["status"]) == ("invalid_request", 422)
+
+
+def test_keys_list_limit_must_be_a_number(run: Run) -> None:
+    """``--limit ten`` is a usage error the parser catches (exit 2)."""
+    run("keys", "list", "orders", "--limit", "ten", expect=2)

@@ -404,7 +404,7 @@ async def test_list_and_get_keys(client: httpx.AsyncClient) -> None:
 
 async def test_never_created_api_keys(client: httpx.AsyncClient) -> None:
     """For an API never created: keys list empty, key routes 404, creation 409 not exposed."""
-    assert (await client.get("/apis/ghost/keys")).json() == {"keys": []}
+    assert (await client.get("/apis/ghost/keys")).json() == {"keys": [], "next": None}
     client_id = "0" * 32
     assert_problem(await client.get(f"/apis/ghost/keys/{client_id}"), 404, "key_not_found")
     assert_problem(await client.delete(f"/apis/ghost/keys/{client_id}"), 404, "key_not_found")
@@ -477,7 +477,7 @@ async def test_delete_key(client: httpx.AsyncClient) -> None:
     assert response.content == b""
     assert_problem(await client.get(path), 404, "key_not_found")
     assert_problem(await client.delete(path), 404, "key_not_found")
-    assert (await client.get("/apis/orders/keys")).json() == {"keys": []}
+    assert (await client.get("/apis/orders/keys")).json() == {"keys": [], "next": None}
 
 
 async def test_delete_api(client: httpx.AsyncClient) -> None:
@@ -539,7 +539,7 @@ async def test_invalid_key_body_is_422(
     await expose(memory_client)
     response = await memory_client.post("/apis/orders/keys", json=body)
     assert_problem(response, 422, "invalid_request", field)
-    assert (await memory_client.get("/apis/orders/keys")).json() == {"keys": []}
+    assert (await memory_client.get("/apis/orders/keys")).json() == {"keys": [], "next": None}
 
 
 _BAD_API_BODIES: list[tuple[str, object, str]] = [
@@ -740,6 +740,7 @@ class DownStore(MemoryStore):
             "insert_key",
             "get_key",
             "list_keys",
+            "page_keys",
             "set_secret_hash",
             "update_key",
             "delete_key",

@@ -206,7 +206,7 @@ async def test_invalid_lifecycle_field_at_creation_is_422(
         "/apis/orders/keys", content=body, headers={"Content-Type": "application/json"}
     )
     assert_problem(response, 422, "invalid_request", detail)
-    assert (await memory_client.get("/apis/orders/keys")).json() == {"keys": []}
+    assert (await memory_client.get("/apis/orders/keys")).json() == {"keys": [], "next": None}
 
 
 async def test_meta_of_exactly_4096_bytes_is_accepted(memory_client: httpx.AsyncClient) -> None:

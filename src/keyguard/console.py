@@ -37,6 +37,7 @@ SCRIPT_MODULES = (
     "edits.js",
     "keys.js",
     "limits.js",
+    "pages.js",
     "times.js",
     "usage.js",
 )

@@ -11,7 +11,8 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -53,10 +54,17 @@ from keyguard.models import (
     validate_api_name,
 )
 from keyguard.secrets import SecretHasher, could_be_client_id, new_client_id, new_secret
+from keyguard.stores._paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from keyguard.stores.base import KeyStore
 from keyguard.usage import MAX_USAGE_HOURS, hour_start, merge_hours
 
-__all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "Denial", "KeyManager"]
+__all__ = [
+    "DEFAULT_MAX_KEYS_PER_KIND",
+    "MAX_KEYS_PER_KIND_LIMIT",
+    "Denial",
+    "KeyInfoPage",
+    "KeyManager",
+]
 
 DEFAULT_MAX_KEYS_PER_KIND = 5
 MAX_KEYS_PER_KIND_LIMIT = 1000
@@ -65,6 +73,14 @@ _API_LIMITS_TTL = 1.0  # seconds an uncached API's rate limits are remembered
 DEFAULT_STORE_TIMEOUT = 3.0
 
 logger = logging.getLogger("keyguard")
+
+
+@dataclass(frozen=True)
+class KeyInfoPage:
+    """A page of an API's keys, oldest first, and the cursor of the next (``None``: no more)."""
+
+    keys: list[KeyInfo]
+    next: str | None
 
 
 class Denial(enum.Enum):
@@ -397,6 +413,41 @@ class KeyManager:
         now = utcnow()
         return [record.info(now) for record in await self.store.list_keys(api)]
 
+    async def page_keys(
+        self,
+        api: str,
+        *,
+        limit: int = DEFAULT_PAGE_SIZE,
+        after: str | None = None,
+        name: str | None = None,
+    ) -> KeyInfoPage:
+        """A page of the keys of ``api`` (SPEC §5): up to ``limit`` (1 to 1000), oldest first,
+        after the cursor ``after`` (a previous page's ``next``), only those whose name
+        contains ``name`` case-insensitively if given; ``next`` is ``None`` when no key
+        follows. A filtered page may hold fewer keys than ``limit`` while ``next`` is set
+        (the store bounds its work per call): ask again with it. Stable: a key that exists
+        throughout a listing is on exactly one of its pages. ``InvalidRequest`` for a bad
+        ``limit``, ``after`` or ``name``; an API never created has one empty page (R9).
+        """
+        validate_api_name(api)
+        page = await self.store.page_keys(api, limit=limit, after=after, name=name)
+        now = utcnow()
+        return KeyInfoPage([record.info(now) for record in page.keys], page.next)
+
+    async def iter_keys(
+        self, api: str, *, name: str | None = None, page_size: int = MAX_PAGE_SIZE
+    ) -> AsyncIterator[KeyInfo]:
+        """Every key of ``api`` (whose name contains ``name``, if given), oldest first, read
+        a page of ``page_size`` at a time: a million keys never sit in memory at once."""
+        after: str | None = None
+        while True:
+            page = await self.page_keys(api, limit=page_size, after=after, name=name)
+            for key in page.keys:
+                yield key
+            if page.next is None:
+                return
+            after = page.next
+
     async def delete_key(self, api: str, client_id: str, *, actor: str | None = None) -> None:
         """Delete the key; its next request fails (R7). ``KeyNotFound`` if there is none."""
         who = self._actor(actor)
@@ -409,7 +460,7 @@ class KeyManager:
     async def find_key_by_name(self, api: str, name: str) -> KeyInfo:
         """The key of ``api`` whose name equals ``name`` casefolded; ``KeyNotFound`` if none."""
         wanted = normalize_name(name).casefold()
-        for key in await self.list_keys(api):
+        async for key in self.iter_keys(api, name=name):
             if key.name.casefold() == wanted:
                 return key
         raise KeyNotFound(f"API {api!r} has no key named {name.strip()!r}")

@@ -15,7 +15,14 @@ from typing import Any
 
 from keyguard.models import Api, IssuedKey, IssuedSecret, KeyInfo, RateLimit, rfc3339, thaw
 
-__all__ = ["api_json", "key_json", "rate_limits_json", "secret_json", "time_json"]
+__all__ = [
+    "api_json",
+    "key_json",
+    "key_page_json",
+    "rate_limits_json",
+    "secret_json",
+    "time_json",
+]
 
 
 def time_json(moment: datetime | None) -> str | None:
@@ -62,6 +69,12 @@ def key_json(key: KeyInfo) -> dict[str, Any]:
     if isinstance(key, IssuedKey):
         result["secret"] = key.secret
     return result
+
+
+def key_page_json(keys: Sequence[KeyInfo], next_cursor: str | None) -> dict[str, Any]:
+    """A page of keys: ``{"keys": [key, …], "next": cursor or null}`` (SPEC §5); the next
+    page is the listing again with ``after`` set to ``next``."""
+    return {"keys": [key_json(key) for key in keys], "next": next_cursor}
 
 
 def secret_json(secret: IssuedSecret) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keyguard import KeyManager, KeyStore
@@ -100,6 +101,16 @@ async def check_nothing_lost(store: KeyStore) -> None:
         assert [k.created_at for k in keys] == [
             datetime.fromisoformat(k["created_at"]) for k in api["keys"]
         ]
+        # Pages (issue 17) list the same keys in the same order: on Redis from a listing
+        # order built on first use, on SQL from the index added in place.
+        paged, after = [], None
+        for _ in range(len(keys) + 1):
+            listed = await manager.page_keys(api["name"], limit=2, after=after)
+            paged += listed.keys
+            after = listed.next
+            if after is None:
+                break
+        assert paged == keys
         assert stored.internal_keys == sum(k["kind"] == "internal" for k in api["keys"])
         assert stored.external_keys == sum(k["kind"] == "external" for k in api["keys"])
         if not api["keys"]:
@@ -154,6 +165,9 @@ async def check_upgraded_columns(engine: AsyncEngine, prefix: str) -> None:
         read_limits = f"SELECT rate_limits FROM {prefix}apis"  # noqa: S608 - a test's own prefix
         limits = (await conn.exec_driver_sql(read_limits)).all()
         assert [row[0] for row in limits] == ["[]"] * len(manifest()["apis"])
+        indexes = await conn.run_sync(lambda sync: inspect(sync).get_indexes(f"{prefix}keys"))
+        order = [index for index in indexes if index["name"] == f"{prefix}keys_api_order_idx"]
+        assert [index["column_names"] for index in order] == [["api", "created_at", "id"]]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])

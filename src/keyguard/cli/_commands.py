@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+import textwrap
 import unicodedata
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -29,7 +31,8 @@ from keyguard.models import (
     rfc3339,
     utcnow,
 )
-from keyguard.shapes import api_json, key_json, secret_json
+from keyguard.shapes import api_json, key_json, key_page_json, secret_json
+from keyguard.stores._paging import MAX_PAGE_SIZE
 
 __all__ = ["COMMANDS", "Declined", "Output"]
 
@@ -55,8 +58,12 @@ class Output:
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
         for row in (headers, *rows):
-            cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-            self.line("  ".join(cells).rstrip())
+            self.aligned(row, widths)
+
+    def aligned(self, row: Sequence[str], widths: Sequence[int]) -> None:
+        """One line of a table whose columns are ``widths`` wide."""
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        self.line("  ".join(cells).rstrip())
 
     def error(self, code: str, detail: str, status: int | None = None) -> None:
         if self.as_json:
@@ -214,31 +221,113 @@ async def _apis_delete(
 async def _keys_list(
     manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
 ) -> None:
-    keys = await manager.list_keys(args.api)
+    if args.limit is not None:
+        await _keys_page(manager, args, out)
+        return
+    # Every key, a page at a time, each printed as it comes.
+    pages = _pages(manager, args.api, after=args.after, name=args.name)
     if out.as_json:
-        out.json({"keys": [key_json(key) for key in keys]})
+        await _stream_json(pages, out)
         return
-    if not keys:
-        out.line(f"API {args.api} has no keys.")
-        return
+    widths: list[int] | None = None
     now = utcnow()
-    out.table(
-        ("CLIENT_ID", "NAME", "KIND", "SECRET", "CREATED", "LAST USED", "STATE", "LIMITS", "META"),
-        [
-            (
-                key.client_id,
-                key.name,
-                key.kind.value,
-                _yes_no(key.has_secret),
-                _time(key.created_at),
-                "never" if key.last_used_at is None else _time(key.last_used_at),
-                _state(key, now),
-                _key_limits(key),
-                _meta(key),
+    async for keys in pages:
+        if not keys:
+            continue
+        rows = [_key_row(key, now) for key in keys]
+        if widths is None:
+            # Columns as wide as the first page needs (a later, longer cell widens its row).
+            widths = [len(cell) for cell in _KEY_HEADERS]
+            widths = [max(w, *(len(row[i]) for row in rows)) for i, w in enumerate(widths)]
+            out.aligned(_KEY_HEADERS, widths)
+        for row in rows:
+            out.aligned(row, widths)
+    if widths is None:
+        out.line(_no_keys(args))
+
+
+async def _keys_page(manager: KeyManager, args: argparse.Namespace, out: Output) -> None:
+    """One page (``--limit``), and the command for the next."""
+    page = await manager.page_keys(args.api, limit=args.limit, after=args.after, name=args.name)
+    if out.as_json:
+        out.json(key_page_json(page.keys, page.next))
+        return
+    if page.keys:
+        now = utcnow()
+        out.table(_KEY_HEADERS, [_key_row(key, now) for key in page.keys])
+    elif page.next is None:
+        out.line(_no_keys(args))
+    else:
+        out.line("No matching keys on this page.")
+    if page.next is not None:
+        more = f"More: keyguard keys list {args.api} --limit {args.limit} --after {page.next}"
+        if args.name:
+            more += f" --name {shlex.quote(args.name)}"
+        out.line(more)
+
+
+async def _pages(
+    manager: KeyManager, api: str, *, after: str | None, name: str | None
+) -> AsyncIterator[list[KeyInfo]]:
+    """The pages of a listing, from ``after``, until the last."""
+    while True:
+        page = await manager.page_keys(api, limit=MAX_PAGE_SIZE, after=after, name=name)
+        yield page.keys
+        if page.next is None:
+            return
+        after = page.next
+
+
+async def _stream_json(pages: AsyncIterator[list[KeyInfo]], out: Output) -> None:
+    """``{"keys": [...], "next": null}`` (SPEC §5's object of a whole listing), written as
+    ``Output.json`` would write it, a page at a time."""
+    first = True
+    async for keys in pages:
+        for key in keys:
+            out.out.write('{\n  "keys": [\n' if first else ",\n")
+            out.out.write(
+                textwrap.indent(json.dumps(key_json(key), indent=2, ensure_ascii=False), "    ")
             )
-            for key in keys
-        ],
+            first = False
+    if first:
+        out.json({"keys": [], "next": None})
+    else:
+        out.out.write('\n  ],\n  "next": null\n}\n')
+
+
+_KEY_HEADERS = (
+    "CLIENT_ID",
+    "NAME",
+    "KIND",
+    "SECRET",
+    "CREATED",
+    "LAST USED",
+    "STATE",
+    "LIMITS",
+    "META",
+)
+
+
+def _key_row(key: KeyInfo, now: datetime) -> tuple[str, ...]:
+    return (
+        key.client_id,
+        key.name,
+        key.kind.value,
+        _yes_no(key.has_secret),
+        _time(key.created_at),
+        "never" if key.last_used_at is None else _time(key.last_used_at),
+        _state(key, now),
+        _key_limits(key),
+        _meta(key),
     )
+
+
+def _no_keys(args: argparse.Namespace) -> str:
+    if args.name:
+        return f"API {args.api} has no keys whose name contains {args.name.strip()!r}."
+    if args.after:
+        return f"API {args.api} has no keys after that cursor."
+    return f"API {args.api} has no keys."
 
 
 async def _keys_create(

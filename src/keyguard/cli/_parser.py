@@ -143,8 +143,26 @@ def _keys(
     keys: argparse.ArgumentParser, common: argparse.ArgumentParser
 ) -> dict[str, argparse.ArgumentParser]:
     actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = actions.add_parser("list", parents=[common], help="list an API's keys")
+    listing = actions.add_parser(
+        "list",
+        parents=[common],
+        help="list an API's keys",
+        description=(
+            "An API's keys, oldest first. Without --limit every key, read from the store "
+            "a page at a time and printed as it comes (a million keys never sit in memory); "
+            "with --limit one page, and the command for the next one."
+        ),
+    )
     listing.add_argument("api", metavar="API")
+    listing.add_argument(
+        "--limit", type=int, metavar="N", help="one page of at most N keys (1 to 1000)"
+    )
+    listing.add_argument(
+        "--after", metavar="CURSOR", help="start after this cursor (a page's next cursor)"
+    )
+    listing.add_argument(
+        "--name", metavar="TEXT", help="only keys whose name contains TEXT, ignoring case"
+    )
 
     create = actions.add_parser("create", parents=[common], help="create a key")
     create.add_argument("api", metavar="API")

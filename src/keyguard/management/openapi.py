@@ -18,6 +18,7 @@ from keyguard.models import (
     RATE_LIMIT_UNITS,
     KeyKind,
 )
+from keyguard.stores._paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from keyguard.usage import MAX_USAGE_HOURS
 
 __all__ = ["openapi_document"]
@@ -178,14 +179,21 @@ _SCHEMAS: dict[str, Any] = {
     },
     "KeyList": {
         "type": "object",
-        "required": ["keys"],
+        "required": ["keys", "next"],
         "additionalProperties": False,
         "properties": {
             "keys": {
                 "type": "array",
                 "items": {"$ref": "#/components/schemas/Key"},
-                "description": "Oldest first.",
-            }
+                "maxItems": MAX_PAGE_SIZE,
+                "description": "Oldest first (by created_at, then creation order).",
+            },
+            "next": {
+                "type": ["string", "null"],
+                "description": "Pass as ?after= (with the same name) for the next page; null: "
+                "no more. With ?name= a page may hold fewer keys than limit, even none, "
+                "while next is set: the store bounds the work of one call.",
+            },
         },
     },
     "KeyCreate": {
@@ -427,6 +435,37 @@ _AUDIT_PARAMETERS: list[dict[str, Any]] = [
 ]
 
 
+_KEY_LIST_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_PAGE_SIZE,
+            "default": DEFAULT_PAGE_SIZE,
+        },
+        "description": "Keys per page.",
+    },
+    {
+        "name": "after",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{4,64}$"},
+        "description": "The `next` of the previous page (an opaque cursor); a cursor the "
+        "listing did not give is 422 `invalid_request`.",
+    },
+    {
+        "name": "name",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "maxLength": 100},
+        "description": "Only keys whose name contains this text, ignoring case (casefold).",
+    },
+]
+
+
 def _problem_response(status: int) -> dict[str, Any]:
     codes = ", ".join(f"`{code}`" for code in _ERROR_CODES[status])
     response: dict[str, Any] = {
@@ -488,6 +527,8 @@ def openapi_document() -> dict[str, Any]:
             )
         if op.name == "audit":
             parameters += _AUDIT_PARAMETERS
+        if op.name == "list_keys":
+            parameters += _KEY_LIST_PARAMETERS
         if op.name in ("api_usage", "key_usage"):
             parameters.append(
                 {

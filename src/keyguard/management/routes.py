@@ -24,7 +24,8 @@ from keyguard.management.bodies import (
 )
 from keyguard.management.problems import NO_STORE, json_response
 from keyguard.manager import KeyManager
-from keyguard.shapes import api_json, key_json, secret_json
+from keyguard.shapes import api_json, key_json, key_page_json, secret_json
+from keyguard.stores._paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from keyguard.usage import MAX_USAGE_HOURS
 
 DEFAULT_USAGE_HOURS = 24
@@ -72,8 +73,17 @@ class Endpoints:
         return Response(status_code=204, headers=NO_STORE)
 
     async def list_keys(self, request: Request) -> Response:
-        keys = await self.manager.list_keys(request.path_params["api"])
-        return json_response({"keys": [key_json(key) for key in keys]})
+        query = _single_query(request, ("limit", "after", "name"))
+        limit = query.get("limit", str(DEFAULT_PAGE_SIZE))
+        if not limit.isascii() or not limit.isdigit() or len(limit) > 4:
+            raise InvalidRequest(f"limit: a whole number from 1 to {MAX_PAGE_SIZE}")
+        page = await self.manager.page_keys(
+            request.path_params["api"],
+            limit=int(limit),
+            after=query.get("after") or None,
+            name=query.get("name") or None,
+        )
+        return json_response(key_page_json(page.keys, page.next))
 
     async def create_key(self, request: Request) -> Response:
         body = await read_object(request, required=True)
@@ -256,7 +266,13 @@ OPERATIONS = (
         errors=(404, 409, *_ON_API),
     ),
     Operation(
-        "GET", "/apis/{api}/keys", "list_keys", "List an API's keys", 200, "KeyList", errors=_ON_API
+        "GET",
+        "/apis/{api}/keys",
+        "list_keys",
+        "List an API's keys, a page at a time, oldest first (optionally by part of their name)",
+        200,
+        "KeyList",
+        errors=_ON_API,
     ),
     Operation(
         "POST",

@@ -14,6 +14,7 @@ import {
 import { closeConfirm, closeDialogs, confirmDialog, wireDialogs } from "./dialogs.js";
 import { createKey, openCreate } from "./actions.js";
 import { closeMenus, renderKind } from "./keys.js";
+import { loadKeys, renderPages, wirePages } from "./pages.js";
 import { askApiLimits, renderApiLimits } from "./limits.js";
 import { formatDateTime } from "./times.js";
 import { clearUsage, loadUsage, wireUsage } from "./usage.js";
@@ -225,11 +226,12 @@ async function loadApi() {
   try {
     const [api, keys] = await Promise.all([
       authorized("GET", "apis/" + path(name)),
-      authorized("GET", "apis/" + path(name, "keys")),
+      loadKeys(name),
     ]);
     if (!current()) return false;
     state.api = api;
     state.keys = keys.keys;
+    state.keysNext = keys.next;
     setPageError("");
     renderApi();
     loadActivity(name, current);
@@ -288,6 +290,7 @@ function renderApi() {
   limit.dataset.api = api.name;
   limit.dataset.shown = stored;
   for (const kind of Object.keys(KINDS)) renderKind(kind);
+  renderPages();
   // Keep the list's exposed flags in step with what was just read.
   const index = state.apis.findIndex((item) => item.name === api.name);
   if (index >= 0) state.apis[index] = api;
@@ -513,8 +516,9 @@ function wire() {
 }
 
 async function boot() {
-  Object.assign(page, { reload: loadApi, error: setPageError, signOut });
+  Object.assign(page, { reload: loadApi, error: setPageError, signOut, redraw: renderApi });
   wire();
+  wirePages();
   const saved = sessionStorage.getItem(TOKEN_KEY);
   // The server marks the page: "none" when the app was built with allow_no_auth.
   const needsToken = document.body.dataset.auth !== "none";

@@ -19,8 +19,11 @@ const META_SHOWN = 60; // characters of a key's meta shown in its row; all of it
 export function renderKind(kind) {
   const api = state.api;
   const keys = state.keys.filter((key) => key.kind === kind);
-  // Counted from the list shown, so that the two always agree.
-  $(kind + "-count").replaceChildren(keys.length + " of " + api.max_keys_per_kind,
+  // Counted from the list shown when it is whole, so that the two always agree; from the
+  // API's counts while pages are left to show or a search is on (pages.js).
+  const whole = !state.keysNext && !state.keyFilter;
+  const count = whole || !api.keys ? keys.length : api.keys[kind];
+  $(kind + "-count").replaceChildren(count + " of " + api.max_keys_per_kind,
     hiddenText(" " + KINDS[kind].word + " keys"));
   const holder = $(kind + "-keys");
   const focusedRow = holder.contains(document.activeElement)
@@ -28,8 +31,11 @@ export function renderKind(kind) {
   const focusedId = focusedRow ? focusedRow.dataset.clientId : null;
   const focusedLabel = focusedId ? document.activeElement.getAttribute("aria-label") : null;
   if (keys.length === 0) {
-    holder.replaceChildren(el("p", { class: "muted empty-keys",
-      text: "No " + KINDS[kind].word + " keys yet." }));
+    const none = state.keyFilter
+      ? "No " + KINDS[kind].word + " keys whose name contains “" + state.keyFilter + "”"
+        + (state.keysNext ? " among those shown." : ".")
+      : "No " + KINDS[kind].word + " keys" + (state.keysNext ? " among those shown." : " yet.");
+    holder.replaceChildren(el("p", { class: "muted empty-keys", text: none }));
     return;
   }
   // Explicit roles: at phone width the rows become cards (CSS display), which would

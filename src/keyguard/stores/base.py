@@ -39,11 +39,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from keyguard.audit import AuditEvent
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
+from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
 
 if TYPE_CHECKING:
     from keyguard.usage import UsageCount
 
-__all__ = ["ChangeFeed", "KeyStore"]
+__all__ = ["ChangeFeed", "KeyPage", "KeyStore"]
 
 
 @runtime_checkable
@@ -95,7 +96,36 @@ class KeyStore(Protocol):
         ...
 
     async def list_keys(self, api: str) -> list[KeyRecord]:
-        """The keys of ``api`` ordered by ``created_at`` (then by insertion); empty if none."""
+        """Every key of ``api`` ordered by ``created_at`` (then by insertion); empty if none.
+
+        All at once: for an API of many keys, :meth:`page_keys` reads them a page at a time.
+        """
+        ...
+
+    async def page_keys(
+        self,
+        api: str,
+        *,
+        limit: int = DEFAULT_PAGE_SIZE,
+        after: str | None = None,
+        name: str | None = None,
+    ) -> KeyPage:
+        """Up to ``limit`` keys of ``api`` (1 to ``MAX_PAGE_SIZE``), in :meth:`list_keys`'s
+        order, starting after the position the cursor ``after`` names (from the start
+        without one), and the cursor of the next page (``None`` when no key follows).
+
+        ``name`` keeps only the keys whose casefolded name contains it casefolded (see
+        ``keyguard.stores._paging.name_filter``); the cursor ``next`` then marks how far the
+        store looked, and a store may bound that work per call (Redis looks at a few
+        thousand keys at most), so a filtered page may hold fewer keys than ``limit``,
+        even none, with ``next`` not ``None``: the caller asks again from there.
+
+        Stable under changes: a key that exists throughout a listing is on exactly one of
+        its pages; one created or deleted meanwhile is on at most one. A malformed
+        ``after``, a bad ``limit`` or ``name``: ``InvalidRequest``. An API never created
+        has one empty page. Efficient for an API of a million keys: a page costs about
+        ``limit`` keys' work, not the API's size.
+        """
         ...
 
     async def update_key(

@@ -52,6 +52,7 @@ from keyguard import metrics
 from keyguard.audit import AuditEvent
 from keyguard.errors import ConfigurationError
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
+from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
 from keyguard.stores.base import ChangeFeed, KeyStore
 
 if TYPE_CHECKING:
@@ -300,6 +301,16 @@ class CachedStore:
 
     async def list_keys(self, api: str) -> list[KeyRecord]:
         return await self.store.list_keys(api)
+
+    async def page_keys(
+        self,
+        api: str,
+        *,
+        limit: int = DEFAULT_PAGE_SIZE,
+        after: str | None = None,
+        name: str | None = None,
+    ) -> KeyPage:
+        return await self.store.page_keys(api, limit=limit, after=after, name=name)
 
     async def upsert_api(
         self,

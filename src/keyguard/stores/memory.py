@@ -11,6 +11,15 @@ from datetime import datetime, timedelta
 from keyguard.audit import DEFAULT_AUDIT_RETENTION, AuditEvent, check_retention, cutoff_id
 from keyguard.errors import ApiHasKeys, ApiNotExposed, DuplicateName, KeyLimitReached
 from keyguard.models import Api, KeyChanges, KeyKind, KeyRecord, RateLimit, name_key
+from keyguard.stores._paging import (
+    DEFAULT_PAGE_SIZE,
+    KeyPage,
+    check_page,
+    decode_cursor,
+    encode_cursor,
+    name_filter,
+    to_micros,
+)
 from keyguard.usage import UsageCount
 
 __all__ = ["MemoryStore"]
@@ -27,6 +36,10 @@ class _ApiState:
     counts: dict[KeyKind, int] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(KeyKind, 0)
     )
+    # The listing order (SPEC §5): (created_at in µs, insertion number, client_id), sorted.
+    order: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)
+    positions: dict[str, tuple[int, int, str]] = dataclasses.field(default_factory=dict)
+    inserted: int = 0
 
 
 class MemoryStore:
@@ -107,6 +120,10 @@ class MemoryStore:
             state.keys[record.client_id] = record
             state.names.add(folded)
             state.counts[record.kind] += 1
+            state.inserted += 1
+            position = (to_micros(record.created_at), state.inserted, record.client_id)
+            bisect.insort(state.order, position)
+            state.positions[record.client_id] = position
             self._record(audit)
 
     async def get_key(self, api: str, client_id: str) -> KeyRecord | None:
@@ -115,7 +132,39 @@ class MemoryStore:
 
     async def list_keys(self, api: str) -> list[KeyRecord]:
         state = self._apis.get(api)
-        return [] if state is None else list(state.keys.values())
+        return [] if state is None else [state.keys[entry[2]] for entry in state.order]
+
+    async def page_keys(
+        self,
+        api: str,
+        *,
+        limit: int = DEFAULT_PAGE_SIZE,
+        after: str | None = None,
+        name: str | None = None,
+    ) -> KeyPage:
+        """A walk of the API's sorted positions from the cursor's (one bisect); with a
+        ``name``, as far as it takes to fill the page (memory is fast)."""
+        check_page(limit)
+        start = None if after is None else decode_cursor(after)
+        needle = name_filter(name)
+        state = self._apis.get(api)
+        if state is None:
+            return KeyPage([], None)
+        with self._lock:
+            order = state.order
+            index = 0 if start is None else bisect.bisect_left(order, (start[0], start[1] + 1))
+            found: list[KeyRecord] = []
+            last: tuple[int, int, str] | None = None
+            while index < len(order):
+                if len(found) == limit:
+                    assert last is not None
+                    return KeyPage(found, encode_cursor(last[0], last[1]))
+                last = order[index]
+                index += 1
+                record = state.keys[last[2]]
+                if needle is None or needle in name_key(record.name):
+                    found.append(record)
+            return KeyPage(found, None)
 
     async def update_key(
         self,
@@ -176,6 +225,8 @@ class MemoryStore:
                 return False
             state.names.discard(name_key(record.name))
             state.counts[record.kind] -= 1
+            position = state.positions.pop(client_id)
+            del state.order[bisect.bisect_left(state.order, position)]
             self._record(audit)
             return True
 

@@ -11,6 +11,10 @@ failure behaviour are documented in ``docs/redis-store.md``; in short:
   The ``{<api>}`` hash tag keeps everything of one API in one Cluster slot, so
   every script stays legal on Redis Cluster (``redis_cluster.py`` runs this same
   code, :class:`RedisCore`, on a ``RedisCluster`` client);
+* each API's listing order is a sorted set in its slot, ``<prefix>{<api>}:order``
+  (members ``<created_at µs><insertion number><client id>``), kept by the insert and
+  delete scripts in their step and rebuilt by the page script for data written
+  before it existed (see ``_pages.py``): a page of keys is one ``ZRANGEBYLEX``;
 * the API names are a sorted set, ``<prefix>apis``, so listing never scans; it is
   in a slot of its own, so it is written beside the scripts, never in them;
 * the request path (``lookup``) is one ``HMGET``: the API's state, the key

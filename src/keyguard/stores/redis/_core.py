@@ -34,6 +34,13 @@ from keyguard.models import (
     dump_rate_limits,
     name_key,
 )
+from keyguard.stores._paging import (
+    DEFAULT_PAGE_SIZE,
+    KeyPage,
+    check_page,
+    decode_cursor,
+    name_filter,
+)
 from keyguard.usage import RETENTION, UsageCount, hour_start
 
 try:
@@ -76,6 +83,7 @@ from keyguard.stores.redis._lua import (
     _UPSERT_API_LUA,
     _Closer,
 )
+from keyguard.stores.redis._pages import PAGE_LUA, SCAN_BUDGET, lower_bound, next_cursor
 
 
 class RedisCore(Generic[ClientT]):
@@ -90,6 +98,8 @@ class RedisCore(Generic[ClientT]):
 
     #: What the store is on, for log lines and errors ("Redis at …").
     _server: ClassVar[str] = "Redis"
+    #: The most members of an API's listing order one filtered page call looks at.
+    scan_budget: int = SCAN_BUDGET
 
     def _setup(
         self,
@@ -131,6 +141,7 @@ class RedisCore(Generic[ClientT]):
         self._delete_key = AsyncScript(client, _AUDIT_LUA + _DELETE_KEY_LUA)
         self._delete_api = AsyncScript(client, _AUDIT_LUA + _DELETE_API_LUA)
         self._record_usage = AsyncScript(client, _RECORD_USAGE_LUA)
+        self._page_keys = AsyncScript(client, PAGE_LUA)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._location!r}, prefix={self.prefix!r})"
@@ -247,9 +258,14 @@ class RedisCore(Generic[ClientT]):
             self._channel,
             _notice(record.api, record.client_id),
             _dump_previous(record),
+            f"{_micros(record.created_at):016d}",
             *self._audit_args(audit),
         ]
-        keys = [self._api_key(record.api), *self._audit_keys(record.api, record.client_id)]
+        keys = [
+            self._api_key(record.api),
+            self._order_key(record.api),
+            *self._audit_keys(record.api, record.client_id),
+        ]
 
         async def write(redis: ClientT) -> Any:
             await self._index_audit(redis, record.api, audit)
@@ -288,6 +304,28 @@ class RedisCore(Generic[ClientT]):
                 found.append((stored[4], stored[0], record))
         found.sort(key=lambda entry: entry[:2])
         return [record for _, _, record in found]
+
+    async def page_keys(
+        self,
+        api: str,
+        *,
+        limit: int = DEFAULT_PAGE_SIZE,
+        after: str | None = None,
+        name: str | None = None,
+    ) -> KeyPage:
+        """One script on the API's hash and its listing order (see ``_pages.py``): the
+        members after the cursor's position, and their keys; with ``name``, at most
+        ``scan_budget`` members looked at per call."""
+        check_page(limit)
+        start = None if after is None else decode_cursor(after)
+        needle = name_filter(name)
+        keys = [self._api_key(api), self._order_key(api)]
+        args: list[str | int] = [lower_bound(start), limit, needle or "", self.scan_budget]
+        rows, position = await self._call(
+            lambda redis: self._page_keys(keys=keys, args=args, client=redis)
+        )
+        found = [_record(api, _text(row[0]), *row[1:]) for row in rows]
+        return KeyPage(found, next_cursor(position))
 
     async def update_key(
         self,
@@ -363,8 +401,9 @@ class RedisCore(Generic[ClientT]):
     async def delete_key(
         self, api: str, client_id: str, *, audit: AuditEvent | None = None
     ) -> bool:
-        """Remove the key, its secret hash, its name entry and its count in one script."""
-        keys = [self._api_key(api), *self._audit_keys(api, client_id)]
+        """Remove the key, its secret hash, its name entry, its place in the listing order
+        and its count in one script."""
+        keys = [self._api_key(api), self._order_key(api), *self._audit_keys(api, client_id)]
         args = [client_id, self._channel, _notice(api, client_id), *self._audit_args(audit)]
 
         async def write(redis: ClientT) -> Any:
@@ -379,7 +418,7 @@ class RedisCore(Generic[ClientT]):
         then its name from the index, unless an upsert has created the API again. Its
         audit events stay (other Redis keys)."""
         key = self._api_key(api)
-        keys = [key, *self._audit_keys(api, None)]
+        keys = [key, self._order_key(api), *self._audit_keys(api, None)]
         args = ["1" if force else "0", self._channel, api, *self._audit_args(audit)]
 
         async def remove(redis: ClientT) -> int:
@@ -583,6 +622,10 @@ class RedisCore(Generic[ClientT]):
 
     def _api_key(self, api: str) -> str:
         return f"{self.prefix}{{{api}}}"
+
+    def _order_key(self, api: str) -> str:
+        """The API's listing order, a sorted set in its slot (see ``_pages.py``)."""
+        return f"{self.prefix}{{{api}}}:order"
 
     def _audit_keys(self, api: str, client_id: str | None) -> list[str]:
         """The API's audit sorted set and, for a key, the key's: in the API's slot."""

@@ -22,18 +22,20 @@ _Closer = AsyncGenerator[None, None]
 # one ZREVRANGEBYLEX.  The last three ARGV of every write script are the member ('' for no
 # event), the id below which events are past retention, and the retention in seconds.
 _AUDIT_LUA = """
-local function record_audit()
+local function record_audit(first)
   local member, cutoff, ttl = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
   if member == '' then return end
-  for i = 2, #KEYS do
+  for i = first or 2, #KEYS do
     redis.call('ZADD', KEYS[i], 0, member)
     redis.call('ZREMRANGEBYLEX', KEYS[i], '-', '(' .. cutoff)
     redis.call('EXPIRE', KEYS[i], ttl)
   end
 end
 """
-# Every script touches exactly one key, the API's hash (KEYS[1]), so it is atomic and
-# legal on Redis Cluster.  Key records are JSON arrays (see _RECORD_LENGTH); scripts only
+# Every script touches the API's hash (KEYS[1]) and keys of its hash tag only, so it is
+# atomic and legal on Redis Cluster.  The scripts that add or remove keys also keep the
+# API's listing order (KEYS[2], ``<prefix>{<api>}:order``, see ``_pages.py``) and record
+# their audit event from KEYS[3] on.  Key records are JSON arrays (see _RECORD_LENGTH); scripts only
 # read them (cjson.decode), never re-encode them: Lua's JSON encoder would round a
 # microsecond timestamp to 14 digits.  A changed record is encoded in Python and written
 # by a script only if the stored one is still the one it was computed from.
@@ -45,7 +47,7 @@ local api = KEYS[1]
 local created = 0
 if redis.call('HEXISTS', api, 'exposed') == 0 then
   redis.call('HSET', api, 'exposed', '0', 'max', ARGV[1],
-             'c:internal', 0, 'c:external', 0, 'seq', 0)
+             'c:internal', 0, 'c:external', 0, 'seq', 0, 'ordered', 0)
   created = 1
 end
 if ARGV[2] ~= '' then redis.call('HSET', api, 'exposed', ARGV[2]) end
@@ -59,9 +61,10 @@ return row
 """
 
 # ARGV: client id, kind, casefolded name, record JSON without its seq, has-secret flag,
-# secret hash, change channel, change notice, previous-secret JSON ('' for none).  R1, R2,
-# R3 are checked against the stored state, then the key, its name entry, its secret hashes
-# and the count are written and the change announced: nothing can run in between.
+# secret hash, change channel, change notice, previous-secret JSON ('' for none), created_at
+# in µs as 16 digits.  R1, R2, R3 are checked against the stored state, then the key, its
+# name entry, its secret hashes, its place in the listing order and the count are written
+# and the change announced: nothing can run in between.
 _INSERT_KEY_LUA = """
 local api = KEYS[1]
 local id, kind, folded = ARGV[1], ARGV[2], ARGV[3]
@@ -77,8 +80,12 @@ redis.call('HSET', api, 'k:' .. id, '[' .. seq .. ',' .. string.sub(ARGV[4], 2),
            'n:' .. folded, id)
 if ARGV[5] == '1' then redis.call('HSET', api, 's:' .. id, ARGV[6]) end
 if ARGV[9] ~= '' then redis.call('HSET', api, 'p:' .. id, ARGV[9]) end
+redis.call('ZADD', KEYS[2], 0, ARGV[10] .. string.format('%012d', seq) .. id)
+if redis.call('HGET', api, 'ordered') == tostring(seq - 1) then
+  redis.call('HSET', api, 'ordered', seq)
+end
 redis.call('PUBLISH', ARGV[7], ARGV[8])
-record_audit()
+record_audit(3)
 return 'ok'
 """
 
@@ -126,7 +133,7 @@ return redis.call('HMGET', api, 'k:' .. id, 's:' .. id, 'p:' .. id, 'u:' .. id)
 """
 
 # ARGV: client id, change channel, change notice.  The key, its secret hashes, its name
-# entry and its count go together.
+# entry, its place in the listing order and its count go together.
 _DELETE_KEY_LUA = """
 local api, id = KEYS[1], ARGV[1]
 local raw = redis.call('HGET', api, 'k:' .. id)
@@ -136,22 +143,23 @@ local name_field = 'n:' .. record[4]
 if redis.call('HGET', api, name_field) == id then redis.call('HDEL', api, name_field) end
 redis.call('HDEL', api, 'k:' .. id, 's:' .. id, 'p:' .. id, 'u:' .. id)
 redis.call('HINCRBY', api, 'c:' .. record[2], -1)
+redis.call('ZREM', KEYS[2], string.format('%016.0f%012.0f', record[5], record[1]) .. id)
 redis.call('PUBLISH', ARGV[2], ARGV[3])
-record_audit()
+record_audit(3)
 return 1
 """
 
 # ARGV: force flag, change channel, change notice.  The check for keys and the delete of
-# the whole hash (state, keys, hashes, names) are one step.
+# the whole hash (state, keys, hashes, names) and of the listing order are one step.
 _DELETE_API_LUA = """
 local api = KEYS[1]
 local state = redis.call('HMGET', api, 'exposed', 'c:internal', 'c:external')
 if not state[1] then return 0 end
 local held = tonumber(state[2] or 0) + tonumber(state[3] or 0)
 if held > 0 and ARGV[1] ~= '1' then return -held end
-redis.call('DEL', api)
+redis.call('DEL', api, KEYS[2])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
-record_audit()
+record_audit(3)
 return 1
 """
 

@@ -31,7 +31,7 @@ from keyguard.errors import (
     KeyGuardError,
     StoreUnavailable,
 )
-from keyguard.stores.sql._upgrades import upgrade
+from keyguard.stores.sql._upgrades import ensure_indexes, upgrade
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -299,6 +299,7 @@ class _SQLCore:
                         if sqlite:
                             await _begin_immediate(conn, deadline, self._timeout)
                         await conn.run_sync(schema.metadata.create_all)
+                        added = await conn.run_sync(ensure_indexes, schema.keys)
                         await conn.execute(
                             schema.insert_ignore(
                                 meta, {"name": _VERSION_ROW, "value": str(SCHEMA_VERSION)}
@@ -321,6 +322,12 @@ class _SQLCore:
                             self.url,
                             self._prefix,
                             version,
+                        )
+                    if added:
+                        logger.info(
+                            "SQL store %s: index %s created on existing tables",
+                            self.url,
+                            ", ".join(added),
                         )
                     conn.info[_USED] = True
                 break

@@ -170,6 +170,9 @@ class _Schema:
             UniqueConstraint("client_id", name=f"{prefix}keys_client_id_key"),
             UniqueConstraint("api", "name_key", name=f"{prefix}keys_api_name_key"),
             CheckConstraint("kind IN ('internal', 'external')", name=f"{prefix}keys_kind_check"),
+            # The listing order (SPEC §5's pages): one index range scan per page. Added to
+            # tables of older code in place, without a version step (_upgrades.py).
+            Index(f"{prefix}keys_api_order_idx", "api", "created_at", "id"),
             **table_options,
         )
         # The audit log (SPEC §10). No foreign keys: events outlive their API and key.

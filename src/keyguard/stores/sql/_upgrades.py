@@ -26,14 +26,26 @@ version step: ``SQLStore`` creates missing tables on every first use
 (``create_all`` with ``checkfirst``), and older code never reads them, so a
 rolling deploy mixing versions keeps working. The version moves only when a
 table that older code reads changes.
+
+Indexes added later need no version step either: older code never depends on
+them, and a newer version would make older processes refuse the tables. The
+keys' listing index ``<prefix>keys_api_order_idx (api, created_at, id)``
+(issue 17, pages of keys) is part of the table, so ``create_all`` makes it
+with a new table; on an existing one :func:`ensure_indexes` creates it on
+every first use if it is missing, in the same transaction as ``create_all``
+(the SQLite write lock, or MariaDB's implicit commit, as there). Several
+processes starting at once may both find it missing: the one that creates it
+second fails with "already exists" / "Duplicate key name", and the store's
+start-up retry then finds it there. Building it takes a moment on a large
+table, once (PostgreSQL holds writes to the table meanwhile).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import text
+from sqlalchemy import Connection, Table, inspect, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["V2_API_COLUMNS", "V2_KEY_COLUMNS", "upgrade"]
+__all__ = ["V2_API_COLUMNS", "V2_KEY_COLUMNS", "ensure_indexes", "upgrade"]
 
 # column -> dialect -> its type and default, as ALTER TABLE … ADD COLUMN writes them.
 _TIME = {"postgresql": "TIMESTAMP WITH TIME ZONE", "mysql": "DATETIME(6)", "sqlite": "DATETIME"}
@@ -70,6 +82,18 @@ async def upgrade(
         step = _STEPS[version]
         version = await step(conn, prefix, meta_table)
     return version
+
+
+def ensure_indexes(conn: Connection, table: Table) -> list[str]:
+    """Create the indexes of ``table`` that its existing database table lacks (run
+    through ``AsyncConnection.run_sync``, after ``create_all``); the names created."""
+    present = {index["name"] for index in inspect(conn).get_indexes(table.name)}
+    created = []
+    for index in sorted(table.indexes, key=lambda index: str(index.name)):
+        if index.name not in present:
+            index.create(conn)
+            created.append(str(index.name))
+    return created
 
 
 async def _to_v2(conn: AsyncConnection, prefix: str, meta_table: str) -> int:
