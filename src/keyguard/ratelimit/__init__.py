@@ -43,6 +43,7 @@ from typing import Any, Literal, TypeVar
 
 from keyguard.errors import ConfigurationError, StoreUnavailable
 from keyguard.models import RateLimit
+from keyguard.ratelimit.items import limits_item
 from keyguard.ratelimit.local import LocalCounter
 from keyguard.ratelimit.redis import ScriptedWindows, scripted
 from keyguard.ratelimit.verdict import Verdict, tightest
@@ -146,11 +147,10 @@ class RateLimiter:
         self._down_until = 0.0
         self._retry = _RETRY_FIRST
         self._last_warning = -math.inf
-        self._items: dict[RateLimit, Any] = {}
         # Fail at start-up on an unknown scheme or a missing driver, not on a request.
         if not self.local:
             self._make_limiter(self.uri, self._options)
-        self._counter = LocalCounter(self._item)  # memory://, and the fallback
+        self._counter = LocalCounter(limits_item)  # memory://, and the fallback
 
     def __repr__(self) -> str:
         return f"RateLimiter({_masked(self.url)!r}, fail={self.fail!r})"
@@ -235,7 +235,7 @@ class RateLimiter:
         limiter = self._limiter()
         windows = self._scripted
         if windows is not None:  # Redis: one script, one round trip
-            return await windows.hit(api, client_id, limits, [self._item(x) for x in limits])
+            return await windows.hit(api, client_id, limits, [limits_item(x) for x in limits])
         return await self._check(limiter, api, client_id, limits)
 
     async def _check(
@@ -246,7 +246,7 @@ class RateLimiter:
         storage = limiter.storage
         entries = [
             (item.key_for(api, client_id), item.amount, item.get_expiry())
-            for item in map(self._item, limits)
+            for item in map(limits_item, limits)
         ]
         if len(entries) == 1:  # the common case, without the cost of tasks
             windows = [await storage.get_moving_window(*entries[0])]
@@ -298,28 +298,6 @@ class RateLimiter:
             ]
         )
         return False, limit.limit, 0, wait
-
-    def _item(self, limit: RateLimit) -> Any:
-        item = self._items.get(limit)
-        if item is None:
-            from limits import (
-                RateLimitItemPerDay,
-                RateLimitItemPerHour,
-                RateLimitItemPerMinute,
-                RateLimitItemPerSecond,
-            )
-
-            kinds = {
-                "second": RateLimitItemPerSecond,
-                "minute": RateLimitItemPerMinute,
-                "hour": RateLimitItemPerHour,
-                "day": RateLimitItemPerDay,
-            }
-            item = kinds[limit.per](limit.limit, namespace="k")
-            if len(self._items) >= 10_000:
-                self._items.clear()
-            self._items[limit] = item
-        return item
 
     async def aclose(self) -> None:
         """Close the counter storage's client (a later check makes a new one)."""

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from keyguard.models import RateLimit
+from keyguard.ratelimit.items import limits_item
 from keyguard.ratelimit.verdict import Verdict
 
 __all__ = ["SWEEP_INTERVAL", "SWEEP_SLICE", "LocalCounter"]
@@ -62,13 +63,17 @@ class LocalCounter:
     """Exact moving-window counts per ``(api, client_id)``, in this process.
 
     ``item`` maps a :class:`~keyguard.models.RateLimit` to ``limits``' ``RateLimitItem``
-    (its ``amount`` and ``get_expiry()`` are the model); ``clock`` is a monotonic clock
-    in seconds (injectable for tests). Not thread-safe: call it from one thread, the
+    (its ``amount`` and ``get_expiry()`` are the model; default
+    :func:`~keyguard.ratelimit.items.limits_item`); ``clock`` is a monotonic clock in
+    seconds (injectable for tests). Not thread-safe: call it from one thread, the
     event loop's, as :class:`~keyguard.ratelimit.RateLimiter` does.
     """
 
     def __init__(
-        self, item: Callable[[RateLimit], Any], *, clock: Callable[[], float] = time.monotonic
+        self,
+        item: Callable[[RateLimit], Any] = limits_item,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._item = item
         self._clock = clock
@@ -104,8 +109,8 @@ class LocalCounter:
             while times and times[0] <= floor:
                 times.popleft()
             count = len(times)
-            if count >= limit:  # the oldest entry is alive (> floor): a wait ≥ 1 s
-                return _new(Verdict, (False, limit, 0, math.ceil(times[0] - floor)))
+            if count >= limit:
+                return _new(Verdict, (False, limit, 0, _wait(times[0], now, period)))
             times.append(now)
             key.until = now + period
             return _new(Verdict, (True, limit, limit - count - 1, 0))
@@ -116,7 +121,7 @@ class LocalCounter:
                 times.popleft()
             if len(times) >= limit:
                 # Every full limit must have a place again: the longest wait of theirs.
-                wait = max(wait, math.ceil(times[0] - floor))
+                wait = max(wait, _wait(times[0], now, period))
         if not wait:
             for times, _, _ in windows:
                 times.append(now)
@@ -162,3 +167,15 @@ class LocalCounter:
         if stop >= len(pending):
             self._sweeping = None
             self._next_sweep = now + SWEEP_INTERVAL
+
+
+def _wait(oldest: float, now: float, period: float) -> int:
+    """Whole seconds (≥ 1) from ``now`` until the entry ``oldest`` leaves its window, as
+    this counter's own test (``oldest <= now - period``) will see it: the ceiling of the
+    exact wait, corrected where float rounding would put it a second off."""
+    wait = max(1, math.ceil(oldest + period - now))
+    if oldest > (now + wait) - period:
+        wait += 1
+    elif wait > 1 and oldest <= (now + wait - 1) - period:
+        wait -= 1
+    return wait
