@@ -14,11 +14,13 @@ both at once, atomically, for up to four limits:
    once, so O(1) amortized) and count the rest;
 3. if any limit is full, touch nothing more and answer, per limit, the count and the
    milliseconds until its oldest entry leaves the window;
-4. else push the time onto every list, trim each to its limit, reset its expiry.
+4. else push the time onto every list and reset its expiry (no trim needed: a list
+   only grows while it holds fewer than ``limit`` live entries).
 
 An entry admitted at ``t`` counts while ``now < t + period``, as in
-:mod:`keyguard.ratelimit.local`. The time pushed never goes below a list's newest
-entry, so a server clock stepping back keeps lists ordered (and errs towards refusing).
+:mod:`keyguard.ratelimit.local`. Should the server's clock step back, a list is no
+longer in order and an expired entry behind a live one is dropped late: the count
+errs towards refusing, never towards admitting more.
 Every key of one client carries the hash tag ``{client_id}``, so on a cluster they
 share a slot and the script runs on one node.
 """
@@ -37,43 +39,30 @@ SCRIPT = """
 local t = redis.call('TIME')
 local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local n = #KEYS
-local counts, waits, full = {}, {}, false
-local stamps = {}
+local answer = {1}
 for i = 1, n do
   local key = KEYS[i]
-  local limit = tonumber(ARGV[2 * i - 1])
-  local period = tonumber(ARGV[2 * i])
-  local floor = clock - period
+  local floor = clock - tonumber(ARGV[2 * i])
   local oldest = redis.call('LINDEX', key, -1)
   while oldest and tonumber(oldest) <= floor do
     redis.call('RPOP', key)
     oldest = redis.call('LINDEX', key, -1)
   end
   local count = redis.call('LLEN', key)
-  counts[i] = count
-  waits[i] = 0
-  if count >= limit then
-    full = true
-    -- the entry whose leaving makes a place: the limit-th newest
-    local entry = tonumber(redis.call('LINDEX', key, limit - 1))
-    waits[i] = math.max(1, math.ceil((entry - floor) * 1000))
+  answer[1 + i] = count
+  answer[1 + n + i] = 0
+  if count >= tonumber(ARGV[2 * i - 1]) then
+    -- full: the oldest entry's leaving makes a place
+    answer[1] = 0
+    answer[1 + n + i] = math.max(1, math.ceil((tonumber(oldest) - floor) * 1000))
   end
-  local newest = redis.call('LINDEX', key, 0)
-  stamps[i] = clock
-  if newest and tonumber(newest) > clock then stamps[i] = tonumber(newest) end
 end
-if not full then
+if answer[1] == 1 then
+  local stamp = string.format('%.6f', clock)
   for i = 1, n do
-    local key = KEYS[i]
-    redis.call('LPUSH', key, string.format('%.6f', stamps[i]))
-    redis.call('LTRIM', key, 0, tonumber(ARGV[2 * i - 1]) - 1)
-    redis.call('EXPIRE', key, math.ceil(tonumber(ARGV[2 * i])))
+    redis.call('LPUSH', KEYS[i], stamp)
+    redis.call('EXPIRE', KEYS[i], ARGV[2 * i])
   end
-end
-local answer = {full and 0 or 1}
-for i = 1, n do
-  answer[1 + i] = counts[i]
-  answer[1 + n + i] = waits[i]
 end
 return answer
 """
