@@ -19,6 +19,11 @@ drift between rounds cancels out.
   an ``EVALSHA`` of a script returning 1, on a client with the rate limiter's own
   options (1 s socket timeouts) — and the ratio of the two.
 
+With ``--limits-storage``, also the evidence for counting ``memory://`` in keyguard's
+own counter rather than in ``limits``' ``MemoryStorage``: one check (read the window,
+then acquire an entry, what a moving window needs for its headers) timed on each, for
+one and for four limits.
+
 Counters go under a fresh key prefix on Redis, deleted afterwards.
 """
 
@@ -219,6 +224,84 @@ async def measure(redis_url: str | None, *, rounds: int, batch: int) -> list[str
     return out
 
 
+def _check_makers(texts: list[str]) -> dict[str, Callable[[], Callable[[], object]]]:
+    """Per counter, a factory of a fresh counter's one-check function for ``texts``."""
+    from limits.aio.storage import MemoryStorage as AsyncMemoryStorage
+    from limits.aio.strategies import MovingWindowRateLimiter
+    from limits.storage import MemoryStorage
+
+    from keyguard.models import RateLimit
+    from keyguard.ratelimit.items import limits_item
+    from keyguard.ratelimit.local import LocalCounter
+
+    limits = tuple(RateLimit(int(n), per) for n, per in (t.split("/") for t in texts))  # type: ignore[arg-type]
+    items = [limits_item(x) for x in limits]
+    entries = [(item.key_for("bench", "c"), item.amount, item.get_expiry()) for item in items]
+
+    def async_storage() -> Callable[[], object]:
+        storage = AsyncMemoryStorage()
+
+        async def check() -> None:
+            for entry in entries:
+                await storage.get_moving_window(*entry)
+            for entry in entries:
+                await storage.acquire_entry(*entry)
+
+        return check
+
+    def sync_storage() -> Callable[[], object]:
+        storage = MemoryStorage()
+
+        def check() -> None:
+            for entry in entries:
+                storage.get_moving_window(*entry)
+            for entry in entries:
+                storage.acquire_entry(*entry)
+
+        return check
+
+    def strategy() -> Callable[[], object]:
+        limiter = MovingWindowRateLimiter(AsyncMemoryStorage())
+
+        async def check() -> None:
+            for item in items:
+                await limiter.hit(item, "bench", "c")
+
+        return check
+
+    def local() -> Callable[[], object]:
+        counter = LocalCounter()
+        return lambda: counter.hit("bench", "c", limits)
+
+    return {
+        "limits' async MemoryStorage, window + acquire": async_storage,
+        "limits' sync MemoryStorage, window + acquire": sync_storage,
+        "limits' async MovingWindowRateLimiter.hit (no window read)": strategy,
+        "keyguard's LocalCounter.hit": local,
+    }
+
+
+async def limits_storage_rows(checks: int = 5000, repeat: int = 5) -> list[list[str]]:
+    """µs of thread CPU time per check, best of ``repeat`` runs of ``checks`` checks on a
+    fresh counter each: ``limits``' async and sync ``MemoryStorage`` (window, then
+    acquire, limit by limit) and its async ``MovingWindowRateLimiter.hit`` (acquire only,
+    so no headers), against keyguard's ``LocalCounter``."""
+    rows = []
+    for label, texts in (("1 limit", ONE), ("4 limits", FOUR)):
+        for name, make in _check_makers(texts).items():
+            times = []
+            for _ in range(repeat):
+                check = make()
+                start = time.thread_time_ns()
+                for _ in range(checks):
+                    result = check()
+                    if asyncio.iscoroutine(result):
+                        await result
+                times.append((time.thread_time_ns() - start) / checks / 1000)
+            rows.append([f"{label}: {name}", report.num(min(times))])
+    return rows
+
+
 def _host(url: str) -> str:
     return url.split("@")[-1]
 
@@ -229,11 +312,18 @@ def main() -> None:
     parser.add_argument("--no-redis", action="store_true", help="memory:// only")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch", type=int, default=4000, help="requests per round (memory)")
+    parser.add_argument(
+        "--limits-storage", action="store_true", help="also time limits' MemoryStorage"
+    )
     args = parser.parse_args()
     redis_url = None if args.no_redis or not reachable("redis") else args.redis
     lines = asyncio.run(measure(redis_url, rounds=args.rounds, batch=args.batch))
     print("## What a rate limit costs\n")
     print("\n".join(lines))
+    if args.limits_storage:
+        rows = asyncio.run(limits_storage_rows())
+        print("\n### One check, counter alone (thread CPU time, best of 5 runs of 5,000 checks)\n")
+        print(report.table(["counter", "µs per check"], rows))
 
 
 if __name__ == "__main__":
