@@ -77,18 +77,23 @@ class LocalCounter:
     ) -> None:
         self._item = item
         self._clock = clock
-        self._keys: dict[tuple[str, str], _Key] = {}
+        self._apis: dict[str, dict[str, _Key]] = {}  # api -> client id -> its windows
         self._next_sweep = clock() + SWEEP_INTERVAL
-        self._sweeping: list[tuple[str, str]] | None = None
+        self._sweeping: list[tuple[str, str]] | None = None  # (api, client id) to look at
         self._swept = 0
 
     def __len__(self) -> int:
         """How many keys are remembered (those with entries possibly alive)."""
-        return len(self._keys)
+        return sum(map(len, self._apis.values()))
 
     def entries(self) -> int:
         """How many admitted-request entries are held, over every key and limit."""
-        return sum(len(times) for key in self._keys.values() for times, _, _ in key.windows)
+        return sum(
+            len(times)
+            for keys in self._apis.values()
+            for key in keys.values()
+            for times, _, _ in key.windows
+        )
 
     def hit(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> Verdict:
         """Count one request against ``limits`` (non-empty), or refuse it counting nothing.
@@ -98,10 +103,12 @@ class LocalCounter:
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
-        name = (api, client_id)
-        key = self._keys.get(name)
+        keys = self._apis.get(api)
+        if keys is None:
+            keys = self._apis[api] = {}
+        key = keys.get(client_id)
         if key is None or (key.limits is not limits and key.limits != limits):
-            key = self._keys[name] = self._rebuilt(key, limits)
+            key = keys[client_id] = self._rebuilt(key, limits)
         windows = key.windows
         if len(windows) == 1:  # the common case, without a loop
             times, limit, period = windows[0]
@@ -155,15 +162,20 @@ class LocalCounter:
         """Forget, a slice per call, the keys whose every entry has left its window."""
         pending = self._sweeping
         if pending is None:
-            pending = self._sweeping = list(self._keys)
+            pending = self._sweeping = [
+                (api, client_id) for api, keys in self._apis.items() for client_id in keys
+            ]
             self._swept = 0
         start = self._swept
         stop = self._swept = start + SWEEP_SLICE
-        keys = self._keys
-        for name in pending[start:stop]:
-            key = keys.get(name)
-            if key is not None and key.until <= now:
-                del keys[name]
+        apis = self._apis
+        for api, client_id in pending[start:stop]:
+            keys = apis.get(api)
+            key = None if keys is None else keys.get(client_id)
+            if keys is not None and key is not None and key.until <= now:
+                del keys[client_id]
+                if not keys:
+                    del apis[api]
         if stop >= len(pending):
             self._sweeping = None
             self._next_sweep = now + SWEEP_INTERVAL
