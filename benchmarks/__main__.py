@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import statistics
 import sys
 import tempfile
@@ -18,8 +19,9 @@ from pathlib import Path
 
 from benchmarks import apps, inprocess, report, scale, server, slow
 from benchmarks.inprocess import Contender
-from benchmarks.stores import BACKENDS, SERVER_URLS, Seeded, drop, reachable, seed
+from benchmarks.stores import BACKENDS, SERVER_URLS, Seeded, drop, drop_prefix, reachable, seed
 from keyguard import KeyManager
+from keyguard.ratelimit import RateLimiter
 
 ID = b"x-ibm-client-id"
 SECRET = b"x-ibm-client-secret"
@@ -75,11 +77,20 @@ async def section_inprocess(
             external_headers(memory),
         ),
     ]
-    # The same external key with a rate limit it never reaches: what counting costs.
-    limited = await KeyManager(memory.store).create_key(
-        "bench", name="limited", kind="external", rate_limits=["10000/second"]
+    # The same external key with rate limits it never reaches: what counting costs
+    # (``python -m benchmarks.ratelimits`` splits it finer, in CPU time).
+    manager = KeyManager(memory.store)
+    limited = await manager.create_key(
+        "bench", name="limited", kind="external", rate_limits=["1000000/second"]
     )
     limited_headers = [(ID, limited.client_id.encode())]
+    four = await manager.create_key(
+        "bench",
+        name="limited4",
+        kind="external",
+        rate_limits=["1000000/second", "10000000/minute", "100000000/hour", "1000000000/day"],
+    )
+    four_headers = [(ID, four.client_id.encode())]
     contenders.append(
         Contender(
             "keyguard memory, id only, rate-limited (memory:// counters)",
@@ -87,19 +98,45 @@ async def section_inprocess(
             limited_headers,
         )
     )
+    contenders.append(
+        Contender(
+            "keyguard memory, id only, 4 rate limits (memory:// counters)",
+            apps.keyguard(memory.store),
+            four_headers,
+        )
+    )
+    counters: tuple[str, str] | None = None  # (Redis URL, key prefix) to delete afterwards
     if "redis" in backends:
         redis_url = SERVER_URLS["redis"]
+        counters = (redis_url, f"kgbench-rl:{secrets.token_hex(4)}")
+        redis_counted = apps.keyguard(
+            memory.store, rate_limiter=RateLimiter(redis_url, key_prefix=counters[1])
+        )
         contenders.append(
             Contender(
                 "keyguard memory, id only, rate-limited (Redis counters)",
-                apps.keyguard(memory.store, rate_limiter=redis_url),
+                redis_counted,
                 limited_headers,
+            )
+        )
+        contenders.append(
+            Contender(
+                "keyguard memory, id only, 4 rate limits (Redis counters)",
+                redis_counted,
+                four_headers,
             )
         )
         contenders.append(
             Contender(
                 "bare app + one raw redis-py round trip (PING)",
                 apps.raw_redis_round_trip(redis_url),
+                [],
+            )
+        )
+        contenders.append(
+            Contender(
+                "bare app + one raw redis-py EVALSHA (the rate limiter's client options)",
+                apps.raw_redis_script_round_trip(redis_url),
                 [],
             )
         )
@@ -123,6 +160,8 @@ async def section_inprocess(
     finally:
         for s in seeded:
             await drop(s)
+        if counters is not None:
+            await drop_prefix("redis", counters[0], counters[1] + ":")
     bare, floor = contenders[0], contenders[1]
     floor_added = inprocess.added(floor, bare)
     bare_us = statistics.median(bare.rounds)

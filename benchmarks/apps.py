@@ -144,3 +144,21 @@ def raw_redis_round_trip(url: str) -> ASGIApp:
         await inner(scope, receive, send)
 
     return app
+
+
+def raw_redis_script_round_trip(url: str) -> ASGIApp:
+    """The bare app after one raw redis-py ``EVALSHA`` of a script returning 1, on a
+    client with the rate limiter's options (1 s socket timeouts): what the rate limiter's
+    one script call costs without its script's work."""
+    import redis.asyncio as aioredis
+
+    inner = bare()
+    client = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    script = client.register_script("return 1")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await script(["kgbench-rl:{raw}"], [1])
+        await inner(scope, receive, send)
+
+    return app

@@ -1,23 +1,28 @@
-"""Rate limits per key (SPEC §9), counted through the ``limits`` library.
+"""Rate limits per key (SPEC §9), counted through the ``limits`` library's moving window.
 
 ``RateLimiter(url)`` counts in the counter storage ``url`` names: ``memory://``
 (this process only), ``redis://…``, ``rediss://…``, ``redis+cluster://…``, or
 any other storage ``limits`` supports (``memcached://…``, ``mongodb://…``,
-``valkey://…``). Counting uses ``limits``' *moving window* strategy: each
-admitted request is an entry that lives ``per`` seconds, and a request is
-admitted only while fewer than ``limit`` entries are alive. Unlike fixed
-windows, which admit up to twice the limit across a window's edge, this holds
-in *every* window of that length, across every process sharing the storage,
-at the price of one entry per admitted request (``limit`` entries per key and
-limit at most).
+``valkey://…``). Counting uses ``limits``' *moving window*: each admitted request
+is an entry that lives ``per`` seconds, and a request is admitted only while fewer
+than ``limit`` entries are alive. Unlike fixed windows, which admit up to twice the
+limit across a window's edge, this holds in *every* window of that length, across
+every process sharing the storage, at the price of one entry per admitted request
+(``limit`` entries per key and limit at most).
 
-A request is checked in two steps: the windows of all the key's limits are
-read together, and a request that would exceed one is refused without
-consuming anything; otherwise every limit is hit, each atomically in the
-storage (a hit that would exceed its limit does not count). Only when two
-requests race for the last place of one limit while another limit still has
-room can the loser consume a place of that other limit; admitted requests
-never exceed any limit.
+A request is checked against all of its key's limits, and either hits them all or,
+when one is used up, is refused without consuming anything:
+
+* ``memory://`` — :mod:`keyguard.ratelimit.local`, an exact in-process counter with
+  ``limits``' items and semantics (``limits``' own ``MemoryStorage`` costs many times
+  more per check; docs/rate-limits.md has the figures);
+* Redis, Redis Cluster, Sentinel (redis-py) — :mod:`keyguard.ratelimit.redis`, one Lua
+  script over ``limits``' key layout on ``limits``' client: one round trip, atomic,
+  exact across processes and machines (the server's clock);
+* any other storage — ``limits``' moving-window calls: the windows of all limits are
+  read, then each limit is hit atomically (a hit that would exceed its limit does not
+  count); only when two requests race for the last place of one limit while another
+  still has room can the loser consume a place of that other one.
 
 If the counter storage fails, requests are counted in this process's memory
 until it answers again (the limits still hold, per process), with one
@@ -31,13 +36,17 @@ import asyncio
 import contextlib
 import logging
 import math
+import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Awaitable, Sequence
+from typing import Any, Literal, TypeVar
 
 from keyguard.errors import ConfigurationError, StoreUnavailable
 from keyguard.models import RateLimit
+from keyguard.ratelimit.items import limits_item
+from keyguard.ratelimit.local import LocalCounter
+from keyguard.ratelimit.redis import ScriptedWindows, scripted
+from keyguard.ratelimit.verdict import Verdict, tightest
 
 __all__ = [
     "DEFAULT_RATE_LIMIT_TIMEOUT",
@@ -60,26 +69,19 @@ class RateLimiterUnavailable(StoreUnavailable):
     """The counter storage failed and ``rate_limit_fail="closed"``: answer 503."""
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What a request's rate limits decided, for the response and its headers.
+_verdict = Verdict._make
+_T = TypeVar("_T")
 
-    ``limit`` and ``remaining`` are those of the tightest limit (the fewest
-    requests remaining after this one; on a tie the shortest period);
-    ``retry_after`` is the whole number of seconds until a refused request
-    would pass (0 when admitted).
-    """
+if sys.version_info >= (3, 11):
 
-    admitted: bool
-    limit: int
-    remaining: int
-    retry_after: int
+    async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
+        async with asyncio.timeout(seconds):  # no task, unlike wait_for on 3.11
+            return await awaitable
 
+else:
 
-def tightest(states: Sequence[tuple[RateLimit, int]]) -> tuple[RateLimit, int]:
-    """Of ``(limit, remaining)`` pairs, the one with the fewest remaining, then the
-    shortest period (SPEC §9's "tightest limit")."""
-    return min(states, key=lambda state: (state[1], state[0].seconds))
+    async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
+        return await asyncio.wait_for(awaitable, seconds)
 
 
 def _storage_uri(url: str) -> tuple[str, dict[str, Any]]:
@@ -139,14 +141,16 @@ class RateLimiter:
         self.timeout = float(timeout)
         self.local = self.uri.startswith("async+memory")
         self._remote: Any = None
+        self._scripted: ScriptedWindows | None = None
         self._remote_loop: asyncio.AbstractEventLoop | None = None
-        self._fallback: Any = None
+        self._fallback: LocalCounter | None = None
         self._down_until = 0.0
         self._retry = _RETRY_FIRST
         self._last_warning = -math.inf
-        self._items: dict[RateLimit, Any] = {}
         # Fail at start-up on an unknown scheme or a missing driver, not on a request.
-        self._make_limiter(self.uri, self._options)
+        if not self.local:
+            self._make_limiter(self.uri, self._options)
+        self._counter = LocalCounter(limits_item)  # memory://, and the fallback
 
     def __repr__(self) -> str:
         return f"RateLimiter({_masked(self.url)!r}, fail={self.fail!r})"
@@ -171,12 +175,13 @@ class RateLimiter:
             # A client is bound to the event loop it first ran in: one per loop (the one
             # of a loop that is gone cannot be closed from this one, and is dropped).
             self._remote = self._make_limiter(self.uri, dict(self._options))
+            self._scripted = scripted(self._remote.storage)
             self._remote_loop = loop
         return self._remote
 
     async def _drop_remote(self) -> None:
         remote, loop = self._remote, self._remote_loop
-        self._remote = self._remote_loop = None
+        self._remote = self._remote_loop = self._scripted = None
         if remote is None or loop is not asyncio.get_running_loop():
             return
         client = getattr(getattr(remote.storage, "bridge", None), "storage", None)
@@ -185,20 +190,15 @@ class RateLimiter:
             with contextlib.suppress(Exception):
                 await closing()
 
-    def _memory(self) -> Any:
-        if self._fallback is None:
-            self._fallback = self._make_limiter("async+memory://", {})
-        return self._fallback
-
     async def hit(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> Verdict:
         """Count one request of key ``client_id`` of ``api`` against ``limits`` (non-empty),
         or refuse it without counting it. See the module docstring."""
-        if self.local or time.monotonic() < self._down_until:
-            return await self._check(self._memory(), api, client_id, limits)
+        if self.local:
+            return self._counter.hit(api, client_id, limits)
+        if time.monotonic() < self._down_until:
+            return self._counter.hit(api, client_id, limits)
         try:
-            verdict = await asyncio.wait_for(
-                self._check(self._limiter(), api, client_id, limits), self.timeout
-            )
+            verdict = _verdict(await _within(self._shared(api, client_id, limits), self.timeout))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the storage failed: StorageError, a timeout, …
@@ -227,17 +227,26 @@ class RateLimiter:
             )
         if self.fail == "closed":
             raise RateLimiterUnavailable("rate-limit counter storage unavailable") from None
-        return await self._check(self._memory(), api, client_id, limits)
+        return self._counter.hit(api, client_id, limits)
+
+    async def _shared(
+        self, api: str, client_id: str, limits: Sequence[RateLimit]
+    ) -> tuple[bool, int, int, int]:
+        limiter = self._limiter()
+        windows = self._scripted
+        if windows is not None:  # Redis: one script, one round trip
+            return await windows.hit(api, client_id, limits, [limits_item(x) for x in limits])
+        return await self._check(limiter, api, client_id, limits)
 
     async def _check(
         self, limiter: Any, api: str, client_id: str, limits: Sequence[RateLimit]
-    ) -> Verdict:
+    ) -> tuple[bool, int, int, int]:
         # The moving-window storage calls of ``limits`` (what its MovingWindowRateLimiter's
         # get_window_stats and hit do), each key built once.
         storage = limiter.storage
         entries = [
             (item.key_for(api, client_id), item.amount, item.get_expiry())
-            for item in map(self._item, limits)
+            for item in map(limits_item, limits)
         ]
         if len(entries) == 1:  # the common case, without the cost of tasks
             windows = [await storage.get_moving_window(*entries[0])]
@@ -267,7 +276,7 @@ class RateLimiter:
                 for limit, (remaining, _) in zip(limits, states, strict=True)
             ]
         )
-        return Verdict(True, limit.limit, remaining, 0)
+        return True, limit.limit, remaining, 0
 
     @staticmethod
     def _refused(
@@ -275,7 +284,7 @@ class RateLimiter:
         states: Sequence[tuple[int, float]],
         now: float,
         refusing: Sequence[bool],
-    ) -> Verdict:
+    ) -> tuple[bool, int, int, int]:
         # Every refusing limit must have a free place again: the longest wait of theirs.
         wait = max(
             max(1, math.ceil(reset - now))
@@ -288,29 +297,7 @@ class RateLimiter:
                 for limit, (remaining, _), refused in zip(limits, states, refusing, strict=True)
             ]
         )
-        return Verdict(False, limit.limit, 0, wait)
-
-    def _item(self, limit: RateLimit) -> Any:
-        item = self._items.get(limit)
-        if item is None:
-            from limits import (
-                RateLimitItemPerDay,
-                RateLimitItemPerHour,
-                RateLimitItemPerMinute,
-                RateLimitItemPerSecond,
-            )
-
-            kinds = {
-                "second": RateLimitItemPerSecond,
-                "minute": RateLimitItemPerMinute,
-                "hour": RateLimitItemPerHour,
-                "day": RateLimitItemPerDay,
-            }
-            item = kinds[limit.per](limit.limit, namespace="k")
-            if len(self._items) >= 10_000:
-                self._items.clear()
-            self._items[limit] = item
-        return item
+        return False, limit.limit, 0, wait
 
     async def aclose(self) -> None:
         """Close the counter storage's client (a later check makes a new one)."""
