@@ -206,7 +206,9 @@ async def workers(
                 await w.process.wait()
 
 
-async def measure(name: str, url: str, workdir: Path, repetitions: int, interval: float) -> Result:
+async def measure(
+    name: str, url: str, workdir: Path, repetitions: int, interval: float, verbose: bool = False
+) -> Result:
     """Revoke ``repetitions`` keys (after the warm-up) while four workers hammer each."""
     if name in ("redis", "cluster"):
         option, prefix = "prefix", f"kgbench:{secrets.token_hex(4)}:"
@@ -242,6 +244,8 @@ async def measure(name: str, url: str, workdir: Path, repetitions: int, interval
                         continue
                     if n >= WARMUP:
                         result.latencies.append(max(0.0, refused - answered))
+                    if verbose:
+                        print(f"{name} #{n}: {(refused - answered) * 1000:.1f} ms", file=sys.stderr)
                 if n % 2:
                     await manager.delete_key("bench", key.client_id)  # give its place back
     finally:
@@ -271,7 +275,9 @@ async def drop_tables_or_keys(name: str, url: str, prefix: str) -> None:
         await engine.dispose()
 
 
-def run(names: list[str], repetitions: int, interval: float) -> list[Result]:
+def run(
+    names: list[str], repetitions: int, interval: float, *, verbose: bool = False
+) -> list[Result]:
     """Measure each store of ``names`` whose server answers; skipped ones are left out."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -282,13 +288,15 @@ def run(names: list[str], repetitions: int, interval: float) -> list[Result]:
                     print("skipped cluster: redis-server and redis-cli needed", file=sys.stderr)
                     continue
                 with local_cluster() as url:
-                    results.append(asyncio.run(measure(name, url, workdir, repetitions, interval)))
+                    results.append(
+                        asyncio.run(measure(name, url, workdir, repetitions, interval, verbose))
+                    )
                 continue
             if not reachable(name):
                 print(f"skipped {name}: server unreachable", file=sys.stderr)
                 continue
             url = f"sqlite:///{workdir / 'bench.db'}" if name == "sqlite" else SERVER_URLS[name]
-            results.append(asyncio.run(measure(name, url, workdir, repetitions, interval)))
+            results.append(asyncio.run(measure(name, url, workdir, repetitions, interval, verbose)))
             print(f"{name}: done", file=sys.stderr, flush=True)
     return results
 
@@ -334,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repetitions", type=int, default=40)
     parser.add_argument("--interval", type=float, default=0.005, help="seconds between polls")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--verbose", action="store_true", help="print every latency")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -344,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(STORES))
     if unknown:
         parser.error(f"unknown stores {unknown}; choose from {', '.join(STORES)}")
-    results = run(names, args.repetitions, args.interval)
+    results = run(names, args.repetitions, args.interval, verbose=args.verbose)
     text = "## Cross-process revocation latency\n\n" + render(
         results, args.repetitions, args.interval
     )
