@@ -57,6 +57,7 @@ from keyguard.stores.sql._engine import (
     _validate_prefix,
     _validate_timeout,
 )
+from keyguard.stores.sql._feed import announce, channel_for
 from keyguard.stores.sql._schema import _VERSION_ROW, SCHEMA_VERSION, _Schema
 
 logger = logging.getLogger("keyguard")
@@ -108,6 +109,9 @@ class _SQLCore:
         self._schema: _Schema | None = None
         self._closed = False
         self._password = engine.url.password
+        # PostgreSQL: every change also NOTIFYs this channel, in its transaction (_feed.py).
+        self._channel = channel_for(self._prefix) if engine.dialect.name == "postgresql" else None
+        self._connect_args: dict[str, Any] = {}  # set by from_url: what its engines connect with
 
     def __repr__(self) -> str:
         return f"SQLStore({self.url!r}, table_prefix={self._prefix!r})"
@@ -222,6 +226,12 @@ class _SQLCore:
                 if not retry or (write and committing):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _announce(self, conn: AsyncConnection, api: str, client_id: str | None) -> None:
+        """Tell other processes (PostgreSQL's change feed) of a change to ``api`` (to its key
+        ``client_id``), in the change's transaction: sent at its commit, never if rolled back."""
+        if self._channel is not None:
+            await announce(conn, self._channel, api, client_id)
 
     def _reader(self, engine: AsyncEngine) -> AsyncEngine:
         """The engine for single-statement reads.

@@ -23,7 +23,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from keyguard.audit import (
     DEFAULT_AUDIT_RETENTION,
@@ -62,6 +62,7 @@ from keyguard.stores._paging import (
 from keyguard.usage import UsageCount
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import TypeAlias
 
     # A result row. Row's type parameters differ between SQLAlchemy 2.0 (a tuple TypeVar)
@@ -76,6 +77,7 @@ from keyguard.stores.sql._engine import (
     _validate_prefix,
     _validate_timeout,
 )
+from keyguard.stores.sql._feed import PgFeed, asyncpg_connector, listens
 from keyguard.stores.sql._schema import (
     _NAME_KEY_LENGTH,
     _NAME_LENGTH,
@@ -110,6 +112,13 @@ class SQLStore(_SQLCore):
     any engine.
     """
 
+    def __new__(cls, engine: AsyncEngine, **options: Any) -> SQLStore:
+        # On PostgreSQL through asyncpg the store is also a ChangeFeed (LISTEN/NOTIFY), as
+        # pathlib.Path() gives a PosixPath: isinstance(store, ChangeFeed) tells a cache so.
+        if cls is SQLStore and listens(engine):
+            return object.__new__(_PostgreSQLStore)
+        return object.__new__(cls)
+
     @classmethod
     def from_url(
         cls,
@@ -137,10 +146,11 @@ class SQLStore(_SQLCore):
         parsed = _parse_url(url)
         options = _engine_options(parsed, timeout, engine_options)
         engine = _create_engine(parsed, options)
-        store = cls(
+        store: SQLStore = cls(
             engine, table_prefix=table_prefix, timeout=timeout, audit_retention=audit_retention
         )
         store._factory = lambda: _create_engine(parsed, options)
+        store._connect_args = dict(options["connect_args"])
         return store
 
     # -- KeyStore -------------------------------------------------------------------------
@@ -227,6 +237,7 @@ class SQLStore(_SQLCore):
                 await conn.execute(update(apis).where(apis.c.name == api).values(changes))
             row = (await conn.execute(select(*schema.api_columns).where(apis.c.name == api))).one()
             await _write_audit(conn, schema, audit)
+            await self._announce(conn, api, None)
             return _api(row)
 
         return await self._changed(await self._run(work, write=True), audit)
@@ -258,8 +269,10 @@ class SQLStore(_SQLCore):
                     f"API {record.api!r} already has {row.max_keys_per_kind} "
                     f"{record.kind.value} keys"
                 )
-            # Before the insert, so the event is rolled back with a refused one.
+            # Before the insert, so the event (and the notice) is rolled back with a
+            # refused one.
             await _write_audit(conn, schema, audit)
+            await self._announce(conn, record.api, record.client_id)
             try:
                 await conn.execute(
                     insert(schema.keys).values(
@@ -410,6 +423,7 @@ class SQLStore(_SQLCore):
                 if changed.rowcount != 1:
                     # Deleted since it was seen: leaving by an error rolls the event back.
                     raise _Vanished()
+                await self._announce(conn, api, client_id)
             # The same transaction: the row lock taken by the UPDATE is still held.
             return await _stored_key(conn, schema, api, client_id)
 
@@ -468,6 +482,7 @@ class SQLStore(_SQLCore):
             if result.rowcount != 1:
                 return None
             await _write_audit(conn, schema, audit)
+            await self._announce(conn, api, client_id)
             return await _stored_key(conn, schema, api, client_id)
 
         updated = await self._run(work, write=True)
@@ -491,6 +506,7 @@ class SQLStore(_SQLCore):
             await conn.execute(update(apis).where(apis.c.name == api).values({count: count - 1}))
             if (await conn.execute(delete(keys).where(which))).rowcount == 1:
                 await _write_audit(conn, schema, audit)
+                await self._announce(conn, api, client_id)
                 return True
             # Another call deleted it since we read its kind: give the place back.
             await conn.execute(update(apis).where(apis.c.name == api).values({count: count + 1}))
@@ -524,6 +540,7 @@ class SQLStore(_SQLCore):
             await conn.execute(delete(keys).where(keys.c.api == api))
             await conn.execute(delete(apis).where(apis.c.name == api))
             await _write_audit(conn, schema, audit)
+            await self._announce(conn, api, None)
             return True
 
         deleted = await self._run(work, write=True)
@@ -678,6 +695,46 @@ class SQLStore(_SQLCore):
             await conn.execute(delete(schema.usage).where(schema.usage.c.hour < before))
 
         await self._run(work, write=True)
+
+
+class _PostgreSQLStore(SQLStore):
+    """The SQL store on PostgreSQL through asyncpg: also a ``ChangeFeed`` (LISTEN/NOTIFY).
+
+    ``SQLStore(engine)`` and ``SQLStore.from_url`` give one whenever the engine is
+    PostgreSQL's through asyncpg; it is a ``SQLStore`` in every other respect.
+    """
+
+    _feed: PgFeed | None = None
+
+    async def watch(
+        self,
+        on_change: Callable[[str, str | None], None],
+        *,
+        on_ready: Callable[[], None],
+    ) -> None:
+        """The change feed (:class:`~keyguard.stores.base.ChangeFeed`): every change
+        NOTIFYs ``<api>`` or ``<api>\\n<client_id>`` on ``<table prefix>changes``, at its
+        commit. One listening connection per event loop, outside the pool, shared by
+        every ``watch`` in that loop; ``StoreUnavailable`` when it drops.
+        """
+        if self._closed:
+            raise StoreUnavailable(f"SQL store {self.url} is closed")
+        feed = self._feed
+        if feed is None:
+            assert self._channel is not None
+            feed = self._feed = PgFeed(
+                channel=self._channel,
+                connect=asyncpg_connector(self._engine, self._connect_args),
+                timeout=self._timeout,
+                unavailable=self._unavailable,
+            )
+        await feed.watch(on_change, on_ready=on_ready)
+
+    async def aclose(self) -> None:
+        """Stop listening (in this loop), then release the connections as ``SQLStore`` does."""
+        if self._feed is not None:
+            self._feed.aclose()
+        await super().aclose()
 
 
 class _Vanished(KeyGuardError):

@@ -1,0 +1,495 @@
+"""PostgreSQL's change feed (SPEC §11): every change NOTIFYs, in its transaction, and a
+``CachedStore`` over another store object hears it and drops what it cached at once.
+
+Against the machine's PostgreSQL (each test under its own table prefix, so its own
+channel), and a private one the test starts where the server must restart. "At once"
+is shown, never timed: the reading cache's TTL is ten minutes, or its clock is the
+test's and never moves, so only a notice can explain that a change is seen. How fast
+it is, is measured in ``benchmarks/revocation.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+from sqlalchemy import column, table, text, update
+
+from keyguard.errors import DuplicateName, KeyLimitReached, StoreUnavailable
+from keyguard.models import KeyChanges, KeyKind, utcnow
+from keyguard.stores import CachedStore, ChangeFeed, open_store
+from keyguard.stores.sql import SQLStore
+from keyguard.stores.sql._store import _PostgreSQLStore
+from tests.backends.servers import require_server
+from tests.backends.sql import drop_tables, open_sql_test_store, unique_prefix
+from tests.helpers import expose, record
+from tests.test_outages import private_postgres
+
+pytestmark = pytest.mark.anyio
+
+LONG_TTL = 600.0  # a reading cache that only a notice can make forget, within a test
+BOUND = 30  # seconds: generous, only there so that a hang fails instead of blocking the run
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until ``check()`` is true; fail after a generous 30 seconds."""
+    with anyio.fail_after(BOUND):
+        while not await check():  # noqa: ASYNC110 - another store's effect, no event to await
+            await anyio.sleep(0.01)
+
+
+class Clock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ReadyCountingStore(_PostgreSQLStore):
+    """The PostgreSQL store, counting how often its feed started (or restarted) listening."""
+
+    readies = 0
+
+    async def watch(
+        self,
+        on_change: Callable[[str, str | None], None],
+        *,
+        on_ready: Callable[[], None],
+    ) -> None:
+        def ready() -> None:
+            self.readies += 1
+            on_ready()
+
+        await super().watch(on_change, on_ready=ready)
+
+
+@asynccontextmanager
+async def writer_store(**options: Any) -> AsyncIterator[SQLStore]:
+    """A store on the machine's PostgreSQL under a fresh prefix, its tables dropped after."""
+    async with open_sql_test_store("postgres", Path("."), **options) as store:
+        yield store
+
+
+@asynccontextmanager
+async def reader_of(
+    writer: SQLStore, *, ttl: float = LONG_TTL, clock: Callable[[], float] | None = None
+) -> AsyncIterator[CachedStore]:
+    """A cache over a second store object on ``writer``'s tables (another process's, in
+    all but the process)."""
+    inner = SQLStore.from_url(require_server("postgres"), table_prefix=writer.table_prefix)
+    reader = CachedStore(inner, ttl=ttl, clock=clock or time.monotonic)
+    try:
+        yield reader
+    finally:
+        await reader.aclose()
+
+
+@asynccontextmanager
+async def heard_on(channel: str) -> AsyncIterator[list[tuple[str, str]]]:
+    """Every (channel, payload) NOTIFYed on ``channel``, heard by a bare asyncpg connection
+    of the test's own (not the store's feed)."""
+    heard: list[tuple[str, str]] = []
+    conn = await asyncpg.connect(require_server("postgres"))
+    try:
+        await conn.add_listener(channel, lambda _c, _p, ch, payload: heard.append((ch, payload)))
+        yield heard
+    finally:
+        await conn.close()
+
+
+async def until_listening(cache: CachedStore) -> None:
+    """Wait until ``cache`` listens to its store's feed (and so has dropped, once, what it
+    cached before: ``on_ready`` clears it)."""
+    inner = cache.store
+    assert isinstance(inner, _PostgreSQLStore)
+
+    async def listening() -> bool:
+        return inner._feed is not None and inner._feed.listener() is not None
+
+    await eventually(listening)
+
+
+async def forgotten(cache: CachedStore, client_id: str) -> bool:
+    """Whether ``cache`` no longer finds ``client_id`` in ``orders``."""
+    return await cache.lookup("orders", client_id) == (True, None)
+
+
+async def disable_behind_the_back(store: SQLStore, client_id: str) -> None:
+    """Disable a key with a plain UPDATE: a change that sends no notice (as if it was lost)."""
+    keys = table(f"{store.table_prefix}keys", column("client_id"), column("enabled"))
+    async with store.engine.begin() as conn:
+        await conn.execute(update(keys).where(keys.c.client_id == client_id).values(enabled=False))
+
+
+async def mark_and_wait(store: SQLStore, heard: list[tuple[str, str]]) -> list[str]:
+    """Make one last change (API ``zz-last``) and wait for its notice: every notice sent
+    before it has arrived by then (PostgreSQL delivers in commit order). The payloads
+    heard before it."""
+    await store.upsert_api(
+        "zz-last", exposed=False, max_keys_per_kind=None, default_max_keys_per_kind=5
+    )
+
+    async def arrived() -> bool:
+        return any(payload == "zz-last" for _, payload in heard)
+
+    await eventually(arrived)
+    payloads = [payload for _, payload in heard]
+    return payloads[: payloads.index("zz-last")]
+
+
+# -- which stores have a feed -------------------------------------------------------------------
+
+
+async def test_only_postgresql_through_asyncpg_has_a_change_feed(tmp_path: Path) -> None:
+    """A PostgreSQL store (by URL or over an app's asyncpg engine) is a ChangeFeed and a
+    SQLStore; SQLite and MariaDB stores are not feeds (their caches use the TTL alone)."""
+    async with writer_store() as pg:
+        assert isinstance(pg, ChangeFeed)
+        assert isinstance(pg, SQLStore)
+        over_engine = SQLStore(pg.engine, table_prefix=pg.table_prefix)
+        assert isinstance(over_engine, ChangeFeed)
+        assert repr(over_engine).startswith("SQLStore(")
+    sqlite = SQLStore.from_url(f"sqlite:///{tmp_path / 'k.db'}")
+    mysql = SQLStore.from_url("mysql://root@127.0.0.1:3306/test")
+    try:
+        assert not isinstance(sqlite, ChangeFeed)
+        assert not isinstance(mysql, ChangeFeed)
+    finally:
+        await sqlite.aclose()
+        await mysql.aclose()
+
+
+# -- what is sent -------------------------------------------------------------------------------
+
+
+async def test_each_change_notifies_its_api_and_key_and_nothing_else() -> None:
+    """Each write NOTIFYs ``<api>`` or ``<api>\\n<client_id>`` on ``<prefix>changes``; a
+    write that changes nothing (a refused rename, a second delete, a missing key) or is
+    refused (limit, unexposed API) notifies nothing; reads notify nothing."""
+    async with writer_store() as store:
+        channel = f"{store.table_prefix}changes"
+        async with heard_on(channel) as heard:
+            key = record()
+            await expose(store, limit=1)
+            await store.insert_key(key)
+            with pytest.raises(KeyLimitReached):
+                await store.insert_key(record(name="Over"))
+            await store.update_key("orders", key.client_id, KeyChanges(enabled=False))
+            await store.update_key("orders", "0" * 32, KeyChanges(enabled=False))
+            await store.set_secret_hash("orders", key.client_id, "h", previous_until=utcnow())
+            await store.lookup("orders", key.client_id)
+            await store.list_keys("orders")
+            assert await store.delete_key("orders", key.client_id)
+            assert not await store.delete_key("orders", key.client_id)
+            assert await store.delete_api("orders", force=False)
+            assert not await store.delete_api("orders", force=False)
+            payloads = await mark_and_wait(store, heard)
+        mine = f"orders\n{key.client_id}"
+        assert payloads == ["orders", mine, mine, mine, mine, "orders"]
+        assert {ch for ch, _ in heard} == {channel}
+
+
+async def test_notices_carry_no_secret_and_stay_small() -> None:
+    """No notice contains a secret hash (the one a key is created with, or set, or rolled
+    from), and each is at most an API name and a client id long."""
+    hashes = ["$pbkdf2-sha256$29000$c2VjcmV0$first-hash", "$pbkdf2-sha256$29000$c2VjcmV0$second"]
+    async with writer_store() as store, heard_on(f"{store.table_prefix}changes") as heard:
+        await expose(store)
+        key = record(kind=KeyKind.INTERNAL, secret_hash=hashes[0])
+        await store.insert_key(key)
+        external = record(name="Ext")
+        await store.insert_key(external)
+        await store.set_secret_hash("orders", external.client_id, hashes[1])
+        await store.set_secret_hash(
+            "orders", external.client_id, hashes[0], previous_until=utcnow()
+        )
+        payloads = await mark_and_wait(store, heard)
+    assert len(payloads) == 5
+    for payload in payloads:
+        assert not any(h in payload or h[-10:] in payload for h in hashes)
+        assert len(payload.encode()) <= 64 + 1 + 64
+
+
+async def test_a_rolled_back_change_notifies_nothing() -> None:
+    """A refused insert (a duplicate name, found after its NOTIFY was queued) rolls the
+    notice back with it; a notice is sent only when its transaction commits."""
+    async with writer_store() as store, heard_on(f"{store.table_prefix}changes") as heard:
+        await expose(store)
+        taken = record(name="Acme")
+        await store.insert_key(taken)
+        clash = record(name="ACME")
+        with pytest.raises(DuplicateName):
+            await store.insert_key(clash)
+        async with store.engine.connect() as conn:
+            await conn.begin()
+            await store._announce(conn, "orders", "rolled-back")
+            await conn.rollback()
+        async with store.engine.begin() as conn:
+            await store._announce(conn, "orders", "committed")
+        payloads = await mark_and_wait(store, heard)
+    assert payloads == ["orders", f"orders\n{taken.client_id}", "orders\ncommitted"]
+
+
+# -- heard by another store's cache ---------------------------------------------------------------
+
+
+async def test_every_change_reaches_another_stores_cache_at_once() -> None:
+    """Through another store object on the same tables (a ten-minute cache): a disable, a
+    secret roll, a delete, an unexposed API and a deleted API are each seen as soon as
+    they are made — only the feed can explain it."""
+    async with writer_store() as writer, reader_of(writer) as reader:
+        await expose(writer)
+        key = record(kind=KeyKind.EXTERNAL)
+        await writer.insert_key(key)
+        assert await reader.lookup("orders", key.client_id) == (True, key)
+        await until_listening(reader)
+        assert await reader.lookup("orders", key.client_id) == (True, key)  # cached again
+
+        def sees(expected: tuple[bool, object]) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return await reader.lookup("orders", key.client_id) == expected
+
+            return check
+
+        disabled = await writer.update_key("orders", key.client_id, KeyChanges(enabled=False))
+        await eventually(sees((True, disabled)))
+        rolled = await writer.set_secret_hash("orders", key.client_id, "new-hash")
+        assert rolled is not None
+        await eventually(sees((True, rolled)))
+        await writer.upsert_api(
+            "orders", exposed=False, max_keys_per_kind=None, default_max_keys_per_kind=5
+        )
+        await eventually(sees((False, rolled)))
+        await expose(writer)
+        await eventually(sees((True, rolled)))
+        assert await writer.delete_key("orders", key.client_id)
+        await eventually(sees((True, None)))
+        assert await writer.delete_api("orders", force=True)
+        await eventually(sees((False, None)))
+
+
+async def test_watchers_of_one_store_share_one_listening_connection() -> None:
+    """Two ``watch`` calls on one store object, in one event loop, listen through a single
+    connection (outside the pool) and both hear each change; it closes when the last one
+    stops."""
+    async with writer_store() as writer:
+        inner = SQLStore.from_url(require_server("postgres"), table_prefix=writer.table_prefix)
+        assert isinstance(inner, _PostgreSQLStore)
+        channel = f"{writer.table_prefix}changes"
+        heard: tuple[list[str | None], list[str | None]] = ([], [])
+
+        async def listening() -> int:
+            async with writer.engine.connect() as conn:
+                found = await conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE query = :listen AND datname = current_database()"
+                    ),
+                    {"listen": f'LISTEN "{channel}"'},
+                )
+                return int(found.scalar_one())
+
+        async def watchers(n: int) -> bool:
+            listener = None if inner._feed is None else inner._feed.listener()
+            return (0 if listener is None else len(listener.watchers)) == n
+
+        first = anyio.CancelScope()
+
+        async def watch_first() -> None:
+            with first:
+                await inner.watch(lambda _a, c: heard[0].append(c), on_ready=lambda: None)
+
+        try:
+            await expose(writer)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch_first)
+                tg.start_soon(
+                    partial(inner.watch, lambda _a, c: heard[1].append(c), on_ready=lambda: None)
+                )
+                await eventually(partial(watchers, 2))
+                assert await listening() == 1
+                key = record()
+                await writer.insert_key(key)
+
+                async def both_heard() -> bool:
+                    return all(key.client_id in mine for mine in heard)
+
+                await eventually(both_heard)
+                first.cancel()
+                await eventually(partial(watchers, 1))
+                assert await listening() == 1
+                tg.cancel_scope.cancel()
+
+            async def closed() -> bool:
+                return await listening() == 0
+
+            await eventually(closed)
+        finally:
+            await inner.aclose()
+
+
+async def test_a_lost_notice_is_still_bounded_by_the_ttl() -> None:
+    """A change that sends no notice (written behind the store's back) stays unseen while
+    the cache's entry is fresh, and is seen once its TTL has passed (the test's clock)."""
+    clock = Clock()
+    async with writer_store() as writer, reader_of(writer, ttl=1.0, clock=clock) as reader:
+        await expose(writer)
+        key = record()
+        await writer.insert_key(key)
+        assert await reader.lookup("orders", key.client_id) == (True, key)
+        await until_listening(reader)
+        assert await reader.lookup("orders", key.client_id) == (True, key)  # cached again
+        await disable_behind_the_back(writer, key.client_id)
+        # Another change, announced, of another API, heard after the one above was made.
+        await writer.upsert_api(
+            "billing", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+        )
+
+        async def billing_seen() -> bool:
+            return (await reader.lookup("billing", None))[0]
+
+        await eventually(billing_seen)
+        assert await reader.lookup("orders", key.client_id) == (True, key)
+        clock.now += 1.0
+        assert await reader.lookup("orders", key.client_id) == (
+            True,
+            dataclasses.replace(key, enabled=False),
+        )
+
+
+# -- the server restarts ----------------------------------------------------------------------
+
+
+async def test_feed_ends_and_comes_back_when_the_server_restarts() -> None:
+    """A private PostgreSQL stopped under a listening cache: ``watch`` ends with
+    StoreUnavailable; once the server is back the feed listens again by itself, the cache
+    forgets what it held (notices may have been lost) and hears the next change at once."""
+    clock = Clock()  # never moves: only notices and the reconnect can refresh the cache
+    with private_postgres() as (port, stop, start):
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        writer = SQLStore.from_url(url, timeout=1.0)
+        inner = ReadyCountingStore.from_url(url, timeout=1.0)
+        assert isinstance(inner, ReadyCountingStore)
+        reader = CachedStore(inner, ttl=1.0, clock=clock)
+        probe = SQLStore.from_url(url, timeout=1.0)
+        assert isinstance(probe, _PostgreSQLStore)
+        try:
+            await expose(writer)
+            key, other = record(), record(name="Other")
+            await writer.insert_key(key)
+            await writer.insert_key(other)
+            assert await reader.lookup("orders", key.client_id) == (True, key)
+
+            async def ready_times(n: int) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:
+                    return inner.readies >= n
+
+                return check
+
+            await eventually(await ready_times(1))
+            assert await reader.lookup("orders", key.client_id) == (True, key)  # cached again
+            # A change no notice announces: the cache keeps answering the old key.
+            await disable_behind_the_back(writer, key.client_id)
+            assert await reader.lookup("orders", key.client_id) == (True, key)
+
+            broken = anyio.Event()
+
+            async def watch_until_broken() -> None:
+                with pytest.raises(StoreUnavailable):
+                    await probe.watch(lambda api, client_id: None, on_ready=lambda: None)
+                broken.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch_until_broken)
+
+                async def probe_listening() -> bool:
+                    return probe._feed is not None and probe._feed.listener() is not None
+
+                await eventually(probe_listening)
+                await anyio.to_thread.run_sync(stop)
+                with anyio.fail_after(BOUND):
+                    await broken.wait()
+            await anyio.to_thread.run_sync(start)
+
+            await eventually(await ready_times(2))
+            # Listening again: the cache started afresh, so the unannounced change shows.
+            disabled = dataclasses.replace(key, enabled=False)
+
+            async def fresh() -> bool:
+                try:
+                    return await reader.lookup("orders", key.client_id) == (True, disabled)
+                except StoreUnavailable:
+                    return False  # a pooled connection of before the restart, replaced
+
+            await eventually(fresh)
+            assert await reader.lookup("orders", other.client_id) == (True, other)
+
+            async def deleted() -> bool:
+                try:
+                    return await writer.delete_key("orders", other.client_id)
+                except StoreUnavailable:
+                    return False  # a pooled connection of before the restart, replaced
+
+            await eventually(deleted)
+            await eventually(partial(forgotten, reader, other.client_id))
+        finally:
+            await reader.aclose()
+            await writer.aclose()
+            await probe.aclose()
+
+
+async def test_watch_fails_as_store_unavailable_when_the_server_is_down() -> None:
+    """With no server to listen on, ``watch`` raises StoreUnavailable within the store's
+    timeout instead of hanging, and names no password."""
+    store = SQLStore.from_url("postgresql://postgres:pw-not-shown@127.0.0.1:1/none", timeout=1.0)
+    assert isinstance(store, _PostgreSQLStore)
+    try:
+        with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable) as caught:
+            await store.watch(lambda api, client_id: None, on_ready=lambda: None)
+        assert "pw-not-shown" not in str(caught.value)
+    finally:
+        await store.aclose()
+
+
+def test_a_store_listens_again_in_a_new_event_loop() -> None:
+    """One store used from one event loop and then another (two ``asyncio.run``) hears
+    changes in both: each loop gets its own listening connection."""
+    url = require_server("postgres")
+    prefix = unique_prefix()
+    store = open_store(url, cache_ttl=LONG_TTL, table_prefix=prefix)
+    writer = SQLStore.from_url(url, table_prefix=prefix)
+    assert isinstance(store, CachedStore)
+
+    async def round_trip() -> None:
+        await expose(writer)
+        key = record()
+        await writer.insert_key(key)
+        assert await store.lookup("orders", key.client_id) == (True, key)
+        await until_listening(store)
+        assert await store.lookup("orders", key.client_id) == (True, key)
+        await writer.delete_key("orders", key.client_id)
+        await eventually(partial(forgotten, store, key.client_id))
+
+    try:
+        asyncio.run(round_trip())
+        asyncio.run(round_trip())
+    finally:
+
+        async def clean() -> None:
+            await drop_tables(writer.engine, prefix)
+            await writer.aclose()
+            await store.aclose()
+
+        asyncio.run(clean())
