@@ -430,7 +430,7 @@ async def test_refresh_ahead_answers_without_waiting(
         for _ in range(3):
             assert (await cached.lookup("orders", rec.client_id))[1] == rec
         assert counting.calls["snapshot"] == 1
-        refresh = cached._refreshing["orders"]
+        refresh = cached._refreshing["orders"].task
         release.set()
         await refresh
     assert await cached.lookup("orders", rec.client_id) == (True, None)
@@ -453,3 +453,29 @@ async def test_a_slow_refresh_is_valid_from_when_its_read_started(
     before = counting.calls["snapshot"]
     assert (await cached.lookup("orders", rec.client_id))[1] == rec
     assert counting.calls["snapshot"] == before + 1
+
+
+async def test_a_lookup_a_ttl_after_a_stuck_refresh_began_reads_afresh(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """A refresh started a TTL ago and still under way is not waited for: its answer would be
+    expired before it lands, so a later lookup reads afresh and sees a change made meanwhile
+    (valid-from-read-start, SPEC §11)."""
+    cached, counting, clock, rec = setup
+    started, release = hold_snapshot(counting, first_only=True)
+    early: list[tuple[bool, KeyRecord | None]] = []
+
+    async def look_early() -> None:
+        early.append(await cached.lookup("orders", rec.client_id))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(look_early)
+            await started.wait()
+            await counting.inner.delete_key("orders", rec.client_id)  # "another process"
+            clock.now += 5.5
+            assert await cached.lookup("orders", rec.client_id) == (True, None)
+            release.set()
+    assert early == [(True, rec)]  # it arrived before the change: the old answer is in bound
+    assert counting.calls["snapshot"] == 2
+    assert await cached.lookup("orders", rec.client_id) == (True, None)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from keyguard.audit import AuditEvent
 from keyguard.errors import ConfigurationError
@@ -68,12 +68,18 @@ class _Names:
     existing: frozenset[str]
 
 
-@dataclass(frozen=True, slots=True)
-class _Reading:
-    """A per-key read under way, started under the API's generation ``gen``."""
+E = TypeVar("E", ApiEntry, KeyEntry)
 
+
+@dataclass(frozen=True, slots=True)
+class _InFlight(Generic[E]):
+    """A read under way, started at ``started`` under the API's generation ``gen``. A
+    lookup arriving ``ttl`` or more after ``started`` does not wait for it: its answer
+    would be expired before it lands (valid-from-read-start, SPEC §11)."""
+
+    started: float
     gen: int
-    task: asyncio.Task[KeyEntry]
+    task: asyncio.Task[E]
 
 
 def _whole(value: object, name: str, *, minimum: int) -> int:
@@ -135,8 +141,8 @@ class CachedStore:
         # Each API's generation: bumped when the API itself changes, which makes every
         # key entry of it, and every read of it under way, stale at once.
         self._gen: dict[str, int] = {}
-        self._refreshing: dict[str, asyncio.Task[ApiEntry]] = {}
-        self._reading: dict[tuple[str, str], _Reading] = {}
+        self._refreshing: dict[str, _InFlight[ApiEntry]] = {}
+        self._reading: dict[tuple[str, str], _InFlight[KeyEntry]] = {}
         self._budget = MissBudget(self.miss_reads_per_second, clock())
         self.refused_misses = 0
         """Misses answered "not registered" without a read, the budget being used up."""
@@ -228,24 +234,39 @@ class CachedStore:
                 self._names = task.result()
 
     async def _refresh(self, api: str) -> ApiEntry:
-        loop = asyncio.get_running_loop()
-        task = self._refreshing.get(api)
-        if task is None or task.get_loop() is not loop:
-            task = self._start_refresh(api)
-        return await asyncio.shield(task)
+        refresh = self._refreshing.get(api)
+        if not self._shareable(refresh, api):
+            return await asyncio.shield(self._start_refresh(api))
+        assert refresh is not None
+        return await asyncio.shield(refresh.task)
+
+    def _shareable(
+        self, reading: _InFlight[ApiEntry] | _InFlight[KeyEntry] | None, api: str
+    ) -> bool:
+        """Whether a lookup now may wait for ``reading`` (of ``api``) instead of reading
+        afresh: same event loop, same generation of the API, started less than a TTL ago."""
+        return (
+            reading is not None
+            and reading.task.get_loop() is asyncio.get_running_loop()
+            and reading.gen == self._gen.get(api, 0)
+            and reading.started + self.ttl > self._clock()
+        )
 
     def _start_refresh(self, api: str) -> asyncio.Task[ApiEntry]:
         # Its own task, shared by every lookup that misses meanwhile: a caller that
         # is cancelled (a client gone) cancels neither the refresh nor the others.
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._fetch(api), name=f"keyguard-cache-refresh-{api}")
-        self._refreshing[api] = task
-        task.add_done_callback(functools.partial(self._refreshed, api))
+        started, gen = self._clock(), self._gen.get(api, 0)
+        task = loop.create_task(
+            self._fetch(api, started, gen), name=f"keyguard-cache-refresh-{api}"
+        )
+        refresh = _InFlight(started, gen, task)
+        self._refreshing[api] = refresh
+        task.add_done_callback(functools.partial(self._refreshed, api, refresh))
         return task
 
-    async def _fetch(self, api: str) -> ApiEntry:
-        read_at = self._clock()  # the entry's age counts from before the read
-        gen = self._gen.get(api, 0)
+    async def _fetch(self, api: str, read_at: float, gen: int) -> ApiEntry:
+        # (The entry's age counts from before the read: ``read_at``.)
         limit = self.snapshot_keys
         if self._snapshots is not None:
             found, records = await self._snapshots.snapshot(api, max_keys=limit)
@@ -258,9 +279,11 @@ class CachedStore:
         keys = None if records is None else {record.client_id: record for record in records}
         return ApiEntry(read_at + self.ttl, found.exposed, found.rate_limits, keys, gen)
 
-    def _refreshed(self, api: str, task: asyncio.Task[ApiEntry]) -> None:
+    def _refreshed(
+        self, api: str, refresh: _InFlight[ApiEntry], task: asyncio.Task[ApiEntry]
+    ) -> None:
         failed = task.cancelled() or task.exception() is not None  # (retrieves the exception)
-        if self._refreshing.get(api) is task:
+        if self._refreshing.get(api) is refresh:
             del self._refreshing[api]
             if not failed:
                 self._entries.put(api, task.result())
@@ -289,8 +312,8 @@ class CachedStore:
                 # Expired. A key it found is a real caller's: read again, outside the budget.
                 known = found.record is not None
         reading = self._reading.get(slot)
-        loop = asyncio.get_running_loop()
-        if reading is not None and reading.gen == gen and reading.task.get_loop() is loop:
+        if self._shareable(reading, api):
+            assert reading is not None
             return (await asyncio.shield(reading.task)).record
         if not known:
             if self.precheck is not None and not self.precheck(api, client_id):
@@ -302,18 +325,23 @@ class CachedStore:
 
     def _start_read(self, slot: tuple[str, str], gen: int) -> asyncio.Task[KeyEntry]:
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._fetch_key(*slot, gen), name="keyguard-cache-read-key")
-        reading = _Reading(gen, task)
+        started = self._clock()
+        task = loop.create_task(
+            self._fetch_key(*slot, started, gen), name="keyguard-cache-read-key"
+        )
+        reading = _InFlight(started, gen, task)
         self._reading[slot] = reading
         task.add_done_callback(functools.partial(self._read, slot, reading))
         return task
 
-    async def _fetch_key(self, api: str, client_id: str, gen: int) -> KeyEntry:
-        read_at = self._clock()  # the entry's age counts from before the read
+    async def _fetch_key(self, api: str, client_id: str, read_at: float, gen: int) -> KeyEntry:
+        # (The entry's age counts from before the read: ``read_at``.)
         _, record = await self.store.lookup(api, client_id)
         return KeyEntry(read_at + self.ttl, record, gen)
 
-    def _read(self, slot: tuple[str, str], reading: _Reading, task: asyncio.Task[KeyEntry]) -> None:
+    def _read(
+        self, slot: tuple[str, str], reading: _InFlight[KeyEntry], task: asyncio.Task[KeyEntry]
+    ) -> None:
         failed = task.cancelled() or task.exception() is not None  # (retrieves the exception)
         if self._reading.get(slot) is reading:
             del self._reading[slot]
@@ -475,7 +503,7 @@ class CachedStore:
 
     async def aclose(self) -> None:
         """Stop watching for changes and close the wrapped store."""
-        refreshing: list[asyncio.Task[object]] = [*self._refreshing.values()]
+        refreshing: list[asyncio.Task[object]] = [r.task for r in self._refreshing.values()]
         refreshing.extend(reading.task for reading in self._reading.values())
         if self._names_task is not None:
             refreshing.append(self._names_task)
