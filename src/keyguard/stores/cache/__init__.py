@@ -18,7 +18,7 @@ depends on the size of the API:
 
 A flood of made-up, well-formed client ids against a large API misses the
 cache by design (every id is new). Such misses are bounded by a per-process
-budget, ``miss_reads_per_second`` (200 by default): beyond it, a miss of an id
+budget, ``miss_reads_per_second`` (1,000 by default): beyond it, a miss of an id
 the cache holds nothing of is answered "not registered" *without* a store
 read (and not cached). A caller whose key is cached (even past its TTL, while
 the entry is still held) is never affected: its entry is refreshed or re-read

@@ -64,12 +64,14 @@ class Entries:
 
     def get(self, slot: Slot) -> Entry | None:
         """The entry at ``slot`` (marked as just used), or ``None``."""
-        for part in (self._known, self._negative):
-            entry = part.get(slot)
-            if entry is not None:
-                part.move_to_end(slot)
-                return entry
-        return None
+        entry = self._known.get(slot)
+        if entry is not None:
+            self._known.move_to_end(slot)
+            return entry
+        entry = self._negative.get(slot)
+        if entry is not None:
+            self._negative.move_to_end(slot)
+        return entry
 
     def put(self, slot: Slot, entry: Entry) -> None:
         """Keep ``entry`` at ``slot`` (replacing what was there), dropping the least
