@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import cast
 
 from starlette.types import ASGIApp, Message, Scope
 
@@ -18,6 +19,7 @@ from keyguard.audit import AuditEvent
 from keyguard.models import Api, KeyChanges, KeyKind, KeyRecord, RateLimit, utcnow
 from keyguard.secrets import new_client_id
 from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
+from keyguard.stores.base import Snapshots
 from keyguard.usage import UsageCount
 
 
@@ -72,6 +74,12 @@ class CountingStore:
         self._enter("lookup")
         self.lookups.append((api, client_id))
         return await self.inner.lookup(api, client_id)
+
+    async def snapshot(
+        self, api: str, *, max_keys: int
+    ) -> tuple[Api | None, list[KeyRecord] | None]:
+        self._enter("snapshot")
+        return await cast("Snapshots", self.inner).snapshot(api, max_keys=max_keys)
 
     async def get_api(self, api: str) -> Api | None:
         self._enter("get_api")

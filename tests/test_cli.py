@@ -284,6 +284,12 @@ def test_json_before_and_after_the_subcommand(exposed: Run) -> None:
     }
 
 
+def test_max_keys_up_to_a_million(exposed: Run) -> None:
+    """``--max-keys`` accepts the ceiling, 1,000,000 keys of each kind (1,000,001 is refused)."""
+    api = exposed.json("apis", "expose", "orders", "--max-keys", "1000000")
+    assert api["max_keys_per_kind"] == 1_000_000
+
+
 def test_json_shapes_of_every_command(exposed: Run) -> None:
     """Every command's ``--json`` output is §5's object, and delete prints nothing (like 204)."""
     api = exposed.json("apis", "unexpose", "orders")
@@ -348,6 +354,12 @@ _REFUSALS: list[tuple[str, Callable[[KeyManager], Awaitable[object]], tuple[str,
     ),
     ("bad-api-name", _nothing, ("apis", "expose", "bad name!"), "invalid_request"),
     ("bad-limit", _nothing, ("apis", "expose", "orders", "--max-keys", "-1"), "invalid_request"),
+    (
+        "limit-over-ceiling",
+        _nothing,
+        ("apis", "expose", "orders", "--max-keys", "1000001"),
+        "invalid_request",
+    ),
     (
         "blank-name",
         expose,

@@ -343,6 +343,14 @@ async def test_put_with_empty_object_creates_unexposed(client: httpx.AsyncClient
     assert (await client.get("/apis/orders")).status_code == 200
 
 
+async def test_limit_up_to_a_million(client: httpx.AsyncClient) -> None:
+    """``max_keys_per_kind`` accepts the ceiling, 1,000,000 (one more is 422, below)."""
+    await expose(client)
+    response = await client.put("/apis/orders", json={"max_keys_per_kind": 1_000_000})
+    assert response.status_code == 200
+    assert response.json()["max_keys_per_kind"] == 1_000_000
+
+
 async def test_put_changes_only_the_limit(client: httpx.AsyncClient) -> None:
     """``max_keys_per_kind`` alone changes the limit and leaves ``exposed`` as it was."""
     await expose(client)
@@ -549,6 +557,7 @@ _BAD_API_BODIES: list[tuple[str, object, str]] = [
     ("limit-bool", {"max_keys_per_kind": True}, "max_keys_per_kind"),
     ("limit-negative", {"max_keys_per_kind": -1}, "max_keys_per_kind"),
     ("limit-huge", {"max_keys_per_kind": 10**9}, "max_keys_per_kind"),
+    ("limit-over-ceiling", {"max_keys_per_kind": 1_000_001}, "max_keys_per_kind"),
     ("unknown-field", {"exposed": True, "public": True}, "public"),
     ("array", [True], "JSON object"),
 ]

@@ -67,13 +67,21 @@ async def test_invalid_api_names(manager: KeyManager, name: object) -> None:
         await manager.list_keys(name)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("limit", [-1, 1001, 2.5, True, "5"])
+@pytest.mark.parametrize("limit", [-1, 1_000_001, 2.5, True, "5"])
 async def test_invalid_limits(manager: KeyManager, limit: object) -> None:
-    """max_keys_per_kind must be a whole number from 0 to 1000."""
+    """max_keys_per_kind must be a whole number from 0 to 1,000,000."""
     with pytest.raises(InvalidRequest):
         await manager.expose("orders", max_keys_per_kind=limit)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest):
         KeyManager(MemoryStore(), max_keys_per_kind=limit)  # type: ignore[arg-type]
+
+
+async def test_limit_up_to_a_million(manager: KeyManager) -> None:
+    """An API may hold up to 1,000,000 keys of each kind (SPEC §11): the ceiling is accepted,
+    by the manager's default too."""
+    api = await manager.expose("orders", max_keys_per_kind=1_000_000)
+    assert api.max_keys_per_kind == 1_000_000
+    assert KeyManager(MemoryStore(), max_keys_per_kind=1_000_000).max_keys_per_kind == 1_000_000
 
 
 # -- creating keys ------------------------------------------------------------------------------

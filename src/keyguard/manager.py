@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_KEYS_PER_KIND = 5
-MAX_KEYS_PER_KIND_LIMIT = 1000
+MAX_KEYS_PER_KIND_LIMIT = 1_000_000
 _MAX_MEMO = 10_000
 _API_LIMITS_TTL = 1.0  # seconds an uncached API's rate limits are remembered
 DEFAULT_STORE_TIMEOUT = 3.0

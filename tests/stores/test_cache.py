@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -13,6 +13,7 @@ from keyguard.errors import ConfigurationError, StoreUnavailable
 from keyguard.models import Api, KeyKind, KeyRecord, utcnow
 from keyguard.secrets import new_client_id
 from keyguard.stores import CachedStore
+from keyguard.stores.base import Snapshots
 from tests.helpers import CountingStore, expose, record
 
 pytestmark = pytest.mark.anyio
@@ -52,25 +53,26 @@ async def cached_with_key(
     return cached, counting, rec
 
 
-def hold_list_keys(
+def hold_snapshot(
     counting: CountingStore, *, first_only: bool = False
 ) -> tuple[anyio.Event, anyio.Event]:
-    """Make the store's list_keys read, then signal ``started`` and wait for ``release``
+    """Make the store's snapshot read, then signal ``started`` and wait for ``release``
     (only on its first call if ``first_only``): a refresh caught in flight."""
     started, release = anyio.Event(), anyio.Event()
-    inner_list_keys = counting.inner.list_keys
+    inner = cast("Snapshots", counting.inner)
+    inner_snapshot = inner.snapshot
     calls = 0
 
-    async def held(api: str) -> list[KeyRecord]:
+    async def held(api: str, *, max_keys: int) -> tuple[Api | None, list[KeyRecord] | None]:
         nonlocal calls
         calls += 1
-        answer = await inner_list_keys(api)
+        answer = await inner_snapshot(api, max_keys=max_keys)
         if calls == 1 or not first_only:
             started.set()
             await release.wait()
         return answer
 
-    counting.inner.list_keys = held  # type: ignore[method-assign]
+    inner.snapshot = held  # type: ignore[method-assign]
     return started, release
 
 
@@ -92,7 +94,7 @@ async def test_repeat_lookups_hit_the_cache(
         assert await cached.lookup("orders", rec.client_id) == (True, rec)
         assert await cached.lookup("orders", unknown) == (True, None)
         assert await cached.lookup("orders", None) == (True, None)
-    assert dict(counting.calls) == {"list_apis": 1, "get_api": 1, "list_keys": 1}
+    assert dict(counting.calls) == {"list_apis": 1, "snapshot": 1}
 
 
 async def test_flood_of_random_ids_costs_one_refresh_per_ttl(
@@ -103,11 +105,11 @@ async def test_flood_of_random_ids_costs_one_refresh_per_ttl(
     cached, counting, clock, _ = setup
     for _ in range(2000):
         assert await cached.lookup("orders", new_client_id()) == (True, None)
-    assert round_trips(counting) == 3  # the API names, the API, its keys
+    assert round_trips(counting) == 2  # the API names, the API with its keys
     clock.now += 6
     for _ in range(2000):
         await cached.lookup("orders", new_client_id())
-    assert round_trips(counting) == 5  # a known API is refreshed without the names
+    assert round_trips(counting) == 3  # a known API is refreshed without the names
     assert len(cached) == 2  # the API and its one key
 
 
@@ -125,7 +127,7 @@ async def test_concurrent_misses_share_one_refresh(
         for _ in range(50):
             tg.start_soon(look)
     assert answers == [(True, rec)] * 50
-    assert dict(counting.calls) == {"list_apis": 1, "get_api": 1, "list_keys": 1}
+    assert dict(counting.calls) == {"list_apis": 1, "snapshot": 1}
 
 
 async def test_own_writes_are_visible_at_once(
@@ -190,7 +192,7 @@ async def test_memory_is_bounded(store: KeyStore) -> None:
     for i in range(8):
         await cached.lookup(f"api-{i}", new_client_id())
     assert len(cached) == 5
-    assert counting.calls["get_api"] == 8  # each real API read once
+    assert counting.calls["snapshot"] == 8  # each real API read once
 
 
 async def test_made_up_api_names_cost_one_read_per_ttl(store: KeyStore) -> None:
@@ -249,13 +251,13 @@ async def test_failed_write_still_invalidates(
         await cached.delete_key("orders", rec.client_id)
     counting.fail_with = None
     await cached.lookup("orders", rec.client_id)
-    assert counting.calls["get_api"] == 2
+    assert counting.calls["snapshot"] == 2
 
 
 async def test_lookup_racing_a_write_is_not_cached(store: KeyStore) -> None:
     """An answer read before a concurrent write finished is not kept in the cache."""
     cached, counting, rec = await cached_with_key(store, ttl=60)
-    started, release = hold_list_keys(counting)
+    started, release = hold_snapshot(counting)
     results: list[tuple[bool, KeyRecord | None]] = []
 
     async def look() -> None:
@@ -284,7 +286,7 @@ async def test_lookup_after_a_write_never_shares_an_older_refresh(store: KeyStor
     """R7 in-process: a lookup made after a delete returned does not wait for, nor reuse, a
     refresh that started before the delete."""
     cached, counting, rec = await cached_with_key(store, ttl=60)
-    started, release = hold_list_keys(counting, first_only=True)
+    started, release = hold_snapshot(counting, first_only=True)
     early: list[tuple[bool, KeyRecord | None]] = []
     async with anyio.create_task_group() as tg:
 
@@ -305,7 +307,7 @@ async def test_a_cancelled_lookup_does_not_fail_the_others(store: KeyStore) -> N
     """When the lookup that started a shared refresh is cancelled (its client went away),
     the lookups waiting on the same refresh still get their answer."""
     cached, counting, rec = await cached_with_key(store, ttl=60)
-    started, release = hold_list_keys(counting)
+    started, release = hold_snapshot(counting)
     answers: list[tuple[bool, KeyRecord | None]] = []
     async with anyio.create_task_group() as outer:
         async with anyio.create_task_group() as leader:
@@ -332,17 +334,20 @@ async def test_snapshot_age_counts_from_before_the_reads(store: KeyStore) -> Non
     await cached.upsert_api(
         "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
     )
-    inner_list_keys = counting.inner.list_keys
+    inner = cast("Snapshots", counting.inner)
+    inner_snapshot = inner.snapshot
 
-    async def slow_list_keys(api: str) -> list[KeyRecord]:
+    async def slow_snapshot(
+        api: str, *, max_keys: int
+    ) -> tuple[Api | None, list[KeyRecord] | None]:
         clock.now += 4  # the store took four seconds to answer
-        return await inner_list_keys(api)
+        return await inner_snapshot(api, max_keys=max_keys)
 
-    counting.inner.list_keys = slow_list_keys  # type: ignore[method-assign]
+    inner.snapshot = slow_snapshot  # type: ignore[method-assign]
     await cached.lookup("orders", None)
     clock.now += 1.5  # 5.5 s after the read began: past the TTL
     await cached.lookup("orders", None)
-    assert counting.calls["get_api"] == 2
+    assert counting.calls["snapshot"] == 2
 
 
 class FeedStore(MemoryStore):
@@ -353,9 +358,11 @@ class FeedStore(MemoryStore):
         self.listeners: list[Callable[[str, str | None], None]] = []
         self.reads = 0
 
-    async def get_api(self, api: str) -> Api | None:
+    async def snapshot(
+        self, api: str, *, max_keys: int
+    ) -> tuple[Api | None, list[KeyRecord] | None]:
         self.reads += 1
-        return await super().get_api(api)
+        return await super().snapshot(api, max_keys=max_keys)
 
     async def watch(
         self, on_change: Callable[[str, str | None], None], *, on_ready: Callable[[], None]
@@ -410,10 +417,10 @@ async def test_refresh_ahead_answers_without_waiting(
     assert (await cached.lookup("orders", rec.client_id))[1] == rec
     await counting.inner.delete_key("orders", rec.client_id)  # "another process"
     counting.calls.clear()
-    started, release = hold_list_keys(counting)
+    started, release = hold_snapshot(counting)
     clock.now += 3.0  # 2 s left of 5: not yet refreshed ahead
     assert (await cached.lookup("orders", rec.client_id))[1] == rec
-    assert counting.calls["list_keys"] == 0
+    assert counting.calls["snapshot"] == 0
     clock.now += 1.0  # 1 s left: the next use starts a refresh and does not wait for it
     with anyio.fail_after(5):  # (a deadlock guard: the held store never answers by itself)
         assert (await cached.lookup("orders", rec.client_id))[1] == rec
@@ -422,12 +429,12 @@ async def test_refresh_ahead_answers_without_waiting(
         # the one refresh.
         for _ in range(3):
             assert (await cached.lookup("orders", rec.client_id))[1] == rec
-        assert counting.calls["list_keys"] == 1
-        refresh = cached._refreshing["orders"]
+        assert counting.calls["snapshot"] == 1
+        refresh = cached._refreshing["orders"].task
         release.set()
         await refresh
     assert await cached.lookup("orders", rec.client_id) == (True, None)
-    assert counting.calls["list_keys"] == 1
+    assert counting.calls["snapshot"] == 1
 
 
 async def test_a_slow_refresh_is_valid_from_when_its_read_started(
@@ -436,13 +443,39 @@ async def test_a_slow_refresh_is_valid_from_when_its_read_started(
     """A refresh that took longer than the TTL is expired when it lands: it answers the
     lookups that waited for it, and the next one reads again (SPEC §11)."""
     cached, counting, clock, rec = setup
-    started, release = hold_list_keys(counting, first_only=True)
+    started, release = hold_snapshot(counting, first_only=True)
     with anyio.fail_after(5):
         async with anyio.create_task_group() as group:
             group.start_soon(cached.lookup, "orders", rec.client_id)
             await started.wait()
             clock.now += 6.0  # the store answers 6 s after the read started
             release.set()
-    before = counting.calls["list_keys"]
+    before = counting.calls["snapshot"]
     assert (await cached.lookup("orders", rec.client_id))[1] == rec
-    assert counting.calls["list_keys"] == before + 1
+    assert counting.calls["snapshot"] == before + 1
+
+
+async def test_a_lookup_a_ttl_after_a_stuck_refresh_began_reads_afresh(
+    setup: tuple[CachedStore, CountingStore, Clock, KeyRecord],
+) -> None:
+    """A refresh started a TTL ago and still under way is not waited for: its answer would be
+    expired before it lands, so a later lookup reads afresh and sees a change made meanwhile
+    (valid-from-read-start, SPEC §11)."""
+    cached, counting, clock, rec = setup
+    started, release = hold_snapshot(counting, first_only=True)
+    early: list[tuple[bool, KeyRecord | None]] = []
+
+    async def look_early() -> None:
+        early.append(await cached.lookup("orders", rec.client_id))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(look_early)
+            await started.wait()
+            await counting.inner.delete_key("orders", rec.client_id)  # "another process"
+            clock.now += 5.5
+            assert await cached.lookup("orders", rec.client_id) == (True, None)
+            release.set()
+    assert early == [(True, rec)]  # it arrived before the change: the old answer is in bound
+    assert counting.calls["snapshot"] == 2
+    assert await cached.lookup("orders", rec.client_id) == (True, None)

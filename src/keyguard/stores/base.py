@@ -44,7 +44,7 @@ from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
 if TYPE_CHECKING:
     from keyguard.usage import UsageCount
 
-__all__ = ["ChangeFeed", "KeyPage", "KeyStore"]
+__all__ = ["ChangeFeed", "KeyPage", "KeyStore", "Snapshots"]
 
 
 @runtime_checkable
@@ -241,5 +241,26 @@ class ChangeFeed(Protocol):
         ``on_change(api, client_id)`` for each change any process makes through this
         store (``client_id`` is ``None`` when the API itself changed). Raises
         ``StoreUnavailable`` if the feed breaks; the caller listens again later.
+        """
+        ...
+
+
+@runtime_checkable
+class Snapshots(Protocol):
+    """Optional, and offered by every store keyguard ships: an API's state and, when it
+    is small, all of its keys, in one round trip.
+
+    ``CachedStore`` refreshes an API with it; a store without it is refreshed with
+    ``get_api`` and then, for a small API, ``list_keys`` (two round trips).
+    """
+
+    async def snapshot(
+        self, api: str, *, max_keys: int
+    ) -> tuple[Api | None, list[KeyRecord] | None]:
+        """``api`` with its key counts (``None`` if it was never created) and, if it holds
+        at most ``max_keys`` keys in all, every one of them in any order, read together
+        with the API in one consistent step; ``None`` instead of the keys when it holds
+        more (nothing of them is read). One round trip at most; the cost does not grow
+        with the API's keys beyond ``max_keys``.
         """
         ...

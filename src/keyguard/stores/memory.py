@@ -78,6 +78,15 @@ class MemoryStore:
         state = self._apis.get(api)
         return None if state is None else self._api(api, state)
 
+    async def snapshot(
+        self, api: str, *, max_keys: int
+    ) -> tuple[Api | None, list[KeyRecord] | None]:
+        state = self._apis.get(api)
+        if state is None:
+            return None, None
+        keys = list(state.keys.values()) if len(state.keys) <= max_keys else None
+        return self._api(api, state), keys
+
     async def list_apis(self) -> list[Api]:
         return [self._api(name, self._apis[name]) for name in sorted(self._apis)]
 

@@ -157,6 +157,23 @@ def _decoded(
     )
 
 
+def _records_of(api: str, fields: Mapping[str, Any]) -> list[KeyRecord]:
+    """Every key of ``api`` from its hash's fields (as ``HGETALL`` reads them), in no
+    particular order."""
+    return [
+        _decoded(
+            api,
+            name[2:],
+            json.loads(value),
+            fields.get(f"s:{name[2:]}"),
+            fields.get(f"p:{name[2:]}"),
+            fields.get(f"u:{name[2:]}"),
+        )
+        for name, value in fields.items()
+        if name.startswith("k:")
+    ]
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 

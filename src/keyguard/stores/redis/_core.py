@@ -68,6 +68,7 @@ from keyguard.stores.redis._common import (
     _micros,
     _notice,
     _record,
+    _records_of,
     _running_loop,
     _text,
 )
@@ -79,6 +80,7 @@ from keyguard.stores.redis._lua import (
     _RECORD_USAGE_LUA,
     _RULE_ERRORS,
     _SET_HASH_LUA,
+    _SNAPSHOT_LUA,
     _UPDATE_KEY_LUA,
     _UPSERT_API_LUA,
     _Closer,
@@ -142,6 +144,7 @@ class RedisCore(Generic[ClientT]):
         self._delete_api = AsyncScript(client, _AUDIT_LUA + _DELETE_API_LUA)
         self._record_usage = AsyncScript(client, _RECORD_USAGE_LUA)
         self._page_keys = AsyncScript(client, PAGE_LUA)
+        self._snapshot = AsyncScript(client, _SNAPSHOT_LUA)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._location!r}, prefix={self.prefix!r})"
@@ -183,6 +186,24 @@ class RedisCore(Generic[ClientT]):
         key = self._api_key(api)
         row = await self._call(lambda redis: redis.hmget(key, _API_FIELDS))
         return _api(api, row)
+
+    async def snapshot(
+        self, api: str, *, max_keys: int
+    ) -> tuple[Api | None, list[KeyRecord] | None]:
+        """The API and, if it holds at most ``max_keys`` keys, all of them: one script
+        (``HMGET`` of its fields, then ``HGETALL`` of its hash only if it is that small)."""
+        key = self._api_key(api)
+
+        async def read(redis: ClientT) -> Any:
+            return await self._snapshot(keys=[key], args=[int(max_keys)], client=redis)
+
+        answer = await self._call(read)
+        found = _api(api, answer[0])
+        if found is None or len(answer) < 2:
+            return found, None
+        flat = answer[1]
+        fields = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+        return found, _records_of(api, fields)
 
     async def list_apis(self) -> list[Api]:
         """Every API by name: the name index, then one pipelined ``HMGET`` per API."""

@@ -189,6 +189,17 @@ for h = 1, hours do redis.call('EXPIREAT', KEYS[h + 1], ARGV[h]) end
 return 1
 """
 
+# ARGV: the most keys to answer.  A read, not a write: the API's fields (HMGET) and, when
+# it holds at most ARGV[1] keys in all, its whole hash (HGETALL) read in the same atomic
+# step, so the keys belong to the very state they are answered with (one round trip).
+_SNAPSHOT_LUA = """
+local row = redis.call('HMGET', KEYS[1], 'exposed', 'max', 'c:internal', 'c:external',
+                       'rate_limits')
+if not row[1] then return {row} end
+if tonumber(row[3] or 0) + tonumber(row[4] or 0) > tonumber(ARGV[1]) then return {row} end
+return {row, redis.call('HGETALL', KEYS[1])}
+"""
+
 _RULE_ERRORS = {
     "api_not_exposed": (ApiNotExposed, "API {api!r} is not exposed"),
     "key_limit_reached": (KeyLimitReached, "API {api!r} already has its limit of {kind} keys"),

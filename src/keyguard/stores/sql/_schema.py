@@ -242,6 +242,28 @@ class _Schema:
             .where(apis.c.name == bindparam("api"))
         )
 
+        # The cache's refresh of an API (snapshot): the API's row joined with its keys,
+        # only when it holds at most ``max_keys`` of them in all. One statement.
+        self.snapshot: Select[Any] = (
+            select(
+                apis.c.name.label("api_name"),
+                apis.c.exposed.label("api_exposed"),
+                apis.c.max_keys_per_kind.label("api_max"),
+                apis.c.internal_count.label("api_internal"),
+                apis.c.external_count.label("api_external"),
+                apis.c.rate_limits.label("api_rate_limits"),
+                *self.key_columns,
+            )
+            .select_from(
+                apis.outerjoin(
+                    keys,
+                    (keys.c.api == apis.c.name)
+                    & (apis.c.internal_count + apis.c.external_count <= bindparam("max_keys")),
+                )
+            )
+            .where(apis.c.name == bindparam("api"))
+        )
+
     def count_column(self, kind: KeyKind) -> Column[Any]:
         """The counter of ``kind`` keys in the apis table."""
         return (

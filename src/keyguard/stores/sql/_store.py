@@ -47,6 +47,7 @@ from keyguard.models import (
     RateLimit,
     dump_meta,
     dump_rate_limits,
+    load_rate_limits,
     name_key,
 )
 from keyguard.stores._paging import (
@@ -187,6 +188,37 @@ class SQLStore(_SQLCore):
             stmt = select(*schema.api_columns).where(schema.apis.c.name == api)
             row = (await conn.execute(stmt)).first()
             return None if row is None else _api(row)
+
+        return await self._run(work, write=False)
+
+    async def snapshot(
+        self, api: str, *, max_keys: int
+    ) -> tuple[Api | None, list[KeyRecord] | None]:
+        """The API and, if it holds at most ``max_keys`` keys, all of them: one statement
+        (the API's row left-joined with its keys, joined only when it holds that few)."""
+        if not _fits(api, _NAME_LENGTH):
+            return None, None
+
+        async def work(
+            conn: AsyncConnection, schema: _Schema
+        ) -> tuple[Api | None, list[KeyRecord] | None]:
+            rows = (
+                await conn.execute(schema.snapshot, {"api": api, "max_keys": int(max_keys)})
+            ).all()
+            if not rows:
+                return None, None
+            first = rows[0]
+            found = Api(
+                name=first.api_name,
+                exposed=bool(first.api_exposed),
+                max_keys_per_kind=first.api_max,
+                internal_keys=first.api_internal,
+                external_keys=first.api_external,
+                rate_limits=load_rate_limits(first.api_rate_limits) or (),
+            )
+            if found.internal_keys + found.external_keys > max_keys:
+                return found, None
+            return found, [_record(row) for row in rows if row.client_id is not None]
 
         return await self._run(work, write=False)
 

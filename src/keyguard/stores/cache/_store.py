@@ -1,40 +1,4 @@
-"""``CachedStore``: a bounded, short-lived cache of the request path's lookups.
-
-A remote store costs a network round trip per request. ``CachedStore`` wraps
-any store and keeps, per API, a *snapshot*: whether the API is exposed and
-all of its keys (an API holds at most ``2 * max_keys_per_kind`` keys, ten by
-default). A lookup is answered from the API's snapshot while it is fresh,
-whatever the client id — so a flood of made-up ids, well-formed or not,
-costs at most one refresh per API per ``ttl``, never one store round trip
-per request. Concurrent lookups that miss share one refresh.
-
-Made-up API names (an ``api=`` callable reading the host or the path) are
-bounded the same way: the cache also keeps the set of existing API names,
-read with one ``list_apis`` at most once per ``ttl`` when a name it has no
-snapshot of is asked for. A name not in that set is answered "unknown"
-from it, so a flood of invented names costs at most one store read per
-``ttl``, and never fills the cache (only existing APIs get a snapshot).
-
-Everything else (management reads and every write) goes straight to the
-wrapped store. Staleness is bounded three ways:
-
-* a write made through this ``CachedStore`` (so through any ``KeyManager``,
-  middleware or management app sharing it) drops the API's snapshot before
-  it returns: this process sees its own changes at once;
-* where the wrapped store has a change feed (``ChangeFeed``: Redis pub/sub),
-  a change made by another process drops the snapshot as soon as the
-  notice arrives;
-* in every case a snapshot is used for at most ``ttl`` seconds from when its
-  read *started*: the documented bound for a change made elsewhere (R7), e.g.
-  if a notice is lost, and it holds while the store is slow.
-
-A snapshot used in the last quarter of its TTL is refreshed in the
-background while it keeps answering, so a busy API's requests never wait on
-the store; a request waits only when no valid snapshot exists.
-
-Memory is bounded by ``max_entries``: the snapshots together hold at most
-that many keys (each API counting one more), the oldest dropped first.
-"""
+"""``CachedStore`` itself (see the package docstring for what it keeps and why)."""
 
 from __future__ import annotations
 
@@ -46,24 +10,38 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from keyguard import metrics
 from keyguard.audit import AuditEvent
 from keyguard.errors import ConfigurationError
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
 from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
-from keyguard.stores.base import ChangeFeed, KeyStore
+from keyguard.stores.base import ChangeFeed, KeyStore, Snapshots
+from keyguard.stores.cache._entries import ApiEntry, Entries, KeyEntry, MissBudget
 
 if TYPE_CHECKING:
     from keyguard.usage import UsageCount
 
-__all__ = ["DEFAULT_CACHE_TTL", "DEFAULT_MAX_ENTRIES", "CachedStore", "check_cache_ttl"]
+__all__ = [
+    "DEFAULT_CACHE_TTL",
+    "DEFAULT_MAX_ENTRIES",
+    "DEFAULT_MISS_READS_PER_SECOND",
+    "DEFAULT_SNAPSHOT_KEYS",
+    "REFRESH_AHEAD",
+    "CachedStore",
+    "check_cache_ttl",
+]
 
 DEFAULT_CACHE_TTL = 1.0
 DEFAULT_MAX_ENTRIES = 100_000
+DEFAULT_SNAPSHOT_KEYS = 1000
+"""An API holding at most this many keys is cached whole, as one snapshot."""
+DEFAULT_MISS_READS_PER_SECOND = 1000.0
+"""Store reads per second a process spends on cache misses of large APIs' client ids."""
 REFRESH_AHEAD = 0.25
-"""The last part of its TTL in which a snapshot in use is refreshed in the background."""
+"""The last part of its TTL in which an entry in use is refreshed in the background."""
+_WARN_EVERY = 60.0
 
 logger = logging.getLogger("keyguard")
 
@@ -87,27 +65,41 @@ def check_cache_ttl(ttl: object) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class _Snapshot:
-    expires: float
-    exposed: bool
-    keys: dict[str, KeyRecord]
-    rate_limits: tuple[RateLimit, ...] = ()
-
-    @property
-    def size(self) -> int:
-        return 1 + len(self.keys)
-
-
-@dataclass(frozen=True, slots=True)
 class _Names:
     expires: float
     existing: frozenset[str]
 
 
-class CachedStore:
-    """Wrap ``store`` with per-API snapshots kept ``ttl`` seconds, ``max_entries`` keys in all.
+E = TypeVar("E", ApiEntry, KeyEntry)
 
-    ``clock`` is the monotonic clock used for expiry (tests pass their own).
+
+@dataclass(frozen=True, slots=True)
+class _InFlight(Generic[E]):
+    """A read under way, started at ``started`` under the API's generation ``gen``. A
+    lookup arriving ``ttl`` or more after ``started`` does not wait for it: its answer
+    would be expired before it lands (valid-from-read-start, SPEC §11)."""
+
+    started: float
+    gen: int
+    task: asyncio.Task[E]
+
+
+def _whole(value: object, name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"cache {name} must be a whole number of at least {minimum}")
+    return value
+
+
+class CachedStore:
+    """Wrap ``store`` with entries kept ``ttl`` seconds, ``max_entries`` keys in all.
+
+    ``snapshot_keys``: an API holding at most this many keys is cached whole (one
+    snapshot, one round trip per refresh), a larger one key by key (capped at a quarter
+    of ``max_entries``). ``miss_reads_per_second``: the store reads this process spends
+    at most on misses of large APIs' client ids (the flood bound). ``precheck``: an
+    optional ``(api, client_id) -> bool`` run before such a read; ``False`` answers
+    "not registered" without one. ``clock`` is the monotonic clock used for expiry
+    (tests pass their own).
     """
 
     def __init__(
@@ -116,6 +108,9 @@ class CachedStore:
         *,
         ttl: float = DEFAULT_CACHE_TTL,
         max_entries: int = DEFAULT_MAX_ENTRIES,
+        snapshot_keys: int = DEFAULT_SNAPSHOT_KEYS,
+        miss_reads_per_second: float = DEFAULT_MISS_READS_PER_SECOND,
+        precheck: Callable[[str, str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         check_cache_ttl(ttl)
@@ -123,17 +118,40 @@ class CachedStore:
             raise ConfigurationError("cache ttl must be a number of seconds in (0, 3600]")
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ConfigurationError("cache max_entries must be a positive whole number")
+        _whole(snapshot_keys, "snapshot_keys", minimum=0)
+        if (
+            isinstance(miss_reads_per_second, bool)
+            or not isinstance(miss_reads_per_second, (int, float))
+            or not 1 <= miss_reads_per_second <= 1_000_000
+        ):
+            raise ConfigurationError(
+                "cache miss_reads_per_second must be a number from 1 to 1000000"
+            )
+        if precheck is not None and not callable(precheck):
+            raise ConfigurationError("cache precheck must be a callable (api, client_id) -> bool")
         self.store = store
         self.ttl = float(ttl)
-        # A snapshot this close to expiry is refreshed in the background on its next use.
+        # An entry this close to expiry is refreshed in the background on its next use.
         self._ahead = self.ttl * REFRESH_AHEAD
         self.max_entries = max_entries
+        # A snapshot must leave room for others: never more than a quarter of the cache.
+        self.snapshot_keys = min(snapshot_keys, max_entries // 4)
+        self.miss_reads_per_second = float(miss_reads_per_second)
+        self.precheck = precheck
         self._clock = clock
-        self._snapshots: dict[str, _Snapshot] = {}
-        self._size = 0
-        self._refreshing: dict[str, asyncio.Task[_Snapshot]] = {}
+        self._entries = Entries(max_entries)
+        # Each API's generation: bumped when the API itself changes, which makes every
+        # key entry of it, and every read of it under way, stale at once.
+        self._gen: dict[str, int] = {}
+        self._refreshing: dict[str, _InFlight[ApiEntry]] = {}
+        self._reading: dict[tuple[str, str], _InFlight[KeyEntry]] = {}
+        self._budget = MissBudget(self.miss_reads_per_second, clock())
+        self.refused_misses = 0
+        """Misses answered "not registered" without a read, the budget being used up."""
+        self._warned_at: float | None = None
         self._names: _Names | None = None
         self._names_task: asyncio.Task[_Names] | None = None
+        self._snapshots = store if isinstance(store, Snapshots) else None
         self._feed = store if isinstance(store, ChangeFeed) else None
         # keyguard.metrics: the refreshes' reads timed, lookups counted (no-ops when off).
         self._reads = metrics.timed_store(store)
@@ -156,41 +174,57 @@ class CachedStore:
         return float(value) if isinstance(value, (int, float)) else None
 
     def __len__(self) -> int:
-        """How many entries (APIs plus their keys) the cache holds now."""
-        return self._size
+        """How many keys and APIs the cache holds now (at most ``max_entries``)."""
+        return self._entries.size
 
     # -- the request path ---------------------------------------------------------------------
 
     async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
-        """The answer from ``api``'s snapshot, refreshed from the store when stale."""
+        """The answer from what is cached of ``api``, read from the store when stale."""
         if self._feed is not None and (self._watcher is None or self._watcher.done()):
             # Not listening (first use, or a new event loop): what is cached may
             # have missed notices, so start afresh.
             self.clear()
             self._start_watching(self._feed)
-        snapshot = self._snapshots.get(api)
+        found = self._entries.get(api)
+        entry = found if isinstance(found, ApiEntry) else None
         now = self._clock()
-        if snapshot is None or snapshot.expires <= now:
+        if entry is None or entry.expires <= now:
             self._count_lookup(False)
-            if snapshot is None and api not in (await self._api_names()).existing:
+            if entry is None and api not in (await self._api_names()).existing:
                 # An API nobody created (perhaps a made-up name): no read of its own.
                 return False, None
-            snapshot = await self._refresh(api)
+            entry = await self._refresh(api)
         else:
             self._count_lookup(True)
-            if snapshot.expires - now <= self._ahead and api not in self._refreshing:
+            if entry.expires - now <= self._ahead and api not in self._refreshing:
                 # Nearly expired: refresh it in the background and answer from it meanwhile,
                 # so no request waits on the store while a valid entry exists (SPEC §11).
                 self._start_refresh(api)
-        return snapshot.exposed, None if client_id is None else snapshot.keys.get(client_id)
+        if client_id is None:
+            return entry.exposed, None
+        if entry.keys is not None:
+            return entry.exposed, entry.keys.get(client_id)
+        # A large API: the key's own entry. The common case, a fresh entry, without a
+        # coroutine of its own; everything else in _key.
+        found = self._entries.get((api, client_id))
+        if (
+            isinstance(found, KeyEntry)
+            and found.gen == entry.gen
+            and found.expires - now > self._ahead
+        ):
+            return entry.exposed, found.record
+        return entry.exposed, await self._key(api, client_id, entry.gen)
 
     def cached_rate_limits(self, api: str) -> tuple[RateLimit, ...] | None:
-        """``api``'s rate limits from its snapshot while it is fresh, else ``None``
+        """``api``'s rate limits from its entry while it is fresh, else ``None``
         (what ``KeyManager`` reads right after a ``lookup``: no store round trip)."""
-        snapshot = self._snapshots.get(api)
-        if snapshot is None or snapshot.expires <= self._clock():
+        entry = self._entries.get(api)
+        if not isinstance(entry, ApiEntry) or entry.expires <= self._clock():
             return None
-        return snapshot.rate_limits
+        return entry.rate_limits
+
+    # -- API entries ------------------------------------------------------------------------
 
     async def _api_names(self) -> _Names:
         names = self._names
@@ -216,75 +250,162 @@ class CachedStore:
             if not failed:
                 self._names = task.result()
 
-    async def _refresh(self, api: str) -> _Snapshot:
-        loop = asyncio.get_running_loop()
-        task = self._refreshing.get(api)
-        if task is None or task.get_loop() is not loop:
-            task = self._start_refresh(api)
-        return await asyncio.shield(task)
+    async def _refresh(self, api: str) -> ApiEntry:
+        refresh = self._refreshing.get(api)
+        if not self._shareable(refresh, api):
+            return await asyncio.shield(self._start_refresh(api))
+        assert refresh is not None
+        return await asyncio.shield(refresh.task)
 
-    def _start_refresh(self, api: str) -> asyncio.Task[_Snapshot]:
+    def _shareable(
+        self, reading: _InFlight[ApiEntry] | _InFlight[KeyEntry] | None, api: str
+    ) -> bool:
+        """Whether a lookup now may wait for ``reading`` (of ``api``) instead of reading
+        afresh: same event loop, same generation of the API, started less than a TTL ago."""
+        return (
+            reading is not None
+            and reading.task.get_loop() is asyncio.get_running_loop()
+            and reading.gen == self._gen.get(api, 0)
+            and reading.started + self.ttl > self._clock()
+        )
+
+    def _start_refresh(self, api: str) -> asyncio.Task[ApiEntry]:
         # Its own task, shared by every lookup that misses meanwhile: a caller that
         # is cancelled (a client gone) cancels neither the refresh nor the others.
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._fetch(api), name=f"keyguard-cache-refresh-{api}")
-        self._refreshing[api] = task
-        task.add_done_callback(functools.partial(self._refreshed, api))
+        started, gen = self._clock(), self._gen.get(api, 0)
+        task = loop.create_task(
+            self._fetch(api, started, gen), name=f"keyguard-cache-refresh-{api}"
+        )
+        refresh = _InFlight(started, gen, task)
+        self._refreshing[api] = refresh
+        task.add_done_callback(functools.partial(self._refreshed, api, refresh))
         return task
 
-    async def _fetch(self, api: str) -> _Snapshot:
-        read_at = self._clock()  # the snapshot's age counts from before the reads
-        found = await self._reads.get_api(api)
-        records = await self._reads.list_keys(api) if found is not None else []
-        return _Snapshot(
-            read_at + self.ttl,
-            found is not None and found.exposed,
-            {record.client_id: record for record in records},
-            () if found is None else found.rate_limits,
-        )
+    async def _fetch(self, api: str, read_at: float, gen: int) -> ApiEntry:
+        # (The entry's age counts from before the read: ``read_at``.)
+        limit = self.snapshot_keys
+        if self._snapshots is not None:
+            found, records = await self._snapshots.snapshot(api, max_keys=limit)
+        else:  # a store of someone else's without snapshot(): two round trips
+            found = await self._reads.get_api(api)
+            small = found is not None and found.internal_keys + found.external_keys <= limit
+            records = await self._reads.list_keys(api) if small else None
+        if found is None:
+            return ApiEntry(read_at + self.ttl, False, (), {}, gen)
+        keys = None if records is None else {record.client_id: record for record in records}
+        return ApiEntry(read_at + self.ttl, found.exposed, found.rate_limits, keys, gen)
 
-    def _refreshed(self, api: str, task: asyncio.Task[_Snapshot]) -> None:
+    def _refreshed(
+        self, api: str, refresh: _InFlight[ApiEntry], task: asyncio.Task[ApiEntry]
+    ) -> None:
         failed = task.cancelled() or task.exception() is not None  # (retrieves the exception)
-        if self._refreshing.get(api) is task:
+        if self._refreshing.get(api) is refresh:
             del self._refreshing[api]
             if not failed:
-                self._keep(api, task.result())
+                self._entries.put(api, task.result())
         # Otherwise the API was invalidated while this refresh ran: its answer may
         # predate the change, so it is not kept.
 
-    def _keep(self, api: str, snapshot: _Snapshot) -> None:
-        self._drop(api)
-        while self._snapshots and self._size + snapshot.size > self.max_entries:
-            self._drop(next(iter(self._snapshots)))  # oldest first: dicts keep order
-        if snapshot.size <= self.max_entries:
-            self._snapshots[api] = snapshot
-            self._size += snapshot.size
+    # -- key entries (large APIs) ---------------------------------------------------------
 
-    def _drop(self, api: str) -> None:
-        old = self._snapshots.pop(api, None)
-        if old is not None:
-            self._size -= old.size
+    async def _key(self, api: str, client_id: str, gen: int) -> KeyRecord | None:
+        slot = (api, client_id)
+        found = self._entries.get(slot)
+        now = self._clock()
+        known = False
+        if isinstance(found, KeyEntry):
+            if found.gen != gen:
+                self._entries.pop(slot)  # the API changed since: stale whatever its age
+            elif found.expires > now:
+                if (
+                    found.record is not None
+                    and found.expires - now <= self._ahead
+                    and slot not in self._reading
+                ):
+                    self._start_read(slot, gen)  # refresh ahead, as for an API
+                return found.record
+            else:
+                # Expired. A key it found is a real caller's: read again, outside the budget.
+                known = found.record is not None
+        reading = self._reading.get(slot)
+        if self._shareable(reading, api):
+            assert reading is not None
+            return (await asyncio.shield(reading.task)).record
+        if not known:
+            if self.precheck is not None and not self.precheck(api, client_id):
+                return None
+            if not self._budget.take(now):
+                self._refuse(api, now)
+                return None
+        return (await asyncio.shield(self._start_read(slot, gen))).record
+
+    def _start_read(self, slot: tuple[str, str], gen: int) -> asyncio.Task[KeyEntry]:
+        loop = asyncio.get_running_loop()
+        started = self._clock()
+        task = loop.create_task(
+            self._fetch_key(*slot, started, gen), name="keyguard-cache-read-key"
+        )
+        reading = _InFlight(started, gen, task)
+        self._reading[slot] = reading
+        task.add_done_callback(functools.partial(self._read, slot, reading))
+        return task
+
+    async def _fetch_key(self, api: str, client_id: str, read_at: float, gen: int) -> KeyEntry:
+        # (The entry's age counts from before the read: ``read_at``.)
+        _, record = await self._reads.lookup(api, client_id)
+        return KeyEntry(read_at + self.ttl, record, gen)
+
+    def _read(
+        self, slot: tuple[str, str], reading: _InFlight[KeyEntry], task: asyncio.Task[KeyEntry]
+    ) -> None:
+        failed = task.cancelled() or task.exception() is not None  # (retrieves the exception)
+        if self._reading.get(slot) is reading:
+            del self._reading[slot]
+            if not failed and self._gen.get(slot[0], 0) == reading.gen:
+                self._entries.put(slot, task.result())
+        # Otherwise the key or its API changed while this read ran: not kept.
+
+    def _refuse(self, api: str, now: float) -> None:
+        self.refused_misses += 1
+        if self._warned_at is None or now - self._warned_at >= _WARN_EVERY:
+            self._warned_at = now
+            logger.warning(
+                "cache miss budget (%g store reads/s) used up, api %s: client ids not in "
+                "the cache are answered 'not registered' without a store read",
+                self.miss_reads_per_second,
+                api,
+            )
 
     # -- invalidation ---------------------------------------------------------------------------
 
     def invalidate(self, api: str, client_id: str | None = None) -> None:
-        """Forget what is cached of ``api`` (a change to any of its keys changes its snapshot).
+        """Forget what a change of ``api`` (of its key ``client_id``, if given) may have
+        made stale: the key's entry and the API's snapshot; for a change of the API itself
+        (``client_id`` ``None``), everything cached of it.
 
-        A refresh of ``api`` already under way is neither kept nor shared with later
-        lookups: it may have read the store before the change.
+        A read of it already under way is neither kept nor shared with later lookups:
+        it may have read the store before the change.
         """
-        self._drop(api)
+        entry = self._entries.get(api)
+        if client_id is None or (isinstance(entry, ApiEntry) and entry.keys is not None):
+            self._entries.pop(api)
         self._refreshing.pop(api, None)
         if client_id is None:
+            # Every key entry of the API, and every read of one under way, is now stale.
+            self._gen[api] = self._gen.get(api, 0) + 1
             # The API itself changed (created, perhaps): the set of names may too.
             self._names = None
             self._names_task = None
+        else:
+            self._entries.pop((api, client_id))
+            self._reading.pop((api, client_id), None)
 
     def clear(self) -> None:
         """Forget everything."""
-        self._snapshots.clear()
-        self._size = 0
+        self._entries.clear()
         self._refreshing.clear()
+        self._reading.clear()
         self._names = None
         self._names_task = None
 
@@ -409,7 +530,8 @@ class CachedStore:
 
     async def aclose(self) -> None:
         """Stop watching for changes and close the wrapped store."""
-        refreshing: list[asyncio.Task[object]] = [*self._refreshing.values()]
+        refreshing: list[asyncio.Task[object]] = [r.task for r in self._refreshing.values()]
+        refreshing.extend(reading.task for reading in self._reading.values())
         if self._names_task is not None:
             refreshing.append(self._names_task)
         for task in refreshing:
