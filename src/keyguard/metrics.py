@@ -111,6 +111,8 @@ MAX_API_NAMES = 200
 
 OPERATIONS = (
     "lookup",
+    "snapshot",
+    "page_keys",
     "get_api",
     "list_apis",
     "upsert_api",
@@ -372,7 +374,7 @@ class _TimedStore:
         name = store_name(store)
         record = histogram.record
         for operation in OPERATIONS:
-            if operation not in skip:
+            if operation not in skip and hasattr(store, operation):
                 attributes = {"operation": operation, "store": name}
                 setattr(self, operation, _timed(store, operation, record, attributes))
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 from keyguard import metrics
 from keyguard.audit import AuditEvent
@@ -151,11 +151,11 @@ class CachedStore:
         self._warned_at: float | None = None
         self._names: _Names | None = None
         self._names_task: asyncio.Task[_Names] | None = None
-        self._snapshots = store if isinstance(store, Snapshots) else None
         self._feed = store if isinstance(store, ChangeFeed) else None
         # keyguard.metrics: the refreshes' reads timed, lookups counted (no-ops when off).
         self._reads = metrics.timed_store(store)
         self._count_lookup = metrics.count_lookup()
+        self._snapshots = cast("Snapshots", self._reads) if isinstance(store, Snapshots) else None
         self._watcher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
