@@ -148,7 +148,9 @@ def test_tag_depends_on_key_api_and_random_part() -> None:
     )
     assert (
         tag
-        == hmac.new(key, b"\x00\x06orders" + random_part.encode(), hashlib.sha256).hexdigest()[:10]
+        == hmac.new(
+            key, b"\x00\x00\x00\x06orders" + random_part.encode(), hashlib.sha256
+        ).hexdigest()[:10]
     )
 
 

@@ -67,11 +67,6 @@ class IdTags:
         state = "no tag key" if self._source is None else "tag key hidden"
         return f"IdTags({state})"
 
-    @property
-    def enabled(self) -> bool:
-        """Whether the store keeps a tag key (so issued ids are tagged)."""
-        return self._source is not None
-
     async def _load(self) -> bytes | None:
         if self._key is not None or self._source is None:
             return self._key

@@ -99,7 +99,7 @@ def client_id_tag(tag_key: bytes, api: str, random_part: str) -> str:
     The API name is length-prefixed, so no two (api, random part) pairs share an input.
     """
     api_bytes = api.encode()
-    message = len(api_bytes).to_bytes(2, "big") + api_bytes + random_part.encode()
+    message = len(api_bytes).to_bytes(4, "big") + api_bytes + random_part.encode()
     return hmac.new(tag_key, message, hashlib.sha256).hexdigest()[:CLIENT_ID_TAG_LENGTH]
 
 
