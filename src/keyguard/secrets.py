@@ -100,7 +100,7 @@ def client_id_tag(tag_key: bytes, api: str, random_part: str) -> str:
     """
     api_bytes = api.encode()
     message = len(api_bytes).to_bytes(4, "big") + api_bytes + random_part.encode()
-    return hmac.new(tag_key, message, hashlib.sha256).hexdigest()[:CLIENT_ID_TAG_LENGTH]
+    return hmac.digest(tag_key, message, "sha256").hex()[:CLIENT_ID_TAG_LENGTH]
 
 
 def new_secret() -> str:
