@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from keyguard import KeyGuard, KeyManager, KeyStore, MemoryStore
+from keyguard import KeyGuard, KeyManager, KeyStore, MemoryStore, open_store
 from keyguard.errors import StoreUnavailable
 from keyguard.idtags import IdTags, tag_key_source
 from keyguard.manager import Denial
@@ -177,6 +177,25 @@ def test_tag_key_source_sees_through_a_cache() -> None:
     assert tag_key_source(inner) is inner
     assert tag_key_source(CachedStore(inner, ttl=1)) is inner
     assert tag_key_source(CountingStore(inner)) is None
+
+
+async def test_open_store_with_its_cache_issues_tagged_ids(tmp_path: Path) -> None:
+    """A store opened by URL, cache and all, issues tagged ids, and its middleware admits
+    them and refuses a made-up one."""
+    store = open_store(sql_url("sqlite", tmp_path))
+    try:
+        assert isinstance(store, CachedStore)
+        manager = KeyManager(store)
+        await manager.expose("orders")
+        key = await manager.create_key("orders", name="Real", kind="external")
+        assert len(key.client_id) == CLIENT_ID_LENGTH
+        async with guarded(store) as client:
+            ok = await client.get("/hello", headers={"X-IBM-Client-Id": key.client_id})
+            assert (ok.status_code, ok.text) == (200, "Real")
+            refused = await client.get("/hello", headers={"X-IBM-Client-Id": made_up_tagged()})
+            assert refused.json() == NOT_REGISTERED
+    finally:
+        await store.aclose()
 
 
 # -- the flood ----------------------------------------------------------------------------
