@@ -223,13 +223,13 @@ def test_api_lifecycle_human(run: Run) -> None:
 def test_key_lifecycle_human(exposed: Run) -> None:
     """Create, set a secret, list and delete keys: secrets shown once with a warning."""
     out = exposed("keys", "create", "orders", "--name", "Acme", "--kind", "internal").stdout
-    internal_id = re.search(r"client id: ([0-9a-f]{32})", out)
+    internal_id = re.search(r"client id: ([0-9a-f]{42})", out)
     assert internal_id is not None
     assert re.search(r"secret: +[A-Za-z0-9_-]{43}\n", out)
     assert "will never show it again" in out
 
     out = exposed("keys", "create", "orders", "--name", "Globex Corp", "--kind", "external").stdout
-    external_id = re.search(r"client id: ([0-9a-f]{32})", out)
+    external_id = re.search(r"client id: ([0-9a-f]{42})", out)
     assert external_id is not None
     assert "none yet" in out
     assert f"keyguard keys set-secret orders {external_id[1]}" in out
@@ -251,7 +251,7 @@ def test_key_lifecycle_human(exposed: Run) -> None:
         "LIMITS",
         "META",
     ]
-    assert lines[0].startswith("CLIENT_ID" + " " * 25 + "NAME" + " " * 9 + "KIND" + " " * 6)
+    assert lines[0].startswith("CLIENT_ID" + " " * 35 + "NAME" + " " * 9 + "KIND" + " " * 6)
     assert lines[1].startswith(f"{internal_id[1]}  Acme         internal  yes     20")
     assert lines[2].startswith(f"{external_id[1]}  Globex Corp  external  yes     20")
     assert lines[1].endswith("Z  never      enabled")

@@ -44,7 +44,7 @@ DESKTOP: ViewportSize = {"width": 1280, "height": 900}
 PHONE: ViewportSize = {"width": 320, "height": 640}  # WCAG's reflow width
 WAIT_MS = 20_000  # generous: the machine is shared and noisy
 SECRET = re.compile(r"^[A-Za-z0-9_-]{43}$")
-CLIENT_ID = re.compile(r"^[0-9a-f]{32}$")
+CLIENT_ID = re.compile(r"^[0-9a-f]{42}$")
 INTERNAL = "Sharing within your organization"
 EXTERNAL = "Sharing outside your organization"
 

@@ -17,7 +17,9 @@ from starlette.routing import Mount, Route
 from keyguard import KeyGuard, KeyManager, KeyStore, management_app
 from keyguard.cli import main as cli_main
 from keyguard.errors import KeyGuardError
+from keyguard.idtags import IdTags
 from keyguard.stores import CachedStore
+from keyguard.stores.base import IdTagKeys
 
 pytestmark = pytest.mark.anyio
 
@@ -121,7 +123,10 @@ async def test_full_flow_leaks_nothing(store: KeyStore, caplog: pytest.LogCaptur
     assert "secret_hash" not in shown  # logged SQL may name the column; nothing shown may
     logged = "\n".join(r.getMessage() + repr(r.args) + str(r.exc_info) for r in caplog.records)
     text = shown + "\n" + logged
-    for secret in [*issued, *hashes, TOKEN]:
+    # The client id tag key (made by the first key creation above) shows nowhere either.
+    assert isinstance(store, IdTagKeys)
+    tag_key = await store.id_tag_key()
+    for secret in [*issued, *hashes, TOKEN, tag_key.hex(), repr(tag_key)[2:-1]]:
         assert secret not in text
     assert "$pbkdf2" not in text
     assert set(listing["keys"][0]) == {
@@ -148,6 +153,7 @@ async def test_errors_and_reprs_leak_nothing(manager: KeyManager) -> None:
     assert record is not None
     assert record.secret_hash is not None
     messages = [repr(key), str(key), repr(record), repr(manager), repr(manager.hasher)]
+    messages.append(repr(IdTags(manager.store)) + repr(manager.store))
     for attempt in (
         manager.set_secret("orders", key.client_id),
         manager.create_key("orders", name="staff", kind="internal"),
@@ -160,6 +166,10 @@ async def test_errors_and_reprs_leak_nothing(manager: KeyManager) -> None:
     text = "\n".join(messages)
     assert key.secret not in text
     assert record.secret_hash not in text
+    assert isinstance(manager.store, IdTagKeys)
+    tag_key = await manager.store.id_tag_key()
+    assert tag_key.hex() not in text
+    assert repr(tag_key)[2:-1] not in text
 
 
 def test_cli_leaks_nothing_but_the_issued_secret(

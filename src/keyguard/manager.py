@@ -33,6 +33,7 @@ from keyguard.errors import (
     KeyImmutable,
     KeyNotFound,
 )
+from keyguard.idtags import IdTags
 from keyguard.models import (
     UNCHANGED,
     Api,
@@ -53,7 +54,7 @@ from keyguard.models import (
     utcnow,
     validate_api_name,
 )
-from keyguard.secrets import SecretHasher, could_be_client_id, new_client_id, new_secret
+from keyguard.secrets import SecretHasher, new_secret
 from keyguard.stores._paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from keyguard.stores.base import KeyStore
 from keyguard.usage import MAX_USAGE_HOURS, hour_start, merge_hours
@@ -131,6 +132,7 @@ class KeyManager:
             store, "cached_rate_limits", None
         )
         self._verify_deadline = store_timeout(store)
+        self._tags = IdTags(store)
 
     def __repr__(self) -> str:
         return f"KeyManager({self.store!r}, max_keys_per_kind={self.max_keys_per_kind})"
@@ -264,7 +266,7 @@ class KeyManager:
         secret = new_secret() if key_kind is KeyKind.INTERNAL else None
         record = KeyRecord(
             api=api,
-            client_id=new_client_id(),
+            client_id=await self._tags.new_client_id(api),
             name=clean_name,
             kind=key_kind,
             secret_hash=None if secret is None else await self.hasher.ahash(secret),
@@ -519,8 +521,10 @@ class KeyManager:
     ) -> KeyInfo | Denial:
         """Check one request's credentials for ``api`` (a valid API name), SPEC §4's order.
 
-        Costs one store lookup. An id keyguard could never have issued is not
-        looked up (the API's state still is: a 404 comes before a 401). An
+        Costs one store lookup. An id keyguard could never have issued — wrong
+        length or alphabet, or a tag that does not verify for ``api``
+        (:mod:`keyguard.idtags`) — is not looked up (the API's state still is: a
+        404 comes before a 401). An
         unknown id costs no verification: its refusal already says it is
         unknown. The refusals that share a message cost the same: a wrong
         secret and a secret sent to a secretless key (checked against a dummy
@@ -530,7 +534,7 @@ class KeyManager:
         store's timeout raises ``VerificationBusy`` (a ``StoreUnavailable``),
         as may the lookup itself.
         """
-        plausible = client_id is not None and could_be_client_id(client_id)
+        plausible = client_id is not None and await self._tags.worth_a_read(api, client_id)
         exposed, record = await self.store.lookup(api, client_id if plausible else None)
         if not exposed:
             return Denial.API_NOT_AVAILABLE

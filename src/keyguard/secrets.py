@@ -1,8 +1,13 @@
 """Generating client ids and secrets, and hashing and checking secrets.
 
-Client ids are 32 lowercase hex characters (128 bits from :mod:`secrets`), the
-shape of the client ids IBM's gateway issues. Secrets are 43 URL-safe
-characters (256 bits). Only a passlib hash of a secret is ever stored.
+Client ids are 42 lowercase hex characters: 128 random bits from :mod:`secrets`
+(32 characters, the shape of the client ids IBM's gateway issues) followed by
+a 40-bit *tag*, the first 10 hex characters of HMAC-SHA256 under the store's
+tag key of the API name and the random part (:mod:`keyguard.idtags`). The tag
+lets the request path refuse a made-up id without a store read; it is derived
+from public data and holds nothing secret. Ids made before tags (32 hex
+characters, *legacy* ids) keep working. Secrets are 43 URL-safe characters
+(256 bits). Only a passlib hash of a secret is ever stored.
 
 The default scheme is ``pbkdf2_sha256`` with a single round: salted, named in
 the hash string (so ``needs_update`` can migrate hashes later), and fast.
@@ -38,15 +43,23 @@ from keyguard.errors import StoreUnavailable
 
 __all__ = [
     "CLIENT_ID_LENGTH",
+    "CLIENT_ID_TAG_LENGTH",
     "DEFAULT_CONTEXT",
+    "LEGACY_CLIENT_ID_LENGTH",
     "SecretHasher",
     "VerificationBusy",
+    "client_id_tag",
     "could_be_client_id",
     "new_client_id",
     "new_secret",
 ]
 
-CLIENT_ID_LENGTH = 32
+LEGACY_CLIENT_ID_LENGTH = 32
+"""Hex characters of a client id made before tags, and of every id's random part."""
+CLIENT_ID_TAG_LENGTH = 10
+"""Hex characters of a client id's tag: 40 bits, so a made-up id passes with p = 2**-40."""
+CLIENT_ID_LENGTH = LEGACY_CLIENT_ID_LENGTH + CLIENT_ID_TAG_LENGTH
+"""Hex characters of a tagged client id (the random part, then the tag)."""
 SECRET_BYTES = 32  # 256 bits
 _HEX = "0123456789abcdef"
 FAILURE_WINDOW = 60.0
@@ -65,9 +78,29 @@ class VerificationBusy(StoreUnavailable):
     code = "verification_busy"
 
 
-def new_client_id() -> str:
-    """A fresh client id: 128 random bits as 32 lowercase hex characters."""
-    return _secrets.token_hex(CLIENT_ID_LENGTH // 2)
+def new_client_id(tag_key: bytes | None = None, api: str | None = None) -> str:
+    """A fresh client id: 128 random bits as 32 lowercase hex characters, followed by
+    the tag of ``api`` and those bits under ``tag_key`` when one is given (42 in all).
+
+    Without ``tag_key``: an untagged id, the shape of ids made before tags.
+    """
+    random_part = _secrets.token_hex(LEGACY_CLIENT_ID_LENGTH // 2)
+    if tag_key is None:
+        return random_part
+    if api is None:
+        raise ValueError("a tagged client id needs the name of its API")
+    return random_part + client_id_tag(tag_key, api, random_part)
+
+
+def client_id_tag(tag_key: bytes, api: str, random_part: str) -> str:
+    """The tag of a client id: HMAC-SHA256 under ``tag_key`` of the API name and the id's
+    random part, its first ``CLIENT_ID_TAG_LENGTH`` hex characters.
+
+    The API name is length-prefixed, so no two (api, random part) pairs share an input.
+    """
+    api_bytes = api.encode()
+    message = len(api_bytes).to_bytes(4, "big") + api_bytes + random_part.encode()
+    return hmac.digest(tag_key, message, "sha256").hex()[:CLIENT_ID_TAG_LENGTH]
 
 
 def new_secret() -> str:
@@ -76,11 +109,15 @@ def new_secret() -> str:
 
 
 def could_be_client_id(value: str) -> bool:
-    """Whether ``value`` has the shape of a client id keyguard issues.
+    """Whether ``value`` has the shape of a client id keyguard issues, tagged (42 hex
+    characters) or legacy (32).
 
     Anything else can be refused without asking the store.
     """
-    return len(value) == CLIENT_ID_LENGTH and not value.strip(_HEX)
+    return len(value) in _ID_LENGTHS and not value.strip(_HEX)
+
+
+_ID_LENGTHS = frozenset({LEGACY_CLIENT_ID_LENGTH, CLIENT_ID_LENGTH})
 
 
 class _Slots:

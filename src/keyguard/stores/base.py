@@ -25,6 +25,12 @@ written: ``meta`` and ``rate_limits`` as the models' helpers dump and load
 them (``dump_meta``/``load_meta``, ``dump_rate_limits``/``load_rate_limits``),
 times as aware UTC datetimes to the microsecond.
 
+A store also keeps its *client id tag key* (``IdTagKeys``, SPEC §4, §11): 32
+random bytes made on first need and kept with the data, under which new client
+ids carry a tag (:mod:`keyguard.idtags`), so that a made-up id is refused
+without a read. Every store of keyguard has one; a store without one still
+works, issuing untagged ids that are always looked up.
+
 Every method may raise :class:`~keyguard.errors.StoreUnavailable` (with the
 driver's error chained) when the store cannot be reached or fails; no other
 driver exception may escape. Stores connect lazily, in the event loop that
@@ -44,7 +50,7 @@ from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
 if TYPE_CHECKING:
     from keyguard.usage import UsageCount
 
-__all__ = ["ChangeFeed", "KeyPage", "KeyStore", "Snapshots"]
+__all__ = ["ChangeFeed", "IdTagKeys", "KeyPage", "KeyStore", "Snapshots"]
 
 
 @runtime_checkable
@@ -262,5 +268,27 @@ class Snapshots(Protocol):
         with the API in one consistent step; ``None`` instead of the keys when it holds
         more (nothing of them is read). One round trip at most; the cost does not grow
         with the API's keys beyond ``max_keys``.
+        """
+        ...
+
+
+ID_TAG_KEY_BYTES = 32
+"""Length of a store's client id tag key."""
+
+
+@runtime_checkable
+class IdTagKeys(Protocol):
+    """A store that keeps a client id tag key (every store of keyguard does).
+
+    ``KeyManager`` tags the client ids it issues under it and refuses an id whose tag
+    does not verify without a store read (:mod:`keyguard.idtags`).
+    """
+
+    async def id_tag_key(self) -> bytes:
+        """The store's tag key: ``ID_TAG_KEY_BYTES`` random bytes, made by whichever
+        process needs it first and kept in the store (an insert that does nothing if the
+        key exists, then a read back, so racing processes agree). Read from the store
+        once per store object, then from memory: it never changes. It is never logged,
+        never in a repr or an error, and no front door returns it.
         """
         ...

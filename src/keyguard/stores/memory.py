@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from keyguard.audit import DEFAULT_AUDIT_RETENTION, AuditEvent, check_retention, cutoff_id
 from keyguard.errors import ApiHasKeys, ApiNotExposed, DuplicateName, KeyLimitReached
 from keyguard.models import Api, KeyChanges, KeyKind, KeyRecord, RateLimit, name_key
+from keyguard.stores._idtag import new_tag_key_text, parse_tag_key
 from keyguard.stores._paging import (
     DEFAULT_PAGE_SIZE,
     KeyPage,
@@ -57,6 +58,7 @@ class MemoryStore:
         self._audit: list[AuditEvent] = []
         # (api, hour) -> client_id -> [requests, rate_limited]
         self._usage: dict[tuple[str, datetime], dict[str, list[int]]] = {}
+        self._id_tag_key: bytes | None = None
 
     def __repr__(self) -> str:
         keys = sum(len(state.keys) for state in self._apis.values())
@@ -317,6 +319,13 @@ class MemoryStore:
         with self._lock:
             for api, hour in [slot for slot in self._usage if slot[1] < before]:
                 del self._usage[(api, hour)]
+
+    async def id_tag_key(self) -> bytes:
+        """This store's client id tag key (``IdTagKeys``): made on first call, kept here."""
+        with self._lock:
+            if self._id_tag_key is None:
+                self._id_tag_key = parse_tag_key(new_tag_key_text(), "memory store")
+            return self._id_tag_key
 
     async def aclose(self) -> None:
         """Nothing to release; the data stays until the store is garbage-collected."""

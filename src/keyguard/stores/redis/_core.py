@@ -34,6 +34,7 @@ from keyguard.models import (
     dump_rate_limits,
     name_key,
 )
+from keyguard.stores._idtag import new_tag_key_text, parse_tag_key
 from keyguard.stores._paging import (
     DEFAULT_PAGE_SIZE,
     KeyPage,
@@ -622,6 +623,26 @@ class RedisCore(Generic[ClientT]):
             if pubsub is not None:
                 with anyio.CancelScope(shield=True), contextlib.suppress(*_FAILURES):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
+
+    _id_tag_key: bytes | None = None
+
+    async def id_tag_key(self) -> bytes:
+        """The client id tag key (``IdTagKeys``): the Redis key ``<prefix>idtag``, written
+        by the first process that needs it with ``SET NX`` and read back, so racing
+        processes agree; then kept in memory. It never expires (keep Redis on a
+        ``noeviction`` policy, as for the keys themselves)."""
+        key = self._id_tag_key
+        if key is not None:
+            return key
+        name = f"{self.prefix}idtag"
+        candidate = new_tag_key_text()
+
+        async def create(redis: ClientT) -> Any:
+            await redis.set(name, candidate, nx=True)
+            return await redis.get(name)
+
+        key = self._id_tag_key = parse_tag_key(await self._call(create), self.description)
+        return key
 
     async def aclose(self) -> None:
         """Close the connections of a client the store created; a passed-in one stays open."""

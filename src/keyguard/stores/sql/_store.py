@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     # and 2.1 (a TypeVarTuple), and no spelling suits both; its columns are Any either way.
     _Row: TypeAlias = Any
 
+from keyguard.stores._idtag import ID_TAG_ROW, new_tag_key_text, parse_tag_key
 from keyguard.stores.sql._core import T, _SQLCore
 from keyguard.stores.sql._engine import (
     _create_engine,
@@ -727,6 +728,33 @@ class SQLStore(_SQLCore):
             await conn.execute(delete(schema.usage).where(schema.usage.c.hour < before))
 
         await self._run(work, write=True)
+
+    _id_tag_key: bytes | None = None
+
+    async def id_tag_key(self) -> bytes:
+        """The client id tag key (``IdTagKeys``): a row of ``<prefix>meta``, inserted by the
+        first process that needs it (an insert that does nothing if the row exists), read
+        back in a later transaction so racing processes agree, then kept in memory."""
+        key = self._id_tag_key
+        if key is not None:
+            return key
+
+        async def read(conn: AsyncConnection, schema: _Schema) -> str | None:
+            stmt = select(schema.meta.c.value).where(schema.meta.c.name == ID_TAG_ROW)
+            value: str | None = (await conn.execute(stmt)).scalar_one_or_none()
+            return value
+
+        async def create(conn: AsyncConnection, schema: _Schema) -> None:
+            await conn.execute(
+                schema.insert_ignore(schema.meta, {"name": ID_TAG_ROW, "value": new_tag_key_text()})
+            )
+
+        text = await self._run(read, write=False)
+        if text is None:
+            await self._run(create, write=True)
+            text = await self._run(read, write=False)
+        key = self._id_tag_key = parse_tag_key(text, f"SQL store {self.url}")
+        return key
 
 
 class _PostgreSQLStore(SQLStore):

@@ -1,0 +1,104 @@
+"""Client id tags: a made-up client id is refused without a store read (SPEC §4, §11).
+
+Every client id keyguard issues ends in a *tag*: the first 40 bits (10 hex
+characters) of HMAC-SHA256, under the store's tag key, of the API name and
+the id's 128 random bits (:func:`keyguard.secrets.client_id_tag`). The tag
+key is 32 random bytes kept in the store itself (``IdTagKeys.id_tag_key``),
+so every process and machine sharing a store issues and checks the same tags,
+and it is read once per store object, then kept in memory.
+
+Before asking the store for a key, the request path checks the id's tag
+(:meth:`IdTags.worth_a_read`). An id whose tag does not verify cannot be a
+key of this API — not of this store, not of another API of it — so it is
+answered "not registered" with no read of the key: a flood of made-up
+well-formed ids costs each process no reads at all beyond the API's state,
+except for the one id in 2**40 whose tag happens to verify. Real callers are
+not slowed: their ids verify with one HMAC.
+
+Ids issued before tags existed (*legacy* ids: 32 hex characters, no tag)
+keep working; they are looked up as before, so a flood of made-up
+legacy-shaped ids costs what it cost before tags: reads bounded by the cache
+(``CachedStore``). docs/security.md argues the choice.
+
+A store without a tag key (a custom ``KeyStore`` that does not implement
+``IdTagKeys``) keeps working too: keys are then issued with untagged ids, and
+every well-formed id is looked up.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from keyguard.errors import StoreUnavailable
+from keyguard.secrets import (
+    LEGACY_CLIENT_ID_LENGTH,
+    client_id_tag,
+    could_be_client_id,
+    new_client_id,
+)
+from keyguard.stores.base import ID_TAG_KEY_BYTES, IdTagKeys
+
+__all__ = ["IdTags", "tag_key_source"]
+
+
+def tag_key_source(store: object) -> IdTagKeys | None:
+    """Where ``store``'s tag key comes from: the store itself, or the store a wrapper such
+    as ``CachedStore`` wraps (its ``store`` attribute); ``None`` if neither keeps one."""
+    for candidate in (store, getattr(store, "store", None)):
+        if isinstance(candidate, IdTagKeys):
+            return candidate
+    return None
+
+
+class IdTags:
+    """The tag key of one store, for issuing tagged client ids and checking presented ones.
+
+    The key is fetched from the store on first need (``StoreUnavailable`` if that
+    read fails; the next call tries again) and kept for the object's lifetime.
+    """
+
+    __slots__ = ("_key", "_source")
+
+    def __init__(self, store: object) -> None:
+        self._source = tag_key_source(store)
+        self._key: bytes | None = None
+
+    def __repr__(self) -> str:
+        state = "no tag key" if self._source is None else "tag key hidden"
+        return f"IdTags({state})"
+
+    async def _load(self) -> bytes | None:
+        if self._key is not None or self._source is None:
+            return self._key
+        key = await self._source.id_tag_key()
+        if not isinstance(key, bytes) or len(key) != ID_TAG_KEY_BYTES:
+            # Never the value: only that it is unusable.
+            raise StoreUnavailable("the store's client id tag key is damaged")
+        self._key = key
+        return key
+
+    async def new_client_id(self, api: str) -> str:
+        """A fresh client id for a key of ``api``: tagged when the store keeps a tag key."""
+        key = await self._load()
+        return new_client_id(key, api) if key is not None else new_client_id()
+
+    async def worth_a_read(self, api: str, client_id: str) -> bool:
+        """Whether the store could hold a key ``client_id`` of ``api``, without asking it.
+
+        ``False`` for an id keyguard could never have issued (wrong length or alphabet)
+        and for a tagged-length id whose tag does not verify for ``api`` (compared in
+        constant time); ``True`` for an id whose tag verifies, for a legacy id (32 hex
+        characters, issued before tags) and, on a store without a tag key, for any
+        well-formed id.
+        """
+        if not could_be_client_id(client_id):
+            return False
+        if len(client_id) == LEGACY_CLIENT_ID_LENGTH:
+            return True
+        key = self._key
+        if key is None:
+            key = await self._load()
+            if key is None:
+                return True
+        expected = client_id_tag(key, api, client_id[:LEGACY_CLIENT_ID_LENGTH])
+        return hmac.compare_digest(expected.encode(), client_id[LEGACY_CLIENT_ID_LENGTH:].encode())
