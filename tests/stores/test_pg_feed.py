@@ -488,6 +488,7 @@ def test_a_store_listens_again_in_a_new_event_loop() -> None:
     finally:
 
         async def clean() -> None:
+            await writer.get_api("orders")  # this loop's own engine, closed below
             await drop_tables(writer.engine, prefix)
             await writer.aclose()
             await store.aclose()
