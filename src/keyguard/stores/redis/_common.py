@@ -6,7 +6,7 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
@@ -157,21 +157,29 @@ def _decoded(
     )
 
 
-def _records_of(api: str, fields: Mapping[str, Any]) -> list[KeyRecord]:
+def _stored_keys(api: str, fields: Mapping[str, Any]) -> Iterator[tuple[list[Any], KeyRecord]]:
     """Every key of ``api`` from its hash's fields (as ``HGETALL`` reads them), in no
-    particular order."""
-    return [
-        _decoded(
-            api,
-            name[2:],
-            json.loads(value),
-            fields.get(f"s:{name[2:]}"),
-            fields.get(f"p:{name[2:]}"),
-            fields.get(f"u:{name[2:]}"),
-        )
-        for name, value in fields.items()
-        if name.startswith("k:")
-    ]
+    particular order: its stored layout (``[seq, …, created micros, …]``) and its record."""
+    for name, value in fields.items():
+        if name.startswith("k:"):
+            client_id = name[2:]
+            stored = json.loads(value)
+            yield (
+                stored,
+                _decoded(
+                    api,
+                    client_id,
+                    stored,
+                    fields.get(f"s:{client_id}"),
+                    fields.get(f"p:{client_id}"),
+                    fields.get(f"u:{client_id}"),
+                ),
+            )
+
+
+def _records_of(api: str, fields: Mapping[str, Any]) -> list[KeyRecord]:
+    """Every key of ``api`` from its hash's fields, in no particular order."""
+    return [record for _, record in _stored_keys(api, fields)]
 
 
 def _dumps(value: Any) -> str:

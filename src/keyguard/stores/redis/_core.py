@@ -71,6 +71,7 @@ from keyguard.stores.redis._common import (
     _record,
     _records_of,
     _running_loop,
+    _stored_keys,
     _text,
 )
 from keyguard.stores.redis._lua import (
@@ -310,22 +311,8 @@ class RedisCore(Generic[ClientT]):
         key = self._api_key(api)
         raw_fields = await self._call(lambda redis: redis.hgetall(key))
         fields = {_text(name): value for name, value in raw_fields.items()}
-        found: list[tuple[int, int, KeyRecord]] = []
-        for name, value in fields.items():
-            if name.startswith("k:"):
-                client_id = name[2:]
-                stored = json.loads(value)
-                record = _decoded(
-                    api,
-                    client_id,
-                    stored,
-                    fields.get(f"s:{client_id}"),
-                    fields.get(f"p:{client_id}"),
-                    fields.get(f"u:{client_id}"),
-                )
-                found.append((stored[4], stored[0], record))
-        found.sort(key=lambda entry: entry[:2])
-        return [record for _, _, record in found]
+        found = sorted(_stored_keys(api, fields), key=lambda entry: (entry[0][4], entry[0][0]))
+        return [record for _, record in found]
 
     async def page_keys(
         self,
