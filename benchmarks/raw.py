@@ -29,7 +29,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from benchmarks import report
 from benchmarks.stores import SERVER_URLS, drop_prefix, reachable
@@ -159,7 +158,8 @@ async def _redis() -> Setup:
         return await client.hmget(key, fields)
 
     probe = await raw()
-    assert isinstance(probe, list) and probe[0] is not None, "the API hash was not found"
+    if not isinstance(probe, list) or probe[0] is None:
+        raise RuntimeError(f"the API hash {key!r} was not found")
     return Setup(
         "redis",
         store,
