@@ -2,7 +2,10 @@
 
 Pure ASGI. Options are validated and responses precomputed in ``__init__``
 so that ``__call__`` does one pass over the headers, one store lookup through
-``KeyManager.authenticate`` and, on success, one scope copy.
+``KeyManager.authenticate`` (usually answered by the store's cache), for a key
+with rate limits one hit of its counters (SPEC §9), one increment of the
+in-memory usage counts (SPEC §10) and, when a secret must be stripped, one
+scope copy.
 """
 
 from __future__ import annotations
