@@ -104,8 +104,9 @@ class Denial(enum.Enum):
 class KeyManager:
     """Manage APIs and keys, and check credentials, over one ``KeyStore``.
 
-    ``max_keys_per_kind`` is the limit given to APIs this manager creates; an
-    existing API keeps the limit stored with it, so every front door over
+    ``max_keys_per_kind`` is the limit given to APIs this manager creates (0 to
+    ``MAX_KEYS_PER_KIND_LIMIT``, 1,000,000; default 5); an existing API keeps the limit
+    stored with it, so every front door over
     one store enforces the same one. ``hasher`` chooses how secrets are
     hashed and checked (see :class:`keyguard.secrets.SecretHasher`).
     ``actor`` names who makes the changes in the audit log (SPEC §10) unless
@@ -410,7 +411,9 @@ class KeyManager:
         return (await self._get_record(api, client_id)).info(utcnow())
 
     async def list_keys(self, api: str) -> list[KeyInfo]:
-        """The keys of ``api``, oldest first; empty for an API never created (R9)."""
+        """Every key of ``api``, oldest first, read at once; empty for an API never created
+        (R9). For an API of many keys, :meth:`page_keys` and :meth:`iter_keys` read a page
+        at a time."""
         validate_api_name(api)
         now = utcnow()
         return [record.info(now) for record in await self.store.list_keys(api)]
