@@ -604,7 +604,14 @@ class KeyManager:
     # -- usage (SPEC §10) ----------------------------------------------------------------
 
     async def usage(
-        self, api: str, client_id: str | None = None, *, hours: int = 24
+        self,
+        api: str,
+        client_id: str | None = None,
+        *,
+        hours: int = 24,
+        limit: int | None = None,
+        after: str | None = None,
+        name: str | None = None,
     ) -> dict[str, Any]:
         """The traffic of ``api``'s key ``client_id`` (or of the whole API) over the last
         ``hours`` hours (1 to 840, 35 days), as SPEC §10's JSON object.
@@ -618,17 +625,32 @@ class KeyManager:
         Counts reach the store in batches (``KeyGuard(usage_flush=…)``), so the last
         seconds of traffic may be missing. ``ApiNotFound`` / ``KeyNotFound`` for an
         unknown API or key.
+
+        An API's keys are read a page at a time, never in one store call. For an API
+        too large to list whole, ``limit`` / ``after`` / ``name`` (as ``page_keys`` takes
+        them) ask for one page of its keys instead, and the answer gains ``"next"``:
+        the cursor of the page after, or ``None``. ``hours`` still counts all of the
+        API's traffic.
         """
         if isinstance(hours, bool) or not isinstance(hours, int):
             raise InvalidRequest("hours must be a whole number")
         if not 1 <= hours <= MAX_USAGE_HOURS:
             raise InvalidRequest(f"hours must be between 1 and {MAX_USAGE_HOURS} (35 days)")
+        paged = limit is not None or after is not None or name is not None
+        if paged and client_id is not None:
+            raise InvalidRequest("limit, after and name apply to an API's usage, not a key's")
         await self.get_api(api)
-        keys = (
-            [await self._get_record(api, client_id)]
-            if client_id is not None
-            else await self.store.list_keys(api)
-        )
+        following: str | None = None
+        keys: list[KeyRecord] | list[KeyInfo]
+        if client_id is not None:
+            keys = [await self._get_record(api, client_id)]
+        elif paged:
+            page = await self.page_keys(
+                api, limit=DEFAULT_PAGE_SIZE if limit is None else limit, after=after, name=name
+            )
+            keys, following = page.keys, page.next
+        else:
+            keys = [key async for key in self.iter_keys(api)]
         first = hour_start(utcnow()) - timedelta(hours=hours - 1)
         rows = await self.store.read_usage(api, client_id, first)
         series = [
@@ -643,7 +665,7 @@ class KeyManager:
             if slot is not None and row.hour >= first:
                 slot[0] += row.requests
                 slot[1] += row.rate_limited
-        return {
+        answer: dict[str, Any] = {
             "api": api,
             "hours": series,
             "keys": [
@@ -656,6 +678,9 @@ class KeyManager:
                 for record in keys
             ],
         }
+        if paged:
+            answer["next"] = following
+        return answer
 
     def _info(self, record: KeyRecord) -> KeyInfo:
         """``record.info()``, reusing the last one made for the same record object."""
