@@ -965,3 +965,25 @@ async def test_two_processes_roll_one_secret_at_once(backend: str, tmp_path: Pat
         assert later.previous_secret_hash == earlier.secret_hash
         assert later.previous_secret_expires_at == deadlines[str(later.secret_hash)]
         assert await store.get_key("orders", rec.client_id) == later
+
+
+async def test_a_sqlite_file_in_a_missing_folder_is_unavailable_without_a_thread(
+    tmp_path: Path,
+) -> None:
+    """A SQLite path whose folder does not exist: StoreUnavailable naming the folder, on
+    every call, and no driver worker thread left behind (aiosqlite's, after a failed
+    open, can print a traceback once the loop has closed)."""
+    import threading
+
+    before = set(threading.enumerate())
+    folder = tmp_path / "no" / "such"
+    store = SQLStore.from_url(f"sqlite:///{folder / 'keys.db'}", table_prefix=unique_prefix())
+    try:
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable, match="does not exist") as raised:
+                await store.lookup("orders", None)
+            assert str(folder) in str(raised.value)
+        assert not folder.exists()
+        assert set(threading.enumerate()) - before == set()
+    finally:
+        await store.aclose()

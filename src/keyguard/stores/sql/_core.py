@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -320,6 +321,22 @@ class _SQLCore:
         self._current = bound
         return bound
 
+    def _check_sqlite_folder(self, engine: AsyncEngine) -> None:
+        """A SQLite file in a folder that does not exist cannot be opened: say so, rather
+        than let the driver try (aiosqlite then leaves a worker thread behind, which
+        prints a traceback once the event loop has closed)."""
+        url = engine.url
+        database = url.database
+        if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+            return
+        if database.startswith("file:") or url.query.get("uri"):
+            return  # a URI filename: the driver's to read
+        folder = os.path.dirname(os.path.abspath(database))
+        if not os.path.isdir(folder):
+            raise StoreUnavailable(
+                f"SQL store {self.url} unavailable (the folder {folder} does not exist)"
+            )
+
     async def _create_schema(self, engine: AsyncEngine, deadline: float) -> _Schema:
         """Create the tables if missing and record the schema version, or check it.
 
@@ -327,6 +344,7 @@ class _SQLCore:
         a table (an "already exists" error) tries again and finds it there,
         until the call's deadline.
         """
+        self._check_sqlite_folder(engine)
         attempt = 0
         while True:
             attempt += 1
