@@ -2,8 +2,9 @@
 
 Sections (all by default): ``inprocess`` (per-request cost, every contender
 and store, interleaved), ``scale`` (10 / 10,000 / 1,000,000 keys), ``server``
-(uvicorn under wrk), ``slow`` (bcrypt off the event loop), ``raw`` (an uncached store
-read next to the raw driver's query, ``benchmarks/raw.py``). The report is
+(uvicorn under wrk), ``workers`` (uvicorn, one worker against two), ``slow``
+(bcrypt off the event loop), ``raw`` (an uncached store read next to the raw
+driver's query, ``benchmarks/raw.py``). The report is
 printed and written to ``benchmarks/results/latest.md``, which
 docs/benchmarks.md quotes.
 """
@@ -18,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import apps, inprocess, raw, report, scale, server, slow
+from benchmarks import apps, inprocess, raw, report, scale, server, slow, stores, workers
 from benchmarks.inprocess import Contender
 from benchmarks.stores import BACKENDS, SERVER_URLS, Seeded, drop, drop_prefix, reachable, seed
 from keyguard import KeyManager
@@ -259,6 +260,7 @@ async def _server_runs(
             "KGB_STORE_URL": "memory://",
             "KGB_CLIENT_ID": memory.internal[0].decode(),
             "KGB_SECRET": memory.internal[1].decode(),
+            "KGB_ID_TAG_KEY": await stores.tag_key_hex(memory.store),
         },
         {
             "X-IBM-Client-Id": memory.internal[0].decode(),
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stores", default=",".join(BACKENDS), help="comma-separated (default: all)"
     )
-    parser.add_argument("--sections", default="inprocess,scale,server,slow,raw")
+    parser.add_argument("--sections", default="inprocess,scale,server,workers,slow,raw")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     wanted = [b for b in args.stores.split(",") if b]
@@ -360,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(section_scale(backends, workdir, sizes, rounds, batch, out))
         if "server" in sections:
             section_server(backends, workdir, 3 if args.quick else 5, 2 if args.quick else 3, out)
+        if "workers" in sections:
+            seconds, n = (3, 2) if args.quick else (5, 3)
+            asyncio.run(workers.section(backends, workdir, seconds, n, out))
         if "slow" in sections:
             section_slow(out)
         if "raw" in sections:

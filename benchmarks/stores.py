@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from keyguard import KeyManager, KeyStore, open_store
+from keyguard.idtags import tag_key_source
 
 SERVER_URLS = {
     "postgres": os.environ.get(
@@ -97,6 +98,16 @@ async def seed(
         (internal.client_id.encode(), internal.secret.encode()),
         external.client_id.encode(),
     )
+
+
+async def tag_key_hex(store: KeyStore) -> str:
+    """``store``'s client id tag key in hex, for a server process that must accept the ids
+    it issued: a memory store there has a tag key of its own unless given this one
+    (``KGB_ID_TAG_KEY``, see ``benchmarks.serve``). Never printed."""
+    source = tag_key_source(store)
+    if source is None:
+        raise TypeError(f"{store!r} keeps no client id tag key")
+    return (await source.id_tag_key()).hex()
 
 
 async def drop(seeded: Seeded) -> None:

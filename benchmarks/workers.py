@@ -1,0 +1,550 @@
+"""One uvicorn worker against two (``python -m benchmarks --sections workers``).
+
+The same app as the ``server`` section (``benchmarks.serve``), bare and behind
+keyguard on each store with its default cache, served by ``uvicorn --workers 1``
+and ``--workers 2`` in interleaved rounds (a new random order each round) and
+driven by wrk on loopback, 1 thread and 32 connections in both cases.
+
+Every server runs in a process group of its own, so stopping it reaches the
+workers uvicorn's supervisor spawned: SIGTERM, then SIGKILL to the group for
+anything left, on errors and Ctrl-C too (SIGTERM to the benchmark is turned
+into an exception so its ``finally`` runs), and the group is checked empty
+before the next server starts. Each worker writes a ready file when its
+lifespan has started and, at shutdown, how many responses it sent and how
+many were not 200 (``KGB_SERVED_DIR``, see ``benchmarks.serve``): a run
+counts only if every worker served, none answered anything but 200 and the
+client saw no error. The CPU time the workers and wrk used during the timed
+part is read from ``/proc`` and ``getrusage``, so the report can say where
+the two cores went.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from benchmarks import report, server
+from benchmarks.stores import Seeded, drop, seed, tag_key_hex
+
+CONNECTIONS = 32
+WORKER_COUNTS = (1, 2)
+MAX_STARTS = 6
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Run:
+    """One timed load of one server."""
+
+    load: server.Load
+    errors: int  # the client's socket errors (connect, read, write, timeout)
+    served: list[int]  # 200 responses per worker, warm-up included, busiest first
+    held: list[int]  # the client's connections each worker held during the load, most first
+    worker_cores: float  # CPU seconds the server's processes used per second of load
+    client_cores: float  # the same for the client (wrk)
+    machine_cores: float  # every CPU on the machine, busy, per second (all of it, others too)
+
+    @property
+    def rest_cores(self) -> float:
+        """The machine's busy time not charged to the server or the client."""
+        return self.machine_cores - self.worker_cores - self.client_cores
+
+
+@dataclass
+class Contender:
+    name: str
+    env: dict[str, str]
+    headers: dict[str, str]
+    runs: dict[int, list[Run]] = field(default_factory=dict)
+    # workers -> timed loads not kept: a worker held none of the connections
+    unbalanced: dict[int, list[Run]] = field(default_factory=dict)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    served_dir: Path
+    pids: list[int]  # the processes that serve (the workers, not the supervisor)
+
+
+class Interrupted(Exception):
+    """SIGTERM arrived while servers were running."""
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """While inside, Ctrl-C raises KeyboardInterrupt at once and SIGTERM raises
+    :class:`Interrupted`, so cleanup in ``finally`` runs. (``asyncio.run``'s own SIGINT
+    handler only cancels the main task, which code blocked in a subprocess never sees.)
+    Main thread only."""
+
+    def terminated(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def _die_with_parent() -> list[str]:
+    """A command prefix that makes the server get SIGTERM if the benchmark dies without
+    cleaning up (util-linux's setpriv, Linux), or nothing where it is missing. Not a
+    ``preexec_fn``: other threads (aiosqlite's) run in this process when it forks."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+
+
+def start(env: dict[str, str], workers: int, timeout: float = 60) -> Server:
+    """uvicorn with ``workers`` serving ``benchmarks.serve:app``; returns once every worker
+    has started its lifespan (a ready file each)."""
+    served_dir = Path(tempfile.mkdtemp(prefix="kgbench-served-"))
+    port = server.free_port()
+    proc = subprocess.Popen(
+        [
+            *_die_with_parent(),
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.serve:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--workers",
+            str(workers),
+        ],
+        cwd=server.ROOT,
+        env={**os.environ, **env, "KGB_SERVED_DIR": str(served_dir)},
+        start_new_session=True,
+    )
+    running = Server(proc, port, served_dir, [])
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            running.pids = sorted(_reports(served_dir, "ready"))
+            if len(running.pids) >= workers:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"uvicorn exited with {proc.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn: {len(running.pids)} of {workers} workers ready")
+            time.sleep(0.05)
+        if len(running.pids) != workers:
+            raise RuntimeError(f"{len(running.pids)} workers started, {workers} asked for")
+    except BaseException:
+        stop(running)
+        raise
+    return running
+
+
+def stop(running: Server, timeout: float = 15) -> dict[int, tuple[int, int]]:
+    """Stop the server and everything in its process group, and return what each worker
+    wrote at shutdown: pid -> (200 responses, other responses). Raises if a process of
+    the group outlives SIGKILL."""
+    pgid = running.proc.pid  # start_new_session: the group is the server's own pid
+    if running.proc.poll() is None:
+        running.proc.terminate()  # uvicorn's supervisor passes it on to the workers
+        with suppress(subprocess.TimeoutExpired):
+            running.proc.wait(timeout)
+    _kill_group(pgid, timeout)
+    running.proc.wait()
+    served: dict[int, tuple[int, int]] = {}
+    for pid, path in _reports(running.served_dir, "served").items():
+        ok, other = path.read_text(encoding="utf-8").split()
+        served[pid] = (int(ok), int(other))
+    shutil.rmtree(running.served_dir, ignore_errors=True)
+    return served
+
+
+def _reports(directory: Path, what: str) -> dict[int, Path]:
+    """pid -> path of the ``what-<pid>`` files the workers wrote (not their temporaries)."""
+    found = {}
+    for path in directory.iterdir():
+        matched = re.fullmatch(rf"{what}-(\d+)", path.name)
+        if matched:
+            found[int(matched.group(1))] = path
+    return found
+
+
+def _kill_group(pgid: int, timeout: float) -> None:
+    """Wait for the group to empty; SIGKILL what is left; raise if something survives."""
+    deadline = time.monotonic() + timeout
+    killed = False
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            if killed:
+                raise RuntimeError(f"processes of group {pgid} survived SIGKILL")
+            os.killpg(pgid, signal.SIGKILL)
+            killed = True
+            deadline = time.monotonic() + timeout
+        time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is in the process group ``pgid``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command name: state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` (those still running)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1]
+        except OSError:
+            continue
+        parts = fields.split()
+        total += int(parts[11]) + int(parts[12])  # utime, stime (fields 14 and 15)
+    return total / _TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy since boot (``/proc/stat``: not idle, not iowait)."""
+    with open("/proc/stat", encoding="utf-8") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / _TICKS
+
+
+@dataclass
+class ClientResult:
+    load: server.Load
+    errors: int
+
+
+def drive(port: int, headers: dict[str, str], seconds: int) -> ClientResult:
+    """Load the server for ``seconds`` with wrk (or the Python client, without wrk)."""
+    if not shutil.which("wrk"):
+        return ClientResult(server.load(port, headers, seconds, CONNECTIONS), 0)
+    args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    out = subprocess.run(
+        [*args, f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True
+    ).stdout
+    return ClientResult(parse_wrk(out), wrk_errors(out))
+
+
+def parse_wrk(out: str) -> server.Load:
+    """requests/s, p50, p99 and non-2xx/3xx count from wrk's ``--latency`` output."""
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rps is None:
+        raise ValueError(f"no Requests/sec in wrk's output: {out!r}")
+    non_200 = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return server.Load(
+        float(rps.group(1)),
+        server._wrk_ms(out, "50%"),
+        server._wrk_ms(out, "99%"),
+        int(non_200.group(1)) if non_200 else 0,
+    )
+
+
+def wrk_errors(out: str) -> int:
+    """The sum of wrk's socket errors (connect, read, write, timeout); 0 if it reports none."""
+    found = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return sum(int(n) for n in found.groups()) if found else 0
+
+
+def connections(pids: list[int], port: int) -> list[int]:
+    """How many established TCP connections to ``port`` each of ``pids`` holds now."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(OSError), open(table, encoding="utf-8") as f:
+            for line in list(f)[1:]:
+                parts = line.split()
+                # local address (hex ip:port), state ("01": established), inode
+                if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "01":
+                    inodes.add(f"socket:[{parts[9]}]")
+    counts = []
+    for pid in pids:
+        held = 0
+        with suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with suppress(OSError):
+                    held += os.readlink(fd) in inodes
+        counts.append(held)
+    return counts
+
+
+class Unbalanced(Exception):
+    """A worker held none of the client's connections during the timed load."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(f"connections per worker: {run.held}")
+        self.run = run
+
+
+def measure(contender: Contender, workers: int, seconds: int) -> Run:
+    """One timed load of a fresh server. uvicorn's workers share one listening socket and
+    wrk opens its connections at once and keeps them, so now and then one worker accepts
+    all of them; such a start is kept in ``contender.unbalanced`` and tried again, up to
+    ``MAX_STARTS`` times."""
+    for _ in range(MAX_STARTS):
+        try:
+            return _measure_once(contender, workers, seconds)
+        except Unbalanced as exc:
+            contender.unbalanced.setdefault(workers, []).append(exc.run)
+    raise RuntimeError(
+        f"{contender.name}, {workers} workers: a worker got no connection in {MAX_STARTS} starts"
+    )
+
+
+def _measure_once(contender: Contender, workers: int, seconds: int) -> Run:
+    """Start a server, warm it up, time one load, stop it, and check every worker served."""
+    running = start(contender.env, workers)
+    held: list[int] = []
+    try:
+        drive(running.port, contender.headers, 1)  # warm-up: connections, caches
+        watched = sorted({running.proc.pid, *running.pids})  # one worker: the same process
+        sampler = threading.Timer(
+            min(1.0, seconds / 2), lambda: held.extend(connections(running.pids, running.port))
+        )
+        cpu0, machine0 = cpu_seconds(watched), machine_busy_seconds()
+        client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall0 = time.monotonic()
+        sampler.start()
+        try:
+            result = drive(running.port, contender.headers, seconds)
+        finally:
+            sampler.cancel()
+            sampler.join()
+        wall = time.monotonic() - wall0
+        client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu1, machine1 = cpu_seconds(watched), machine_busy_seconds()
+    finally:
+        served = stop(running)
+    label = f"{contender.name}, {workers} worker(s)"
+    if sorted(served) != running.pids:
+        raise RuntimeError(f"{label}: workers {running.pids} ready, {sorted(served)} reported")
+    if any(other for _, other in served.values()) or result.load.non_200:
+        raise RuntimeError(f"{label}: responses other than 200: {served}, {result.load}")
+    if result.errors:
+        raise RuntimeError(f"{label}: {result.errors} socket errors")
+    if len(held) != workers:
+        raise RuntimeError(f"{label}: connections not sampled during the load")
+    client = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
+    timed = Run(
+        result.load,
+        result.errors,
+        sorted((ok for ok, _ in served.values()), reverse=True),
+        sorted(held, reverse=True),
+        (cpu1 - cpu0) / wall,
+        client / wall,
+        (machine1 - machine0) / wall,
+    )
+    if 0 in held:
+        raise Unbalanced(timed)
+    if any(ok == 0 for ok, _ in served.values()):
+        raise RuntimeError(f"{label}: a worker served nothing: {served}")
+    return timed
+
+
+async def contenders(backends: list[str], workdir: Path) -> tuple[list[Contender], list[Seeded]]:
+    """The bare app, keyguard on memory (each worker seeds its own key, from the
+    environment) and keyguard on each shared store with its default cache."""
+    memory = await seed("memory", workdir, cache=False)
+    seeded = [memory]
+    found = [
+        Contender("bare", {"KGB_CONTENDER": "bare"}, {}),
+        Contender(
+            "keyguard memory",
+            {
+                "KGB_CONTENDER": "keyguard",
+                "KGB_STORE_URL": "memory://",
+                "KGB_CLIENT_ID": memory.internal[0].decode(),
+                "KGB_SECRET": memory.internal[1].decode(),
+                "KGB_ID_TAG_KEY": await tag_key_hex(memory.store),
+            },
+            _headers(memory),
+        ),
+    ]
+    try:
+        for backend in backends:
+            if backend == "memory":
+                continue
+            s = await seed(backend, workdir, cache=True)
+            seeded.append(s)
+            found.append(
+                Contender(
+                    f"keyguard {backend}, cache",
+                    {
+                        "KGB_CONTENDER": "keyguard",
+                        "KGB_STORE_URL": s.url,
+                        "KGB_PREFIX": s.prefix,
+                        "KGB_CACHE": "1",
+                    },
+                    _headers(s),
+                )
+            )
+    except BaseException:
+        for s in seeded:
+            await drop(s)
+        raise
+    return found, seeded
+
+
+def _headers(s: Seeded) -> dict[str, str]:
+    return {
+        "X-IBM-Client-Id": s.internal[0].decode(),
+        "X-IBM-Client-Secret": s.internal[1].decode(),
+    }
+
+
+def run(found: list[Contender], seconds: int, rounds: int) -> None:
+    """``rounds`` rounds, each timing every (contender, worker count) once, in a new
+    random order; the runs are stored on the contenders."""
+    for c in found:
+        c.runs = {n: [] for n in WORKER_COUNTS}
+    with signals_raise():
+        for i in range(rounds):
+            order = [(c, n) for c in found for n in WORKER_COUNTS]
+            random.shuffle(order)
+            for c, n in order:
+                c.runs[n].append(measure(c, n, seconds))
+            print(f"workers: round {i + 1} of {rounds} done", file=sys.stderr, flush=True)
+
+
+def ratio(c: Contender) -> float:
+    """Median over rounds of (2 workers' requests/s ÷ 1 worker's) in the same round."""
+    return statistics.median(
+        two.load.requests_per_second / one.load.requests_per_second
+        for one, two in zip(c.runs[1], c.runs[2], strict=True)
+    )
+
+
+def split(runs: list[Run]) -> str:
+    """The busiest worker's connections and share of the responses, medians over rounds
+    ("—" for one worker)."""
+    if len(runs[0].served) < 2:
+        return "—"
+    held = statistics.median(r.held[0] for r in runs)
+    share = statistics.median(r.served[0] / sum(r.served) * 100 for r in runs)
+    return f"{held:.0f} of {sum(runs[0].held)}, {share:.0f} %"
+
+
+def render(found: list[Contender], seconds: int, rounds: int, loads: tuple[str, str]) -> str:
+    """The section's Markdown: the method, the table, the load averages before and after."""
+    client = "wrk (1 thread" if shutil.which("wrk") else "the bounded Python client (no wrk"
+    lines = [
+        "\n## One uvicorn worker against two\n",
+        f"uvicorn `--workers 1` and `--workers 2`, `--no-access-log`, driven by {client}, "
+        f"{CONNECTIONS} connections, {seconds} s) on loopback; {rounds} interleaved rounds in "
+        "a new random order, a fresh server each time, medians. *2 ÷ 1* is the median over "
+        "rounds of the two servers' requests/s in the same round. *Busiest worker*: the "
+        "client's connections it held during the load, and its share of the responses "
+        "(16 of 32 and 50 % is an even split). CPU is in cores (CPU seconds per second) "
+        "during the timed load: the server's processes, the client, and the rest of the "
+        "machine's busy time (other work on it, and kernel network work charged to no "
+        "process). *non-200* counts the client's non-200 "
+        "responses and socket errors; every worker also counted its own responses, all 200.\n",
+        f"Load average before: {loads[0]}; after: {loads[1]}.\n",
+    ]
+    rows = []
+    for c in found:
+        for n in WORKER_COUNTS:
+            runs = c.runs[n]
+            rows.append(
+                [
+                    c.name,
+                    str(n),
+                    f"{statistics.median(r.load.requests_per_second for r in runs):,.0f}",
+                    "—" if n == 1 else report.num(ratio(c)) + "x",
+                    report.num(statistics.median(r.load.p50_ms for r in runs)),
+                    report.num(statistics.median(r.load.p99_ms for r in runs)),
+                    str(sum(r.load.non_200 + r.errors for r in runs)),
+                    split(runs),
+                    report.num(statistics.median(r.worker_cores for r in runs)),
+                    report.num(statistics.median(r.client_cores for r in runs)),
+                    report.num(statistics.median(r.rest_cores for r in runs)),
+                ]
+            )
+    lines.append(
+        report.table(
+            [
+                "app",
+                "workers",
+                "requests/s",
+                "2 ÷ 1",
+                "p50 ms",
+                "p99 ms",
+                "non-200",
+                "busiest worker",
+                "CPU: server",
+                "CPU: client",
+                "CPU: rest",
+            ],
+            rows,
+        )
+    )
+    lines.append(unbalanced_note(found, rounds))
+    return "\n".join(lines)
+
+
+def unbalanced_note(found: list[Contender], rounds: int) -> str:
+    """How many two-worker starts were not kept (one worker held every connection), and
+    what they measured."""
+    dropped = {c.name: c.unbalanced.get(2, []) for c in found}
+    count = sum(len(runs) for runs in dropped.values())
+    text = (
+        f"\nTwo-worker starts not kept because one worker held all {CONNECTIONS} connections "
+        f"(the server was started again): {count}, besides the {len(found) * rounds} kept"
+    )
+    if not count:
+        return text + ".\n"
+    parts = [
+        f"{name} {len(runs)} ({statistics.median(r.load.requests_per_second for r in runs):,.0f}"
+        " requests/s)"
+        for name, runs in dropped.items()
+        if runs
+    ]
+    return text + "; their median throughput: " + ", ".join(parts) + ".\n"
+
+
+def load_average() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+async def section(
+    backends: list[str], workdir: Path, seconds: int, rounds: int, out: list[str]
+) -> None:
+    """Seed, measure, clean up, and append the report to ``out``. The servers run from
+    this coroutine, blocking its loop (the seeded stores live on it until they are
+    dropped), in the main thread, where the signal handlers must be set."""
+    found, seeded = await contenders(backends, workdir)
+    before = load_average()
+    try:
+        run(found, seconds, rounds)
+    finally:
+        for s in seeded:
+            await drop(s)
+    out.append(render(found, seconds, rounds, (before, load_average())))
