@@ -13,7 +13,11 @@ before the next server starts. Each worker writes a ready file when its
 lifespan has started and, at shutdown, how many responses it sent and how
 many were not 200 (``KGB_SERVED_DIR``, see ``benchmarks.serve``): a run
 counts only if every worker served, none answered anything but 200 and the
-client saw no error. The CPU time the workers and wrk used during the timed
+client saw no error. uvicorn's workers share one listening socket and wrk
+opens its 32 connections at once, so one worker often accepts most or all of
+them: the connections each worker holds are counted from ``/proc`` half a
+second into the load, and wrk is started again while a worker holds fewer
+than a quarter (the report says how often). The CPU time the workers and wrk used during the timed
 part is read from ``/proc`` and ``getrusage``, so the report can say where
 the two cores went.
 """
@@ -43,7 +47,13 @@ from benchmarks.stores import Seeded, drop, seed, tag_key_hex
 
 CONNECTIONS = 32
 WORKER_COUNTS = (1, 2)
-MAX_STARTS = 6
+# uvicorn's workers share one listening socket, and wrk opens its connections at once and
+# keeps them: whichever worker wakes first may accept most or all of them. The connections
+# are counted SAMPLE_AT seconds into each timed load; when a worker holds fewer than
+# MIN_SHARE of them, wrk is stopped and started again (a redraw), at most MAX_REDRAWS times.
+SAMPLE_AT = 0.5
+MIN_SHARE = 0.25
+MAX_REDRAWS = 40
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -58,6 +68,7 @@ class Run:
     worker_cores: float  # CPU seconds the server's processes used per second of load
     client_cores: float  # the same for the client (wrk)
     machine_cores: float  # every CPU on the machine, busy, per second (all of it, others too)
+    redraws: int = 0  # wrk runs stopped early and started again: connections too uneven
 
     @property
     def rest_cores(self) -> float:
@@ -71,8 +82,6 @@ class Contender:
     env: dict[str, str]
     headers: dict[str, str]
     runs: dict[int, list[Run]] = field(default_factory=dict)
-    # workers -> timed loads not kept: a worker held none of the connections
-    unbalanced: dict[int, list[Run]] = field(default_factory=dict)
 
 
 @dataclass
@@ -242,17 +251,26 @@ class ClientResult:
     errors: int
 
 
+def _wrk_args(port: int, headers: dict[str, str], seconds: int) -> list[str]:
+    args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    return [*args, f"http://127.0.0.1:{port}/"]
+
+
 def drive(port: int, headers: dict[str, str], seconds: int) -> ClientResult:
     """Load the server for ``seconds`` with wrk (or the Python client, without wrk)."""
     if not shutil.which("wrk"):
         return ClientResult(server.load(port, headers, seconds, CONNECTIONS), 0)
-    args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency"]
-    for name, value in headers.items():
-        args += ["-H", f"{name}: {value}"]
     out = subprocess.run(
-        [*args, f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True
+        _wrk_args(port, headers, seconds), capture_output=True, text=True, check=True
     ).stdout
     return ClientResult(parse_wrk(out), wrk_errors(out))
+
+
+def balanced(held: list[int]) -> bool:
+    """Whether every worker holds at least ``MIN_SHARE`` of the client's connections."""
+    return min(held) >= MIN_SHARE * CONNECTIONS
 
 
 def parse_wrk(out: str) -> server.Load:
@@ -296,77 +314,110 @@ def connections(pids: list[int], port: int) -> list[int]:
     return counts
 
 
-class Unbalanced(Exception):
-    """A worker held none of the client's connections during the timed load."""
-
-    def __init__(self, run: Run) -> None:
-        super().__init__(f"connections per worker: {run.held}")
-        self.run = run
-
-
-def measure(contender: Contender, workers: int, seconds: int) -> Run:
-    """One timed load of a fresh server. uvicorn's workers share one listening socket and
-    wrk opens its connections at once and keeps them, so now and then one worker accepts
-    all of them; such a start is kept in ``contender.unbalanced`` and tried again, up to
-    ``MAX_STARTS`` times."""
-    for _ in range(MAX_STARTS):
-        try:
-            return _measure_once(contender, workers, seconds)
-        except Unbalanced as exc:
-            contender.unbalanced.setdefault(workers, []).append(exc.run)
-    raise RuntimeError(
-        f"{contender.name}, {workers} workers: a worker got no connection in {MAX_STARTS} starts"
-    )
+@dataclass
+class Timed:
+    result: ClientResult
+    held: list[int]
+    redraws: int
+    worker_cores: float
+    client_cores: float
+    machine_cores: float
 
 
-def _measure_once(contender: Contender, workers: int, seconds: int) -> Run:
-    """Start a server, warm it up, time one load, stop it, and check every worker served."""
-    running = start(contender.env, workers)
-    held: list[int] = []
-    try:
-        drive(running.port, contender.headers, 1)  # warm-up: connections, caches
-        watched = sorted({running.proc.pid, *running.pids})  # one worker: the same process
-        sampler = threading.Timer(
-            min(1.0, seconds / 2), lambda: held.extend(connections(running.pids, running.port))
-        )
+def timed_load(running: Server, headers: dict[str, str], seconds: int) -> Timed:
+    """One timed load, its connections per worker sampled during it, and the CPU the
+    server, the client and the machine used meanwhile. With wrk and more than one worker,
+    a draw of connections below ``MIN_SHARE`` for a worker is redrawn (``MAX_REDRAWS``)."""
+    watched = sorted({running.proc.pid, *running.pids})  # one worker: the same process
+    redraws = 0
+    while True:
+        held: list[int] = []
         cpu0, machine0 = cpu_seconds(watched), machine_busy_seconds()
         client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         wall0 = time.monotonic()
-        sampler.start()
-        try:
-            result = drive(running.port, contender.headers, seconds)
-        finally:
-            sampler.cancel()
-            sampler.join()
+        if shutil.which("wrk"):
+            wrk = subprocess.Popen(
+                _wrk_args(running.port, headers, seconds),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                time.sleep(SAMPLE_AT)
+                held = connections(running.pids, running.port)
+                if len(held) > 1 and not balanced(held) and redraws < MAX_REDRAWS:
+                    redraws += 1
+                    wrk.kill()
+                    wrk.communicate()
+                    continue
+                out, err = wrk.communicate()
+            except BaseException:
+                wrk.kill()
+                wrk.communicate()
+                raise
+            if wrk.returncode:
+                raise RuntimeError(f"wrk exited with {wrk.returncode}: {err.strip()}")
+            result = ClientResult(parse_wrk(out), wrk_errors(out))
+        else:
+
+            def sample(into: list[int] = held) -> None:
+                into.extend(connections(running.pids, running.port))
+
+            sampler = threading.Timer(SAMPLE_AT, sample)
+            sampler.start()
+            try:
+                result = drive(running.port, headers, seconds)
+            finally:
+                sampler.cancel()
+                sampler.join()
         wall = time.monotonic() - wall0
         client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu1, machine1 = cpu_seconds(watched), machine_busy_seconds()
+        client = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
+        return Timed(
+            result,
+            held,
+            redraws,
+            (cpu1 - cpu0) / wall,
+            client / wall,
+            (machine1 - machine0) / wall,
+        )
+
+
+def measure(contender: Contender, workers: int, seconds: int) -> Run:
+    """Start a server, warm it up, time one load, stop it, and check that every worker
+    held connections and served, only 200s, and the client saw no error."""
+    running = start(contender.env, workers)
+    try:
+        drive(running.port, contender.headers, 1)  # warm-up: connections, caches
+        timed = timed_load(running, contender.headers, seconds)
     finally:
         served = stop(running)
     label = f"{contender.name}, {workers} worker(s)"
+    load = timed.result.load
     if sorted(served) != running.pids:
         raise RuntimeError(f"{label}: workers {running.pids} ready, {sorted(served)} reported")
-    if any(other for _, other in served.values()) or result.load.non_200:
-        raise RuntimeError(f"{label}: responses other than 200: {served}, {result.load}")
-    if result.errors:
-        raise RuntimeError(f"{label}: {result.errors} socket errors")
-    if len(held) != workers:
+    if any(other for _, other in served.values()) or load.non_200:
+        raise RuntimeError(f"{label}: responses other than 200: {served}, {load}")
+    if timed.result.errors:
+        raise RuntimeError(f"{label}: {timed.result.errors} socket errors")
+    if len(timed.held) != workers:
         raise RuntimeError(f"{label}: connections not sampled during the load")
-    client = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
-    timed = Run(
-        result.load,
-        result.errors,
+    if 0 in timed.held or any(ok == 0 for ok, _ in served.values()):
+        raise RuntimeError(
+            f"{label}: a worker held no connection or served nothing "
+            f"(connections {timed.held}, responses {served}, {timed.redraws} redraws)"
+        )
+    return Run(
+        load,
+        timed.result.errors,
         sorted((ok for ok, _ in served.values()), reverse=True),
-        sorted(held, reverse=True),
-        (cpu1 - cpu0) / wall,
-        client / wall,
-        (machine1 - machine0) / wall,
+        sorted(timed.held, reverse=True),
+        timed.worker_cores,
+        timed.client_cores,
+        timed.machine_cores,
+        timed.redraws,
     )
-    if 0 in held:
-        raise Unbalanced(timed)
-    if any(ok == 0 for ok, _ in served.values()):
-        raise RuntimeError(f"{label}: a worker served nothing: {served}")
-    return timed
 
 
 async def contenders(backends: list[str], workdir: Path) -> tuple[list[Contender], list[Seeded]]:
@@ -506,28 +557,23 @@ def render(found: list[Contender], seconds: int, rounds: int, loads: tuple[str, 
             rows,
         )
     )
-    lines.append(unbalanced_note(found, rounds))
+    lines.append(redraw_note(found))
     return "\n".join(lines)
 
 
-def unbalanced_note(found: list[Contender], rounds: int) -> str:
-    """How many two-worker starts were not kept (one worker held every connection), and
-    what they measured."""
-    dropped = {c.name: c.unbalanced.get(2, []) for c in found}
-    count = sum(len(runs) for runs in dropped.values())
+def redraw_note(found: list[Contender]) -> str:
+    """How often wrk was started again because a worker held too few connections."""
+    counts = {c.name: [r.redraws for r in c.runs[2]] for c in found}
+    total = sum(sum(n) for n in counts.values())
     text = (
-        f"\nTwo-worker starts not kept because one worker held all {CONNECTIONS} connections "
-        f"(the server was started again): {count}, besides the {len(found) * rounds} kept"
+        f"\nwrk redrawn (stopped {SAMPLE_AT} s in and started again) because a worker held "
+        f"fewer than {MIN_SHARE * CONNECTIONS:.0f} of the {CONNECTIONS} connections: "
+        f"{total} times"
     )
-    if not count:
+    if not total:
         return text + ".\n"
-    parts = [
-        f"{name} {len(runs)} ({statistics.median(r.load.requests_per_second for r in runs):,.0f}"
-        " requests/s)"
-        for name, runs in dropped.items()
-        if runs
-    ]
-    return text + "; their median throughput: " + ", ".join(parts) + ".\n"
+    parts = [f"{name} {'+'.join(map(str, n))}" for name, n in counts.items() if sum(n)]
+    return text + " (per round: " + ", ".join(parts) + ").\n"
 
 
 def load_average() -> str:
