@@ -165,3 +165,21 @@ def test_balanced_means_every_worker_holds_a_quarter() -> None:
     assert workers.balanced([24, 8])
     assert not workers.balanced([25, 7])
     assert not workers.balanced([32, 0])
+
+
+def test_two_staggered_clients_combine_into_one_load() -> None:
+    first = WRK_OUTPUT  # 57850 requests in 5.00 s, p50 0.85 ms, p99 1200 ms, 5 non-2xx
+    second = (
+        WRK_OUTPUT.replace("57850 requests in 5.00s", "42150 requests in 5.00s")
+        .replace("50%  850.00us", "50%    1.85ms")
+        .replace("99%    1.20s", "99%   10.00ms")
+        .replace("Non-2xx or 3xx responses: 5", "Non-2xx or 3xx responses: 1")
+    )
+    assert workers.wrk_requests(second) == (42150, 5.0)
+    combined = workers.combine([first, second], 0.25)
+    # 100,000 requests over the span from the first start to the second's end, 5.25 s.
+    assert combined.load.requests_per_second == pytest.approx(100_000 / 5.25)
+    assert combined.load.p50_ms == pytest.approx((0.85 * 57850 + 1.85 * 42150) / 100_000)
+    assert combined.load.p99_ms == 1200.0
+    assert combined.load.non_200 == 6
+    assert combined.errors == 12
