@@ -78,6 +78,11 @@ class Run:
     redraws: int = 0  # wrk runs stopped early and started again: connections too uneven
 
     @property
+    def per_server_cpu_second(self) -> float:
+        """Requests answered per CPU second the server's processes used."""
+        return self.load.requests_per_second / self.worker_cores if self.worker_cores else 0.0
+
+    @property
     def rest_cores(self) -> float:
         """The machine's busy time not charged to the server or the client."""
         return self.machine_cores - self.worker_cores - self.client_cores
@@ -602,6 +607,7 @@ def render(found: list[Contender], seconds: int, rounds: int, loads: tuple[str, 
                     report.num(statistics.median(r.worker_cores for r in runs)),
                     report.num(statistics.median(r.client_cores for r in runs)),
                     report.num(statistics.median(r.rest_cores for r in runs)),
+                    f"{statistics.median(r.per_server_cpu_second for r in runs):,.0f}",
                 ]
             )
     lines.append(
@@ -618,6 +624,7 @@ def render(found: list[Contender], seconds: int, rounds: int, loads: tuple[str, 
                 "CPU: server",
                 "CPU: client",
                 "CPU: rest",
+                "requests / server CPU s",
             ],
             rows,
         )

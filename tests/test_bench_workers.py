@@ -155,7 +155,7 @@ def test_report_pairs_rounds_and_counts_redraws() -> None:
     assert rows[1].split(" | ")[2:4] == ["1,850", "1.30x"]
     assert "18 of 32, 55 %" in rows[1]
     # CPU: server and client as measured; the rest is the machine's busy time less both.
-    assert rows[1].endswith("| 1.55 | 0.20 | 0.25 |")
+    assert rows[1].endswith("| 1.55 | 0.20 | 0.25 | 1,188 |")  # 1000 and 1375 per CPU s
     assert "Load average before: 1.00, 1.00, 1.00; after: 2.00, 1.50, 1.00." in text
     assert "of the 32 connections: 3 times (per round: bare 3+0)." in text
 
