@@ -107,7 +107,7 @@ def test_two_workers_are_seen_counted_and_stopped_whole() -> None:
     try:
         assert len(running.pids) == 2
         assert group not in running.pids  # the workers, not uvicorn's supervisor
-        assert workers._group_alive(group)
+        assert workers.group_alive(group)
         # Connections the workers accepted are found in /proc, whichever worker holds them.
         for _ in range(4):
             held.append(socket.create_connection(("127.0.0.1", running.port)))
@@ -123,7 +123,7 @@ def test_two_workers_are_seen_counted_and_stopped_whole() -> None:
         for conn in held:
             conn.close()
         served = workers.stop(running)
-    assert not workers._group_alive(group)
+    assert not workers.group_alive(group)
     assert sorted(served) == running.pids
     assert sum(ok for ok, _ in served.values()) == 4
     assert all(other == 0 for _, other in served.values())

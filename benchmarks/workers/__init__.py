@@ -30,26 +30,60 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 from benchmarks import report, server
 from benchmarks.stores import Seeded, drop, seed, tag_key_hex
+from benchmarks.workers.processes import (
+    Interrupted,
+    Server,
+    connections,
+    cpu_seconds,
+    group_alive,
+    machine_busy_seconds,
+    signals_raise,
+    start,
+    stop,
+)
+from benchmarks.workers.wrk import (
+    CONNECTIONS,
+    ClientResult,
+    combine,
+    drive,
+    kill_all,
+    parse_wrk,
+    spawn,
+    wrk_errors,
+    wrk_requests,
+)
 
-CONNECTIONS = 32
+__all__ = [
+    "CONNECTIONS",
+    "Contender",
+    "Interrupted",
+    "Run",
+    "balanced",
+    "combine",
+    "connections",
+    "group_alive",
+    "parse_wrk",
+    "render",
+    "section",
+    "signals_raise",
+    "start",
+    "stop",
+    "wrk_errors",
+    "wrk_requests",
+]
+
 WORKER_COUNTS = (1, 2)
 # uvicorn's workers share one listening socket, and wrk opens its connections at once and
 # keeps them: whichever worker wakes first may accept most or all of them. Two clients of
@@ -96,283 +130,9 @@ class Contender:
     runs: dict[int, list[Run]] = field(default_factory=dict)
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    served_dir: Path
-    pids: list[int]  # the processes that serve (the workers, not the supervisor)
-
-
-class Interrupted(Exception):
-    """SIGTERM arrived while servers were running."""
-
-
-@contextmanager
-def signals_raise() -> Iterator[None]:
-    """While inside, Ctrl-C raises KeyboardInterrupt at once and SIGTERM raises
-    :class:`Interrupted`, so cleanup in ``finally`` runs. (``asyncio.run``'s own SIGINT
-    handler only cancels the main task, which code blocked in a subprocess never sees.)
-    Main thread only."""
-
-    def terminated(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(f"signal {signum}")
-
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous_term = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous_int)
-        signal.signal(signal.SIGTERM, previous_term)
-
-
-def _die_with_parent() -> list[str]:
-    """A command prefix that makes the server get SIGTERM if the benchmark dies without
-    cleaning up (util-linux's setpriv, Linux), or nothing where it is missing. Not a
-    ``preexec_fn``: other threads (aiosqlite's) run in this process when it forks."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
-
-
-def start(env: dict[str, str], workers: int, timeout: float = 60) -> Server:
-    """uvicorn with ``workers`` serving ``benchmarks.serve:app``; returns once every worker
-    has started its lifespan (a ready file each)."""
-    served_dir = Path(tempfile.mkdtemp(prefix="kgbench-served-"))
-    port = server.free_port()
-    proc = subprocess.Popen(
-        [
-            *_die_with_parent(),
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "benchmarks.serve:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            "--workers",
-            str(workers),
-        ],
-        cwd=server.ROOT,
-        env={**os.environ, **env, "KGB_SERVED_DIR": str(served_dir)},
-        start_new_session=True,
-    )
-    running = Server(proc, port, served_dir, [])
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            running.pids = sorted(_reports(served_dir, "ready"))
-            if len(running.pids) >= workers:
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {proc.returncode} before it was ready")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn: {len(running.pids)} of {workers} workers ready")
-            time.sleep(0.05)
-        if len(running.pids) != workers:
-            raise RuntimeError(f"{len(running.pids)} workers started, {workers} asked for")
-    except BaseException:
-        stop(running)
-        raise
-    return running
-
-
-def stop(running: Server, timeout: float = 15) -> dict[int, tuple[int, int]]:
-    """Stop the server and everything in its process group, and return what each worker
-    wrote at shutdown: pid -> (200 responses, other responses). Raises if a process of
-    the group outlives SIGKILL."""
-    pgid = running.proc.pid  # start_new_session: the group is the server's own pid
-    if running.proc.poll() is None:
-        running.proc.terminate()  # uvicorn's supervisor passes it on to the workers
-        with suppress(subprocess.TimeoutExpired):
-            running.proc.wait(timeout)
-    _kill_group(pgid, timeout)
-    running.proc.wait()
-    served: dict[int, tuple[int, int]] = {}
-    for pid, path in _reports(running.served_dir, "served").items():
-        ok, other = path.read_text(encoding="utf-8").split()
-        served[pid] = (int(ok), int(other))
-    shutil.rmtree(running.served_dir, ignore_errors=True)
-    return served
-
-
-def _reports(directory: Path, what: str) -> dict[int, Path]:
-    """pid -> path of the ``what-<pid>`` files the workers wrote (not their temporaries)."""
-    found = {}
-    for path in directory.iterdir():
-        matched = re.fullmatch(rf"{what}-(\d+)", path.name)
-        if matched:
-            found[int(matched.group(1))] = path
-    return found
-
-
-def _kill_group(pgid: int, timeout: float) -> None:
-    """Wait for the group to empty; SIGKILL what is left; raise if something survives."""
-    deadline = time.monotonic() + timeout
-    killed = False
-    while _group_alive(pgid):
-        if time.monotonic() > deadline:
-            if killed:
-                raise RuntimeError(f"processes of group {pgid} survived SIGKILL")
-            os.killpg(pgid, signal.SIGKILL)
-            killed = True
-            deadline = time.monotonic() + timeout
-        time.sleep(0.05)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is in the process group ``pgid``."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After the command name: state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by ``pids`` (those still running)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1]
-        except OSError:
-            continue
-        parts = fields.split()
-        total += int(parts[11]) + int(parts[12])  # utime, stime (fields 14 and 15)
-    return total / _TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs have spent busy since boot (``/proc/stat``: not idle, not iowait)."""
-    with open("/proc/stat", encoding="utf-8") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / _TICKS
-
-
-@dataclass
-class ClientResult:
-    load: server.Load
-    errors: int
-
-
-def _wrk_args(
-    port: int, headers: dict[str, str], seconds: int, connections: int = CONNECTIONS
-) -> list[str]:
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    for name, value in headers.items():
-        args += ["-H", f"{name}: {value}"]
-    return [*args, f"http://127.0.0.1:{port}/"]
-
-
-def drive(port: int, headers: dict[str, str], seconds: int) -> ClientResult:
-    """Load the server for ``seconds`` with wrk (or the Python client, without wrk)."""
-    if not shutil.which("wrk"):
-        return ClientResult(server.load(port, headers, seconds, CONNECTIONS), 0)
-    out = subprocess.run(
-        _wrk_args(port, headers, seconds), capture_output=True, text=True, check=True
-    ).stdout
-    return ClientResult(parse_wrk(out), wrk_errors(out))
-
-
-def _wrk(
-    port: int, headers: dict[str, str], seconds: int, connections: int
-) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        _wrk_args(port, headers, seconds, connections),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _kill(clients: list[subprocess.Popen[str]]) -> None:
-    for c in clients:
-        c.kill()
-    for c in clients:
-        c.communicate()
-
-
-def wrk_requests(out: str) -> tuple[int, float]:
-    """The requests wrk completed and over how many seconds (``N requests in Xs``)."""
-    found = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b", out)
-    if found is None:
-        raise ValueError(f"no request count in wrk's output: {out!r}")
-    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[found.group(3)]
-    return int(found.group(1)), float(found.group(2)) * scale
-
-
-def combine(outs: list[str], stagger: float) -> ClientResult:
-    """Two wrk runs, the second started ``stagger`` seconds after the first, as one load:
-    requests/s is every request completed over the whole span (first start to last end,
-    so the moments only one client runs count too); p50 is the clients' p50s weighted
-    by their requests, p99 the larger one; non-200 and socket errors are summed."""
-    loads = [parse_wrk(out) for out in outs]
-    done = [wrk_requests(out) for out in outs]
-    span = max(done[0][1], stagger + done[1][1])
-    total = sum(n for n, _ in done)
-    return ClientResult(
-        server.Load(
-            total / span,
-            sum(load.p50_ms * n for load, (n, _) in zip(loads, done, strict=True)) / total,
-            max(load.p99_ms for load in loads),
-            sum(load.non_200 for load in loads),
-        ),
-        sum(wrk_errors(out) for out in outs),
-    )
-
-
 def balanced(held: list[int]) -> bool:
     """Whether every worker holds at least ``MIN_SHARE`` of the client's connections."""
     return min(held) >= MIN_SHARE * CONNECTIONS
-
-
-def parse_wrk(out: str) -> server.Load:
-    """requests/s, p50, p99 and non-2xx/3xx count from wrk's ``--latency`` output."""
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if rps is None:
-        raise ValueError(f"no Requests/sec in wrk's output: {out!r}")
-    non_200 = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return server.Load(
-        float(rps.group(1)),
-        server._wrk_ms(out, "50%"),
-        server._wrk_ms(out, "99%"),
-        int(non_200.group(1)) if non_200 else 0,
-    )
-
-
-def wrk_errors(out: str) -> int:
-    """The sum of wrk's socket errors (connect, read, write, timeout); 0 if it reports none."""
-    found = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return sum(int(n) for n in found.groups()) if found else 0
-
-
-def connections(pids: list[int], port: int) -> list[int]:
-    """How many established TCP connections to ``port`` each of ``pids`` holds now."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with suppress(OSError), open(table, encoding="utf-8") as f:
-            for line in list(f)[1:]:
-                parts = line.split()
-                # local address (hex ip:port), state ("01": established), inode
-                if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "01":
-                    inodes.add(f"socket:[{parts[9]}]")
-    counts = []
-    for pid in pids:
-        held = 0
-        with suppress(OSError):
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                with suppress(OSError):
-                    held += os.readlink(fd) in inodes
-        counts.append(held)
-    return counts
 
 
 @dataclass
@@ -402,19 +162,19 @@ def timed_load(running: Server, headers: dict[str, str], seconds: int) -> Timed:
                 # Two clients of half the connections each, the second STAGGER seconds
                 # after the first: its connections arrive while the worker that took the
                 # first half is busy, so the other (idle) one accepts them.
-                clients.append(_wrk(running.port, headers, seconds, CONNECTIONS // 2))
+                clients.append(spawn(running.port, headers, seconds, CONNECTIONS // 2))
                 time.sleep(STAGGER)
                 stagger = time.monotonic() - wall0
-                clients.append(_wrk(running.port, headers, seconds, CONNECTIONS // 2))
+                clients.append(spawn(running.port, headers, seconds, CONNECTIONS // 2))
                 time.sleep(SAMPLE_AT)
                 held = connections(running.pids, running.port)
                 if len(held) > 1 and not balanced(held) and redraws < MAX_REDRAWS:
                     redraws += 1
-                    _kill(clients)
+                    kill_all(clients)
                     continue
                 outs = [c.communicate() for c in clients]
             except BaseException:
-                _kill(clients)
+                kill_all(clients)
                 raise
             for c, (_, err) in zip(clients, outs, strict=True):
                 if c.returncode:
