@@ -21,9 +21,9 @@ often accepted most or all of them (on this 2-core machine, for one store in
 connections arrives while the worker that took the first half is busy. The
 connections each worker holds are also counted from ``/proc`` half a second
 into the load, and both clients are started again while a worker holds fewer
-than a quarter (the report says how often). The CPU time the workers and wrk used during the timed
-part is read from ``/proc`` and ``getrusage``, so the report can say where
-the two cores went.
+than a quarter (the report says how often). The CPU time the workers and wrk
+used during the timed part is read from ``/proc`` and ``getrusage``, so the
+report can say where the two cores went.
 """
 
 from __future__ import annotations
