@@ -35,25 +35,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def uvicorn_command(port: int, workers: int = 1) -> list[str]:
+    """uvicorn serving benchmarks.serve:app on loopback ``port``, no access log."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "benchmarks.serve:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--workers",
+        str(workers),
+    ]
+
+
 def start(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     """uvicorn serving benchmarks.serve:app with ``env``; returns once it answers."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "benchmarks.serve:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            "--workers",
-            "1",
-        ],
+        uvicorn_command(port),
         cwd=ROOT,
         env={**os.environ, **env},
     )

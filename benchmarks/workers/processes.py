@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -68,22 +67,7 @@ def start(env: dict[str, str], workers: int, timeout: float = 60) -> Server:
     served_dir = Path(tempfile.mkdtemp(prefix="kgbench-served-"))
     port = server.free_port()
     proc = subprocess.Popen(
-        [
-            *_die_with_parent(),
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "benchmarks.serve:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            "--workers",
-            str(workers),
-        ],
+        [*_die_with_parent(), *server.uvicorn_command(port, workers)],
         cwd=server.ROOT,
         env={**os.environ, **env, "KGB_SERVED_DIR": str(served_dir)},
         start_new_session=True,

@@ -9,16 +9,14 @@ the shared server is not disturbed) and lock a table of the test's own prefix.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from keyguard.errors import StoreUnavailable
 from keyguard.models import KeyChanges, KeyKind, RateLimit, utcnow
@@ -26,6 +24,7 @@ from keyguard.stores.sql import SQLStore
 from keyguard.stores.sql._direct import KEPT, DirectReads
 from tests.backends.sql import SQL_BACKENDS, open_sql_test_store
 from tests.helpers import expose, record
+from tests.stores.test_sql import counting_statements
 
 pytestmark = pytest.mark.anyio
 
@@ -36,22 +35,6 @@ def direct(store: SQLStore) -> DirectReads:
     assert bound is not None, "no direct reads on this store"
     assert bound.direct is not None, "no direct reads on this store"
     return bound.direct
-
-
-@contextmanager
-def listening(engine: AsyncEngine) -> Iterator[list[str]]:
-    """Statements ``engine`` runs through SQLAlchemy while the block runs (a listener on
-    the engine also sends the hot reads that way)."""
-    sent: list[str] = []
-
-    def listener(*args: Any) -> None:
-        sent.append(args[2])
-
-    event.listen(engine.sync_engine, "before_cursor_execute", listener)
-    try:
-        yield sent
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", listener)
 
 
 async def full_key(store: SQLStore) -> str:
@@ -101,7 +84,7 @@ async def test_hot_reads_answer_as_sqlalchemy_does(backend: str, tmp_path: Path)
         fast_snapshot = await store.snapshot("orders", max_keys=10)
         served = direct(store).served
         assert served >= len(calls) + 1
-        with listening(store.engine) as sent:
+        with counting_statements(store.engine) as sent:
             slow = [await store.lookup(*args) for _, args in calls]
             slow_snapshot = await store.snapshot("orders", max_keys=10)
         assert len(sent) == len(calls) + 1  # through SQLAlchemy this time, one statement each
