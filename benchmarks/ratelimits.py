@@ -66,6 +66,9 @@ class HeadersOnly(RateLimiter):
     async def hit(self, api: str, client_id: str, limits: Any) -> Verdict:
         return self._VERDICT
 
+    def hit_now(self, api: str, client_id: str, limits: Any) -> Verdict:
+        return self._VERDICT
+
 
 @dataclass
 class Row:

@@ -133,6 +133,12 @@ class KeyManager:
         )
         self._verify_deadline = store_timeout(store)
         self._tags = IdTags(store)
+        self.api_rate_limits_now: Callable[[str], tuple[RateLimit, ...] | None] = (
+            self._cached_rate_limits or self._remembered_api_limits
+        )
+        """``api``'s own rate limits where no store read is needed, else ``None`` (then
+        await :meth:`rate_limits_for`): the store's own reader where it has one (a cache,
+        a memory store), else what was read in the last second. For the request path."""
 
     def __repr__(self) -> str:
         return f"KeyManager({self.store!r}, max_keys_per_kind={self.max_keys_per_kind})"
@@ -534,7 +540,13 @@ class KeyManager:
         store's timeout raises ``VerificationBusy`` (a ``StoreUnavailable``),
         as may the lookup itself.
         """
-        plausible = client_id is not None and await self._tags.worth_a_read(api, client_id)
+        plausible: bool | None = False
+        if client_id is not None:
+            # No await once the tag key is read, no call for an id seen before.
+            tags = self._tags
+            plausible = tags.verified.get(client_id) == api or tags.plausible(api, client_id)
+            if plausible is None:
+                plausible = await tags.worth_a_read(api, client_id)
         exposed, record = await self.store.lookup(api, client_id if plausible else None)
         if not exposed:
             return Denial.API_NOT_AVAILABLE
@@ -543,17 +555,18 @@ class KeyManager:
         if record is None:
             return Denial.CLIENT_ID_NOT_REGISTERED
         stored_hash = record.secret_hash
-        deadline = self._verify_deadline
         if stored_hash is None:
             if secret is not None:
-                await self.hasher.verify(client_id, secret, None, deadline=deadline)
+                await self.hasher.verify(client_id, secret, None, deadline=self._verify_deadline)
                 self.hasher.failed(client_id)
                 return Denial.INVALID_SECRET
         elif secret is None:
             return Denial.INVALID_SECRET
         elif not (
             self.hasher.remembered(client_id, secret, stored_hash)
-            or await self.hasher.verify(client_id, secret, stored_hash, deadline=deadline)
+            or await self.hasher.verify(
+                client_id, secret, stored_hash, deadline=self._verify_deadline
+            )
             or await self._verify_previous(record, client_id, secret)
         ):
             self.hasher.failed(client_id)
@@ -562,6 +575,9 @@ class KeyManager:
             return Denial.DISABLED
         if record.expires_at is not None and record.expires_at <= utcnow():
             return Denial.EXPIRED
+        memo = self._infos.get(client_id)  # _info's common case, without its call
+        if memo is not None and memo[0] is record:
+            return memo[1]
         return self._info(record)
 
     async def _verify_previous(self, record: KeyRecord, client_id: str, secret: str) -> bool:
@@ -575,11 +591,15 @@ class KeyManager:
             client_id, secret, previous, deadline=self._verify_deadline
         )
 
-    async def rate_limits_for(self, api: str, key: KeyInfo) -> tuple[RateLimit, ...]:
-        """The rate limits that apply to ``key`` of ``api`` (SPEC §9): its own, else the
-        API's. Read from the cache's snapshot ``authenticate`` just used where there is
-        one; otherwise from the API, remembered for a second (one read per API per
-        second at most)."""
+    def _remembered_api_limits(self, api: str) -> tuple[RateLimit, ...] | None:
+        memo = self._api_limits.get(api)
+        if memo is not None and memo[0] > time.monotonic():
+            return memo[1]
+        return None
+
+    def known_rate_limits(self, api: str, key: KeyInfo) -> tuple[RateLimit, ...] | None:
+        """:meth:`rate_limits_for` where it needs no store read, else ``None`` (then await
+        ``rate_limits_for``): the request path's common case, without an ``await``."""
         if key.rate_limits is not None:
             return key.rate_limits
         cached = self._cached_rate_limits
@@ -587,10 +607,17 @@ class KeyManager:
             limits = cached(api)
             if limits is not None:
                 return limits
+        return self._remembered_api_limits(api)
+
+    async def rate_limits_for(self, api: str, key: KeyInfo) -> tuple[RateLimit, ...]:
+        """The rate limits that apply to ``key`` of ``api`` (SPEC §9): its own, else the
+        API's. Read from the cache's snapshot ``authenticate`` just used where there is
+        one (or from a memory store itself); otherwise from the API, remembered for a
+        second (one read per API per second at most)."""
+        known = self.known_rate_limits(api, key)
+        if known is not None:
+            return known
         now = time.monotonic()
-        memo = self._api_limits.get(api)
-        if memo is not None and memo[0] > now:
-            return memo[1]
         found = await self.store.get_api(api)
         limits = () if found is None else found.rate_limits
         if len(self._api_limits) >= _MAX_MEMO:

@@ -151,6 +151,9 @@ class RateLimiter:
         if not self.local:
             self._make_limiter(self.uri, self._options)
         self._counter = LocalCounter(limits_item)  # memory://, and the fallback
+        # hit_now answers for hit only where hit is this class's (a subclass's own hit is
+        # always awaited).
+        self._sync = type(self).hit is RateLimiter.hit
 
     def __repr__(self) -> str:
         return f"RateLimiter({_masked(self.url)!r}, fail={self.fail!r})"
@@ -189,6 +192,14 @@ class RateLimiter:
         if closing is not None:
             with contextlib.suppress(Exception):
                 await closing()
+
+    def hit_now(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> Verdict | None:
+        """What :meth:`hit` would answer, where it needs no ``await``: counting in this
+        process (``memory://``, or while a failed storage is given time to come back);
+        else ``None``, and the caller awaits ``hit``."""
+        if self._sync and (self.local or time.monotonic() < self._down_until):
+            return self._counter.hit(api, client_id, limits)
+        return None
 
     async def hit(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> Verdict:
         """Count one request of key ``client_id`` of ``api`` against ``limits`` (non-empty),
