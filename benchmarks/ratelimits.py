@@ -67,6 +67,7 @@ class HeadersOnly(RateLimiter):
         return self._VERDICT
 
     def hit_now(self, api: str, client_id: str, limits: Any) -> Verdict:
+        # Without an await, as the memory:// counter is called (RateLimiter.hit_now).
         return self._VERDICT
 
 

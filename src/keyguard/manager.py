@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -539,15 +539,49 @@ class KeyManager:
         callers' verifications. A verification that cannot start within the
         store's timeout raises ``VerificationBusy`` (a ``StoreUnavailable``),
         as may the lookup itself.
+
+        The three steps, for a caller that counts its awaits (the middleware):
+        ``exposed, record = await lookup(api, client_id)``, then
+        ``judge(client_id, secret, exposed, record)``, then, only where that
+        answered ``None``, ``await verified(client_id, secret, record)``.
         """
-        plausible: bool | None = False
-        if client_id is not None:
-            # No await once the tag key is read, no call for an id seen before.
-            tags = self._tags
-            plausible = tags.verified.get(client_id) == api or tags.plausible(api, client_id)
-            if plausible is None:
-                plausible = await tags.worth_a_read(api, client_id)
-        exposed, record = await self.store.lookup(api, client_id if plausible else None)
+        exposed, record = await self.lookup(api, client_id)
+        result = self.judge(client_id, secret, exposed, record)
+        if result is None:
+            result = await self.verified(client_id, secret, record)
+        return result
+
+    def lookup(self, api: str, client_id: str | None) -> Awaitable[tuple[bool, KeyRecord | None]]:
+        """The request's one store lookup: ``(exposed, record)``, the key looked up only
+        when ``client_id`` could be one of ``api``'s (:mod:`keyguard.idtags`).
+
+        Not a coroutine function: it hands back the store's own awaitable (no frame of
+        its own) once the store's tag key has been read, and an id seen before costs no
+        HMAC."""
+        if client_id is None:
+            return self.store.lookup(api, None)
+        tags = self._tags
+        plausible = tags.verified.get(client_id) == api or tags.plausible(api, client_id)
+        if plausible is None:
+            return self._lookup_reading_tag_key(api, client_id)
+        return self.store.lookup(api, client_id if plausible else None)
+
+    async def _lookup_reading_tag_key(
+        self, api: str, client_id: str
+    ) -> tuple[bool, KeyRecord | None]:
+        plausible = await self._tags.worth_a_read(api, client_id)
+        return await self.store.lookup(api, client_id if plausible else None)
+
+    def judge(
+        self,
+        client_id: str | None,
+        secret: str | None,
+        exposed: bool,
+        record: KeyRecord | None,
+    ) -> KeyInfo | Denial | None:
+        """SPEC §4's checks on ``lookup``'s answer, where they need no hashing: the key, or
+        why not; ``None`` when the secret needs a verification (then await
+        :meth:`verified`). A secret that verified before is checked by its SHA-256."""
         if not exposed:
             return Denial.API_NOT_AVAILABLE
         if client_id is None:
@@ -557,27 +591,49 @@ class KeyManager:
         stored_hash = record.secret_hash
         if stored_hash is None:
             if secret is not None:
-                await self.hasher.verify(client_id, secret, None, deadline=self._verify_deadline)
-                self.hasher.failed(client_id)
-                return Denial.INVALID_SECRET
+                return None  # a secret to a secretless key: one (dummy) verification
         elif secret is None:
             return Denial.INVALID_SECRET
-        elif not (
-            self.hasher.remembered(client_id, secret, stored_hash)
-            or await self.hasher.verify(
-                client_id, secret, stored_hash, deadline=self._verify_deadline
-            )
-            or await self._verify_previous(record, client_id, secret)
-        ):
-            self.hasher.failed(client_id)
-            return Denial.INVALID_SECRET
+        elif not self.hasher.remembered(client_id, secret, stored_hash):
+            return None
+        # _standing(record), inline: this is every admitted request.
         if not record.enabled:
             return Denial.DISABLED
         if record.expires_at is not None and record.expires_at <= utcnow():
             return Denial.EXPIRED
-        memo = self._infos.get(client_id)  # _info's common case, without its call
+        memo = self._infos.get(client_id)
         if memo is not None and memo[0] is record:
             return memo[1]
+        return self._info(record)
+
+    async def verified(
+        self, client_id: str | None, secret: str | None, record: KeyRecord | None
+    ) -> KeyInfo | Denial:
+        """:meth:`judge`'s answer where it needed a verification of ``secret`` (against the
+        key's hash, its previous secret's in a grace period, or a dummy hash for a key
+        without a secret); a failure is counted against the id."""
+        if client_id is None or secret is None or record is None:
+            raise ValueError("verified() follows a judge() that answered None")
+        stored_hash = record.secret_hash
+        deadline = self._verify_deadline
+        if stored_hash is None:
+            await self.hasher.verify(client_id, secret, None, deadline=deadline)
+            self.hasher.failed(client_id)
+            return Denial.INVALID_SECRET
+        if not (
+            await self.hasher.verify(client_id, secret, stored_hash, deadline=deadline)
+            or await self._verify_previous(record, client_id, secret)
+        ):
+            self.hasher.failed(client_id)
+            return Denial.INVALID_SECRET
+        return self._standing(record)
+
+    def _standing(self, record: KeyRecord) -> KeyInfo | Denial:
+        """The key's info if it is enabled and not expired, else why not (SPEC §8)."""
+        if not record.enabled:
+            return Denial.DISABLED
+        if record.expires_at is not None and record.expires_at <= utcnow():
+            return Denial.EXPIRED
         return self._info(record)
 
     async def _verify_previous(self, record: KeyRecord, client_id: str, secret: str) -> bool:

@@ -2,7 +2,7 @@
 
 Pure ASGI. Options are validated and responses precomputed in ``__init__``
 so that ``__call__`` does one pass over the headers, one store lookup through
-``KeyManager.authenticate`` and, on success, one scope copy.
+``KeyManager`` (``authenticate``'s steps) and, on success, one scope copy.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from keyguard import metrics
 from keyguard.errors import ApiNotFound, ConfigurationError, InvalidRequest
 from keyguard.manager import Denial, KeyManager
 from keyguard.models import API_NAME_PATTERN, KeyInfo, validate_api_name
-from keyguard.ratelimit import RateLimiter, RateLimiterUnavailable, Verdict
+from keyguard.ratelimit import RateLimiter, RateLimiterUnavailable
 from keyguard.secrets import SecretHasher, VerificationBusy
 from keyguard.stores.base import KeyStore
 from keyguard.usage import DEFAULT_USAGE_FLUSH, UsageRecorder, check_usage_flush
@@ -91,23 +91,23 @@ _NUMBERS = tuple(b"%d" % n for n in range(1024))
 _RATE_LIMIT_PAIRS: dict[int, tuple[bytes, bytes]] = {}
 
 
-def _rate_headers(verdict: Verdict) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
-    """The ``X-RateLimit-Limit`` and ``X-RateLimit-Remaining`` headers of ``verdict``."""
-    limit, remaining = verdict.limit, verdict.remaining
-    limit_pair = _RATE_LIMIT_PAIRS.get(limit)
-    if limit_pair is None:
-        if len(_RATE_LIMIT_PAIRS) >= 1024:
-            _RATE_LIMIT_PAIRS.clear()
-        limit_pair = _RATE_LIMIT_PAIRS[limit] = (_RATE_LIMIT, b"%d" % limit)
-    return limit_pair, (
-        _RATE_REMAINING,
-        _NUMBERS[remaining] if 0 <= remaining < 1024 else b"%d" % remaining,
-    )
+def _rate_limit_pair(limit: int) -> tuple[bytes, bytes]:
+    """The ``X-RateLimit-Limit`` header of ``limit``, kept for the next request."""
+    if len(_RATE_LIMIT_PAIRS) >= 1024:
+        _RATE_LIMIT_PAIRS.clear()
+    pair = _RATE_LIMIT_PAIRS[limit] = (_RATE_LIMIT, b"%d" % limit)
+    return pair
 
 
-def _too_many(verdict: Verdict) -> _Refusal:
+def _too_many(limit: int, remaining: int, retry_after: int) -> _Refusal:
+    """The 429 of a limit used up: ``Retry-After``, and the headers of every response to a
+    rate-limited key."""
     status, headers, body, close = _TOO_MANY
-    extra = [(b"retry-after", str(verdict.retry_after).encode()), *_rate_headers(verdict)]
+    extra = [
+        (b"retry-after", b"%d" % retry_after),
+        _RATE_LIMIT_PAIRS.get(limit) or _rate_limit_pair(limit),
+        (_RATE_REMAINING, b"%d" % remaining),
+    ]
     return status, [*headers, *extra], body, close
 
 
@@ -233,6 +233,7 @@ class KeyGuard:
             self._refusals[self._api_name] = _ApiRefusals(self._api_name)
         # keyguard.requests, one call per decided request; a no-op when metrics are off.
         self._count = metrics.request_counter(self._api_name)
+        self._counting = metrics.counts(self._count)  # admitted requests skip a no-op call
 
     def __repr__(self) -> str:
         api = self._api_name if self._api_func is None else self._api_func
@@ -299,8 +300,13 @@ class KeyGuard:
             self._count(None, metrics.API_NOT_AVAILABLE)
             await _refuse(scope, receive, send, _API_NOT_AVAILABLE)
             return
+        # KeyManager.authenticate, step by step: one await (the store's) on a cache hit.
+        manager = self.manager
         try:
-            result = await self.manager.authenticate(api, client_id_text, secret_text)
+            exposed, record = await manager.lookup(api, client_id_text)
+            result = manager.judge(client_id_text, secret_text, exposed, record)
+            if result is None:
+                result = await manager.verified(client_id_text, secret_text, record)
         except Exception as exc:
             self._count(api, metrics.STORE_UNAVAILABLE)
             await self._unavailable(scope, receive, send, exc)
@@ -344,17 +350,19 @@ class KeyGuard:
             if verdict is not None:
                 if not self._told_per_process:
                     self._tell_per_process()
-                if not verdict.admitted:
+                admitted, limit, remaining, retry_after = verdict
+                if not admitted:
                     self._count(api, metrics.RATE_LIMITED)
                     if self.usage is not None:
                         self.usage.rate_limited(api, result.client_id)
-                    await _refuse(scope, receive, send, _too_many(verdict))
+                    await _refuse(scope, receive, send, _too_many(limit, remaining, retry_after))
                     return
-                send = _with_rate_headers(send, verdict)
+                send = _with_rate_headers(send, limit, remaining)
         usage = self.usage
         if usage is not None:
             usage.admitted(api, result.client_id)  # a dict increment (keyguard.usage)
-        self._count(api, metrics.ADMITTED)
+        if self._counting:
+            self._count(api, metrics.ADMITTED)
         if self._strip and (secret_pair is not None or query_secret):
             child = dict(scope)
             if secret_pair is not None:
@@ -506,17 +514,24 @@ def _rate_limiter(store: KeyStore, given: object, fail: Literal["open", "closed"
 _STARTS = frozenset({"http.response.start", "websocket.accept"})
 
 
-def _with_rate_headers(send: Send, verdict: Verdict) -> Send:
-    """``send`` adding ``verdict``'s ``X-RateLimit-*`` headers to the response start (or
-    websocket accept), in a copy of that message, leaving every other message, and so
-    the body and its streaming, untouched."""
+def _with_rate_headers(send: Send, limit: int, remaining: int) -> Send:
+    """``send`` adding ``X-RateLimit-Limit`` and ``X-RateLimit-Remaining`` to the response
+    start (or websocket accept), in a copy of that message, leaving every other message,
+    and so the body and its streaming, untouched."""
 
     # Not a coroutine function: it hands back ``send``'s own awaitable, so each message
     # costs one frame, not two.
     def sending(message: Message) -> Awaitable[None]:
         if message["type"] in _STARTS:
             message = dict(message)
-            message["headers"] = [*message.get("headers", ()), *_rate_headers(verdict)]
+            message["headers"] = [
+                *message.get("headers", ()),
+                _RATE_LIMIT_PAIRS.get(limit) or _rate_limit_pair(limit),
+                (
+                    _RATE_REMAINING,
+                    _NUMBERS[remaining] if 0 <= remaining < 1024 else b"%d" % remaining,
+                ),
+            ]
         return send(message)
 
     return sending
