@@ -90,8 +90,8 @@ async def measure(*, rounds: int, batch: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--batch", type=int, default=3000, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--batch", type=int, default=2000, help="requests per round")
     parser.add_argument("--runs", type=int, default=1, help="runs, one after another")
     args = parser.parse_args()
     for run in range(args.runs):
