@@ -20,7 +20,7 @@ from keyguard import metrics
 from keyguard.errors import ApiNotFound, ConfigurationError, InvalidRequest
 from keyguard.manager import Denial, KeyManager
 from keyguard.models import API_NAME_PATTERN, KeyInfo, validate_api_name
-from keyguard.ratelimit import RateLimiter, RateLimiterUnavailable
+from keyguard.ratelimit import RateLimiter, RateLimiterUnavailable, VerdictTuple
 from keyguard.secrets import SecretHasher, VerificationBusy
 from keyguard.stores.base import KeyStore
 from keyguard.usage import DEFAULT_USAGE_FLUSH, UsageRecorder, check_usage_flush
@@ -329,35 +329,33 @@ class KeyGuard:
         state["keyguard"] = result
         # Read without an await where no store read is needed (the key's own limits, a
         # cache's snapshot, a memory store), as is the verdict of an in-process counter.
-        limits = result.rate_limits
-        if limits is None:
-            limits = self._api_rate_limits_now(api)
-        if limits is None or limits:
-            try:
+        verdict: VerdictTuple | None = None
+        try:
+            limits = result.rate_limits
+            if limits is None:
+                limits = self._api_rate_limits_now(api)
                 if limits is None:
                     limits = await self.manager.rate_limits_for(api, result)
-                if limits:
-                    limiter = self.rate_limiter
-                    verdict = limiter.hit_now(api, result.client_id, limits)
-                    if verdict is None:
-                        verdict = await limiter.hit(api, result.client_id, limits)
-                else:
-                    verdict = None
-            except Exception as exc:
-                self._count(api, metrics.STORE_UNAVAILABLE)
-                await self._unavailable(scope, receive, send, exc)
+            if limits:
+                limiter = self.rate_limiter
+                verdict = limiter.hit_now(api, result.client_id, limits)
+                if verdict is None:
+                    verdict = await limiter.hit(api, result.client_id, limits)
+        except Exception as exc:
+            self._count(api, metrics.STORE_UNAVAILABLE)
+            await self._unavailable(scope, receive, send, exc)
+            return
+        if verdict is not None:
+            if not self._told_per_process:
+                self._tell_per_process()
+            admitted, limit, remaining, retry_after = verdict
+            if not admitted:
+                self._count(api, metrics.RATE_LIMITED)
+                if self.usage is not None:
+                    self.usage.rate_limited(api, result.client_id)
+                await _refuse(scope, receive, send, _too_many(limit, remaining, retry_after))
                 return
-            if verdict is not None:
-                if not self._told_per_process:
-                    self._tell_per_process()
-                admitted, limit, remaining, retry_after = verdict
-                if not admitted:
-                    self._count(api, metrics.RATE_LIMITED)
-                    if self.usage is not None:
-                        self.usage.rate_limited(api, result.client_id)
-                    await _refuse(scope, receive, send, _too_many(limit, remaining, retry_after))
-                    return
-                send = _with_rate_headers(send, limit, remaining)
+            send = _with_rate_headers(send, limit, remaining)
         usage = self.usage
         if usage is not None:
             usage.admitted(api, result.client_id)  # a dict increment (keyguard.usage)
