@@ -2,7 +2,8 @@
 
 Sections (all by default): ``inprocess`` (per-request cost, every contender
 and store, interleaved), ``scale`` (10 / 10,000 / 1,000,000 keys), ``server``
-(uvicorn under wrk), ``slow`` (bcrypt off the event loop). The report is
+(uvicorn under wrk), ``slow`` (bcrypt off the event loop), ``raw`` (an uncached store
+read next to the raw driver's query, ``benchmarks/raw.py``). The report is
 printed and written to ``benchmarks/results/latest.md``, which
 docs/benchmarks.md quotes.
 """
@@ -17,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import apps, inprocess, report, scale, server, slow
+from benchmarks import apps, inprocess, raw, report, scale, server, slow
 from benchmarks.inprocess import Contender
 from benchmarks.stores import BACKENDS, SERVER_URLS, Seeded, drop, drop_prefix, reachable, seed
 from keyguard import KeyManager
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stores", default=",".join(BACKENDS), help="comma-separated (default: all)"
     )
-    parser.add_argument("--sections", default="inprocess,scale,server,slow")
+    parser.add_argument("--sections", default="inprocess,scale,server,slow,raw")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     wanted = [b for b in args.stores.split(",") if b]
@@ -382,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
             section_server(backends, workdir, 3 if args.quick else 5, 2 if args.quick else 3, out)
         if "slow" in sections:
             section_slow(out)
+        if "raw" in sections:
+            raw_stores = [b for b in backends if b in raw.ALL]
+            quick = ["--rounds", "5", "--batch", "200"] if args.quick else []
+            if raw_stores:
+                out.append(asyncio.run(raw.main(["--stores", ",".join(raw_stores), *quick])))
     text = "\n".join(out) + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text, encoding="utf-8")

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from playwright.sync_api import Page, ViewportSize, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import FloatRect, Page, ViewportSize, expect, sync_playwright  # noqa: E402
 from tests.browser import CHROMIUM_ARGS, TOKEN, ConsoleServer, chromium_path  # noqa: E402
 
 OUT = ROOT / "docs" / "images"
@@ -23,9 +23,18 @@ DESKTOP: ViewportSize = {"width": 1280, "height": 860}
 PHONE: ViewportSize = {"width": 390, "height": 844}
 
 
-def shoot(page: Page, name: str, *, full_page: bool = False) -> None:
+def shoot(page: Page, name: str, *, full_page: bool = False, down_to: str | None = None) -> None:
+    """``down_to``: the name of a region the picture ends with (the page below it is cut)."""
     path = OUT / f"console-{name}.png"
-    page.screenshot(path=str(path), full_page=full_page, animations="disabled")
+    clip: FloatRect | None = None
+    if down_to is not None:
+        # In page coordinates (a bounding box is the viewport's, which may be scrolled).
+        bottom = page.get_by_role("region", name=down_to).evaluate(
+            "e => e.getBoundingClientRect().bottom + window.scrollY"
+        )
+        width = page.viewport_size["width"] if page.viewport_size else DESKTOP["width"]
+        clip = {"x": 0, "y": 0, "width": width, "height": float(bottom) + 16}
+    page.screenshot(path=str(path), full_page=full_page, clip=clip, animations="disabled")
     print(f"wrote {path.relative_to(ROOT)}")
 
 
@@ -103,7 +112,8 @@ def main() -> None:
         expect(page.get_by_role("dialog")).to_have_count(0)
         page.mouse.move(0, 0)
         page.evaluate("document.activeElement && document.activeElement.blur()")
-        shoot(page, "sharing-and-keys", full_page=True)
+        # The keys, not the usage chart and activity below them (their own pictures).
+        shoot(page, "sharing-and-keys", full_page=True, down_to=outside)
 
         page.get_by_role("button", name="Actions for key Warehouse team").click()
         shoot(page, "key-menu")

@@ -19,8 +19,11 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from keyguard import KeyGuard, KeyManager, KeyStore, management_app
+from keyguard.errors import InvalidRequest
 from keyguard.models import rfc3339, utcnow
+from keyguard.stores.memory import MemoryStore
 from keyguard.usage import hour_start
+from tests.helpers import CountingStore, record
 from tests.test_management import TOKEN, assert_problem, client_for
 
 pytestmark = pytest.mark.anyio
@@ -143,3 +146,90 @@ async def test_usage_through_the_manager_matches_the_route(
     await http.post("/admin/apis/orders/keys", json={"name": "A", "kind": "external"})
     route = (await http.get("/admin/apis/orders/usage?hours=5")).json()
     assert route == await KeyManager(store).usage("orders", hours=5)
+
+
+async def test_an_api_usage_a_page_of_keys_at_a_time(
+    served: tuple[KeyGuard, httpx.AsyncClient], store: KeyStore
+) -> None:
+    """?limit / ?after / ?name ask for one page of the API's keys, with ``next``; the
+    pages together are the whole listing, and the hours still count every key's traffic."""
+    guard, http = served
+    await http.put("/admin/apis/orders", json={"exposed": True})
+    made = [
+        (await http.post("/admin/apis/orders/keys", json={"name": n, "kind": "external"})).json()
+        for n in ("Acme", "Beta", "Acme Labs", "Delta", "Echo")
+    ]
+    for i, key in enumerate(made):
+        for _ in range(i):
+            assert (await http.get("/", headers={ID: key["client_id"]})).status_code == 200
+    assert guard.usage is not None
+    await guard.usage.flush()
+    whole = (await http.get("/admin/apis/orders/usage?hours=2")).json()
+    assert "next" not in whole
+    assert whole["hours"][-1]["requests"] == 10
+    seen: list[dict[str, object]] = []
+    after: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, str | int] = {"hours": 2, "limit": 2}
+        if after is not None:
+            params["after"] = after
+        page = (await http.get("/admin/apis/orders/usage", params=params)).json()
+        pages += 1
+        assert page["hours"] == whole["hours"]
+        assert len(page["keys"]) <= 2
+        seen += page["keys"]
+        after = page["next"]
+        if after is None:
+            break
+    assert pages == 3
+    assert seen == whole["keys"]
+    named = (await http.get("/admin/apis/orders/usage", params={"name": "acme"})).json()
+    assert [(k["name"], k["requests"]) for k in named["keys"]] == [("Acme", 0), ("Acme Labs", 2)]
+    assert named["next"] is None
+    assert named["hours"] == (await http.get("/admin/apis/orders/usage")).json()["hours"]
+
+
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=1001", "limit=x", "after=not-a-cursor!", "limit=1&limit=2", "x=1"]
+)
+async def test_a_bad_usage_page_is_422(
+    served: tuple[KeyGuard, httpx.AsyncClient], query: str
+) -> None:
+    """A limit outside 1..1000, a cursor the listing did not give, a parameter twice or an
+    unknown one: 422 invalid_request, never a guess."""
+    _, http = served
+    await http.put("/admin/apis/orders", json={"exposed": True})
+    assert_problem(await http.get(f"/admin/apis/orders/usage?{query}"), 422, "invalid_request")
+
+
+async def test_a_key_usage_takes_no_page(
+    served: tuple[KeyGuard, httpx.AsyncClient], store: KeyStore
+) -> None:
+    """A key's usage has no keys to page: ?limit there is 422, and so is the manager's."""
+    _, http = served
+    await http.put("/admin/apis/orders", json={"exposed": True})
+    key = (
+        await http.post("/admin/apis/orders/keys", json={"name": "A", "kind": "external"})
+    ).json()
+    path = f"/admin/apis/orders/keys/{key['client_id']}/usage?limit=5"
+    assert_problem(await http.get(path), 422, "invalid_request")
+    with pytest.raises(InvalidRequest, match="not a key's"):
+        await KeyManager(store).usage("orders", key["client_id"], limit=5)
+
+
+async def test_a_large_api_usage_is_read_a_page_at_a_time() -> None:
+    """Every key of a 2,500-key API is listed, read with pages (three of at most 1,000),
+    never with one call listing the whole API."""
+    inner = MemoryStore()
+    counting = CountingStore(inner)
+    manager = KeyManager(counting)
+    await manager.update_api("big", exposed=True, max_keys_per_kind=5000)
+    for i in range(2500):
+        await inner.insert_key(record(api="big", name=f"Key {i}", offset=i))
+    usage = await manager.usage("big", hours=1)
+    assert len(usage["keys"]) == 2500
+    assert usage["keys"][0]["name"] == "Key 0"
+    assert usage["keys"][-1]["name"] == "Key 2499"
+    assert counting.calls["list_keys"] == 0
+    assert counting.calls["page_keys"] == 3

@@ -23,7 +23,7 @@ FastAPI on its own lists the schemes as alternatives, which reads as if the
 secret alone were enough, and knows nothing of KeyGuard's refusals. Call
 ``document_keyguard(app)`` once: each protected operation then requires "id
 and secret, or id alone" (``[{"ClientId": [], "ClientSecret": []},
-{"ClientId": []}]``) and lists the 400, 401, 404 and 503 refusals with IBM's
+{"ClientId": []}]``) and lists the 400, 401, 404, 429 and 503 refusals with IBM's
 body schema.
 """
 

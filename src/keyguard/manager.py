@@ -104,8 +104,9 @@ class Denial(enum.Enum):
 class KeyManager:
     """Manage APIs and keys, and check credentials, over one ``KeyStore``.
 
-    ``max_keys_per_kind`` is the limit given to APIs this manager creates; an
-    existing API keeps the limit stored with it, so every front door over
+    ``max_keys_per_kind`` is the limit given to APIs this manager creates (0 to
+    ``MAX_KEYS_PER_KIND_LIMIT``, 1,000,000; default 5); an existing API keeps the limit
+    stored with it, so every front door over
     one store enforces the same one. ``hasher`` chooses how secrets are
     hashed and checked (see :class:`keyguard.secrets.SecretHasher`).
     ``actor`` names who makes the changes in the audit log (SPEC §10) unless
@@ -416,7 +417,9 @@ class KeyManager:
         return (await self._get_record(api, client_id)).info(utcnow())
 
     async def list_keys(self, api: str) -> list[KeyInfo]:
-        """The keys of ``api``, oldest first; empty for an API never created (R9)."""
+        """Every key of ``api``, oldest first, read at once; empty for an API never created
+        (R9). For an API of many keys, :meth:`page_keys` and :meth:`iter_keys` read a page
+        at a time."""
         validate_api_name(api)
         now = utcnow()
         return [record.info(now) for record in await self.store.list_keys(api)]
@@ -684,7 +687,14 @@ class KeyManager:
     # -- usage (SPEC §10) ----------------------------------------------------------------
 
     async def usage(
-        self, api: str, client_id: str | None = None, *, hours: int = 24
+        self,
+        api: str,
+        client_id: str | None = None,
+        *,
+        hours: int = 24,
+        limit: int | None = None,
+        after: str | None = None,
+        name: str | None = None,
     ) -> dict[str, Any]:
         """The traffic of ``api``'s key ``client_id`` (or of the whole API) over the last
         ``hours`` hours (1 to 840, 35 days), as SPEC §10's JSON object.
@@ -698,17 +708,32 @@ class KeyManager:
         Counts reach the store in batches (``KeyGuard(usage_flush=…)``), so the last
         seconds of traffic may be missing. ``ApiNotFound`` / ``KeyNotFound`` for an
         unknown API or key.
+
+        An API's keys are read a page at a time, never in one store call. For an API
+        too large to list whole, ``limit`` / ``after`` / ``name`` (as ``page_keys`` takes
+        them) ask for one page of its keys instead, and the answer gains ``"next"``:
+        the cursor of the page after, or ``None``. ``hours`` still counts all of the
+        API's traffic.
         """
         if isinstance(hours, bool) or not isinstance(hours, int):
             raise InvalidRequest("hours must be a whole number")
         if not 1 <= hours <= MAX_USAGE_HOURS:
             raise InvalidRequest(f"hours must be between 1 and {MAX_USAGE_HOURS} (35 days)")
+        paged = limit is not None or after is not None or name is not None
+        if paged and client_id is not None:
+            raise InvalidRequest("limit, after and name apply to an API's usage, not a key's")
         await self.get_api(api)
-        keys = (
-            [await self._get_record(api, client_id)]
-            if client_id is not None
-            else await self.store.list_keys(api)
-        )
+        following: str | None = None
+        keys: list[KeyRecord] | list[KeyInfo]
+        if client_id is not None:
+            keys = [await self._get_record(api, client_id)]
+        elif paged:
+            page = await self.page_keys(
+                api, limit=DEFAULT_PAGE_SIZE if limit is None else limit, after=after, name=name
+            )
+            keys, following = page.keys, page.next
+        else:
+            keys = [key async for key in self.iter_keys(api)]
         first = hour_start(utcnow()) - timedelta(hours=hours - 1)
         rows = await self.store.read_usage(api, client_id, first)
         series = [
@@ -723,7 +748,7 @@ class KeyManager:
             if slot is not None and row.hour >= first:
                 slot[0] += row.requests
                 slot[1] += row.rate_limited
-        return {
+        answer: dict[str, Any] = {
             "api": api,
             "hours": series,
             "keys": [
@@ -736,6 +761,9 @@ class KeyManager:
                 for record in keys
             ],
         }
+        if paged:
+            answer["next"] = following
+        return answer
 
     def _info(self, record: KeyRecord) -> KeyInfo:
         """``record.info()``, reusing the last one made for the same record object."""

@@ -12,7 +12,9 @@ exporters (see docs/observability.md):
   (``memory``, ``sqlite``, ``postgresql``, ``mysql``, ``redis``,
   ``redis+cluster``; another store class by its lowercased class name);
 * ``keyguard.cache.lookups`` — counter of ``CachedStore`` lookups, attribute
-  ``result`` (``hit``: answered from a fresh snapshot; ``miss``: none was fresh).
+  ``result`` (``hit``: the API's entry — its snapshot, or a large API's state — was
+  fresh; ``miss``: it was not). A large API's key entries are not counted apart: a
+  key read for one shows as a ``lookup`` in ``keyguard.store.duration``.
 
 No client id, key name or secret is ever an attribute. ``api`` is bounded:
 with a fixed ``api="orders"`` it is that name; with an ``api=`` callable it is

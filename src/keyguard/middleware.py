@@ -2,7 +2,10 @@
 
 Pure ASGI. Options are validated and responses precomputed in ``__init__``
 so that ``__call__`` does one pass over the headers, one store lookup through
-``KeyManager`` (``authenticate``'s steps) and, on success, one scope copy.
+``KeyManager`` (``authenticate``'s steps; usually answered by the store's cache),
+for a key with rate limits one hit of its counters (SPEC §9), one increment of
+the in-memory usage counts (SPEC §10) and, when a secret must be stripped, one
+scope copy.
 """
 
 from __future__ import annotations
@@ -155,8 +158,8 @@ class KeyGuard:
     * ``rate_limiter`` — where rate-limit counters live (SPEC §9): a URL the
       ``limits`` library knows (``memory://``, ``redis://…``, ``redis+cluster://…``,
       ``memcached://…``) or a :class:`~keyguard.ratelimit.RateLimiter`. Default: the
-      key store's own Redis when the store is Redis, else ``memory://`` (counted
-      per process).
+      key store's own Redis (or Redis Cluster) when the store was opened from a URL,
+      else ``memory://`` (counted per process).
     * ``rate_limit_fail`` — ``"open"`` (default: while the counter storage fails,
       count in this process's memory) or ``"closed"`` (answer 503).
     * ``usage_flush`` — seconds between two writes of the per-key usage counts (SPEC

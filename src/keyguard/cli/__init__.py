@@ -6,7 +6,7 @@
     keyguard apis expose API [--max-keys N] | apis unexpose API
     keyguard apis limits API (--set N/UNIT ... | --clear)
     keyguard apis delete API [--force] [--yes]
-    keyguard keys list API
+    keyguard keys list API [--limit N] [--after CURSOR] [--name TEXT]
     keyguard keys create API --name NAME --kind internal|external [--expires WHEN] [--meta JSON]
     keyguard keys update API (CLIENT_ID | --name NAME) [--rename NEW] [--enable | --disable]
                              [--expires WHEN | --no-expiry] [--meta JSON]

@@ -6,7 +6,8 @@ Every route needs ``Authorization: Bearer <token>``, checked before routing so
 that nothing, not even which routes exist, is revealed without it. Every error
 is an RFC 9457 problem details object (``application/problem+json``) whose
 ``code`` member is the ``KeyGuardError.code`` (or one of this package's own:
-``unauthorized``, ``not_found``, ``method_not_allowed``, ``request_too_large``,
+``unauthorized``, ``forbidden`` (a ``ReadOnly`` token asking for a change),
+``not_found``, ``method_not_allowed``, ``request_too_large``,
 ``unsupported_media_type``, ``internal_error``). The rules themselves live in
 ``KeyManager``; this package only parses, calls and formats.
 
@@ -14,9 +15,10 @@ The JSON of APIs, keys and secrets is :mod:`keyguard.shapes`, shared with the
 command line, so ``keyguard --json`` prints exactly what this API answers (its
 names are re-exported here). The modules, by concept: ``problems`` (problem
 details, status codes and the no-store responses), ``auth`` (the bearer
-token), ``bodies`` (reading and checking request bodies), ``routes`` (one
-method per route, and the route table), ``openapi`` (the document built from
-that table) and ``app`` (all of it put together, with the error handlers).
+tokens: named ones, and ``ReadOnly`` ones), ``bodies`` (reading and checking
+request bodies), ``routes`` (one method per route, and the route table),
+``openapi`` (the document built from that table) and ``app`` (all of it put
+together, with the error handlers).
 """
 
 from __future__ import annotations

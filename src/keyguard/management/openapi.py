@@ -362,7 +362,7 @@ _SCHEMAS: dict[str, Any] = {
             "keys": {
                 "type": "array",
                 "description": "Every key of the API (oldest first) with its totals over the "
-                "range, zeros included.",
+                "range, zeros included; with `limit`, `after` or `name`, one page of them.",
                 "items": {
                     "type": "object",
                     "required": ["client_id", "name", "requests", "rate_limited"],
@@ -374,6 +374,11 @@ _SCHEMAS: dict[str, Any] = {
                         "rate_limited": {"type": "integer", "minimum": 0},
                     },
                 },
+            },
+            "next": {
+                "type": ["string", "null"],
+                "description": "Only when a page was asked for: the cursor of the next page "
+                "of keys (`after=`), or null after the last.",
             },
         },
     },
@@ -466,6 +471,19 @@ _KEY_LIST_PARAMETERS: list[dict[str, Any]] = [
 ]
 
 
+# An API's usage, a page of its keys at a time (for an API too large to list whole).
+_USAGE_PAGE_PARAMETERS: list[dict[str, Any]] = [
+    {
+        **parameter,
+        "schema": {k: v for k, v in parameter["schema"].items() if k != "default"},
+        "description": parameter["description"]
+        + " Any of `limit`, `after`, `name` asks for one page of the API's keys (the "
+        "answer then has `next`); without them every key is listed.",
+    }
+    for parameter in _KEY_LIST_PARAMETERS
+]
+
+
 def _problem_response(status: int) -> dict[str, Any]:
     codes = ", ".join(f"`{code}`" for code in _ERROR_CODES[status])
     response: dict[str, Any] = {
@@ -529,6 +547,8 @@ def openapi_document() -> dict[str, Any]:
             parameters += _AUDIT_PARAMETERS
         if op.name == "list_keys":
             parameters += _KEY_LIST_PARAMETERS
+        if op.name == "api_usage":
+            parameters += _USAGE_PAGE_PARAMETERS
         if op.name in ("api_usage", "key_usage"):
             parameters.append(
                 {

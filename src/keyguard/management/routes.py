@@ -74,12 +74,9 @@ class Endpoints:
 
     async def list_keys(self, request: Request) -> Response:
         query = _single_query(request, ("limit", "after", "name"))
-        limit = query.get("limit", str(DEFAULT_PAGE_SIZE))
-        if not limit.isascii() or not limit.isdigit() or len(limit) > 4:
-            raise InvalidRequest(f"limit: a whole number from 1 to {MAX_PAGE_SIZE}")
         page = await self.manager.page_keys(
             request.path_params["api"],
-            limit=int(limit),
+            limit=_page_limit(query.get("limit", str(DEFAULT_PAGE_SIZE))),
             after=query.get("after") or None,
             name=query.get("name") or None,
         )
@@ -176,10 +173,19 @@ class Endpoints:
         return json_response(principal(request.scope).as_json())
 
     async def api_usage(self, request: Request) -> Response:
-        usage = await self.manager.usage(request.path_params["api"], hours=_hours(request))
+        query = _single_query(request, ("hours", "limit", "after", "name"))
+        limit = query.get("limit")
+        usage = await self.manager.usage(
+            request.path_params["api"],
+            hours=_hours(request),
+            limit=None if limit is None else _page_limit(limit),
+            after=query.get("after"),
+            name=query.get("name"),
+        )
         return json_response(usage)
 
     async def key_usage(self, request: Request) -> Response:
+        _single_query(request, ("hours",))
         params = request.path_params
         usage = await self.manager.usage(params["api"], params["client_id"], hours=_hours(request))
         return json_response(usage)
@@ -206,6 +212,13 @@ def _single_query(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
         if len(params.getlist(name)) > 1:
             raise InvalidRequest(f"{name}: give it at most once")
     return {name: params[name] for name in params}
+
+
+def _page_limit(given: str) -> int:
+    """``?limit=`` of a page of keys, as a number (``page_keys`` checks the range)."""
+    if not given.isascii() or not given.isdigit() or len(given) > 4:
+        raise InvalidRequest(f"limit: a whole number from 1 to {MAX_PAGE_SIZE}")
+    return int(given)
 
 
 def _hours(request: Request) -> int:

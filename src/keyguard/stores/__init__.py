@@ -43,8 +43,8 @@ def open_store(
     Every other store is wrapped in a :class:`CachedStore` of ``cache_ttl``
     seconds (at most ``cache_size`` entries) unless ``cache_ttl`` is 0 or
     ``None``: a change made in another process is then seen within
-    ``cache_ttl`` seconds (at once on Redis, Redis Cluster and PostgreSQL,
-    which announce changes), one made through this store object at once. Raises
+    ``cache_ttl`` seconds (at once on Redis, Redis Cluster and PostgreSQL on
+    asyncpg, which announce changes), one made through this store object at once. Raises
     ``ConfigurationError`` for an unknown scheme or a missing extra.
     """
     if not isinstance(url, str) or "://" not in url:

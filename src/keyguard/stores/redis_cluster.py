@@ -5,8 +5,9 @@ data model, the same Lua scripts, the same record encoding), run on redis-py's
 asyncio ``RedisCluster`` client. What makes it work on a cluster, in short (the
 whole story is in ``docs/redis-store.md``):
 
-* everything of one API is one hash, ``<prefix>{<api>}``: the hash tag puts it
-  in one slot, so every script touches one key of one slot and stays atomic;
+* everything of one API is in one slot: its hash, ``<prefix>{<api>}``, and the keys
+  beside it (listing order, audit sets, usage) all carry the hash tag ``{<api>}``, so
+  every script touches one slot and stays atomic;
 * the index of API names, ``<prefix>apis``, is in a slot of its own and is never
   part of a script: a name is indexed before its hash is created, and readers
   skip a name whose hash does not exist;

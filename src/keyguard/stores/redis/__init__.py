@@ -15,8 +15,15 @@ failure behaviour are documented in ``docs/redis-store.md``; in short:
   (members ``<created_at µs><insertion number><client id>``), kept by the insert and
   delete scripts in their step and rebuilt by the page script for data written
   before it existed (see ``_pages.py``): a page of keys is one ``ZRANGEBYLEX``;
+* each API's audit events are sorted sets in its slot (``<prefix>{<api>}:audit`` and
+  one per key), written by the change's own script, and its usage is one hash per
+  hour (``<prefix>{<api>}:usage:<hour>``);
 * the API names are a sorted set, ``<prefix>apis``, so listing never scans; it is
-  in a slot of its own, so it is written beside the scripts, never in them;
+  in a slot of its own, so it is written beside the scripts, never in them (as is
+  ``<prefix>audit:apis``, the APIs that have audit events);
+* the client id tag key is the string ``<prefix>idtag``, written once with ``SET NX``;
+* every script also publishes its change on ``<prefix>changes`` (the change feed,
+  ``watch``), so other processes' caches drop what it changed at once;
 * the request path (``lookup``) is one ``HMGET``: the API's state, the key
   and its secret hashes in a single round trip;
 * every write that must be atomic (R1 + R2 + R3 with the insert, R3 with a

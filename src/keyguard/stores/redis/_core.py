@@ -96,8 +96,9 @@ class RedisCore(Generic[ClientT]):
 
     :class:`RedisStore` runs it on a standalone ``redis.asyncio.Redis``,
     :class:`~keyguard.stores.redis_cluster.RedisClusterStore` on a
-    ``redis.asyncio.RedisCluster``: every key of one API is one Redis key, so every
-    script touches one slot and works alike on both. Not to be used directly.
+    ``redis.asyncio.RedisCluster``: every Redis key of one API (its hash, its listing
+    order, its audit sets, its usage) carries the API's hash tag, so every script
+    touches one slot and works alike on both. Not to be used directly.
     """
 
     #: What the store is on, for log lines and errors ("Redis at …").

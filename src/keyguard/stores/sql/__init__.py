@@ -19,6 +19,13 @@ How the rules hold across processes (SPEC §3):
   row's own old ``secret_hash``: racing rolls are serialized by the row lock.
 * R6 — client ids (and API names) compare byte for byte: on MariaDB/MySQL
   the tables use a binary, no-pad collation.
+* Listings a page at a time (SPEC §5) are one keyset query each on the index
+  ``(api, created_at, id)``, whatever the API's size.
+* On PostgreSQL (asyncpg) every change also sends a ``pg_notify`` inside its
+  own transaction, and the store is a ``ChangeFeed`` (``LISTEN``), so the
+  caches of other processes drop what it changed at once (SPEC §11;
+  ``_feed.py``). SQLite and MariaDB/MySQL have no feed: their caches are
+  bounded by the TTL alone.
 
 Every driver failure becomes :class:`~keyguard.errors.StoreUnavailable`, with
 the driver's error chained, within a bounded time set by ``timeout``.

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     # and 2.1 (a TypeVarTuple), and no spelling suits both; its columns are Any either way.
     _Row: TypeAlias = Any
 
+from keyguard.stores.sql._direct import DirectReads
 from keyguard.stores.sql._engine import (
     _DIALECTS,
     _USED,
@@ -148,9 +149,12 @@ class _SQLCore:
         """Release the connections of engines this store created; a passed-in one stays open."""
         self._closed = True
         self._current = None  # every call now takes the slow path, which refuses it
+        running = _running_loop()
+        for loop, bound in list(self._by_loop.items()):
+            if loop is running and bound.direct is not None:
+                await bound.direct.aclose()  # kept connections back to the pool
         if self._factory is None:
             return
-        running = _running_loop()
         for loop, bound in list(self._by_loop.items()):
             assert bound.closer is not None
             if loop is running:
@@ -194,9 +198,36 @@ class _SQLCore:
                 raise self._unavailable(exc) from exc
             raise
         # Only reached when the deadline cancelled the attempts.
-        raise StoreUnavailable(
+        raise self._no_answer()
+
+    def _no_answer(self) -> StoreUnavailable:
+        return StoreUnavailable(
             f"SQL store {self.url} unavailable (no answer within {self._timeout:g} s)"
         )
+
+    async def _hot_rows(self, name: str, values: dict[str, Any]) -> list[_Row]:
+        """The rows of the request path's statement ``name`` (an attribute of the schema)
+        with ``values``: on a kept driver connection when one is free (``_direct.py``),
+        else through the pool in a call of its own."""
+        bound, schema = self._current, self._schema
+        if (
+            bound is not None
+            and schema is not None
+            and bound.direct is not None
+            and bound.loop is asyncio.get_running_loop()
+            and bound.direct.usable()
+        ):
+            try:
+                rows = await bound.direct.fetch(name, getattr(schema, name), values, self._timeout)
+            except TimeoutError:
+                raise self._no_answer() from None
+            if rows is not None:
+                return rows
+
+        async def pooled(conn: AsyncConnection, schema: _Schema) -> list[_Row]:
+            return list((await conn.execute(getattr(schema, name), values)).all())
+
+        return await self._run(pooled, write=False)
 
     async def _attempts(
         self,
@@ -275,6 +306,9 @@ class _SQLCore:
                 # while the loop still runs.
                 await closer.asend(None)
             bound = _Bound(loop, engine, self._reader(engine), asyncio.Lock(), closer)
+            direct = DirectReads(engine)
+            if direct.capacity:
+                bound.direct = direct
             self._by_loop[loop] = bound
             for other, stale in list(self._by_loop.items()):
                 if other.is_closed():

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     # and 2.1 (a TypeVarTuple), and no spelling suits both; its columns are Any either way.
     _Row: TypeAlias = Any
 
+    from keyguard.stores.sql._direct import DirectReads
+
 from keyguard.stores.sql._schema import _PREFIX_PATTERN
 
 logger = logging.getLogger("keyguard")
@@ -101,6 +103,8 @@ class _Bound:
     # SQLite: this loop's writers queue here, in order, so that only one of them at a
     # time polls for the file's write lock against other processes (see _begin_immediate).
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The request path's reads on kept driver connections (_direct.py); None: none.
+    direct: DirectReads | None = None
 
 
 async def _close_with_loop(
@@ -112,7 +116,10 @@ async def _close_with_loop(
     try:
         yield
     finally:
-        registry.pop(loop, None)
+        bound = registry.pop(loop, None)
+        if bound is not None and bound.direct is not None:
+            with anyio.move_on_after(patience):
+                await bound.direct.aclose()  # kept connections back to the pool first
         # Polite goodbyes (each connection's close message) for at most ``patience``
         # seconds: a server that does not answer must not hold up the loop's shutdown.
         with anyio.move_on_after(patience) as scope:

@@ -162,23 +162,13 @@ class SQLStore(_SQLCore):
         if not _fits(api, _NAME_LENGTH):
             return False, None
         if client_id is None or not _fits(client_id, _NAME_LENGTH):
-
-            async def exposed_only(conn: AsyncConnection, schema: _Schema) -> bool:
-                result = await conn.execute(schema.lookup_api, {"api": api})
-                return bool(result.scalar())
-
-            return await self._run(exposed_only, write=False), None
-
-        async def exposed_and_key(
-            conn: AsyncConnection, schema: _Schema
-        ) -> tuple[bool, KeyRecord | None]:
-            result = await conn.execute(schema.lookup_key, {"api": api, "client_id": client_id})
-            row = result.first()
-            if row is None:
-                return False, None
-            return bool(row.exposed), None if row.client_id is None else _record(row)
-
-        return await self._run(exposed_and_key, write=False)
+            rows = await self._hot_rows("lookup_api", {"api": api})
+            return bool(rows and rows[0].exposed), None
+        rows = await self._hot_rows("lookup_key", {"api": api, "client_id": client_id})
+        if not rows:
+            return False, None
+        row = rows[0]
+        return bool(row.exposed), None if row.client_id is None else _record(row)
 
     async def get_api(self, api: str) -> Api | None:
         """The API with its key counts, or ``None`` if it was never created."""
@@ -200,28 +190,21 @@ class SQLStore(_SQLCore):
         if not _fits(api, _NAME_LENGTH):
             return None, None
 
-        async def work(
-            conn: AsyncConnection, schema: _Schema
-        ) -> tuple[Api | None, list[KeyRecord] | None]:
-            rows = (
-                await conn.execute(schema.snapshot, {"api": api, "max_keys": int(max_keys)})
-            ).all()
-            if not rows:
-                return None, None
-            first = rows[0]
-            found = Api(
-                name=first.api_name,
-                exposed=bool(first.api_exposed),
-                max_keys_per_kind=first.api_max,
-                internal_keys=first.api_internal,
-                external_keys=first.api_external,
-                rate_limits=load_rate_limits(first.api_rate_limits) or (),
-            )
-            if found.internal_keys + found.external_keys > max_keys:
-                return found, None
-            return found, [_record(row) for row in rows if row.client_id is not None]
-
-        return await self._run(work, write=False)
+        rows = await self._hot_rows("snapshot", {"api": api, "max_keys": int(max_keys)})
+        if not rows:
+            return None, None
+        first = rows[0]
+        found = Api(
+            name=first.api_name,
+            exposed=bool(first.api_exposed),
+            max_keys_per_kind=first.api_max,
+            internal_keys=first.api_internal,
+            external_keys=first.api_external,
+            rate_limits=load_rate_limits(first.api_rate_limits) or (),
+        )
+        if found.internal_keys + found.external_keys > max_keys:
+            return found, None
+        return found, [_record(row) for row in rows if row.client_id is not None]
 
     async def list_apis(self) -> list[Api]:
         """Every API, ordered by name (by code point, as Python sorts), with key counts."""

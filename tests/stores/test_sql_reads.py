@@ -1,0 +1,311 @@
+"""The request path's SQL reads on kept driver connections (``stores/sql/_direct.py``):
+the same answers as through SQLAlchemy, every commit seen at once, and never a wrong or
+stuck answer when a kept connection times out, is cancelled, dies or is closed.
+
+Every SQL backend where it applies; the failure cases on PostgreSQL, whose server can
+show and end a single backend (``pg_terminate_backend`` of this test's own connection:
+the shared server is not disturbed) and lock a table of the test's own prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from keyguard.errors import StoreUnavailable
+from keyguard.models import KeyChanges, KeyKind, RateLimit, utcnow
+from keyguard.stores.sql import SQLStore
+from keyguard.stores.sql._direct import KEPT, DirectReads
+from tests.backends.sql import SQL_BACKENDS, open_sql_test_store
+from tests.helpers import expose, record
+
+pytestmark = pytest.mark.anyio
+
+
+def direct(store: SQLStore) -> DirectReads:
+    """The running loop's kept connections of ``store`` (after a first call)."""
+    bound = store._current
+    assert bound is not None, "no direct reads on this store"
+    assert bound.direct is not None, "no direct reads on this store"
+    return bound.direct
+
+
+@contextmanager
+def listening(engine: AsyncEngine) -> Iterator[list[str]]:
+    """Statements ``engine`` runs through SQLAlchemy while the block runs (a listener on
+    the engine also sends the hot reads that way)."""
+    sent: list[str] = []
+
+    def listener(*args: Any) -> None:
+        sent.append(args[2])
+
+    event.listen(engine.sync_engine, "before_cursor_execute", listener)
+    try:
+        yield sent
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", listener)
+
+
+async def full_key(store: SQLStore) -> str:
+    """A key with every column set (an expiry, meta, limits, a previous secret in its
+    grace period, a last use), of an API with limits: what the result processing sees."""
+    await expose(store)
+    await store.upsert_api(
+        "orders",
+        exposed=None,
+        max_keys_per_kind=None,
+        default_max_keys_per_kind=5,
+        rate_limits=(RateLimit(100, "minute"),),
+    )
+    rec = record(kind=KeyKind.EXTERNAL, secret_hash="$pbkdf2-sha256$1$old", name="Straße ✓")
+    await store.insert_key(rec)
+    soon = utcnow() + timedelta(days=3, microseconds=123)
+    await store.update_key(
+        "orders",
+        rec.client_id,
+        KeyChanges(
+            expires_at=soon,
+            meta={"tier": "gold", "n": [1, 2]},
+            rate_limits=(RateLimit(5, "second"), RateLimit(1000, "day")),
+        ),
+    )
+    await store.set_secret_hash(
+        "orders", rec.client_id, "$pbkdf2-sha256$1$new", previous_until=soon
+    )
+    return rec.client_id
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_hot_reads_answer_as_sqlalchemy_does(backend: str, tmp_path: Path) -> None:
+    """lookup and snapshot on a kept connection return exactly what the same statements
+    return through SQLAlchemy: every column, processed the same way (aware UTC datetimes
+    to the microsecond, booleans, JSON text)."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        client_id = await full_key(store)
+        unknown = record().client_id
+        calls = [
+            ("lookup", ("orders", client_id)),
+            ("lookup", ("orders", None)),
+            ("lookup", ("orders", unknown)),
+            ("lookup", ("nobody", client_id)),
+        ]
+        fast = [await store.lookup(*args) for _, args in calls]
+        fast_snapshot = await store.snapshot("orders", max_keys=10)
+        served = direct(store).served
+        assert served >= len(calls) + 1
+        with listening(store.engine) as sent:
+            slow = [await store.lookup(*args) for _, args in calls]
+            slow_snapshot = await store.snapshot("orders", max_keys=10)
+        assert len(sent) == len(calls) + 1  # through SQLAlchemy this time, one statement each
+        assert direct(store).served == served
+        assert fast == slow
+        assert fast_snapshot == slow_snapshot
+        exposed, found = fast[0]
+        assert exposed is True
+        assert found is not None
+        assert found.expires_at is not None
+        assert found.expires_at.utcoffset() == timedelta(0)
+        assert found.meta == {"tier": "gold", "n": (1, 2)}  # frozen
+        assert found.previous_secret_hash == "$pbkdf2-sha256$1$old"
+        assert found.name == "Straße ✓"
+        assert found.rate_limits == (RateLimit(5, "second"), RateLimit(1000, "day"))
+        api, records = fast_snapshot
+        assert api is not None
+        assert api.rate_limits == (RateLimit(100, "minute"),)
+        assert records == [found]
+        assert fast[1:] == [(True, None), (True, None), (False, None)]
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_a_commit_elsewhere_is_seen_by_the_next_read(backend: str, tmp_path: Path) -> None:
+    """Kept connections read in autocommit: a change committed by another engine (another
+    process) is seen by the very next lookup, every time — never a snapshot held from an
+    earlier read (MariaDB's REPEATABLE READ, a transaction left open)."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        other = SQLStore(
+            create_async_engine(store.engine.url, hide_parameters=True),
+            table_prefix=store.table_prefix,
+        )
+        try:
+            for round_ in range(4):
+                enabled = round_ % 2 == 1
+                await other.update_key("orders", rec.client_id, KeyChanges(enabled=enabled))
+                _, found = await store.lookup("orders", rec.client_id)
+                assert found is not None, round_
+                assert found.enabled is enabled, round_
+                await other.upsert_api(
+                    "orders",
+                    exposed=enabled,
+                    max_keys_per_kind=None,
+                    default_max_keys_per_kind=5,
+                )
+                assert (await store.lookup("orders", None))[0] is enabled, round_
+                found_api, _ = await store.snapshot("orders", max_keys=10)
+                assert found_api is not None, round_
+                assert found_api.exposed is enabled, round_
+            assert direct(store).served >= 12
+        finally:
+            await other.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_concurrent_reads_beyond_the_kept_connections(backend: str, tmp_path: Path) -> None:
+    """More reads at once than kept connections: each is answered (the rest through the
+    pool), right, and no more than ``KEPT`` connections are ever kept."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        recs = [record(name=f"Key {i}", offset=i) for i in range(5)]
+        for rec in recs:
+            await store.insert_key(rec)
+        answers: dict[int, Any] = {}
+
+        async def read(i: int) -> None:
+            answers[i] = await store.lookup("orders", recs[i % 5].client_id)
+
+        async with anyio.create_task_group() as group:
+            for i in range(40):
+                group.start_soon(read, i)
+        for i, (exposed, found) in answers.items():
+            assert exposed is True
+            assert found is not None
+            assert found.client_id == recs[i % 5].client_id
+        assert len(answers) == 40
+        assert 1 <= direct(store).kept <= KEPT
+
+
+async def test_a_small_pool_keeps_no_connection(tmp_path: Path) -> None:
+    """A pool of one connection is not halved: nothing is kept, reads go through it."""
+    async with open_sql_test_store("sqlite", tmp_path, pool_size=1, max_overflow=0) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        assert (await store.lookup("orders", rec.client_id))[1] == rec
+        bound = store._current
+        assert bound is not None
+        assert bound.direct is None
+        await store.update_key("orders", rec.client_id, KeyChanges(name="Renamed"))
+        _, found = await store.lookup("orders", rec.client_id)
+        assert found is not None
+        assert found.name == "Renamed"
+
+
+# -- failures (PostgreSQL) -------------------------------------------------------------------
+
+
+def backend_pids(store: SQLStore) -> set[int]:
+    """The server pids of ``store``'s idle kept connections."""
+    pids = set()
+    for kept in direct(store)._idle:
+        pids.add(int(kept.driver.get_server_pid()))
+    return pids
+
+
+async def test_a_kept_connection_killed_costs_no_error() -> None:
+    """The server ends a kept connection (a restart, an idle timeout): the next read is
+    still answered — through the pool, which reconnects — and later reads keep a new one."""
+    async with open_sql_test_store("postgres", Path()) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        await store.lookup("orders", rec.client_id)
+        pids = backend_pids(store)
+        assert pids
+        admin = create_async_engine(store.engine.url)
+        try:
+            async with admin.connect() as conn:
+                for pid in pids:
+                    await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            for _ in range(3):
+                assert (await store.lookup("orders", rec.client_id))[1] == rec
+            assert not pids & backend_pids(store)
+            assert direct(store).kept >= 1
+        finally:
+            await admin.dispose()
+
+
+async def test_a_read_past_the_timeout_is_503_and_cuts_its_connection() -> None:
+    """A read held by a lock past the store's timeout raises StoreUnavailable on time; its
+    connection is cut (not reused mid-statement), and reads after the lock work."""
+    async with open_sql_test_store("postgres", Path(), timeout=0.5) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        await store.lookup("orders", rec.client_id)
+        pids = backend_pids(store)
+        locker = create_async_engine(store.engine.url)
+        try:
+            async with locker.connect() as conn:
+                await conn.execute(
+                    text(f"LOCK TABLE {store.table_prefix}keys IN ACCESS EXCLUSIVE MODE")
+                )
+                with pytest.raises(StoreUnavailable, match=r"no answer within 0\.5 s"):
+                    await store.lookup("orders", rec.client_id)
+                await conn.rollback()
+            assert (await store.lookup("orders", rec.client_id))[1] == rec
+            assert pids - backend_pids(store)  # the held one is gone
+        finally:
+            await locker.dispose()
+
+
+async def test_a_cancelled_read_leaves_no_connection_mid_statement() -> None:
+    """A read cancelled while the server works on it (its client gone) drops that
+    connection: the next reads are answered, right, on connections in a clean state."""
+    async with open_sql_test_store("postgres", Path()) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        await store.lookup("orders", rec.client_id)
+        locker = create_async_engine(store.engine.url)
+        try:
+            async with locker.connect() as conn:
+                await conn.execute(
+                    text(f"LOCK TABLE {store.table_prefix}keys IN ACCESS EXCLUSIVE MODE")
+                )
+                with anyio.move_on_after(0.3) as scope:
+                    await store.lookup("orders", rec.client_id)
+                assert scope.cancelled_caught
+                await conn.rollback()
+            for _ in range(2 * KEPT + 1):
+                assert (await store.lookup("orders", rec.client_id))[1] == rec
+            assert 1 <= direct(store).kept <= KEPT
+        finally:
+            await locker.dispose()
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_closing_the_store_returns_kept_connections(backend: str, tmp_path: Path) -> None:
+    """``aclose`` gives the kept connections back before the engine goes: on an engine the
+    application passed in (which the store does not dispose), none stays checked out."""
+    async with open_sql_test_store(backend, tmp_path) as owner:
+        await expose(owner)
+        rec = record()
+        await owner.insert_key(rec)
+        engine = create_async_engine(owner.engine.url, hide_parameters=True)
+        store = SQLStore(engine, table_prefix=owner.table_prefix)
+        try:
+            await store.lookup("orders", rec.client_id)  # bound, tables known: the fast path
+            async with anyio.create_task_group() as group:
+                for _ in range(4):
+                    group.start_soon(store.lookup, "orders", rec.client_id)
+            reads = direct(store)
+            assert reads.kept >= 1
+            pool: Any = engine.sync_engine.pool
+            assert pool.checkedout() >= reads.kept
+            await store.aclose()
+            assert reads.kept == 0
+            assert pool.checkedout() == 0
+            with pytest.raises(StoreUnavailable):
+                await store.lookup("orders", rec.client_id)
+        finally:
+            await engine.dispose()
