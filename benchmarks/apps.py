@@ -7,9 +7,13 @@ so the difference to the bare app is the cost of the check alone.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 from starlette.applications import Starlette
 from starlette.authentication import (
@@ -67,6 +71,126 @@ class Floor:
 
 def floor(credentials: Credentials) -> ASGIApp:
     return Floor(bare(), credentials)
+
+
+class FloorKey(NamedTuple):
+    """What the spec floor keeps per key: the SHA-256 of its secret (``None``: id only),
+    its lifecycle fields, and the object the app is given."""
+
+    digest: bytes | None
+    enabled: bool
+    expires_at: float | None  # a time.time() instant
+    info: object
+
+
+_REPEATED = [
+    {
+        "type": "http.response.start",
+        "status": 400,
+        "headers": [(b"content-type", b"application/json"), (b"cache-control", b"no-store")],
+    },
+    {"type": "http.response.body", "body": b'{"httpCode": "400"}'},
+]
+_REFUSED = [
+    {
+        "type": "http.response.start",
+        "status": 401,
+        "headers": [(b"content-type", b"application/json"), (b"cache-control", b"no-store")],
+    },
+    {"type": "http.response.body", "body": b'{"httpCode": "401"}'},
+]
+
+
+class SpecFloor:
+    """The spec floor: the least hand-written pure-ASGI check doing the work SPEC §4, §8
+    and §10 ask of a request whose key is at hand (a cache hit).
+
+    It counts the credential headers (a repeat is refused), takes blank values as
+    absent, awaits one lookup (an ``async def`` answering from a dict), compares the
+    SHA-256 of the secret with the digest remembered for the key
+    (``hmac.compare_digest``), checks ``enabled`` and the expiry, counts the request
+    (a dict increment), sets the key's info in the request's own state dict, and strips
+    the secret header from a copy of the scope. What it leaves out against keyguard:
+    configuration (header names, excluded paths, query credentials, ``api=`` callables),
+    the client id's shape and tag check, the API's exposed state, distinct refusal
+    bodies, websockets, metrics and rate limits.
+    """
+
+    def __init__(self, app: ASGIApp, keys: dict[str, FloorKey]) -> None:
+        self.app = app
+        self.keys = keys
+        self.usage: dict[str, int] = {}
+
+    async def lookup(self, client_id: str) -> FloorKey | None:
+        return self.keys.get(client_id)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client_id = None
+        secret_pair = None
+        ids = secrets = 0
+        for pair in scope["headers"]:
+            name = pair[0]
+            if name == ID_HEADER:
+                ids += 1
+                client_id = pair[1]
+            elif name == SECRET_HEADER:
+                secrets += 1
+                secret_pair = pair
+        if ids > 1 or secrets > 1:
+            await _send_all(send, _REPEATED)
+            return
+        client_id_text = client_id.decode("latin-1").strip() if client_id else None
+        secret = secret_pair[1].decode("latin-1").strip() if secret_pair else None
+        if not client_id_text:
+            await _send_all(send, _REFUSED)
+            return
+        key = await self.lookup(client_id_text)
+        if (
+            key is None
+            or (
+                not hmac.compare_digest(key.digest, hashlib.sha256(secret.encode()).digest())
+                if key.digest is not None and secret
+                else key.digest is not None or bool(secret)
+            )
+            or not key.enabled
+            or (key.expires_at is not None and key.expires_at <= time.time())
+        ):
+            await _send_all(send, _REFUSED)
+            return
+        usage = self.usage
+        usage[client_id_text] = usage.get(client_id_text, 0) + 1
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["keyguard"] = key.info
+        if secret_pair is not None:
+            scope = dict(scope)
+            headers = list(scope["headers"])
+            headers.remove(secret_pair)
+            scope["headers"] = headers
+        await self.app(scope, receive, send)
+
+
+async def _send_all(send: Send, messages: list[Any]) -> None:
+    for message in messages:
+        await send(message)
+
+
+def spec_floor(credentials: Credentials) -> ASGIApp:
+    """The spec floor (:class:`SpecFloor`) over ``credentials``, keys enabled, no expiry."""
+    keys = {
+        client_id.decode(): FloorKey(
+            None if secret is None else hashlib.sha256(secret).digest(),
+            True,
+            None,
+            {"client_id": client_id.decode(), "created_at": datetime.now()},
+        )
+        for client_id, secret in credentials.items()
+    }
+    return SpecFloor(bare(), keys)
 
 
 class _DictBackend(AuthenticationBackend):

@@ -501,3 +501,31 @@ def test_manifest_ids_are_legacy_shaped() -> None:
     ids = [key["client_id"] for api in manifest()["apis"] for key in api["keys"]]
     assert ids
     assert all(len(cid) == LEGACY_CLIENT_ID_LENGTH and could_be_client_id(cid) for cid in ids)
+
+
+async def test_a_verified_id_is_remembered_and_made_up_ids_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An id whose tag verified costs no HMAC the next time (for the same API only); ids
+    whose tag fails are never remembered, so a flood of them cannot fill the memory."""
+    store = MemoryStore()
+    manager = KeyManager(store)
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Acme", kind="external")
+    tags = IdTags(store)
+    assert await tags.worth_a_read("orders", key.client_id)
+    for _ in range(1000):
+        assert not await tags.worth_a_read("orders", made_up_tagged())
+    assert tags.verified == {key.client_id: "orders"}
+    computed: list[str] = []
+    real = client_id_tag
+
+    def spy(tag_key: bytes, api: str, random_part: str) -> str:
+        computed.append(api)
+        return real(tag_key, api, random_part)
+
+    monkeypatch.setattr("keyguard.idtags.client_id_tag", spy)
+    assert tags.plausible("orders", key.client_id) is True
+    assert computed == []
+    assert tags.plausible("billing", key.client_id) is False  # another API: computed, fails
+    assert computed == ["billing"]

@@ -107,7 +107,7 @@ def test_the_counter_matches_the_moving_window_model(gaps: list[float], chosen: 
             assert wait >= 1
             assert model_admits(admitted, limits, now + wait)
             if wait > 1:
-                assert not model_admits(admitted, limits, now + wait - 1)
+                assert not model_admits(admitted, limits, now + (wait - 1))
         left = [
             (
                 limit.limit - sum(1 for t in admitted if now - PERIODS[limit.per] < t),

@@ -359,3 +359,51 @@ async def test_counter_storage_killed_fails_closed_with_503(
             back = await http.get("/", headers={ID: limited.client_id})
         await limiter.aclose()
     assert back.status_code == 200
+
+
+async def test_counts_beyond_the_preformatted_values_are_written_out(manager: KeyManager) -> None:
+    """X-RateLimit-Remaining is right across the table of ready-made values (0-1023) and
+    past it, and two keys with different limits each get their own X-RateLimit-Limit."""
+    big = await manager.create_key("orders", name="Big", kind="external", rate_limits=["1025/hour"])
+    small = await manager.create_key(
+        "orders", name="Small", kind="external", rate_limits=["2/hour"]
+    )
+    async with client(app_for(manager.store)) as http:
+        remaining = []
+        for _ in range(3):
+            response = await http.get("/", headers={ID: big.client_id})
+            assert response.headers["x-ratelimit-limit"] == "1025"
+            remaining.append(response.headers["x-ratelimit-remaining"])
+        other = await http.get("/", headers={ID: small.client_id})
+    assert remaining == ["1024", "1023", "1022"]
+    assert other.headers["x-ratelimit-limit"] == "2"
+    assert other.headers["x-ratelimit-remaining"] == "1"
+
+
+async def test_a_subclass_hit_is_always_awaited_even_on_memory(manager: KeyManager) -> None:
+    """A RateLimiter subclass with its own ``hit`` is called for every check: the in-process
+    shortcut (``hit_now``) is only the base class's."""
+    key = await manager.create_key("orders", name="Acme", kind="external", rate_limits=["5/hour"])
+    limiter = CountingLimiter()
+    assert limiter.hit_now("orders", key.client_id, key.rate_limits or ()) is None
+    async with client(app_for(manager.store, rate_limiter=limiter)) as http:
+        statuses = [
+            (await http.get("/", headers={ID: key.client_id})).status_code for _ in range(6)
+        ]
+    assert statuses == [200] * 5 + [429]
+    assert limiter.checks == 6
+
+
+async def test_an_api_limit_change_applies_at_once_on_a_memory_store(manager: KeyManager) -> None:
+    """On a memory store the API's limits are read from the store itself on every request:
+    a change takes effect on the very next request (no second of remembered limits)."""
+    key = await manager.create_key("orders", name="Acme", kind="external")
+    async with client(app_for(manager.store)) as http:
+        first = await http.get("/", headers={ID: key.client_id})
+        await manager.update_api("orders", rate_limits=["1/hour"])
+        second = await http.get("/", headers={ID: key.client_id})
+        third = await http.get("/", headers={ID: key.client_id})
+    assert "x-ratelimit-limit" not in first.headers
+    assert second.status_code == 200
+    assert second.headers["x-ratelimit-remaining"] == "0"
+    assert third.status_code == 429

@@ -40,6 +40,8 @@ from keyguard.stores.base import ID_TAG_KEY_BYTES, IdTagKeys
 
 __all__ = ["IdTags", "tag_key_source"]
 
+_MAX_VERIFIED = 10_000  # ids remembered as verified, then forgotten all at once
+
 
 def tag_key_source(store: object) -> IdTagKeys | None:
     """Where ``store``'s tag key comes from: the store itself, or the store a wrapper such
@@ -57,11 +59,16 @@ class IdTags:
     read fails; the next call tries again) and kept for the object's lifetime.
     """
 
-    __slots__ = ("_key", "_source")
+    __slots__ = ("_key", "_source", "verified")
 
     def __init__(self, store: object) -> None:
         self._source = tag_key_source(store)
         self._key: bytes | None = None
+        self.verified: dict[str, str] = {}
+        """Ids whose tag verified, with their API (read it first: ``verified.get(id) ==
+        api`` needs no call). An HMAC costs more than the rest of a cache hit together,
+        and a caller sends the same id again and again. Only ids that verify are kept,
+        so made-up ids (which never do) cannot fill it."""
 
     def __repr__(self) -> str:
         state = "no tag key" if self._source is None else "tag key hidden"
@@ -82,6 +89,27 @@ class IdTags:
         key = await self._load()
         return new_client_id(key, api) if key is not None else new_client_id()
 
+    def plausible(self, api: str, client_id: str) -> bool | None:
+        """:meth:`worth_a_read` without waiting: ``None`` only while the store's tag key has
+        not been read yet (then await ``worth_a_read``, which reads it)."""
+        if self.verified.get(client_id) == api:
+            return True
+        if not could_be_client_id(client_id):
+            return False
+        if len(client_id) == LEGACY_CLIENT_ID_LENGTH:
+            return True
+        key = self._key
+        if key is None:
+            return True if self._source is None else None
+        expected = client_id_tag(key, api, client_id[:LEGACY_CLIENT_ID_LENGTH])
+        if not hmac.compare_digest(expected.encode(), client_id[LEGACY_CLIENT_ID_LENGTH:].encode()):
+            return False
+        verified = self.verified
+        if len(verified) >= _MAX_VERIFIED:
+            verified.clear()
+        verified[client_id] = api
+        return True
+
     async def worth_a_read(self, api: str, client_id: str) -> bool:
         """Whether the store could hold a key ``client_id`` of ``api``, without asking it.
 
@@ -89,16 +117,11 @@ class IdTags:
         and for a tagged-length id whose tag does not verify for ``api`` (compared in
         constant time); ``True`` for an id whose tag verifies, for a legacy id (32 hex
         characters, issued before tags) and, on a store without a tag key, for any
-        well-formed id.
+        well-formed id. An id that verified once is remembered (10,000 of them at most),
+        so a caller's repeat requests cost a dict lookup, not an HMAC.
         """
-        if not could_be_client_id(client_id):
-            return False
-        if len(client_id) == LEGACY_CLIENT_ID_LENGTH:
-            return True
-        key = self._key
-        if key is None:
-            key = await self._load()
-            if key is None:
-                return True
-        expected = client_id_tag(key, api, client_id[:LEGACY_CLIENT_ID_LENGTH])
-        return hmac.compare_digest(expected.encode(), client_id[LEGACY_CLIENT_ID_LENGTH:].encode())
+        found = self.plausible(api, client_id)
+        if found is None:
+            await self._load()
+            found = self.plausible(api, client_id)
+        return bool(found)

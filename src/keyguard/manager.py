@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -134,6 +134,12 @@ class KeyManager:
         )
         self._verify_deadline = store_timeout(store)
         self._tags = IdTags(store)
+        self.api_rate_limits_now: Callable[[str], tuple[RateLimit, ...] | None] = (
+            self._cached_rate_limits or self._remembered_api_limits
+        )
+        """``api``'s own rate limits where no store read is needed, else ``None`` (then
+        await :meth:`rate_limits_for`): the store's own reader where it has one (a cache,
+        a memory store), else what was read in the last second. For the request path."""
 
     def __repr__(self) -> str:
         return f"KeyManager({self.store!r}, max_keys_per_kind={self.max_keys_per_kind})"
@@ -536,9 +542,49 @@ class KeyManager:
         callers' verifications. A verification that cannot start within the
         store's timeout raises ``VerificationBusy`` (a ``StoreUnavailable``),
         as may the lookup itself.
+
+        The three steps, for a caller that counts its awaits (the middleware):
+        ``exposed, record = await lookup(api, client_id)``, then
+        ``judge(client_id, secret, exposed, record)``, then, only where that
+        answered ``None``, ``await verified(client_id, secret, record)``.
         """
-        plausible = client_id is not None and await self._tags.worth_a_read(api, client_id)
-        exposed, record = await self.store.lookup(api, client_id if plausible else None)
+        exposed, record = await self.lookup(api, client_id)
+        result = self.judge(client_id, secret, exposed, record)
+        if result is None:
+            result = await self.verified(client_id, secret, record)
+        return result
+
+    def lookup(self, api: str, client_id: str | None) -> Awaitable[tuple[bool, KeyRecord | None]]:
+        """The request's one store lookup: ``(exposed, record)``, the key looked up only
+        when ``client_id`` could be one of ``api``'s (:mod:`keyguard.idtags`).
+
+        Not a coroutine function: it hands back the store's own awaitable (no frame of
+        its own) once the store's tag key has been read, and an id seen before costs no
+        HMAC."""
+        if client_id is None:
+            return self.store.lookup(api, None)
+        tags = self._tags
+        plausible = tags.verified.get(client_id) == api or tags.plausible(api, client_id)
+        if plausible is None:
+            return self._lookup_reading_tag_key(api, client_id)
+        return self.store.lookup(api, client_id if plausible else None)
+
+    async def _lookup_reading_tag_key(
+        self, api: str, client_id: str
+    ) -> tuple[bool, KeyRecord | None]:
+        plausible = await self._tags.worth_a_read(api, client_id)
+        return await self.store.lookup(api, client_id if plausible else None)
+
+    def judge(
+        self,
+        client_id: str | None,
+        secret: str | None,
+        exposed: bool,
+        record: KeyRecord | None,
+    ) -> KeyInfo | Denial | None:
+        """SPEC §4's checks on ``lookup``'s answer, where they need no hashing: the key, or
+        why not; ``None`` when the secret needs a verification (then await
+        :meth:`verified`). A secret that verified before is checked by its SHA-256."""
         if not exposed:
             return Denial.API_NOT_AVAILABLE
         if client_id is None:
@@ -546,21 +592,47 @@ class KeyManager:
         if record is None:
             return Denial.CLIENT_ID_NOT_REGISTERED
         stored_hash = record.secret_hash
-        deadline = self._verify_deadline
         if stored_hash is None:
             if secret is not None:
-                await self.hasher.verify(client_id, secret, None, deadline=deadline)
-                self.hasher.failed(client_id)
-                return Denial.INVALID_SECRET
+                return None  # a secret to a secretless key: one (dummy) verification
         elif secret is None:
             return Denial.INVALID_SECRET
-        elif not (
-            self.hasher.remembered(client_id, secret, stored_hash)
-            or await self.hasher.verify(client_id, secret, stored_hash, deadline=deadline)
+        elif not self.hasher.remembered(client_id, secret, stored_hash):
+            return None
+        # _standing(record), inline: this is every admitted request.
+        if not record.enabled:
+            return Denial.DISABLED
+        if record.expires_at is not None and record.expires_at <= utcnow():
+            return Denial.EXPIRED
+        memo = self._infos.get(client_id)
+        if memo is not None and memo[0] is record:
+            return memo[1]
+        return self._info(record)
+
+    async def verified(
+        self, client_id: str | None, secret: str | None, record: KeyRecord | None
+    ) -> KeyInfo | Denial:
+        """:meth:`judge`'s answer where it needed a verification of ``secret`` (against the
+        key's hash, its previous secret's in a grace period, or a dummy hash for a key
+        without a secret); a failure is counted against the id."""
+        if client_id is None or secret is None or record is None:
+            raise ValueError("verified() follows a judge() that answered None")
+        stored_hash = record.secret_hash
+        deadline = self._verify_deadline
+        if stored_hash is None:
+            await self.hasher.verify(client_id, secret, None, deadline=deadline)
+            self.hasher.failed(client_id)
+            return Denial.INVALID_SECRET
+        if not (
+            await self.hasher.verify(client_id, secret, stored_hash, deadline=deadline)
             or await self._verify_previous(record, client_id, secret)
         ):
             self.hasher.failed(client_id)
             return Denial.INVALID_SECRET
+        return self._standing(record)
+
+    def _standing(self, record: KeyRecord) -> KeyInfo | Denial:
+        """The key's info if it is enabled and not expired, else why not (SPEC §8)."""
         if not record.enabled:
             return Denial.DISABLED
         if record.expires_at is not None and record.expires_at <= utcnow():
@@ -578,11 +650,15 @@ class KeyManager:
             client_id, secret, previous, deadline=self._verify_deadline
         )
 
-    async def rate_limits_for(self, api: str, key: KeyInfo) -> tuple[RateLimit, ...]:
-        """The rate limits that apply to ``key`` of ``api`` (SPEC §9): its own, else the
-        API's. Read from the cache's snapshot ``authenticate`` just used where there is
-        one; otherwise from the API, remembered for a second (one read per API per
-        second at most)."""
+    def _remembered_api_limits(self, api: str) -> tuple[RateLimit, ...] | None:
+        memo = self._api_limits.get(api)
+        if memo is not None and memo[0] > time.monotonic():
+            return memo[1]
+        return None
+
+    def known_rate_limits(self, api: str, key: KeyInfo) -> tuple[RateLimit, ...] | None:
+        """:meth:`rate_limits_for` where it needs no store read, else ``None`` (then await
+        ``rate_limits_for``): the request path's common case, without an ``await``."""
         if key.rate_limits is not None:
             return key.rate_limits
         cached = self._cached_rate_limits
@@ -590,10 +666,17 @@ class KeyManager:
             limits = cached(api)
             if limits is not None:
                 return limits
+        return self._remembered_api_limits(api)
+
+    async def rate_limits_for(self, api: str, key: KeyInfo) -> tuple[RateLimit, ...]:
+        """The rate limits that apply to ``key`` of ``api`` (SPEC §9): its own, else the
+        API's. Read from the cache's snapshot ``authenticate`` just used where there is
+        one (or from a memory store itself); otherwise from the API, remembered for a
+        second (one read per API per second at most)."""
+        known = self.known_rate_limits(api, key)
+        if known is not None:
+            return known
         now = time.monotonic()
-        memo = self._api_limits.get(api)
-        if memo is not None and memo[0] > now:
-            return memo[1]
         found = await self.store.get_api(api)
         limits = () if found is None else found.rate_limits
         if len(self._api_limits) >= _MAX_MEMO:

@@ -68,6 +68,7 @@ __all__ = [
     "STORE_UNAVAILABLE",
     "UNKNOWN_API",
     "count_lookup",
+    "counts",
     "request_counter",
     "store_name",
     "timed_store",
@@ -250,6 +251,12 @@ def _records(provider: MeterProvider) -> bool:
 
 def _no_request(api: str | None, outcome: str | Denial) -> None:
     """Metrics off: nothing to record."""
+
+
+def counts(count: Callable[[str | None, str | Denial], None]) -> bool:
+    """Whether ``count``, from :func:`request_counter`, records anything (so that the
+    busiest path may skip calling a no-op)."""
+    return count is not _no_request
 
 
 class _RequestCounter:

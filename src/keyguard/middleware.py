@@ -2,9 +2,9 @@
 
 Pure ASGI. Options are validated and responses precomputed in ``__init__``
 so that ``__call__`` does one pass over the headers, one store lookup through
-``KeyManager.authenticate`` (usually answered by the store's cache), for a key
-with rate limits one hit of its counters (SPEC §9), one increment of the
-in-memory usage counts (SPEC §10) and, when a secret must be stripped, one
+``KeyManager`` (``authenticate``'s steps; usually answered by the store's cache),
+for a key with rate limits one hit of its counters (SPEC §9), one increment of
+the in-memory usage counts (SPEC §10) and, when a secret must be stripped, one
 scope copy.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Literal
 from urllib.parse import parse_qsl, unquote
 
@@ -23,7 +23,7 @@ from keyguard import metrics
 from keyguard.errors import ApiNotFound, ConfigurationError, InvalidRequest
 from keyguard.manager import Denial, KeyManager
 from keyguard.models import API_NAME_PATTERN, KeyInfo, validate_api_name
-from keyguard.ratelimit import RateLimiter, RateLimiterUnavailable, Verdict
+from keyguard.ratelimit import RateLimiter, RateLimiterUnavailable, VerdictTuple
 from keyguard.secrets import SecretHasher, VerificationBusy
 from keyguard.stores.base import KeyStore
 from keyguard.usage import DEFAULT_USAGE_FLUSH, UsageRecorder, check_usage_flush
@@ -86,16 +86,31 @@ _STORE_UNAVAILABLE = _refusal(503, _UNAVAILABLE)
 _TOO_MANY = _refusal(429, _RATE_LIMITED)
 
 
-def _rate_headers(verdict: Verdict) -> list[tuple[bytes, bytes]]:
-    return [
-        (b"x-ratelimit-limit", str(verdict.limit).encode()),
-        (b"x-ratelimit-remaining", str(verdict.remaining).encode()),
-    ]
+_RATE_LIMIT = b"x-ratelimit-limit"
+_RATE_REMAINING = b"x-ratelimit-remaining"
+# Header values of the small numbers, made once: most requests of a rate-limited key
+# find theirs here rather than formatting it.
+_NUMBERS = tuple(b"%d" % n for n in range(1024))
+_RATE_LIMIT_PAIRS: dict[int, tuple[bytes, bytes]] = {}
 
 
-def _too_many(verdict: Verdict) -> _Refusal:
+def _rate_limit_pair(limit: int) -> tuple[bytes, bytes]:
+    """The ``X-RateLimit-Limit`` header of ``limit``, kept for the next request."""
+    if len(_RATE_LIMIT_PAIRS) >= 1024:
+        _RATE_LIMIT_PAIRS.clear()
+    pair = _RATE_LIMIT_PAIRS[limit] = (_RATE_LIMIT, b"%d" % limit)
+    return pair
+
+
+def _too_many(limit: int, remaining: int, retry_after: int) -> _Refusal:
+    """The 429 of a limit used up: ``Retry-After``, and the headers of every response to a
+    rate-limited key."""
     status, headers, body, close = _TOO_MANY
-    extra = [(b"retry-after", str(verdict.retry_after).encode()), *_rate_headers(verdict)]
+    extra = [
+        (b"retry-after", b"%d" % retry_after),
+        _RATE_LIMIT_PAIRS.get(limit) or _rate_limit_pair(limit),
+        (_RATE_REMAINING, b"%d" % remaining),
+    ]
     return status, [*headers, *extra], body, close
 
 
@@ -183,6 +198,7 @@ class KeyGuard:
         usage_store = self.manager.store
         self.usage = None if interval is None else UsageRecorder(usage_store, interval=interval)
         self.rate_limiter = _rate_limiter(store, rate_limiter, rate_limit_fail)
+        self._api_rate_limits_now = self.manager.api_rate_limits_now
         self._told_per_process = not self.rate_limiter.local
         if callable(api):
             self._api_name: str | None = None
@@ -211,6 +227,8 @@ class KeyGuard:
                 exact.add(path)
         self._exclude_exact = frozenset(exact)
         self._exclude_prefixes = tuple(prefixes)
+        # Whether any request can pass without credentials (else that check is skipped).
+        self._screening = bool(exact or prefixes or self._preflight)
         self._refusals: dict[str, _ApiRefusals] = {}
         self._last_failure_warning = -float(FAILURE_LOG_INTERVAL)
         self._not_found_warned: dict[str, float] = {}
@@ -218,6 +236,7 @@ class KeyGuard:
             self._refusals[self._api_name] = _ApiRefusals(self._api_name)
         # keyguard.requests, one call per decided request; a no-op when metrics are off.
         self._count = metrics.request_counter(self._api_name)
+        self._counting = metrics.counts(self._count)  # admitted requests skip a no-op call
 
     def __repr__(self) -> str:
         api = self._api_name if self._api_func is None else self._api_func
@@ -241,16 +260,7 @@ class KeyGuard:
                     receive = self.usage.flushing_on_shutdown(receive)
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        root_path = scope.get("root_path")
-        if root_path and path.startswith(root_path):
-            # The path the app routes on, as Starlette's router sees it.
-            path = path[len(root_path) :] or "/"
-        if (
-            path in self._exclude_exact
-            or (self._exclude_prefixes and self._excluded_prefix(path))
-            or (self._preflight and scope.get("method") == "OPTIONS" and _is_preflight(scope))
-        ):
+        if self._screening and self._passes_unchecked(scope):
             await self.app(self._stripped(scope) if self._strip else scope, receive, send)
             return
 
@@ -293,8 +303,13 @@ class KeyGuard:
             self._count(None, metrics.API_NOT_AVAILABLE)
             await _refuse(scope, receive, send, _API_NOT_AVAILABLE)
             return
+        # KeyManager.authenticate, step by step: one await (the store's) on a cache hit.
+        manager = self.manager
         try:
-            result = await self.manager.authenticate(api, client_id_text, secret_text)
+            exposed, record = await manager.lookup(api, client_id_text)
+            result = manager.judge(client_id_text, secret_text, exposed, record)
+            if result is None:
+                result = await manager.verified(client_id_text, secret_text, record)
         except Exception as exc:
             self._count(api, metrics.STORE_UNAVAILABLE)
             await self._unavailable(scope, receive, send, exc)
@@ -315,31 +330,40 @@ class KeyGuard:
         if state is None:
             state = scope["state"] = {}
         state["keyguard"] = result
+        # Read without an await where no store read is needed (the key's own limits, a
+        # cache's snapshot, a memory store), as is the verdict of an in-process counter.
+        verdict: VerdictTuple | None = None
         try:
-            limits = await self.manager.rate_limits_for(api, result)
-            verdict = await self.rate_limiter.hit(api, result.client_id, limits) if limits else None
+            limits = result.rate_limits
+            if limits is None:
+                limits = self._api_rate_limits_now(api)
+                if limits is None:
+                    limits = await self.manager.rate_limits_for(api, result)
+            if limits:
+                limiter = self.rate_limiter
+                verdict = limiter.hit_now(api, result.client_id, limits)
+                if verdict is None:
+                    verdict = await limiter.hit(api, result.client_id, limits)
         except Exception as exc:
             self._count(api, metrics.STORE_UNAVAILABLE)
             await self._unavailable(scope, receive, send, exc)
             return
         if verdict is not None:
             if not self._told_per_process:
-                self._told_per_process = True
-                logger.info(
-                    "rate limits are counted per process (memory://): pass "
-                    "rate_limiter='redis://…' to share the counters between processes"
-                )
-            if not verdict.admitted:
+                self._tell_per_process()
+            admitted, limit, remaining, retry_after = verdict
+            if not admitted:
                 self._count(api, metrics.RATE_LIMITED)
                 if self.usage is not None:
                     self.usage.rate_limited(api, result.client_id)
-                await _refuse(scope, receive, send, _too_many(verdict))
+                await _refuse(scope, receive, send, _too_many(limit, remaining, retry_after))
                 return
-            send = _with_headers(send, _rate_headers(verdict))
+            send = _with_rate_headers(send, limit, remaining)
         usage = self.usage
         if usage is not None:
             usage.admitted(api, result.client_id)  # a dict increment (keyguard.usage)
-        self._count(api, metrics.ADMITTED)
+        if self._counting:
+            self._count(api, metrics.ADMITTED)
         if self._strip and (secret_pair is not None or query_secret):
             child = dict(scope)
             if secret_pair is not None:
@@ -362,6 +386,27 @@ class KeyGuard:
         else:
             self._log_store_failure(exc)
         await _refuse(scope, receive, send, _STORE_UNAVAILABLE)
+
+    def _tell_per_process(self) -> None:
+        self._told_per_process = True
+        logger.info(
+            "rate limits are counted per process (memory://): pass "
+            "rate_limiter='redis://…' to share the counters between processes"
+        )
+
+    def _passes_unchecked(self, scope: Scope) -> bool:
+        """Whether the request needs no credentials: an excluded path, or a preflight
+        with ``allow_preflight``. Exclusions match the path the app routes on."""
+        path = scope["path"]
+        root_path = scope.get("root_path")
+        if root_path and path.startswith(root_path):
+            # The path the app routes on, as Starlette's router sees it.
+            path = path[len(root_path) :] or "/"
+        return (
+            path in self._exclude_exact
+            or (bool(self._exclude_prefixes) and self._excluded_prefix(path))
+            or (self._preflight and scope.get("method") == "OPTIONS" and _is_preflight(scope))
+        )
 
     def _closing_on_shutdown(self, send: Send) -> Send:
         async def sending(message: Message) -> None:
@@ -467,14 +512,28 @@ def _rate_limiter(store: KeyStore, given: object, fail: Literal["open", "closed"
     return RateLimiter(given, fail=fail)
 
 
-def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
-    """``send`` adding ``extra`` headers to the response start (or websocket accept),
-    leaving every other message, and so the body and its streaming, untouched."""
+_STARTS = frozenset({"http.response.start", "websocket.accept"})
 
-    async def sending(message: Message) -> None:
-        if message["type"] in ("http.response.start", "websocket.accept"):
-            message = {**message, "headers": [*message.get("headers", ()), *extra]}
-        await send(message)
+
+def _with_rate_headers(send: Send, limit: int, remaining: int) -> Send:
+    """``send`` adding ``X-RateLimit-Limit`` and ``X-RateLimit-Remaining`` to the response
+    start (or websocket accept), in a copy of that message, leaving every other message,
+    and so the body and its streaming, untouched."""
+
+    # Not a coroutine function: it hands back ``send``'s own awaitable, so each message
+    # costs one frame, not two.
+    def sending(message: Message) -> Awaitable[None]:
+        if message["type"] in _STARTS:
+            message = dict(message)
+            message["headers"] = [
+                *message.get("headers", ()),
+                _RATE_LIMIT_PAIRS.get(limit) or _rate_limit_pair(limit),
+                (
+                    _RATE_REMAINING,
+                    _NUMBERS[remaining] if 0 <= remaining < 1024 else b"%d" % remaining,
+                ),
+            ]
+        return send(message)
 
     return sending
 

@@ -46,13 +46,14 @@ from keyguard.models import RateLimit
 from keyguard.ratelimit.items import limits_item
 from keyguard.ratelimit.local import LocalCounter
 from keyguard.ratelimit.redis import ScriptedWindows, scripted
-from keyguard.ratelimit.verdict import Verdict, tightest
+from keyguard.ratelimit.verdict import Verdict, VerdictTuple, tightest
 
 __all__ = [
     "DEFAULT_RATE_LIMIT_TIMEOUT",
     "RateLimiter",
     "RateLimiterUnavailable",
     "Verdict",
+    "VerdictTuple",
     "tightest",
 ]
 
@@ -151,6 +152,11 @@ class RateLimiter:
         if not self.local:
             self._make_limiter(self.uri, self._options)
         self._counter = LocalCounter(limits_item)  # memory://, and the fallback
+        # hit_now answers for hit only where hit is this class's (a subclass's own hit is
+        # always awaited); for memory:// it is the counter's own method, one call.
+        self._sync = type(self).hit is RateLimiter.hit
+        if self.local and self._sync and type(self).hit_now is RateLimiter.hit_now:
+            self.hit_now = self._counter.count  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"RateLimiter({_masked(self.url)!r}, fail={self.fail!r})"
@@ -189,6 +195,15 @@ class RateLimiter:
         if closing is not None:
             with contextlib.suppress(Exception):
                 await closing()
+
+    def hit_now(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> VerdictTuple | None:
+        """What :meth:`hit` would answer, as a plain tuple, where it needs no ``await``:
+        counting in this process (``memory://``, or while a failed storage is given time
+        to come back); else ``None``, and the caller awaits ``hit``. (For ``memory://``
+        this is the in-process counter's own ``count``, bound at construction.)"""
+        if self._sync and (self.local or time.monotonic() < self._down_until):
+            return self._counter.count(api, client_id, limits)
+        return None
 
     async def hit(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> Verdict:
         """Count one request of key ``client_id`` of ``api`` against ``limits`` (non-empty),

@@ -36,7 +36,7 @@ from typing import Any
 
 from keyguard.models import RateLimit
 from keyguard.ratelimit.items import limits_item
-from keyguard.ratelimit.verdict import Verdict
+from keyguard.ratelimit.verdict import Verdict, VerdictTuple
 
 __all__ = ["SWEEP_INTERVAL", "SWEEP_SLICE", "LocalCounter"]
 
@@ -49,15 +49,21 @@ _new = tuple.__new__  # makes a Verdict from a tuple without NamedTuple.__new__'
 class _Key:
     """One key's windows, for the limits tuple they were made for."""
 
-    __slots__ = ("limits", "longest", "until", "windows")
+    __slots__ = ("limits", "single", "windows")
 
     def __init__(
         self, limits: Sequence[RateLimit], windows: list[tuple[deque[float], int, float]]
     ) -> None:
         self.limits = limits
         self.windows = windows  # (admitted times, limit, period) per limit
-        self.longest = max(period for _, _, period in windows)
-        self.until = -math.inf  # when every entry has left its window
+        self.single = windows[0] if len(windows) == 1 else None  # the common case
+
+    def until(self) -> float:
+        """When every entry has left its window (for the sweep; not kept per request)."""
+        return max(
+            (times[-1] + period for times, _, period in self.windows if times),
+            default=-math.inf,
+        )
 
 
 class LocalCounter:
@@ -101,6 +107,12 @@ class LocalCounter:
 
         The verdict names the tightest limit and the requests it has left after this
         one; a refusal, the whole seconds (≥ 1) until a request would pass."""
+        return _new(Verdict, self.count(api, client_id, limits))
+
+    def count(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> VerdictTuple:
+        """:meth:`hit`'s verdict as a plain tuple ``(admitted, limit, remaining,
+        retry_after)``, for the request path (making a ``Verdict`` costs more than a
+        tuple)."""
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
@@ -110,18 +122,18 @@ class LocalCounter:
         key = keys.get(client_id)
         if key is None or (key.limits is not limits and key.limits != limits):
             key = keys[client_id] = self._rebuilt(key, limits)
-        windows = key.windows
-        if len(windows) == 1:  # the common case, without a loop
-            times, limit, period = windows[0]
+        single = key.single
+        if single is not None:  # the common case, without a loop
+            times, limit, period = single
             floor = now - period
             while times and times[0] <= floor:
                 times.popleft()
             count = len(times)
             if count >= limit:
-                return _new(Verdict, (False, limit, 0, _wait(times[0], now, period)))
+                return False, limit, 0, _wait(times[0], now, period)
             times.append(now)
-            key.until = now + period
-            return _new(Verdict, (True, limit, limit - count - 1, 0))
+            return True, limit, limit - count - 1, 0
+        windows = key.windows
         wait = 0
         for times, limit, period in windows:
             floor = now - period
@@ -133,14 +145,13 @@ class LocalCounter:
         if not wait:
             for times, _, _ in windows:
                 times.append(now)
-            key.until = now + key.longest
         # The tightest: fewest left (a full one has 0), the windows being sorted by
         # period so that the first of a tie is the shortest.
         tightest, left = 0, math.inf
         for times, limit, _ in windows:
             if limit - len(times) < left:
                 tightest, left = limit, limit - len(times)
-        return _new(Verdict, (not wait, tightest, int(left), wait))
+        return not wait, tightest, int(left), wait
 
     def _rebuilt(self, old: _Key | None, limits: Sequence[RateLimit]) -> _Key:
         """The windows for ``limits``, keeping the entries of any limit the key had before
@@ -155,9 +166,7 @@ class LocalCounter:
             times = kept.pop((amount, period), None)
             windows.append((deque() if times is None else times, amount, period))
         windows.sort(key=lambda window: window[2])  # shortest period first (ties)
-        key = _Key(limits, windows)
-        key.until = old.until if old is not None else -math.inf
-        return key
+        return _Key(limits, windows)
 
     def _sweep(self, now: float) -> None:
         """Forget, a slice per call, the keys whose every entry has left its window."""
@@ -173,7 +182,7 @@ class LocalCounter:
         for api, client_id in pending[start:stop]:
             keys = apis.get(api)
             key = None if keys is None else keys.get(client_id)
-            if keys is not None and key is not None and key.until <= now:
+            if keys is not None and key is not None and key.until() <= now:
                 del keys[client_id]
                 if not keys:
                     del apis[api]

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from keyguard.models import RateLimit
 
-__all__ = ["Verdict", "tightest"]
+__all__ = ["Verdict", "VerdictTuple", "tightest"]
 
 
 class Verdict(NamedTuple):
@@ -24,6 +24,12 @@ class Verdict(NamedTuple):
     limit: int
     remaining: int
     retry_after: int
+
+
+VerdictTuple = tuple[bool, int, int, int]
+"""A :class:`Verdict`'s fields as a plain tuple (a ``Verdict`` is one too), where making
+the named tuple would cost more than the rest of the check: ``(admitted, limit,
+remaining, retry_after)``."""
 
 
 def tightest(states: Sequence[tuple[RateLimit, int]]) -> tuple[RateLimit, int]:

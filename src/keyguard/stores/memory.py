@@ -76,6 +76,12 @@ class MemoryStore:
             return exposed, None
         return exposed, state.keys.get(client_id)
 
+    def cached_rate_limits(self, api: str) -> tuple[RateLimit, ...] | None:
+        """``api``'s rate limits as they are now (``None`` for an unknown API): read by
+        ``KeyManager`` right after a ``lookup``, without an ``await``."""
+        state = self._apis.get(api)
+        return None if state is None else state.rate_limits
+
     async def get_api(self, api: str) -> Api | None:
         state = self._apis.get(api)
         return None if state is None else self._api(api, state)

@@ -73,6 +73,12 @@ class Entries:
             self._negative.move_to_end(slot)
         return entry
 
+    def peek(self, slot: Slot) -> Entry | None:
+        """The entry at ``slot``, or ``None``, leaving the order of use as it is (for a
+        second read of an entry a request has just used)."""
+        entry = self._known.get(slot)
+        return entry if entry is not None else self._negative.get(slot)
+
     def put(self, slot: Slot, entry: Entry) -> None:
         """Keep ``entry`` at ``slot`` (replacing what was there), dropping the least
         recently used entries to make room; an entry larger than the limit is not kept."""

@@ -219,7 +219,7 @@ class CachedStore:
     def cached_rate_limits(self, api: str) -> tuple[RateLimit, ...] | None:
         """``api``'s rate limits from its entry while it is fresh, else ``None``
         (what ``KeyManager`` reads right after a ``lookup``: no store round trip)."""
-        entry = self._entries.get(api)
+        entry = self._entries.peek(api)  # the lookup just before marked it used
         if not isinstance(entry, ApiEntry) or entry.expires <= self._clock():
             return None
         return entry.rate_limits
