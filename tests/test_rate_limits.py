@@ -353,6 +353,11 @@ async def test_counter_storage_killed_fails_closed_with_503(
             assert refused.status_code == 503
             assert refused.json()["moreInformation"] == "Key store unavailable."
             assert int(refused.headers["retry-after"]) >= 1
+            # Every request while it is down, not only the one that found it down (the
+            # pause before asking the storage again must not count in memory instead).
+            again = [(await http.get("/", headers={ID: limited.client_id})) for _ in range(3)]
+            assert [r.status_code for r in again] == [503, 503, 503]
+            assert all("x-ratelimit-remaining" not in r.headers for r in again)
             assert (await http.get("/", headers={ID: free.client_id})).status_code == 200
             start()
             await wait_out_backoff(limiter)

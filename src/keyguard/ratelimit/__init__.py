@@ -201,9 +201,11 @@ class RateLimiter:
         counting in this process (``memory://``, or while a failed storage is given time
         to come back); else ``None``, and the caller awaits ``hit``. (For ``memory://``
         this is the in-process counter's own ``count``, bound at construction.)"""
-        if self._sync and (self.local or time.monotonic() < self._down_until):
+        if self._sync and (
+            self.local or (self.fail == "open" and time.monotonic() < self._down_until)
+        ):
             return self._counter.count(api, client_id, limits)
-        return None
+        return None  # (failing closed, a pause after a failure is hit's to refuse)
 
     async def hit(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> Verdict:
         """Count one request of key ``client_id`` of ``api`` against ``limits`` (non-empty),
@@ -211,6 +213,9 @@ class RateLimiter:
         if self.local:
             return self._counter.hit(api, client_id, limits)
         if time.monotonic() < self._down_until:
+            # The storage failed a moment ago: not asked again before the pause ends.
+            if self.fail == "closed":
+                raise RateLimiterUnavailable("rate-limit counter storage unavailable")
             return self._counter.hit(api, client_id, limits)
         try:
             verdict = _verdict(await _within(self._shared(api, client_id, limits), self.timeout))
