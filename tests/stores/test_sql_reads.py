@@ -292,3 +292,67 @@ async def test_closing_the_store_returns_kept_connections(backend: str, tmp_path
                 await store.lookup("orders", rec.client_id)
         finally:
             await engine.dispose()
+
+
+async def test_a_failed_direct_read_leaves_the_pooled_retry_only_the_rest_of_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kept connection that fails after a while (fault injected into the driver call):
+    the pooled path that answers instead is given what is left of the store's timeout,
+    not a whole one more, so the call as a whole keeps to ``timeout``."""
+    async with open_sql_test_store("postgres", Path(), timeout=2.0) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        await store.lookup("orders", rec.client_id)  # bound, tables known, one kept
+
+        async def failing(self: DirectReads, driver: Any, sql: str, params: list[Any]) -> Any:
+            await anyio.sleep(0.3)
+            raise ConnectionResetError("injected")
+
+        given: list[float | None] = []
+        run = store._run
+
+        async def recording(*args: Any, **kwargs: Any) -> Any:
+            given.append(kwargs.get("within"))
+            return await run(*args, **kwargs)
+
+        monkeypatch.setattr(DirectReads, "_run", failing)
+        monkeypatch.setattr(store, "_run", recording)
+        assert (await store.lookup("orders", rec.client_id))[1] == rec
+        assert len(given) == 1
+        within = given[0]
+        assert within is not None
+        assert within < store.timeout
+
+
+async def test_a_timeout_while_opening_a_kept_connection_leaves_none_checked_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The timeout cuts a kept connection being opened (its driver connection slow to be
+    handed over, injected): a 503 on time, and the connection goes back to the pool —
+    not left checked out — so the next reads, unhindered, are answered."""
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    async with open_sql_test_store("postgres", Path(), timeout=0.5) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        with counting_statements(store.engine):  # (listened to: through the pool)
+            await store.lookup("orders", None)  # bound, tables known, nothing kept yet
+        assert direct(store).kept == 0
+        original = AsyncConnection.get_raw_connection
+
+        async def slow(self: AsyncConnection) -> Any:
+            await anyio.sleep(5)
+            return await original(self)
+
+        monkeypatch.setattr(AsyncConnection, "get_raw_connection", slow)
+        with pytest.raises(StoreUnavailable, match="no answer"):
+            await store.lookup("orders", rec.client_id)
+        monkeypatch.setattr(AsyncConnection, "get_raw_connection", original)
+        await anyio.sleep(0.2)  # the background give-back
+        pool: Any = store.engine.sync_engine.pool
+        assert direct(store).kept == 0
+        assert pool.checkedout() == 0
+        assert (await store.lookup("orders", rec.client_id))[1] == rec

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -174,7 +175,11 @@ class _SQLCore:
     # -- plumbing -------------------------------------------------------------------------
 
     async def _run(
-        self, work: Callable[[AsyncConnection, _Schema], Awaitable[T]], *, write: bool
+        self,
+        work: Callable[[AsyncConnection, _Schema], Awaitable[T]],
+        *,
+        write: bool,
+        within: float | None = None,
     ) -> T:
         """``work`` in one transaction, driver errors turned into ``StoreUnavailable``.
 
@@ -188,9 +193,10 @@ class _SQLCore:
         connection was killed) is replaced and the call retried once, unless
         a write had reached its commit, whose outcome is then unknown. This
         is how the store recovers by itself without a ping per call.
+        ``within``: what is left of ``timeout`` when part was spent already.
         """
         try:
-            with anyio.move_on_after(self._timeout) as scope:
+            with anyio.move_on_after(self._timeout if within is None else within) as scope:
                 return await self._attempts(work, write=write, deadline=scope.deadline)
         except KeyGuardError:
             raise
@@ -211,6 +217,7 @@ class _SQLCore:
         with ``values``: on a kept driver connection when one is free (``_direct.py``),
         else through the pool in a call of its own."""
         bound, schema = self._current, self._schema
+        within: float | None = None
         if (
             bound is not None
             and schema is not None
@@ -218,17 +225,23 @@ class _SQLCore:
             and bound.loop is asyncio.get_running_loop()
             and bound.direct.usable()
         ):
+            started = time.monotonic()
             try:
                 rows = await bound.direct.fetch(name, getattr(schema, name), values, self._timeout)
             except TimeoutError:
                 raise self._no_answer() from None
             if rows is not None:
                 return rows
+            # It failed (a connection the server ended): the pooled path, with its retry,
+            # gets what is left of the timeout, so the call as a whole keeps to it.
+            within = self._timeout - (time.monotonic() - started)
+            if within <= 0:
+                raise self._no_answer()
 
         async def pooled(conn: AsyncConnection, schema: _Schema) -> list[_Row]:
             return list((await conn.execute(getattr(schema, name), values)).all())
 
-        return await self._run(pooled, write=False)
+        return await self._run(pooled, write=False, within=within)
 
     async def _attempts(
         self,

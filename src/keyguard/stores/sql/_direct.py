@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,8 +198,10 @@ class DirectReads:
             fairy = await conn.get_raw_connection()
             return _Kept(conn, fairy.driver_connection)
         except BaseException:
+            # Cut now, given back in the background: this task may be cancelled (the
+            # timeout), and an await here would be cancelled with it.
             _sever(conn)
-            await conn.invalidate()
+            self._spawn(self._release(conn, True))
             raise
 
     async def _run(self, driver: Any, sql: str, params: list[Any]) -> Any:
@@ -217,7 +219,10 @@ class DirectReads:
         self._opened -= 1
         if cut:
             _sever(kept.conn)
-        task = asyncio.get_running_loop().create_task(self._release(kept.conn, cut))
+        self._spawn(self._release(kept.conn, cut))
+
+    def _spawn(self, release: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(release)
         self._discarding.add(task)
         task.add_done_callback(self._discarding.discard)
 
