@@ -356,3 +356,33 @@ async def test_a_timeout_while_opening_a_kept_connection_leaves_none_checked_out
         assert direct(store).kept == 0
         assert pool.checkedout() == 0
         assert (await store.lookup("orders", rec.client_id))[1] == rec
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_an_engine_disposed_before_the_store_is_closed_leaves_nothing_open(
+    backend: str, tmp_path: Path
+) -> None:
+    """An app that disposes its own engine and never closes the store: the kept
+    connections (checked out, so untouched by dispose) are given up with it, none left
+    for the garbage collector to find open (a ResourceWarning, an error in this suite)."""
+    import gc
+
+    async with open_sql_test_store(backend, tmp_path) as owner:
+        await expose(owner)
+        rec = record()
+        await owner.insert_key(rec)
+        engine = create_async_engine(owner.engine.url, hide_parameters=True)
+        store = SQLStore(engine, table_prefix=owner.table_prefix)
+        async with anyio.create_task_group() as group:
+            for _ in range(4):
+                group.start_soon(store.lookup, "orders", rec.client_id)
+        await store.lookup("orders", rec.client_id)
+        reads = direct(store)
+        assert reads.kept >= 1
+        await engine.dispose()
+        await anyio.sleep(0.2)  # the background give-back
+        assert reads.kept == 0
+        pool: Any = engine.sync_engine.pool
+        assert pool.checkedout() == 0
+        del store, reads
+        gc.collect()

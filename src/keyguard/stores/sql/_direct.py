@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from sqlalchemy import Select
+from sqlalchemy import Select, event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import QueuePool, SingletonThreadPool, StaticPool
 
-from keyguard.stores.sql._engine import _sever
+from keyguard.stores.sql._engine import _running_loop, _sever
 
 __all__ = ["KEPT", "DirectReads"]
 
@@ -128,6 +128,12 @@ class DirectReads:
         self._discarding: set[asyncio.Task[None]] = set()
         self._closed = False
         self.served = 0  # reads answered here (for tests and monitoring)
+        if self.capacity:
+            # An engine disposed while this store is still open (an app closing its own
+            # engine and not the store): kept connections are checked out, which dispose
+            # leaves alone, so they are given up here rather than left for the garbage
+            # collector to find open.
+            event.listen(engine.sync_engine, "engine_disposed", self._engine_disposed)
 
     @property
     def kept(self) -> int:
@@ -232,6 +238,15 @@ class DirectReads:
             if cut:
                 await conn.invalidate()
             await conn.close()
+
+    def _engine_disposed(self, engine: Any) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for kept in idle:
+            self._opened -= 1
+            _sever(kept.conn)  # network connections cut at once (no await here)
+            if _running_loop() is not None:  # else the cut is all that can be done
+                self._spawn(self._release(kept.conn, True))
 
     async def aclose(self) -> None:
         """Return every kept connection to the pool (before the engine is disposed)."""
