@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from keyguard.errors import StoreUnavailable
 from keyguard.models import KeyChanges, KeyKind, RateLimit, utcnow
@@ -266,21 +266,28 @@ async def test_a_cancelled_read_leaves_no_connection_mid_statement() -> None:
             await locker.dispose()
 
 
+async def reading_on_an_apps_engine(owner: SQLStore) -> tuple[SQLStore, AsyncEngine, Any]:
+    """A store over an engine of the app's own on ``owner``'s tables, with a key it has
+    just read, once alone (the fast path from then on) and four times at once."""
+    await expose(owner)
+    rec = record()
+    await owner.insert_key(rec)
+    engine = create_async_engine(owner.engine.url, hide_parameters=True)
+    store = SQLStore(engine, table_prefix=owner.table_prefix)
+    await store.lookup("orders", rec.client_id)
+    async with anyio.create_task_group() as group:
+        for _ in range(4):
+            group.start_soon(store.lookup, "orders", rec.client_id)
+    return store, engine, rec
+
+
 @pytest.mark.parametrize("backend", SQL_BACKENDS)
 async def test_closing_the_store_returns_kept_connections(backend: str, tmp_path: Path) -> None:
     """``aclose`` gives the kept connections back before the engine goes: on an engine the
     application passed in (which the store does not dispose), none stays checked out."""
     async with open_sql_test_store(backend, tmp_path) as owner:
-        await expose(owner)
-        rec = record()
-        await owner.insert_key(rec)
-        engine = create_async_engine(owner.engine.url, hide_parameters=True)
-        store = SQLStore(engine, table_prefix=owner.table_prefix)
+        store, engine, rec = await reading_on_an_apps_engine(owner)
         try:
-            await store.lookup("orders", rec.client_id)  # bound, tables known: the fast path
-            async with anyio.create_task_group() as group:
-                for _ in range(4):
-                    group.start_soon(store.lookup, "orders", rec.client_id)
             reads = direct(store)
             assert reads.kept >= 1
             pool: Any = engine.sync_engine.pool
@@ -368,15 +375,7 @@ async def test_an_engine_disposed_before_the_store_is_closed_leaves_nothing_open
     import gc
 
     async with open_sql_test_store(backend, tmp_path) as owner:
-        await expose(owner)
-        rec = record()
-        await owner.insert_key(rec)
-        engine = create_async_engine(owner.engine.url, hide_parameters=True)
-        store = SQLStore(engine, table_prefix=owner.table_prefix)
-        async with anyio.create_task_group() as group:
-            for _ in range(4):
-                group.start_soon(store.lookup, "orders", rec.client_id)
-        await store.lookup("orders", rec.client_id)
+        store, engine, _ = await reading_on_an_apps_engine(owner)
         reads = direct(store)
         assert reads.kept >= 1
         await engine.dispose()
