@@ -377,6 +377,65 @@ async def test_an_existing_cluster_client_is_used_and_left_open() -> None:
         await delete_prefixed_in_cluster(cluster, prefix)
 
 
+class _RecordingCluster(RedisCluster):
+    """A real cluster client noting when its start-up ended and when commands began."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.events: list[str] = []
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        client = await super().initialize(*args, **kwargs)
+        if "started" not in self.events:
+            self.events.append("started")
+        return client
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        self.events.append("command")
+        return await super().execute_command(*args, **kwargs)
+
+
+async def test_first_calls_racing_on_a_fresh_client_wait_for_its_start_up() -> None:
+    """Six store objects on one fresh client racing their first calls send no command
+    before the client has learnt the cluster (redis-py recycled a connection still
+    being opened when first commands raced its start-up), and all agree."""
+    cluster = shared_cluster()
+    prefix = unique_prefix()
+    client = _RecordingCluster(startup_nodes=[ClusterNode("127.0.0.1", cluster.ports[0])])
+    racers = [RedisClusterStore(client, prefix=prefix) for _ in range(6)]
+    try:
+        found = await asyncio.gather(*(racer.id_tag_key() for racer in racers))
+        assert len(set(found)) == 1
+        assert client.events[0] == "started"
+        assert client.events.count("command") >= 6
+    finally:
+        await client.aclose()
+        await delete_prefixed_in_cluster(cluster, prefix)
+
+
+async def test_a_connection_torn_down_inside_redis_py_is_store_unavailable(
+    cluster_store: RedisClusterStore,
+) -> None:
+    """redis-py writing on a connection whose writer went away under it raises
+    ``AttributeError`` from its own code: the store answers StoreUnavailable (a 503 at
+    the front doors), while an AttributeError of the caller's own stays what it is."""
+    from redis.asyncio.connection import Connection
+
+    closed = Connection(host="127.0.0.1", port=shared_cluster().ports[0])  # never opened
+
+    async def write_on_closed(client: RedisCluster) -> None:
+        await closed._send_packed_command([b"PING\r\n"])
+
+    with pytest.raises(StoreUnavailable, match="AttributeError"):
+        await cluster_store._call(write_on_closed)
+
+    async def own_bug(client: RedisCluster) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'name'")
+
+    with pytest.raises(AttributeError):
+        await cluster_store._call(own_bug)
+
+
 # -- a failover ----------------------------------------------------------------------------------
 
 

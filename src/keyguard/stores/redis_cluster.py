@@ -154,7 +154,12 @@ class RedisClusterStore(RedisCore[RedisCluster]):
         self.feed_node: str | None = None
 
     async def _call(self, operation: Callable[[RedisCluster], Awaitable[T]]) -> T:
-        return await super()._call(lambda client: _gated(client, operation))
+        try:
+            return await super()._call(lambda client: _started(client, operation))
+        except AttributeError as exc:
+            if not _torn_down_in_redis(exc):
+                raise
+            raise self._unavailable(exc) from exc
 
     async def _subscriber(self, client: RedisCluster) -> PubSub:
         """A pub/sub connection to one node: a cluster broadcasts ``PUBLISH`` to every
@@ -185,11 +190,34 @@ class _GatedCluster(RedisCluster):
         self.gate = asyncio.Semaphore(places)
 
 
-async def _gated(client: RedisCluster, operation: Callable[[RedisCluster], Awaitable[T]]) -> T:
+async def _started(client: RedisCluster, operation: Callable[[RedisCluster], Awaitable[T]]) -> T:
+    """``operation`` on ``client`` once the client knows the cluster, within its gate.
+
+    The client learns the cluster (``initialize()``: ``CLUSTER SLOTS``, the command
+    table) before the first command is sent, whoever's it is: when several first
+    commands went out together on a client still learning it, redis-py (8.1) could
+    recycle a connection one of them was still opening, failing it with an
+    ``AttributeError``. ``initialize()`` is redis-py's own, idempotent and locked, so
+    racing first calls wait for one start-up; once started it returns at once.
+    """
+    await client.initialize()
     if not isinstance(client, _GatedCluster):  # a client the caller passed in: as it is
         return await operation(client)
     async with client.gate:
         return await operation(client)
+
+
+def _torn_down_in_redis(exc: AttributeError) -> bool:
+    """Whether ``exc`` is redis-py finding a connection closed under it (its reader or
+    writer gone, ``'NoneType' object has no attribute …``), raised in redis-py's own
+    code: a connection failure, so ``StoreUnavailable``, not a crash of the caller."""
+    trace = exc.__traceback__
+    if trace is None or not str(exc).startswith("'NoneType' object has no attribute"):
+        return False
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    module = trace.tb_frame.f_globals.get("__name__", "")
+    return isinstance(module, str) and module.startswith("redis.")
 
 
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
