@@ -1,7 +1,7 @@
 """The key lifecycle (SPEC §8, R10, R11) through KeyManager and the request path, on every store.
 
-The clock the rules read is ``keyguard.manager.utcnow``; tests that need time
-to pass move that clock instead of sleeping.
+The clock the rules read is ``utcnow`` in each module of ``keyguard.manager``; tests
+that need time to pass move that clock instead of sleeping.
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ ID = "X-IBM-Client-Id"
 SECRET = "X-IBM-Client-Secret"
 
 
+MANAGER_MODULES = (
+    "keyguard.manager._manager",
+    "keyguard.manager._reads",
+    "keyguard.manager._requests",
+)
+
+
 class Clock:
     """A settable ``utcnow`` for ``keyguard.manager``."""
 
@@ -42,7 +49,8 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     moved = Clock()
-    monkeypatch.setattr("keyguard.manager.utcnow", moved)
+    for module in MANAGER_MODULES:
+        monkeypatch.setattr(f"{module}.utcnow", moved)
     return moved
 
 
