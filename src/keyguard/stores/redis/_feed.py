@@ -1,0 +1,63 @@
+"""The Redis stores' change feed: ``watch``, on the channel every write script publishes to."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import anyio
+
+from keyguard.errors import ConfigurationError
+
+try:
+    from redis.asyncio.client import PubSub
+except ImportError as exc:  # pragma: no cover - exercised by a test that hides redis
+    raise ConfigurationError("redis:// needs: pip install 'keyguard[redis]'") from exc
+
+from keyguard.stores.redis._base import _RedisBase
+from keyguard.stores.redis._common import _FAILURES, ClientT, _text
+
+
+class _Feed(_RedisBase[ClientT]):
+    """The change feed (``ChangeFeed``); each store says how it subscribes (``_subscriber``)."""
+
+    async def watch(
+        self,
+        on_change: Callable[[str, str | None], None],
+        *,
+        on_ready: Callable[[], None],
+    ) -> None:
+        """The change feed (:class:`~keyguard.stores.base.ChangeFeed`): every write script
+        publishes ``<api>`` or ``<api>\\n<client_id>`` on ``<prefix>changes``.
+
+        ``on_ready`` is called whenever the subscription is (re)confirmed, including
+        after redis-py silently reconnects, since notices may have been missed.
+        """
+        client = await self._redis()
+        pubsub: PubSub | None = None
+        try:
+            with anyio.fail_after(self.timeout):
+                pubsub = await self._subscriber(client)
+                await pubsub.subscribe(self._channel)
+            while True:
+                # An explicit read timeout answers None when nothing came, on every
+                # redis-py version (a blocking read may inherit the socket timeout).
+                message = await pubsub.get_message(timeout=self.timeout)
+                if message is None:
+                    continue
+                kind = _text(message["type"])
+                if kind == "subscribe":
+                    on_ready()
+                elif kind == "message":
+                    api, newline, client_id = _text(message["data"]).partition("\n")
+                    on_change(api, client_id if newline else None)
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            if pubsub is not None:
+                with anyio.CancelScope(shield=True), contextlib.suppress(*_FAILURES):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
+
+    async def _subscriber(self, client: ClientT) -> PubSub:
+        """A pub/sub connection for the change feed (not yet subscribed)."""
+        raise NotImplementedError
