@@ -7,11 +7,11 @@ made elsewhere is the cache TTL, counted from when a cached read *started*:
 so every request that *starts* a full TTL after the change's answer must
 see it. That is asserted exactly.
 
-Both stores here have a change feed (Redis pub/sub, PostgreSQL LISTEN/NOTIFY),
-so a change is seen "at once": with the server's cache TTL at ten minutes, a
-revocation is still refused within the test's polling, which only the feed can
-explain. How soon (p99 under 100 ms) is measured in ``benchmarks/revocation.py``,
-never asserted here.
+Both stores here have a change feed (Redis pub/sub, PostgreSQL LISTEN/NOTIFY,
+the server process on asyncpg or on psycopg), so a change is seen "at once":
+with the server's cache TTL at ten minutes, a revocation is still refused
+within the test's polling, which only the feed can explain. How soon (p99 under
+100 ms) is measured in ``benchmarks/revocation.py``, never asserted here.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from keyguard import KeyManager, KeyStore
 from keyguard.stores.redis import RedisStore
@@ -61,32 +62,43 @@ app = KeyGuard(Starlette(routes=[Route("/whoami", whoami), Route("/health", heal
 """
 
 
-@pytest.fixture(params=["redis", "postgres"])
-async def shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KeyStore]:
+@pytest.fixture(params=["redis", "postgres", "postgres+psycopg"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store's server, and the driver of the server process (``+psycopg``: PostgreSQL
+    through psycopg there, asyncpg in this process)."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def shared(backend: str, tmp_path: Path) -> AsyncIterator[KeyStore]:
     """A store on a real server that a server process can open too."""
-    async with open_test_store(request.param, tmp_path) as store:
+    async with open_test_store(backend.partition("+")[0], tmp_path) as store:
         yield store
 
 
 @pytest.fixture
-def server(shared: KeyStore, tmp_path: Path) -> Iterator[str]:
+def server(shared: KeyStore, backend: str, tmp_path: Path) -> Iterator[str]:
     """uvicorn serving the app over the same store as ``shared`` (cache TTL 1 s); its URL."""
-    with serving(shared, tmp_path, TTL) as base:
+    with serving(shared, backend, tmp_path, TTL) as base:
         yield base
 
 
 @pytest.fixture
-def feed_server(shared: KeyStore, tmp_path: Path) -> Iterator[str]:
+def feed_server(shared: KeyStore, backend: str, tmp_path: Path) -> Iterator[str]:
     """uvicorn serving the app over the same store as ``shared`` with a ten-minute cache."""
-    with serving(shared, tmp_path, FEED_TTL) as base:
+    with serving(shared, backend, tmp_path, FEED_TTL) as base:
         yield base
 
 
 @contextlib.contextmanager
-def serving(shared: KeyStore, tmp_path: Path, ttl: float) -> Iterator[str]:
-    """uvicorn serving the app over the same store as ``shared``, its cache TTL ``ttl``."""
+def serving(shared: KeyStore, backend: str, tmp_path: Path, ttl: float) -> Iterator[str]:
+    """uvicorn serving the app over the same store as ``shared`` (through the driver
+    ``backend`` names, if any), its cache TTL ``ttl``."""
     if isinstance(shared, SQLStore):
         url, option, prefix = server_url("postgres"), "table_prefix", shared.table_prefix
+        _, plus, driver = backend.partition("+")
+        if plus:
+            url = make_url(url).set(drivername=f"postgresql+{driver}").render_as_string(False)
     else:
         assert isinstance(shared, RedisStore)
         url, option, prefix = server_url("redis"), "prefix", shared.prefix

@@ -1,8 +1,9 @@
 """PostgreSQL's change feed (SPEC §11): every change NOTIFYs, in its transaction, and a
 ``CachedStore`` over another store object hears it and drops what it cached at once.
 
-Against the machine's PostgreSQL (each test under its own table prefix, so its own
-channel), and a private one the test starts where the server must restart. "At once"
+On both drivers that listen, asyncpg and psycopg (the ``driver`` fixture), against the
+machine's PostgreSQL (each test under its own table prefix, so its own channel), and a
+private one the test starts where the server must restart or stop answering. "At once"
 is shown, never timed: the reading cache's TTL is ten minutes, or its clock is the
 test's and never moves, so only a notice can explain that a change is seen. How fast
 it is, is measured in ``benchmarks/revocation.py``.
@@ -12,6 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import itertools
+import os
+import secrets
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,11 +29,12 @@ import anyio
 import asyncpg
 import pytest
 from sqlalchemy import column, table, text, update
+from sqlalchemy.engine import make_url
 
 from keyguard.errors import DuplicateName, KeyLimitReached, StoreUnavailable
 from keyguard.models import KeyChanges, KeyKind, utcnow
 from keyguard.stores import CachedStore, ChangeFeed, open_store
-from keyguard.stores.sql import SQLStore
+from keyguard.stores.sql import SQLStore, _feed
 from keyguard.stores.sql._store import _PostgreSQLStore
 from tests.backends.servers import require_server
 from tests.backends.sql import drop_tables, open_sql_test_store, unique_prefix
@@ -38,6 +45,23 @@ pytestmark = pytest.mark.anyio
 
 LONG_TTL = 600.0  # a reading cache that only a notice can make forget, within a test
 BOUND = 30  # seconds: generous, only there so that a hang fails instead of blocking the run
+DRIVERS = ("asyncpg", "psycopg")  # the PostgreSQL drivers whose stores listen
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    """Each PostgreSQL driver that has a change feed."""
+    return str(request.param)
+
+
+def on_driver(url: str, driver: str) -> str:
+    """The PostgreSQL ``url`` through ``driver`` (``postgresql+<driver>://``)."""
+    return make_url(url).set(drivername=f"postgresql+{driver}").render_as_string(False)
+
+
+def pg_url(driver: str) -> str:
+    """The machine's PostgreSQL through ``driver``."""
+    return on_driver(require_server("postgres"), driver)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
@@ -76,19 +100,35 @@ class ReadyCountingStore(_PostgreSQLStore):
 
 
 @asynccontextmanager
-async def writer_store(**options: Any) -> AsyncIterator[SQLStore]:
-    """A store on the machine's PostgreSQL under a fresh prefix, its tables dropped after."""
-    async with open_sql_test_store("postgres", Path("."), **options) as store:
+async def writer_store(driver: str = "asyncpg", **options: Any) -> AsyncIterator[SQLStore]:
+    """A store on the machine's PostgreSQL through ``driver`` under a fresh prefix, its
+    tables dropped after."""
+    if driver == "asyncpg":
+        async with open_sql_test_store("postgres", Path("."), **options) as store:
+            yield store
+        return
+    prefix = unique_prefix()
+    store = SQLStore.from_url(pg_url(driver), table_prefix=prefix, **options)
+    try:
         yield store
+    finally:
+        try:
+            await drop_tables(store.engine, prefix)
+        finally:
+            await store.aclose()
 
 
 @asynccontextmanager
 async def reader_of(
-    writer: SQLStore, *, ttl: float = LONG_TTL, clock: Callable[[], float] | None = None
+    writer: SQLStore,
+    *,
+    driver: str = "asyncpg",
+    ttl: float = LONG_TTL,
+    clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[CachedStore]:
     """A cache over a second store object on ``writer``'s tables (another process's, in
-    all but the process)."""
-    inner = SQLStore.from_url(require_server("postgres"), table_prefix=writer.table_prefix)
+    all but the process), through ``driver``."""
+    inner = SQLStore.from_url(pg_url(driver), table_prefix=writer.table_prefix)
     reader = CachedStore(inner, ttl=ttl, clock=clock or time.monotonic)
     try:
         yield reader
@@ -133,6 +173,25 @@ async def disable_behind_the_back(store: SQLStore, client_id: str) -> None:
         await conn.execute(update(keys).where(keys.c.client_id == client_id).values(enabled=False))
 
 
+async def listening_connections(store: SQLStore, channel: str) -> int:
+    """How many connections to ``store``'s database listen on ``channel``."""
+    async with store.engine.connect() as conn:
+        found = await conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE query = :listen AND datname = current_database()"
+            ),
+            {"listen": f'LISTEN "{channel}"'},
+        )
+        return int(found.scalar_one())
+
+
+def feed_tasks() -> list[asyncio.Task[Any]]:
+    """The running loop's tasks of a change feed (pinging or reading a listening
+    connection)."""
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("keyguard-sql-feed")]
+
+
 async def mark_and_wait(store: SQLStore, heard: list[tuple[str, str]]) -> list[str]:
     """Make one last change (API ``zz-last``) and wait for its notice: every notice sent
     before it has arrived by then (PostgreSQL delivers in commit order). The payloads
@@ -152,10 +211,11 @@ async def mark_and_wait(store: SQLStore, heard: list[tuple[str, str]]) -> list[s
 # -- which stores have a feed -------------------------------------------------------------------
 
 
-async def test_only_postgresql_through_asyncpg_has_a_change_feed(tmp_path: Path) -> None:
-    """A PostgreSQL store (by URL or over an app's asyncpg engine) is a ChangeFeed and a
-    SQLStore; SQLite and MariaDB stores are not feeds (their caches use the TTL alone)."""
-    async with writer_store() as pg:
+async def test_only_postgresql_has_a_change_feed(tmp_path: Path, driver: str) -> None:
+    """A PostgreSQL store, through asyncpg or psycopg (by URL or over an app's engine), is
+    a ChangeFeed and a SQLStore; SQLite and MariaDB stores are not feeds (their caches use
+    the TTL alone)."""
+    async with writer_store(driver) as pg:
         assert isinstance(pg, ChangeFeed)
         assert isinstance(pg, SQLStore)
         over_engine = SQLStore(pg.engine, table_prefix=pg.table_prefix)
@@ -171,14 +231,27 @@ async def test_only_postgresql_through_asyncpg_has_a_change_feed(tmp_path: Path)
         await mysql.aclose()
 
 
+def test_a_psycopg_older_than_3_2_has_no_feed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A psycopg whose ``notifies()`` takes no ``timeout`` (before 3.2), which the feed's
+    pings need, gives a store without a feed: its cache keeps the TTL bound."""
+    import psycopg
+
+    async def notifies(self: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.Notify]:
+        yield psycopg.Notify("", "", 0)  # pragma: no cover - never called
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "notifies", notifies)
+    store = SQLStore.from_url("postgresql+psycopg://u@db.example/app")
+    assert not isinstance(store, ChangeFeed)
+
+
 # -- what is sent -------------------------------------------------------------------------------
 
 
-async def test_each_change_notifies_its_api_and_key_and_nothing_else() -> None:
+async def test_each_change_notifies_its_api_and_key_and_nothing_else(driver: str) -> None:
     """Each write NOTIFYs ``<api>`` or ``<api>\\n<client_id>`` on ``<prefix>changes``; a
     write that changes nothing (a refused rename, a second delete, a missing key) or is
     refused (limit, unexposed API) notifies nothing; reads notify nothing."""
-    async with writer_store() as store:
+    async with writer_store(driver) as store:
         channel = f"{store.table_prefix}changes"
         async with heard_on(channel) as heard:
             key = record()
@@ -201,11 +274,14 @@ async def test_each_change_notifies_its_api_and_key_and_nothing_else() -> None:
         assert {ch for ch, _ in heard} == {channel}
 
 
-async def test_notices_carry_no_secret_and_stay_small() -> None:
+async def test_notices_carry_no_secret_and_stay_small(driver: str) -> None:
     """No notice contains a secret hash (the one a key is created with, or set, or rolled
     from), and each is at most an API name and a client id long."""
     hashes = ["$pbkdf2-sha256$29000$c2VjcmV0$first-hash", "$pbkdf2-sha256$29000$c2VjcmV0$second"]
-    async with writer_store() as store, heard_on(f"{store.table_prefix}changes") as heard:
+    async with (
+        writer_store(driver) as store,
+        heard_on(f"{store.table_prefix}changes") as heard,
+    ):
         await expose(store)
         key = record(kind=KeyKind.INTERNAL, secret_hash=hashes[0])
         await store.insert_key(key)
@@ -222,10 +298,13 @@ async def test_notices_carry_no_secret_and_stay_small() -> None:
         assert len(payload.encode()) <= 64 + 1 + 64
 
 
-async def test_a_rolled_back_change_notifies_nothing() -> None:
+async def test_a_rolled_back_change_notifies_nothing(driver: str) -> None:
     """A refused insert (a duplicate name, found after its NOTIFY was queued) rolls the
     notice back with it; a notice is sent only when its transaction commits."""
-    async with writer_store() as store, heard_on(f"{store.table_prefix}changes") as heard:
+    async with (
+        writer_store(driver) as store,
+        heard_on(f"{store.table_prefix}changes") as heard,
+    ):
         await expose(store)
         taken = record(name="Acme")
         await store.insert_key(taken)
@@ -245,11 +324,15 @@ async def test_a_rolled_back_change_notifies_nothing() -> None:
 # -- heard by another store's cache ---------------------------------------------------------------
 
 
-async def test_every_change_reaches_another_stores_cache_at_once() -> None:
-    """Through another store object on the same tables (a ten-minute cache): a disable, a
-    secret roll, a delete, an unexposed API and a deleted API are each seen as soon as
-    they are made — only the feed can explain it."""
-    async with writer_store() as writer, reader_of(writer) as reader:
+@pytest.mark.parametrize(("writing", "reading"), list(itertools.product(DRIVERS, DRIVERS)))
+async def test_every_change_reaches_another_stores_cache_at_once(
+    writing: str, reading: str
+) -> None:
+    """Through another store object on the same tables (a ten-minute cache), on either
+    driver, whichever driver made the change: a disable, a secret roll, a delete, an
+    unexposed API and a deleted API are each seen as soon as they are made — only the
+    feed can explain it."""
+    async with writer_store(writing) as writer, reader_of(writer, driver=reading) as reader:
         await expose(writer)
         key = record(kind=KeyKind.EXTERNAL)
         await writer.insert_key(key)
@@ -280,26 +363,16 @@ async def test_every_change_reaches_another_stores_cache_at_once() -> None:
         await eventually(sees((False, None)))
 
 
-async def test_watchers_of_one_store_share_one_listening_connection() -> None:
+async def test_watchers_of_one_store_share_one_listening_connection(driver: str) -> None:
     """Two ``watch`` calls on one store object, in one event loop, listen through a single
-    connection (outside the pool) and both hear each change; it closes when the last one
-    stops."""
+    connection (outside the pool) and both hear each change; it closes, and its task
+    ends, when the last one stops."""
     async with writer_store() as writer:
-        inner = SQLStore.from_url(require_server("postgres"), table_prefix=writer.table_prefix)
+        inner = SQLStore.from_url(pg_url(driver), table_prefix=writer.table_prefix)
         assert isinstance(inner, _PostgreSQLStore)
         channel = f"{writer.table_prefix}changes"
         heard: tuple[list[str | None], list[str | None]] = ([], [])
-
-        async def listening() -> int:
-            async with writer.engine.connect() as conn:
-                found = await conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE query = :listen AND datname = current_database()"
-                    ),
-                    {"listen": f'LISTEN "{channel}"'},
-                )
-                return int(found.scalar_one())
+        listening = partial(listening_connections, writer, channel)
 
         async def watchers(n: int) -> bool:
             listener = None if inner._feed is None else inner._feed.listener()
@@ -333,18 +406,99 @@ async def test_watchers_of_one_store_share_one_listening_connection() -> None:
                 tg.cancel_scope.cancel()
 
             async def closed() -> bool:
-                return await listening() == 0
+                return await listening() == 0 and not feed_tasks()
 
             await eventually(closed)
         finally:
             await inner.aclose()
 
 
-async def test_a_lost_notice_is_still_bounded_by_the_ttl() -> None:
+async def test_the_listening_connection_has_the_stores_connection_parameters(
+    driver: str,
+) -> None:
+    """The listening connection is opened as the pool's are: with the store's
+    ``connect_args`` (an ``application_name`` here) and the URL's libpq TLS parameters
+    (``sslmode=require`` against the machine's server, which has no TLS: refused, so
+    ``watch`` fails with StoreUnavailable)."""
+    name = f"kg-feed-{secrets.token_hex(4)}"
+    connect_args: dict[str, Any] = (
+        {"server_settings": {"application_name": name}}
+        if driver == "asyncpg"
+        else {"application_name": name}
+    )
+    async with writer_store() as writer:
+        inner = SQLStore.from_url(
+            pg_url(driver), table_prefix=writer.table_prefix, connect_args=connect_args
+        )
+        ready = anyio.Event()
+        try:
+            assert isinstance(inner, _PostgreSQLStore)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(inner.watch, lambda _a, _c: None, on_ready=ready.set))
+                with anyio.fail_after(BOUND):
+                    await ready.wait()
+                async with writer.engine.connect() as conn:
+                    found = await conn.execute(
+                        text("SELECT application_name FROM pg_stat_activity WHERE query = :q"),
+                        {"q": f'LISTEN "{writer.table_prefix}changes"'},
+                    )
+                    assert list(found.scalars()) == [name]
+                tg.cancel_scope.cancel()
+        finally:
+            await inner.aclose()
+    tls = SQLStore.from_url(f"{pg_url(driver)}?sslmode=require", timeout=1.0)
+    try:
+        assert isinstance(tls, _PostgreSQLStore)
+        with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
+            await tls.watch(lambda _a, _c: None, on_ready=lambda: None)
+    finally:
+        await tls.aclose()
+
+
+async def test_closing_a_listening_store_ends_its_watch_and_its_connection(driver: str) -> None:
+    """``aclose`` of a store while it listens ends its ``watch`` with StoreUnavailable,
+    closes the listening connection and ends the feed's task, leaving nothing unclosed
+    behind (no ResourceWarning, which the suite turns into an error)."""
+    async with writer_store() as writer:
+        inner = SQLStore.from_url(pg_url(driver), table_prefix=writer.table_prefix)
+        assert isinstance(inner, _PostgreSQLStore)
+        channel = f"{writer.table_prefix}changes"
+        ready = anyio.Event()
+        ended: list[BaseException] = []
+
+        async def watch() -> None:
+            try:
+                await inner.watch(lambda _a, _c: None, on_ready=ready.set)
+            except StoreUnavailable as exc:
+                ended.append(exc)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                with anyio.fail_after(BOUND):
+                    await ready.wait()
+                assert await listening_connections(writer, channel) == 1
+                assert feed_tasks()
+                await inner.aclose()
+        finally:
+            await inner.aclose()
+        assert len(ended) == 1
+
+        async def gone() -> bool:
+            return await listening_connections(writer, channel) == 0 and not feed_tasks()
+
+        await eventually(gone)
+        gc.collect()  # a connection dropped unclosed would warn now
+
+
+async def test_a_lost_notice_is_still_bounded_by_the_ttl(driver: str) -> None:
     """A change that sends no notice (written behind the store's back) stays unseen while
     the cache's entry is fresh, and is seen once its TTL has passed (the test's clock)."""
     clock = Clock()
-    async with writer_store() as writer, reader_of(writer, ttl=1.0, clock=clock) as reader:
+    async with (
+        writer_store() as writer,
+        reader_of(writer, driver=driver, ttl=1.0, clock=clock) as reader,
+    ):
         await expose(writer)
         key = record()
         await writer.insert_key(key)
@@ -372,13 +526,13 @@ async def test_a_lost_notice_is_still_bounded_by_the_ttl() -> None:
 # -- the server restarts ----------------------------------------------------------------------
 
 
-async def test_feed_ends_and_comes_back_when_the_server_restarts() -> None:
+async def test_feed_ends_and_comes_back_when_the_server_restarts(driver: str) -> None:
     """A private PostgreSQL stopped under a listening cache: ``watch`` ends with
     StoreUnavailable; once the server is back the feed listens again by itself, the cache
     forgets what it held (notices may have been lost) and hears the next change at once."""
     clock = Clock()  # never moves: only notices and the reconnect can refresh the cache
     with private_postgres() as (port, stop, start):
-        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        url = on_driver(f"postgresql://postgres@127.0.0.1:{port}/postgres", driver)
         writer = SQLStore.from_url(url, timeout=1.0)
         inner = ReadyCountingStore.from_url(url, timeout=1.0)
         assert isinstance(inner, ReadyCountingStore)
@@ -450,10 +604,53 @@ async def test_feed_ends_and_comes_back_when_the_server_restarts() -> None:
             await probe.aclose()
 
 
-async def test_watch_fails_as_store_unavailable_when_the_server_is_down() -> None:
+async def test_a_listening_connection_that_stops_answering_is_noticed(
+    driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A private PostgreSQL whose listening backend is frozen (SIGSTOP: no answer, no
+    goodbye) is found out by the ping of the silent connection: ``watch`` ends with
+    StoreUnavailable once a ping goes unanswered for the store's timeout, not minutes later
+    when TCP gives up."""
+    monkeypatch.setattr(_feed, "_PING_EVERY", 0.2)
+    with private_postgres() as (port, _stop, _start):
+        url = on_driver(f"postgresql://postgres@127.0.0.1:{port}/postgres", driver)
+        store = SQLStore.from_url(url, timeout=1.0)
+        assert isinstance(store, _PostgreSQLStore)
+        frozen: list[int] = []
+        ready, broken = anyio.Event(), anyio.Event()
+
+        async def watch() -> None:
+            with pytest.raises(StoreUnavailable) as caught:
+                await store.watch(lambda _a, _c: None, on_ready=ready.set)
+            assert isinstance(caught.value.__cause__, TimeoutError)
+            broken.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                with anyio.fail_after(BOUND):
+                    await ready.wait()
+                assert store._feed is not None
+                listener = store._feed.listener()
+                assert listener is not None
+                conn = listener.conn
+                frozen.append(
+                    conn.get_server_pid() if driver == "asyncpg" else conn.info.backend_pid
+                )
+                os.kill(frozen[0], signal.SIGSTOP)
+                with anyio.fail_after(BOUND):
+                    await broken.wait()
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            await store.aclose()
+
+
+async def test_watch_fails_as_store_unavailable_when_the_server_is_down(driver: str) -> None:
     """With no server to listen on, ``watch`` raises StoreUnavailable within the store's
     timeout instead of hanging, and names no password."""
-    store = SQLStore.from_url("postgresql://postgres:pw-not-shown@127.0.0.1:1/none", timeout=1.0)
+    url = on_driver("postgresql://postgres:pw-not-shown@127.0.0.1:1/none", driver)
+    store = SQLStore.from_url(url, timeout=1.0)
     assert isinstance(store, _PostgreSQLStore)
     try:
         with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable) as caught:
@@ -463,10 +660,10 @@ async def test_watch_fails_as_store_unavailable_when_the_server_is_down() -> Non
         await store.aclose()
 
 
-def test_a_store_listens_again_in_a_new_event_loop() -> None:
+def test_a_store_listens_again_in_a_new_event_loop(driver: str) -> None:
     """One store used from one event loop and then another (two ``asyncio.run``) hears
     changes in both: each loop gets its own listening connection."""
-    url = require_server("postgres")
+    url = pg_url(driver)
     prefix = unique_prefix()
     store = open_store(url, cache_ttl=LONG_TTL, table_prefix=prefix)
     writer = SQLStore.from_url(url, table_prefix=prefix)

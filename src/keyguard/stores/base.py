@@ -232,7 +232,7 @@ class KeyStore(Protocol):
 @runtime_checkable
 class ChangeFeed(Protocol):
     """Optional: a store that can tell other processes about its changes: Redis and Redis
-    Cluster (pub/sub), PostgreSQL on asyncpg (LISTEN/NOTIFY).
+    Cluster (pub/sub), PostgreSQL on asyncpg or psycopg (LISTEN/NOTIFY).
 
     ``CachedStore`` uses it to drop stale entries as soon as another process
     changes a key or an API, instead of waiting for them to expire.

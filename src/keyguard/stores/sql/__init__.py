@@ -21,7 +21,7 @@ How the rules hold across processes (SPEC §3):
   the tables use a binary, no-pad collation.
 * Listings a page at a time (SPEC §5) are one keyset query each on the index
   ``(api, created_at, id)``, whatever the API's size.
-* On PostgreSQL (asyncpg) every change also sends a ``pg_notify`` inside its
+* On PostgreSQL (asyncpg, psycopg) every change also sends a ``pg_notify`` inside its
   own transaction, and the store is a ``ChangeFeed`` (``LISTEN``), so the
   caches of other processes drop what it changed at once (SPEC §11;
   ``_feed.py``). SQLite and MariaDB/MySQL have no feed: their caches are

@@ -11,23 +11,34 @@ at most 64 characters), far under PostgreSQL's 8000-byte limit.
 
 Listening needs a connection of its own, kept out of the pool: a listening
 connection must stay open, and a pooled one goes back to serve other calls.
-:class:`PgFeed` keeps one per event loop (asyncpg's connections belong to the
+:class:`PgFeed` keeps one per event loop (a driver's connections belong to the
 loop that opened them), shared by every ``watch`` of the store in that loop.
 It ends ``watch`` with ``StoreUnavailable`` when the connection drops (a
 server restart, a network cut): its caller, ``CachedStore``, falls back to
 its TTL meanwhile, listens again with a backoff, and forgets what it cached
 once listening again, since notices may have been lost in between.
 
-Only asyncpg, the default PostgreSQL driver, listens; a store on another
-driver (psycopg) still *sends* notices, which asyncpg stores elsewhere hear,
-but has no feed itself: its cache is bounded by its TTL alone.
+Both PostgreSQL drivers listen, with the same guarantees. On asyncpg (the
+default) the connection calls back for each notice and when it closes, and a
+task pings it when quiet. On psycopg 3.2 or later (``postgresql+psycopg://``;
+an older psycopg has no feed, and its cache keeps the TTL bound) one task per
+connection reads ``notifies()`` — which holds the connection while it waits —
+for ``_PING_EVERY`` seconds at a time and pings in between; a notice arriving
+during the ping is kept by psycopg for the next read. Either connection is
+opened as the engine's pool would open one (the URL's parameters, libpq's TLS
+ones among them, then the store's ``connect_args``: timeouts, application
+name), but outside the pool; psycopg's in autocommit, so ``LISTEN`` takes
+effect at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,6 +52,7 @@ from keyguard.errors import StoreUnavailable
 logger = logging.getLogger("keyguard")
 
 _NOTIFY = text("SELECT pg_notify(:channel, :notice)")
+_DRIVERS = ("asyncpg", "psycopg")  # the PostgreSQL drivers that listen
 _PING_EVERY = 15.0  # seconds between two checks that a silent listening connection lives
 
 OnChange = Callable[[str, str | None], None]
@@ -68,16 +80,38 @@ async def announce(conn: AsyncConnection, channel: str, api: str, client_id: str
 
 
 def listens(engine: object) -> bool:
-    """Whether a store on ``engine`` has a change feed: PostgreSQL through asyncpg."""
+    """Whether a store on ``engine`` has a change feed: PostgreSQL through asyncpg or
+    psycopg."""
     if not isinstance(engine, AsyncEngine):
         return False
     dialect = engine.dialect
-    return dialect.name == "postgresql" and dialect.driver == "asyncpg"
+    if dialect.name != "postgresql" or dialect.driver not in _DRIVERS:
+        return False
+    return dialect.driver != "psycopg" or _psycopg_reads_with_a_timeout()
+
+
+def _psycopg_reads_with_a_timeout() -> bool:
+    """Whether the installed psycopg's ``notifies()`` takes a ``timeout`` (psycopg 3.2 and
+    later), which the feed's pings need: without it, a psycopg store has no feed."""
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - the engine could not exist without it
+        return False
+    return "timeout" in inspect.signature(psycopg.AsyncConnection.notifies).parameters
+
+
+def feed_connector(
+    engine: AsyncEngine, connect_args: dict[str, Any]
+) -> Callable[[], Awaitable[_Listener]]:
+    """What opens ``engine``'s listening connection (not yet listening), for its driver."""
+    if engine.dialect.driver == "psycopg":
+        return psycopg_connector(engine, connect_args)
+    return asyncpg_connector(engine, connect_args)
 
 
 def asyncpg_connector(
     engine: AsyncEngine, connect_args: dict[str, Any]
-) -> Callable[[], Awaitable[Any]]:
+) -> Callable[[], Awaitable[_Listener]]:
     """What opens a bare asyncpg connection to ``engine``'s database, as its pool would
     (the URL's parameters, then ``connect_args``), but outside the pool."""
     url: URL = engine.url
@@ -88,12 +122,35 @@ def asyncpg_connector(
     options.pop("prepared_statement_name_func", None)
     creator = options.pop("async_creator_fn", None)
 
-    async def connect() -> Any:
+    async def connect() -> _Listener:
         if creator is not None:
-            return await creator(*cargs, **options)
+            return _AsyncpgListener(await creator(*cargs, **options))
         import asyncpg
 
-        return await asyncpg.connect(*cargs, **options)
+        return _AsyncpgListener(await asyncpg.connect(*cargs, **options))
+
+    return connect
+
+
+def psycopg_connector(
+    engine: AsyncEngine, connect_args: dict[str, Any]
+) -> Callable[[], Awaitable[_Listener]]:
+    """What opens a bare psycopg 3 connection to ``engine``'s database in autocommit, as
+    its pool would (the URL's parameters, libpq's TLS ones among them, then
+    ``connect_args``: ``connect_timeout``, ``options``…), but outside the pool."""
+    url: URL = engine.url
+    cargs, cparams = engine.dialect.create_connect_args(url)
+    options = {**cparams, **connect_args}
+    options.pop("context", None)  # SQLAlchemy's type adapters: a listener reads no rows
+    creator = options.pop("async_creator_fn", None)
+    options["autocommit"] = True  # LISTEN takes effect at once, outside any transaction
+
+    async def connect() -> _Listener:
+        if creator is not None:
+            return _PsycopgListener(await creator(*cargs, **options))
+        import psycopg
+
+        return _PsycopgListener(await psycopg.AsyncConnection.connect(*cargs, **options))
 
     return connect
 
@@ -105,9 +162,9 @@ class _Listener:
         self.conn = conn
         self.watchers: list[OnChange] = []
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.pinger: asyncio.Task[None] | None = None
 
-    def heard(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def heard(self, payload: str) -> None:
+        """Tell every watcher of the change ``payload`` announces."""
         api, client_id = parse_notice(payload)
         for on_change in list(self.watchers):
             on_change(api, client_id)
@@ -118,8 +175,35 @@ class _Listener:
             self.lost.set_exception(why)
             self.lost.exception()  # retrieved: nobody may be waiting any more
 
+    async def listen(self, channel: str, *, ping_every: float, within: float) -> None:
+        """LISTEN on ``channel`` and start watching the connection (pinging it when
+        silent for ``ping_every`` seconds, giving it ``within`` seconds to answer)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Cut the connection, without waiting on a server that may not answer."""
+        raise NotImplementedError
+
+
+class _AsyncpgListener(_Listener):
+    """An asyncpg connection: it calls back for each notice and when it closes."""
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__(conn)
+        self.pinger: asyncio.Task[None] | None = None
+
+    def notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.heard(payload)
+
     def terminated(self, _conn: object) -> None:
         self.end(ConnectionResetError("the listening connection closed"))
+
+    async def listen(self, channel: str, *, ping_every: float, within: float) -> None:
+        self.conn.add_termination_listener(self.terminated)
+        await self.conn.add_listener(channel, self.notified)
+        self.pinger = asyncio.get_running_loop().create_task(
+            self.ping(ping_every, within), name="keyguard-sql-feed-ping"
+        )
 
     async def ping(self, every: float, within: float) -> None:
         """Check now and then that a quiet connection still lives (a cut without a
@@ -134,12 +218,86 @@ class _Listener:
                 return
 
     def close(self) -> None:
-        """Cut the connection, without waiting on a server that may not answer."""
         if self.pinger is not None:
             self.pinger.cancel()
         self.end(ConnectionResetError("the listening connection was closed"))
         with contextlib.suppress(Exception):
             self.conn.terminate()
+
+
+class _PsycopgListener(_Listener):
+    """A psycopg 3 connection in autocommit: one task reads its notices (``notifies()``,
+    which holds the connection) and, between two reads, pings it.
+
+    Cutting it shuts its socket down rather than cancelling the task: psycopg meets a
+    cancelled query with a cancel request to the server (seconds, if the server does not
+    answer), whereas a shut socket fails the read or the ping at once, and the task then
+    closes the connection itself (the socket stays open, and registered with the loop,
+    until nothing waits on it any more).
+    """
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__(conn)
+        self.reader: asyncio.Task[None] | None = None
+        self._silent: str | None = None  # why the connection was cut, if a ping timed out
+
+    async def listen(self, channel: str, *, ping_every: float, within: float) -> None:
+        from psycopg import sql
+
+        if not self.conn.autocommit:  # an ``async_creator_fn``'s connection, maybe
+            await self.conn.set_autocommit(True)
+        await self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        self.reader = asyncio.get_running_loop().create_task(
+            self.read(ping_every, within), name="keyguard-sql-feed-read"
+        )
+
+    async def read(self, every: float, within: float) -> None:
+        """Hear notices until the connection fails; check it after each ``every`` seconds."""
+        try:
+            while True:
+                async for notify in self.conn.notifies(timeout=every):
+                    try:
+                        self.heard(notify.payload)
+                    except Exception:  # one watcher's bug; the others still listen
+                        logger.exception("key store change feed: a watcher failed")
+                await self.ping(within)
+        except Exception as exc:
+            self.end(TimeoutError(self._silent) if self._silent else exc)
+        finally:
+            self.end(ConnectionResetError("the listening connection was closed"))
+            self.conn.pgconn.finish()
+
+    async def ping(self, within: float) -> None:
+        """``SELECT 1``; the connection is cut if no answer comes within ``within`` s.
+        (A notice arriving meanwhile is kept by psycopg for the next read.)"""
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(within, self.cut, f"no answer to a ping within {within:g} s")
+        try:
+            await self.conn.execute("SELECT 1")
+        finally:
+            timer.cancel()
+
+    def cut(self, why: str | None = None) -> bool:
+        """Shut the connection's socket down (the reader fails at once); whether it could."""
+        self._silent = self._silent or why
+        try:
+            sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+        except Exception:
+            return False  # already closed
+        with sock:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                return False
+        return True
+
+    def close(self) -> None:
+        self.end(ConnectionResetError("the listening connection was closed"))
+        reader = self.reader
+        if reader is None or reader.done():
+            self.conn.pgconn.finish()  # nothing waits on it
+        elif not self.cut():
+            reader.cancel()  # its socket is gone already: nothing to wait on
 
 
 class PgFeed:
@@ -149,7 +307,7 @@ class PgFeed:
         self,
         *,
         channel: str,
-        connect: Callable[[], Awaitable[Any]],
+        connect: Callable[[], Awaitable[_Listener]],
         timeout: float,
         unavailable: Callable[[BaseException], StoreUnavailable],
     ) -> None:
@@ -198,17 +356,14 @@ class PgFeed:
                     found = self._by_loop.get(loop)
                     if found is not None and not found.lost.done():
                         return found
-                    conn = await self._connect()
-                    listener = _Listener(conn)
+                    listener = await self._connect()
                     try:
-                        conn.add_termination_listener(listener.terminated)
-                        await conn.add_listener(self.channel, listener.heard)
+                        await listener.listen(
+                            self.channel, ping_every=_PING_EVERY, within=self._timeout
+                        )
                     except BaseException:
                         listener.close()
                         raise
-                    listener.pinger = loop.create_task(
-                        listener.ping(_PING_EVERY, self._timeout), name="keyguard-sql-feed-ping"
-                    )
                     self._by_loop[loop] = listener
                     return listener
         except (StoreUnavailable, asyncio.CancelledError):

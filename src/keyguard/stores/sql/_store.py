@@ -24,7 +24,7 @@ from keyguard.stores.sql._engine import (
     _validate_prefix,
     _validate_timeout,
 )
-from keyguard.stores.sql._feed import PgFeed, asyncpg_connector, listens
+from keyguard.stores.sql._feed import PgFeed, feed_connector, listens
 from keyguard.stores.sql._keys import _Keys
 from keyguard.stores.sql._schema import _Schema
 
@@ -48,7 +48,7 @@ class SQLStore(_Keys):
     """
 
     def __new__(cls, engine: AsyncEngine, **options: Any) -> SQLStore:
-        # On PostgreSQL through asyncpg the store is also a ChangeFeed (LISTEN/NOTIFY), as
+        # On PostgreSQL (asyncpg, psycopg) the store is also a ChangeFeed (LISTEN/NOTIFY), as
         # pathlib.Path() gives a PosixPath: isinstance(store, ChangeFeed) tells a cache so.
         if cls is SQLStore and listens(engine):
             return object.__new__(_PostgreSQLStore)
@@ -119,10 +119,10 @@ class SQLStore(_Keys):
 
 
 class _PostgreSQLStore(SQLStore):
-    """The SQL store on PostgreSQL through asyncpg: also a ``ChangeFeed`` (LISTEN/NOTIFY).
+    """The SQL store on PostgreSQL: also a ``ChangeFeed`` (LISTEN/NOTIFY).
 
     ``SQLStore(engine)`` and ``SQLStore.from_url`` give one whenever the engine is
-    PostgreSQL's through asyncpg; it is a ``SQLStore`` in every other respect.
+    PostgreSQL's through asyncpg or psycopg; it is a ``SQLStore`` in every other respect.
     """
 
     _feed: PgFeed | None = None
@@ -145,7 +145,7 @@ class _PostgreSQLStore(SQLStore):
             assert self._channel is not None
             feed = self._feed = PgFeed(
                 channel=self._channel,
-                connect=asyncpg_connector(self._engine, self._connect_args),
+                connect=feed_connector(self._engine, self._connect_args),
                 timeout=self._timeout,
                 unavailable=self._unavailable,
             )
