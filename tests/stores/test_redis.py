@@ -655,6 +655,38 @@ async def test_watch_reports_each_change_with_its_api_and_key() -> None:
         )
 
 
+async def test_a_quiet_feed_stays_up_through_its_pings() -> None:
+    """A feed that hears nothing for several timeouts pings its server and, answered, keeps
+    listening (no re-listen, no error), then hears the next change."""
+    async with shared_store() as writer:
+        store = RedisStore.from_url(require_server("redis"), prefix=writer.prefix, timeout=0.2)
+        seen: list[tuple[str, str | None]] = []
+        readies: list[None] = []
+        ready, heard = anyio.Event(), anyio.Event()
+
+        def on_change(api: str, client_id: str | None) -> None:
+            seen.append((api, client_id))
+            heard.set()
+
+        def on_ready() -> None:
+            readies.append(None)
+            ready.set()
+
+        try:
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(partial(store.watch, on_change, on_ready=on_ready))
+                    await ready.wait()
+                    await anyio.sleep(1.2)  # six quiet timeouts: pinged, answered
+                    await expose(writer)
+                    await heard.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            await store.aclose()
+        assert seen == [("orders", None)]
+        assert len(readies) == 1
+
+
 async def test_watch_raises_store_unavailable_when_redis_goes_away(
     private_redis: PrivateRedis,
 ) -> None:
