@@ -11,6 +11,7 @@ private ``redis-server`` of their own; the machine's Redis is never flushed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -653,6 +654,91 @@ async def test_watch_reports_each_change_with_its_api_and_key() -> None:
             + mine * 4
             + [("orders", "last")]
         )
+
+
+def test_a_cache_listens_again_after_its_loop_stopped_with_the_watcher_pending() -> None:
+    """A cache whose event loop stopped without ending its tasks (run_until_complete, the
+    loop then left idle) has its feed's watcher stuck there; the next loop's lookups
+    listen anew, so a change elsewhere is still refused at once (not after the ttl)."""
+    url = require_server("redis")
+    prefix = unique_prefix()
+    writer = RedisStore.from_url(url, prefix=prefix)
+    reader = CachedStore(RedisStore.from_url(url, prefix=prefix), ttl=600)
+    key = record()
+
+    async def disabled() -> bool:
+        found = (await reader.lookup("orders", key.client_id))[1]
+        return found is not None and not found.enabled
+
+    async def first() -> asyncio.Task[None] | None:
+        await expose(writer)
+        await writer.insert_key(key)
+        assert await reader.lookup("orders", key.client_id) == (True, key)
+        await writer.update_key("orders", key.client_id, KeyChanges(enabled=False))
+        await eventually(disabled)  # heard: this loop's watcher listens
+        return reader._watcher
+
+    async def forgotten() -> bool:
+        return await reader.lookup("orders", key.client_id) == (True, None)
+
+    async def second() -> None:
+        assert await disabled()  # still cached from the first loop
+        await writer.delete_key("orders", key.client_id)
+        await eventually(forgotten)
+
+    stopped = asyncio.new_event_loop()
+    stuck: asyncio.Task[None] | None = None
+    try:
+        stuck = stopped.run_until_complete(first())
+        assert stuck is not None
+        assert not stuck.done()
+        asyncio.run(second())
+    finally:
+
+        async def end_stuck_and_clean() -> None:
+            if stuck is not None:
+                stuck.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stuck
+
+            await delete_prefixed(url, prefix)
+            await writer.aclose()
+            await reader.aclose()  # (the first loop's connections, there)
+
+        stopped.run_until_complete(end_stuck_and_clean())
+        stopped.close()
+
+
+async def test_a_quiet_feed_stays_up_through_its_pings() -> None:
+    """A feed that hears nothing for several timeouts pings its server and, answered, keeps
+    listening (no re-listen, no error), then hears the next change."""
+    async with shared_store() as writer:
+        store = RedisStore.from_url(require_server("redis"), prefix=writer.prefix, timeout=0.2)
+        seen: list[tuple[str, str | None]] = []
+        readies: list[None] = []
+        ready, heard = anyio.Event(), anyio.Event()
+
+        def on_change(api: str, client_id: str | None) -> None:
+            seen.append((api, client_id))
+            heard.set()
+
+        def on_ready() -> None:
+            readies.append(None)
+            ready.set()
+
+        try:
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(partial(store.watch, on_change, on_ready=on_ready))
+                    await ready.wait()
+                    await anyio.sleep(1.2)  # six quiet timeouts: pinged, answered
+                    await expose(writer)
+                    await heard.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            await store.aclose()
+        assert seen == [("orders", None)]
+        assert len(readies) == 1
 
 
 async def test_watch_raises_store_unavailable_when_redis_goes_away(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +325,34 @@ async def test_a_change_reaches_a_cache_listening_on_any_node(
             await reader.aclose()
     assert listened == {f"127.0.0.1:{port}" for port in cluster.ports}
     assert f"127.0.0.1:{master}" in listened  # so two of the three were not the API's master
+
+
+async def test_a_quiet_feed_on_any_node_stays_up_through_its_pings(
+    cluster_store: RedisClusterStore,
+) -> None:
+    """A feed that hears nothing for several timeouts pings its node and, answered, keeps
+    listening (no re-listen, no error) on every node, then hears the next change."""
+    cluster = shared_cluster()
+    for turn in range(3):
+        store = feed_counting_store(cluster.url, cluster_store.prefix, timeout=0.2)
+        store._feed_turn = turn
+        readies: list[None] = []
+        try:
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    ready = partial(readies.append, None)
+                    tg.start_soon(partial(store.watch, lambda api, client_id: None, on_ready=ready))
+                    await store.ready.wait()
+                    await anyio.sleep(1.2)  # six quiet timeouts: pinged, answered
+                    await cluster_store.upsert_api(
+                        "orders", exposed=True, max_keys_per_kind=None, default_max_keys_per_kind=5
+                    )
+                    await store.notice.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            await store.aclose()
+        assert store.heard == [("orders", None)]
+        assert len(readies) == 1
 
 
 # -- the client ----------------------------------------------------------------------------------

@@ -122,3 +122,37 @@ def test_every_call_on_a_frozen_redis_ends_within_its_timeout(
             await store.aclose()
 
     assert asyncio.run(served()) in (["orders"], [])
+
+
+def test_the_change_feed_of_a_frozen_redis_ends_within_its_timeout(
+    frozen_redis: tuple[int, subprocess.Popen[bytes]],
+) -> None:
+    """A feed whose server stops answering without closing the connection (no error, no
+    notice, ever) ends with StoreUnavailable within a few timeouts, so its cache listens
+    again and forgets what it holds instead of trusting a silent feed (SPEC §11)."""
+    port, proc = frozen_redis
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", timeout=TIMEOUT)
+
+    async def watch_until_broken() -> None:
+        ready = anyio.Event()
+
+        async def watch() -> None:
+            with pytest.raises(StoreUnavailable):
+                await store.watch(lambda api, client_id: None, on_ready=ready.set)
+
+        # Ready, then frozen: quiet for a timeout, a ping, no answer for another.
+        with anyio.fail_after(BOUND * 2):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                await ready.wait()
+                proc.send_signal(signal.SIGSTOP)
+
+    try:
+        asyncio.run(watch_until_broken())
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+    async def close() -> None:
+        await store.aclose()
+
+    asyncio.run(close())

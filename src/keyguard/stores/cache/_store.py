@@ -181,9 +181,14 @@ class CachedStore:
 
     async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
         """The answer from what is cached of ``api``, read from the store when stale."""
-        if self._feed is not None and (self._watcher is None or self._watcher.done()):
-            # Not listening (first use, or a new event loop): what is cached may
-            # have missed notices, so start afresh.
+        watcher = self._watcher
+        if self._feed is not None and (
+            watcher is None or watcher.done() or not watcher.get_loop().is_running()
+        ):
+            # Not listening (first use, or a new event loop; a watcher left pending in a
+            # loop that stopped or closed without ending its tasks never listens again):
+            # what is cached may have missed notices, so start afresh. (A watcher in
+            # another loop that still runs is left to it.)
             self.clear()
             self._start_watching(self._feed)
         found = self._entries.get(api)

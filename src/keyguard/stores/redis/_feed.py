@@ -39,12 +39,22 @@ class _Feed(_RedisBase[ClientT]):
             with anyio.fail_after(self.timeout):
                 pubsub = await self._subscriber(client)
                 await pubsub.subscribe(self._channel)
+            pinged = False
             while True:
                 # An explicit read timeout answers None when nothing came, on every
                 # redis-py version (a blocking read may inherit the socket timeout).
                 message = await pubsub.get_message(timeout=self.timeout)
                 if message is None:
+                    # Quiet for a timeout: a connection cut without a goodbye (or a
+                    # frozen server) raises nothing, ever. Ask; no answer by the next
+                    # quiet timeout means the feed is gone, not merely idle.
+                    if pinged:
+                        raise ConnectionError("the change feed's server stopped answering")
+                    with anyio.fail_after(self.timeout):
+                        await pubsub.ping()
+                    pinged = True
                     continue
+                pinged = False  # the connection lives: anything heard counts
                 kind = _text(message["type"])
                 if kind == "subscribe":
                     on_ready()
