@@ -129,6 +129,36 @@ async def test_key_entries_are_valid_from_when_their_read_started(large: Large) 
     assert counting.calls["lookup"] == 2
 
 
+async def test_a_key_entry_that_expires_while_the_api_refreshes_is_read_again(
+    large: Large,
+) -> None:
+    """A lookup that waited for its API's refresh does not answer from a key entry that
+    expired meanwhile: a key disabled elsewhere after that entry's read is not seen enabled
+    later than a TTL from the read's start (SPEC §11)."""
+    cached, counting, clock, keys = large
+    rec = keys[0]
+    start = clock.now
+    await cached.lookup("orders", None)  # the API entry, read at 0: valid until 5
+    clock.now = start + 3
+    assert await cached.lookup("orders", rec.client_id) == (True, rec)  # valid until 8
+    clock.now = start + 4
+    await counting.inner.update_key(  # "another process"
+        "orders", rec.client_id, KeyChanges(enabled=False)
+    )
+    inner_snapshot = counting.inner.snapshot  # type: ignore[attr-defined]
+
+    async def slow_snapshot(api: str, *, max_keys: int) -> Any:
+        clock.now += 3  # the API's refresh answers at 9, past the key entry's 8
+        return await inner_snapshot(api, max_keys=max_keys)
+
+    counting.inner.snapshot = slow_snapshot  # type: ignore[attr-defined]
+    clock.now = start + 6
+    exposed, found = await cached.lookup("orders", rec.client_id)
+    assert exposed is True
+    assert found is not None
+    assert found.enabled is False
+
+
 def hold_lookup(counting: CountingStore) -> tuple[anyio.Event, anyio.Event]:
     """Make the store's key lookups read, then signal ``started`` and wait for ``release``."""
     started, release = anyio.Event(), anyio.Event()

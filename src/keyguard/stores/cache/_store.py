@@ -200,6 +200,7 @@ class CachedStore:
                 # An API nobody created (perhaps a made-up name): no read of its own.
                 return False, None
             entry = await self._refresh(api)
+            now = self._clock()  # what the key's entry is judged by: after the wait
         else:
             self._count_lookup(True)
             if entry.expires - now <= self._ahead and api not in self._refreshing:
