@@ -23,6 +23,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from playwright.sync_api import Request as BrowserRequest
+from playwright.sync_api import Route as BrowserRoute
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -554,10 +555,14 @@ def test_a_key_found_by_the_search_shows_its_usage_line(
     show_range(page, "Last 30 days")
     expect(row).to_contain_text("Last 30 days: 12 requests, 3 rate limited")
     assert "limit=100&name=tomer+1050" in queries(large_tab.requests, large, "usage")
-    # Cleared: the first page again, whose keys sent nothing over the range.
+    # Cleared: the first page again, whose keys sent nothing over the range; the next one
+    # (read-only too) brings a key with its line.
     page.get_by_role("searchbox", name="Search keys by name").fill("")
     expect(page.locator("tr[data-client-id]")).to_have_count(100)
     expect(page.locator(".usage-line:not([hidden])")).to_have_count(0)
+    page.get_by_role("button", name="Show more keys").click()
+    expect(page.locator("tr[data-client-id]")).to_have_count(200)
+    expect(large_row(page, NEARBY)).to_contain_text("Last 30 days: 6 requests, 1 rate limited")
 
 
 def test_switching_the_range_updates_the_lines_of_later_pages(
@@ -579,3 +584,73 @@ def test_switching_the_range_updates_the_lines_of_later_pages(
     expect(busy).to_contain_text("Last 30 days: 12 requests, 3 rate limited")
     expect(nearby).to_contain_text("Last 30 days: 6 requests, 1 rate limited")
     expect(page.locator(".usage-line:not([hidden])")).to_have_count(2)
+
+
+class Held:
+    """The usage requests of a tab matching ``pattern``, held back until released."""
+
+    def __init__(self, page: Page, pattern: str) -> None:
+        self.page = page
+        self.pattern = re.compile(pattern)
+        self.routes: list[BrowserRoute] = []
+
+        def hold(route: BrowserRoute) -> None:
+            self.routes.append(route)
+
+        page.route(self.pattern, hold)
+
+    def wait(self, count: int = 1) -> None:
+        """Until ``count`` requests are held (the page's clock, not an assertion on it)."""
+        for _ in range(400):
+            if len(self.routes) >= count:
+                return
+            self.page.wait_for_timeout(50)
+        raise AssertionError(f"{count} request(s) to {self.pattern.pattern} never came")
+
+    def release(self) -> None:
+        """Let the held requests through, then new ones too; returns once their answers
+        arrived and the page had a moment to take them in."""
+        for route in self.routes:
+
+            def answered(done: BrowserRequest, request: BrowserRequest = route.request) -> bool:
+                return done == request
+
+            with self.page.expect_event("requestfinished", answered):
+                route.continue_()
+        self.page.unroute(self.pattern)
+        self.page.wait_for_timeout(300)
+
+
+def test_a_page_shown_while_the_totals_are_on_their_way_keeps_its_line(
+    large_tab: Watched, large: ConsoleServer
+) -> None:
+    """ "Show more keys" while the first read of the totals is still on its way: the new
+    page's totals, answered first, are not dropped when that read lands."""
+    first = Held(large_tab.page, r"/usage\?hours=24&limit=100$")
+    page = open_large(large_tab, large)
+    first.wait()
+    with page.expect_event("requestfinished", lambda r: "/usage?" in r.url and "after=" in r.url):
+        page.get_by_role("button", name="Show more keys").click()
+    expect(page.locator("tr[data-client-id]")).to_have_count(200)
+    first.release()
+    expect(large_row(page, NEARBY)).to_contain_text("Last 24 hours: 2 requests, 0 rate limited")
+    expect(chart_image(page, 9, 3)).to_be_visible()
+
+
+def test_a_page_read_in_the_old_range_and_answered_late_is_dropped(
+    large_tab: Watched, large: ConsoleServer
+) -> None:
+    """The totals of a page added by "Show more keys" over 24 hours, answered only after a
+    switch to 30 days, do not overwrite that range's counts."""
+    page = open_large(large_tab, large)
+    expect(chart_image(page, 9, 3)).to_be_visible()
+    late = Held(page, r"/usage\?hours=24&limit=100&after=")
+    page.get_by_role("button", name="Show more keys").click()
+    expect(page.locator("tr[data-client-id]")).to_have_count(200)
+    late.wait()
+    show_range(page, "Last 30 days")
+    row = large_row(page, NEARBY)
+    expect(row).to_contain_text("Last 30 days: 6 requests, 1 rate limited")
+    late.release()
+    expect(row).to_contain_text("Last 30 days: 6 requests, 1 rate limited")
+    expect(usage(page).get_by_role("alert")).to_be_hidden()

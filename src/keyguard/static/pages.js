@@ -87,8 +87,10 @@ export function wirePages() {
     el("p", { id: "key-search-hint", class: "hint",
       text: "Shows the keys of both kinds whose name contains this text, in any case." }));
   internal.before(form);
+  // Reading more keys changes nothing: on in a read-only session too.
   const more = el("button", { type: "button", id: "more-keys", class: "more-keys", hidden: "",
-    "data-read": "true", text: "Show more keys", onclick: (event) => showMore(event.currentTarget) });
+    "data-read": "true", text: "Show more keys",
+    onclick: (event) => showMore(event.currentTarget) });
   const status = el("p", { id: "keys-shown", class: "hint keys-shown", role: "status" });
   external.after(el("div", { class: "keys-paging" }, status, more));
 }
