@@ -23,13 +23,14 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from playwright.sync_api import Request as BrowserRequest
+from playwright.sync_api import Route as BrowserRoute
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from keyguard import KeyGuard, ReadOnly, management_app, open_store
-from keyguard.models import utcnow
+from keyguard.models import KeyKind, KeyRecord, utcnow
 from keyguard.usage import UsageCount, hour_start
 from tests.browser import CHROMIUM_ARGS, PROTECTED_API, TOKEN, ConsoleServer, chromium_path
 
@@ -398,13 +399,258 @@ def test_the_page_asks_only_its_own_origin_for_usage(tab: Watched, server: Conso
     page.get_by_role("button", name="View usage of key Acme").click()
     expect(chart_image(page, 9, 0)).to_be_visible()
     base = f"{server.base}/keyguard/apis/{PROTECTED_API}"
-    # The API's usage a page of 1,000 keys at most: a huge API is never read whole.
-    assert f"{base}/usage?hours=24&limit=1000" in tab.requests
+    # The API's usage for the page of keys listed (?limit=100): a huge API is never read
+    # whole.
+    assert f"{base}/keys?limit=100" in tab.requests
+    assert f"{base}/usage?hours=24&limit=100" in tab.requests
     month = [url for url in tab.requests if url.startswith(f"{base}/usage?hours=")]
-    assert all(url.endswith("&limit=1000") for url in month)
+    assert all(url.endswith("&limit=100") for url in month)
     hours = {int(url.split("hours=", 1)[1].split("&", 1)[0]) for url in month} - {24}
     assert hours
     assert all(697 <= value <= 721 for value in hours)
     key_base = f"{base}/keys/{keys['Acme']['client_id']}/usage?hours="
     assert any(url.startswith(key_base) for url in tab.requests)
     assert all(url.startswith(server.base + "/") for url in tab.requests)
+
+
+# -- the usage lines of a large API, page after page ---------------------------------------
+
+LARGE_KEYS = 1100  # more than the 1,000 keys of one page of the usage route
+BUSY = 1050  # a key listed only after ten "Show more keys" (or found by the search)
+NEARBY = 150  # a key of the console's second page
+
+
+def large_name(n: int) -> str:
+    return f"Customer {n:04}"
+
+
+def fill_large(url: str) -> None:
+    """1,100 external keys ("Customer 0000" …, oldest first) straight into the store, and
+    traffic for two of them: Customer 1050 sent 7 requests and 3 rate limited this hour and
+    5 three days ago; Customer 0150 sent 2 this hour, and 4 and 1 rate limited 3 days ago."""
+
+    async def go() -> None:
+        store = open_store(url, cache_ttl=0)
+        try:
+            await store.upsert_api(
+                PROTECTED_API,
+                exposed=True,
+                max_keys_per_kind=LARGE_KEYS,
+                default_max_keys_per_kind=5,
+            )
+            start = utcnow() - timedelta(hours=1)
+            for n in range(LARGE_KEYS):
+                record = KeyRecord(
+                    api=PROTECTED_API,
+                    client_id=f"{n:032x}",
+                    name=large_name(n),
+                    kind=KeyKind.EXTERNAL,
+                    secret_hash=None,
+                    created_at=start + timedelta(milliseconds=n),
+                )
+                await store.insert_key(record)
+            now = hour_start(utcnow())
+            days_ago = now - timedelta(days=3)
+            busy, nearby = f"{BUSY:032x}", f"{NEARBY:032x}"
+            await store.record_usage(
+                [
+                    UsageCount(PROTECTED_API, busy, now, requests=7, rate_limited=3),
+                    UsageCount(PROTECTED_API, busy, days_ago, requests=5),
+                    UsageCount(PROTECTED_API, nearby, now, requests=2),
+                    UsageCount(PROTECTED_API, nearby, days_ago, requests=4, rate_limited=1),
+                ]
+            )
+        finally:
+            await store.aclose()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, go()).result(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleServer]:
+    """A management app (tokens ``admin`` and read-only ``viewer``) over an API of 1,100
+    keys, two with traffic; its tests only read, so they share it."""
+    with ConsoleServer(tmp_path_factory.mktemp("large") / "keys.db") as running:
+        running._admin = management_app(
+            running.store, tokens={"admin": TOKEN, "viewer": ReadOnly(VIEWER)}
+        )
+        fill_large(running.url)
+        yield running
+
+
+@pytest.fixture
+def large_tab(browser: Browser, large: ConsoleServer) -> Iterator[Watched]:
+    """A desktop tab on the large API's server, failing its test on a script error."""
+    watched = open_tab(browser, large, 1280, 900)
+    yield watched
+    watched.page.context.close()
+    assert watched.problems == []
+
+
+def large_row(page: Page, n: int) -> Locator:
+    """The row of the large API's key ``n``, found by its client id: a search by role
+    through 1,100 rows is too slow to poll."""
+    return page.locator(f'tr[data-client-id="{n:032x}"]')
+
+
+def open_large(tab: Watched, server: ConsoleServer, token: str = TOKEN) -> Page:
+    """Signed in with ``token``, the large API's first page of keys shown."""
+    page = tab.page
+    sign_in(page, server, token)
+    page.get_by_role("link", name=PROTECTED_API).click()
+    expect(page.locator("tr[data-client-id]")).to_have_count(100)
+    return page
+
+
+def show_every_page(page: Page) -> None:
+    """ "Show more keys" until every key is listed, checking each page arrived."""
+    more = page.get_by_role("button", name="Show more keys")
+    for shown in range(200, LARGE_KEYS + 1, 100):
+        more.click()
+        expect(page.locator("tr[data-client-id]")).to_have_count(shown)
+
+
+def queries(requests: list[str], server: ConsoleServer, route: str) -> list[str]:
+    """The query strings of the requests to the large API's ``route`` (``keys`` or
+    ``usage``), without ``hours=``, in the order they were sent."""
+    prefix = f"{server.base}/keyguard/apis/{PROTECTED_API}/{route}?"
+    found = []
+    for url in requests:
+        if url.startswith(prefix):
+            parts = url[len(prefix) :].split("&")
+            found.append("&".join(part for part in parts if not part.startswith("hours=")))
+    return found
+
+
+def test_a_key_beyond_the_first_thousand_shows_its_usage_line(
+    large_tab: Watched, large: ConsoleServer
+) -> None:
+    """A key listed only after ten "Show more keys" (the 1,051st of 1,100) shows its totals
+    like a key of the first page; the usage is read for exactly the pages listed, one
+    request each, with the same ?limit=&after= (never the whole API)."""
+    page = open_large(large_tab, large)
+    expect(large_row(page, NEARBY)).to_have_count(0)
+    show_every_page(page)
+    expect(large_row(page, BUSY)).to_contain_text("Last 24 hours: 7 requests, 3 rate limited")
+    expect(large_row(page, NEARBY)).to_contain_text("Last 24 hours: 2 requests, 0 rate limited")
+    expect(page.locator(".usage-line:not([hidden])")).to_have_count(2)
+    listed = queries(large_tab.requests, large, "keys")
+    assert len(listed) == 11
+    assert all(query.startswith("limit=100") for query in listed)
+    assert sorted(queries(large_tab.requests, large, "usage")) == sorted(listed)
+
+
+def test_a_key_found_by_the_search_shows_its_usage_line(
+    large_tab: Watched, large: ConsoleServer
+) -> None:
+    """The search finds a key beyond the first 1,000, and its row shows its totals over
+    either range, read with the search's ?name= (read-only: reading changes nothing)."""
+    page = open_large(large_tab, large, VIEWER)
+    expect(page.get_by_role("note")).to_contain_text("read-only token viewer")
+    page.get_by_role("searchbox", name="Search keys by name").fill("tomer 1050")
+    expect(page.locator("tr[data-client-id]")).to_have_count(1)
+    row = large_row(page, BUSY)
+    expect(row).to_contain_text("Last 24 hours: 7 requests, 3 rate limited")
+    show_range(page, "Last 30 days")
+    expect(row).to_contain_text("Last 30 days: 12 requests, 3 rate limited")
+    assert "limit=100&name=tomer+1050" in queries(large_tab.requests, large, "usage")
+    # Cleared: the first page again, whose keys sent nothing over the range; the next one
+    # (read-only too) brings a key with its line.
+    page.get_by_role("searchbox", name="Search keys by name").fill("")
+    expect(page.locator("tr[data-client-id]")).to_have_count(100)
+    expect(page.locator(".usage-line:not([hidden])")).to_have_count(0)
+    page.get_by_role("button", name="Show more keys").click()
+    expect(page.locator("tr[data-client-id]")).to_have_count(200)
+    expect(large_row(page, NEARBY)).to_contain_text("Last 30 days: 6 requests, 1 rate limited")
+
+
+def test_switching_the_range_updates_the_lines_of_later_pages(
+    large_tab: Watched, large: ConsoleServer
+) -> None:
+    """Pages listed after a switch to 30 days get that range's totals, and each range
+    button then reads the totals of every page listed again: the keys of the second and of
+    the eleventh page show the counts of the range chosen."""
+    page = open_large(large_tab, large)
+    show_range(page, "Last 30 days")
+    show_every_page(page)
+    busy, nearby = large_row(page, BUSY), large_row(page, NEARBY)
+    expect(busy).to_contain_text("Last 30 days: 12 requests, 3 rate limited")
+    expect(nearby).to_contain_text("Last 30 days: 6 requests, 1 rate limited")
+    show_range(page, "Last 24 hours")
+    expect(busy).to_contain_text("Last 24 hours: 7 requests, 3 rate limited")
+    expect(nearby).to_contain_text("Last 24 hours: 2 requests, 0 rate limited")
+    show_range(page, "Last 30 days")
+    expect(busy).to_contain_text("Last 30 days: 12 requests, 3 rate limited")
+    expect(nearby).to_contain_text("Last 30 days: 6 requests, 1 rate limited")
+    expect(page.locator(".usage-line:not([hidden])")).to_have_count(2)
+
+
+class Held:
+    """The usage requests of a tab matching ``pattern``, held back until released."""
+
+    def __init__(self, page: Page, pattern: str) -> None:
+        self.page = page
+        self.pattern = re.compile(pattern)
+        self.routes: list[BrowserRoute] = []
+
+        def hold(route: BrowserRoute) -> None:
+            self.routes.append(route)
+
+        page.route(self.pattern, hold)
+
+    def wait(self, count: int = 1) -> None:
+        """Until ``count`` requests are held (the page's clock, not an assertion on it)."""
+        for _ in range(400):
+            if len(self.routes) >= count:
+                return
+            self.page.wait_for_timeout(50)
+        raise AssertionError(f"{count} request(s) to {self.pattern.pattern} never came")
+
+    def release(self) -> None:
+        """Let the held requests through, then new ones too; returns once their answers
+        arrived and the page had a moment to take them in."""
+        for route in self.routes:
+
+            def answered(done: BrowserRequest, request: BrowserRequest = route.request) -> bool:
+                return done == request
+
+            with self.page.expect_event("requestfinished", answered):
+                route.continue_()
+        self.page.unroute(self.pattern)
+        self.page.wait_for_timeout(300)
+
+
+def test_a_page_shown_while_the_totals_are_on_their_way_keeps_its_line(
+    large_tab: Watched, large: ConsoleServer
+) -> None:
+    """ "Show more keys" while the first read of the totals is still on its way: the new
+    page's totals, answered first, are not dropped when that read lands."""
+    first = Held(large_tab.page, r"/usage\?hours=24&limit=100$")
+    page = open_large(large_tab, large)
+    first.wait()
+    with page.expect_event("requestfinished", lambda r: "/usage?" in r.url and "after=" in r.url):
+        page.get_by_role("button", name="Show more keys").click()
+    expect(page.locator("tr[data-client-id]")).to_have_count(200)
+    first.release()
+    expect(large_row(page, NEARBY)).to_contain_text("Last 24 hours: 2 requests, 0 rate limited")
+    expect(chart_image(page, 9, 3)).to_be_visible()
+
+
+def test_a_page_read_in_the_old_range_and_answered_late_is_dropped(
+    large_tab: Watched, large: ConsoleServer
+) -> None:
+    """The totals of a page added by "Show more keys" over 24 hours, answered only after a
+    switch to 30 days, do not overwrite that range's counts."""
+    page = open_large(large_tab, large)
+    expect(chart_image(page, 9, 3)).to_be_visible()
+    late = Held(page, r"/usage\?hours=24&limit=100&after=")
+    page.get_by_role("button", name="Show more keys").click()
+    expect(page.locator("tr[data-client-id]")).to_have_count(200)
+    late.wait()
+    show_range(page, "Last 30 days")
+    row = large_row(page, NEARBY)
+    expect(row).to_contain_text("Last 30 days: 6 requests, 1 rate limited")
+    late.release()
+    expect(row).to_contain_text("Last 30 days: 6 requests, 1 rate limited")
+    expect(usage(page).get_by_role("alert")).to_be_hidden()

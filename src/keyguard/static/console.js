@@ -39,6 +39,7 @@ function signOut(message) {
     selected: null,
     api: null,
     keys: [],
+    keyReads: [],
     loads: state.loads + 1,
   });
   $("api-list").replaceChildren();
@@ -232,6 +233,7 @@ async function loadApi() {
     state.api = api;
     state.keys = keys.keys;
     state.keysNext = keys.next;
+    state.keyReads = keys.reads;
     setPageError("");
     renderApi();
     loadActivity(name, current);

@@ -29,7 +29,8 @@ export const state = {
   apisLoaded: false, // whether state.apis was read (an empty list then means "no APIs")
   selected: null, // the chosen API's name, from the address (#api=...)
   api: null, // the chosen API, as GET /apis/{api} answered
-  keys: [],
+  keys: [], // the chosen API's keys read so far (pages.js keeps them, with the fields below)
+  keyReads: [], // the query string of each request that read them (?limit=&after=&name=)
   loads: 0, // numbers every read of the chosen API, so that only the latest is shown
   busy: false, // a change is being saved (one at a time: see change())
   create: null, // {api, kind, opener} while the create dialog is open

@@ -2,11 +2,13 @@
 // "Show more keys" button and the search by name, filtered by the server.
 //
 // state.keys holds the keys read so far (oldest first, both kinds), state.keysNext the
-// cursor of the next page (null: every key is shown) and state.keyFilter the search text.
-// A reload (after a change, or coming back to the tab) reads again as many keys as were
-// shown, so that the page does not shrink under the operator.
+// cursor of the next page (null: every key is shown), state.keyFilter the search text and
+// state.keyReads the query of each request that read them, so that usage.js reads the
+// totals of exactly those pages. A reload (after a change, or coming back to the tab) reads
+// again as many keys as were shown, so that the page does not shrink under the operator.
 
 import { $, authorized, announce, el, page, path, state, withBusy } from "./core.js";
+import { loadMoreTotals } from "./usage.js";
 
 export const PAGE_SIZE = 100; // keys per "Show more keys"
 const MAX_LIMIT = 1000; // the most one request may ask for (SPEC §5)
@@ -18,7 +20,7 @@ let wanted = PAGE_SIZE; // how many keys the operator asked to see
 let timer = null;
 
 // Read the keys of the API ``name`` to show: ``wanted`` of them from the start, with the
-// search applied. Answers {keys, next}; the caller keeps them if still current.
+// search applied. Answers {keys, next, reads}; the caller keeps them if still current.
 export async function loadKeys(name) {
   if (name !== shownApi) {
     shownApi = name;
@@ -32,8 +34,10 @@ export async function loadKeys(name) {
 
 // Up to ``count`` keys of ``name`` after the cursor ``after``, a request of at most 1000 at a
 // time; a filtered page may come back short (the store bounds its work), so it reads on.
+// ``reads`` lists the query string of each request (?limit=&after=&name=), oldest first.
 async function readKeys(name, after, count, filter) {
   const keys = [];
+  const reads = [];
   let next = after;
   for (let calls = 0; calls < MAX_CALLS; calls += 1) {
     const query = new URLSearchParams({ limit: String(Math.min(MAX_LIMIT, count - keys.length)) });
@@ -41,16 +45,18 @@ async function readKeys(name, after, count, filter) {
     if (filter) query.set("name", filter);
     const answer = await authorized("GET", "apis/" + path(name, "keys") + "?" + query);
     keys.push(...answer.keys);
+    reads.push(query.toString());
     next = answer.next;
     if (next === null || keys.length >= count) break;
   }
-  return { keys, next };
+  return { keys, next, reads };
 }
 
 // The search box and the "Show more keys" button, added around the two sections of keys.
 export function wirePages() {
   state.keysNext = null;
   state.keyFilter = "";
+  state.keyReads = [];
   const internal = $("internal");
   const external = $("external");
   if (!internal || !external || $("key-search")) return;
@@ -62,6 +68,7 @@ export function wirePages() {
     maxlength: "100",
     placeholder: "Part of a key's name",
     "aria-describedby": "key-search-hint",
+    "data-read": "true", // searching changes nothing: on in a read-only session too
   });
   box.addEventListener("input", () => {
     clearTimeout(timer);
@@ -80,8 +87,10 @@ export function wirePages() {
     el("p", { id: "key-search-hint", class: "hint",
       text: "Shows the keys of both kinds whose name contains this text, in any case." }));
   internal.before(form);
+  // Reading more keys changes nothing: on in a read-only session too.
   const more = el("button", { type: "button", id: "more-keys", class: "more-keys", hidden: "",
-    text: "Show more keys", onclick: (event) => showMore(event.currentTarget) });
+    "data-read": "true", text: "Show more keys",
+    onclick: (event) => showMore(event.currentTarget) });
   const status = el("p", { id: "keys-shown", class: "hint keys-shown", role: "status" });
   external.after(el("div", { class: "keys-paging" }, status, more));
 }
@@ -98,17 +107,22 @@ async function showMore(button) {
   const name = state.selected;
   const ticket = state.loads;
   const filter = state.keyFilter;
+  const current = () => ticket === state.loads && name === state.selected &&
+    filter === state.keyFilter;
   if (!name || state.keysNext === null) return;
   await withBusy(button, async () => {
     try {
       const more = await readKeys(name, state.keysNext, PAGE_SIZE, filter);
       // A reload or another API since the click: its answer is the one to keep.
-      if (ticket !== state.loads || name !== state.selected || filter !== state.keyFilter) return;
+      if (!current()) return;
       state.keys = state.keys.concat(more.keys);
       state.keysNext = more.next;
+      state.keyReads = state.keyReads.concat(more.reads);
       wanted = state.keys.length;
       page.redraw();
       announce(shownText());
+      // The new rows' usage lines: the totals of the pages just read, and only those.
+      loadMoreTotals(name, more.reads, current);
     } catch (error) {
       if (error.code !== "unauthorized") page.error(error.detail || String(error));
     }

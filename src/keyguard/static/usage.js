@@ -14,6 +14,7 @@ const HOUR = 3600 * 1000;
 const MAX_HOURS = 840; // the longest range the management API reads (35 days)
 const HEIGHT = 200; // the chart's height, in CSS pixels
 const MARGIN = { top: 10, right: 8, bottom: 24, left: 44 };
+const IN_FLIGHT = 4; // usage requests on their way at once, for the pages of keys shown
 
 const RANGES = {
   day: { words: "the last 24 hours", short: "Last 24 hours", per: "hour",
@@ -30,12 +31,19 @@ const view = {
   clientId: null, // one key's, or null: every key of the API
   name: "", // that key's name
   range: "day",
+  hours: 24, // the hours the latest read asked for (hoursFor(range) then)
   bars: null, // [{start: Date, label, title, requests, rateLimited}], once read
   ticket: 0,
 };
 
-// The API's totals per key over the chart's range, for the key rows' "Last 24 hours: …".
-const totals = { api: null, range: null, byKey: new Map() };
+// The totals per key over the chart's range, for the key rows' "Last 24 hours: …": those of
+// the keys shown, read page by page with the very queries that listed them (pages.js keeps
+// them in state.keyReads), so that every key listed has its line, whatever page or search
+// brought it, and a large API is never read whole. ``ticket`` is the read they come from.
+const totals = { api: null, range: null, ticket: 0, byKey: new Map() };
+// The totals of pages added by "Show more keys" while the read numbered ``ticket`` was still
+// on its way: that read did not ask for them, so it takes them in when it lands.
+let early = { ticket: 0, byKey: new Map() };
 
 // -- reading -------------------------------------------------------------------------------
 
@@ -69,23 +77,24 @@ export async function loadUsage(api, current = () => state.selected === api) {
   const ticket = ++view.ticket;
   const { range, clientId } = view;
   const hours = hoursFor(range);
+  view.hours = hours;
   const latest = () => ticket === view.ticket && current();
   renderHead();
   try {
-    const [all, one] = await Promise.all([
-      // The totals of the API's first 1,000 keys (the most a page holds, and more than
-      // the console lists before ten "Show more keys"): an API of a million keys is never
-      // read whole for a chart. The hours count all of the API's traffic either way.
-      authorized("GET", "apis/" + path(api, "usage") + "?hours=" + hours + "&limit=1000"),
+    const [pages, one] = await Promise.all([
+      // The totals of the keys shown, one request per page they were listed in. Each
+      // answer's hours count all of the API's traffic: the first one's are the chart's.
+      readPages(api, shownPages(api), hours),
       clientId === null ? null
         : authorized("GET", keyUrl(api, clientId, "usage") + "?hours=" + hours),
     ]);
     if (!latest()) return;
-    totals.api = api;
-    totals.range = range;
-    totals.byKey = new Map(all.keys.map((key) => [key.client_id, key]));
+    const byKey = early.ticket === ticket ? early.byKey : new Map();
+    early = { ticket: 0, byKey: new Map() };
+    for (const answer of pages) addTotals(byKey, answer);
+    Object.assign(totals, { api, range, ticket, byKey });
     fillKeyLines();
-    view.bars = bars((one || all).hours, range);
+    view.bars = bars((one || pages[0]).hours, range);
     showError("");
     renderChart();
   } catch (error) {
@@ -99,6 +108,64 @@ export async function loadUsage(api, current = () => state.selected === api) {
     renderChart();
     showError("The usage could not be read: " + explain(error, { api }));
   }
+}
+
+// The totals of keys just added to the rows ("Show more keys"): read for the pages that
+// listed them (``queries``, as pages.js sent them), over the range shown, and merged in.
+export async function loadMoreTotals(api, queries, current) {
+  const ticket = view.ticket;
+  const latest = () => ticket === view.ticket && current();
+  try {
+    const pages = await readPages(api, queries, view.hours);
+    // A newer read (another range, a reload) asked for these pages too: its answer counts.
+    if (!latest()) return;
+    if (totals.ticket === ticket) {
+      for (const answer of pages) addTotals(totals.byKey, answer);
+      fillKeyLines();
+      return;
+    }
+    if (early.ticket !== ticket) early = { ticket, byKey: new Map() };
+    for (const answer of pages) addTotals(early.byKey, answer);
+  } catch (error) {
+    if (error.code === "unauthorized" || !latest()) return;
+    showError("The usage of the keys just shown could not be read: " + explain(error, { api }));
+  }
+}
+
+// The listing queries of the keys shown when they are ``api``'s; otherwise (another API's
+// keys still on their way) a page of one key, for the chart: that API's rows, once read,
+// read their totals.
+function shownPages(api) {
+  const mine = state.api && state.api.name === api && state.keyReads.length > 0;
+  return mine ? state.keyReads : ["limit=1"];
+}
+
+// The usage of ``api`` for each listing query (?limit=&after=&name=: the same keys, with
+// their totals over ``hours``), in their order, a few requests at a time.
+async function readPages(api, queries, hours) {
+  const answers = [];
+  let next = 0;
+  let failed = false;
+  const worker = async () => {
+    while (next < queries.length && !failed) {
+      const index = next;
+      next += 1;
+      try {
+        answers[index] = await authorized("GET", "apis/" + path(api, "usage") + "?hours=" +
+          hours + "&" + queries[index]);
+      } catch (error) {
+        failed = true;
+        throw error;
+      }
+    }
+  };
+  const workers = Math.min(IN_FLIGHT, queries.length);
+  await Promise.all(Array.from({ length: workers }, worker));
+  return answers;
+}
+
+function addTotals(byKey, answer) {
+  for (const key of answer.keys) byKey.set(key.client_id, key);
 }
 
 // Hours as bars: one per hour, or summed into the local calendar days they start in.
@@ -176,7 +243,8 @@ function setRange(range) {
 // Nothing of a session stays in the page after signing out.
 export function clearUsage() {
   Object.assign(view, { api: null, clientId: null, name: "", bars: null, ticket: view.ticket + 1 });
-  Object.assign(totals, { api: null, range: null, byKey: new Map() });
+  Object.assign(totals, { api: null, range: null, ticket: 0, byKey: new Map() });
+  early = { ticket: 0, byKey: new Map() };
   $("usage-svg").replaceChildren();
   $("usage-svg").setAttribute("hidden", "");
   $("usage-table").replaceChildren();
