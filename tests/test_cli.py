@@ -434,6 +434,21 @@ _REFUSALS: list[tuple[str, Callable[[KeyManager], Awaitable[object]], tuple[str,
         ("keys", "create", "orders", "--name", "  ", "--kind", "internal"),
         "invalid_request",
     ),
+    # Digits int() cannot read (a superscript, more than 4,300 of them) were an
+    # "unexpected ValueError" rather than an invalid value.
+    (
+        "limit-superscript",
+        expose,
+        ("apis", "limits", "orders", "--set", "²/minute"),
+        "invalid_request",
+    ),
+    (
+        "limit-of-5000-digits",
+        expose,
+        ("apis", "limits", "orders", "--set", "9" * 5000 + "/minute"),
+        "invalid_request",
+    ),
+    ("hours-of-5000-digits", expose, ("usage", "orders", "--hours", "9" * 5000), "invalid_request"),
     ("set-secret-unknown", expose, ("keys", "set-secret", "orders", "0" * 32), "key_not_found"),
     ("delete-unknown", expose, ("keys", "delete", "orders", "0" * 32, "--yes"), "key_not_found"),
     (

@@ -518,9 +518,12 @@ def _rate_limit(item: object, field_name: str) -> RateLimit:
         limit, per = item.limit, item.per
     elif isinstance(item, str):
         count, _, unit = item.strip().partition("/")
-        if not count.strip().isdigit() or not unit:
+        digits = count.strip()
+        if not digits.isascii() or not digits.isdigit() or not unit:
             raise InvalidRequest(f"{field_name}: {item[:40]!r} is not a limit such as 100/minute")
-        limit, per = int(count), unit.strip().lower()
+        # More digits than the largest limit has is past it (int() refuses 4,300 of them).
+        limit = int(digits) if len(digits.lstrip("0")) <= 13 else 10**12 + 1
+        per = unit.strip().lower()
     elif isinstance(item, Mapping) and set(item) == {"limit", "per"}:
         limit, per = item["limit"], item["per"]
     else:
