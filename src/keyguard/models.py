@@ -464,7 +464,7 @@ def parse_meta(value: object) -> Mapping[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
             raise InvalidRequest('meta must be a JSON object, such as {"plan": "gold"}') from None
     if isinstance(value, Mapping) and not isinstance(value, dict):
         value = thaw(value)
