@@ -30,6 +30,7 @@ import pytest
 
 from keyguard import Denial, IssuedKey, KeyInfo, KeyManager, open_store
 from keyguard.cli import main as cli_main
+from keyguard.cli import store_label
 from keyguard.models import KeyKind, KeyRecord, utcnow
 
 pytestmark = pytest.mark.slow
@@ -433,6 +434,27 @@ _REFUSALS: list[tuple[str, Callable[[KeyManager], Awaitable[object]], tuple[str,
         ("keys", "create", "orders", "--name", "  ", "--kind", "internal"),
         "invalid_request",
     ),
+    # Digits int() cannot read (a superscript, more than 4,300 of them) were an
+    # "unexpected ValueError" rather than an invalid value.
+    (
+        "limit-superscript",
+        expose,
+        ("apis", "limits", "orders", "--set", "²/minute"),
+        "invalid_request",
+    ),
+    (
+        "limit-of-5000-digits",
+        expose,
+        ("apis", "limits", "orders", "--set", "9" * 5000 + "/minute"),
+        "invalid_request",
+    ),
+    (
+        "meta-nested-past-the-json-parser",
+        expose,
+        ("keys", "create", "orders", "--name", "A", "--kind", "external", "--meta", "[" * 100_000),
+        "invalid_request",
+    ),
+    ("hours-of-5000-digits", expose, ("usage", "orders", "--hours", "9" * 5000), "invalid_request"),
     ("set-secret-unknown", expose, ("keys", "set-secret", "orders", "0" * 32), "key_not_found"),
     ("delete-unknown", expose, ("keys", "delete", "orders", "0" * 32, "--yes"), "key_not_found"),
     (
@@ -573,6 +595,26 @@ def test_unknown_api_is_an_error_naming_the_store(exposed: Run, args: tuple[str,
     assert "'nosuch' not found" in line
     assert str(exposed.folder / "keys.db") in line
     assert [api["name"] for api in exposed.json("apis", "list")["apis"]] == ["orders"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://ops:top:secret@db:5432/keys", "postgresql://ops:***@db:5432/keys"),
+        ("redis://:top:secret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("mysql://ops:top@secret@db/keys", "mysql://ops:***@db/keys"),
+        ("postgresql://ops:top/secret@db/keys", "postgresql://ops:***@db/keys"),
+        ("postgresql://ops:top%3Asecret@db/keys", "postgresql://ops:***@db/keys"),
+        ("postgresql://ops@db/keys", "postgresql://ops@db/keys"),
+        ("redis://cache:6379/0", "redis://cache:6379/0"),
+    ],
+)
+def test_store_label_masks_the_whole_password(url: str, shown: str) -> None:
+    """The store named in an error line shows no part of a password, even one holding a
+    ``:`` (allowed unescaped in a URL's user information) or a stray ``@`` or ``/``."""
+    assert store_label(url) == shown
+    assert "top" not in store_label(url)
+    assert "secret" not in store_label(url)
 
 
 def test_unknown_api_never_creates_the_database_file(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from keyguard import KeyGuard, KeyInfo, KeyStore, MemoryStore, management_app
-from keyguard.models import MAX_META_BYTES, thaw, utcnow
+from keyguard.models import MAX_META_BYTES, MAX_META_DEPTH, thaw, utcnow
 from tests.test_management import (
     DOCUMENT,
     TOKEN,
@@ -162,6 +162,15 @@ async def test_create_key_with_null_expiry_and_rate_limits_takes_the_defaults(
 _TOO_BIG_META = {"blob": "x" * (MAX_META_BYTES - len('{"blob":""}') + 1)}
 _BIGGEST_META = {"blob": "x" * (MAX_META_BYTES - len('{"blob":""}'))}
 
+
+def _nested_meta(levels: int) -> dict[str, object]:
+    """A meta of ``levels`` levels: the top object, then arrays inside one another."""
+    inner: object = 1
+    for _ in range(levels - 1):
+        inner = [inner]
+    return {"a": inner}
+
+
 _BAD_LIFECYCLE_FIELDS: list[tuple[str, dict[str, object], str]] = [
     ("time-without-zone", {"expires_at": "2031-01-02T03:04:05"}, "expires_at"),
     ("date-only", {"expires_at": "2031-01-02"}, "expires_at"),
@@ -175,6 +184,9 @@ _BAD_LIFECYCLE_FIELDS: list[tuple[str, dict[str, object], str]] = [
     ("meta-null", {"meta": None}, "meta"),
     ("meta-too-big", {"meta": _TOO_BIG_META}, f"at most {MAX_META_BYTES} bytes"),
     ("meta-lone-surrogate", {"meta": {"plan": "\ud800"}}, "meta"),
+    ("meta-too-deep", {"meta": _nested_meta(MAX_META_DEPTH + 1)}, "meta must nest at most"),
+    # Small enough for the body, deep enough that reading it back once ran out of stack (500).
+    ("meta-far-too-deep", {"meta": _nested_meta(600)}, "meta must nest at most"),
     ("limits-object", {"rate_limits": {"limit": 1, "per": "second"}}, "rate_limits"),
     ("limits-shorthand", {"rate_limits": ["100/minute"]}, "rate_limits"),
     ("limits-zero", {"rate_limits": [{"limit": 0, "per": "second"}]}, "rate_limits"),
@@ -217,6 +229,17 @@ async def test_meta_of_exactly_4096_bytes_is_accepted(memory_client: httpx.Async
     )
     assert response.status_code == 201, response.text
     assert response.json()["meta"] == _BIGGEST_META
+
+
+async def test_meta_of_the_deepest_nesting_is_accepted(memory_client: httpx.AsyncClient) -> None:
+    """The nesting limit is inclusive: a meta of exactly MAX_META_DEPTH levels is kept whole."""
+    await expose(memory_client)
+    meta = _nested_meta(MAX_META_DEPTH)
+    response = await memory_client.post(
+        "/apis/orders/keys", json={"name": "Acme", "kind": "external", "meta": meta}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["meta"] == meta
 
 
 async def test_integer_valued_float_limit_is_an_integer(memory_client: httpx.AsyncClient) -> None:

@@ -14,7 +14,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
@@ -28,6 +28,7 @@ __all__ = [
     "KEY_NAME_PATTERN",
     "MAX_GRACE",
     "MAX_META_BYTES",
+    "MAX_META_DEPTH",
     "MAX_NAME_LENGTH",
     "MAX_RATE_LIMITS",
     "RATE_LIMIT_UNITS",
@@ -102,6 +103,9 @@ class KeyKind(str, enum.Enum):
 
 MAX_META_BYTES: Final = 4096
 """The largest ``meta`` a key may carry, as compact UTF-8 JSON (SPEC §8)."""
+MAX_META_DEPTH: Final = 32
+"""The most levels of objects and arrays a key's ``meta`` may nest (the top object is one):
+deeper, reading it back would exhaust Python's recursion limit."""
 MAX_GRACE: Final = timedelta(days=30)
 """The longest grace period of a rolled secret (SPEC §8)."""
 MAX_RATE_LIMITS: Final = 4
@@ -460,12 +464,16 @@ def parse_meta(value: object) -> Mapping[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
             raise InvalidRequest('meta must be a JSON object, such as {"plan": "gold"}') from None
     if isinstance(value, Mapping) and not isinstance(value, dict):
         value = thaw(value)
     if not isinstance(value, dict):
         raise InvalidRequest('meta must be a JSON object, such as {"plan": "gold"}')
+    if _depth(value) > MAX_META_DEPTH:
+        raise InvalidRequest(
+            f"meta must nest at most {MAX_META_DEPTH} levels of objects and arrays"
+        )
     try:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         size = len(text.encode("utf-8"))
@@ -474,6 +482,23 @@ def parse_meta(value: object) -> Mapping[str, Any]:
     if size > MAX_META_BYTES:
         raise InvalidRequest(f"meta must be at most {MAX_META_BYTES} bytes as JSON, got {size}")
     return load_meta(text)
+
+
+def _depth(value: object) -> int:
+    """How many levels of objects and arrays ``value`` nests, counted without recursion."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, Mapping):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        pending.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def parse_rate_limits(value: object, field_name: str = "rate_limits") -> tuple[RateLimit, ...]:
@@ -493,9 +518,12 @@ def _rate_limit(item: object, field_name: str) -> RateLimit:
         limit, per = item.limit, item.per
     elif isinstance(item, str):
         count, _, unit = item.strip().partition("/")
-        if not count.strip().isdigit() or not unit:
+        digits = count.strip()
+        if not digits.isascii() or not digits.isdigit() or not unit:
             raise InvalidRequest(f"{field_name}: {item[:40]!r} is not a limit such as 100/minute")
-        limit, per = int(count), unit.strip().lower()
+        # More digits than the largest limit has is past it (int() refuses 4,300 of them).
+        limit = int(digits) if len(digits.lstrip("0")) <= 13 else 10**12 + 1
+        per = unit.strip().lower()
     elif isinstance(item, Mapping) and set(item) == {"limit", "per"}:
         limit, per = item["limit"], item["per"]
     else:

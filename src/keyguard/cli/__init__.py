@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import getpass
 import os
-import re
 import sys
 from typing import Any
 
@@ -99,7 +98,20 @@ def store_label(url: str) -> str:
         path = rest[1:].split("?", 1)[0]
         if path and "mode=memory" not in url:
             return f"sqlite:///{os.path.abspath(path)}"
-    return re.sub(r"(?<=:)[^:@/]*(?=@)", "***", url)  # a password, masked
+    return _masked(url)
+
+
+def _masked(url: str) -> str:
+    """``url`` with its password, if any, shown as ``***``: everything from the user's
+    ``:`` to the last ``@``, since a password may hold ``:`` unescaped (RFC 3986 §3.2.1)
+    and often holds ``@``, ``/`` or ``?`` that should have been escaped. Masking too much
+    (an ``@`` in the query) only hides the host."""
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not separator or not at or not colon or "/" in user:
+        return url  # no password: no user information, or the ":" is in the path
+    return f"{scheme}://{user}:***@{host}"
 
 
 def _missing_sqlite_file(url: str) -> str | None:

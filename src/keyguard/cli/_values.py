@@ -114,7 +114,12 @@ def manager_arguments(args: argparse.Namespace) -> dict[str, Any]:
 def hours(text: str) -> int:
     """``--hours N`` of ``usage``: a whole number from 1 to 840 (the 35 days kept)."""
     value = text.strip()
-    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_USAGE_HOURS):
+    if not (
+        value.isascii()
+        and value.isdigit()
+        and len(value) <= 6
+        and 1 <= int(value) <= MAX_USAGE_HOURS
+    ):
         raise InvalidRequest(
             f"--hours must be a whole number from 1 to {MAX_USAGE_HOURS}, got {text[:20]!r}"
         )

@@ -13,6 +13,7 @@ from keyguard.manager import MAX_KEYS_PER_KIND_LIMIT
 from keyguard.models import (
     KEY_NAME_PATTERN,
     MAX_META_BYTES,
+    MAX_META_DEPTH,
     MAX_NAME_LENGTH,
     MAX_RATE_LIMITS,
     RATE_LIMIT_UNITS,
@@ -50,7 +51,8 @@ _API_NAME = {
 _RATE_LIMITS_REF = {"$ref": "#/components/schemas/RateLimits"}
 _META_DESCRIPTION = (
     f"A JSON object the operator attaches (a customer id, a plan name): at most "
-    f"{MAX_META_BYTES} bytes as compact UTF-8 JSON, replaced as a whole when changed, "
+    f"{MAX_META_BYTES} bytes as compact UTF-8 JSON and {MAX_META_DEPTH} levels of nesting, "
+    "replaced as a whole when changed, "
     "given to the app as request.state.keyguard.meta."
 )
 
