@@ -6,6 +6,7 @@ import pytest
 
 from keyguard import MemoryStore, open_store
 from keyguard.errors import ConfigurationError
+from keyguard.stores._redact import redact
 
 
 def test_memory_stores_are_independent() -> None:
@@ -31,6 +32,35 @@ def test_password_not_echoed_in_errors() -> None:
     with pytest.raises(ConfigurationError) as info:
         open_store("user:hunter2@host")
     assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nosuch://user:top:hunter2@host/db",  # ":" unescaped in a password (RFC 3986)
+        "nosuch://user:top@hunter2@host/db",  # an "@" that should have been escaped
+        "redis+cluster://user:top:hunter2@127.0.0.1:1/3",  # a cluster has database 0 only
+        "redis+cluster://user:top:hunter2@127.0.0.1:1?x=1",  # no query on a cluster URL
+        "redis+cluster://user:top:hunter2@127.0.0.1:99999",  # a bad port
+    ],
+)
+def test_no_part_of_a_password_is_echoed(url: str) -> None:
+    """Every part of a password holding ``:`` or ``@`` is masked in the error about its
+    URL: the mask runs from the user's ``:`` to the URL's last ``@``."""
+    with pytest.raises(ConfigurationError) as info:
+        open_store(url)
+    message = str(info.value)
+    assert "hunter2" not in message
+    assert "top" not in message
+    if "user" in message:  # (an unknown scheme's error does not repeat the URL)
+        assert "user:***@" in message
+
+
+def test_redact_masks_every_url_in_a_text() -> None:
+    """``redact`` masks each URL's password in a message holding several, quoted or not,
+    and leaves URLs without one as they are."""
+    text = "a 'postgresql://a:p:1@h/db' and mysql://c:p@2@e, then redis://h:6379/0"
+    assert redact(text) == "a 'postgresql://a:***@h/db' and mysql://c:***@e, then redis://h:6379/0"
 
 
 def test_memory_takes_no_options() -> None:

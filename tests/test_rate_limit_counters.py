@@ -4,6 +4,7 @@ Redis servers (shared, under a unique prefix; private where server statistics co
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from keyguard.errors import ConfigurationError
 from keyguard.models import RateLimit
 from keyguard.ratelimit import RateLimiter, Verdict
 from keyguard.ratelimit.local import SWEEP_INTERVAL, SWEEP_SLICE, LocalCounter
@@ -335,3 +337,27 @@ async def test_redis_cluster_counts_a_key_on_one_node() -> None:
     assert [v.admitted for v in verdicts] == [True, True, True, False, False]
     assert verdicts[3].retry_after == 1
     assert (verdicts[2].limit, verdicts[2].remaining) == (3, 0)
+
+
+async def test_no_part_of_a_counter_storage_password_is_shown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A counter storage URL whose password holds ``:`` and ``@`` is masked whole in the
+    limiter's repr, in the error about a bad URL (``limits``' own message included) and
+    in the warning logged when the storage fails."""
+    limiter = RateLimiter("redis://user:top:hunter2@127.0.0.1:1/0")
+    try:
+        assert "hunter2" not in repr(limiter)
+        assert "top" not in repr(limiter)
+        with pytest.raises(ConfigurationError) as info:
+            RateLimiter("nosuch://user:top@hunter2@127.0.0.1:1")
+        assert "hunter2" not in str(info.value)
+        assert "top" not in str(info.value)
+        with caplog.at_level(logging.WARNING, logger="keyguard"):
+            await limiter.hit("orders", "client", (RateLimit(10, "minute"),))
+        logged = " ".join(record.getMessage() for record in caplog.records)
+        assert "user:***@127.0.0.1" in logged  # the warning names the storage, masked
+        assert "hunter2" not in logged
+        assert "top" not in logged
+    finally:
+        await limiter.aclose()

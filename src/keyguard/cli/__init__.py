@@ -54,6 +54,7 @@ from keyguard.management import status_for
 from keyguard.manager import KeyManager
 from keyguard.secrets import SecretHasher
 from keyguard.stores import open_store
+from keyguard.stores._redact import redact
 from keyguard.stores.base import KeyStore
 
 __all__ = ["DEFAULT_STORE", "cli_actor", "main", "store_label"]
@@ -102,16 +103,8 @@ def store_label(url: str) -> str:
 
 
 def _masked(url: str) -> str:
-    """``url`` with its password, if any, shown as ``***``: everything from the user's
-    ``:`` to the last ``@``, since a password may hold ``:`` unescaped (RFC 3986 §3.2.1)
-    and often holds ``@``, ``/`` or ``?`` that should have been escaped. Masking too much
-    (an ``@`` in the query) only hides the host."""
-    scheme, separator, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    if not separator or not at or not colon or "/" in user:
-        return url  # no password: no user information, or the ":" is in the path
-    return f"{scheme}://{user}:***@{host}"
+    """``url`` with its password, if any, shown as ``***`` (``keyguard.stores._redact``)."""
+    return redact(url)
 
 
 def _missing_sqlite_file(url: str) -> str | None:

@@ -47,6 +47,7 @@ from keyguard.ratelimit.items import limits_item
 from keyguard.ratelimit.local import LocalCounter
 from keyguard.ratelimit.redis import ScriptedWindows, scripted
 from keyguard.ratelimit.verdict import Verdict, VerdictTuple, tightest
+from keyguard.stores._redact import redact
 
 __all__ = [
     "DEFAULT_RATE_LIMIT_TIMEOUT",
@@ -159,7 +160,7 @@ class RateLimiter:
             self.hit_now = self._counter.count  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
-        return f"RateLimiter({_masked(self.url)!r}, fail={self.fail!r})"
+        return f"RateLimiter({redact(self.url)!r}, fail={self.fail!r})"
 
     @staticmethod
     def _make_limiter(uri: str, options: dict[str, Any]) -> Any:
@@ -172,7 +173,7 @@ class RateLimiter:
         try:
             storage = storage_from_string(uri, wrap_exceptions=True, **options)
         except LimitsConfigurationError as exc:
-            raise ConfigurationError(f"rate_limiter {_masked(uri)!r}: {exc}") from None
+            raise ConfigurationError(f"rate_limiter {redact(uri)!r}: {redact(exc)}") from None
         return MovingWindowRateLimiter(storage)
 
     def _limiter(self) -> Any:
@@ -224,7 +225,7 @@ class RateLimiter:
         except Exception as exc:  # the storage failed: StorageError, a timeout, …
             return await self._failed(exc, api, client_id, limits)
         if self._retry != _RETRY_FIRST:
-            logger.warning("rate-limit counter storage %s is back", _masked(self.url))
+            logger.warning("rate-limit counter storage %s is back", redact(self.url))
             self._retry = _RETRY_FIRST
         return verdict
 
@@ -239,7 +240,7 @@ class RateLimiter:
             self._last_warning = now
             logger.warning(
                 "rate-limit counter storage %s failed (%s); %s",
-                _masked(self.url),
+                redact(self.url),
                 type(exc).__name__,
                 "refusing rate-limited requests with 503 until it is back"
                 if self.fail == "closed"
@@ -322,13 +323,3 @@ class RateLimiter:
     async def aclose(self) -> None:
         """Close the counter storage's client (a later check makes a new one)."""
         await self._drop_remote()
-
-
-def _masked(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    credentials, _, host = rest.partition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else f"{scheme}://***@{host}"

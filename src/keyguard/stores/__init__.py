@@ -9,10 +9,10 @@ with the command that installs it.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from keyguard.errors import ConfigurationError
+from keyguard.stores._redact import redact
 from keyguard.stores.base import ChangeFeed, KeyStore
 from keyguard.stores.cache import (
     DEFAULT_CACHE_TTL,
@@ -24,7 +24,6 @@ from keyguard.stores.memory import MemoryStore
 
 __all__ = ["CachedStore", "ChangeFeed", "KeyStore", "MemoryStore", "open_store"]
 
-_PASSWORD = re.compile(r"(?<=:)[^:@/]*(?=@)")
 _SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 _REDIS_SCHEMES = ("redis", "rediss")
 _REDIS_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -87,4 +86,4 @@ def open_store(
 
 def _redact(url: object) -> str:
     """``url`` with any password masked, for error messages."""
-    return _PASSWORD.sub("***", str(url))
+    return redact(url)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -41,6 +40,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides redis
     raise ConfigurationError("redis+cluster:// needs: pip install 'keyguard[redis]'") from exc
 
+from keyguard.stores._redact import redact
 from keyguard.stores.redis._common import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PREFIX,
@@ -55,7 +55,6 @@ T = TypeVar("T")
 
 SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_PORT = 6379
-_PASSWORD = re.compile(r"(?<=:)[^:@/]*(?=@)")
 
 
 class RedisClusterStore(RedisCore[RedisCluster]):
@@ -129,7 +128,7 @@ class RedisClusterStore(RedisCore[RedisCluster]):
         try:
             client = factory()
         except (ValueError, TypeError, RedisError, RedisClusterException) as exc:
-            reason = _PASSWORD.sub("***", str(exc))
+            reason = redact(exc)
             raise ConfigurationError(
                 f"invalid Redis Cluster store URL or option: {reason}"
             ) from None
@@ -228,10 +227,10 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     port, a database other than 0 (a cluster has only database 0), a query string.
     """
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigurationError(f"not a Redis Cluster URL: {_PASSWORD.sub('***', str(url))!r}")
+        raise ConfigurationError(f"not a Redis Cluster URL: {redact(url)!r}")
     scheme, _, rest = url.partition("://")
     scheme = scheme.lower()
-    shown = _PASSWORD.sub("***", url)
+    shown = redact(url)
     if scheme not in SCHEMES:
         raise ConfigurationError(f"a Redis Cluster URL starts with redis+cluster://, got {shown!r}")
     netloc, slash, path = rest.partition("/")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
@@ -45,7 +44,6 @@ _MICROSECOND = timedelta(microseconds=1)
 # built-in TimeoutError is the overall deadline (anyio.fail_after) running out.
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError, asyncio.TimeoutError)
 _TRUE = (b"1", "1")
-_PASSWORD = re.compile(r"(?<=:)[^:@/]*(?=@)")
 
 
 _API_FIELDS = ["exposed", "max", "c:internal", "c:external", "rate_limits"]

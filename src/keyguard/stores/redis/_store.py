@@ -22,8 +22,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides redis
     raise ConfigurationError("redis:// needs: pip install 'keyguard[redis]'") from exc
 
+from keyguard.stores._redact import redact
 from keyguard.stores.redis._common import (
-    _PASSWORD,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
@@ -103,7 +103,7 @@ class RedisStore(RedisCore[Redis]):
             # I/O) surfaces a misspelt option now rather than on the first request.
             pool.connection_class(**pool.connection_kwargs)
         except (ValueError, TypeError, RedisError) as exc:
-            reason = _PASSWORD.sub("***", str(exc))
+            reason = redact(exc)
             raise ConfigurationError(f"invalid Redis store URL or option: {reason}") from None
         store = cls.__new__(cls)
         store._setup(
