@@ -17,7 +17,8 @@ from passlib.context import CryptContext
 from keyguard import KeyGuard, KeyManager, MemoryStore, SecretHasher
 from tests.helpers import http_scope, run_asgi
 
-pytestmark = pytest.mark.anyio
+# Serial: the medians compare CPU work, which another test worker on the same cores skews.
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]
 
 
 async def noop_app(scope: object, receive: object, send: object) -> None:

@@ -4,8 +4,9 @@
 in a temporary folder, joins them with ``redis-cli --cluster create`` and waits
 for ``cluster_state:ok`` on every node. The suite shares one cluster of three
 masters (``shared_cluster()``): started the first time a test asks for it, once
-per test session, and stopped when the session ends. Each store writes under its
-own random prefix, like the Redis backend's, and its keys are deleted afterwards.
+per test process (each pytest-xdist worker has its own), and stopped when that
+process ends. Each store writes under its own random prefix, like the Redis
+backend's, and its keys are deleted afterwards.
 Tests that kill nodes start a private ``LocalCluster`` of their own.
 
 Needs only ``redis-server`` and ``redis-cli`` (7.0 or later); without them the
@@ -208,8 +209,9 @@ _shared_lock = threading.Lock()
 
 
 def shared_cluster() -> LocalCluster:
-    """The session's cluster of three masters, started by the first test that needs it
-    (about two seconds) and stopped when the test session ends."""
+    """This process's cluster of three masters, started by the first test that needs it
+    (about two seconds) and stopped when the process ends (each pytest-xdist worker has
+    one of its own)."""
     global _shared
     cluster_binaries()  # skip (fail in CI) before anything else
     with _shared_lock:

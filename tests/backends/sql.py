@@ -59,3 +59,21 @@ async def open_sql_test_store(
                 await drop_tables(store.engine, prefix)
         finally:
             await store.aclose()
+
+
+@asynccontextmanager
+async def same_tables(store: SQLStore, **options: Any) -> AsyncIterator[SQLStore]:
+    """A second store object over ``store``'s database and tables, with ``options`` (a
+    tight ``timeout``), closed afterwards.
+
+    For tests of a short timeout: their set-up (creating the tables, the first keys) goes
+    through ``store`` under the default timeout, since creating tables can take longer
+    than half a second on a loaded machine (two test workers, other runs), and only what
+    the test is about runs under the tight one.
+    """
+    url = store.engine.url.render_as_string(hide_password=False)
+    other = SQLStore.from_url(url, table_prefix=store.table_prefix, **options)
+    try:
+        yield other
+    finally:
+        await other.aclose()

@@ -51,7 +51,13 @@ from keyguard.models import (
 from keyguard.secrets import new_client_id
 from keyguard.stores.sql import SCHEMA_VERSION, SQLStore
 from tests.backends.servers import require_server
-from tests.backends.sql import SQL_BACKENDS, drop_tables, open_sql_test_store, unique_prefix
+from tests.backends.sql import (
+    SQL_BACKENDS,
+    drop_tables,
+    open_sql_test_store,
+    same_tables,
+    unique_prefix,
+)
 from tests.helpers import expose, record
 
 pytestmark = pytest.mark.anyio
@@ -599,8 +605,12 @@ async def test_lock_wait_gives_store_unavailable_then_recovers(
 ) -> None:
     """A write stuck behind another transaction's lock gives StoreUnavailable within the
     timeout, and succeeds once the lock is gone."""
-    async with open_sql_test_store(backend, tmp_path, timeout=0.5) as store:
-        await expose(store)
+    async with (
+        open_sql_test_store(backend, tmp_path) as owner,
+        same_tables(owner, timeout=0.5) as store,
+    ):
+        await expose(owner)
+        assert await store.get_api("orders") is not None  # tables known: only the write waits
         apis = table(f"{store.table_prefix}apis", column("name"))
         if backend == "sqlite":
             database = store.engine.url.database
@@ -836,7 +846,11 @@ async def lock_waiters(conn: AsyncConnection, backend: str, prefix: str) -> int:
             "SELECT count(*) FROM information_schema.processlist "
             "WHERE info LIKE :pattern AND id <> CONNECTION_ID()"
         )
-    return int((await conn.execute(query, {"pattern": f"%{prefix}keys%"})).scalar_one())
+    count = int((await conn.execute(query, {"pattern": f"%{prefix}keys%"})).scalar_one())
+    # PostgreSQL shows a transaction pg_stat_activity as it was at the transaction's first
+    # look: ending it lets the next poll see the calls that reached the lock since.
+    await conn.rollback()
+    return count
 
 
 @asynccontextmanager

@@ -22,7 +22,7 @@ from keyguard.errors import StoreUnavailable
 from keyguard.models import KeyChanges, KeyKind, RateLimit, utcnow
 from keyguard.stores.sql import SQLStore
 from keyguard.stores.sql._direct import KEPT, DirectReads
-from tests.backends.sql import SQL_BACKENDS, open_sql_test_store
+from tests.backends.sql import SQL_BACKENDS, open_sql_test_store, same_tables
 from tests.helpers import expose, record
 from tests.stores.test_sql import counting_statements
 
@@ -220,12 +220,17 @@ async def test_a_kept_connection_killed_costs_no_error() -> None:
 async def test_a_read_past_the_timeout_is_503_and_cuts_its_connection() -> None:
     """A read held by a lock past the store's timeout raises StoreUnavailable on time; its
     connection is cut (not reused mid-statement), and reads after the lock work."""
-    async with open_sql_test_store("postgres", Path(), timeout=0.5) as store:
-        await expose(store)
+    async with (
+        open_sql_test_store("postgres", Path()) as owner,
+        same_tables(owner, timeout=0.5) as store,
+    ):
+        await expose(owner)
         rec = record()
-        await store.insert_key(rec)
-        await store.lookup("orders", rec.client_id)
+        await owner.insert_key(rec)
+        await store.lookup("orders", None)  # bound, tables known
+        await store.lookup("orders", rec.client_id)  # on a kept connection
         pids = backend_pids(store)
+        assert pids
         locker = create_async_engine(store.engine.url)
         try:
             async with locker.connect() as conn:
@@ -341,10 +346,13 @@ async def test_a_timeout_while_opening_a_kept_connection_leaves_none_checked_out
     not left checked out — so the next reads, unhindered, are answered."""
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-    async with open_sql_test_store("postgres", Path(), timeout=0.5) as store:
-        await expose(store)
+    async with (
+        open_sql_test_store("postgres", Path()) as owner,
+        same_tables(owner, timeout=0.5) as store,
+    ):
+        await expose(owner)
         rec = record()
-        await store.insert_key(rec)
+        await owner.insert_key(rec)
         with counting_statements(store.engine):  # (listened to: through the pool)
             await store.lookup("orders", None)  # bound, tables known, nothing kept yet
         assert direct(store).kept == 0
