@@ -244,6 +244,20 @@ def test_a_psycopg_older_than_3_2_has_no_feed(monkeypatch: pytest.MonkeyPatch) -
     assert not isinstance(store, ChangeFeed)
 
 
+@pytest.mark.parametrize(("version", "feed"), [("3.2.3", False), ("3.2.4", True), ("3.3.9", True)])
+def test_a_psycopg_that_loses_notices_between_reads_has_no_feed(
+    monkeypatch: pytest.MonkeyPatch, version: str, feed: bool
+) -> None:
+    """psycopg 3.2.0 to 3.2.3 drop a notice that arrives while ``notifies()`` is not
+    running (during the feed's ping; psycopg #962, fixed in 3.2.4), so a store on one
+    has no feed and its cache keeps the TTL bound; 3.2.4 and later listen."""
+    import psycopg
+
+    monkeypatch.setattr(psycopg, "__version__", version)
+    store = SQLStore.from_url("postgresql+psycopg://u@db.example/app")
+    assert isinstance(store, ChangeFeed) is feed
+
+
 # -- what is sent -------------------------------------------------------------------------------
 
 

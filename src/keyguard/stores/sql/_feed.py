@@ -20,8 +20,10 @@ once listening again, since notices may have been lost in between.
 
 Both PostgreSQL drivers listen, with the same guarantees. On asyncpg (the
 default) the connection calls back for each notice and when it closes, and a
-task pings it when quiet. On psycopg 3.2 or later (``postgresql+psycopg://``;
-an older psycopg has no feed, and its cache keeps the TTL bound) one task per
+task pings it when quiet. On psycopg 3.2.4 or later (``postgresql+psycopg://``;
+an older psycopg has no feed, and its cache keeps the TTL bound: before 3.2 its
+``notifies()`` takes no timeout, and 3.2.0 to 3.2.3 drop a notice arriving
+between two reads, psycopg #962) one task per
 connection reads ``notifies()`` — which holds the connection while it waits —
 for ``_PING_EVERY`` seconds at a time and pings in between; a notice arriving
 during the ping is kept by psycopg for the next read. Either connection is
@@ -38,6 +40,7 @@ import contextlib
 import inspect
 import logging
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -90,14 +93,24 @@ def listens(engine: object) -> bool:
     return dialect.driver != "psycopg" or _psycopg_reads_with_a_timeout()
 
 
+_PSYCOPG_KEEPS_NOTICES = (3, 2, 4)  # the first psycopg that keeps a notice for the next read
+
+
 def _psycopg_reads_with_a_timeout() -> bool:
     """Whether the installed psycopg's ``notifies()`` takes a ``timeout`` (psycopg 3.2 and
-    later), which the feed's pings need: without it, a psycopg store has no feed."""
+    later), which the feed's pings need, and keeps a notice arriving between two reads
+    (3.2.4 and later; 3.2.0 to 3.2.3 drop it, psycopg #962): else a psycopg store has no
+    feed."""
     try:
         import psycopg
     except ImportError:  # pragma: no cover - the engine could not exist without it
         return False
-    return "timeout" in inspect.signature(psycopg.AsyncConnection.notifies).parameters
+    if "timeout" not in inspect.signature(psycopg.AsyncConnection.notifies).parameters:
+        return False
+    numbers = re.match(r"(\d+)\.(\d+)\.(\d+)", psycopg.__version__)
+    if numbers is None:  # pragma: no cover - psycopg's versions are x.y.z[suffix]
+        return False
+    return tuple(int(n) for n in numbers.groups()) >= _PSYCOPG_KEEPS_NOTICES
 
 
 def feed_connector(
