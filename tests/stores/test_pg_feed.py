@@ -12,6 +12,7 @@ it is, is measured in ``benchmarks/revocation.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -497,6 +498,54 @@ async def test_closing_a_listening_store_ends_its_watch_and_its_connection(drive
         finally:
             await inner.aclose()
         assert len(ended) == 1
+
+        async def gone() -> bool:
+            return await listening_connections(writer, channel) == 0 and not feed_tasks()
+
+        await eventually(gone)
+        gc.collect()  # a connection dropped unclosed would warn now
+
+
+async def test_closing_a_store_while_its_feed_connects_leaves_no_listener(driver: str) -> None:
+    """``aclose`` while a ``watch`` is still opening the listening connection ends that
+    ``watch`` with StoreUnavailable once the connection is open, never ready, and closes
+    the connection: nothing listens on for a closed store."""
+    async with writer_store() as writer:
+        inner = SQLStore.from_url(pg_url(driver), table_prefix=writer.table_prefix)
+        assert isinstance(inner, _PostgreSQLStore)
+        channel = f"{writer.table_prefix}changes"
+        connecting, go_on = anyio.Event(), anyio.Event()
+        opens = _feed.feed_connector(inner.engine, inner._connect_args)
+
+        async def open_when_told() -> _feed._Listener:
+            connecting.set()
+            await go_on.wait()
+            return await opens()
+
+        assert inner._channel is not None
+        inner._feed = _feed.PgFeed(
+            channel=inner._channel,
+            connect=open_when_told,
+            timeout=BOUND,
+            unavailable=inner._unavailable,
+        )
+        readies: list[None] = []
+        watching = asyncio.ensure_future(
+            inner.watch(lambda _a, _c: None, on_ready=lambda: readies.append(None))
+        )
+        try:
+            with anyio.fail_after(BOUND):
+                await connecting.wait()
+            await inner.aclose()
+            go_on.set()
+            with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
+                await watching
+        finally:
+            watching.cancel()
+            with contextlib.suppress(BaseException):
+                await watching
+            await inner.aclose()
+        assert readies == []
 
         async def gone() -> bool:
             return await listening_connections(writer, channel) == 0 and not feed_tasks()

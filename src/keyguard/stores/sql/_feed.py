@@ -374,6 +374,8 @@ class PgFeed:
                         await listener.listen(
                             self.channel, ping_every=_PING_EVERY, within=self._timeout
                         )
+                        if self._closed:  # ``aclose`` came while this connected
+                            raise StoreUnavailable("SQL store is closed")
                     except BaseException:
                         listener.close()
                         raise
