@@ -19,6 +19,7 @@ import itertools
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -552,6 +553,35 @@ async def test_closing_a_store_while_its_feed_connects_leaves_no_listener(driver
 
         await eventually(gone)
         gc.collect()  # a connection dropped unclosed would warn now
+
+
+async def test_closing_a_cut_psycopg_listener_leaves_its_reader_uncancelled() -> None:
+    """A psycopg listening connection closed after its socket was already shut down (by a
+    ping's timer or a first close) but before its reader ran: the second shutdown, refused
+    once the server has closed its end too, does not cancel the reader, which fails on its
+    own (psycopg meets a cancelled ping with a cancel request to the server)."""
+    store = SQLStore.from_url(pg_url("psycopg"), table_prefix=unique_prefix())
+    try:
+        listener = await _feed.feed_connector(store.engine, store._connect_args)()
+        assert isinstance(listener, _feed._PsycopgListener)
+        await listener.listen(f"{unique_prefix()}changes", ping_every=BOUND, within=BOUND)
+        reader = listener.reader
+        assert reader is not None
+        with socket.socket(fileno=os.dup(listener.conn.fileno())) as sock:
+            assert listener.cut()
+            # The loop stands still meanwhile, so the reader cannot run: wait for the
+            # server's end to close (TCP_CLOSE, 7), when a shutdown fails with ENOTCONN.
+            deadline = time.monotonic() + BOUND
+            while sock.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 1)[0] != 7:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)  # noqa: ASYNC251 - the loop must not run the reader yet
+        listener.close()
+        with anyio.fail_after(BOUND):
+            await asyncio.wait([reader])
+        assert not reader.cancelled()
+    finally:
+        await store.aclose()
+    gc.collect()  # a connection dropped unclosed would warn now
 
 
 async def test_a_lost_notice_is_still_bounded_by_the_ttl(driver: str) -> None:

@@ -253,6 +253,7 @@ class _PsycopgListener(_Listener):
         super().__init__(conn)
         self.reader: asyncio.Task[None] | None = None
         self._silent: str | None = None  # why the connection was cut, if a ping timed out
+        self._shut = False  # whether its socket was shut down (the reader then fails)
 
     async def listen(self, channel: str, *, ping_every: float, within: float) -> None:
         from psycopg import sql
@@ -302,6 +303,7 @@ class _PsycopgListener(_Listener):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 return False
+        self._shut = True
         return True
 
     def close(self) -> None:
@@ -309,8 +311,10 @@ class _PsycopgListener(_Listener):
         reader = self.reader
         if reader is None or reader.done():
             self.conn.pgconn.finish()  # nothing waits on it
-        elif not self.cut():
+        elif not self._shut and not self.cut():
             reader.cancel()  # its socket is gone already: nothing to wait on
+        # (Once shut, a second shutdown fails when the server has closed its end too:
+        # the reader fails on its own then, never to be cancelled in a ping.)
 
 
 class PgFeed:
