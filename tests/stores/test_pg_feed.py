@@ -584,6 +584,32 @@ async def test_closing_a_cut_psycopg_listener_leaves_its_reader_uncancelled() ->
     gc.collect()  # a connection dropped unclosed would warn now
 
 
+async def test_closing_a_psycopg_listener_whose_socket_is_gone_closes_it() -> None:
+    """A psycopg listening connection closed when its socket can no longer be shut down
+    (the server closed both ends) before its reader first ran: the reader is cancelled,
+    never to run its own cleanup, and the connection is closed all the same."""
+    store = SQLStore.from_url(pg_url("psycopg"), table_prefix=unique_prefix())
+    try:
+        listener = await _feed.feed_connector(store.engine, store._connect_args)()
+        assert isinstance(listener, _feed._PsycopgListener)
+        await listener.listen(f"{unique_prefix()}changes", ping_every=BOUND, within=BOUND)
+        reader = listener.reader
+        assert reader is not None
+        with socket.socket(fileno=os.dup(listener.conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)  # behind the listener's back: it may cut again
+            deadline = time.monotonic() + BOUND
+            while sock.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 1)[0] != 7:  # TCP_CLOSE
+                assert time.monotonic() < deadline
+                time.sleep(0.01)  # noqa: ASYNC251 - the loop must not run the reader yet
+        listener.close()
+        with anyio.fail_after(BOUND):
+            await asyncio.wait([reader])
+        assert listener.conn.closed
+    finally:
+        await store.aclose()
+    gc.collect()  # a connection dropped unclosed would warn now
+
+
 async def test_a_lost_notice_is_still_bounded_by_the_ttl(driver: str) -> None:
     """A change that sends no notice (written behind the store's back) stays unseen while
     the cache's entry is fresh, and is seen once its TTL has passed (the test's clock)."""

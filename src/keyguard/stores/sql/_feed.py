@@ -313,6 +313,8 @@ class _PsycopgListener(_Listener):
             self.conn.pgconn.finish()  # nothing waits on it
         elif not self._shut and not self.cut():
             reader.cancel()  # its socket is gone already: nothing to wait on
+            # A task cancelled before it first ran never runs its ``finally``.
+            reader.add_done_callback(lambda _: self.conn.pgconn.finish())
         # (Once shut, a second shutdown fails when the server has closed its end too:
         # the reader fails on its own then, never to be cancelled in a ping.)
 
