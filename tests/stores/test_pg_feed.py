@@ -429,6 +429,44 @@ async def test_watchers_of_one_store_share_one_listening_connection(driver: str)
             await inner.aclose()
 
 
+async def test_a_failing_watcher_does_not_keep_a_notice_from_the_others(driver: str) -> None:
+    """When one ``watch``'s ``on_change`` raises, the other watchers of the shared
+    connection still hear that notice (the failure is logged)."""
+    async with writer_store() as writer:
+        inner = SQLStore.from_url(pg_url(driver), table_prefix=writer.table_prefix)
+        assert isinstance(inner, _PostgreSQLStore)
+        heard: list[str | None] = []
+        first_ready = anyio.Event()
+
+        def broken(_api: str, _client_id: str | None) -> None:
+            raise RuntimeError("a watcher's bug")
+
+        async def second_joined() -> bool:
+            listener = None if inner._feed is None else inner._feed.listener()
+            return listener is not None and len(listener.watchers) == 2
+
+        try:
+            await expose(writer)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(inner.watch, broken, on_ready=first_ready.set))
+                with anyio.fail_after(BOUND):
+                    await first_ready.wait()  # the broken one is told first
+                tg.start_soon(
+                    partial(inner.watch, lambda _a, c: heard.append(c), on_ready=lambda: None)
+                )
+                await eventually(second_joined)
+                key = record()
+                await writer.insert_key(key)
+
+                async def told() -> bool:
+                    return key.client_id in heard
+
+                await eventually(told)
+                tg.cancel_scope.cancel()
+        finally:
+            await inner.aclose()
+
+
 async def test_the_listening_connection_has_the_stores_connection_parameters(
     driver: str,
 ) -> None:

@@ -180,7 +180,10 @@ class _Listener:
         """Tell every watcher of the change ``payload`` announces."""
         api, client_id = parse_notice(payload)
         for on_change in list(self.watchers):
-            on_change(api, client_id)
+            try:
+                on_change(api, client_id)
+            except Exception:  # one watcher's bug; the others still hear the notice
+                logger.exception("key store change feed: a watcher failed")
 
     def end(self, why: BaseException) -> None:
         """Mark the connection lost (once): every watcher of it raises ``why``."""
@@ -270,10 +273,7 @@ class _PsycopgListener(_Listener):
         try:
             while True:
                 async for notify in self.conn.notifies(timeout=every):
-                    try:
-                        self.heard(notify.payload)
-                    except Exception:  # one watcher's bug; the others still listen
-                        logger.exception("key store change feed: a watcher failed")
+                    self.heard(notify.payload)
                 await self.ping(within)
         except Exception as exc:
             self.end(TimeoutError(self._silent) if self._silent else exc)
