@@ -12,14 +12,15 @@ the one system-wide monotonic clock every process reads (``time.monotonic``,
 Linux's ``CLOCK_MONOTONIC``); a refusal seen before the answer came back
 counts as 0. It includes up to one polling interval.
 
-Redis, Redis Cluster and PostgreSQL announce changes (pub/sub, LISTEN/NOTIFY):
+Redis, Redis Cluster and PostgreSQL (asyncpg, and psycopg as ``psycopg``) announce
+changes (pub/sub, LISTEN/NOTIFY):
 SPEC §11 asks for p99 under 100 ms. SQLite and MariaDB have no feed: a change
 is seen within the cache TTL, so their latencies spread over 0-1 s. Redis
 Cluster runs on a local cluster of three masters this benchmark starts (the
 test suite's ``tests/backends/cluster.py``, so from a source checkout, with
 ``redis-server`` and ``redis-cli`` on PATH).
 
-Run:  python -m benchmarks.revocation [--stores redis,cluster,postgres,sqlite,mysql]
+Run:  python -m benchmarks.revocation [--stores redis,cluster,postgres,psycopg,sqlite,mysql]
       [--repetitions 40] [--interval 0.005]
 """
 
@@ -48,15 +49,16 @@ RESULTS = Path(__file__).parent / "results" / "revocation.md"
 WORKERS = 4
 TTL = 1.0  # the workers' cache TTL: open_store's default
 WARMUP = 2  # repetitions run first and not counted: the workers' feeds start listening
-STORES = ("redis", "cluster", "postgres", "sqlite", "mysql")
+STORES = ("redis", "cluster", "postgres", "psycopg", "sqlite", "mysql")
 LABELS = {
     "redis": "Redis",
     "cluster": "Redis Cluster",
     "postgres": "PostgreSQL",
+    "psycopg": "PostgreSQL (psycopg)",
     "sqlite": "SQLite",
     "mysql": "MariaDB",
 }
-FEEDS = ("redis", "cluster", "postgres")
+FEEDS = ("redis", "cluster", "postgres", "psycopg")
 
 
 # -- the worker processes ---------------------------------------------------------------------
@@ -250,7 +252,7 @@ async def measure(
                     await manager.delete_key("bench", key.client_id)  # give its place back
     finally:
         await store.aclose()
-        if name in ("redis", "postgres", "mysql", "sqlite"):
+        if name in ("redis", "postgres", "psycopg", "mysql", "sqlite"):
             await drop_tables_or_keys(name, url, prefix)
     return result
 
@@ -265,7 +267,11 @@ async def drop_tables_or_keys(name: str, url: str, prefix: str) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    driver = {"postgres": "postgresql+asyncpg", "mysql": "mysql+asyncmy"}[name]
+    driver = {
+        "postgres": "postgresql+asyncpg",
+        "psycopg": "postgresql+asyncpg",
+        "mysql": "mysql+asyncmy",
+    }[name]
     engine = create_async_engine(driver + url[url.index("://") :])
     try:
         async with engine.begin() as conn:
@@ -292,13 +298,23 @@ def run(
                         asyncio.run(measure(name, url, workdir, repetitions, interval, verbose))
                     )
                 continue
-            if not reachable(name):
+            if not reachable("postgres" if name == "psycopg" else name):
                 print(f"skipped {name}: server unreachable", file=sys.stderr)
                 continue
-            url = f"sqlite:///{workdir / 'bench.db'}" if name == "sqlite" else SERVER_URLS[name]
+            url = store_url(name, workdir)
             results.append(asyncio.run(measure(name, url, workdir, repetitions, interval, verbose)))
             print(f"{name}: done", file=sys.stderr, flush=True)
     return results
+
+
+def store_url(name: str, workdir: Path) -> str:
+    """The store URL the run of ``name`` opens (``psycopg``: PostgreSQL on that driver)."""
+    if name == "sqlite":
+        return f"sqlite:///{workdir / 'bench.db'}"
+    if name == "psycopg":
+        postgres = SERVER_URLS["postgres"]
+        return "postgresql+psycopg" + postgres[postgres.index("://") :]
+    return SERVER_URLS[name]
 
 
 def render(results: list[Result], repetitions: int, interval: float) -> str:
