@@ -99,11 +99,6 @@ def store_label(url: str) -> str:
         path = rest[1:].split("?", 1)[0]
         if path and "mode=memory" not in url:
             return f"sqlite:///{os.path.abspath(path)}"
-    return _masked(url)
-
-
-def _masked(url: str) -> str:
-    """``url`` with its password, if any, shown as ``***`` (``keyguard.stores._redact``)."""
     return redact(url)
 
 

@@ -49,7 +49,7 @@ def open_store(
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
             f"store URL must look like 'scheme://…' (memory://, sqlite:///keys.db, "
-            f"postgresql://…, mysql://…, redis://…, redis+cluster://…), got {_redact(url)!r}"
+            f"postgresql://…, mysql://…, redis://…, redis+cluster://…), got {redact(url)!r}"
         )
     # Checked for every store, memory:// included, so a bad value is never ignored.
     check_cache_ttl(cache_ttl)
@@ -82,8 +82,3 @@ def open_store(
     if not cache_ttl:
         return store
     return CachedStore(store, ttl=cache_ttl, max_entries=cache_size)
-
-
-def _redact(url: object) -> str:
-    """``url`` with any password masked, for error messages."""
-    return redact(url)
