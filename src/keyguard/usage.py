@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from keyguard.errors import ConfigurationError
+from keyguard.errors import ConfigurationError, StoreUnavailable
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive
@@ -39,6 +39,7 @@ __all__ = [
     "MAX_USAGE_HOURS",
     "RETENTION",
     "UsageCount",
+    "UsageNotWritten",
     "UsageRecorder",
     "check_usage_flush",
     "hour_start",
@@ -80,6 +81,19 @@ class UsageCount:
     requests: int = 0
     rate_limited: int = 0
     last_used_at: datetime | None = None
+
+
+class UsageNotWritten(StoreUnavailable):
+    """Raised by a store's ``record_usage`` that wrote the counts of some APIs but not
+    those of ``apis`` (a Redis Cluster node down, say, while the others answer).
+
+    The recorder keeps only these APIs' counts for the next write: keeping the others
+    too would add them twice.
+    """
+
+    def __init__(self, message: str, apis: frozenset[str]) -> None:
+        super().__init__(message)
+        self.apis = apis
 
 
 def check_usage_flush(value: object) -> float | None:
@@ -173,13 +187,22 @@ class UsageRecorder:
                 other[0] += requests
                 other[1] += limited
             return
-        task = self._task
-        if task is None or task.done():
+        task = self._live_task()
+        if task is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # counted outside a loop: written by the next flush
                 return
             self._task = loop.create_task(self._run(), name="keyguard-usage-flush")
+
+    def _live_task(self) -> asyncio.Task[None] | None:
+        """The flush task, or ``None`` if it ended or its event loop is closed (a loop
+        closed without cancelling its tasks leaves them pending for ever: such a task
+        never wakes again, so the next count starts a new one in the running loop)."""
+        task = self._task
+        if task is not None and (task.done() or task.get_loop().is_closed()):
+            self._task = task = None
+        return task
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -189,6 +212,7 @@ class UsageRecorder:
         return min(now + self.interval, (_hour_of(now) + 1) * _HOUR)
 
     async def _run(self) -> None:
+        me = asyncio.current_task()
         try:
             while True:
                 now = self._clock()
@@ -196,8 +220,10 @@ class UsageRecorder:
                 await self.flush()
         finally:
             # Cancelled, or the loop is closing: a later request in a running loop starts
-            # a new task, which writes these counts (nothing counted is dropped here).
-            self._task = None
+            # a new task, which writes these counts (nothing counted is dropped here). A
+            # task of a closed loop finalized late must not forget its successor.
+            if self._task is me:
+                self._task = None
             self._close_bucket()
 
     def _close_bucket(self) -> None:
@@ -237,7 +263,12 @@ class UsageRecorder:
             try:
                 await self.store.record_usage(_rows(taken))
             except Exception as exc:
-                for key, entry in taken.items():  # back, merged with anything closed meanwhile
+                # Back, merged with anything closed meanwhile; after a partial write, only
+                # the APIs whose counts were not written.
+                unwritten = exc.apis if isinstance(exc, UsageNotWritten) else None
+                for key, entry in taken.items():
+                    if unwritten is not None and key[0] not in unwritten:
+                        continue
                     held = self._pending.setdefault(key, [0, 0, 0.0])
                     held[0] += entry[0]
                     held[1] += entry[1]
@@ -286,9 +317,9 @@ class UsageRecorder:
     async def aclose(self) -> None:
         """Write what is counted and stop the background task (a later request starts it
         again)."""
-        task = self._task
         await self.flush()
-        if task is not None and not task.done():
+        task = self._live_task()
+        if task is not None and task.get_loop() is asyncio.get_running_loop():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

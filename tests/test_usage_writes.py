@@ -1,0 +1,124 @@
+"""Usage writes that go only part of the way (SPEC §10): never a count lost, never one
+counted twice.
+
+A Redis or Redis Cluster write of several APIs' counts runs one script per API; when
+some APIs' scripts ran and another's failed, only the failed API's counts are kept for
+the next write. A recorder whose flush task was left pending in an event loop closed
+without cancelling it still writes its counts from the next loop, and ``aclose`` there
+raises nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyguard import KeyManager, KeyStore, MemoryStore
+from keyguard.errors import StoreUnavailable
+from keyguard.models import utcnow
+from keyguard.stores.redis import RedisStore
+from keyguard.stores.redis_cluster import RedisClusterStore
+from keyguard.usage import UsageCount, UsageNotWritten, UsageRecorder, hour_start
+from tests.backends import open_test_store
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["redis", "cluster"])
+async def redis_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KeyStore]:
+    async with open_test_store(request.param, tmp_path) as store:
+        yield store
+
+
+async def hour_requests(manager: KeyManager, api: str, client_id: str) -> int:
+    usage = await manager.usage(api, client_id, hours=1)
+    return int(usage["hours"][-1]["requests"])
+
+
+async def test_a_write_failing_for_one_api_keeps_only_that_apis_counts(
+    redis_store: KeyStore,
+) -> None:
+    """Two APIs' counts in one flush; the script of ``billing`` fails (its hour's usage hash
+    is made a string, so HINCRBY is refused), that of ``orders`` runs. Flushing again and
+    again adds ``orders`` once, never again; ``billing``'s counts wait, and are written
+    once the hash can take them."""
+    assert isinstance(redis_store, (RedisStore, RedisClusterStore))
+    manager = KeyManager(redis_store)
+    ids = {}
+    for api in ("orders", "billing"):
+        await manager.expose(api)
+        ids[api] = (await manager.create_key(api, name="K", kind="external")).client_id
+    broken = redis_store._usage_key("billing", hour_start(utcnow()))
+    client: Any = redis_store.client
+    await client.set(broken, "not a hash")
+    recorder = UsageRecorder(redis_store, interval=3600)
+    for api, n in (("orders", 5), ("billing", 3)):
+        for _ in range(n):
+            recorder.admitted(api, ids[api])
+    for _ in range(3):
+        await recorder.flush()
+    assert await hour_requests(manager, "orders", ids["orders"]) == 5
+    assert [(c.api, c.requests) for c in recorder.batch()] == [("billing", 3)]
+    # What the store says: the APIs not written, or (none written) plain StoreUnavailable.
+    one_more = UsageCount("orders", ids["orders"], hour_start(utcnow()), 1, 0)
+    with pytest.raises(UsageNotWritten) as raised:
+        await redis_store.record_usage([*recorder.batch(), one_more])
+    assert raised.value.apis == frozenset({"billing"})
+    with pytest.raises(StoreUnavailable) as failed:
+        await redis_store.record_usage(recorder.batch())
+    assert not isinstance(failed.value, UsageNotWritten)
+    await client.delete(broken)
+    await recorder.aclose()
+    assert await hour_requests(manager, "billing", ids["billing"]) == 3
+    assert await hour_requests(manager, "orders", ids["orders"]) == 6
+    assert recorder.batch() == []
+
+
+def test_a_recorder_outlives_an_event_loop_closed_without_cancelling_its_task() -> None:
+    """Counts made in a loop then closed as it was (its flush task still pending, never to
+    run again): in the next loop a new key's count starts a new flush task, which writes
+    everything; ``aclose`` there does not touch the dead loop's task (no RuntimeError)."""
+    store = MemoryStore()
+
+    async def keys() -> tuple[str, str]:
+        manager = KeyManager(store)
+        await manager.expose("orders")
+        first = await manager.create_key("orders", name="A", kind="external")
+        second = await manager.create_key("orders", name="B", kind="external")
+        return first.client_id, second.client_id
+
+    first, second = asyncio.run(keys())
+    recorder = UsageRecorder(store, interval=0.01)
+
+    async def count_first() -> None:
+        recorder.admitted("orders", first)
+        await asyncio.sleep(0)  # the flush task starts, and sleeps
+
+    old = asyncio.new_event_loop()
+    old.run_until_complete(count_first())
+    old.close()  # without cancelling the task
+
+    async def later() -> dict[str, int]:
+        recorder.admitted("orders", second)
+        manager = KeyManager(store)
+        found: dict[str, int] = {}
+        for _ in range(2000):  # written by the new task within a few of its 10 ms turns
+            found = {
+                row.client_id: row.requests
+                for row in await store.read_usage("orders", None, hour_start(utcnow()))
+            }
+            if len(found) == 2:
+                break
+            await asyncio.sleep(0.01)
+        recorder.admitted("orders", first)
+        await recorder.aclose()
+        return {
+            client_id: await hour_requests(manager, "orders", client_id)
+            for client_id in (first, second)
+        } | {"written_by_task": len(found)}
+
+    assert asyncio.run(later()) == {first: 2, second: 1, "written_by_task": 2}
