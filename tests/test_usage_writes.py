@@ -5,13 +5,14 @@ A Redis or Redis Cluster write of several APIs' counts runs one script per API; 
 some APIs' scripts ran and another's failed, only the failed API's counts are kept for
 the next write. A recorder whose flush task was left pending in an event loop closed
 without cancelling it still writes its counts from the next loop, and ``aclose`` there
-raises nothing.
+raises nothing. An API's key totals are the sum of the hours it lists.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,26 @@ def test_a_recorder_outlives_an_event_loop_closed_without_cancelling_its_task() 
         } | {"written_by_task": len(found)}
 
     assert asyncio.run(later()) == {first: 2, second: 1, "written_by_task": 2}
+
+
+async def test_an_apis_key_totals_count_the_hours_listed_only(store: KeyStore) -> None:
+    """A bucket of the hour after the current one (a process whose clock runs ahead wrote
+    it) is in neither the API's hours nor its keys' totals: the totals are the sum of the
+    hours listed, on every store."""
+    manager = KeyManager(store)
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="K", kind="external")
+    now = hour_start(utcnow())
+    await store.record_usage(
+        [
+            UsageCount("orders", key.client_id, now, 2, 1, utcnow()),
+            UsageCount("orders", key.client_id, now + timedelta(hours=1), 7, 3, utcnow()),
+        ]
+    )
+    usage = await manager.usage("orders", hours=2)
+    listed = (
+        sum(h["requests"] for h in usage["hours"]),
+        sum(h["rate_limited"] for h in usage["hours"]),
+    )
+    assert listed == (2, 1)
+    assert [(k["requests"], k["rate_limited"]) for k in usage["keys"]] == [listed]

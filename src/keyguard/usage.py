@@ -173,7 +173,7 @@ class UsageRecorder:
         one id in two APIs: the second API's entry is kept under ``(api, client_id)``.
         """
         counts = self._counts
-        if not counts and self._task is None:
+        if not counts and self._live_task() is None:
             # Nothing has kept the bucket's hour current (no task): set it now.
             self._hour = _hour_of(self._clock())
         entry = counts.get(client_id)
