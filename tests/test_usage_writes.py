@@ -11,6 +11,7 @@ raises nothing. An API's key totals are the sum of the hours it lists.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from keyguard.stores.redis import RedisStore
 from keyguard.stores.redis_cluster import RedisClusterStore
 from keyguard.usage import UsageCount, UsageNotWritten, UsageRecorder, hour_start
 from tests.backends import open_test_store
+from tests.helpers import CountingStore
 
 pytestmark = pytest.mark.anyio
 
@@ -146,3 +148,23 @@ async def test_an_apis_key_totals_count_the_hours_listed_only(store: KeyStore) -
     )
     assert listed == (2, 1)
     assert [(k["requests"], k["rate_limited"]) for k in usage["keys"]] == [listed]
+
+
+async def test_aclose_with_the_store_down_tries_one_write_and_keeps_the_counts() -> None:
+    """A Redis store nothing answers for: ``aclose`` stops the flush task and tries one
+    write (one timeout at shutdown, not two), raises nothing, and keeps the count."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    down = CountingStore(RedisStore.from_url(f"redis://127.0.0.1:{port}/0", timeout=1.0))
+    recorder = UsageRecorder(down, interval=3600)
+    try:
+        recorder.admitted("orders", "some-id")
+        await asyncio.sleep(0)  # the flush task starts, and sleeps
+        assert recorder._task is not None
+        await recorder.aclose()
+        assert down.calls["record_usage"] == 1
+        assert recorder._task is None
+        assert [(c.client_id, c.requests) for c in recorder.batch()] == [("some-id", 1)]
+    finally:
+        await down.aclose()

@@ -19,7 +19,6 @@ pruned, at most once an hour per process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -252,10 +251,7 @@ class UsageRecorder:
         """Write everything counted so far in one ``record_usage`` call (none if nothing
         was counted); a failed write is kept for the next one and logged at most once a
         minute. Prunes old buckets at most once an hour."""
-        loop = asyncio.get_running_loop()
-        if self._lock is None or self._lock_loop is not loop:
-            self._lock, self._lock_loop = asyncio.Lock(), loop
-        async with self._lock:  # one write at a time: a shutdown flush waits for a running one
+        async with self._loop_lock():  # one write at a time: a shutdown flush waits
             self._close_bucket()
             if not self._pending:
                 return
@@ -314,17 +310,26 @@ class UsageRecorder:
 
         return receiving
 
+    def _loop_lock(self) -> asyncio.Lock:
+        """The lock of the writes made in the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
+
     async def aclose(self) -> None:
-        """Write what is counted and stop the background task (a later request starts it
-        again)."""
-        await self.flush()
+        """Stop the background task and write what is counted, in one write (a later
+        request starts the task again).
+
+        The task is stopped between two of its writes, never during one (that write's
+        outcome would be unknown), and before the last write, so a store that is down
+        costs one timeout here, not two."""
         task = self._live_task()
         if task is not None and task.get_loop() is asyncio.get_running_loop():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._counts or self._pending:  # counted while the task stopped
-            await self.flush()
+            async with self._loop_lock():  # a write under way ends first
+                task.cancel()
+            await asyncio.wait([task])  # its finally closes the open bucket
+        await self.flush()
 
 
 def _hour_of(timestamp: float) -> int:
