@@ -168,3 +168,29 @@ async def test_aclose_with_the_store_down_tries_one_write_and_keeps_the_counts()
         assert [(c.client_id, c.requests) for c in recorder.batch()] == [("some-id", 1)]
     finally:
         await down.aclose()
+
+
+async def test_a_write_cancelled_midway_keeps_its_counts() -> None:
+    """A flush cancelled while its write waits on the store (a timeout around ``flush``
+    or ``aclose``): the counts it carried are kept for the next write, not dropped."""
+    with socket.socket() as silent:
+        # The kernel completes the handshake for a listening socket nobody accepts on.
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        hanging = CountingStore(RedisStore.from_url(url, timeout=60.0))
+        recorder = UsageRecorder(hanging, interval=3600)
+        try:
+            recorder.admitted("orders", "some-id")
+            flushing = asyncio.ensure_future(recorder.flush())
+            for _ in range(1000):
+                if hanging.calls["record_usage"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert not flushing.done()  # in the write, waiting on the silent server
+            flushing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await flushing
+            assert [(c.client_id, c.requests) for c in recorder.batch()] == [("some-id", 1)]
+        finally:
+            await hanging.aclose()

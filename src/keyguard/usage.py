@@ -258,20 +258,30 @@ class UsageRecorder:
             taken, self._pending = self._pending, {}
             try:
                 await self.store.record_usage(_rows(taken))
+            except asyncio.CancelledError:
+                # Cancelled (a timeout around flush or aclose, say): the outcome is
+                # unknown, kept like a failed write's rather than dropped.
+                self._keep(taken, None)
+                raise
             except Exception as exc:
-                # Back, merged with anything closed meanwhile; after a partial write, only
-                # the APIs whose counts were not written.
-                unwritten = exc.apis if isinstance(exc, UsageNotWritten) else None
-                for key, entry in taken.items():
-                    if unwritten is not None and key[0] not in unwritten:
-                        continue
-                    held = self._pending.setdefault(key, [0, 0, 0.0])
-                    held[0] += entry[0]
-                    held[1] += entry[1]
-                    held[2] = max(held[2], entry[2])
+                # After a partial write, only the APIs whose counts were not written.
+                self._keep(taken, exc.apis if isinstance(exc, UsageNotWritten) else None)
                 self._log_failure(exc)
                 return
             await self._prune()
+
+    def _keep(
+        self, taken: dict[tuple[str, str, int], list[float]], apis: frozenset[str] | None
+    ) -> None:
+        """Put counts not written back, merged with anything closed meanwhile (those of
+        ``apis`` only, if given)."""
+        for key, entry in taken.items():
+            if apis is not None and key[0] not in apis:
+                continue
+            held = self._pending.setdefault(key, [0, 0, 0.0])
+            held[0] += entry[0]
+            held[1] += entry[1]
+            held[2] = max(held[2], entry[2])
 
     async def _prune(self) -> None:
         now = time.monotonic()
