@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -194,3 +194,46 @@ async def test_a_write_cancelled_midway_keeps_its_counts() -> None:
             assert [(c.client_id, c.requests) for c in recorder.batch()] == [("some-id", 1)]
         finally:
             await hanging.aclose()
+
+
+class _SlowStore(MemoryStore):
+    """A memory store whose first usage write takes ``takes`` seconds of ``now``."""
+
+    def __init__(self, now: list[float], takes: float) -> None:
+        super().__init__()
+        self.now, self.takes, self.writes = now, takes, 0
+
+    async def record_usage(self, counts: Sequence[UsageCount]) -> None:
+        self.writes += 1
+        if self.writes == 1:
+            self.now[0] += self.takes
+        await super().record_usage(counts)
+
+
+async def test_a_write_across_an_hour_boundary_is_followed_by_a_close_at_once() -> None:
+    """A write that starts before an hour boundary and ends after it: the task closes the
+    bucket again at once, so the requests after it count in the new hour, not in the
+    last one until the next interval (an hour later here)."""
+    boundary = hour_start(utcnow()).timestamp() + 3600
+    now = [boundary - 0.2]
+    store = _SlowStore(now, takes=1.0)
+    manager = KeyManager(store)
+    await manager.expose("orders")
+    before = await manager.create_key("orders", name="Before", kind="external")
+    after = await manager.create_key("orders", name="After", kind="external")
+    recorder = UsageRecorder(store, interval=3600, clock=lambda: now[0])
+    recorder.admitted("orders", before.client_id)  # the task wakes at the boundary
+    new_hour = int(boundary // 3600)
+    for _ in range(1000):
+        if store.writes and recorder._hour == new_hour:
+            break
+        await asyncio.sleep(0.01)
+    assert store.writes == 1
+    assert recorder._hour == new_hour  # closed again once the write ended
+    recorder.admitted("orders", after.client_id)
+    await recorder.aclose()
+    hours = {
+        row.client_id: row.hour.timestamp()
+        for row in await store.read_usage("orders", None, hour_start(utcnow()))
+    }
+    assert hours == {before.client_id: boundary - 3600, after.client_id: boundary}

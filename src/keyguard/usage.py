@@ -207,7 +207,10 @@ class UsageRecorder:
 
     def next_wake(self, now: float) -> float:
         """When the task next closes the bucket: after ``interval``, or at the next hour
-        boundary if that comes first (a flush then, so no count crosses an hour)."""
+        boundary if that comes first (a flush then, so no count crosses an hour); at once
+        if the open bucket's hour is over already (a write ran across the boundary)."""
+        if _hour_of(now) != self._hour:
+            return now
         return min(now + self.interval, (_hour_of(now) + 1) * _HOUR)
 
     async def _run(self) -> None:
