@@ -264,12 +264,17 @@ async def test_hours_are_buckets_of_the_wall_clock(counting: CountingStore) -> N
 
 def test_the_flush_task_wakes_at_each_hour_boundary() -> None:
     """The task closes the bucket after the interval, or at the next hour boundary when
-    that comes first, so no bucket holds counts of two hours."""
-    recorder = UsageRecorder(MemoryStore(), interval=10)
+    that comes first, so no bucket holds counts of two hours; at once when the open
+    bucket's hour is over (a write ran across the boundary)."""
     boundary = hour_start(utcnow()).timestamp() + 3600
+    now = [boundary - 100]
+    recorder = UsageRecorder(MemoryStore(), interval=10, clock=lambda: now[0])
     assert recorder.next_wake(boundary - 100) == boundary - 90
     assert recorder.next_wake(boundary - 4) == boundary
-    assert recorder.next_wake(boundary) == boundary + 10
+    assert recorder.next_wake(boundary + 2) == boundary + 2  # the bucket is the last hour's
+    now[0] = boundary + 2
+    recorder._close_bucket()
+    assert recorder.next_wake(boundary + 2) == boundary + 12
 
 
 def test_counting_reads_no_clock_and_builds_no_key() -> None:

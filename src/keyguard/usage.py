@@ -19,7 +19,6 @@ pruned, at most once an hour per process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from keyguard.errors import ConfigurationError
+from keyguard.errors import ConfigurationError, StoreUnavailable
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive
@@ -39,6 +38,7 @@ __all__ = [
     "MAX_USAGE_HOURS",
     "RETENTION",
     "UsageCount",
+    "UsageNotWritten",
     "UsageRecorder",
     "check_usage_flush",
     "hour_start",
@@ -80,6 +80,19 @@ class UsageCount:
     requests: int = 0
     rate_limited: int = 0
     last_used_at: datetime | None = None
+
+
+class UsageNotWritten(StoreUnavailable):
+    """Raised by a store's ``record_usage`` that wrote the counts of some APIs but not
+    those of ``apis`` (a Redis Cluster node down, say, while the others answer).
+
+    The recorder keeps only these APIs' counts for the next write: keeping the others
+    too would add them twice.
+    """
+
+    def __init__(self, message: str, apis: frozenset[str]) -> None:
+        super().__init__(message)
+        self.apis = apis
 
 
 def check_usage_flush(value: object) -> float | None:
@@ -159,7 +172,7 @@ class UsageRecorder:
         one id in two APIs: the second API's entry is kept under ``(api, client_id)``.
         """
         counts = self._counts
-        if not counts and self._task is None:
+        if not counts and self._live_task() is None:
             # Nothing has kept the bucket's hour current (no task): set it now.
             self._hour = _hour_of(self._clock())
         entry = counts.get(client_id)
@@ -173,22 +186,35 @@ class UsageRecorder:
                 other[0] += requests
                 other[1] += limited
             return
-        task = self._task
-        if task is None or task.done():
+        task = self._live_task()
+        if task is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # counted outside a loop: written by the next flush
                 return
             self._task = loop.create_task(self._run(), name="keyguard-usage-flush")
 
+    def _live_task(self) -> asyncio.Task[None] | None:
+        """The flush task, or ``None`` if it ended or its event loop is closed (a loop
+        closed without cancelling its tasks leaves them pending for ever: such a task
+        never wakes again, so the next count starts a new one in the running loop)."""
+        task = self._task
+        if task is not None and (task.done() or task.get_loop().is_closed()):
+            self._task = task = None
+        return task
+
     # -- writing ------------------------------------------------------------------------------
 
     def next_wake(self, now: float) -> float:
         """When the task next closes the bucket: after ``interval``, or at the next hour
-        boundary if that comes first (a flush then, so no count crosses an hour)."""
+        boundary if that comes first (a flush then, so no count crosses an hour); at once
+        if the open bucket's hour is over already (a write ran across the boundary)."""
+        if _hour_of(now) != self._hour:
+            return now
         return min(now + self.interval, (_hour_of(now) + 1) * _HOUR)
 
     async def _run(self) -> None:
+        me = asyncio.current_task()
         try:
             while True:
                 now = self._clock()
@@ -196,8 +222,10 @@ class UsageRecorder:
                 await self.flush()
         finally:
             # Cancelled, or the loop is closing: a later request in a running loop starts
-            # a new task, which writes these counts (nothing counted is dropped here).
-            self._task = None
+            # a new task, which writes these counts (nothing counted is dropped here). A
+            # task of a closed loop finalized late must not forget its successor.
+            if self._task is me:
+                self._task = None
             self._close_bucket()
 
     def _close_bucket(self) -> None:
@@ -226,25 +254,37 @@ class UsageRecorder:
         """Write everything counted so far in one ``record_usage`` call (none if nothing
         was counted); a failed write is kept for the next one and logged at most once a
         minute. Prunes old buckets at most once an hour."""
-        loop = asyncio.get_running_loop()
-        if self._lock is None or self._lock_loop is not loop:
-            self._lock, self._lock_loop = asyncio.Lock(), loop
-        async with self._lock:  # one write at a time: a shutdown flush waits for a running one
+        async with self._loop_lock():  # one write at a time: a shutdown flush waits
             self._close_bucket()
             if not self._pending:
                 return
             taken, self._pending = self._pending, {}
             try:
                 await self.store.record_usage(_rows(taken))
+            except asyncio.CancelledError:
+                # Cancelled (a timeout around flush or aclose, say): the outcome is
+                # unknown, kept like a failed write's rather than dropped.
+                self._keep(taken, None)
+                raise
             except Exception as exc:
-                for key, entry in taken.items():  # back, merged with anything closed meanwhile
-                    held = self._pending.setdefault(key, [0, 0, 0.0])
-                    held[0] += entry[0]
-                    held[1] += entry[1]
-                    held[2] = max(held[2], entry[2])
+                # After a partial write, only the APIs whose counts were not written.
+                self._keep(taken, exc.apis if isinstance(exc, UsageNotWritten) else None)
                 self._log_failure(exc)
                 return
             await self._prune()
+
+    def _keep(
+        self, taken: dict[tuple[str, str, int], list[float]], apis: frozenset[str] | None
+    ) -> None:
+        """Put counts not written back, merged with anything closed meanwhile (those of
+        ``apis`` only, if given)."""
+        for key, entry in taken.items():
+            if apis is not None and key[0] not in apis:
+                continue
+            held = self._pending.setdefault(key, [0, 0, 0.0])
+            held[0] += entry[0]
+            held[1] += entry[1]
+            held[2] = max(held[2], entry[2])
 
     async def _prune(self) -> None:
         now = time.monotonic()
@@ -283,17 +323,26 @@ class UsageRecorder:
 
         return receiving
 
+    def _loop_lock(self) -> asyncio.Lock:
+        """The lock of the writes made in the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
+
     async def aclose(self) -> None:
-        """Write what is counted and stop the background task (a later request starts it
-        again)."""
-        task = self._task
+        """Stop the background task and write what is counted, in one write (a later
+        request starts the task again).
+
+        The task is stopped between two of its writes, never during one (that write's
+        outcome would be unknown), and before the last write, so a store that is down
+        costs one timeout here, not two."""
+        task = self._live_task()
+        if task is not None and task.get_loop() is asyncio.get_running_loop():
+            async with self._loop_lock():  # a write under way ends first
+                task.cancel()
+            await asyncio.wait([task])  # its finally closes the open bucket
         await self.flush()
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._counts or self._pending:  # counted while the task stopped
-            await self.flush()
 
 
 def _hour_of(timestamp: float) -> int:

@@ -187,7 +187,8 @@ class Reads:
             keys, following = page.keys, page.next
         else:
             keys = [key async for key in self.iter_keys(api)]
-        first = hour_start(utcnow()) - timedelta(hours=hours - 1)
+        last = hour_start(utcnow())
+        first = last - timedelta(hours=hours - 1)
         rows = await self.store.read_usage(api, client_id, first)
         series = [
             {"start": rfc3339(start), "requests": requests, "rate_limited": limited}
@@ -198,7 +199,9 @@ class Reads:
         totals = {record.client_id: [0, 0] for record in keys}
         for row in rows:
             slot = totals.get(row.client_id)
-            if slot is not None and row.hour >= first:
+            # The hours listed only: a bucket after the current hour (written by a process
+            # whose clock runs ahead) is in neither the series nor the totals.
+            if slot is not None and first <= row.hour <= last:
                 slot[0] += row.requests
                 slot[1] += row.rate_limited
         answer: dict[str, Any] = {

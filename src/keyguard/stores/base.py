@@ -207,6 +207,10 @@ class KeyStore(Protocol):
         is later (never lowering it). Additive: many processes writing the same bucket sum
         up. Counts of a key that no longer exists are kept like any others (they age out);
         its ``last_used_at`` is not. One write, whatever the number of counts.
+
+        A store that cannot write all the counts atomically raises
+        :class:`~keyguard.usage.UsageNotWritten` naming the APIs whose counts it did not
+        write when it wrote the others: the caller writes only those again.
         """
         ...
 

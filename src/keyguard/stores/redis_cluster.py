@@ -66,6 +66,7 @@ class RedisClusterStore(RedisCore[RedisCluster]):
     """
 
     _server = "Redis Cluster"
+    _usage_per_api = True
 
     def __init__(
         self,

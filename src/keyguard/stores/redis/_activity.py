@@ -10,11 +10,11 @@ import math
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from keyguard.audit import AuditEvent, cutoff_id
 from keyguard.errors import ConfigurationError
-from keyguard.usage import RETENTION, UsageCount, hour_start
+from keyguard.usage import RETENTION, UsageCount, UsageNotWritten, hour_start
 
 try:
     from redis.asyncio import Redis
@@ -22,11 +22,20 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
     raise ConfigurationError("redis:// needs: pip install 'keyguard[redis]'") from exc
 
 from keyguard.stores.redis._base import _RedisBase
-from keyguard.stores.redis._common import _AUDIT_ID_LENGTH, ClientT, _micros, _text
+from keyguard.stores.redis._common import (
+    _AUDIT_ID_LENGTH,
+    _FAILURES,
+    ClientT,
+    _micros,
+    _text,
+)
 
 
 class _Activity(_RedisBase[ClientT]):
     """Audit events (listed; written by each change's script) and usage counts."""
+
+    #: Whether usage is written by one call per API (a cluster) rather than one pipeline.
+    _usage_per_api: ClassVar[bool] = False
 
     # -- audit events ---------------------------------------------------------------------
 
@@ -89,16 +98,20 @@ class _Activity(_RedisBase[ClientT]):
 
     async def record_usage(self, counts: Sequence[UsageCount]) -> None:
         """One script per API, all in one pipeline (one round trip; on a cluster, the scripts
-        run concurrently, one per API): each hour's counts go
+        run concurrently, one per API, each within the timeout): each hour's counts go
         to the hash ``<prefix>{<api>}:usage:<hour>`` (``HINCRBY`` of ``r:``/``l:<client_id>``),
         which expires 35 days after its hour; each key's ``u:<client_id>`` rises to its
-        latest use. The ``{<api>}`` hash tag keeps an API's usage in its Cluster slot."""
+        latest use. The ``{<api>}`` hash tag keeps an API's usage in its Cluster slot.
+
+        Each API's script is atomic, not the whole write: when some APIs' scripts ran and
+        others failed, ``UsageNotWritten`` names the others (writing all again would add
+        the first ones twice)."""
         by_api: dict[str, list[UsageCount]] = {}
         for count in counts:
             by_api.setdefault(count.api, []).append(count)
         if not by_api:
             return
-        calls: list[tuple[list[str], list[Any]]] = []
+        calls: list[tuple[str, list[str], list[Any]]] = []
         for api, rows in sorted(by_api.items()):
             hours = sorted({row.hour for row in rows})
             number = {hour: n for n, hour in enumerate(hours, start=1)}
@@ -112,25 +125,51 @@ class _Activity(_RedisBase[ClientT]):
                     int(row.rate_limited),
                     "" if row.last_used_at is None else _micros(row.last_used_at),
                 ]
-            calls.append((keys, args))
+            calls.append((api, keys, args))
 
-        async def write(redis: ClientT) -> None:
-            if not isinstance(redis, Redis):
-                # A cluster client: one script call per API, all at once (each API's keys
-                # are in its own slot, perhaps on another node).
-                await asyncio.gather(
-                    *(
-                        self._record_usage(keys=keys, args=args, client=redis)
-                        for keys, args in calls
-                    )
-                )
-                return
-            async with redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    await self._record_usage(keys=keys, args=args, client=pipe)
-                await pipe.execute()
+        outcomes: list[BaseException | None]
+        if self._usage_per_api:
+            # A cluster: one call per API, all at once (each API's keys are in its own
+            # slot, perhaps on another node, which may be down while the others answer).
+            async def one(keys: list[str], args: list[Any]) -> None:
+                async def write(redis: ClientT) -> None:
+                    await self._record_usage(keys=keys, args=args, client=redis)
 
-        await self._call(write)
+                await self._call(write)
+
+            gathered = await asyncio.gather(
+                *(one(keys, args) for _, keys, args in calls), return_exceptions=True
+            )
+            outcomes = [r if isinstance(r, BaseException) else None for r in gathered]
+        else:
+
+            async def pipelined(redis: ClientT) -> list[Any]:
+                assert isinstance(redis, Redis)  # one server's client (not _usage_per_api)
+                async with redis.pipeline(transaction=False) as pipe:
+                    for _, keys, args in calls:
+                        await self._record_usage(keys=keys, args=args, client=pipe)
+                    replies: list[Any] = await pipe.execute(raise_on_error=False)
+                    return replies
+
+            replies = await self._call(pipelined)
+            outcomes = [r if isinstance(r, Exception) else None for r in replies]
+        failed = [
+            (api, exc) for (api, _, _), exc in zip(calls, outcomes, strict=True) if exc is not None
+        ]
+        if not failed:
+            return
+        for _, exc in failed:
+            if not isinstance(exc, Exception):
+                raise exc  # cancelled
+        first = failed[0][1]
+        if len(failed) == len(calls):
+            if isinstance(first, _FAILURES):  # a script's error in the pipeline, say
+                raise self._unavailable(first) from first
+            raise first
+        raise UsageNotWritten(
+            f"usage of {len(failed)} of {len(calls)} APIs not written ({first})",
+            frozenset(api for api, _ in failed),
+        ) from first
 
     async def read_usage(
         self, api: str, client_id: str | None, since: datetime
