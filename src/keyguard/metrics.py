@@ -253,10 +253,10 @@ def _no_request(api: str | None, outcome: str | Denial) -> None:
     """Metrics off: nothing to record."""
 
 
-def counts(count: Callable[[str | None, str | Denial], None]) -> bool:
-    """Whether ``count``, from :func:`request_counter`, records anything (so that the
-    busiest path may skip calling a no-op)."""
-    return count is not _no_request
+def counts(count: Callable[[str | None, str | Denial], None] | Callable[[bool], None]) -> bool:
+    """Whether ``count``, from :func:`request_counter` or :func:`count_lookup`, records
+    anything (so that the busiest path may skip calling a no-op)."""
+    return count is not _no_request and count is not _no_lookup
 
 
 class _RequestCounter:

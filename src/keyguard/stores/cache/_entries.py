@@ -59,14 +59,17 @@ class Entries:
         self.limit = limit
         self.negative_limit = max(1, limit // 4)
         self.size = 0
-        self._known: OrderedDict[Slot, Entry] = OrderedDict()
+        self.known: OrderedDict[Slot, Entry] = OrderedDict()
+        """Every entry but the negative key entries, least recently used first: where an
+        API entry always is (``CachedStore.lookup`` reads it there, without a call of
+        :meth:`get`)."""
         self._negative: OrderedDict[Slot, Entry] = OrderedDict()
 
     def get(self, slot: Slot) -> Entry | None:
         """The entry at ``slot`` (marked as just used), or ``None``."""
-        entry = self._known.get(slot)
+        entry = self.known.get(slot)
         if entry is not None:
-            self._known.move_to_end(slot)
+            self.known.move_to_end(slot)
             return entry
         entry = self._negative.get(slot)
         if entry is not None:
@@ -76,7 +79,7 @@ class Entries:
     def peek(self, slot: Slot) -> Entry | None:
         """The entry at ``slot``, or ``None``, leaving the order of use as it is (for a
         second read of an entry a request has just used)."""
-        entry = self._known.get(slot)
+        entry = self.known.get(slot)
         return entry if entry is not None else self._negative.get(slot)
 
     def put(self, slot: Slot, entry: Entry) -> None:
@@ -90,26 +93,26 @@ class Entries:
             while len(self._negative) >= self.negative_limit:
                 self._drop_oldest(self._negative)
         while self.size + entry.size > self.limit:
-            self._drop_oldest(self._negative if self._negative else self._known)
-        (self._negative if negative else self._known)[slot] = entry
+            self._drop_oldest(self._negative if self._negative else self.known)
+        (self._negative if negative else self.known)[slot] = entry
         self.size += entry.size
 
     def pop(self, slot: Slot) -> Entry | None:
         """Forget the entry at ``slot``; the entry, or ``None`` if there was none."""
-        entry = self._known.pop(slot, None) or self._negative.pop(slot, None)
+        entry = self.known.pop(slot, None) or self._negative.pop(slot, None)
         if entry is not None:
             self.size -= entry.size
         return entry
 
     def clear(self) -> None:
         """Forget every entry."""
-        self._known.clear()
+        self.known.clear()
         self._negative.clear()
         self.size = 0
 
     def __len__(self) -> int:
         """How many entries are kept (an API entry counting one; see ``size``)."""
-        return len(self._known) + len(self._negative)
+        return len(self.known) + len(self._negative)
 
     def _drop_oldest(self, part: OrderedDict[Slot, Entry]) -> None:
         _, entry = part.popitem(last=False)

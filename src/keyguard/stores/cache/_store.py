@@ -155,6 +155,7 @@ class CachedStore:
         # keyguard.metrics: the refreshes' reads timed, lookups counted (no-ops when off).
         self._reads = metrics.timed_store(store)
         self._count_lookup = metrics.count_lookup()
+        self._counting = metrics.counts(self._count_lookup)  # else hits skip a no-op call
         self._snapshots = cast("Snapshots", self._reads) if isinstance(store, Snapshots) else None
         self._watcher: asyncio.Task[None] | None = None
 
@@ -191,7 +192,11 @@ class CachedStore:
             # another loop that still runs is left to it.)
             self.clear()
             self._start_watching(self._feed)
-        found = self._entries.get(api)
+        # self._entries.get(api), inline (an API entry is never a negative one).
+        known = self._entries.known
+        found = known.get(api)
+        if found is not None:
+            known.move_to_end(api)
         entry = found if isinstance(found, ApiEntry) else None
         now = self._clock()
         if entry is None or entry.expires <= now:
@@ -202,7 +207,8 @@ class CachedStore:
             entry = await self._refresh(api)
             now = self._clock()  # what the key's entry is judged by: after the wait
         else:
-            self._count_lookup(True)
+            if self._counting:
+                self._count_lookup(True)
             if entry.expires - now <= self._ahead and api not in self._refreshing:
                 # Nearly expired: refresh it in the background and answer from it meanwhile,
                 # so no request waits on the store while a valid entry exists (SPEC §11).
@@ -225,7 +231,7 @@ class CachedStore:
     def cached_rate_limits(self, api: str) -> tuple[RateLimit, ...] | None:
         """``api``'s rate limits from its entry while it is fresh, else ``None``
         (what ``KeyManager`` reads right after a ``lookup``: no store round trip)."""
-        entry = self._entries.peek(api)  # the lookup just before marked it used
+        entry = self._entries.known.get(api)  # peek(api): the lookup just before marked it used
         if not isinstance(entry, ApiEntry) or entry.expires <= self._clock():
             return None
         return entry.rate_limits
