@@ -184,7 +184,14 @@ class CachedStore:
         """The answer from what is cached of ``api``, read from the store when stale."""
         watcher = self._watcher
         if self._feed is not None and (
-            watcher is None or watcher.done() or not watcher.get_loop().is_running()
+            watcher is None
+            or watcher.done()
+            or (
+                # The running loop runs: only a watcher of another loop needs asking (a
+                # Python-level call, kept off the request path's common case).
+                watcher.get_loop() is not asyncio.get_running_loop()
+                and not watcher.get_loop().is_running()
+            )
         ):
             # Not listening (first use, or a new event loop; a watcher left pending in a
             # loop that stopped or closed without ending its tasks never listens again):
