@@ -174,3 +174,35 @@ def test_token_names_differing_only_in_case_are_refused(tokens: dict[str, Any]) 
         management_app(MemoryStore(), tokens=tokens)
     assert OPS not in str(caught.value)
     assert VIEWER not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"],
+)
+async def test_a_cross_site_form_cannot_change_anything_without_a_token(
+    content_type: str,
+) -> None:
+    """Behind a proxy that authenticates with cookies (``allow_no_auth=True``), another site
+    can still make the browser send a "simple" request: a POST with a form's media type and
+    no preflight. The only POST route refuses every body that is not JSON (415), so such a
+    request creates nothing; the other changes are PUT, PATCH and DELETE, which no form can
+    send and which a browser preflights (and this app answers no CORS)."""
+    app = management_app(MemoryStore(), allow_no_auth=True)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.put("/apis/orders", json={"exposed": True})).status_code == 200
+        body = '{"name": "Mallory", "kind": "internal"}'
+        answer = await c.post(
+            "/apis/orders/keys",
+            content=body,
+            headers={"Content-Type": content_type, "Origin": "https://evil.example"},
+        )
+        assert answer.status_code == 415
+        assert answer.json()["code"] == "unsupported_media_type"
+        assert "access-control-allow-origin" not in answer.headers
+        assert (await c.get("/apis/orders/keys")).json()["keys"] == []
+        preflight = await c.options(
+            "/apis/orders",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "DELETE"},
+        )
+        assert "access-control-allow-origin" not in preflight.headers
