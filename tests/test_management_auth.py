@@ -206,3 +206,30 @@ async def test_a_cross_site_form_cannot_change_anything_without_a_token(
             headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "DELETE"},
         )
         assert "access-control-allow-origin" not in preflight.headers
+
+
+async def test_no_answer_or_log_line_holds_a_token(caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong token, a near miss of a right one, a read-only token asking for a change, an
+    unknown route, a 405: no answer (body or headers) and no log line holds the token sent
+    or any configured token."""
+    caplog.set_level("DEBUG")
+    app = _app()
+    near = OPS[:-1] + "!"
+    answers = []
+    for token, method, path in (
+        (near, "GET", "/apis"),
+        (OPS + OPS, "GET", "/apis"),
+        (VIEWER, "DELETE", "/apis/orders"),
+        (OPS, "GET", "/no/such/route"),
+        (OPS, "POST", "/apis"),
+        (OPS, "PUT", "/apis/orders"),
+    ):
+        async with _client(app, token) as c:
+            answers.append(await c.request(method, path, content=b"{not json"))
+    assert [a.status_code for a in answers] == [401, 401, 403, 404, 405, 415]
+    for answer in answers:
+        seen = answer.text + repr(answer.headers.multi_items())
+        for secret in (OPS, VIEWER, near, OPS[:16]):
+            assert secret not in seen
+    for secret in (OPS, VIEWER, near, OPS[:16]):
+        assert secret not in caplog.text
