@@ -75,6 +75,9 @@ async def test_console_files_are_served_without_a_token(
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["x-frame-options"] == "DENY"
     assert response.headers["referrer-policy"] == "no-referrer"
+    # Not kept by any cache (the back-forward one included, which would bring back a page
+    # that showed a secret), so an upgraded keyguard never runs yesterday's script either.
+    assert response.headers["cache-control"] == "no-store"
     filename = "console.html" if path == "/" else path.lstrip("/")
     assert response.content == (STATIC / filename).read_bytes()
 
@@ -161,6 +164,20 @@ def test_console_files_fetch_nothing_from_elsewhere() -> None:
         text = (STATIC / filename).read_text(encoding="utf-8")
         assert re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}", text) == [], filename
         assert "@import" not in text, filename
+
+
+def test_the_sign_in_form_never_puts_the_token_in_a_url() -> None:
+    """Were the form ever submitted by the browser itself (before the script took it over,
+    or without the CSP's form-action), the token would not land in a URL, where access logs,
+    history and Referer keep it: its field has no name, and the form is a POST."""
+    page = (STATIC / "console.html").read_text(encoding="utf-8")
+    form = re.search(r'<form id="sign-in-form"[^>]*>(.*?)</form>', page, re.DOTALL)
+    assert form is not None
+    assert 'method="post"' in form.group(0)
+    field = re.search(r'<input id="token"[^>]*>', form.group(1), re.DOTALL)
+    assert field is not None
+    assert 'type="password"' in field.group(0)
+    assert re.search(r"\bname=", field.group(0)) is None
 
 
 def test_page_loads_only_its_own_files() -> None:

@@ -75,8 +75,9 @@ _HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Opener-Policy": "same-origin",
-    # Always ask again, so that an upgraded keyguard never runs yesterday's script.
-    "Cache-Control": "no-cache",
+    # Kept by no cache, the back-forward one included: an upgraded keyguard never runs
+    # yesterday's script, and a page that showed a secret is not brought back from memory.
+    "Cache-Control": "no-store",
 }
 
 

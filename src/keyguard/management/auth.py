@@ -110,7 +110,9 @@ class BearerAuth:
         if scope["type"] != "http" or self.tokens is None or self._is_public(scope):
             await self.app(scope, receive, send)
             return
-        values = [value for name, value in scope["headers"] if name == b"authorization"]
+        # Header names are case-insensitive: an ASGI server lowercases them, but an app or
+        # middleware in front may not, and a second "Authorization" must count however spelt.
+        values = [value for name, value in scope["headers"] if name.lower() == b"authorization"]
         presented = values[0].strip() if len(values) == 1 else b""
         scheme, _, credentials = presented.partition(b" ")
         credentials = credentials.strip()
@@ -188,10 +190,17 @@ def validate_tokens(
     if not isinstance(named, Mapping) or not named:
         raise ConfigurationError("management_app: tokens must be a non-empty dict of name: token")
     checked: list[_Token] = []
+    names_seen: dict[str, str] = {}
     for name, value in named.items():
         if not isinstance(name, str) or not _TOKEN_NAME.fullmatch(name):
             raise ConfigurationError(
                 f"management_app: a token's name must match {_TOKEN_NAME.pattern}, got {name!r}"
+            )
+        # The name is the actor in the audit log: "token:ops" and "token:OPS" would read as one.
+        if (other := names_seen.setdefault(name.casefold(), name)) != name:
+            raise ConfigurationError(
+                f"management_app: the token names {other!r} and {name!r} differ only in case; "
+                "each token needs a name of its own in the audit log"
             )
         read_only = isinstance(value, ReadOnly)
         text = value.token if isinstance(value, ReadOnly) else value
