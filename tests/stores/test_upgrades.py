@@ -23,7 +23,7 @@ from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keyguard import KeyManager, KeyStore
-from keyguard.errors import DuplicateName
+from keyguard.errors import DuplicateName, StoreUnavailable
 from keyguard.manager import Denial
 from keyguard.models import KeyInfo, utcnow
 from keyguard.stores.redis import RedisStore
@@ -220,3 +220,77 @@ def test_sql_fixture_names_only_its_own_tables(backend: str) -> None:
     assert renamed
     assert all(LEGACY_SQL_PREFIX not in statement for statement in renamed)
     assert any("schema_version" in statement for statement in renamed)
+
+
+async def table_names(engine: AsyncEngine, prefix: str) -> list[str]:
+    """The tables of ``prefix`` and the indexes of its keys table, as the database has them."""
+
+    def read(sync: Any) -> list[str]:
+        found = inspect(sync)
+        tables = sorted(name for name in found.get_table_names() if name.startswith(prefix))
+        indexes = sorted(str(index["name"]) for index in found.get_indexes(f"{prefix}keys"))
+        return tables + indexes
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(read)
+
+
+async def set_version(engine: AsyncEngine, prefix: str, value: str) -> None:
+    """Record ``value`` as the schema version of the tables of ``prefix``."""
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(
+            f"UPDATE {prefix}meta SET value = '{value}' WHERE name = 'schema_version'"  # noqa: S608
+        )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+async def test_sql_store_newer_than_the_code_is_refused_untouched(
+    backend: str, tmp_path: Path
+) -> None:
+    """Tables a later keyguard wrote are refused (saying to upgrade keyguard) before this
+    code creates anything in them: no table or index of its own is added to them."""
+    url = sql_url(backend, tmp_path)
+    prefix = sql_prefix()
+    loader = SQLStore.from_url(url, table_prefix=prefix)
+    store = SQLStore.from_url(url, table_prefix=prefix)
+    try:
+        await load_sql(loader.engine, backend, prefix)
+        await set_version(loader.engine, prefix, str(SCHEMA_VERSION + 1))
+        before = await table_names(loader.engine, prefix)
+        assert f"{prefix}keys_api_order_idx" not in before  # what this code would add
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable, match="newer than this keyguard.*upgrade"):
+                await store.list_apis()
+        assert await table_names(loader.engine, prefix) == before
+    finally:
+        await store.aclose()
+        try:
+            if backend != "sqlite":
+                await drop_tables(loader.engine, prefix)
+        finally:
+            await loader.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+@pytest.mark.parametrize("value", ["abc", "0", "", "-1", "2.0"])
+async def test_sql_store_with_an_unreadable_version_says_so(
+    backend: str, value: str, tmp_path: Path
+) -> None:
+    """A schema version no keyguard writes (the row edited by hand) is a StoreUnavailable
+    that names it, never a ValueError or KeyError out of the store (a 500, a traceback)."""
+    url = sql_url(backend, tmp_path)
+    prefix = sql_prefix()
+    loader = SQLStore.from_url(url, table_prefix=prefix)
+    store = SQLStore.from_url(url, table_prefix=prefix)
+    try:
+        await load_sql(loader.engine, backend, prefix)
+        await set_version(loader.engine, prefix, value)
+        with pytest.raises(StoreUnavailable, match="schema version .*no keyguard writes"):
+            await store.get_api("orders")
+    finally:
+        await store.aclose()
+        try:
+            if backend != "sqlite":
+                await drop_tables(loader.engine, prefix)
+        finally:
+            await loader.aclose()

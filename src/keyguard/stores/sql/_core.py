@@ -19,9 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import (
-    select,
-)
+from sqlalchemy import Connection, inspect, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from keyguard.audit import (
@@ -370,9 +368,16 @@ class _SQLCore:
                         await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                         await conn.commit()
                     meta = schema.meta
+                    read = select(meta.c.value).where(meta.c.name == _VERSION_ROW)
                     async with conn.begin():
                         if sqlite:
                             await _begin_immediate(conn, deadline, self._timeout)
+                        # Tables a newer keyguard wrote are refused before anything is
+                        # created or changed in them (a table, an index it may have dropped).
+                        if await conn.run_sync(_has_table, meta.name):
+                            found = (await conn.execute(read)).scalar_one_or_none()
+                            if found is not None:
+                                self._check_version(found)
                         await conn.run_sync(schema.metadata.create_all)
                         added = await conn.run_sync(ensure_indexes, schema.keys)
                         await conn.execute(
@@ -382,8 +387,7 @@ class _SQLCore:
                         )
                     # A new transaction: its snapshot shows a row another process wrote.
                     async with conn.begin():
-                        read = select(meta.c.value).where(meta.c.name == _VERSION_ROW)
-                        version = int((await conn.execute(read)).scalar_one())
+                        version = self._check_version((await conn.execute(read)).scalar_one())
                     if version < SCHEMA_VERSION:
                         version = await upgrade(
                             conn,
@@ -392,6 +396,8 @@ class _SQLCore:
                             found=version,
                             target=SCHEMA_VERSION,
                         )
+                        # Another process may have moved them past this code meanwhile.
+                        self._check_version(version)
                         logger.info(
                             "SQL store %s: tables %s* upgraded to schema version %s",
                             self.url,
@@ -411,12 +417,25 @@ class _SQLCore:
                     raise
                 # Retried until the call's deadline cancels the wait.
                 await asyncio.sleep(min(0.02 * attempt, 0.2))
+        return schema
+
+    def _check_version(self, stored: object) -> int:
+        """The schema version recorded as ``stored``, if this code can read or upgrade
+        such tables; else ``StoreUnavailable`` saying why (never a traceback)."""
+        text = str(stored).strip()
+        version = int(text) if text.isascii() and text.isdigit() else 0
         if version > SCHEMA_VERSION:
             raise StoreUnavailable(
                 f"the tables {self._prefix}* have schema version {version}, newer than this "
                 f"keyguard understands ({SCHEMA_VERSION}): upgrade keyguard"
             )
-        return schema
+        if version < 1:
+            raise StoreUnavailable(
+                f"the tables {self._prefix}* record schema version {text[:20]!r}, which no "
+                f"keyguard writes (1 to {SCHEMA_VERSION}): the {_VERSION_ROW} row of "
+                f"{self._prefix}meta was changed by hand"
+            )
+        return version
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         """The error for a driver failure: what failed, never the password."""
@@ -438,3 +457,8 @@ class _SQLCore:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _has_table(conn: Connection, name: str) -> bool:
+    """Whether the database has the table ``name`` (run through ``run_sync``)."""
+    return inspect(conn).has_table(name)
