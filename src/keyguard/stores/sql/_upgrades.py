@@ -37,7 +37,10 @@ every first use if it is missing, in the same transaction as ``create_all``
 processes starting at once may both find it missing: the one that creates it
 second fails with "already exists" / "Duplicate key name", and the store's
 start-up retry then finds it there. Building it takes a moment on a large
-table, once (PostgreSQL holds writes to the table meanwhile).
+table, once (PostgreSQL holds writes to the table meanwhile): seconds for a
+million keys, longer than a call's timeout, which is why the whole step runs
+as a task of its own under a budget of its own, never cut at a call's
+deadline (``_SQLCore._ready``).
 """
 
 from __future__ import annotations
