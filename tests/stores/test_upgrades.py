@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from keyguard import KeyManager, KeyStore
-from keyguard.errors import DuplicateName
+from keyguard.errors import DuplicateName, StoreUnavailable
 from keyguard.manager import Denial
 from keyguard.models import KeyInfo, utcnow
 from keyguard.stores.redis import RedisStore
 from keyguard.stores.sql import SCHEMA_VERSION, SQLStore
+from keyguard.stores.sql._upgrades import V2_KEY_COLUMNS
 from keyguard.usage import UsageCount
 from tests.backends.redis import delete_prefixed
 from tests.backends.redis import unique_prefix as redis_prefix
@@ -220,3 +225,178 @@ def test_sql_fixture_names_only_its_own_tables(backend: str) -> None:
     assert renamed
     assert all(LEGACY_SQL_PREFIX not in statement for statement in renamed)
     assert any("schema_version" in statement for statement in renamed)
+
+
+async def table_names(engine: AsyncEngine, prefix: str) -> list[str]:
+    """The tables of ``prefix`` and the indexes of its keys table, as the database has them."""
+
+    def read(sync: Any) -> list[str]:
+        found = inspect(sync)
+        tables = sorted(name for name in found.get_table_names() if name.startswith(prefix))
+        indexes = sorted(str(index["name"]) for index in found.get_indexes(f"{prefix}keys"))
+        return tables + indexes
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(read)
+
+
+async def set_version(engine: AsyncEngine, prefix: str, value: str) -> None:
+    """Record ``value`` as the schema version of the tables of ``prefix``."""
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(
+            f"UPDATE {prefix}meta SET value = '{value}' WHERE name = 'schema_version'"  # noqa: S608
+        )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+async def test_sql_store_newer_than_the_code_is_refused_untouched(
+    backend: str, tmp_path: Path
+) -> None:
+    """Tables a later keyguard wrote are refused (saying to upgrade keyguard) before this
+    code creates anything in them: no table or index of its own is added to them."""
+    url = sql_url(backend, tmp_path)
+    prefix = sql_prefix()
+    loader = SQLStore.from_url(url, table_prefix=prefix)
+    store = SQLStore.from_url(url, table_prefix=prefix)
+    try:
+        await load_sql(loader.engine, backend, prefix)
+        await set_version(loader.engine, prefix, str(SCHEMA_VERSION + 1))
+        before = await table_names(loader.engine, prefix)
+        assert f"{prefix}keys_api_order_idx" not in before  # what this code would add
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable, match=r"newer than this keyguard.*upgrade"):
+                await store.list_apis()
+        assert await table_names(loader.engine, prefix) == before
+    finally:
+        await store.aclose()
+        try:
+            if backend != "sqlite":
+                await drop_tables(loader.engine, prefix)
+        finally:
+            await loader.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+@pytest.mark.parametrize("value", ["abc", "0", "", "-1", "2.0"])
+async def test_sql_store_with_an_unreadable_version_says_so(
+    backend: str, value: str, tmp_path: Path
+) -> None:
+    """A schema version no keyguard writes (the row edited by hand) is a StoreUnavailable
+    that names it, never a ValueError or KeyError out of the store (a 500, a traceback)."""
+    url = sql_url(backend, tmp_path)
+    prefix = sql_prefix()
+    loader = SQLStore.from_url(url, table_prefix=prefix)
+    store = SQLStore.from_url(url, table_prefix=prefix)
+    try:
+        await load_sql(loader.engine, backend, prefix)
+        await set_version(loader.engine, prefix, value)
+        with pytest.raises(StoreUnavailable, match=r"schema version .*no keyguard writes"):
+            await store.get_api("orders")
+    finally:
+        await store.aclose()
+        try:
+            if backend != "sqlite":
+                await drop_tables(loader.engine, prefix)
+        finally:
+            await loader.aclose()
+
+
+@asynccontextmanager
+async def tables_held(backend: str, url: str, prefix: str) -> AsyncIterator[None]:
+    """The old tables held as another process's long transaction would hold them, so that
+    upgrading them must wait: SQLite's write lock (``BEGIN IMMEDIATE``); on the servers a
+    transaction that read the APIs table (its lock, or metadata lock, keeps ``ALTER TABLE``
+    waiting). Released on the way out."""
+    if backend == "sqlite":
+        holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            yield
+        finally:
+            holder.rollback()
+            holder.close()
+        return
+    engine = SQLStore.from_url(url, table_prefix=prefix).engine
+    try:
+        async with engine.connect() as conn:
+            await conn.begin()
+            await conn.exec_driver_sql(f"SELECT count(*) FROM {prefix}apis")  # noqa: S608
+            yield
+            await conn.rollback()
+    finally:
+        await engine.dispose()
+
+
+async def recorded_version(engine: AsyncEngine, prefix: str) -> str:
+    """The schema version the tables of ``prefix`` record, read beside any store."""
+    async with engine.connect() as conn:
+        read = f"SELECT value FROM {prefix}meta WHERE name = 'schema_version'"  # noqa: S608
+        return str((await conn.exec_driver_sql(read)).scalar_one())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+async def test_sql_upgrade_longer_than_the_timeout_is_not_cut(backend: str, tmp_path: Path) -> None:
+    """An upgrade that takes longer than the store's timeout (here: it must wait for
+    another transaction; in life also an index built over millions of keys) goes on after
+    the call that started it has answered StoreUnavailable, and finishes: cut at each
+    call's deadline, it would start over on every call and never be done."""
+    url = sql_url(backend, tmp_path)
+    prefix = sql_prefix()
+    loader = SQLStore.from_url(url, table_prefix=prefix)
+    store = SQLStore.from_url(url, table_prefix=prefix, timeout=0.5)
+    try:
+        await load_sql(loader.engine, backend, prefix)
+        async with tables_held(backend, url, prefix):
+            # Held past the lock waits the step is allowed on the servers (timeout, in
+            # whole seconds on MariaDB): it must try again, on a sound connection.
+            for _ in range(3):
+                with (
+                    anyio.fail_after(10),
+                    pytest.raises(StoreUnavailable, match="being created or upgraded"),
+                ):
+                    await store.list_apis()
+            assert await recorded_version(loader.engine, prefix) == "1"
+        # No store call from here on: the upgrade started above finishes by itself.
+        for _ in range(400):
+            if await recorded_version(loader.engine, prefix) == str(SCHEMA_VERSION):
+                break
+            await asyncio.sleep(0.05)
+        assert await recorded_version(loader.engine, prefix) == str(SCHEMA_VERSION)
+        await check_upgraded_columns(loader.engine, prefix)
+        await check_nothing_lost(store)
+    finally:
+        await store.aclose()
+        try:
+            if backend != "sqlite":
+                await drop_tables(loader.engine, prefix)
+        finally:
+            await loader.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+async def test_sql_upgrade_cut_half_way_resumes(backend: str, tmp_path: Path) -> None:
+    """Tables left half-upgraded (on MariaDB, whose DDL commits statement by statement, a
+    step cut between two ``ALTER TABLE``: some version-2 columns there, the version still
+    1) are upgraded the rest of the way, losing nothing."""
+    url = sql_url(backend, tmp_path)
+    prefix = sql_prefix()
+    loader = SQLStore.from_url(url, table_prefix=prefix)
+    store = SQLStore.from_url(url, table_prefix=prefix)
+    dialect = {"sqlite": "sqlite", "postgres": "postgresql", "mysql": "mysql"}[backend]
+    try:
+        await load_sql(loader.engine, backend, prefix)
+        async with loader.engine.begin() as conn:
+            for column in ("enabled", "expires_at", "meta"):
+                added = V2_KEY_COLUMNS[column][dialect]
+                await conn.exec_driver_sql(f"ALTER TABLE {prefix}keys ADD COLUMN {column} {added}")
+        assert await recorded_version(loader.engine, prefix) == "1"
+        assert len(await store.list_apis()) == len(manifest()["apis"])
+        await check_upgraded_columns(loader.engine, prefix)
+        await check_nothing_lost(store)
+    finally:
+        await store.aclose()
+        try:
+            if backend != "sqlite":
+                await drop_tables(loader.engine, prefix)
+        finally:
+            await loader.aclose()

@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+from sqlalchemy import Connection, inspect, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import (
-    select,
-)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from keyguard.audit import (
@@ -57,6 +57,7 @@ from keyguard.stores.sql._engine import (
     _is_driver_error,
     _lost_creation_race,
     _running_loop,
+    _schema_budget,
     _validate_prefix,
     _validate_timeout,
 )
@@ -102,6 +103,8 @@ class _SQLCore:
             )
         self._engine = engine
         self._factory: Callable[[], AsyncEngine] | None = None  # set when the store owns it
+        # from_url's: the engine that creates or upgrades the tables (see _schema_step).
+        self._schema_factory: Callable[[], AsyncEngine] | None = None
         # One engine per event loop (connections belong to the loop that opened them).
         # ``_current`` is the last loop's, read in one step on the hot path; the engine
         # above serves the first loop that uses the store (see ``_bind``).
@@ -153,6 +156,13 @@ class _SQLCore:
         self._current = None  # every call now takes the slow path, which refuses it
         running = _running_loop()
         for loop, bound in list(self._by_loop.items()):
+            task, bound.schema_task = bound.schema_task, None
+            if task is not None and not task.done():
+                if loop is running:
+                    task.cancel()  # its connection is cut (_connect)
+                    await asyncio.wait({task})
+                elif loop.is_running():
+                    loop.call_soon_threadsafe(task.cancel)
             if loop is running and bound.direct is not None:
                 await bound.direct.aclose()  # kept connections back to the pool
         if self._factory is None:
@@ -208,6 +218,11 @@ class _SQLCore:
         raise self._no_answer()
 
     def _no_answer(self) -> StoreUnavailable:
+        if self._schema_pending():
+            return StoreUnavailable(
+                f"SQL store {self.url} unavailable (no answer within {self._timeout:g} s: "
+                f"the tables {self._prefix}* are being created or upgraded, which goes on)"
+            )
         return StoreUnavailable(
             f"SQL store {self.url} unavailable (no answer within {self._timeout:g} s)"
         )
@@ -250,7 +265,7 @@ class _SQLCore:
         write: bool,
         deadline: float,
     ) -> T:
-        bound, schema = await self._ready(deadline)
+        bound, schema = await self._ready()
         bind = bound.engine if write else bound.reader
         immediate = write and bound.engine.dialect.name == "sqlite"
         for attempt in (1, 2):
@@ -288,16 +303,55 @@ class _SQLCore:
             return engine
         return engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    async def _ready(self, deadline: float) -> tuple[_Bound, _Schema]:
-        """The running event loop's engine, and the tables, created if needed."""
+    async def _ready(self) -> tuple[_Bound, _Schema]:
+        """The running event loop's engine, and the tables, created or upgraded if needed.
+
+        That step runs as a task of its own, which the calls of this loop wait for: a
+        call's deadline ends its wait, never the step. Cut at each call's deadline, a
+        step longer than ``timeout`` (an index built over millions of keys, an ``ALTER
+        TABLE`` waiting for another transaction) would start over with every call and
+        never finish. The step has a bound of its own, ``_schema_budget``.
+        """
         bound = self._current
         if bound is None or bound.loop is not asyncio.get_running_loop():
             bound = await self._bind()
         if self._schema is None:
-            async with bound.schema_lock:
-                if self._schema is None:
-                    self._schema = await self._create_schema(bound.engine, deadline)
+            task = bound.schema_task
+            if task is None or (task.done() and (task.cancelled() or task.exception())):
+                task = asyncio.ensure_future(self._schema_step(bound.engine))
+                task.add_done_callback(_retrieve)
+                bound.schema_task = task
+            await asyncio.wait({task})
+            if task.cancelled():  # the store was closed meanwhile
+                raise StoreUnavailable(f"SQL store {self.url} is closed")
+            self._schema = task.result()
         return bound, self._schema
+
+    async def _schema_step(self, engine: AsyncEngine) -> _Schema:
+        """``_create_schema`` within ``_schema_budget``, not the calls' ``timeout``: on an
+        engine of its own (``from_url``'s) whose drivers let a statement take that long,
+        except on SQLite, whose statements have no such bound (and whose in-memory
+        database is the engine's own)."""
+        budget = _schema_budget(self._timeout)
+        own = None
+        if self._schema_factory is not None and engine.dialect.name != "sqlite":
+            own = self._schema_factory()
+        try:
+            with anyio.move_on_after(budget) as scope:
+                return await self._create_schema(own or engine, scope.deadline)
+        finally:
+            if own is not None:
+                await own.dispose()
+        raise StoreUnavailable(
+            f"SQL store {self.url} unavailable (creating or upgrading the tables "
+            f"{self._prefix}* did not finish within {budget:g} s)"
+        )
+
+    def _schema_pending(self) -> bool:
+        """Whether this loop's tables are still being created or upgraded."""
+        bound = self._current
+        task = None if bound is None else bound.schema_task
+        return self._schema is None and task is not None and not task.done()
 
     async def _bind(self) -> _Bound:
         """This loop's engine: the first loop gets the one built in ``from_url``, each
@@ -319,7 +373,7 @@ class _SQLCore:
                 # ``shutdown_asyncgens`` finalizes it, closing the engine's connections
                 # while the loop still runs.
                 await closer.asend(None)
-            bound = _Bound(loop, engine, self._reader(engine), asyncio.Lock(), closer)
+            bound = _Bound(loop, engine, self._reader(engine), closer)
             direct = DirectReads(engine)
             if direct.capacity:
                 bound.direct = direct
@@ -355,68 +409,110 @@ class _SQLCore:
 
         Several processes may start at once: whoever loses the race to create
         a table (an "already exists" error) tries again and finds it there,
-        until the call's deadline.
+        until ``deadline``. So does a step that waited for another transaction's
+        lock longer than ``timeout`` (PostgreSQL and MariaDB/MySQL are told so:
+        the waiting ``ALTER TABLE`` or ``CREATE INDEX`` would hold up every other
+        statement on the table meanwhile, an older keyguard's during a rolling
+        deploy included).
         """
         self._check_sqlite_folder(engine)
         attempt = 0
         while True:
             attempt += 1
-            try:
-                async with _connect(engine) as conn:
-                    schema = _Schema(self._prefix, conn.dialect)
-                    sqlite = schema.dialect_name == "sqlite"
-                    if sqlite:
-                        # Readers never wait for a writer; the mode sticks to the file.
-                        await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-                        await conn.commit()
-                    meta = schema.meta
-                    async with conn.begin():
-                        if sqlite:
-                            await _begin_immediate(conn, deadline, self._timeout)
-                        await conn.run_sync(schema.metadata.create_all)
-                        added = await conn.run_sync(ensure_indexes, schema.keys)
-                        await conn.execute(
-                            schema.insert_ignore(
-                                meta, {"name": _VERSION_ROW, "value": str(SCHEMA_VERSION)}
-                            )
-                        )
-                    # A new transaction: its snapshot shows a row another process wrote.
-                    async with conn.begin():
-                        read = select(meta.c.value).where(meta.c.name == _VERSION_ROW)
-                        version = int((await conn.execute(read)).scalar_one())
-                    if version < SCHEMA_VERSION:
-                        version = await upgrade(
-                            conn,
-                            prefix=self._prefix,
-                            meta_table=meta.name,
-                            found=version,
-                            target=SCHEMA_VERSION,
-                        )
-                        logger.info(
-                            "SQL store %s: tables %s* upgraded to schema version %s",
-                            self.url,
-                            self._prefix,
-                            version,
-                        )
-                    if added:
-                        logger.info(
-                            "SQL store %s: index %s created on existing tables",
-                            self.url,
-                            ", ".join(added),
-                        )
-                    conn.info[_USED] = True
-                break
-            except sa_exc.DBAPIError as exc:
-                if not _lost_creation_race(exc):
-                    raise
-                # Retried until the call's deadline cancels the wait.
-                await asyncio.sleep(min(0.02 * attempt, 0.2))
+            async with _connect(engine) as conn:
+                waits = _lock_waits(conn, self._timeout)
+                try:
+                    schema = await self._schema_attempt(conn, waits, deadline)
+                except sa_exc.DBAPIError as exc:
+                    if not (_lost_creation_race(exc) or _lock_wait_ended(exc)):
+                        raise  # and _connect cuts the connection
+                    # The connection is sound (the transaction rolled back): kept, uncut.
+                    retry = True
+                else:
+                    retry = False
+                if waits.reset is not None:
+                    await conn.exec_driver_sql(waits.reset)
+                    await conn.commit()
+                conn.info[_USED] = True
+            if not retry:
+                return schema
+            # Retried until the deadline cancels the wait.
+            await asyncio.sleep(min(0.02 * attempt, 0.2))
+
+    async def _schema_attempt(
+        self, conn: AsyncConnection, waits: _LockWaits, deadline: float
+    ) -> _Schema:
+        """One try of ``_create_schema`` on ``conn``."""
+        schema = _Schema(self._prefix, conn.dialect)
+        sqlite = schema.dialect_name == "sqlite"
+        if sqlite:
+            # Readers never wait for a writer; the mode sticks to the file.
+            await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            await conn.commit()
+        meta = schema.meta
+        read = select(meta.c.value).where(meta.c.name == _VERSION_ROW)
+        if waits.session is not None:
+            await conn.exec_driver_sql(waits.session)
+            await conn.commit()
+        async with conn.begin():
+            if sqlite:
+                await _begin_immediate(conn, deadline, self._timeout)
+            if waits.local is not None:
+                await conn.exec_driver_sql(waits.local)
+            # Tables a newer keyguard wrote are refused before anything is created or
+            # changed in them (a table, an index it may have dropped).
+            if await conn.run_sync(_has_table, meta.name):
+                found = (await conn.execute(read)).scalar_one_or_none()
+                if found is not None:
+                    self._check_version(found)
+            await conn.run_sync(schema.metadata.create_all)
+            added = await conn.run_sync(ensure_indexes, schema.keys)
+            await conn.execute(
+                schema.insert_ignore(meta, {"name": _VERSION_ROW, "value": str(SCHEMA_VERSION)})
+            )
+        # A new transaction: its snapshot shows a row another process wrote.
+        async with conn.begin():
+            version = self._check_version((await conn.execute(read)).scalar_one())
+        if version < SCHEMA_VERSION:
+            version = await upgrade(
+                conn,
+                prefix=self._prefix,
+                meta_table=meta.name,
+                found=version,
+                target=SCHEMA_VERSION,
+                lock_wait=waits.local,
+            )
+            # Another process may have moved them past this code meanwhile.
+            self._check_version(version)
+            logger.info(
+                "SQL store %s: tables %s* upgraded to schema version %s",
+                self.url,
+                self._prefix,
+                version,
+            )
+        if added:
+            logger.info(
+                "SQL store %s: index %s created on existing tables", self.url, ", ".join(added)
+            )
+        return schema
+
+    def _check_version(self, stored: object) -> int:
+        """The schema version recorded as ``stored``, if this code can read or upgrade
+        such tables; else ``StoreUnavailable`` saying why (never a traceback)."""
+        text = str(stored).strip()
+        version = int(text) if text.isascii() and text.isdigit() else 0
         if version > SCHEMA_VERSION:
             raise StoreUnavailable(
                 f"the tables {self._prefix}* have schema version {version}, newer than this "
                 f"keyguard understands ({SCHEMA_VERSION}): upgrade keyguard"
             )
-        return schema
+        if version < 1:
+            raise StoreUnavailable(
+                f"the tables {self._prefix}* record schema version {text[:20]!r}, which no "
+                f"keyguard writes (1 to {SCHEMA_VERSION}): the {_VERSION_ROW} row of "
+                f"{self._prefix}meta was changed by hand"
+            )
+        return version
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         """The error for a driver failure: what failed, never the password."""
@@ -438,3 +534,43 @@ class _SQLCore:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LockWaits:
+    """The statements that bound a schema step's wait for another transaction's lock:
+    ``local`` in each of its transactions, or ``session`` before it and ``reset`` after."""
+
+    local: str | None = None
+    session: str | None = None
+    reset: str | None = None
+
+
+def _lock_waits(conn: AsyncConnection, timeout: float) -> _LockWaits:
+    """How long a schema step's statements on ``conn`` wait for a lock: ``timeout``."""
+    if conn.dialect.name == "postgresql":
+        return _LockWaits(local=f"SET LOCAL lock_timeout = {max(1, round(timeout * 1000))}")
+    if conn.dialect.name in ("mysql", "mariadb"):
+        # Whole seconds; the metadata lock an ALTER TABLE or CREATE INDEX waits for.
+        return _LockWaits(
+            session=f"SET SESSION lock_wait_timeout = {max(1, math.ceil(timeout))}",
+            reset="SET SESSION lock_wait_timeout = DEFAULT",
+        )
+    return _LockWaits()  # SQLite: _begin_immediate waits, until the step's deadline
+
+
+def _lock_wait_ended(exc: sa_exc.DBAPIError) -> bool:
+    """Whether ``exc`` says a statement gave up waiting for a lock (``_lock_waits``)."""
+    text = str(exc.orig).lower()
+    return "lock timeout" in text or "lock wait timeout" in text
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a finished schema step's outcome as seen: its waiters may all have gone."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _has_table(conn: Connection, name: str) -> bool:
+    """Whether the database has the table ``name`` (run through ``run_sync``)."""
+    return inspect(conn).has_table(name)

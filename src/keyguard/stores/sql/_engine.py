@@ -83,7 +83,10 @@ def _lost_creation_race(exc: sa_exc.DBAPIError) -> bool:
     # SQLite in WAL mode: a transaction that read the schema and then writes it, after
     # another process changed it, fails at once with "database is locked" (the busy
     # timeout does not apply to that upgrade); starting over sees the new schema.
-    return "already exists" in text or "duplicate" in text or "database is locked" in text
+    if "database is locked" in text:
+        return True
+    # MariaDB: a table looked at (create_all's DESCRIBE) while another process alters it.
+    return "already exists" in text or "duplicate" in text or "concurrent ddl" in text
 
 
 # -- engines per event loop, deadlines ---------------------------------------------------------
@@ -98,8 +101,9 @@ class _Bound:
     loop: asyncio.AbstractEventLoop
     engine: AsyncEngine
     reader: AsyncEngine  # the same pool; autocommit on PostgreSQL (see SQLStore._reader)
-    schema_lock: asyncio.Lock
     closer: _Closer | None  # None for an engine the app passed in: the app closes it
+    # The task creating or upgrading the tables, which this loop's calls wait for.
+    schema_task: asyncio.Future[Any] | None = None
     # SQLite: this loop's writers queue here, in order, so that only one of them at a
     # time polls for the file's write lock against other processes (see _begin_immediate).
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -284,14 +288,34 @@ def _tls_parameters(parsed: URL) -> dict[str, str]:
     return found
 
 
-def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> dict[str, Any]:
-    """This store's engine defaults (every wait bounded by ``timeout``), under ``given``."""
+_SCHEMA_BUDGET = 300.0
+"""The bound, in seconds, on creating or upgrading the tables (``timeout`` if longer)."""
+
+
+def _schema_budget(timeout: float) -> float:
+    """How long creating or upgrading the tables may take, for a store of ``timeout``."""
+    return max(_SCHEMA_BUDGET, timeout)
+
+
+def _engine_options(
+    parsed: URL,
+    timeout: float,
+    given: Mapping[str, Any],
+    *,
+    statements: float | None = None,
+) -> dict[str, Any]:
+    """This store's engine defaults (every wait bounded by ``timeout``), under ``given``.
+
+    ``statements``: the drivers' bound on one statement, if not ``timeout`` (the
+    engine that creates or upgrades the tables, whose statements may take long).
+    """
     driver = parsed.get_driver_name()
+    statements = timeout if statements is None else statements
     connect_args: dict[str, Any] = {}
     if driver == "asyncpg":
         connect_args = {
             "timeout": timeout,
-            "command_timeout": timeout,
+            "command_timeout": statements,
             "server_settings": {"application_name": "keyguard"},
         }
         if tls := _tls_parameters(parsed):
@@ -302,11 +326,11 @@ def _engine_options(parsed: URL, timeout: float, given: Mapping[str, Any]) -> di
     elif driver == "psycopg":
         connect_args = {
             "connect_timeout": max(1, math.ceil(timeout)),
-            "options": f"-c statement_timeout={math.ceil(timeout * 1000)}",
+            "options": f"-c statement_timeout={math.ceil(statements * 1000)}",
             "application_name": "keyguard",
         }
     elif driver == "asyncmy":
-        connect_args = {"connect_timeout": timeout, "read_timeout": timeout}
+        connect_args = {"connect_timeout": timeout, "read_timeout": statements}
     elif driver == "aiomysql":
         connect_args = {"connect_timeout": timeout}
     elif driver == "aiosqlite":

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import NullPool
 
 from keyguard.audit import DEFAULT_AUDIT_RETENTION, check_retention
 from keyguard.errors import StoreUnavailable
@@ -21,6 +22,7 @@ from keyguard.stores.sql._engine import (
     _create_engine,
     _engine_options,
     _parse_url,
+    _schema_budget,
     _validate_prefix,
     _validate_timeout,
 )
@@ -85,6 +87,15 @@ class SQLStore(_Keys):
             engine, table_prefix=table_prefix, timeout=timeout, audit_retention=audit_retention
         )
         store._factory = lambda: _create_engine(parsed, options)
+        # Creating or upgrading the tables: statements bounded by the step's own budget
+        # (an index over millions of keys takes longer than a call's timeout).
+        # No pool: each attempt gets a new connection, never one an earlier attempt cut.
+        budget = _schema_budget(timeout)
+        pooling = ("pool_size", "max_overflow", "pool_timeout", "pool_use_lifo", "poolclass")
+        unpooled = {k: v for k, v in engine_options.items() if k not in pooling}
+        unpooled["poolclass"] = NullPool
+        step = _engine_options(parsed, timeout, unpooled, statements=budget)
+        store._schema_factory = lambda: _create_engine(parsed, step)
         store._connect_args = dict(options["connect_args"])
         return store
 

@@ -37,7 +37,10 @@ every first use if it is missing, in the same transaction as ``create_all``
 processes starting at once may both find it missing: the one that creates it
 second fails with "already exists" / "Duplicate key name", and the store's
 start-up retry then finds it there. Building it takes a moment on a large
-table, once (PostgreSQL holds writes to the table meanwhile).
+table, once (PostgreSQL holds writes to the table meanwhile): seconds for a
+million keys, longer than a call's timeout, which is why the whole step runs
+as a task of its own under a budget of its own, never cut at a call's
+deadline (``_SQLCore._ready``).
 """
 
 from __future__ import annotations
@@ -70,17 +73,25 @@ V2_API_COLUMNS: dict[str, dict[str, str]] = {
 
 
 async def upgrade(
-    conn: AsyncConnection, *, prefix: str, meta_table: str, found: int, target: int
+    conn: AsyncConnection,
+    *,
+    prefix: str,
+    meta_table: str,
+    found: int,
+    target: int,
+    lock_wait: str | None = None,
 ) -> int:
     """Bring the tables of ``prefix`` from version ``found`` to ``target``, in steps.
 
-    ``conn`` is a connection outside any transaction. Returns the version the
-    tables have afterwards (another process may have done the work).
+    ``conn`` is a connection outside any transaction. ``lock_wait``: a statement
+    run first in each step's transaction (PostgreSQL's ``SET LOCAL lock_timeout``).
+    Returns the version the tables have afterwards (another process may have done
+    the work).
     """
     version = found
     while version < target:
         step = _STEPS[version]
-        version = await step(conn, prefix, meta_table)
+        version = await step(conn, prefix, meta_table, lock_wait)
     return version
 
 
@@ -96,7 +107,7 @@ def ensure_indexes(conn: Connection, table: Table) -> list[str]:
     return created
 
 
-async def _to_v2(conn: AsyncConnection, prefix: str, meta_table: str) -> int:
+async def _to_v2(conn: AsyncConnection, prefix: str, meta_table: str, lock_wait: str | None) -> int:
     dialect = "mysql" if conn.dialect.name in ("mysql", "mariadb") else conn.dialect.name
     tables = ((f"{prefix}keys", V2_KEY_COLUMNS), (f"{prefix}apis", V2_API_COLUMNS))
     bump = text(
@@ -105,6 +116,8 @@ async def _to_v2(conn: AsyncConnection, prefix: str, meta_table: str) -> int:
     # Table names come from a validated prefix ([a-z_][a-z0-9_]*), never from input.
     read = f"SELECT value FROM {meta_table} WHERE name = 'schema_version'"  # noqa: S608
     async with conn.begin():
+        if lock_wait is not None:
+            await conn.exec_driver_sql(lock_wait)
         if dialect == "sqlite":
             # A write first: the file's write lock, held to the commit, serializes upgraders.
             await conn.execute(
