@@ -251,9 +251,13 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
     ],
 )
 def test_usage_errors_exit_2(run: Run, args: tuple[str, ...]) -> None:
-    """What the parser catches exits 2 with a usage line, and touches no store."""
+    """What the parser catches exits 2 with a usage line (with ``--json`` a problem object),
+    and touches no store."""
     result = run(*args, expect=2)
-    assert "usage: keyguard" in result.stderr
+    if "--json" in args:
+        assert json.loads(result.stderr)["code"] == "usage_error"
+    else:
+        assert "usage: keyguard" in result.stderr
     assert result.stdout == ""
     assert not (run.folder / "keys.db").exists()
 

@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import io
 import os
 import sys
 from typing import Any
@@ -47,7 +48,14 @@ from typing import Any
 from passlib.context import CryptContext
 
 from keyguard.cli._commands import COMMANDS, Declined, Output
-from keyguard.cli._parser import DEFAULT_STORE, STORE_ENV, check_usage, parser
+from keyguard.cli._parser import (
+    DEFAULT_STORE,
+    STORE_ENV,
+    UsageError,
+    check_usage,
+    json_asked,
+    parser,
+)
 from keyguard.cli._values import manager_arguments
 from keyguard.errors import ApiNotFound, ConfigurationError, KeyGuardError
 from keyguard.management import status_for
@@ -143,13 +151,47 @@ async def _run(
     return 0
 
 
+EXIT_BROKEN_PIPE = 141
+"""The exit code when stdout is closed early (``keyguard keys list orders | head -1``):
+128 + SIGPIPE, what a shell shows for a program the closed pipe stopped."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``keyguard`` command line with ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    try:
+        code = _main(sys.argv[1:] if argv is None else argv)
+        if sys.stdout is not None:  # (None: started with stdout closed, ``>&-``)
+            # Output that fit in the buffer meets a closed pipe here, not at exit.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Whoever reads stdout has stopped (``| head``): nothing more to say to anyone.
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's flush at exit, of what is still
+    buffered for the closed pipe, neither fails nor prints "Exception ignored"."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # not a real file (a test's StringIO): nothing will flush it at exit
+
+
+def _main(argv: list[str]) -> int:
     main_parser, subparsers = parser()
     try:
         args = main_parser.parse_args(argv)
         check_usage(args, subparsers)
-    except SystemExit as exc:  # --help, or a usage error argparse has printed
+    except UsageError as exc:
+        Output(as_json=json_asked(argv), out=sys.stdout, err=sys.stderr).usage(
+            exc.usage, exc.prog, exc.message
+        )
+        return 2
+    except SystemExit as exc:  # --help or --version, printed
         return exc.code if isinstance(exc.code, int) else 2
     out = Output(as_json=getattr(args, "json", False), out=sys.stdout, err=sys.stderr)
     try:
@@ -178,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\nkeyguard: interrupted\n")
         return 130
+    except BrokenPipeError:
+        raise  # stdout closed: main's to handle, without a word on stderr
     except Exception as exc:  # a bug: still one line, never a traceback
         out.error("internal_error", f"unexpected {type(exc).__name__}: {exc}")
         return 1

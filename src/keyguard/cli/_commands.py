@@ -9,12 +9,15 @@ aligned tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
+import signal
 import sys
 import textwrap
+import threading
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -70,7 +73,16 @@ class Output:
             self.err.write(json.dumps(problem_json(code, detail, status), ensure_ascii=False))
             self.err.write("\n")
         else:
-            self.err.write(f"keyguard: error: {' '.join(detail.split())}\n")
+            self.err.write(f"keyguard: error: {_printable(' '.join(detail.split()))}\n")
+
+    def usage(self, usage: str, prog: str, message: str) -> None:
+        """A usage error of the (sub)command ``prog``: its usage line and ``prog: error: …``
+        as argparse prints them, or with ``--json`` a problem object (``usage_error``)."""
+        if self.as_json:
+            problem = problem_json("usage_error", f"{prog}: {message}")
+            self.err.write(json.dumps(problem, ensure_ascii=False) + "\n")
+        else:
+            self.err.write(f"{usage}{prog}: error: {_printable(message)}\n")
 
 
 # -- how things read as text ------------------------------------------------------------------
@@ -444,13 +456,33 @@ async def _usage(
 
 def _confirm(question: str, err: TextIO) -> bool:
     """Ask on stderr, read one line from stdin; anything but yes (or end of input) is no."""
-    err.write(question)
-    err.flush()
     stdin = sys.stdin
-    answer = stdin.readline() if stdin is not None else ""
+    with _ctrl_c_interrupts():  # from before the question shows, so no Ctrl-C goes unheard
+        err.write(question)
+        err.flush()
+        answer = stdin.readline() if stdin is not None else ""
     if stdin is None or not stdin.isatty() or not answer:
         err.write("\n")  # nobody's Enter key ended the prompt's line
     return answer.strip().lower() in ("y", "yes")
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` at once while the prompt waits (exit 130).
+
+    ``asyncio.run`` answers Ctrl-C by cancelling the command, which a prompt blocked in
+    ``readline`` never notices: it went on waiting for Enter, then hit the cancellation
+    while closing the store (a traceback). Python's own handler interrupts the read."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a handler (and gets the signal)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not set from Python, nothing to put back
+            signal.signal(signal.SIGINT, previous)
 
 
 async def _audit(

@@ -1,0 +1,207 @@
+"""The command line against a careless or hostile shell (SPEC §6): a reader that stops early
+(``| head``), Ctrl-C at a prompt, usage errors under ``--json``, and terminal escapes in
+what the operator typed. The real console script runs in a subprocess where the streams
+or signals matter."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from keyguard import KeyManager, open_store
+from tests.test_cli import KEYGUARD, Run
+
+pytestmark = pytest.mark.slow
+
+
+def _environment(**changes: str | None) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("KEYGUARD_")}
+    for name, value in changes.items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
+    return environment
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    """A SQLite store with the API ``orders`` exposed and one key, ``Acme``."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+
+    async def prepare() -> None:
+        store = open_store(url)
+        try:
+            manager = KeyManager(store)
+            await manager.expose("orders")
+            await manager.create_key("orders", name="Acme", kind="external")
+        finally:
+            await store.aclose()
+
+    asyncio.run(prepare())
+    return url
+
+
+@pytest.mark.parametrize("unbuffered", ["1", None], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("keys", "list", "orders"),
+        ("--json", "keys", "list", "orders"),
+        ("apis", "list"),
+        ("--help",),
+    ],
+    ids=["keys-list", "keys-list-json", "apis-list", "help"],
+)
+def test_a_closed_stdout_pipe_ends_quietly(
+    store: str, tmp_path: Path, args: tuple[str, ...], unbuffered: str | None
+) -> None:
+    """``keyguard … | head -0``: the reader is gone, so keyguard stops with 141 (128 +
+    SIGPIPE, as a shell reports it) and writes nothing to stderr — no "unexpected
+    BrokenPipeError" line, no "Exception ignored" at exit — with stdout buffered or not."""
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe now fails with EPIPE
+    try:
+        result = subprocess.run(
+            [str(KEYGUARD), "--store", store, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=_environment(PYTHONUNBUFFERED=unbuffered),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert result.stderr == ""
+    # argparse's --help ignores a failed write itself (exit 0) when nothing was buffered.
+    assert result.returncode == (0 if args == ("--help",) and unbuffered else 141)
+
+
+def _read_until(fd: int, end: bytes) -> bytes:
+    """What the file descriptor gives until it has ended with ``end`` (or closed)."""
+    seen = b""
+    while not seen.endswith(end):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
+def _sigint_by_default() -> None:
+    # A child of a shell's background job inherits SIGINT ignored: Python then installs
+    # no handler of its own, and the test would not see what Ctrl-C does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_at_the_delete_prompt_interrupts_at_once(store: str, tmp_path: Path) -> None:
+    """Ctrl-C while ``keys delete`` asks for confirmation stops it there: exit 130, one line,
+    the key kept. (It used to wait on for Enter, then say "not confirmed" and print a
+    traceback from closing the store.)"""
+    command = [str(KEYGUARD), "--store", store, "keys", "delete", "orders", "--name", "Acme"]
+    with subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=_environment(),
+        preexec_fn=_sigint_by_default,
+    ) as process:
+        assert process.stderr is not None
+        prompt = _read_until(process.stderr.fileno(), b"[y/N] ")
+        assert prompt.endswith(b"[y/N] "), prompt
+        process.send_signal(signal.SIGINT)
+        # Stdin stays open: only the interrupt can end the prompt (a hang guard, no timing).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=60)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, (out, err)
+    assert err.decode() == "\nkeyguard: interrupted\n"
+    assert out == b""
+    listing = Run(tmp_path, store)("keys", "list", "orders", "--name", "Acme").stdout
+    assert "Acme" in listing
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--json", "apis", "list", "--colour"),
+        ("keys", "create", "orders", "--name", "Acme", "--kind", "root", "--json"),
+        ("--json", "keys", "update", "orders", "0" * 32),
+        ("--json", "keys", "list", "orders", "--limit", "ten"),
+        ("--js", "keys", "delete", "orders"),
+        ("--json",),
+    ],
+    ids=[
+        "unknown-option",
+        "kind-outside-choices",
+        "update-nothing",
+        "limit-not-int",
+        "prefix",
+        "no-command",
+    ],
+)
+def test_usage_errors_under_json_are_problem_objects(run: Run, args: tuple[str, ...]) -> None:
+    """With ``--json`` (before or after the subcommand, or a prefix argparse takes for it)
+    a usage error is, like every other error, one problem object on stderr (SPEC §6):
+    ``usage_error``, no HTTP status, exit 2."""
+    result = run(*args, expect=2)
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    problem = json.loads(result.stderr)
+    assert problem["code"] == "usage_error"
+    assert problem["title"] == "Usage error"
+    assert "status" not in problem
+    assert problem["detail"].startswith("keyguard")
+
+
+def test_usage_errors_without_json_stay_argparse_text(run: Run) -> None:
+    """Without ``--json`` (or after ``--``, where it is no option) the usage line as before."""
+    result = run("keys", "list", "orders", "--limit", "ten", expect=2)
+    assert result.stderr.startswith("usage: keyguard keys list")
+    assert result.stderr.endswith(
+        "keyguard keys list: error: argument --limit: invalid int value: 'ten'\n"
+    )
+    assert run("apis", "list", "--", "--json", expect=2).stderr.startswith("usage: keyguard")
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    """``keyguard`` in-process on a fresh SQLite store in a temporary folder."""
+    return Run(tmp_path, f"sqlite:///{tmp_path / 'keys.db'}")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("apis", "list", "--x\x1b[2J\x1b]0;owned\x07"),
+        ("apis", "list", "\x1b[31mred\u202e"),
+        ("keys", "list", "orders", "--bogus=\x1b[31m"),
+    ],
+    ids=["unknown-option", "extra-argument", "option-with-value"],
+)
+def test_terminal_escapes_in_usage_errors_are_shown_escaped(
+    run: Run, args: tuple[str, ...]
+) -> None:
+    """argparse repeats an unrecognized argument as typed: its control and format characters
+    are shown escaped, never sent raw to the terminal."""
+    stderr = run(*args, expect=2).stderr
+    assert not any(char in stderr for char in "\x1b\x07\u202e"), repr(stderr)
+    assert "usage: keyguard" in stderr
+
+
+def test_demo_port_that_is_no_number(run: Run) -> None:
+    """``demo --port x`` says what a port is, not "invalid _port value"."""
+    stderr = run("demo", "--port", "x", expect=2).stderr
+    assert stderr.endswith("keyguard demo: error: argument --port: a port is a number, got 'x'\n")
