@@ -205,3 +205,57 @@ def test_demo_port_that_is_no_number(run: Run) -> None:
     """``demo --port x`` says what a port is, not "invalid _port value"."""
     stderr = run("demo", "--port", "x", expect=2).stderr
     assert stderr.endswith("keyguard demo: error: argument --port: a port is a number, got 'x'\n")
+
+
+def test_suggested_commands_repeat_the_store_given(tmp_path: Path) -> None:
+    """The commands keyguard suggests (the next page, setting a secret) name the ``--store``
+    the operator gave, so following one reads the same store; a store from
+    ``KEYGUARD_STORE`` is left to the environment, as typed."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    given = Run(tmp_path, url)
+    given("apis", "expose", "orders")
+    created = given("keys", "create", "orders", "--name", "Acme", "--kind", "external").stdout
+    assert f"Give it a secret with: keyguard --store {url} keys set-secret orders " in created
+    given("keys", "create", "orders", "--name", "Bolt", "--kind", "external")
+    page = given("keys", "list", "orders", "--limit", "1").stdout.splitlines()[-1]
+    assert page.startswith(f"More: keyguard --store {url} keys list orders --limit 1 --after ")
+    audit = given("audit", "--limit", "1").stdout.splitlines()[-1]
+    assert audit.startswith(f"More: keyguard --store {url} audit --before ")
+
+    from_env = Run(tmp_path, None)
+    result = from_env("keys", "list", "orders", "--limit", "1", env={"KEYGUARD_STORE": url})
+    assert result.stdout.splitlines()[-1].startswith("More: keyguard keys list orders --limit 1 ")
+
+
+HIDDEN_META = {"a": "\x9b31m\x7f\u202e\u2028\U000e0001 ok \u00fc 😀", "\u200b": 1}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("keys", "list", "orders"),
+        ("keys", "list", "orders", "--limit", "10"),
+        ("keys", "update", "orders", "--name", "Acme", "--enable"),
+        ("audit", "orders"),
+    ],
+    ids=["keys-list", "keys-page", "keys-update", "audit"],
+)
+def test_json_output_escapes_hidden_characters(run: Run, args: tuple[str, ...]) -> None:
+    """A key's meta is free JSON: with ``--json`` its C1 controls (``\\x9b`` is a CSI), DEL,
+    bidi overrides and separators are ``\\u`` escapes, never raw on the terminal, and the
+    JSON still reads back as the same value; other text stays readable UTF-8."""
+    run("apis", "expose", "orders")
+    run("keys", "create", "orders", "--name", "Acme", "--kind", "external")
+    run("keys", "update", "orders", "--name", "Acme", "--meta", json.dumps(HIDDEN_META))
+    text = run("--json", *args).stdout
+    assert not any(char in text for char in "\x9b\x7f\u202e\u2028\U000e0001\u200b"), text
+    assert "\\u009b31m\\u007f\\u202e\\u2028\\udb40\\udc01 ok \u00fc 😀" in text
+    value = json.loads(text)
+    if "events" in value:
+        metas = [
+            event["changes"]["meta"] for event in value["events"] if "meta" in event["changes"]
+        ]
+        assert HIDDEN_META in metas
+    else:
+        keys = value.get("keys", [value])
+        assert keys[0]["meta"] == HIDDEN_META

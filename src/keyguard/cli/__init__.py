@@ -42,6 +42,7 @@ import contextlib
 import getpass
 import io
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -193,7 +194,9 @@ def _main(argv: list[str]) -> int:
         return 2
     except SystemExit as exc:  # --help or --version, printed
         return exc.code if isinstance(exc.code, int) else 2
-    out = Output(as_json=getattr(args, "json", False), out=sys.stdout, err=sys.stderr)
+    given = getattr(args, "store", None)
+    again = f"keyguard --store {shlex.quote(store_label(given))}" if given else "keyguard"
+    out = Output(as_json=getattr(args, "json", False), out=sys.stdout, err=sys.stderr, again=again)
     try:
         if args.command == "demo":
             from keyguard.demo import run_demo

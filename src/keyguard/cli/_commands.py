@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import shlex
 import signal
 import sys
@@ -47,13 +48,15 @@ class Declined(Exception):
 class Output:
     """Where results and errors go, as tables and sentences or as JSON."""
 
-    def __init__(self, *, as_json: bool, out: TextIO, err: TextIO) -> None:
+    def __init__(self, *, as_json: bool, out: TextIO, err: TextIO, again: str = "keyguard") -> None:
         self.as_json = as_json
         self.out = out
         self.err = err
+        # How a command this one suggests starts: ``keyguard``, with the ``--store`` given.
+        self.again = again
 
     def json(self, value: Any) -> None:
-        self.out.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+        self.out.write(_json_text(value, indent=2) + "\n")
 
     def line(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -70,7 +73,7 @@ class Output:
 
     def error(self, code: str, detail: str, status: int | None = None) -> None:
         if self.as_json:
-            self.err.write(json.dumps(problem_json(code, detail, status), ensure_ascii=False))
+            self.err.write(_json_text(problem_json(code, detail, status)))
             self.err.write("\n")
         else:
             self.err.write(f"keyguard: error: {_printable(' '.join(detail.split()))}\n")
@@ -80,7 +83,7 @@ class Output:
         as argparse prints them, or with ``--json`` a problem object (``usage_error``)."""
         if self.as_json:
             problem = problem_json("usage_error", f"{prog}: {message}")
-            self.err.write(json.dumps(problem, ensure_ascii=False) + "\n")
+            self.err.write(_json_text(problem) + "\n")
         else:
             self.err.write(f"{usage}{prog}: error: {_printable(message)}\n")
 
@@ -108,13 +111,40 @@ def _key_limits(key: KeyInfo) -> str:
     return _limits(key.rate_limits) or "unlimited"
 
 
+_HIDDEN = ("Cc", "Cf", "Zl", "Zp")
+"""The Unicode categories a terminal does not show as themselves: control, format (bidi
+overrides, zero-width), line and paragraph separators."""
+
+
 def _printable(text: str) -> str:
     """``text`` with every control, format and separator character escaped, so an
     operator's terminal shows what the value holds (meta is free JSON)."""
     return "".join(
-        f"\\u{ord(char):04x}" if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") else char
-        for char in text
+        f"\\u{ord(char):04x}" if unicodedata.category(char) in _HIDDEN else char for char in text
     )
+
+
+# Every character beyond ASCII, and DEL: where a hidden one could be (see _json_escape).
+_NOT_PLAIN_ASCII = re.compile("[\x7f-\U0010ffff]")
+
+
+def _json_text(value: Any, indent: int | None = None) -> str:
+    """``value`` as JSON, readable UTF-8, but with every control, format and separator
+    character written as a ``\\u`` escape (the same JSON), so that stored text (a key's
+    meta) never sends a C1 control or a bidi override raw to a terminal. ``json.dumps``
+    escapes only the C0 controls; a raw one outside strings is its own indentation."""
+    return _NOT_PLAIN_ASCII.sub(_json_escape, json.dumps(value, indent=indent, ensure_ascii=False))
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    char = match[0]
+    if unicodedata.category(char) not in _HIDDEN:
+        return char
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # beyond the BMP: JSON's escape is a surrogate pair
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def _meta(key: KeyInfo) -> str:
@@ -272,7 +302,7 @@ async def _keys_page(manager: KeyManager, args: argparse.Namespace, out: Output)
     else:
         out.line("No matching keys on this page.")
     if page.next is not None:
-        more = f"More: keyguard keys list {args.api} --limit {args.limit} --after {page.next}"
+        more = f"More: {out.again} keys list {args.api} --limit {args.limit} --after {page.next}"
         if args.name:
             more += f" --name {shlex.quote(args.name)}"
         out.line(more)
@@ -297,9 +327,7 @@ async def _stream_json(pages: AsyncIterator[list[KeyInfo]], out: Output) -> None
     async for keys in pages:
         for key in keys:
             out.out.write('{\n  "keys": [\n' if first else ",\n")
-            out.out.write(
-                textwrap.indent(json.dumps(key_json(key), indent=2, ensure_ascii=False), "    ")
-            )
+            out.out.write(textwrap.indent(_json_text(key_json(key), indent=2), "    "))
             first = False
     if first:
         out.json({"keys": [], "next": None})
@@ -361,7 +389,7 @@ async def _keys_create(
     else:
         out.line("  secret:    none yet; callers send only the client id")
         out.line()
-        out.line(f"Give it a secret with: keyguard keys set-secret {key.api} {key.client_id}")
+        out.line(f"Give it a secret with: {out.again} keys set-secret {key.api} {key.client_id}")
 
 
 async def _keys_update(
@@ -513,7 +541,8 @@ async def _audit(
         ],
     )
     if page.next is not None:
-        out.line(f"More: keyguard audit {args.api or ''} --before {page.next}".replace("  ", " "))
+        where = f" {args.api}" if args.api else ""
+        out.line(f"More: {out.again} audit{where} --before {page.next}")
 
 
 COMMANDS: dict[tuple[str, str], Command] = {
