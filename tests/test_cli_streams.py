@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,45 @@ def test_json_output_escapes_hidden_characters(run: Run, args: tuple[str, ...]) 
     else:
         keys = value.get("keys", [value])
         assert keys[0]["meta"] == HIDDEN_META
+
+
+@pytest.mark.parametrize(
+    "args", [("apis", "list"), ("keys", "list", "orders"), ("demo", "--port", "0")]
+)
+def test_an_empty_store_option_is_refused(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """``--store "$PROD_URL"`` with the variable unset is ``--store ""``: refused (exit 1),
+    never quietly ``KEYGUARD_STORE``'s store, the default file, or the demo's."""
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    run = Run(tmp_path, None, real=True)  # a subprocess: a demo started by mistake ends
+    result = run("--store", "", *args, env={"KEYGUARD_STORE": elsewhere}, expect=1)
+    assert result.stderr.startswith("keyguard: error: --store is empty")
+    assert result.stdout == ""
+    assert not list(tmp_path.glob("*.db"))
+
+
+def test_python_dash_m_keyguard_runs_the_command_line(tmp_path: Path) -> None:
+    """``python -m keyguard`` is the command line too, exit codes included."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    python = [sys.executable, "-m", "keyguard", "--store", url]
+    done = subprocess.run(
+        [*python, "apis", "expose", "orders"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_environment(),
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("API orders: exposed")
+    usage = subprocess.run(
+        [*python, "nope"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_environment(),
+        timeout=60,
+        check=False,
+    )
+    assert usage.returncode == 2
+    assert "usage: keyguard" in usage.stderr

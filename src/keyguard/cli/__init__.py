@@ -198,6 +198,14 @@ def _main(argv: list[str]) -> int:
     again = f"keyguard --store {shlex.quote(store_label(given))}" if given else "keyguard"
     out = Output(as_json=getattr(args, "json", False), out=sys.stdout, err=sys.stderr, again=again)
     try:
+        if given == "":
+            # ``--store "$PROD_URL"`` with the variable unset must not mean another store.
+            out.error(
+                "configuration_error",
+                f"--store is empty: give a store URL, or leave --store out for ${STORE_ENV} "
+                f"(else {DEFAULT_STORE})",
+            )
+            return 1
         if args.command == "demo":
             from keyguard.demo import run_demo
 
