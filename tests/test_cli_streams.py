@@ -302,3 +302,34 @@ def test_python_dash_m_keyguard_runs_the_command_line(tmp_path: Path) -> None:
     )
     assert usage.returncode == 2
     assert "usage: keyguard" in usage.stderr
+
+
+def test_a_terminal_that_cannot_show_a_name_gets_escapes(store: str, tmp_path: Path) -> None:
+    """On an ASCII or Latin-1 terminal (``PYTHONIOENCODING``, a legacy locale) a name it cannot
+    show is written as ``\\u`` escapes: the key is created *and* its secret shown, instead of
+    a ``UnicodeEncodeError`` after the change; ``--json`` stays valid JSON of the same name."""
+
+    def keyguard(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(KEYGUARD), "--store", store, *args],
+            capture_output=True,
+            text=True,
+            encoding="ascii",
+            cwd=tmp_path,
+            env=_environment(PYTHONIOENCODING="ascii"),
+            timeout=60,
+            check=False,
+        )
+
+    created = keyguard("keys", "create", "orders", "--name", "名前 😀", "--kind", "internal")
+    assert (created.returncode, created.stderr) == (0, "")
+    assert "'\\u540d\\u524d \\ud83d\\ude00'" in created.stdout
+    assert "secret:" in created.stdout
+    listing = keyguard("--json", "keys", "list", "orders", "--name", "名前")
+    assert listing.returncode == 0
+    assert [key["name"] for key in json.loads(listing.stdout)["keys"]] == ["名前 😀"]
+    refused = keyguard(
+        "--json", "keys", "create", "orders", "--name", "名前 😀", "--kind", "internal"
+    )
+    assert refused.returncode == 1
+    assert json.loads(refused.stderr)["code"] == "duplicate_name"

@@ -48,7 +48,8 @@ from typing import Any
 
 from passlib.context import CryptContext
 
-from keyguard.cli._commands import COMMANDS, Declined, Output
+from keyguard.cli._commands import COMMANDS, Declined
+from keyguard.cli._output import Output, escape_unencodable
 from keyguard.cli._parser import (
     DEFAULT_STORE,
     STORE_ENV,
@@ -159,6 +160,8 @@ EXIT_BROKEN_PIPE = 141
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``keyguard`` command line with ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    escape_unencodable(sys.stdout)
+    escape_unencodable(sys.stderr)
     try:
         code = _main(sys.argv[1:] if argv is None else argv)
         if sys.stdout is not None:  # (None: started with stdout closed, ``>&-``)

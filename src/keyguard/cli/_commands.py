@@ -11,19 +11,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import shlex
 import signal
 import sys
 import textwrap
 import threading
-import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+from keyguard.cli._output import Output, json_text, printable
 from keyguard.errors import ApiHasKeys
-from keyguard.management import problem_json
 from keyguard.manager import KeyManager
 from keyguard.models import (
     Api,
@@ -43,49 +41,6 @@ __all__ = ["COMMANDS", "Declined", "Output"]
 
 class Declined(Exception):
     """The operator did not confirm; nothing was done."""
-
-
-class Output:
-    """Where results and errors go, as tables and sentences or as JSON."""
-
-    def __init__(self, *, as_json: bool, out: TextIO, err: TextIO, again: str = "keyguard") -> None:
-        self.as_json = as_json
-        self.out = out
-        self.err = err
-        # How a command this one suggests starts: ``keyguard``, with the ``--store`` given.
-        self.again = again
-
-    def json(self, value: Any) -> None:
-        self.out.write(_json_text(value, indent=2) + "\n")
-
-    def line(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-
-    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-        for row in (headers, *rows):
-            self.aligned(row, widths)
-
-    def aligned(self, row: Sequence[str], widths: Sequence[int]) -> None:
-        """One line of a table whose columns are ``widths`` wide."""
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        self.line("  ".join(cells).rstrip())
-
-    def error(self, code: str, detail: str, status: int | None = None) -> None:
-        if self.as_json:
-            self.err.write(_json_text(problem_json(code, detail, status)))
-            self.err.write("\n")
-        else:
-            self.err.write(f"keyguard: error: {_printable(' '.join(detail.split()))}\n")
-
-    def usage(self, usage: str, prog: str, message: str) -> None:
-        """A usage error of the (sub)command ``prog``: its usage line and ``prog: error: …``
-        as argparse prints them, or with ``--json`` a problem object (``usage_error``)."""
-        if self.as_json:
-            problem = problem_json("usage_error", f"{prog}: {message}")
-            self.err.write(_json_text(problem) + "\n")
-        else:
-            self.err.write(f"{usage}{prog}: error: {_printable(message)}\n")
 
 
 # -- how things read as text ------------------------------------------------------------------
@@ -111,44 +66,8 @@ def _key_limits(key: KeyInfo) -> str:
     return _limits(key.rate_limits) or "unlimited"
 
 
-_HIDDEN = ("Cc", "Cf", "Zl", "Zp")
-"""The Unicode categories a terminal does not show as themselves: control, format (bidi
-overrides, zero-width), line and paragraph separators."""
-
-
-def _printable(text: str) -> str:
-    """``text`` with every control, format and separator character escaped, so an
-    operator's terminal shows what the value holds (meta is free JSON)."""
-    return "".join(
-        f"\\u{ord(char):04x}" if unicodedata.category(char) in _HIDDEN else char for char in text
-    )
-
-
-# Every character beyond ASCII, and DEL: where a hidden one could be (see _json_escape).
-_NOT_PLAIN_ASCII = re.compile("[\x7f-\U0010ffff]")
-
-
-def _json_text(value: Any, indent: int | None = None) -> str:
-    """``value`` as JSON, readable UTF-8, but with every control, format and separator
-    character written as a ``\\u`` escape (the same JSON), so that stored text (a key's
-    meta) never sends a C1 control or a bidi override raw to a terminal. ``json.dumps``
-    escapes only the C0 controls; a raw one outside strings is its own indentation."""
-    return _NOT_PLAIN_ASCII.sub(_json_escape, json.dumps(value, indent=indent, ensure_ascii=False))
-
-
-def _json_escape(match: re.Match[str]) -> str:
-    char = match[0]
-    if unicodedata.category(char) not in _HIDDEN:
-        return char
-    code = ord(char)
-    if code <= 0xFFFF:
-        return f"\\u{code:04x}"
-    code -= 0x10000  # beyond the BMP: JSON's escape is a surrogate pair
-    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
-
-
 def _meta(key: KeyInfo) -> str:
-    return _printable(dump_meta(key.meta)) if key.meta else ""
+    return printable(dump_meta(key.meta)) if key.meta else ""
 
 
 def _state(key: KeyInfo, now: datetime) -> str:
@@ -327,7 +246,7 @@ async def _stream_json(pages: AsyncIterator[list[KeyInfo]], out: Output) -> None
     async for keys in pages:
         for key in keys:
             out.out.write('{\n  "keys": [\n' if first else ",\n")
-            out.out.write(textwrap.indent(_json_text(key_json(key), indent=2), "    "))
+            out.out.write(textwrap.indent(json_text(key_json(key), indent=2), "    "))
             first = False
     if first:
         out.json({"keys": [], "next": None})
@@ -529,11 +448,11 @@ async def _audit(
         [
             (
                 _time(event.at),
-                _printable(event.actor),
+                printable(event.actor),
                 event.action,
                 event.api,
-                _printable(event.name or event.client_id or ""),
-                _printable(json.dumps(event.as_json()["changes"], ensure_ascii=False))
+                printable(event.name or event.client_id or ""),
+                printable(json.dumps(event.as_json()["changes"], ensure_ascii=False))
                 if event.changes
                 else "",
             )
