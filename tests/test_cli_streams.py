@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from keyguard import KeyManager, open_store
+from keyguard.cli import _run as cli_run
+from keyguard.cli._output import Output
+from keyguard.cli._parser import parser
 from tests.test_cli import KEYGUARD, Run
 
 pytestmark = pytest.mark.slow
@@ -333,3 +339,75 @@ def test_a_terminal_that_cannot_show_a_name_gets_escapes(store: str, tmp_path: P
     )
     assert refused.returncode == 1
     assert json.loads(refused.stderr)["code"] == "duplicate_name"
+
+
+def _wait_until_open(pid: int, path: str) -> None:
+    """Until process ``pid`` has the file ``path`` open (or has ended)."""
+    wanted = os.path.realpath(path)
+    folder = Path(f"/proc/{pid}/fd")
+    while folder.exists():
+        with contextlib.suppress(OSError):
+            if any(os.path.realpath(fd) == wanted for fd in folder.iterdir()):
+                return
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
+def test_ctrl_c_while_the_store_works_is_an_interrupt(store: str, tmp_path: Path) -> None:
+    """Ctrl-C while the command is at the store (here: a write waiting for SQLite's lock)
+    is an interrupt: exit 130, one line, nothing created. (Where it lands varies; the
+    case of the store turning the cancellation into an error of its own is the next test.)"""
+    path = store.removeprefix("sqlite:///")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # every writer now waits, up to the store's timeout
+    command = [str(KEYGUARD), "--store", store, "keys", "create", "orders", "--name", "Bolt"]
+    try:
+        with subprocess.Popen(
+            [*command, "--kind", "external"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+            env=_environment(),
+            preexec_fn=_sigint_by_default,
+        ) as process:
+            _wait_until_open(process.pid, path)  # the store is at the file, then its lock
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=60)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert (process.returncode, err.decode(), out) == (130, "\nkeyguard: interrupted\n", b"")
+    assert "Bolt" not in Run(tmp_path, store)("keys", "list", "orders").stdout
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.run cancels on Ctrl-C from 3.11")
+def test_a_store_error_after_ctrl_c_is_an_interrupt(store: str) -> None:
+    """``asyncio.run`` answers Ctrl-C by cancelling the command; a store call cut so may end
+    in an error of its own (SQLAlchemy failing to roll back the cancelled transaction:
+    "store unavailable", exit 1). Once the command was cancelled, such an error is the
+    interrupt (KeyboardInterrupt: exit 130), not a refusal. Here the cancellation is
+    delivered and swallowed first, as that store call did, then the store refuses."""
+    args = parser()[0].parse_args(["keys", "list", "nowhere"])
+    out = io.StringIO()
+
+    async def cancelled_then_refused() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # delivered here and not passed on
+        output = Output(as_json=False, out=out, err=out)
+        return await cli_run(open_store(store), args, {}, output, store)
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(cancelled_then_refused())
+    assert out.getvalue() == ""
+
+
+def test_a_store_error_without_ctrl_c_is_still_exit_1(store: str) -> None:
+    """The same refusal, uncancelled: one line, exit 1 (what the check above must not hide)."""
+    args = parser()[0].parse_args(["keys", "list", "nowhere"])
+    out = io.StringIO()
+    output = Output(as_json=False, out=out, err=out)
+    assert asyncio.run(cli_run(open_store(store), args, {}, output, store)) == 1
+    assert out.getvalue().startswith("keyguard: error: API 'nowhere' not found in store ")

@@ -142,6 +142,8 @@ async def _run(
                 raise _unknown_api(args.api, url) from None
         await command(manager, args, values, out)
     except KeyGuardError as exc:
+        if _interrupted():
+            raise KeyboardInterrupt from None  # Ctrl-C, whatever the store made of it
         out.error(exc.code, exc.message, status_for(exc))
         return 1
     except Declined as exc:
@@ -156,6 +158,17 @@ async def _run(
 EXIT_BROKEN_PIPE = 141
 """The exit code when stdout is closed early (``keyguard keys list orders | head -1``):
 128 + SIGPIPE, what a shell shows for a program the closed pipe stopped."""
+
+
+def _interrupted() -> bool:
+    """Whether Ctrl-C cancelled the command (``asyncio.run`` answers it so, Python 3.11 on).
+
+    A store call cancelled mid-transaction may end in an error of its own (SQLAlchemy's
+    rollback of the cut connection failing: "store unavailable") rather than the
+    cancellation: the command was still interrupted, not refused (exit 130, not 1)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11 and later
+    return cancelling is not None and cancelling() > 0
 
 
 def main(argv: list[str] | None = None) -> int:
