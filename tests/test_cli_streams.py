@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -411,3 +412,21 @@ def test_a_store_error_without_ctrl_c_is_still_exit_1(store: str) -> None:
     output = Output(as_json=False, out=out, err=out)
     assert asyncio.run(cli_run(open_store(store), args, {}, output, store)) == 1
     assert out.getvalue().startswith("keyguard: error: API 'nowhere' not found in store ")
+
+
+def test_the_demo_banner_masks_the_store_password() -> None:
+    """``keyguard demo --store postgresql://u:PASSWORD@…``: its banner names the store with
+    the password masked, on the first line as in the ``keyguard --store …`` line."""
+    from keyguard.demo import _banner, _prepare
+
+    async def keys() -> Any:
+        store = open_store("memory://")
+        try:
+            return await _prepare(KeyManager(store))
+        finally:
+            await store.aclose()
+
+    url = "postgresql://keyguard:S3cretPW@db.internal:5432/keys"
+    banner = _banner(url, 8000, "t" * 32, asyncio.run(keys()))
+    assert "S3cretPW" not in banner
+    assert "(store: postgresql://keyguard:***@db.internal:5432/keys)" in banner

@@ -49,7 +49,7 @@ from typing import Any
 from passlib.context import CryptContext
 
 from keyguard.cli._commands import COMMANDS, Declined
-from keyguard.cli._output import Output, escape_unencodable
+from keyguard.cli._output import Output, escape_unencodable, printable
 from keyguard.cli._parser import (
     DEFAULT_STORE,
     STORE_ENV,
@@ -211,7 +211,9 @@ def _main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help or --version, printed
         return exc.code if isinstance(exc.code, int) else 2
     given = getattr(args, "store", None)
-    again = f"keyguard --store {shlex.quote(store_label(given))}" if given else "keyguard"
+    again = (
+        printable(f"keyguard --store {shlex.quote(store_label(given))}") if given else "keyguard"
+    )
     out = Output(as_json=getattr(args, "json", False), out=sys.stdout, err=sys.stderr, again=again)
     try:
         if given == "":
