@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -430,3 +431,20 @@ def test_the_demo_banner_masks_the_store_password() -> None:
     banner = _banner(url, 8000, "t" * 32, asyncio.run(keys()))
     assert "S3cretPW" not in banner
     assert "(store: postgresql://keyguard:***@db.internal:5432/keys)" in banner
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bcrypt") is not None, reason="bcrypt is installed")
+def test_a_hash_scheme_without_its_backend_is_a_configuration_error(run: Run) -> None:
+    """``KEYGUARD_HASH_SCHEME=bcrypt`` without the ``bcrypt`` package: one line naming the
+    variable and what to install (exit 1), not passlib's "unexpected MissingBackendError"."""
+    run("apis", "expose", "orders")
+    env = {"KEYGUARD_HASH_SCHEME": "bcrypt"}
+    args = ("keys", "create", "orders", "--name", "Acme", "--kind", "internal")
+    line = run(*args, env=env, expect=1).stderr
+    assert line == (
+        "keyguard: error: KEYGUARD_HASH_SCHEME='bcrypt': no backend for it is installed "
+        "(such as: pip install bcrypt)\n"
+    )
+    problem = json.loads(run("--json", *args, env=env, expect=1).stderr)
+    assert problem["code"] == "configuration_error"
+    assert "Acme" not in run("keys", "list", "orders").stdout

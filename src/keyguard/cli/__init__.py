@@ -72,6 +72,10 @@ __all__ = ["DEFAULT_STORE", "cli_actor", "main", "store_label"]
 HASH_SCHEME_ENV = "KEYGUARD_HASH_SCHEME"
 
 
+# The package that gives a passlib scheme its backend, where it is not the scheme's name.
+_BACKENDS = {"argon2": "argon2-cffi", "bcrypt_sha256": "bcrypt"}
+
+
 def _hasher() -> SecretHasher | None:
     """The hasher for ``KEYGUARD_HASH_SCHEME`` (a passlib scheme such as ``bcrypt``), if set."""
     scheme = os.environ.get(HASH_SCHEME_ENV, "").strip()
@@ -80,11 +84,19 @@ def _hasher() -> SecretHasher | None:
     try:
         if not scheme.isidentifier() or scheme != scheme.lower():
             raise ValueError("a scheme name is lowercase letters, digits and '_'")
-        return SecretHasher(CryptContext(schemes=[scheme]))
+        context = CryptContext(schemes=[scheme])
     except (KeyError, ValueError, ImportError) as exc:
         raise ConfigurationError(
             f"{HASH_SCHEME_ENV}={scheme!r} is not a usable passlib scheme ({exc})"
         ) from None
+    handler = context.handler()
+    if hasattr(handler, "has_backend") and not handler.has_backend():
+        # Else passlib's MissingBackendError at the first hash, an "unexpected" error.
+        raise ConfigurationError(
+            f"{HASH_SCHEME_ENV}={scheme!r}: no backend for it is installed "
+            f"(such as: pip install {_BACKENDS.get(scheme, scheme)})"
+        )
+    return SecretHasher(context)
 
 
 # The commands that may name an API the store has never seen: the rest refuse one. The audit
