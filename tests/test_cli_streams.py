@@ -229,7 +229,7 @@ def test_suggested_commands_repeat_the_store_given(tmp_path: Path) -> None:
     page = given("keys", "list", "orders", "--limit", "1").stdout.splitlines()[-1]
     assert page.startswith(f"More: keyguard --store {url} keys list orders --limit 1 --after ")
     audit = given("audit", "--limit", "1").stdout.splitlines()[-1]
-    assert audit.startswith(f"More: keyguard --store {url} audit --before ")
+    assert audit.startswith(f"More: keyguard --store {url} audit --limit 1 --before ")
 
     from_env = Run(tmp_path, None)
     result = from_env("keys", "list", "orders", "--limit", "1", env={"KEYGUARD_STORE": url})

@@ -461,7 +461,7 @@ async def _audit(
     )
     if page.next is not None:
         where = f" {args.api}" if args.api else ""
-        out.line(f"More: {out.again} audit{where} --before {page.next}")
+        out.line(f"More: {out.again} audit{where} --limit {args.limit} --before {page.next}")
 
 
 COMMANDS: dict[tuple[str, str], Command] = {
