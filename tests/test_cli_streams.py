@@ -448,3 +448,14 @@ def test_a_hash_scheme_without_its_backend_is_a_configuration_error(run: Run) ->
     problem = json.loads(run("--json", *args, env=env, expect=1).stderr)
     assert problem["code"] == "configuration_error"
     assert "Acme" not in run("keys", "list", "orders").stdout
+
+
+def test_deleting_an_api_of_one_key_says_one_key(run: Run) -> None:
+    """ "its 1 key", not "its 1 keys", in the refusal, the question and the answer."""
+    run("apis", "expose", "orders")
+    run("keys", "create", "orders", "--name", "Acme", "--kind", "external")
+    refused = run("apis", "delete", "orders", expect=1).stderr
+    assert "API orders has 1 key (0 internal, 1 external)" in refused
+    done = run("apis", "delete", "orders", "--force", stdin="y\n")
+    assert "Delete API orders and its 1 key? " in done.stderr
+    assert done.stdout == "Deleted API orders and its 1 key.\n"

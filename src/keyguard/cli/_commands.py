@@ -46,6 +46,11 @@ class Declined(Exception):
 # -- how things read as text ------------------------------------------------------------------
 
 
+def _count(keys: int) -> str:
+    """``1 key``, ``3 keys``."""
+    return f"{keys} key{'' if keys == 1 else 's'}"
+
+
 def _yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
@@ -166,17 +171,17 @@ async def _apis_delete(
     held = api.internal_keys + api.external_keys
     if held and not args.force:
         raise ApiHasKeys(
-            f"API {api.name} has {held} keys ({api.internal_keys} internal, "
+            f"API {api.name} has {_count(held)} ({api.internal_keys} internal, "
             f"{api.external_keys} external): delete them first, or use --force to delete "
             "them with it"
         )
-    with_keys = f" and its {held} keys" if held else " (it has no keys)"
+    with_keys = f" and its {_count(held)}" if held else " (it has no keys)"
     question = f"Delete API {api.name}{with_keys}? This cannot be undone. [y/N] "
     if not args.yes and not _confirm(question, out.err):
         raise Declined(f"not confirmed: API {api.name} was not deleted")
     await manager.delete_api(api.name, force=args.force)
     if not out.as_json:
-        out.line(f"Deleted API {api.name}{f' and its {held} keys' if held else ''}.")
+        out.line(f"Deleted API {api.name}{f' and its {_count(held)}' if held else ''}.")
 
 
 async def _keys_list(
