@@ -251,9 +251,13 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
     ],
 )
 def test_usage_errors_exit_2(run: Run, args: tuple[str, ...]) -> None:
-    """What the parser catches exits 2 with a usage line, and touches no store."""
+    """What the parser catches exits 2 with a usage line (with ``--json`` a problem object),
+    and touches no store."""
     result = run(*args, expect=2)
-    assert "usage: keyguard" in result.stderr
+    if "--json" in args:
+        assert json.loads(result.stderr)["code"] == "usage_error"
+    else:
+        assert "usage: keyguard" in result.stderr
     assert result.stdout == ""
     assert not (run.folder / "keys.db").exists()
 
@@ -300,7 +304,7 @@ def test_key_lifecycle_human(exposed: Run) -> None:
     external_id = re.search(r"client id: ([0-9a-f]{42})", out)
     assert external_id is not None
     assert "none yet" in out
-    assert f"keyguard keys set-secret orders {external_id[1]}" in out
+    assert f"keyguard --store {exposed.store} keys set-secret orders {external_id[1]}" in out
 
     out = exposed("keys", "set-secret", "orders", external_id[1]).stdout
     assert re.search(r"secret: +[A-Za-z0-9_-]{43}\n", out)
@@ -1017,10 +1021,13 @@ def test_keys_list_limit_prints_one_page_and_the_next_command(run: Run) -> None:
     ids = fill(run, 5)
     out = run("keys", "list", "orders", "--limit", "2").stdout.splitlines()
     assert [line.split()[0] for line in out[1:3]] == ids[:2]
-    more = re.fullmatch(r"More: keyguard keys list orders --limit 2 --after (\S+)", out[3])
+    more = re.fullmatch(
+        r"More: keyguard --store (\S+) keys list orders --limit 2 --after (\S+)", out[3]
+    )
     assert more is not None
+    assert more[1] == run.store  # the command to follow names the store it was given
     seen = ids[:2]
-    after: str | None = more[1]
+    after: str | None = more[2]
     while after is not None:
         page = run.json("keys", "list", "orders", "--limit", "2", "--after", after)
         assert set(page) == {"keys", "next"}

@@ -68,7 +68,10 @@ def test_text_table_limit_and_paging(store: list[str], capsys: pytest.CaptureFix
     assert main([*store, "audit", "orders", "--limit", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3
-    assert lines[2].startswith("More: keyguard audit orders --before ")
+    # The next page is one of the same size (--limit), of the same store.
+    assert lines[2].startswith(
+        f"More: keyguard --store {store[1]} audit orders --limit 1 --before "
+    )
     cursor = lines[2].split()[-1]
     assert main([*store, "audit", "orders", "--before", cursor]) == 0
     rest = capsys.readouterr().out.splitlines()

@@ -46,6 +46,7 @@ from keyguard.middleware import DEFAULT_CLIENT_ID_HEADER, DEFAULT_CLIENT_SECRET_
 from keyguard.models import IssuedKey, KeyInfo, KeyKind
 from keyguard.secrets import new_client_id
 from keyguard.stores import open_store
+from keyguard.stores._redact import redact
 from keyguard.stores.base import KeyStore
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ def _banner(store_url: str, port: int, token: str, keys: _DemoKeys) -> str:
     ]
     lines = [
         "",
-        f"keyguard demo on {base}  (store: {store_url})",
+        f"keyguard demo on {base}  (store: {redact(store_url)})",
         "",
         f"API {DEMO_API!r} is exposed with two fresh keys (a re-run replaces them):",
         f"  internal  {INTERNAL_NAME}  client id {internal.client_id}",

@@ -40,14 +40,24 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import io
 import os
+import shlex
 import sys
 from typing import Any
 
 from passlib.context import CryptContext
 
-from keyguard.cli._commands import COMMANDS, Declined, Output
-from keyguard.cli._parser import DEFAULT_STORE, STORE_ENV, check_usage, parser
+from keyguard.cli._commands import COMMANDS, Declined
+from keyguard.cli._output import Output, escape_unencodable, printable
+from keyguard.cli._parser import (
+    DEFAULT_STORE,
+    STORE_ENV,
+    UsageError,
+    check_usage,
+    json_asked,
+    parser,
+)
 from keyguard.cli._values import manager_arguments
 from keyguard.errors import ApiNotFound, ConfigurationError, KeyGuardError
 from keyguard.management import status_for
@@ -62,6 +72,10 @@ __all__ = ["DEFAULT_STORE", "cli_actor", "main", "store_label"]
 HASH_SCHEME_ENV = "KEYGUARD_HASH_SCHEME"
 
 
+# The package that gives a passlib scheme its backend, where it is not the scheme's name.
+_BACKENDS = {"argon2": "argon2-cffi", "bcrypt_sha256": "bcrypt"}
+
+
 def _hasher() -> SecretHasher | None:
     """The hasher for ``KEYGUARD_HASH_SCHEME`` (a passlib scheme such as ``bcrypt``), if set."""
     scheme = os.environ.get(HASH_SCHEME_ENV, "").strip()
@@ -70,11 +84,19 @@ def _hasher() -> SecretHasher | None:
     try:
         if not scheme.isidentifier() or scheme != scheme.lower():
             raise ValueError("a scheme name is lowercase letters, digits and '_'")
-        return SecretHasher(CryptContext(schemes=[scheme]))
+        context = CryptContext(schemes=[scheme])
     except (KeyError, ValueError, ImportError) as exc:
         raise ConfigurationError(
             f"{HASH_SCHEME_ENV}={scheme!r} is not a usable passlib scheme ({exc})"
         ) from None
+    handler = context.handler()
+    if hasattr(handler, "has_backend") and not handler.has_backend():
+        # Else passlib's MissingBackendError at the first hash, an "unexpected" error.
+        raise ConfigurationError(
+            f"{HASH_SCHEME_ENV}={scheme!r}: no backend for it is installed "
+            f"(such as: pip install {_BACKENDS.get(scheme, scheme)})"
+        )
+    return SecretHasher(context)
 
 
 # The commands that may name an API the store has never seen: the rest refuse one. The audit
@@ -132,6 +154,8 @@ async def _run(
                 raise _unknown_api(args.api, url) from None
         await command(manager, args, values, out)
     except KeyGuardError as exc:
+        if _interrupted():
+            raise KeyboardInterrupt from None  # Ctrl-C, whatever the store made of it
         out.error(exc.code, exc.message, status_for(exc))
         return 1
     except Declined as exc:
@@ -143,16 +167,75 @@ async def _run(
     return 0
 
 
+EXIT_BROKEN_PIPE = 141
+"""The exit code when stdout is closed early (``keyguard keys list orders | head -1``):
+128 + SIGPIPE, what a shell shows for a program the closed pipe stopped."""
+
+
+def _interrupted() -> bool:
+    """Whether Ctrl-C cancelled the command (``asyncio.run`` answers it so, Python 3.11 on).
+
+    A store call cancelled mid-transaction may end in an error of its own (SQLAlchemy's
+    rollback of the cut connection failing: "store unavailable") rather than the
+    cancellation: the command was still interrupted, not refused (exit 130, not 1)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11 and later
+    return cancelling is not None and cancelling() > 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``keyguard`` command line with ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    escape_unencodable(sys.stdout)
+    escape_unencodable(sys.stderr)
+    try:
+        code = _main(sys.argv[1:] if argv is None else argv)
+        if sys.stdout is not None:  # (None: started with stdout closed, ``>&-``)
+            # Output that fit in the buffer meets a closed pipe here, not at exit.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Whoever reads stdout has stopped (``| head``): nothing more to say to anyone.
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's flush at exit, of what is still
+    buffered for the closed pipe, neither fails nor prints "Exception ignored"."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # not a real file (a test's StringIO): nothing will flush it at exit
+
+
+def _main(argv: list[str]) -> int:
     main_parser, subparsers = parser()
     try:
         args = main_parser.parse_args(argv)
         check_usage(args, subparsers)
-    except SystemExit as exc:  # --help, or a usage error argparse has printed
+    except UsageError as exc:
+        Output(as_json=json_asked(argv), out=sys.stdout, err=sys.stderr).usage(
+            exc.usage, exc.prog, exc.message
+        )
+        return 2
+    except SystemExit as exc:  # --help or --version, printed
         return exc.code if isinstance(exc.code, int) else 2
-    out = Output(as_json=getattr(args, "json", False), out=sys.stdout, err=sys.stderr)
+    given = getattr(args, "store", None)
+    again = (
+        printable(f"keyguard --store {shlex.quote(store_label(given))}") if given else "keyguard"
+    )
+    out = Output(as_json=getattr(args, "json", False), out=sys.stdout, err=sys.stderr, again=again)
     try:
+        if given == "":
+            # ``--store "$PROD_URL"`` with the variable unset must not mean another store.
+            out.error(
+                "configuration_error",
+                f"--store is empty: give a store URL, or leave --store out for ${STORE_ENV} "
+                f"(else {DEFAULT_STORE})",
+            )
+            return 1
         if args.command == "demo":
             from keyguard.demo import run_demo
 
@@ -178,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\nkeyguard: interrupted\n")
         return 130
+    except BrokenPipeError:
+        raise  # stdout closed: main's to handle, without a word on stderr
     except Exception as exc:  # a bug: still one line, never a traceback
         out.error("internal_error", f"unexpected {type(exc).__name__}: {exc}")
         return 1

@@ -9,17 +9,19 @@ aligned tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
+import signal
 import sys
 import textwrap
-import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+from keyguard.cli._output import Output, json_text, printable
 from keyguard.errors import ApiHasKeys
-from keyguard.management import problem_json
 from keyguard.manager import KeyManager
 from keyguard.models import (
     Api,
@@ -41,39 +43,12 @@ class Declined(Exception):
     """The operator did not confirm; nothing was done."""
 
 
-class Output:
-    """Where results and errors go, as tables and sentences or as JSON."""
-
-    def __init__(self, *, as_json: bool, out: TextIO, err: TextIO) -> None:
-        self.as_json = as_json
-        self.out = out
-        self.err = err
-
-    def json(self, value: Any) -> None:
-        self.out.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-
-    def line(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-
-    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-        for row in (headers, *rows):
-            self.aligned(row, widths)
-
-    def aligned(self, row: Sequence[str], widths: Sequence[int]) -> None:
-        """One line of a table whose columns are ``widths`` wide."""
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        self.line("  ".join(cells).rstrip())
-
-    def error(self, code: str, detail: str, status: int | None = None) -> None:
-        if self.as_json:
-            self.err.write(json.dumps(problem_json(code, detail, status), ensure_ascii=False))
-            self.err.write("\n")
-        else:
-            self.err.write(f"keyguard: error: {' '.join(detail.split())}\n")
-
-
 # -- how things read as text ------------------------------------------------------------------
+
+
+def _count(keys: int) -> str:
+    """``1 key``, ``3 keys``."""
+    return f"{keys} key{'' if keys == 1 else 's'}"
 
 
 def _yes_no(value: bool) -> str:
@@ -96,17 +71,8 @@ def _key_limits(key: KeyInfo) -> str:
     return _limits(key.rate_limits) or "unlimited"
 
 
-def _printable(text: str) -> str:
-    """``text`` with every control, format and separator character escaped, so an
-    operator's terminal shows what the value holds (meta is free JSON)."""
-    return "".join(
-        f"\\u{ord(char):04x}" if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") else char
-        for char in text
-    )
-
-
 def _meta(key: KeyInfo) -> str:
-    return _printable(dump_meta(key.meta)) if key.meta else ""
+    return printable(dump_meta(key.meta)) if key.meta else ""
 
 
 def _state(key: KeyInfo, now: datetime) -> str:
@@ -205,17 +171,17 @@ async def _apis_delete(
     held = api.internal_keys + api.external_keys
     if held and not args.force:
         raise ApiHasKeys(
-            f"API {api.name} has {held} keys ({api.internal_keys} internal, "
+            f"API {api.name} has {_count(held)} ({api.internal_keys} internal, "
             f"{api.external_keys} external): delete them first, or use --force to delete "
             "them with it"
         )
-    with_keys = f" and its {held} keys" if held else " (it has no keys)"
+    with_keys = f" and its {_count(held)}" if held else " (it has no keys)"
     question = f"Delete API {api.name}{with_keys}? This cannot be undone. [y/N] "
     if not args.yes and not _confirm(question, out.err):
         raise Declined(f"not confirmed: API {api.name} was not deleted")
     await manager.delete_api(api.name, force=args.force)
     if not out.as_json:
-        out.line(f"Deleted API {api.name}{f' and its {held} keys' if held else ''}.")
+        out.line(f"Deleted API {api.name}{f' and its {_count(held)}' if held else ''}.")
 
 
 async def _keys_list(
@@ -260,7 +226,7 @@ async def _keys_page(manager: KeyManager, args: argparse.Namespace, out: Output)
     else:
         out.line("No matching keys on this page.")
     if page.next is not None:
-        more = f"More: keyguard keys list {args.api} --limit {args.limit} --after {page.next}"
+        more = f"More: {out.again} keys list {args.api} --limit {args.limit} --after {page.next}"
         if args.name:
             more += f" --name {shlex.quote(args.name)}"
         out.line(more)
@@ -285,9 +251,7 @@ async def _stream_json(pages: AsyncIterator[list[KeyInfo]], out: Output) -> None
     async for keys in pages:
         for key in keys:
             out.out.write('{\n  "keys": [\n' if first else ",\n")
-            out.out.write(
-                textwrap.indent(json.dumps(key_json(key), indent=2, ensure_ascii=False), "    ")
-            )
+            out.out.write(textwrap.indent(json_text(key_json(key), indent=2), "    "))
             first = False
     if first:
         out.json({"keys": [], "next": None})
@@ -349,7 +313,7 @@ async def _keys_create(
     else:
         out.line("  secret:    none yet; callers send only the client id")
         out.line()
-        out.line(f"Give it a secret with: keyguard keys set-secret {key.api} {key.client_id}")
+        out.line(f"Give it a secret with: {out.again} keys set-secret {key.api} {key.client_id}")
 
 
 async def _keys_update(
@@ -444,13 +408,33 @@ async def _usage(
 
 def _confirm(question: str, err: TextIO) -> bool:
     """Ask on stderr, read one line from stdin; anything but yes (or end of input) is no."""
-    err.write(question)
-    err.flush()
     stdin = sys.stdin
-    answer = stdin.readline() if stdin is not None else ""
+    with _ctrl_c_interrupts():  # from before the question shows, so no Ctrl-C goes unheard
+        err.write(question)
+        err.flush()
+        answer = stdin.readline() if stdin is not None else ""
     if stdin is None or not stdin.isatty() or not answer:
         err.write("\n")  # nobody's Enter key ended the prompt's line
     return answer.strip().lower() in ("y", "yes")
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` at once while the prompt waits (exit 130).
+
+    ``asyncio.run`` answers Ctrl-C by cancelling the command, which a prompt blocked in
+    ``readline`` never notices: it went on waiting for Enter, then hit the cancellation
+    while closing the store (a traceback). Python's own handler interrupts the read."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a handler (and gets the signal)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not set from Python, nothing to put back
+            signal.signal(signal.SIGINT, previous)
 
 
 async def _audit(
@@ -469,11 +453,11 @@ async def _audit(
         [
             (
                 _time(event.at),
-                _printable(event.actor),
+                printable(event.actor),
                 event.action,
                 event.api,
-                _printable(event.name or event.client_id or ""),
-                _printable(json.dumps(event.as_json()["changes"], ensure_ascii=False))
+                printable(event.name or event.client_id or ""),
+                printable(json.dumps(event.as_json()["changes"], ensure_ascii=False))
                 if event.changes
                 else "",
             )
@@ -481,7 +465,8 @@ async def _audit(
         ],
     )
     if page.next is not None:
-        out.line(f"More: keyguard audit {args.api or ''} --before {page.next}".replace("  ", " "))
+        where = f" {args.api}" if args.api else ""
+        out.line(f"More: {out.again} audit{where} --limit {args.limit} --before {page.next}")
 
 
 COMMANDS: dict[tuple[str, str], Command] = {

@@ -7,10 +7,12 @@ Everything here is a usage error (exit 2) when broken; the values of options
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import NoReturn
 
 from keyguard.models import KeyKind
 
-__all__ = ["DEFAULT_STORE", "STORE_ENV", "check_usage", "parser"]
+__all__ = ["DEFAULT_STORE", "STORE_ENV", "UsageError", "check_usage", "json_asked", "parser"]
 
 DEFAULT_STORE = "sqlite:///keyguard.db"
 """The store used without ``--store`` or ``KEYGUARD_STORE``: a SQLite file in the current folder."""
@@ -31,11 +33,40 @@ UPDATE_CHANGES = (
 )
 
 
+class UsageError(Exception):
+    """A usage error (exit 2): the usage line of the (sub)command ``prog``, and what is wrong."""
+
+    def __init__(self, usage: str, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.prog = prog
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are raised, so ``main`` can print them as text
+    or (with ``--json``) as a problem object; the subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.format_usage(), self.prog, message)
+
+
+def json_asked(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for ``--json`` (as argparse reads it: any unambiguous prefix
+    such as ``--js``, before a ``--``), so a usage error can be printed as JSON too."""
+    for word in argv:
+        if word == "--":
+            return False
+        if len(word) >= 3 and "--json".startswith(word):
+            return True
+    return False
+
+
 def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The main parser, and the subcommand parsers whose rules ``check_usage`` checks."""
     # The same two options on the main parser and on every subcommand, so they can be
     # written before or after it; SUPPRESS keeps a subcommand from resetting them.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--store",
         metavar="URL",
@@ -49,7 +80,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         help="print JSON (the management API's objects) instead of tables",
     )
 
-    main = argparse.ArgumentParser(
+    main: argparse.ArgumentParser = _Parser(
         prog="keyguard",
         description="Manage keyguard's APIs and keys, or run the demo.",
         parents=[common],
@@ -331,7 +362,10 @@ def _version() -> str:
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a number, got {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("a port is between 0 and 65535")
     return value
