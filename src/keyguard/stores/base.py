@@ -251,7 +251,10 @@ class ChangeFeed(Protocol):
         """Listen until cancelled: call ``on_ready()`` once listening, then
         ``on_change(api, client_id)`` for each change any process makes through this
         store (``client_id`` is ``None`` when the API itself changed). Raises
-        ``StoreUnavailable`` if the feed breaks; the caller listens again later.
+        ``StoreUnavailable`` if the feed breaks; the caller listens again later. An
+        exception raised by ``on_ready`` ends the watch as it is (the caller's own bug,
+        never disguised as an outage), so a caller never believes it listens when it
+        could not start afresh.
         """
         ...
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 from keyguard import metrics
 from keyguard.audit import AuditEvent
-from keyguard.errors import ConfigurationError
+from keyguard.errors import ConfigurationError, StoreUnavailable
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
 from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
 from keyguard.stores.base import ChangeFeed, KeyStore, Snapshots
@@ -591,10 +591,16 @@ class CachedStore:
                 await feed.watch(self.invalidate, on_ready=ready)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except StoreUnavailable as exc:
                 # Once per outage; the cache's TTL bounds staleness meanwhile.
                 if not lost:
                     logger.warning("key store change feed lost (%s); retrying", type(exc).__name__)
+                    lost = True
+            except Exception:
+                # Not an outage but a bug (the feed's, or a callback's): with its traceback,
+                # once until the feed listens again; the TTL still bounds staleness.
+                if not lost:
+                    logger.exception("key store change feed failed; retrying")
                     lost = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.ttl)

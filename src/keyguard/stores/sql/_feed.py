@@ -12,7 +12,9 @@ at most 64 characters), far under PostgreSQL's 8000-byte limit.
 Listening needs a connection of its own, kept out of the pool: a listening
 connection must stay open, and a pooled one goes back to serve other calls.
 :class:`PgFeed` keeps one per event loop (a driver's connections belong to the
-loop that opened them), shared by every ``watch`` of the store in that loop.
+loop that opened them), shared by every ``watch`` of the store in that loop. One
+of a loop closed by hand, its tasks left pending, is closed without it (the
+server ends its side at once) when the store next listens, or is closed.
 It ends ``watch`` with ``StoreUnavailable`` when the connection drops (a
 server restart, a network cut): its caller, ``CachedStore``, falls back to
 its TTL meanwhile, listens again with a backoff, and forgets what it cached
@@ -24,9 +26,13 @@ task pings it when quiet. On psycopg 3.2.4 or later (``postgresql+psycopg://``;
 an older psycopg has no feed, and its cache keeps the TTL bound: before 3.2 its
 ``notifies()`` takes no timeout, and 3.2.0 to 3.2.3 drop a notice arriving
 between two reads, psycopg #962) one task per
-connection reads ``notifies()`` — which holds the connection while it waits —
-for ``_PING_EVERY`` seconds at a time and pings in between; a notice arriving
-during the ping is kept by psycopg for the next read. Either connection is
+connection sends the ``LISTEN``, then reads ``notifies()`` — which holds the
+connection while it waits — for ``_PING_EVERY`` seconds at a time and pings in
+between; a notice arriving during the ping is kept by psycopg for the next read.
+None of its queries is ever cancelled (psycopg meets that with a cancel request
+and seconds of waiting on a server that may be frozen): a deadline, a
+cancellation or ``aclose`` shuts the connection's socket down instead, which
+fails the query at once, within the store's timeout in all. Either connection is
 opened as the engine's pool would open one (the URL's parameters, libpq's TLS
 ones among them, then the store's ``connect_args``: timeouts, application
 name), but outside the pool; psycopg's in autocommit, so ``LISTEN`` takes
@@ -174,7 +180,8 @@ class _Listener:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.watchers: list[OnChange] = []
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = self.loop.create_future()
 
     def heard(self, payload: str) -> None:
         """Tell every watcher of the change ``payload`` announces."""
@@ -200,6 +207,26 @@ class _Listener:
         """Cut the connection, without waiting on a server that may not answer."""
         raise NotImplementedError
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Its tasks (reading or pinging the connection)."""
+        raise NotImplementedError
+
+    async def closed(self, within: float) -> None:
+        """Once cut (``close``), wait the moment its tasks take to fail (at most
+        ``within`` s): a loop ending next would cancel them, and psycopg meets a query
+        cancelled with a cancel request to the server, and seconds of waiting if it is
+        frozen."""
+        tasks = [task for task in self.tasks() if not task.done()]
+        if tasks and not self.loop.is_closed():
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(tasks, timeout=within)
+
+    def abandon(self) -> None:
+        """Close the connection of a loop closed by hand, its tasks left pending: without
+        the loop, which can no longer run anything (the server ends its side at once)."""
+        with contextlib.suppress(RuntimeError):  # telling a waiter needs the loop
+            self.end(ConnectionResetError("the listening connection's event loop closed"))
+
 
 class _AsyncpgListener(_Listener):
     """An asyncpg connection: it calls back for each notice and when it closes."""
@@ -207,6 +234,9 @@ class _AsyncpgListener(_Listener):
     def __init__(self, conn: Any) -> None:
         super().__init__(conn)
         self.pinger: asyncio.Task[None] | None = None
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [] if self.pinger is None else [self.pinger]
 
     def notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.heard(payload)
@@ -234,11 +264,25 @@ class _AsyncpgListener(_Listener):
                 return
 
     def close(self) -> None:
+        if self.loop.is_closed():
+            self.abandon()
+            return
         if self.pinger is not None:
             self.pinger.cancel()
         self.end(ConnectionResetError("the listening connection was closed"))
         with contextlib.suppress(Exception):
             self.conn.terminate()
+
+    def abandon(self) -> None:
+        super().abandon()
+        # ``terminate`` says goodbye to the server, so it ends the backend at once, then
+        # fails to schedule closing the socket with the loop; asyncio's own last step of
+        # that closes it (else it stays open, with a ResourceWarning, until collected).
+        with contextlib.suppress(Exception):
+            self.conn.terminate()
+        transport = getattr(self.conn, "_transport", None)
+        with contextlib.suppress(Exception):
+            getattr(transport, "_call_connection_lost", lambda _: None)(None)
 
 
 class _PsycopgListener(_Listener):
@@ -258,27 +302,47 @@ class _PsycopgListener(_Listener):
         self._silent: str | None = None  # why the connection was cut, if a ping timed out
         self._shut = False  # whether its socket was shut down (the reader then fails)
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [] if self.reader is None else [self.reader]
+
     async def listen(self, channel: str, *, ping_every: float, within: float) -> None:
         from psycopg import sql
 
-        if not self.conn.autocommit:  # an ``async_creator_fn``'s connection, maybe
-            await self.conn.set_autocommit(True)
-        await self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        self.reader = asyncio.get_running_loop().create_task(
-            self.read(ping_every, within), name="keyguard-sql-feed-read"
+        query = sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+        listening: asyncio.Future[None] = self.loop.create_future()
+        self.reader = self.loop.create_task(
+            self.read(query, listening, ping_every, within), name="keyguard-sql-feed-read"
         )
+        # The reader sends the LISTEN, never cancelled: a deadline or a cancellation of
+        # this wait ends in ``close``, whose cut fails the LISTEN at once.
+        await asyncio.shield(listening)
 
-    async def read(self, every: float, within: float) -> None:
-        """Hear notices until the connection fails; check it after each ``every`` seconds."""
+    async def read(
+        self, listen: Any, listening: asyncio.Future[None], every: float, within: float
+    ) -> None:
+        """LISTEN, then hear notices until the connection fails; check it after each
+        ``every`` seconds."""
         try:
+            if not self.conn.autocommit:  # an ``async_creator_fn``'s connection, maybe
+                await self.conn.set_autocommit(True)
+            await self.conn.execute(listen)
+            listening.set_result(None)
             while True:
                 async for notify in self.conn.notifies(timeout=every):
                     self.heard(notify.payload)
                 await self.ping(within)
         except Exception as exc:
-            self.end(TimeoutError(self._silent) if self._silent else exc)
+            why = TimeoutError(self._silent) if self._silent else exc
+            if not listening.done():
+                listening.set_exception(why)
+                listening.exception()  # retrieved: ``listen`` may have given up waiting
+            self.end(why)
         finally:
-            self.end(ConnectionResetError("the listening connection was closed"))
+            # (Each needs the loop, when someone waits: not so once it was closed by hand.)
+            with contextlib.suppress(RuntimeError):
+                listening.cancel()
+            with contextlib.suppress(RuntimeError):
+                self.end(ConnectionResetError("the listening connection was closed"))
             self.conn.pgconn.finish()
 
     async def ping(self, within: float) -> None:
@@ -307,6 +371,9 @@ class _PsycopgListener(_Listener):
         return True
 
     def close(self) -> None:
+        if self.loop.is_closed():
+            self.abandon()
+            return
         self.end(ConnectionResetError("the listening connection was closed"))
         reader = self.reader
         if reader is None or reader.done():
@@ -314,9 +381,16 @@ class _PsycopgListener(_Listener):
         elif not self._shut and not self.cut():
             reader.cancel()  # its socket is gone already: nothing to wait on
             # A task cancelled before it first ran never runs its ``finally``.
-            reader.add_done_callback(lambda _: self.conn.pgconn.finish())
+            reader.add_done_callback(self._finish)
         # (Once shut, a second shutdown fails when the server has closed its end too:
         # the reader fails on its own then, never to be cancelled in a ping.)
+
+    def _finish(self, _reader: object) -> None:
+        self.conn.pgconn.finish()
+
+    def abandon(self) -> None:
+        super().abandon()
+        self.conn.pgconn.finish()  # libpq's goodbye and close, which need no loop
 
 
 class PgFeed:
@@ -344,20 +418,25 @@ class PgFeed:
         return None if found is None or found.lost.done() else found
 
     async def watch(self, on_change: OnChange, *, on_ready: Callable[[], None]) -> None:
-        """The ``ChangeFeed`` contract: listen until cancelled or the connection drops."""
+        """The ``ChangeFeed`` contract: listen until cancelled or the connection drops
+        (``StoreUnavailable``). An error of ``on_ready`` is raised as it is: the caller's
+        bug, not an outage."""
         listener = await self._join()
         listener.watchers.append(on_change)
         try:
+            # The caller's own: an error of it is raised as it is, not as an outage.
             on_ready()
-            await asyncio.shield(listener.lost)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise self._unavailable(exc) from exc
+            try:
+                await asyncio.shield(listener.lost)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise self._unavailable(exc) from exc
         finally:
             listener.watchers.remove(on_change)
             if not listener.watchers:
                 self._leave(listener)
+                await listener.closed(self._timeout)
         raise AssertionError("unreachable")  # pragma: no cover - ``lost`` only fails
 
     async def _join(self) -> _Listener:
@@ -365,9 +444,7 @@ class PgFeed:
         if self._closed:
             raise StoreUnavailable("SQL store is closed")
         loop = asyncio.get_running_loop()
-        for other in [other for other in self._by_loop if other.is_closed()]:
-            self._by_loop.pop(other, None)  # its loop is gone, and its connection with it
-            self._locks.pop(other, None)
+        self._abandon_closed_loops()
         lock = self._locks.setdefault(loop, asyncio.Lock())
         try:
             with anyio.fail_after(self._timeout):
@@ -384,6 +461,7 @@ class PgFeed:
                             raise StoreUnavailable("SQL store is closed")
                     except BaseException:
                         listener.close()
+                        await listener.closed(self._timeout)
                         raise
                     self._by_loop[loop] = listener
                     return listener
@@ -399,13 +477,20 @@ class PgFeed:
             if found is listener:
                 del self._by_loop[loop]
 
-    def aclose(self) -> None:
-        """Close the listening connection of the running loop; others go with their loops."""
+    def _abandon_closed_loops(self) -> None:
+        """Close the connections of loops closed by hand (their tasks left pending)."""
+        for other in [other for other in self._by_loop if other.is_closed()]:
+            self._locks.pop(other, None)
+            listener = self._by_loop.pop(other, None)
+            if listener is not None:
+                listener.abandon()
+
+    async def aclose(self) -> None:
+        """Close the listening connection of the running loop, and those of loops closed
+        by hand; another loop's goes when that loop ends its tasks."""
         self._closed = True
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        listener = self._by_loop.pop(loop, None)
+        self._abandon_closed_loops()
+        listener = self._by_loop.pop(asyncio.get_running_loop(), None)
         if listener is not None:
             listener.close()
+            await listener.closed(self._timeout)

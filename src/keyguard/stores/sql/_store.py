@@ -165,5 +165,5 @@ class _PostgreSQLStore(SQLStore):
     async def aclose(self) -> None:
         """Stop listening (in this loop), then release the connections as ``SQLStore`` does."""
         if self._feed is not None:
-            self._feed.aclose()
+            await self._feed.aclose()
         await super().aclose()
