@@ -1,13 +1,16 @@
-"""What ``CachedStore`` keeps: API entries, per-key entries, their LRU, and the miss budget."""
+"""What ``CachedStore`` keeps: API entries, per-key entries, their LRU, the reads in flight
+and the miss budget."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from keyguard.models import KeyRecord, RateLimit
 
-__all__ = ["ApiEntry", "Entries", "KeyEntry", "MissBudget"]
+__all__ = ["ApiEntry", "Entries", "InFlight", "KeyEntry", "MissBudget", "Names"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,28 @@ class KeyEntry:
 
 
 Entry = ApiEntry | KeyEntry
+E = TypeVar("E", ApiEntry, KeyEntry)
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The names of the APIs that exist, as read at ``expires`` - the TTL."""
+
+    expires: float
+    existing: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight(Generic[E]):
+    """A read under way, started at ``started`` under the API's generation ``gen``. A
+    lookup arriving ``ttl`` or more after ``started`` does not wait for it: its answer
+    would be expired before it lands (valid-from-read-start, SPEC §11)."""
+
+    started: float
+    gen: int
+    task: asyncio.Task[E]
+
+
 Slot = str | tuple[str, str]
 """An API entry's place is the API's name; a key entry's, (API, client id)."""
 

@@ -8,9 +8,8 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, cast
 
 from keyguard import metrics
 from keyguard.audit import AuditEvent
@@ -18,7 +17,14 @@ from keyguard.errors import ConfigurationError, StoreUnavailable
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
 from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
 from keyguard.stores.base import ChangeFeed, KeyStore, Snapshots
-from keyguard.stores.cache._entries import ApiEntry, Entries, KeyEntry, MissBudget
+from keyguard.stores.cache._entries import (
+    ApiEntry,
+    Entries,
+    InFlight,
+    KeyEntry,
+    MissBudget,
+    Names,
+)
 
 if TYPE_CHECKING:
     from keyguard.usage import UsageCount
@@ -62,26 +68,6 @@ def check_cache_ttl(ttl: object) -> None:
             f"cache ttl must be 0 or None (no cache) or a number of seconds in (0, 3600], "
             f"got {ttl!r}"
         )
-
-
-@dataclass(frozen=True, slots=True)
-class _Names:
-    expires: float
-    existing: frozenset[str]
-
-
-E = TypeVar("E", ApiEntry, KeyEntry)
-
-
-@dataclass(frozen=True, slots=True)
-class _InFlight(Generic[E]):
-    """A read under way, started at ``started`` under the API's generation ``gen``. A
-    lookup arriving ``ttl`` or more after ``started`` does not wait for it: its answer
-    would be expired before it lands (valid-from-read-start, SPEC §11)."""
-
-    started: float
-    gen: int
-    task: asyncio.Task[E]
 
 
 def _whole(value: object, name: str, *, minimum: int) -> int:
@@ -143,14 +129,14 @@ class CachedStore:
         # Each API's generation: bumped when the API itself changes, which makes every
         # key entry of it, and every read of it under way, stale at once.
         self._gen: dict[str, int] = {}
-        self._refreshing: dict[str, _InFlight[ApiEntry]] = {}
-        self._reading: dict[tuple[str, str], _InFlight[KeyEntry]] = {}
+        self._refreshing: dict[str, InFlight[ApiEntry]] = {}
+        self._reading: dict[tuple[str, str], InFlight[KeyEntry]] = {}
         self._budget = MissBudget(self.miss_reads_per_second, clock())
         self.refused_misses = 0
         """Misses answered "not registered" without a read, the budget being used up."""
         self._warned_at: float | None = None
-        self._names: _Names | None = None
-        self._names_task: asyncio.Task[_Names] | None = None
+        self._names: Names | None = None
+        self._names_task: asyncio.Task[Names] | None = None
         self._feed = store if isinstance(store, ChangeFeed) else None
         # keyguard.metrics: the refreshes' reads timed, lookups counted (no-ops when off).
         self._reads = metrics.timed_store(store)
@@ -245,7 +231,7 @@ class CachedStore:
 
     # -- API entries ------------------------------------------------------------------------
 
-    async def _api_names(self) -> _Names:
+    async def _api_names(self) -> Names:
         names = self._names
         if names is not None and names.expires > self._clock():
             return names
@@ -257,12 +243,12 @@ class CachedStore:
             task.add_done_callback(self._names_refreshed)
         return await asyncio.shield(task)
 
-    async def _fetch_names(self) -> _Names:
+    async def _fetch_names(self) -> Names:
         read_at = self._clock()
         apis = await self._reads.list_apis()
-        return _Names(read_at + self.ttl, frozenset(a.name for a in apis))
+        return Names(read_at + self.ttl, frozenset(a.name for a in apis))
 
-    def _names_refreshed(self, task: asyncio.Task[_Names]) -> None:
+    def _names_refreshed(self, task: asyncio.Task[Names]) -> None:
         failed = task.cancelled() or task.exception() is not None  # (retrieves the exception)
         if self._names_task is task:
             self._names_task = None
@@ -276,9 +262,7 @@ class CachedStore:
         assert refresh is not None
         return await asyncio.shield(refresh.task)
 
-    def _shareable(
-        self, reading: _InFlight[ApiEntry] | _InFlight[KeyEntry] | None, api: str
-    ) -> bool:
+    def _shareable(self, reading: InFlight[ApiEntry] | InFlight[KeyEntry] | None, api: str) -> bool:
         """Whether a lookup now may wait for ``reading`` (of ``api``) instead of reading
         afresh: same event loop, same generation of the API, started less than a TTL ago."""
         return (
@@ -296,7 +280,7 @@ class CachedStore:
         task = loop.create_task(
             self._fetch(api, started, gen), name=f"keyguard-cache-refresh-{api}"
         )
-        refresh = _InFlight(started, gen, task)
+        refresh = InFlight(started, gen, task)
         self._refreshing[api] = refresh
         task.add_done_callback(functools.partial(self._refreshed, api, refresh))
         return task
@@ -316,7 +300,7 @@ class CachedStore:
         return ApiEntry(read_at + self.ttl, found.exposed, found.rate_limits, keys, gen)
 
     def _refreshed(
-        self, api: str, refresh: _InFlight[ApiEntry], task: asyncio.Task[ApiEntry]
+        self, api: str, refresh: InFlight[ApiEntry], task: asyncio.Task[ApiEntry]
     ) -> None:
         failed = task.cancelled() or task.exception() is not None  # (retrieves the exception)
         if self._refreshing.get(api) is refresh:
@@ -365,7 +349,7 @@ class CachedStore:
         task = loop.create_task(
             self._fetch_key(*slot, started, gen), name="keyguard-cache-read-key"
         )
-        reading = _InFlight(started, gen, task)
+        reading = InFlight(started, gen, task)
         self._reading[slot] = reading
         task.add_done_callback(functools.partial(self._read, slot, reading))
         return task
@@ -376,7 +360,7 @@ class CachedStore:
         return KeyEntry(read_at + self.ttl, record, gen)
 
     def _read(
-        self, slot: tuple[str, str], reading: _InFlight[KeyEntry], task: asyncio.Task[KeyEntry]
+        self, slot: tuple[str, str], reading: InFlight[KeyEntry], task: asyncio.Task[KeyEntry]
     ) -> None:
         failed = task.cancelled() or task.exception() is not None  # (retrieves the exception)
         if self._reading.get(slot) is reading:
