@@ -633,6 +633,46 @@ async def test_lock_wait_gives_store_unavailable_then_recovers(
         assert len(await store.list_keys("orders")) == 1
 
 
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_a_write_cancelled_while_it_waits_for_a_lock_is_cancelled(
+    backend: str, tmp_path: Path
+) -> None:
+    """A caller's cancellation of a write waiting behind another transaction's lock ends it
+    with CancelledError, not as an outage (on SQLite the restore of the lock wait used to
+    fail on the cut statement and replace it: StoreUnavailable), and the store works once
+    the lock is gone, with the usual lock wait for the next writer."""
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        apis = table(f"{store.table_prefix}apis", column("name"))
+
+        async def cancelled_write() -> None:
+            task = asyncio.ensure_future(store.insert_key(record()))
+            await asyncio.sleep(0.3)  # waiting for the lock by now (timeout: 3 s)
+            assert not task.done()
+            task.cancel()
+            with anyio.fail_after(BOUND), pytest.raises(asyncio.CancelledError):
+                await task
+
+        if backend == "sqlite":
+            database = store.engine.url.database
+            assert database is not None
+            holder = sqlite3.connect(database, isolation_level=None)
+            try:
+                holder.execute("BEGIN IMMEDIATE")  # the database's write lock
+                await cancelled_write()
+                holder.execute("ROLLBACK")
+            finally:
+                holder.close()
+        else:
+            async with side_engine(store) as other, other.connect() as conn:
+                await conn.execute(select(column("name")).select_from(apis).with_for_update())
+                await cancelled_write()
+                await conn.rollback()
+        with anyio.fail_after(BOUND):
+            await store.insert_key(record())
+        assert len(await store.list_keys("orders")) == 1
+
+
 @pytest.mark.parametrize("backend", SERVERS)
 async def test_recovers_after_its_connection_is_killed(backend: str, tmp_path: Path) -> None:
     """When the server kills the store's pooled connection, the next call still succeeds."""

@@ -201,6 +201,7 @@ async def _begin_immediate(conn: AsyncConnection, deadline: float, reader_wait: 
     first queue on ``_Bound.write_lock``, so one of them at a time polls.
     """
     await conn.exec_driver_sql(f"PRAGMA busy_timeout = {_LOCK_POLL_MS}")
+    restore = f"PRAGMA busy_timeout = {math.ceil(reader_wait * 1000)}"
     try:
         while True:
             try:
@@ -209,10 +210,20 @@ async def _begin_immediate(conn: AsyncConnection, deadline: float, reader_wait: 
             except sa_exc.OperationalError as exc:
                 if not _is_busy(exc) or anyio.current_time() >= deadline:
                     raise
-    finally:
-        # Back to the connection's own wait, for the rare lock a reader meets.
+    except BaseException:
+        # Leaving with an error, a cancellation or the deadline (which may have cut the
+        # statement, leaving the connection unusable until rolled back): the restore
+        # must not replace why, and a connection it fails on is not pooled again.
         with anyio.CancelScope(shield=True):
-            await conn.exec_driver_sql(f"PRAGMA busy_timeout = {math.ceil(reader_wait * 1000)}")
+            try:
+                await conn.exec_driver_sql(restore)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+        raise
+    # Back to the connection's own wait, for the rare lock a reader meets.
+    with anyio.CancelScope(shield=True):
+        await conn.exec_driver_sql(restore)
 
 
 def _is_busy(exc: sa_exc.OperationalError) -> bool:
