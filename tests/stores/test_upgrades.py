@@ -16,6 +16,7 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -175,22 +176,34 @@ async def check_upgraded_columns(engine: AsyncEngine, prefix: str) -> None:
         assert [index["column_names"] for index in order] == [["api", "created_at", "id"]]
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
-async def test_sql_store_of_schema_v1_opens_with_nothing_lost(backend: str, tmp_path: Path) -> None:
-    """Tables written by schema version 1 are opened by several stores at once, lose
-    nothing, and every key still authenticates with its secret."""
+@dataclass
+class OldTables:
+    """Schema-version-1 tables (the first release's) under a fresh prefix: ``loader``
+    wrote them; ``stores`` are opened on them and not used yet."""
+
+    url: str
+    prefix: str
+    loader: SQLStore
+    stores: list[SQLStore]
+
+    @property
+    def store(self) -> SQLStore:
+        return self.stores[0]
+
+
+@asynccontextmanager
+async def old_tables(
+    backend: str, tmp_path: Path, *, openers: int = 1, **options: Any
+) -> AsyncIterator[OldTables]:
+    """:class:`OldTables` on ``backend``, with ``openers`` stores of ``options``; the
+    stores closed and the tables dropped afterwards."""
     url = sql_url(backend, tmp_path)
     prefix = sql_prefix()
     loader = SQLStore.from_url(url, table_prefix=prefix)
-    stores = [SQLStore.from_url(url, table_prefix=prefix) for _ in range(OPENERS)]
+    stores = [SQLStore.from_url(url, table_prefix=prefix, **options) for _ in range(openers)]
     try:
         await load_sql(loader.engine, backend, prefix)
-        # Every store starts at once against the old tables (each its own engine and pool,
-        # as separate processes would have).
-        apis = await asyncio.gather(*(store.list_apis() for store in stores))
-        assert all(len(found) == len(manifest()["apis"]) for found in apis)
-        await check_upgraded_columns(loader.engine, prefix)
-        await check_nothing_lost(stores[0])  # it changes state (expose): once is enough
+        yield OldTables(url, prefix, loader, stores)
     finally:
         for store in stores:
             await store.aclose()
@@ -199,6 +212,19 @@ async def test_sql_store_of_schema_v1_opens_with_nothing_lost(backend: str, tmp_
                 await drop_tables(loader.engine, prefix)
         finally:
             await loader.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
+async def test_sql_store_of_schema_v1_opens_with_nothing_lost(backend: str, tmp_path: Path) -> None:
+    """Tables written by schema version 1 are opened by several stores at once, lose
+    nothing, and every key still authenticates with its secret."""
+    async with old_tables(backend, tmp_path, openers=OPENERS) as old:
+        # Every store starts at once against the old tables (each its own engine and pool,
+        # as separate processes would have).
+        apis = await asyncio.gather(*(old.store.list_apis() for store in old.stores))
+        assert all(len(found) == len(manifest()["apis"]) for found in apis)
+        await check_upgraded_columns(old.loader.engine, old.prefix)
+        await check_nothing_lost(old.store)  # it changes state (expose): once is enough
 
 
 async def test_redis_store_of_first_layout_opens_with_nothing_lost() -> None:
@@ -254,26 +280,14 @@ async def test_sql_store_newer_than_the_code_is_refused_untouched(
 ) -> None:
     """Tables a later keyguard wrote are refused (saying to upgrade keyguard) before this
     code creates anything in them: no table or index of its own is added to them."""
-    url = sql_url(backend, tmp_path)
-    prefix = sql_prefix()
-    loader = SQLStore.from_url(url, table_prefix=prefix)
-    store = SQLStore.from_url(url, table_prefix=prefix)
-    try:
-        await load_sql(loader.engine, backend, prefix)
-        await set_version(loader.engine, prefix, str(SCHEMA_VERSION + 1))
-        before = await table_names(loader.engine, prefix)
-        assert f"{prefix}keys_api_order_idx" not in before  # what this code would add
+    async with old_tables(backend, tmp_path) as old:
+        await set_version(old.loader.engine, old.prefix, str(SCHEMA_VERSION + 1))
+        before = await table_names(old.loader.engine, old.prefix)
+        assert f"{old.prefix}keys_api_order_idx" not in before  # what this code would add
         for _ in range(2):
             with pytest.raises(StoreUnavailable, match=r"newer than this keyguard.*upgrade"):
-                await store.list_apis()
-        assert await table_names(loader.engine, prefix) == before
-    finally:
-        await store.aclose()
-        try:
-            if backend != "sqlite":
-                await drop_tables(loader.engine, prefix)
-        finally:
-            await loader.aclose()
+                await old.store.list_apis()
+        assert await table_names(old.loader.engine, old.prefix) == before
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
@@ -283,22 +297,10 @@ async def test_sql_store_with_an_unreadable_version_says_so(
 ) -> None:
     """A schema version no keyguard writes (the row edited by hand) is a StoreUnavailable
     that names it, never a ValueError or KeyError out of the store (a 500, a traceback)."""
-    url = sql_url(backend, tmp_path)
-    prefix = sql_prefix()
-    loader = SQLStore.from_url(url, table_prefix=prefix)
-    store = SQLStore.from_url(url, table_prefix=prefix)
-    try:
-        await load_sql(loader.engine, backend, prefix)
-        await set_version(loader.engine, prefix, value)
+    async with old_tables(backend, tmp_path) as old:
+        await set_version(old.loader.engine, old.prefix, value)
         with pytest.raises(StoreUnavailable, match=r"schema version .*no keyguard writes"):
-            await store.get_api("orders")
-    finally:
-        await store.aclose()
-        try:
-            if backend != "sqlite":
-                await drop_tables(loader.engine, prefix)
-        finally:
-            await loader.aclose()
+            await old.store.get_api("orders")
 
 
 @asynccontextmanager
@@ -340,13 +342,8 @@ async def test_sql_upgrade_longer_than_the_timeout_is_not_cut(backend: str, tmp_
     another transaction; in life also an index built over millions of keys) goes on after
     the call that started it has answered StoreUnavailable, and finishes: cut at each
     call's deadline, it would start over on every call and never be done."""
-    url = sql_url(backend, tmp_path)
-    prefix = sql_prefix()
-    loader = SQLStore.from_url(url, table_prefix=prefix)
-    store = SQLStore.from_url(url, table_prefix=prefix, timeout=0.5)
-    try:
-        await load_sql(loader.engine, backend, prefix)
-        async with tables_held(backend, url, prefix):
+    async with old_tables(backend, tmp_path, timeout=0.5) as old:
+        async with tables_held(backend, old.url, old.prefix):
             # Held past the lock waits the step is allowed on the servers (timeout, in
             # whole seconds on MariaDB): it must try again, on a sound connection.
             for _ in range(3):
@@ -354,23 +351,16 @@ async def test_sql_upgrade_longer_than_the_timeout_is_not_cut(backend: str, tmp_
                     anyio.fail_after(10),
                     pytest.raises(StoreUnavailable, match="being created or upgraded"),
                 ):
-                    await store.list_apis()
-            assert await recorded_version(loader.engine, prefix) == "1"
+                    await old.store.list_apis()
+            assert await recorded_version(old.loader.engine, old.prefix) == "1"
         # No store call from here on: the upgrade started above finishes by itself.
         for _ in range(400):
-            if await recorded_version(loader.engine, prefix) == str(SCHEMA_VERSION):
+            if await recorded_version(old.loader.engine, old.prefix) == str(SCHEMA_VERSION):
                 break
             await asyncio.sleep(0.05)
-        assert await recorded_version(loader.engine, prefix) == str(SCHEMA_VERSION)
-        await check_upgraded_columns(loader.engine, prefix)
-        await check_nothing_lost(store)
-    finally:
-        await store.aclose()
-        try:
-            if backend != "sqlite":
-                await drop_tables(loader.engine, prefix)
-        finally:
-            await loader.aclose()
+        assert await recorded_version(old.loader.engine, old.prefix) == str(SCHEMA_VERSION)
+        await check_upgraded_columns(old.loader.engine, old.prefix)
+        await check_nothing_lost(old.store)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql"])
@@ -378,25 +368,15 @@ async def test_sql_upgrade_cut_half_way_resumes(backend: str, tmp_path: Path) ->
     """Tables left half-upgraded (on MariaDB, whose DDL commits statement by statement, a
     step cut between two ``ALTER TABLE``: some version-2 columns there, the version still
     1) are upgraded the rest of the way, losing nothing."""
-    url = sql_url(backend, tmp_path)
-    prefix = sql_prefix()
-    loader = SQLStore.from_url(url, table_prefix=prefix)
-    store = SQLStore.from_url(url, table_prefix=prefix)
     dialect = {"sqlite": "sqlite", "postgres": "postgresql", "mysql": "mysql"}[backend]
-    try:
-        await load_sql(loader.engine, backend, prefix)
-        async with loader.engine.begin() as conn:
+    async with old_tables(backend, tmp_path) as old:
+        async with old.loader.engine.begin() as conn:
             for column in ("enabled", "expires_at", "meta"):
                 added = V2_KEY_COLUMNS[column][dialect]
-                await conn.exec_driver_sql(f"ALTER TABLE {prefix}keys ADD COLUMN {column} {added}")
-        assert await recorded_version(loader.engine, prefix) == "1"
-        assert len(await store.list_apis()) == len(manifest()["apis"])
-        await check_upgraded_columns(loader.engine, prefix)
-        await check_nothing_lost(store)
-    finally:
-        await store.aclose()
-        try:
-            if backend != "sqlite":
-                await drop_tables(loader.engine, prefix)
-        finally:
-            await loader.aclose()
+                await conn.exec_driver_sql(
+                    f"ALTER TABLE {old.prefix}keys ADD COLUMN {column} {added}"
+                )
+        assert await recorded_version(old.loader.engine, old.prefix) == "1"
+        assert len(await old.store.list_apis()) == len(manifest()["apis"])
+        await check_upgraded_columns(old.loader.engine, old.prefix)
+        await check_nothing_lost(old.store)
