@@ -129,8 +129,11 @@ async def test_lowering_the_limit_deletes_nothing_and_blocks_new_keys(store: Key
         await store.insert_key(record(name=f"k{i}"))
     await expose(store, limit=1)
     assert len(await store.list_keys("orders")) == 3
-    with pytest.raises(KeyLimitReached):
+    with pytest.raises(KeyLimitReached) as refused:
         await store.insert_key(record(name="k3"))
+    # Says why without claiming a count the API does not have ("already has 1 … keys").
+    assert "no room for another" in str(refused.value)
+    assert "already has" not in str(refused.value)
 
 
 async def test_deleting_frees_a_place(store: KeyStore) -> None:

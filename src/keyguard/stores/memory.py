@@ -128,8 +128,8 @@ class MemoryStore:
                 raise ApiNotExposed(f"API {record.api!r} is not exposed")
             if state.counts[record.kind] >= state.max_keys_per_kind:
                 raise KeyLimitReached(
-                    f"API {record.api!r} already has {state.max_keys_per_kind} "
-                    f"{record.kind.value} keys"
+                    f"API {record.api!r} has no room for another {record.kind.value} key "
+                    f"(at most {state.max_keys_per_kind} per kind)"
                 )
             folded = name_key(record.name)
             if folded in state.names:

@@ -202,7 +202,7 @@ return {row, redis.call('HGETALL', KEYS[1])}
 
 _RULE_ERRORS = {
     "api_not_exposed": (ApiNotExposed, "API {api!r} is not exposed"),
-    "key_limit_reached": (KeyLimitReached, "API {api!r} already has its limit of {kind} keys"),
+    "key_limit_reached": (KeyLimitReached, "API {api!r} has no room for another {kind} key"),
     "duplicate_name": (DuplicateName, "API {api!r} already has a key named {name!r}"),
     "duplicate_client_id": (InvalidRequest, "API {api!r} already has a key with this client id"),
 }

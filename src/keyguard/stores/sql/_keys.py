@@ -185,8 +185,8 @@ class _Keys(_Activity):
                 if row is None or not row.exposed:
                     raise ApiNotExposed(f"API {record.api!r} is not exposed")
                 raise KeyLimitReached(
-                    f"API {record.api!r} already has {row.max_keys_per_kind} "
-                    f"{record.kind.value} keys"
+                    f"API {record.api!r} has no room for another {record.kind.value} key "
+                    f"(at most {row.max_keys_per_kind} per kind)"
                 )
             # Before the insert, so the event (and the notice) is rolled back with a
             # refused one.
