@@ -456,6 +456,9 @@ def load_meta(text: str | None) -> Mapping[str, Any]:
     return frozen
 
 
+_TOO_DEEP = f"meta must nest at most {MAX_META_DEPTH} levels of objects and arrays"
+
+
 def parse_meta(value: object) -> Mapping[str, Any]:
     """``value`` as a key's ``meta``: a JSON object (a dict, or its JSON text) of at most
     4,096 bytes as compact UTF-8 JSON; ``None`` is ``{}``. Else ``InvalidRequest``."""
@@ -464,21 +467,30 @@ def parse_meta(value: object) -> Mapping[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
+        except RecursionError:  # nested past the parser's own depth
+            raise InvalidRequest(_TOO_DEEP) from None
+        except ValueError:
             raise InvalidRequest('meta must be a JSON object, such as {"plan": "gold"}') from None
     if isinstance(value, Mapping) and not isinstance(value, dict):
         value = thaw(value)
     if not isinstance(value, dict):
         raise InvalidRequest('meta must be a JSON object, such as {"plan": "gold"}')
     if _depth(value) > MAX_META_DEPTH:
-        raise InvalidRequest(
-            f"meta must nest at most {MAX_META_DEPTH} levels of objects and arrays"
-        )
+        raise InvalidRequest(_TOO_DEEP)
     try:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         size = len(text.encode("utf-8"))
-    except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
-        raise InvalidRequest("meta must hold only JSON values (no NaN or infinity)") from None
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            "meta must be valid Unicode text (a lone surrogate such as \\ud800 is not)"
+        ) from None
+    except ValueError:
+        raise InvalidRequest("meta must hold only JSON numbers (no NaN or infinity)") from None
+    except (TypeError, RecursionError):
+        raise InvalidRequest(
+            "meta must hold only JSON values: objects with string keys, arrays, strings, "
+            "numbers, true, false and null"
+        ) from None
     if size > MAX_META_BYTES:
         raise InvalidRequest(f"meta must be at most {MAX_META_BYTES} bytes as JSON, got {size}")
     return load_meta(text)
