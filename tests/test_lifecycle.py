@@ -135,7 +135,7 @@ async def test_meta_is_read_only(manager: KeyManager) -> None:
         ("meta", [1, 2], "JSON object"),
         ("meta", "not json", "JSON object"),
         ("meta", {"x": "y" * 4100}, "4096 bytes"),
-        ("meta", {"x": float("nan")}, "JSON values"),
+        ("meta", {"x": float("nan")}, "no NaN or infinity"),
         ("enabled", "yes", "enabled"),
         ("rate_limits", [{"limit": 0, "per": "minute"}], "at least 1"),
         ("rate_limits", [{"limit": -5, "per": "minute"}], "at least 1"),
