@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from keyguard.errors import ConfigurationError
-from keyguard.models import RateLimit
+from keyguard.models import RateLimit, parse_rate_limits
 from keyguard.ratelimit import RateLimiter, Verdict
 from keyguard.ratelimit.local import SWEEP_INTERVAL, SWEEP_SLICE, LocalCounter
 from tests.backends.redis import delete_prefixed, unique_prefix
@@ -278,6 +278,20 @@ async def test_redis_retry_after_is_the_time_until_a_request_would_pass(
     assert not refused.admitted
     assert refused.limit == 2
     assert 58 <= refused.retry_after <= 60
+
+
+async def test_a_limit_listed_twice_is_counted_once(
+    redis_limiter: tuple[RateLimiter, str, str],
+) -> None:
+    """The same limit twice (as stored before parse_rate_limits merged them) is one
+    window: 4/minute admits 4, not 2 (one list pushed twice per request), and
+    parse_rate_limits keeps it once."""
+    limiter, _, _ = redis_limiter
+    limits = limits_of("4/minute", "10/hour", "4/minute")
+    verdicts = [await limiter.hit("orders", "twice", limits) for _ in range(5)]
+    assert [v.admitted for v in verdicts] == [True] * 4 + [False]
+    assert [v.remaining for v in verdicts[:4]] == [3, 2, 1, 0]
+    assert parse_rate_limits(["4/minute", {"limit": 4, "per": "minute"}]) == limits_of("4/minute")
 
 
 async def test_redis_instances_share_the_windows(

@@ -253,6 +253,10 @@ class RateLimiter:
     async def _shared(
         self, api: str, client_id: str, limits: Sequence[RateLimit]
     ) -> tuple[bool, int, int, int]:
+        if len(limits) > 1 and len(set(limits)) < len(limits):
+            # One limit listed twice (stored before parse_rate_limits merged them) is one
+            # counter: counted twice in it, it would admit half its limit.
+            limits = tuple(dict.fromkeys(limits))
         limiter = self._limiter()
         windows = self._scripted
         if windows is not None:  # Redis: one script, one round trip
