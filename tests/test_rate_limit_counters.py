@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from limits.aio.storage import Storage as AsyncStorage
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
@@ -351,6 +352,55 @@ async def test_redis_cluster_counts_a_key_on_one_node() -> None:
     assert [v.admitted for v in verdicts] == [True, True, True, False, False]
     assert verdicts[3].retry_after == 1
     assert (verdicts[2].limit, verdicts[2].remaining) == (3, 0)
+
+
+class _CountersOnly(AsyncStorage):
+    """A counter storage of limits' kind without a moving window (as its memcached one)."""
+
+    STORAGE_SCHEME = ["async+kgtest-counters-only"]  # noqa: RUF012 (limits' own attribute)
+
+    @property
+    def base_exceptions(self) -> type[Exception]:
+        return OSError
+
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        return amount
+
+    async def get(self, key: str) -> int:
+        return 0
+
+    async def get_expiry(self, key: str) -> float:
+        return 0.0
+
+    async def check(self) -> bool:
+        return True
+
+    async def reset(self) -> int | None:
+        return None
+
+    async def clear(self, key: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://user:hunter2@[::1/0", "Invalid IPv6 URL"),
+        ("redis+cluster://:hunter2@[::1", "Invalid IPv6 URL"),
+        ("redis://:hunter2@127.0.0.1:6379/0?socket_timeout=abc", "socket_timeout"),
+        ("kgtest-counters-only://user:hunter2@host", "no moving window"),
+    ],
+)
+def test_a_counter_storage_url_that_cannot_work_is_a_configuration_error(
+    url: str, says: str
+) -> None:
+    """A URL that urllib or redis-py cannot parse, or a storage limits has no moving window
+    for, is refused at start-up as a ConfigurationError saying why, its password masked —
+    not a ValueError or NotImplementedError traceback."""
+    with pytest.raises(ConfigurationError) as info:
+        RateLimiter(url)
+    assert says in str(info.value)
+    assert "hunter2" not in str(info.value)
 
 
 async def test_no_part_of_a_counter_storage_password_is_shown(

@@ -2,8 +2,8 @@
 
 ``RateLimiter(url)`` counts in the counter storage ``url`` names: ``memory://``
 (this process only), ``redis://…``, ``rediss://…``, ``redis+cluster://…``, or
-any other storage ``limits`` supports (``memcached://…``, ``mongodb://…``,
-``valkey://…``). Counting uses ``limits``' *moving window*: each admitted request
+any other storage ``limits`` has a moving window for (``mongodb://…``,
+``valkey://…``; not ``memcached://…``, refused at start-up). Counting uses ``limits``' *moving window*: each admitted request
 is an entry that lives ``per`` seconds, and a request is admitted only while fewer
 than ``limit`` entries are alive. Unlike fixed windows, which admit up to twice the
 limit across a window's edge, this holds in *every* window of that length, across
@@ -172,9 +172,17 @@ class RateLimiter:
             options = {"key_prefix": _PREFIX, **options}
         try:
             storage = storage_from_string(uri, wrap_exceptions=True, **options)
-        except LimitsConfigurationError as exc:
+            return MovingWindowRateLimiter(storage)
+        except NotImplementedError:
+            # limits' memcached storage, for one: no moving window, no exact limit.
+            raise ConfigurationError(
+                f"rate_limiter {redact(uri)!r}: this storage has no moving window in limits, "
+                "which keyguard's exact limits need"
+            ) from None
+        except (LimitsConfigurationError, ValueError, TypeError) as exc:
+            # limits' own errors, and those of the URL's parsing (urllib's ValueError on
+            # a bad port or host, a driver's TypeError on an option).
             raise ConfigurationError(f"rate_limiter {redact(uri)!r}: {redact(exc)}") from None
-        return MovingWindowRateLimiter(storage)
 
     def _limiter(self) -> Any:
         loop = asyncio.get_running_loop()
