@@ -146,6 +146,25 @@ def test_a_refusal_consumes_nothing_in_any_limit() -> None:
     assert 55 <= later[2].retry_after <= 58
 
 
+def test_peek_answers_what_count_would_counting_nothing() -> None:
+    """peek (the fallback's entries consulted after a storage's return): None for a key
+    never counted, else count's verdict, with nothing counted."""
+    clock = Clock()
+    counter = LocalCounter(clock=clock)
+    limits = limits_of("2/second", "3/minute")
+    assert counter.peek("orders", "c", limits) is None
+    assert counter.count("orders", "c", limits) == (True, 2, 1, 0)
+    assert counter.peek("orders", "c", limits) == (True, 2, 0, 0)
+    assert counter.peek("orders", "c", limits) == (True, 2, 0, 0)  # nothing counted
+    assert counter.count("orders", "c", limits) == (True, 2, 0, 0)
+    assert counter.peek("orders", "c", limits) == (False, 2, 0, 1)
+    clock.now += 1.0
+    assert counter.peek("orders", "c", limits) == (True, 3, 0, 0)
+    assert counter.count("orders", "c", limits) == (True, 3, 0, 0)
+    assert counter.peek("orders", "c", limits) == counter.count("orders", "c", limits)
+    assert counter.entries() == 4  # 1 in the second, 3 in the minute: a refusal adds none
+
+
 def test_retry_after_waits_for_every_full_limit() -> None:
     """Two limits full at once: Retry-After is the longer wait (until both have room)."""
     clock = Clock()

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -306,14 +307,18 @@ async def test_counter_storage_killed_fails_open_then_recovers(
     manager: KeyManager, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Killed mid-traffic: requests keep being admitted, counted in memory (the limit still
-    holds per process), one WARNING, never a 500; restarted: counting there again."""
+    holds per process), one WARNING, never a 500; restarted: counting there again, next to
+    what memory counted during the outage while that is still in its window."""
     key = await manager.create_key("orders", name="Acme", kind="external", rate_limits=["3/minute"])
+    once = await manager.create_key(
+        "orders", name="Once", kind="external", rate_limits=["3/minute"]
+    )
     with private_redis(tmp_path) as (port, stop, start):
         limiter = RateLimiter(f"redis://127.0.0.1:{port}/0")
         async with client(app_for(manager.store, rate_limiter=limiter)) as http:
 
-            async def get() -> httpx.Response:
-                return await http.get("/", headers={ID: key.client_id})
+            async def get(client_id: str = key.client_id) -> httpx.Response:
+                return await http.get("/", headers={ID: client_id})
 
             assert (await get()).status_code == 200
             stop()
@@ -321,6 +326,7 @@ async def test_counter_storage_killed_fails_open_then_recovers(
                 during = [(await get()).status_code for _ in range(5)]
                 await wait_out_backoff(limiter)
                 during += [(await get()).status_code for _ in range(2)]
+                assert (await get(once.client_id)).status_code == 200  # in memory
             assert during == [200, 200, 200, 429, 429, 429, 429]  # memory: 3 per minute
             warnings = [r for r in caplog.records if "counter storage" in r.getMessage()]
             assert len(warnings) == 1
@@ -328,10 +334,27 @@ async def test_counter_storage_killed_fails_open_then_recovers(
             start()  # an empty Redis (no persistence of counters needed)
             await wait_out_backoff(limiter)
             after = [(await get()).status_code for _ in range(4)]
+            # One in memory: two more, counted in Redis and in memory alike.
+            after_once = [(await get(once.client_id)).status_code for _ in range(3)]
+            other = await manager.create_key(
+                "orders", name="Other", kind="external", rate_limits=["3/minute"]
+            )
+            fresh = [
+                (await http.get("/", headers={ID: other.client_id})).status_code for _ in range(4)
+            ]
+            async with Redis.from_url(f"redis://127.0.0.1:{port}/0") as raw:
+                lengths = sorted(
+                    [await raw.llen(name) async for name in raw.scan_iter(match="keyguard-rl*")]
+                )
         await limiter.aclose()
-    # Counted in Redis again: it kept (AOF) the one request from before the outage, so two
-    # more pass; the memory counts of the outage (3 used) would have refused all four.
-    assert after == [200, 200, 429, 429]
+    # Redis kept (AOF) the one request from before the outage and would take two more, but
+    # the outage's three, counted in memory, are still in the minute: all four refused
+    # (before, two passed: six in a minute on a 3/minute key), and not counted in Redis.
+    # A key memory never counted is counted in Redis alone.
+    assert after == [429, 429, 429, 429]
+    assert after_once == [200, 200, 429]
+    assert fresh == [200, 200, 200, 429]
+    assert lengths == [1, 2, 3]
 
 
 @pytest.mark.slow
