@@ -25,6 +25,7 @@ from keyguard import KeyGuard, KeyManager, KeyStore, MemoryStore
 from keyguard.errors import ConfigurationError
 from keyguard.ratelimit import RateLimiter
 from tests.backends.servers import require_server
+from tests.helpers import run_asgi
 from tests.test_outages import private_redis
 
 pytestmark = pytest.mark.anyio
@@ -435,3 +436,52 @@ async def test_an_api_limit_change_applies_at_once_on_a_memory_store(manager: Ke
     assert second.status_code == 200
     assert second.headers["x-ratelimit-remaining"] == "0"
     assert third.status_code == 429
+
+
+async def test_websockets_get_the_headers_and_a_refusal_before_accept(manager: KeyManager) -> None:
+    """A rate-limited key's accepted websocket carries the headers on its accept; the
+    handshake past the limit is refused before the app runs: the 429 where the server
+    takes an HTTP answer, else a close with 1013 (try again later) — never a 500."""
+
+    async def socket(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept", "headers": [(b"x-app", b"1")]})
+        await send({"type": "websocket.close", "code": 1000})
+
+    key = await manager.create_key("orders", name="Acme", kind="external", rate_limits=["1/minute"])
+    guard = KeyGuard(socket, store=manager.store, api="orders")
+
+    async def handshake(**extra: Any) -> list[Any]:
+        scope = {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "scheme": "ws",
+            "path": "/ws",
+            "raw_path": b"/ws",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"x-ibm-client-id", key.client_id.encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+            **extra,
+        }
+        return await run_asgi(guard, scope, [{"type": "websocket.connect"}])
+
+    accepted = await handshake()
+    assert [m["type"] for m in accepted] == ["websocket.accept", "websocket.close"]
+    assert accepted[0]["headers"] == [
+        (b"x-app", b"1"),
+        (b"x-ratelimit-limit", b"1"),
+        (b"x-ratelimit-remaining", b"0"),
+    ]
+    denied = await handshake(extensions={"websocket.http.response": {}})
+    assert [m["type"] for m in denied] == [
+        "websocket.http.response.start",
+        "websocket.http.response.body",
+    ]
+    assert denied[0]["status"] == 429
+    headers = dict(denied[0]["headers"])
+    assert headers[b"x-ratelimit-remaining"] == b"0"
+    assert 1 <= int(headers[b"retry-after"]) <= 60
+    assert json.loads(denied[1]["body"]) == TOO_MANY
+    assert await handshake() == [{"type": "websocket.close", "code": 1013, "reason": ""}]
