@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from keyguard import KeyGuard, KeyManager, KeyStore, MemoryStore
 from keyguard.errors import ConfigurationError
+from keyguard.models import RateLimit
 from keyguard.ratelimit import RateLimiter
 from tests.backends.servers import require_server
 from tests.helpers import run_asgi
@@ -485,3 +486,30 @@ async def test_websockets_get_the_headers_and_a_refusal_before_accept(manager: K
     assert 1 <= int(headers[b"retry-after"]) <= 60
     assert json.loads(denied[1]["body"]) == TOO_MANY
     assert await handshake() == [{"type": "websocket.close", "code": 1013, "reason": ""}]
+
+
+@pytest.mark.slow
+async def test_a_flapping_counter_storage_logs_at_most_two_warnings_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Down, back, down, back within a minute: one WARNING that it failed, one that it is
+    back — the second return is not logged on its own (a storage flapping every few
+    seconds would log every few seconds)."""
+    limits = (RateLimit(100, "minute"),)
+    with private_redis(tmp_path) as (port, stop, start):
+        limiter = RateLimiter(f"redis://127.0.0.1:{port}/0")
+        try:
+            with caplog.at_level(logging.WARNING, logger="keyguard"):
+                for _ in range(2):
+                    stop()
+                    assert (await limiter.hit("orders", "c", limits)).admitted  # in memory
+                    start()
+                    await wait_out_backoff(limiter)
+                    assert (await limiter.hit("orders", "c", limits)).admitted  # in Redis
+                    assert limiter._down_until < time.monotonic()
+        finally:
+            await limiter.aclose()
+    said = [r.getMessage() for r in caplog.records if "counter storage" in r.getMessage()]
+    assert len(said) == 2, said
+    assert "failed" in said[0]
+    assert said[1].endswith("is back")

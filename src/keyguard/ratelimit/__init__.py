@@ -153,6 +153,7 @@ class RateLimiter:
         self._down_until = 0.0
         self._retry = _RETRY_FIRST
         self._last_warning = -math.inf
+        self._said_down = False  # a failure WARNING logged, its "is back" not yet
         # Until when (monotonic) requests counted in memory during a failure may still be
         # in a window: until then, a key's entries there count next to the storage's.
         self._counted_until = -math.inf
@@ -249,8 +250,10 @@ class RateLimiter:
         except Exception as exc:  # the storage failed: StorageError, a timeout, …
             return await self._failed(exc, api, client_id, limits)
         if self._retry != _RETRY_FIRST:
-            logger.warning("rate-limit counter storage %s is back", redact(self.url))
             self._retry = _RETRY_FIRST
+            if self._said_down:  # (a storage failing again within the minute: no WARNING)
+                self._said_down = False
+                logger.warning("rate-limit counter storage %s is back", redact(self.url))
         if local is None or not shared[0]:
             return _verdict(shared)
         counted = self._counter.count(api, client_id, limits)
@@ -267,6 +270,7 @@ class RateLimiter:
         await self._drop_remote()  # a new client next time
         if now - self._last_warning >= WARNING_INTERVAL:
             self._last_warning = now
+            self._said_down = True
             logger.warning(
                 "rate-limit counter storage %s failed (%s); %s",
                 redact(self.url),
