@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from limits.aio.storage import MemoryStorage as AsyncMemoryStorage
 from limits.aio.storage import Storage as AsyncStorage
 from redis.asyncio import Redis
 from redis.crc import key_slot
@@ -18,6 +19,7 @@ from redis.crc import key_slot
 from keyguard.errors import ConfigurationError
 from keyguard.models import RateLimit, parse_rate_limits
 from keyguard.ratelimit import RateLimiter, Verdict
+from keyguard.ratelimit.items import limits_item
 from keyguard.ratelimit.local import SWEEP_INTERVAL, SWEEP_SLICE, LocalCounter
 from tests.backends.redis import delete_prefixed, unique_prefix
 from tests.backends.servers import require_server
@@ -399,6 +401,36 @@ class _CountersOnly(AsyncStorage):
 
     async def clear(self, key: str) -> None:
         return None
+
+
+class _MovingInMemory(AsyncMemoryStorage):
+    """limits' own in-process storage under a scheme of its own: the generic path (its
+    moving-window calls, as for MongoDB), not keyguard's memory:// counter."""
+
+    STORAGE_SCHEME = ["async+kgtest-moving"]  # noqa: RUF012 (limits' own attribute)
+
+
+async def test_the_generic_path_refuses_without_consuming_in_other_limits() -> None:
+    """A storage without the Redis script: the windows of all limits read, a request one
+    refuses counts in none; Retry-After is that limit's."""
+    limiter = RateLimiter("kgtest-moving://")
+    assert not limiter.local
+    limits = limits_of("2/minute", "5/hour", "9/day")
+    verdicts = [await limiter.hit("orders", "generic", limits) for _ in range(4)]
+    assert [(v.admitted, v.limit, v.remaining) for v in verdicts] == [
+        (True, 2, 1),
+        (True, 2, 0),
+        (False, 2, 0),
+        (False, 2, 0),
+    ]
+    assert limiter._scripted is None
+    assert 58 <= verdicts[2].retry_after <= 60
+    storage = limiter._limiter().storage
+    for limit in limits:
+        item = limits_item(limit)
+        key = item.key_for("orders", "generic")
+        assert (await storage.get_moving_window(key, item.amount, item.get_expiry()))[1] == 2
+    await limiter.aclose()
 
 
 @pytest.mark.parametrize(
