@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from limits.aio.storage import MemoryStorage as AsyncMemoryStorage
+from limits.aio.storage import Storage as AsyncStorage
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from keyguard.errors import ConfigurationError
-from keyguard.models import RateLimit
+from keyguard.models import RateLimit, parse_rate_limits
 from keyguard.ratelimit import RateLimiter, Verdict
+from keyguard.ratelimit.items import limits_item
 from keyguard.ratelimit.local import SWEEP_INTERVAL, SWEEP_SLICE, LocalCounter
 from tests.backends.redis import delete_prefixed, unique_prefix
 from tests.backends.servers import require_server
@@ -143,6 +146,25 @@ def test_a_refusal_consumes_nothing_in_any_limit() -> None:
     assert [v.admitted for v in later] == [True, True, False]  # 3 of the minute, no more
     assert (later[2].limit, later[2].remaining) == (3, 0)
     assert 55 <= later[2].retry_after <= 58
+
+
+def test_peek_answers_what_count_would_counting_nothing() -> None:
+    """peek (the fallback's entries consulted after a storage's return): None for a key
+    never counted, else count's verdict, with nothing counted."""
+    clock = Clock()
+    counter = LocalCounter(clock=clock)
+    limits = limits_of("2/second", "3/minute")
+    assert counter.peek("orders", "c", limits) is None
+    assert counter.count("orders", "c", limits) == (True, 2, 1, 0)
+    assert counter.peek("orders", "c", limits) == (True, 2, 0, 0)
+    assert counter.peek("orders", "c", limits) == (True, 2, 0, 0)  # nothing counted
+    assert counter.count("orders", "c", limits) == (True, 2, 0, 0)
+    assert counter.peek("orders", "c", limits) == (False, 2, 0, 1)
+    clock.now += 1.0
+    assert counter.peek("orders", "c", limits) == (True, 3, 0, 0)
+    assert counter.count("orders", "c", limits) == (True, 3, 0, 0)
+    assert counter.peek("orders", "c", limits) == counter.count("orders", "c", limits)
+    assert counter.entries() == 4  # 1 in the second, 3 in the minute: a refusal adds none
 
 
 def test_retry_after_waits_for_every_full_limit() -> None:
@@ -280,6 +302,20 @@ async def test_redis_retry_after_is_the_time_until_a_request_would_pass(
     assert 58 <= refused.retry_after <= 60
 
 
+async def test_a_limit_listed_twice_is_counted_once(
+    redis_limiter: tuple[RateLimiter, str, str],
+) -> None:
+    """The same limit twice (as stored before parse_rate_limits merged them) is one
+    window: 4/minute admits 4, not 2 (one list pushed twice per request), and
+    parse_rate_limits keeps it once."""
+    limiter, _, _ = redis_limiter
+    limits = limits_of("4/minute", "10/hour", "4/minute")
+    verdicts = [await limiter.hit("orders", "twice", limits) for _ in range(5)]
+    assert [v.admitted for v in verdicts] == [True] * 4 + [False]
+    assert [v.remaining for v in verdicts[:4]] == [3, 2, 1, 0]
+    assert parse_rate_limits(["4/minute", {"limit": 4, "per": "minute"}]) == limits_of("4/minute")
+
+
 async def test_redis_instances_share_the_windows(
     redis_limiter: tuple[RateLimiter, str, str],
 ) -> None:
@@ -337,6 +373,85 @@ async def test_redis_cluster_counts_a_key_on_one_node() -> None:
     assert [v.admitted for v in verdicts] == [True, True, True, False, False]
     assert verdicts[3].retry_after == 1
     assert (verdicts[2].limit, verdicts[2].remaining) == (3, 0)
+
+
+class _CountersOnly(AsyncStorage):
+    """A counter storage of limits' kind without a moving window (as its memcached one)."""
+
+    STORAGE_SCHEME = ["async+kgtest-counters-only"]  # noqa: RUF012 (limits' own attribute)
+
+    @property
+    def base_exceptions(self) -> type[Exception]:
+        return OSError
+
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        return amount
+
+    async def get(self, key: str) -> int:
+        return 0
+
+    async def get_expiry(self, key: str) -> float:
+        return 0.0
+
+    async def check(self) -> bool:
+        return True
+
+    async def reset(self) -> int | None:
+        return None
+
+    async def clear(self, key: str) -> None:
+        return None
+
+
+class _MovingInMemory(AsyncMemoryStorage):
+    """limits' own in-process storage under a scheme of its own: the generic path (its
+    moving-window calls, as for MongoDB), not keyguard's memory:// counter."""
+
+    STORAGE_SCHEME = ["async+kgtest-moving"]  # noqa: RUF012 (limits' own attribute)
+
+
+async def test_the_generic_path_refuses_without_consuming_in_other_limits() -> None:
+    """A storage without the Redis script: the windows of all limits read, a request one
+    refuses counts in none; Retry-After is that limit's."""
+    limiter = RateLimiter("kgtest-moving://")
+    assert not limiter.local
+    limits = limits_of("2/minute", "5/hour", "9/day")
+    verdicts = [await limiter.hit("orders", "generic", limits) for _ in range(4)]
+    assert [(v.admitted, v.limit, v.remaining) for v in verdicts] == [
+        (True, 2, 1),
+        (True, 2, 0),
+        (False, 2, 0),
+        (False, 2, 0),
+    ]
+    assert limiter._scripted is None
+    assert 58 <= verdicts[2].retry_after <= 60
+    storage = limiter._limiter().storage
+    for limit in limits:
+        item = limits_item(limit)
+        key = item.key_for("orders", "generic")
+        assert (await storage.get_moving_window(key, item.amount, item.get_expiry()))[1] == 2
+    await limiter.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://user:hunter2@[::1/0", "Invalid IPv6 URL"),
+        ("redis+cluster://:hunter2@[::1", "Invalid IPv6 URL"),
+        ("redis://:hunter2@127.0.0.1:6379/0?socket_timeout=abc", "socket_timeout"),
+        ("kgtest-counters-only://user:hunter2@host", "no moving window"),
+    ],
+)
+def test_a_counter_storage_url_that_cannot_work_is_a_configuration_error(
+    url: str, says: str
+) -> None:
+    """A URL that urllib or redis-py cannot parse, or a storage limits has no moving window
+    for, is refused at start-up as a ConfigurationError saying why, its password masked —
+    not a ValueError or NotImplementedError traceback."""
+    with pytest.raises(ConfigurationError) as info:
+        RateLimiter(url)
+    assert says in str(info.value)
+    assert "hunter2" not in str(info.value)
 
 
 async def test_no_part_of_a_counter_storage_password_is_shown(

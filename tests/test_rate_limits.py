@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -22,8 +23,10 @@ from starlette.routing import Route
 
 from keyguard import KeyGuard, KeyManager, KeyStore, MemoryStore
 from keyguard.errors import ConfigurationError
+from keyguard.models import RateLimit
 from keyguard.ratelimit import RateLimiter
 from tests.backends.servers import require_server
+from tests.helpers import run_asgi
 from tests.test_outages import private_redis
 
 pytestmark = pytest.mark.anyio
@@ -306,14 +309,18 @@ async def test_counter_storage_killed_fails_open_then_recovers(
     manager: KeyManager, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Killed mid-traffic: requests keep being admitted, counted in memory (the limit still
-    holds per process), one WARNING, never a 500; restarted: counting there again."""
+    holds per process), one WARNING, never a 500; restarted: counting there again, next to
+    what memory counted during the outage while that is still in its window."""
     key = await manager.create_key("orders", name="Acme", kind="external", rate_limits=["3/minute"])
+    once = await manager.create_key(
+        "orders", name="Once", kind="external", rate_limits=["3/minute"]
+    )
     with private_redis(tmp_path) as (port, stop, start):
         limiter = RateLimiter(f"redis://127.0.0.1:{port}/0")
         async with client(app_for(manager.store, rate_limiter=limiter)) as http:
 
-            async def get() -> httpx.Response:
-                return await http.get("/", headers={ID: key.client_id})
+            async def get(client_id: str = key.client_id) -> httpx.Response:
+                return await http.get("/", headers={ID: client_id})
 
             assert (await get()).status_code == 200
             stop()
@@ -321,6 +328,7 @@ async def test_counter_storage_killed_fails_open_then_recovers(
                 during = [(await get()).status_code for _ in range(5)]
                 await wait_out_backoff(limiter)
                 during += [(await get()).status_code for _ in range(2)]
+                assert (await get(once.client_id)).status_code == 200  # in memory
             assert during == [200, 200, 200, 429, 429, 429, 429]  # memory: 3 per minute
             warnings = [r for r in caplog.records if "counter storage" in r.getMessage()]
             assert len(warnings) == 1
@@ -328,10 +336,27 @@ async def test_counter_storage_killed_fails_open_then_recovers(
             start()  # an empty Redis (no persistence of counters needed)
             await wait_out_backoff(limiter)
             after = [(await get()).status_code for _ in range(4)]
+            # One in memory: two more, counted in Redis and in memory alike.
+            after_once = [(await get(once.client_id)).status_code for _ in range(3)]
+            other = await manager.create_key(
+                "orders", name="Other", kind="external", rate_limits=["3/minute"]
+            )
+            fresh = [
+                (await http.get("/", headers={ID: other.client_id})).status_code for _ in range(4)
+            ]
+            async with Redis.from_url(f"redis://127.0.0.1:{port}/0") as raw:
+                lengths = sorted(
+                    [await raw.llen(name) async for name in raw.scan_iter(match="keyguard-rl*")]
+                )
         await limiter.aclose()
-    # Counted in Redis again: it kept (AOF) the one request from before the outage, so two
-    # more pass; the memory counts of the outage (3 used) would have refused all four.
-    assert after == [200, 200, 429, 429]
+    # Redis kept (AOF) the one request from before the outage and would take two more, but
+    # the outage's three, counted in memory, are still in the minute: all four refused
+    # (before, two passed: six in a minute on a 3/minute key), and not counted in Redis.
+    # A key memory never counted is counted in Redis alone.
+    assert after == [429, 429, 429, 429]
+    assert after_once == [200, 200, 429]
+    assert fresh == [200, 200, 200, 429]
+    assert lengths == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -412,3 +437,79 @@ async def test_an_api_limit_change_applies_at_once_on_a_memory_store(manager: Ke
     assert second.status_code == 200
     assert second.headers["x-ratelimit-remaining"] == "0"
     assert third.status_code == 429
+
+
+async def test_websockets_get_the_headers_and_a_refusal_before_accept(manager: KeyManager) -> None:
+    """A rate-limited key's accepted websocket carries the headers on its accept; the
+    handshake past the limit is refused before the app runs: the 429 where the server
+    takes an HTTP answer, else a close with 1013 (try again later) — never a 500."""
+
+    async def socket(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept", "headers": [(b"x-app", b"1")]})
+        await send({"type": "websocket.close", "code": 1000})
+
+    key = await manager.create_key("orders", name="Acme", kind="external", rate_limits=["1/minute"])
+    guard = KeyGuard(socket, store=manager.store, api="orders")
+
+    async def handshake(**extra: Any) -> list[Any]:
+        scope = {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "scheme": "ws",
+            "path": "/ws",
+            "raw_path": b"/ws",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"x-ibm-client-id", key.client_id.encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+            **extra,
+        }
+        return await run_asgi(guard, scope, [{"type": "websocket.connect"}])
+
+    accepted = await handshake()
+    assert [m["type"] for m in accepted] == ["websocket.accept", "websocket.close"]
+    assert accepted[0]["headers"] == [
+        (b"x-app", b"1"),
+        (b"x-ratelimit-limit", b"1"),
+        (b"x-ratelimit-remaining", b"0"),
+    ]
+    denied = await handshake(extensions={"websocket.http.response": {}})
+    assert [m["type"] for m in denied] == [
+        "websocket.http.response.start",
+        "websocket.http.response.body",
+    ]
+    assert denied[0]["status"] == 429
+    headers = dict(denied[0]["headers"])
+    assert headers[b"x-ratelimit-remaining"] == b"0"
+    assert 1 <= int(headers[b"retry-after"]) <= 60
+    assert json.loads(denied[1]["body"]) == TOO_MANY
+    assert await handshake() == [{"type": "websocket.close", "code": 1013, "reason": ""}]
+
+
+@pytest.mark.slow
+async def test_a_flapping_counter_storage_logs_at_most_two_warnings_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Down, back, down, back within a minute: one WARNING that it failed, one that it is
+    back — the second return is not logged on its own (a storage flapping every few
+    seconds would log every few seconds)."""
+    limits = (RateLimit(100, "minute"),)
+    with private_redis(tmp_path) as (port, stop, start):
+        limiter = RateLimiter(f"redis://127.0.0.1:{port}/0")
+        try:
+            with caplog.at_level(logging.WARNING, logger="keyguard"):
+                for _ in range(2):
+                    stop()
+                    assert (await limiter.hit("orders", "c", limits)).admitted  # in memory
+                    start()
+                    await wait_out_backoff(limiter)
+                    assert (await limiter.hit("orders", "c", limits)).admitted  # in Redis
+                    assert limiter._down_until < time.monotonic()
+        finally:
+            await limiter.aclose()
+    said = [r.getMessage() for r in caplog.records if "counter storage" in r.getMessage()]
+    assert len(said) == 2, said
+    assert "failed" in said[0]
+    assert said[1].endswith("is back")

@@ -157,10 +157,11 @@ class KeyGuard:
     * ``hasher`` — a :class:`~keyguard.secrets.SecretHasher` for a non-default
       passlib context; it must match the one keys were created with.
     * ``rate_limiter`` — where rate-limit counters live (SPEC §9): a URL the
-      ``limits`` library knows (``memory://``, ``redis://…``, ``redis+cluster://…``,
-      ``memcached://…``) or a :class:`~keyguard.ratelimit.RateLimiter`. Default: the
-      key store's own Redis (or Redis Cluster) when the store was opened from a URL,
-      else ``memory://`` (counted per process).
+      ``limits`` library has a moving window for (``memory://``, ``redis://…``,
+      ``redis+cluster://…``, ``mongodb://…``) or a
+      :class:`~keyguard.ratelimit.RateLimiter`. Default: the key store's own Redis
+      (or Redis Cluster) when the store was opened from a URL, else ``memory://``
+      (counted per process).
     * ``rate_limit_fail`` — ``"open"`` (default: while the counter storage fails,
       count in this process's memory) or ``"closed"`` (answer 503).
     * ``usage_flush`` — seconds between two writes of the per-key usage counts (SPEC

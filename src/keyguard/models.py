@@ -515,12 +515,13 @@ def _depth(value: object) -> int:
 
 def parse_rate_limits(value: object, field_name: str = "rate_limits") -> tuple[RateLimit, ...]:
     """``value`` (a list of ``{"limit", "per"}`` objects, ``RateLimit``s or ``"n/per"``
-    strings) as at most four rate limits, else ``InvalidRequest`` naming ``field_name``."""
+    strings) as at most four rate limits, else ``InvalidRequest`` naming ``field_name``.
+    A limit given twice is kept once (the same limit twice is that limit)."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise InvalidRequest(f'{field_name} must be a list of {{"limit", "per"}} objects')
     if len(value) > MAX_RATE_LIMITS:
         raise InvalidRequest(f"{field_name} can hold at most {MAX_RATE_LIMITS} limits")
-    return tuple(_rate_limit(item, field_name) for item in value)
+    return tuple(dict.fromkeys(_rate_limit(item, field_name) for item in value))
 
 
 def _rate_limit(item: object, field_name: str) -> RateLimit:

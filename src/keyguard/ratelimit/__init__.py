@@ -2,11 +2,12 @@
 
 ``RateLimiter(url)`` counts in the counter storage ``url`` names: ``memory://``
 (this process only), ``redis://…``, ``rediss://…``, ``redis+cluster://…``, or
-any other storage ``limits`` supports (``memcached://…``, ``mongodb://…``,
-``valkey://…``). Counting uses ``limits``' *moving window*: each admitted request
-is an entry that lives ``per`` seconds, and a request is admitted only while fewer
-than ``limit`` entries are alive. Unlike fixed windows, which admit up to twice the
-limit across a window's edge, this holds in *every* window of that length, across
+any other storage ``limits`` has a moving window for (``mongodb://…``,
+``valkey://…``; not ``memcached://…``, refused at start-up). Counting uses
+``limits``' *moving window*: each admitted request is an entry that lives ``per``
+seconds, and a request is admitted only while fewer than ``limit`` entries are
+alive. Unlike fixed windows, which admit up to twice the limit across a window's
+edge, this holds in *every* window of that length, across
 every process sharing the storage, at the price of one entry per admitted request
 (``limit`` entries per key and limit at most).
 
@@ -27,7 +28,10 @@ when one is used up, is refused without consuming anything:
 If the counter storage fails, requests are counted in this process's memory
 until it answers again (the limits still hold, per process), with one
 WARNING a minute; with ``fail="closed"`` they are refused instead
-(``RateLimiterUnavailable``, answered 503 by the middleware).
+(``RateLimiterUnavailable``, answered 503 by the middleware). Once it is back,
+a key that still has entries in the windows of memory must have room there and
+in the storage (and is counted in both) until they have left: a limit used up
+in memory is not a fresh limit at the storage's return.
 """
 
 from __future__ import annotations
@@ -149,6 +153,10 @@ class RateLimiter:
         self._down_until = 0.0
         self._retry = _RETRY_FIRST
         self._last_warning = -math.inf
+        self._said_down = False  # a failure WARNING logged, its "is back" not yet
+        # Until when (monotonic) requests counted in memory during a failure may still be
+        # in a window: until then, a key's entries there count next to the storage's.
+        self._counted_until = -math.inf
         # Fail at start-up on an unknown scheme or a missing driver, not on a request.
         if not self.local:
             self._make_limiter(self.uri, self._options)
@@ -172,9 +180,17 @@ class RateLimiter:
             options = {"key_prefix": _PREFIX, **options}
         try:
             storage = storage_from_string(uri, wrap_exceptions=True, **options)
-        except LimitsConfigurationError as exc:
+            return MovingWindowRateLimiter(storage)
+        except NotImplementedError:
+            # limits' memcached storage, for one: no moving window, no exact limit.
+            raise ConfigurationError(
+                f"rate_limiter {redact(uri)!r}: this storage has no moving window in limits, "
+                "which keyguard's exact limits need"
+            ) from None
+        except (LimitsConfigurationError, ValueError, TypeError) as exc:
+            # limits' own errors, and those of the URL's parsing (urllib's ValueError on
+            # a bad port or host, a driver's TypeError on an option).
             raise ConfigurationError(f"rate_limiter {redact(uri)!r}: {redact(exc)}") from None
-        return MovingWindowRateLimiter(storage)
 
     def _limiter(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -202,10 +218,10 @@ class RateLimiter:
         counting in this process (``memory://``, or while a failed storage is given time
         to come back); else ``None``, and the caller awaits ``hit``. (For ``memory://``
         this is the in-process counter's own ``count``, bound at construction.)"""
-        if self._sync and (
-            self.local or (self.fail == "open" and time.monotonic() < self._down_until)
-        ):
+        if self.local and self._sync:
             return self._counter.count(api, client_id, limits)
+        if self._sync and self.fail == "open" and time.monotonic() < self._down_until:
+            return self._in_memory(api, client_id, limits)
         return None  # (failing closed, a pause after a failure is hit's to refuse)
 
     async def hit(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> Verdict:
@@ -217,17 +233,33 @@ class RateLimiter:
             # The storage failed a moment ago: not asked again before the pause ends.
             if self.fail == "closed":
                 raise RateLimiterUnavailable("rate-limit counter storage unavailable")
-            return self._counter.hit(api, client_id, limits)
+            return _verdict(self._in_memory(api, client_id, limits))
+        local = None
+        if time.monotonic() < self._counted_until:
+            # The storage is back, but requests it did not see (counted in memory while
+            # it failed) may still be in a window: a key with such entries must have room
+            # in both, else right after the storage's return it could make a limit's
+            # worth of requests more than its limit. Its admissions count in both.
+            local = self._counter.peek(api, client_id, limits)
+            if local is not None and not local[0]:
+                return _verdict(local)  # the storage is not asked: nothing counted
         try:
-            verdict = _verdict(await _within(self._shared(api, client_id, limits), self.timeout))
+            shared = await _within(self._shared(api, client_id, limits), self.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the storage failed: StorageError, a timeout, …
             return await self._failed(exc, api, client_id, limits)
         if self._retry != _RETRY_FIRST:
-            logger.warning("rate-limit counter storage %s is back", redact(self.url))
             self._retry = _RETRY_FIRST
-        return verdict
+            if self._said_down:  # (a storage failing again within the minute: no WARNING)
+                self._said_down = False
+                logger.warning("rate-limit counter storage %s is back", redact(self.url))
+        if local is None or not shared[0]:
+            return _verdict(shared)
+        counted = self._counter.count(api, client_id, limits)
+        # (Refused here after all — another request of the key counted in memory during
+        # the storage's answer — it is admitted still: the storage has counted it.)
+        return _verdict(counted if counted[0] and counted[2] < shared[2] else shared)
 
     async def _failed(
         self, exc: Exception, api: str, client_id: str, limits: Sequence[RateLimit]
@@ -238,6 +270,7 @@ class RateLimiter:
         await self._drop_remote()  # a new client next time
         if now - self._last_warning >= WARNING_INTERVAL:
             self._last_warning = now
+            self._said_down = True
             logger.warning(
                 "rate-limit counter storage %s failed (%s); %s",
                 redact(self.url),
@@ -248,11 +281,23 @@ class RateLimiter:
             )
         if self.fail == "closed":
             raise RateLimiterUnavailable("rate-limit counter storage unavailable") from None
-        return self._counter.hit(api, client_id, limits)
+        return _verdict(self._in_memory(api, client_id, limits))
+
+    def _in_memory(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> VerdictTuple:
+        """Count in this process while the storage fails, remembering for how long what is
+        counted here stays in a window."""
+        self._counted_until = max(
+            self._counted_until, time.monotonic() + max(limit.seconds for limit in limits)
+        )
+        return self._counter.count(api, client_id, limits)
 
     async def _shared(
         self, api: str, client_id: str, limits: Sequence[RateLimit]
     ) -> tuple[bool, int, int, int]:
+        if len(limits) > 1 and len(set(limits)) < len(limits):
+            # One limit listed twice (stored before parse_rate_limits merged them) is one
+            # counter: counted twice in it, it would admit half its limit.
+            limits = tuple(dict.fromkeys(limits))
         limiter = self._limiter()
         windows = self._scripted
         if windows is not None:  # Redis: one script, one round trip

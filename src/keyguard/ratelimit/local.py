@@ -153,6 +153,29 @@ class LocalCounter:
                 tightest, left = limit, limit - len(times)
         return not wait, tightest, int(left), wait
 
+    def peek(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> VerdictTuple | None:
+        """What :meth:`count` would answer, counting nothing; ``None`` for a key this
+        counter holds no entry of (it never counted it, or forgot it)."""
+        key = self._apis.get(api, {}).get(client_id)
+        if key is None:
+            return None
+        if key.limits is not limits and key.limits != limits:
+            key = self._apis[api][client_id] = self._rebuilt(key, limits)
+        now = self._clock()
+        wait = 0
+        tightest, left = 0, math.inf
+        for times, limit, period in key.windows:
+            floor = now - period
+            while times and times[0] <= floor:
+                times.popleft()
+            if len(times) >= limit:
+                wait = max(wait, _wait(times[0], now, period))
+            if limit - len(times) - 1 < left:
+                tightest, left = limit, limit - len(times) - 1
+        if wait:
+            return False, tightest, 0, wait
+        return True, tightest, int(left), 0
+
     def _rebuilt(self, old: _Key | None, limits: Sequence[RateLimit]) -> _Key:
         """The windows for ``limits``, keeping the entries of any limit the key had before
         (a limit that changed starts empty, as a new ``limits`` key would)."""

@@ -117,8 +117,8 @@ class ScriptedWindows:
 
 def scripted(storage: Any) -> ScriptedWindows | None:
     """The one-round-trip path for ``limits``' ``storage``, when it is one of its Redis
-    storages driven by redis-py (or valkey-py); ``None`` for any other (memcached,
-    MongoDB, coredis), which keep ``limits``' own two-step moving window."""
+    storages driven by redis-py (or valkey-py); ``None`` for any other (MongoDB,
+    coredis), which keep ``limits``' own two-step moving window."""
     bridge = getattr(storage, "bridge", None)
     getter = getattr(bridge, "get_connection", None)
     prefix = getattr(bridge, "key_prefix", None)
