@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from keyguard import KeyGuard, KeyManager, KeyStore, MemoryStore, open_store
 from keyguard.errors import StoreUnavailable
-from keyguard.idtags import IdTags, tag_key_source
+from keyguard.idtags import _MAX_VERIFIED, IdTags, tag_key_source
 from keyguard.manager import Denial
 from keyguard.models import KeyInfo, KeyRecord
 from keyguard.secrets import (
@@ -253,6 +253,35 @@ async def test_made_up_id_of_another_api_is_refused_without_a_key_read(store: Ke
     assert isinstance(await manager.authenticate("billing", key.client_id, None), KeyInfo)
 
 
+async def test_an_api_name_no_api_can_have_fails_the_tag_without_raising(
+    store: KeyStore,
+) -> None:
+    """An API name holding a lone surrogate (``KeyManager.authenticate`` called directly,
+    not through the middleware, which checks names) and a tagged-shape id: the tag check
+    answers "no read", never a ``UnicodeEncodeError``."""
+    manager = KeyManager(store)
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Acme", kind="external")
+    tags = IdTags(store)
+    for client_id in (key.client_id, made_up_tagged()):
+        assert await tags.worth_a_read("orders\ud800", client_id) is False
+    assert await tags.worth_a_read("orders", key.client_id) is True
+
+
+async def test_the_memo_of_verified_ids_is_bounded() -> None:
+    """More real ids than the memo holds: it never grows past its bound, and an id it
+    has forgotten still verifies (with an HMAC)."""
+    store = MemoryStore()
+    tags = IdTags(store)
+    tag_key = await store.id_tag_key()
+    ids = [new_client_id(tag_key, "orders") for _ in range(_MAX_VERIFIED + 5)]
+    for client_id in ids:
+        assert await tags.worth_a_read("orders", client_id)
+        assert len(tags.verified) <= _MAX_VERIFIED
+    assert ids[0] not in tags.verified
+    assert await tags.worth_a_read("orders", ids[0])
+
+
 async def test_sql_flood_runs_no_statement(tmp_path: Path) -> None:
     """Counted at the database: behind the cache, a flood of made-up tagged ids runs not one
     SQL statement on SQLite once the API's state and the tag key are known."""
@@ -390,17 +419,18 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "mysql", "redis"])
 async def test_racing_processes_agree_on_the_tag_key(backend: str, tmp_path: Path) -> None:
     """Processes starting together on one store, each making the tag key if it is missing,
     all end up with the same key (compared by digest: the key is never printed)."""
-    if backend == "sqlite":
-        url, option, prefix = sql_url("sqlite", tmp_path), "table_prefix", sql_prefix()
+    sql = backend != "redis"
+    if sql:
+        url, option, prefix = sql_url(backend, tmp_path), "table_prefix", sql_prefix()
         store: KeyStore = SQLStore.from_url(url, table_prefix=prefix)
     else:
         url, option, prefix = require_server("redis"), "prefix", redis_prefix()
         store = RedisStore.from_url(url, prefix=prefix)
-    if backend == "sqlite":
+    if sql:
         await store.list_apis()  # the tables first: the race is for the key, not the schema
     env = {**os.environ, "KG_URL": url, "KG_OPTION": option, "KG_PREFIX": prefix}
 
@@ -420,6 +450,8 @@ async def test_racing_processes_agree_on_the_tag_key(backend: str, tmp_path: Pat
         assert isinstance(store, IdTagKeys)
         assert digests == {hashlib.sha256(await store.id_tag_key()).hexdigest()}
     finally:
+        if isinstance(store, SQLStore) and backend != "sqlite":
+            await drop_tables(store.engine, prefix)
         await store.aclose()
         if backend == "redis":
             await delete_prefixed(url, prefix)

@@ -97,8 +97,11 @@ def client_id_tag(tag_key: bytes, api: str, random_part: str) -> str:
     random part, its first ``CLIENT_ID_TAG_LENGTH`` hex characters.
 
     The API name is length-prefixed, so no two (api, random part) pairs share an input.
+    A name no API can have (a lone surrogate: from a caller of ``KeyManager.authenticate``,
+    not the middleware, which checks names) gets a tag too, one no id carries, rather
+    than a ``UnicodeEncodeError``; every real API name encodes as plain UTF-8.
     """
-    api_bytes = api.encode()
+    api_bytes = api.encode("utf-8", "surrogatepass")
     message = len(api_bytes).to_bytes(4, "big") + api_bytes + random_part.encode()
     return hmac.digest(tag_key, message, "sha256").hex()[:CLIENT_ID_TAG_LENGTH]
 

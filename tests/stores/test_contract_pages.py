@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import pytest
 
-from keyguard import KeyStore
+from keyguard import KeyStore, MemoryStore
 from keyguard.errors import InvalidRequest
 from keyguard.models import KeyKind, KeyRecord, utcnow
 from keyguard.stores._paging import MAX_PAGE_SIZE, KeyPage, decode_cursor, encode_cursor
@@ -202,6 +202,57 @@ async def test_filtered_pages_follow_the_order(store: KeyStore) -> None:
     pages = await every_page(store, limit=4, name="EVEN")
     assert keys_of(pages) == [rec for rec in recs if rec.name.startswith("even")]
     assert all(len(page.keys) <= 4 for page in pages)
+
+
+def small_scan_budget(store: KeyStore, budget: int) -> None:
+    """Make ``store`` (SQL or Redis) look at ``budget`` keys per filtered page call; skip
+    the memory store, which keeps no such bound (every key is at hand)."""
+    if isinstance(store, MemoryStore):
+        pytest.skip("the memory store walks a filtered listing in one call")
+    store.scan_budget = budget  # type: ignore[attr-defined]
+
+
+async def test_filtered_pages_stop_after_the_scan_budget(store: KeyStore) -> None:
+    """With a name filter one call looks at ``scan_budget`` keys at most: a rare match
+    comes after short (empty) pages with a cursor, never in one call walking every key."""
+    small_scan_budget(store, 3)
+    await expose(store, limit=20)
+    recs = await add(store, [*(f"plain {i}" for i in range(10)), "Needle"])
+    first = await store.page_keys("orders", limit=10, name="needle")
+    assert first.keys == []
+    assert first.next is not None
+    pages = await every_page(store, limit=10, name="needle")
+    assert keys_of(pages) == [recs[-1]]
+    assert len(pages) >= 4  # 11 keys, 3 a call
+    # Without a filter the budget does not apply: a page is as long as asked.
+    assert len((await store.page_keys("orders", limit=10)).keys) == 10
+
+
+async def test_filtered_short_pages_never_repeat_or_skip(store: KeyStore) -> None:
+    """Filtered pages cut short by the scan budget, with keys deleted and created between
+    calls: every matching key that existed throughout is listed once, in order."""
+    small_scan_budget(store, 4)
+    await expose(store, limit=100)
+    recs = await add(store, [f"{'even' if i % 2 == 0 else 'odd'} {i:02}" for i in range(24)])
+    doomed = {recs[i].client_id for i in (1, 4, 5, 9, 12, 13, 20)}
+    listed: list[str] = []
+    after: str | None = None
+    for call in range(100):
+        page = await store.page_keys("orders", limit=2, after=after, name="EVEN")
+        listed += [key.client_id for key in page.keys]
+        after = page.next
+        if after is None:
+            break
+        if call == 1:
+            for client_id in doomed:
+                await store.delete_key("orders", client_id)
+            await add(store, ["even new", "odd new"])
+    assert after is None
+    assert len(listed) == len(set(listed))
+    throughout = [
+        r.client_id for r in recs if r.client_id not in doomed and r.name.startswith("even")
+    ]
+    assert [c for c in listed if c in throughout] == throughout
 
 
 @pytest.mark.parametrize(

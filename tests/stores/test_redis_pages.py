@@ -1,9 +1,9 @@
 """Redis and Redis Cluster: the listing order behind ``page_keys`` (``stores/redis/_pages.py``).
 
 Each test runs on the machine's Redis and on the suite's cluster. It checks
-that the sorted set ``<prefix>{<api>}:order`` follows the keys, is rebuilt
-when older code wrote keys without it, and that a filtered page stops after
-``scan_budget`` members.
+that the sorted set ``<prefix>{<api>}:order`` follows the keys and is rebuilt
+when older code wrote keys without it. (That a filtered page stops after
+``scan_budget`` members is in ``test_contract_pages.py``, with the SQL stores.)
 """
 
 from __future__ import annotations
@@ -104,19 +104,3 @@ async def test_keys_deleted_by_older_code_are_skipped(redis_store: Any) -> None:
     await client.hincrby(api_key(redis_store), "c:external", -1)
     assert keys_of(await every_page(redis_store, limit=5)) == [recs[0], recs[2]]
     assert await client.zcard(order_key(redis_store)) == 2
-
-
-async def test_filtered_pages_stop_after_the_scan_budget(redis_store: Any) -> None:
-    """With a name filter, one call looks at ``scan_budget`` members at most: a rare match
-    comes after partial (empty) pages with a cursor, never in one long call."""
-    redis_store.scan_budget = 3
-    await expose(redis_store, limit=20)
-    recs = await add(redis_store, [*(f"plain {i}" for i in range(10)), "Needle"])
-    first = await redis_store.page_keys("orders", limit=10, name="needle")
-    assert first.keys == []
-    assert first.next is not None
-    pages = await every_page(redis_store, limit=10, name="needle")
-    assert keys_of(pages) == [recs[-1]]
-    assert len(pages) >= 4  # 11 members, 3 a call
-    # Without a filter the budget does not apply: a page is as long as asked.
-    assert len((await redis_store.page_keys("orders", limit=10)).keys) == 10

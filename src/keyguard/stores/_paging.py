@@ -30,6 +30,7 @@ from keyguard.models import KeyRecord, normalize_name
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
+    "SCAN_BUDGET",
     "KeyPage",
     "check_page",
     "decode_cursor",
@@ -43,6 +44,8 @@ DEFAULT_PAGE_SIZE = 100
 """Keys per page unless a caller asks for another number (SPEC §5)."""
 MAX_PAGE_SIZE = 1000
 """The most keys one page holds (SPEC §5)."""
+SCAN_BUDGET = 5000
+"""The most keys of an API one page call with a name filter looks at (Redis and SQL)."""
 
 _CURSOR_TEXT = re.compile(r"[A-Za-z0-9_-]{4,64}")
 _POSITION = re.compile(r"1:(0|[1-9][0-9]{0,15}):(0|[1-9][0-9]{0,18})")

@@ -122,7 +122,7 @@ class KeyStore(Protocol):
 
         ``name`` keeps only the keys whose casefolded name contains it casefolded (see
         ``keyguard.stores._paging.name_filter``); the cursor ``next`` then marks how far the
-        store looked, and a store may bound that work per call (Redis looks at a few
+        store looked, and a store may bound that work per call (SQL and Redis look at a few
         thousand keys at most), so a filtered page may hold fewer keys than ``limit``,
         even none, with ``next`` not ``None``: the caller asks again from there.
 

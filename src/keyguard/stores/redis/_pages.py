@@ -32,12 +32,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from keyguard.stores._paging import encode_cursor
+from keyguard.stores._paging import SCAN_BUDGET, encode_cursor
 
 __all__ = ["PAGE_LUA", "SCAN_BUDGET", "lower_bound", "next_cursor"]
-
-SCAN_BUDGET = 5000
-"""The most members of the listing order one filtered page call looks at."""
 
 _POSITION_LENGTH = 28  # 16 digits of µs, 12 of insertion number
 

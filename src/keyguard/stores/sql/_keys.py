@@ -35,6 +35,7 @@ from keyguard.models import (
 )
 from keyguard.stores._paging import (
     DEFAULT_PAGE_SIZE,
+    SCAN_BUDGET,
     KeyPage,
     check_page,
     decode_cursor,
@@ -59,6 +60,9 @@ from keyguard.stores.sql._schema import (
 class _Keys(_Activity):
     """The ``KeyStore`` calls on APIs and keys. A change writes its audit event in its
     transaction and prunes old events after it (``_Activity._changed``)."""
+
+    #: The most rows of an API one filtered page call looks at.
+    scan_budget: int = SCAN_BUDGET
 
     async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
         """Whether ``api`` exists and is exposed, and its key ``client_id``: one query."""
@@ -258,36 +262,65 @@ class _Keys(_Activity):
     ) -> KeyPage:
         """One keyset query on the index ``(api, created_at, id)``: the rows after the
         cursor's ``(created_at, id)``, ``limit + 1`` of them (the extra one says whether a
-        next page exists). ``name`` adds ``name_key LIKE '%…%'`` (wildcards escaped) on the
-        casefolded names; the database then walks the API's rows in order until the page
-        is full, so a filter matching few keys of a huge API reads many rows.
+        next page exists).
+
+        With ``name``, one call looks at most at ``scan_budget`` rows, as on Redis: a first
+        query finds the ``scan_budget``-th row after the cursor (one index walk), a second
+        the rows up to it whose ``name_key`` contains the filter (``LIKE '%…%'``, wildcards
+        escaped). When those are fewer than ``limit`` the page is short and its cursor is
+        that row, so a filter matching few keys of a huge API costs many short calls,
+        never one that walks every row. (The range is fixed by a position, not a count,
+        so a row deleted or added between the two queries moves nothing.)
         """
         check_page(limit)
         start = None if after is None else decode_cursor(after)
         needle = name_filter(name)
         if not _fits(api, _NAME_LENGTH) or (needle is not None and len(needle) > _NAME_KEY_LENGTH):
             return KeyPage([], None)
+        budget = self.scan_budget
 
         async def work(conn: AsyncConnection, schema: _Schema) -> KeyPage:
             keys = schema.keys
-            stmt = select(keys.c.id, *schema.key_columns).where(keys.c.api == api)
+            where: list[Any] = [keys.c.api == api]
             if start is not None:
                 moment, number = from_micros(start[0]), start[1]
                 # A range on the index's second column, then the tie-break: every database
                 # turns this into one index range scan (row values are not everywhere).
-                stmt = stmt.where(
+                where += [
                     keys.c.created_at >= moment,
                     or_(keys.c.created_at > moment, keys.c.id > number),
-                )
+                ]
+            order = (keys.c.created_at, keys.c.id)
+            edge = None
             if needle is not None:
-                stmt = stmt.where(keys.c.name_key.contains(needle, autoescape=True))
-            stmt = stmt.order_by(keys.c.created_at, keys.c.id).limit(limit + 1)
+                last_looked_at = (
+                    select(keys.c.created_at, keys.c.id)
+                    .where(*where)
+                    .order_by(*order)
+                    .offset(budget - 1)
+                    .limit(1)
+                )
+                edge = (await conn.execute(last_looked_at)).first()
+                if edge is not None:
+                    where += [
+                        keys.c.created_at <= edge.created_at,
+                        or_(keys.c.created_at < edge.created_at, keys.c.id <= edge.id),
+                    ]
+                where.append(keys.c.name_key.contains(needle, autoescape=True))
+            stmt = (
+                select(keys.c.id, *schema.key_columns)
+                .where(*where)
+                .order_by(*order)
+                .limit(limit + 1)
+            )
             rows = (await conn.execute(stmt)).all()
             found = [_record(row) for row in rows[:limit]]
-            if len(rows) <= limit:
+            if len(rows) > limit:
+                last = rows[limit - 1]
+                return KeyPage(found, encode_cursor(to_micros(last.created_at), last.id))
+            if edge is None:
                 return KeyPage(found, None)
-            last = rows[limit - 1]
-            return KeyPage(found, encode_cursor(to_micros(last.created_at), last.id))
+            return KeyPage(found, encode_cursor(to_micros(edge.created_at), edge.id))
 
         return await self._run(work, write=False)
 
