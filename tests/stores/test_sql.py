@@ -599,6 +599,28 @@ async def test_exhausted_pool_gives_store_unavailable(backend: str, tmp_path: Pa
         assert await store.get_api("orders") is not None
 
 
+@asynccontextmanager
+async def write_lock_held(backend: str, store: SQLStore) -> AsyncIterator[None]:
+    """Another transaction holds what a key's insert must lock (SQLite: the database's
+    write lock; the servers: the API's row), released when the block ends."""
+    if backend == "sqlite":
+        database = store.engine.url.database
+        assert database is not None
+        holder = sqlite3.connect(database, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # the database's write lock
+            yield
+            holder.execute("ROLLBACK")
+        finally:
+            holder.close()
+        return
+    apis = table(f"{store.table_prefix}apis", column("name"))
+    async with side_engine(store) as other, other.connect() as conn:
+        await conn.execute(select(column("name")).select_from(apis).with_for_update())
+        yield
+        await conn.rollback()
+
+
 @pytest.mark.parametrize("backend", SQL_BACKENDS)
 async def test_lock_wait_gives_store_unavailable_then_recovers(
     backend: str, tmp_path: Path
@@ -611,24 +633,9 @@ async def test_lock_wait_gives_store_unavailable_then_recovers(
     ):
         await expose(owner)
         assert await store.get_api("orders") is not None  # tables known: only the write waits
-        apis = table(f"{store.table_prefix}apis", column("name"))
-        if backend == "sqlite":
-            database = store.engine.url.database
-            assert database is not None
-            holder = sqlite3.connect(database, isolation_level=None)
-            try:
-                holder.execute("BEGIN IMMEDIATE")  # the database's write lock
-                with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
-                    await store.insert_key(record())
-                holder.execute("ROLLBACK")
-            finally:
-                holder.close()
-        else:
-            async with side_engine(store) as other, other.connect() as conn:
-                await conn.execute(select(column("name")).select_from(apis).with_for_update())
-                with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
-                    await store.insert_key(record())
-                await conn.rollback()
+        async with write_lock_held(backend, store):
+            with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable):
+                await store.insert_key(record())
         await store.insert_key(record())
         assert len(await store.list_keys("orders")) == 1
 
@@ -643,31 +650,13 @@ async def test_a_write_cancelled_while_it_waits_for_a_lock_is_cancelled(
     the lock is gone, with the usual lock wait for the next writer."""
     async with open_sql_test_store(backend, tmp_path) as store:
         await expose(store)
-        apis = table(f"{store.table_prefix}apis", column("name"))
-
-        async def cancelled_write() -> None:
+        async with write_lock_held(backend, store):
             task = asyncio.ensure_future(store.insert_key(record()))
             await asyncio.sleep(0.3)  # waiting for the lock by now (timeout: 3 s)
             assert not task.done()
             task.cancel()
             with anyio.fail_after(BOUND), pytest.raises(asyncio.CancelledError):
                 await task
-
-        if backend == "sqlite":
-            database = store.engine.url.database
-            assert database is not None
-            holder = sqlite3.connect(database, isolation_level=None)
-            try:
-                holder.execute("BEGIN IMMEDIATE")  # the database's write lock
-                await cancelled_write()
-                holder.execute("ROLLBACK")
-            finally:
-                holder.close()
-        else:
-            async with side_engine(store) as other, other.connect() as conn:
-                await conn.execute(select(column("name")).select_from(apis).with_for_update())
-                await cancelled_write()
-                await conn.rollback()
         with anyio.fail_after(BOUND):
             await store.insert_key(record())
         assert len(await store.list_keys("orders")) == 1
