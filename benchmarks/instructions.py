@@ -35,11 +35,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from benchmarks import apps, inprocess, report
+from benchmarks import inprocess, report, specfloor
 from benchmarks.ratelimits import ONE, HeadersOnly, minimal_app
-from benchmarks.specfloor import ID, SECRET, _seeded
+from benchmarks.specfloor import ID
 from keyguard import KeyGuard, KeyManager, MemoryStore
-from keyguard.stores.cache import CachedStore
 
 WARM_UP = 300  # requests before counting starts, in both runs (caches, specialization)
 FEW, MANY = 500, 3000
@@ -71,23 +70,9 @@ async def _contender(name: str) -> tuple[Any, list[tuple[bytes, bytes]], Callabl
         guard = KeyGuard(minimal_app(), store=store, api="bench", rate_limiter=limiter)
         key = free if name == "rl-free" else one
         return guard, [(ID, key.client_id.encode())], guard.aclose
-    memory = MemoryStore()
-    internal, secret, external = await _seeded(memory)
-    cached = CachedStore(MemoryStore(), ttl=3600)  # every counted request a hit
-    c_internal, c_secret, c_external = await _seeded(cached)
-    creds = {internal: secret, external: None}
-    with_secret = [(ID, internal), (SECRET, secret)]
-    table = {
-        "bare": (apps.bare(), []),
-        "spec-secret": (apps.spec_floor(creds), with_secret),
-        "spec-id": (apps.spec_floor(creds), [(ID, external)]),
-        "memory-secret": (apps.keyguard(memory), with_secret),
-        "memory-id": (apps.keyguard(memory), [(ID, external)]),
-        "cache-secret": (apps.keyguard(cached), [(ID, c_internal), (SECRET, c_secret)]),
-        "cache-id": (apps.keyguard(cached), [(ID, c_external)]),
-    }
-    app, headers = table[name]
-    return app, headers, cached.aclose
+    found, cached = await specfloor.contenders()
+    wanted = {c.name: c for c in found}[CONTENDERS[name][1]]
+    return wanted.app, wanted.headers, cached.aclose
 
 
 async def _serve(name: str, requests: int) -> None:

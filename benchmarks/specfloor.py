@@ -38,8 +38,8 @@ async def _seeded(store: KeyStore) -> tuple[bytes, bytes, bytes]:
     return internal.client_id.encode(), internal.secret.encode(), external.client_id.encode()
 
 
-async def measure(*, rounds: int, batch: int) -> list[str]:
-    """One run; the report's lines."""
+async def contenders() -> tuple[list[Contender], CachedStore]:
+    """The contenders, in the report's order, and the cache to close after them."""
     memory = MemoryStore()
     internal, secret, external = await _seeded(memory)
     cached = CachedStore(MemoryStore(), ttl=3600)  # every timed request a hit
@@ -47,7 +47,7 @@ async def measure(*, rounds: int, batch: int) -> list[str]:
     creds = {internal: secret, external: None}
     with_secret = [(ID, internal), (SECRET, secret)]
     id_only = [(ID, external)]
-    contenders = [
+    return [
         Contender("bare Starlette app", apps.bare(), []),
         Contender("floor: one header scan, one dict get", apps.floor(creds), with_secret),
         Contender("spec floor, id + secret", apps.spec_floor(creds), with_secret),
@@ -60,18 +60,23 @@ async def measure(*, rounds: int, batch: int) -> list[str]:
             [(ID, c_internal), (SECRET, c_secret)],
         ),
         Contender("keyguard cache hit, id only", apps.keyguard(cached), [(ID, c_external)]),
-    ]
+    ], cached
+
+
+async def measure(*, rounds: int, batch: int) -> list[str]:
+    """One run; the report's lines."""
+    timed, cached = await contenders()
     try:
-        await inprocess.run(contenders, rounds=rounds, batch=batch, clock=time.thread_time_ns)
+        await inprocess.run(timed, rounds=rounds, batch=batch, clock=time.thread_time_ns)
     finally:
         await cached.aclose()
-    bare = contenders[0]
+    bare = timed[0]
     spec = {
-        False: inprocess.added(contenders[2], bare),
-        True: inprocess.added(contenders[3], bare),
+        False: inprocess.added(timed[2], bare),
+        True: inprocess.added(timed[3], bare),
     }
     rows = []
-    for c in contenders[1:]:
+    for c in timed[1:]:
         extra = inprocess.added(c, bare)
         rows.append(
             [
