@@ -113,20 +113,26 @@ def _sigint_by_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _interruptible(command: list[str], cwd: Path, **pipes: Any) -> subprocess.Popen[bytes]:
+    """``command`` started in ``cwd`` with stdout and stderr piped (and ``pipes``), able
+    to receive Ctrl-C (SIGINT) as a terminal's foreground job would."""
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=_environment(),
+        preexec_fn=_sigint_by_default,
+        **pipes,
+    )
+
+
 def test_ctrl_c_at_the_delete_prompt_interrupts_at_once(store: str, tmp_path: Path) -> None:
     """Ctrl-C while ``keys delete`` asks for confirmation stops it there: exit 130, one line,
     the key kept. (It used to wait on for Enter, then say "not confirmed" and print a
     traceback from closing the store.)"""
     command = [str(KEYGUARD), "--store", store, "keys", "delete", "orders", "--name", "Acme"]
-    with subprocess.Popen(
-        command,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=tmp_path,
-        env=_environment(),
-        preexec_fn=_sigint_by_default,
-    ) as process:
+    with _interruptible(command, tmp_path, stdin=subprocess.PIPE) as process:
         assert process.stderr is not None
         prompt = _read_until(process.stderr.fileno(), b"[y/N] ")
         assert prompt.endswith(b"[y/N] "), prompt
@@ -364,14 +370,7 @@ def test_ctrl_c_while_the_store_works_is_an_interrupt(store: str, tmp_path: Path
     holder.execute("BEGIN EXCLUSIVE")  # every writer now waits, up to the store's timeout
     command = [str(KEYGUARD), "--store", store, "keys", "create", "orders", "--name", "Bolt"]
     try:
-        with subprocess.Popen(
-            [*command, "--kind", "external"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=tmp_path,
-            env=_environment(),
-            preexec_fn=_sigint_by_default,
-        ) as process:
+        with _interruptible([*command, "--kind", "external"], tmp_path) as process:
             _wait_until_open(process.pid, path)  # the store is at the file, then its lock
             process.send_signal(signal.SIGINT)
             out, err = process.communicate(timeout=60)

@@ -373,13 +373,7 @@ class KeyGuard:
             )
         usage = self.usage
         if usage is not None:
-            # usage.admitted(api, client_id), inline: a dict read and an increment in place
-            # of the open bucket's count (keyguard.usage), no call of its own.
-            count = usage._counts.get(result.client_id)
-            if count is not None and count[2] == api:
-                count[0] += 1
-            else:
-                usage.admitted(api, result.client_id)
+            usage.admitted(api, result.client_id)  # a dict increment (keyguard.usage)
         if self._counting:
             self._count(api, metrics.ADMITTED)
         if self._strip and (secret_pair is not None or query_secret):

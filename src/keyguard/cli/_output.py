@@ -88,10 +88,15 @@ def _json_escape(match: re.Match[str]) -> str:
     char = match[0]
     if unicodedata.category(char) not in _HIDDEN:
         return char
+    return _u_escape(char)
+
+
+def _u_escape(char: str) -> str:
+    """``char`` as JSON's ``\\uXXXX`` escape (a surrogate pair beyond the BMP)."""
     code = ord(char)
     if code <= 0xFFFF:
         return f"\\u{code:04x}"
-    code -= 0x10000  # beyond the BMP: JSON's escape is a surrogate pair
+    code -= 0x10000
     return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
@@ -103,15 +108,7 @@ encoding cannot hold (surrogate pairs beyond the BMP), so JSON stays JSON."""
 def _escape(error: UnicodeError) -> tuple[str, int]:
     if not isinstance(error, UnicodeEncodeError):
         raise error
-    escapes = []
-    for char in error.object[error.start : error.end]:
-        code = ord(char)
-        if code > 0xFFFF:
-            code -= 0x10000
-            escapes.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
-        else:
-            escapes.append(f"\\u{code:04x}")
-    return "".join(escapes), error.end
+    return "".join(map(_u_escape, error.object[error.start : error.end])), error.end
 
 
 codecs.register_error(ESCAPE, _escape)

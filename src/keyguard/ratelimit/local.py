@@ -133,25 +133,12 @@ class LocalCounter:
                 return False, limit, 0, _wait(times[0], now, period)
             times.append(now)
             return True, limit, limit - count - 1, 0
-        windows = key.windows
-        wait = 0
-        for times, limit, period in windows:
-            floor = now - period
-            while times and times[0] <= floor:
-                times.popleft()
-            if len(times) >= limit:
-                # Every full limit must have a place again: the longest wait of theirs.
-                wait = max(wait, _wait(times[0], now, period))
-        if not wait:
-            for times, _, _ in windows:
-                times.append(now)
-        # The tightest: fewest left (a full one has 0), the windows being sorted by
-        # period so that the first of a tie is the shortest.
-        tightest, left = 0, math.inf
-        for times, limit, _ in windows:
-            if limit - len(times) < left:
-                tightest, left = limit, limit - len(times)
-        return not wait, tightest, int(left), wait
+        wait, tightest, left = _standing(key.windows, now)
+        if wait:
+            return False, tightest, 0, wait
+        for times, _, _ in key.windows:
+            times.append(now)
+        return True, tightest, left - 1, 0
 
     def peek(self, api: str, client_id: str, limits: Sequence[RateLimit]) -> VerdictTuple | None:
         """What :meth:`count` would answer, counting nothing; ``None`` for a key this
@@ -161,20 +148,10 @@ class LocalCounter:
             return None
         if key.limits is not limits and key.limits != limits:
             key = self._apis[api][client_id] = self._rebuilt(key, limits)
-        now = self._clock()
-        wait = 0
-        tightest, left = 0, math.inf
-        for times, limit, period in key.windows:
-            floor = now - period
-            while times and times[0] <= floor:
-                times.popleft()
-            if len(times) >= limit:
-                wait = max(wait, _wait(times[0], now, period))
-            if limit - len(times) - 1 < left:
-                tightest, left = limit, limit - len(times) - 1
+        wait, tightest, left = _standing(key.windows, self._clock())
         if wait:
             return False, tightest, 0, wait
-        return True, tightest, int(left), 0
+        return True, tightest, left - 1, 0
 
     def _rebuilt(self, old: _Key | None, limits: Sequence[RateLimit]) -> _Key:
         """The windows for ``limits``, keeping the entries of any limit the key had before
@@ -212,6 +189,24 @@ class LocalCounter:
         if stop >= len(pending):
             self._sweeping = None
             self._next_sweep = now + SWEEP_INTERVAL
+
+
+def _standing(windows: list[tuple[deque[float], int, float]], now: float) -> tuple[int, int, int]:
+    """The windows at ``now``, their expired entries dropped: the longest wait (seconds,
+    0 if every limit has a place: each full one must have one again), the tightest limit
+    and the places it has left before this request. The tightest has the fewest left (a
+    full one 0); the windows are sorted by period, so the first of a tie is the shortest."""
+    wait = 0
+    tightest, left = 0, -1
+    for times, limit, period in windows:
+        floor = now - period
+        while times and times[0] <= floor:
+            times.popleft()
+        if len(times) >= limit:
+            wait = max(wait, _wait(times[0], now, period))
+        if left < 0 or limit - len(times) < left:
+            tightest, left = limit, limit - len(times)
+    return wait, tightest, left
 
 
 def _wait(oldest: float, now: float, period: float) -> int:
