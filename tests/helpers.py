@@ -8,10 +8,11 @@ real server to be stopped (the store tests break real servers).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import cast
 
+import anyio
 from starlette.types import ASGIApp, Message, Scope
 
 from keyguard import KeyStore
@@ -21,6 +22,14 @@ from keyguard.secrets import new_client_id
 from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
 from keyguard.stores.base import Snapshots
 from keyguard.usage import UsageCount
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], deadline: float = 60) -> None:
+    """Wait until ``check()`` is true (another task's, store's or process's effect, with no
+    event to await); fail after a generous ``deadline`` in seconds."""
+    with anyio.fail_after(deadline):
+        while not await check():  # noqa: ASYNC110 - polled: there is no event to await
+            await anyio.sleep(0.02)
 
 
 def record(

@@ -35,6 +35,7 @@ __all__ = [
     "KeyLimitReached",
     "KeyNotFound",
     "RuleViolation",
+    "StoreClosed",
     "StoreUnavailable",
 ]
 
@@ -111,3 +112,9 @@ class StoreUnavailable(KeyGuardError):
     """The key store could not be reached or failed; the cause is chained."""
 
     code = "store_unavailable"
+
+
+class StoreClosed(StoreUnavailable):
+    """The store was closed (``aclose``): it answers nothing more, and a change feed
+    being watched ends. A ``StoreUnavailable`` (503 at the front doors) that retrying
+    will not cure."""

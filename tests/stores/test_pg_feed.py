@@ -40,7 +40,7 @@ from keyguard.stores.sql import SQLStore, _feed
 from keyguard.stores.sql._store import _PostgreSQLStore
 from tests.backends.servers import require_server
 from tests.backends.sql import drop_tables, open_sql_test_store, unique_prefix
-from tests.helpers import expose, record
+from tests.helpers import eventually, expose, record
 from tests.test_outages import private_postgres
 
 pytestmark = pytest.mark.anyio
@@ -64,13 +64,6 @@ def on_driver(url: str, driver: str) -> str:
 def pg_url(driver: str) -> str:
     """The machine's PostgreSQL through ``driver``."""
     return on_driver(require_server("postgres"), driver)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Wait until ``check()`` is true; fail after a generous 30 seconds."""
-    with anyio.fail_after(BOUND):
-        while not await check():  # noqa: ASYNC110 - another store's effect, no event to await
-            await anyio.sleep(0.01)
 
 
 async def tables_ready(store: SQLStore) -> None:

@@ -30,11 +30,11 @@ from keyguard.errors import StoreUnavailable
 from keyguard.stores import CachedStore
 from keyguard.stores.sql import SQLStore, _feed
 from keyguard.stores.sql._store import _PostgreSQLStore
+from tests.helpers import eventually
 from tests.stores.test_cache import FeedStore
 from tests.stores.test_pg_feed import (
     BOUND,
     driver,
-    eventually,
     feed_tasks,
     listening_connections,
     on_driver,

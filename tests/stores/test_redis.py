@@ -57,7 +57,7 @@ from keyguard.stores import CachedStore, open_store
 from keyguard.stores.redis import RedisStore
 from tests.backends.redis import delete_prefixed, open_redis_test_store, unique_prefix
 from tests.backends.servers import in_ci, require_server
-from tests.helpers import expose, record
+from tests.helpers import eventually, expose, record
 from tests.stores.racing import race_for_keys
 from tests.stores.test_upgrades import load_redis, manifest
 
@@ -153,13 +153,6 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
         yield server
     finally:
         await server.stop()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Wait until ``check()`` is true; fail after a generous 30 seconds."""
-    with anyio.fail_after(30):
-        while not await check():  # noqa: ASYNC110 - another process's effect, no event to await
-            await anyio.sleep(0.02)
 
 
 def shared_store(**options: Any) -> AbstractAsyncContextManager[RedisStore]:

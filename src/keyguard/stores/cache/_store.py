@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 
 from keyguard import metrics
 from keyguard.audit import AuditEvent
-from keyguard.errors import ConfigurationError, StoreUnavailable
+from keyguard.errors import ConfigurationError, StoreClosed, StoreUnavailable
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
 from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
 from keyguard.stores.base import ChangeFeed, KeyStore, Snapshots
@@ -575,6 +575,8 @@ class CachedStore:
                 await feed.watch(self.invalidate, on_ready=ready)
             except asyncio.CancelledError:
                 raise
+            except StoreClosed:
+                return  # the wrapped store was closed under the cache: nothing more to hear
             except StoreUnavailable as exc:
                 # Once per outage; the cache's TTL bounds staleness meanwhile.
                 if not lost:

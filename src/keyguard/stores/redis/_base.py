@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Generic
 import anyio
 
 from keyguard.audit import DEFAULT_AUDIT_RETENTION, check_retention
-from keyguard.errors import ConfigurationError, StoreUnavailable
+from keyguard.errors import ConfigurationError, StoreClosed, StoreUnavailable
 
 try:
     from redis.asyncio import Redis, RedisCluster
@@ -78,6 +78,9 @@ class _RedisBase(Generic[ClientT]):
         self._current: tuple[asyncio.AbstractEventLoop | None, ClientT] = (None, client)
         self._by_loop: dict[asyncio.AbstractEventLoop, tuple[ClientT, _Closer]] = {}
         self._bind_lock = threading.Lock()
+        #: The change feeds being watched (``_feed.py``), each by its cancel scope: closing
+        #: the store ends them before it closes the clients they read from.
+        self._watches: dict[anyio.CancelScope, tuple[asyncio.AbstractEventLoop, anyio.Event]] = {}
         self._upsert_api = AsyncScript(client, _AUDIT_LUA + _UPSERT_API_LUA)
         self._insert_key = AsyncScript(client, _AUDIT_LUA + _INSERT_KEY_LUA)
         self._update_key = AsyncScript(client, _AUDIT_LUA + _UPDATE_KEY_LUA)
@@ -147,7 +150,7 @@ class _RedisBase(Generic[ClientT]):
     async def _redis(self) -> ClientT:
         """The client for the running event loop."""
         if self._closed:
-            raise StoreUnavailable(f"the {self._server} store is closed")
+            raise StoreClosed(f"the {self._server} store is closed")
         loop = asyncio.get_running_loop()
         current_loop, client = self._current
         if current_loop is loop:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 
 import anyio
 
-from keyguard.errors import ConfigurationError
+from keyguard.errors import ConfigurationError, StoreClosed
 
 try:
     from redis.asyncio.client import PubSub
@@ -15,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
     raise ConfigurationError("redis:// needs: pip install 'keyguard[redis]'") from exc
 
 from keyguard.stores.redis._base import _RedisBase
-from keyguard.stores.redis._common import _FAILURES, ClientT, _text
+from keyguard.stores.redis._common import _FAILURES, ClientT, _running_loop, _text
 
 
 class _Feed(_RedisBase[ClientT]):
@@ -34,6 +35,24 @@ class _Feed(_RedisBase[ClientT]):
         after redis-py silently reconnects, since notices may have been missed.
         """
         client = await self._redis()
+        loop = asyncio.get_running_loop()
+        done = anyio.Event()
+        with anyio.CancelScope() as scope:
+            self._watches[scope] = (loop, done)
+            try:
+                await self._listen(client, on_change, on_ready)
+            finally:
+                del self._watches[scope]
+                done.set()
+        if scope.cancelled_caught:  # only aclose cancels this scope
+            raise StoreClosed(f"the {self._server} store is closed")
+
+    async def _listen(
+        self,
+        client: ClientT,
+        on_change: Callable[[str, str | None], None],
+        on_ready: Callable[[], None],
+    ) -> None:
         pubsub: PubSub | None = None
         try:
             with anyio.fail_after(self.timeout):
@@ -66,7 +85,23 @@ class _Feed(_RedisBase[ClientT]):
         finally:
             if pubsub is not None:
                 with anyio.CancelScope(shield=True), contextlib.suppress(*_FAILURES):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # bare before redis-py 8.2
+
+    async def aclose(self) -> None:
+        """End the change feeds being watched, then close the clients (a feed left
+        reading would have redis-py reconnect it, on a closed client, to resubscribe)."""
+        running = _running_loop()
+        waits = []
+        for scope, (loop, done) in list(self._watches.items()):
+            if loop is running:
+                scope.cancel()
+                waits.append(done)
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(scope.cancel)
+        with anyio.move_on_after(self.timeout):
+            for done in waits:
+                await done.wait()
+        await super().aclose()
 
     async def _subscriber(self, client: ClientT) -> PubSub:
         """A pub/sub connection for the change feed (not yet subscribed)."""

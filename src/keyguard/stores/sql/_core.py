@@ -31,6 +31,7 @@ from keyguard.audit import (
 from keyguard.errors import (
     ConfigurationError,
     KeyGuardError,
+    StoreClosed,
     StoreUnavailable,
 )
 from keyguard.stores.sql._upgrades import ensure_indexes, upgrade
@@ -323,7 +324,7 @@ class _SQLCore:
                 bound.schema_task = task
             await asyncio.wait({task})
             if task.cancelled():  # the store was closed meanwhile
-                raise StoreUnavailable(f"SQL store {self.url} is closed")
+                raise StoreClosed(f"SQL store {self.url} is closed")
             self._schema = task.result()
         return bound, self._schema
 
@@ -357,7 +358,7 @@ class _SQLCore:
         """This loop's engine: the first loop gets the one built in ``from_url``, each
         later loop a new one, closed when that loop shuts down."""
         if self._closed:
-            raise StoreUnavailable(f"SQL store {self.url} is closed")
+            raise StoreClosed(f"SQL store {self.url} is closed")
         loop = asyncio.get_running_loop()
         bound = self._by_loop.get(loop)
         if bound is None:

@@ -56,7 +56,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from keyguard.errors import StoreUnavailable
+from keyguard.errors import StoreClosed, StoreUnavailable
 
 logger = logging.getLogger("keyguard")
 
@@ -442,7 +442,7 @@ class PgFeed:
     async def _join(self) -> _Listener:
         """The running loop's listener, connected now if there is none (within the timeout)."""
         if self._closed:
-            raise StoreUnavailable("SQL store is closed")
+            raise StoreClosed("SQL store is closed")
         loop = asyncio.get_running_loop()
         self._abandon_closed_loops()
         lock = self._locks.setdefault(loop, asyncio.Lock())
@@ -458,7 +458,7 @@ class PgFeed:
                             self.channel, ping_every=_PING_EVERY, within=self._timeout
                         )
                         if self._closed:  # ``aclose`` came while this connected
-                            raise StoreUnavailable("SQL store is closed")
+                            raise StoreClosed("SQL store is closed")
                     except BaseException:
                         listener.close()
                         await listener.closed(self._timeout)

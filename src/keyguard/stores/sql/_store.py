@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from keyguard.audit import DEFAULT_AUDIT_RETENTION, check_retention
-from keyguard.errors import StoreUnavailable
+from keyguard.errors import StoreClosed
 from keyguard.stores._idtag import ID_TAG_ROW, new_tag_key_text, parse_tag_key
 from keyguard.stores.sql._engine import (
     _create_engine,
@@ -150,7 +150,7 @@ class _PostgreSQLStore(SQLStore):
         every ``watch`` in that loop; ``StoreUnavailable`` when it drops.
         """
         if self._closed:
-            raise StoreUnavailable(f"SQL store {self.url} is closed")
+            raise StoreClosed(f"SQL store {self.url} is closed")
         feed = self._feed
         if feed is None:
             assert self._channel is not None
