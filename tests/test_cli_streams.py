@@ -96,6 +96,91 @@ def test_a_closed_stdout_pipe_ends_quietly(
     assert result.returncode == (0 if args == ("--help",) and unbuffered else 141)
 
 
+def _closed_stdout_run(store: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The console script with ``args``, its stdout a pipe whose reader has gone."""
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe now fails with EPIPE
+    try:
+        return subprocess.run(
+            [str(KEYGUARD), "--store", store, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=_environment(),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize("kind", ["internal", "set-secret"])
+def test_a_secret_lost_to_a_closed_stdout_is_said_on_stderr(
+    store: str, tmp_path: Path, kind: str, as_json: bool
+) -> None:
+    """A secret issued while stdout is closed (``keys create … | head -0``) cannot be shown,
+    and keyguard keeps only its hash: stderr says it is lost and how to get another (an
+    internal key: delete and create again; an external one: set-secret), never the secret
+    itself; the exit is still 141."""
+    json_flag = ("--json",) if as_json else ()
+    if kind == "internal":
+        args = (*json_flag, "keys", "create", "orders", "--name", "Staff", "--kind", "internal")
+    else:
+        client_id = _client_id_of(store, "Acme")
+        args = (*json_flag, "keys", "set-secret", "orders", client_id)
+    result = _closed_stdout_run(store, tmp_path, *args)
+    assert result.returncode == 141
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "stdout was closed before the secret of key" in lines[0]
+    assert "it is lost" in lines[0]
+    # The secret was issued (its hash is kept), and shown nowhere.
+    assert _with_secrets(store) == (["Staff"] if kind == "internal" else ["Acme"])
+    if kind == "internal":
+        assert "keys delete orders" in lines[0]
+    else:
+        assert f"keys set-secret orders {client_id}" in lines[0]
+
+
+def test_a_key_without_a_secret_says_nothing_more_on_a_closed_stdout(
+    store: str, tmp_path: Path
+) -> None:
+    """An external key created without a secret loses nothing to a closed stdout: the exit
+    is 141 with nothing on stderr, as for any other output."""
+    args = ("keys", "create", "orders", "--name", "Beta", "--kind", "external")
+    result = _closed_stdout_run(store, tmp_path, *args)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def _client_id_of(url: str, name: str) -> str:
+    async def find() -> str:
+        opened = open_store(url)
+        try:
+            return (await KeyManager(opened).find_key_by_name("orders", name)).client_id
+        finally:
+            await opened.aclose()
+
+    return asyncio.run(find())
+
+
+def _with_secrets(url: str) -> list[str]:
+    """The names of the keys of ``orders`` that have a secret (as a hash: nothing else is kept)."""
+
+    async def read() -> list[str]:
+        opened = open_store(url)
+        try:
+            return [
+                key.name for key in await KeyManager(opened).list_keys("orders") if key.has_secret
+            ]
+        finally:
+            await opened.aclose()
+
+    return asyncio.run(read())
+
+
 def _read_until(fd: int, end: bytes) -> bytes:
     """What the file descriptor gives until it has ended with ``end`` (or closed)."""
     seen = b""

@@ -28,6 +28,7 @@ from keyguard.models import (
     IssuedKey,
     IssuedSecret,
     KeyInfo,
+    KeyKind,
     RateLimit,
     dump_meta,
     rfc3339,
@@ -97,6 +98,30 @@ def _show_api(out: Output, api: Api) -> None:
         f"API {api.name}: {state}, at most {api.max_keys_per_kind} keys of each kind "
         f"({api.internal_keys} internal, {api.external_keys} external){limits}"
     )
+
+
+@contextlib.contextmanager
+def _issuing(out: Output, api: str, client_id: str, *, internal: bool) -> Iterator[None]:
+    """Around the output that carries a secret just issued: flushed before the command
+    ends, so that a stdout closed early (``| head -0``) is seen here. The secret is then
+    lost (only its hash is kept): stderr says so, and how to get another, never the secret.
+    """
+    try:
+        yield
+        out.flush()
+    except BrokenPipeError:
+        if internal:
+            remedy = (
+                f"an internal key's secret is fixed for life: delete the key "
+                f"({out.again} keys delete {api} {client_id}) and create another"
+            )
+        else:
+            remedy = f"issue another with: {out.again} keys set-secret {api} {client_id}"
+        out.notice(
+            f"stdout was closed before the secret of key {client_id} of API {api} was "
+            f"written: it is lost (keyguard keeps only its hash); {remedy}"
+        )
+        raise
 
 
 def _show_secret(out: Output, secret: str) -> None:
@@ -298,6 +323,14 @@ async def _keys_create(
     manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
 ) -> None:
     key: IssuedKey = await manager.create_key(args.api, name=args.name, kind=args.kind, **values)
+    if key.secret is None:
+        _show_created(out, key)
+        return
+    with _issuing(out, key.api, key.client_id, internal=key.kind is KeyKind.INTERNAL):
+        _show_created(out, key)
+
+
+def _show_created(out: Output, key: IssuedKey) -> None:
     if out.as_json:
         out.json(key_json(key))
         return
@@ -335,6 +368,11 @@ async def _keys_set_secret(
     manager: KeyManager, args: argparse.Namespace, values: dict[str, Any], out: Output
 ) -> None:
     secret: IssuedSecret = await manager.set_secret(args.api, args.client_id, **values)
+    with _issuing(out, args.api, args.client_id, internal=False):
+        _show_new_secret(out, args, secret)
+
+
+def _show_new_secret(out: Output, args: argparse.Namespace, secret: IssuedSecret) -> None:
     if out.as_json:
         out.json(secret_json(secret))
         return

@@ -32,6 +32,14 @@ class Output:
     def line(self, text: str = "") -> None:
         self.out.write(text + "\n")
 
+    def flush(self) -> None:
+        """Write out what is buffered now (a closed stdout raises ``BrokenPipeError`` here)."""
+        self.out.flush()
+
+    def notice(self, text: str) -> None:
+        """One line for the operator on stderr, whatever the output format."""
+        self.err.write(f"keyguard: {printable(' '.join(text.split()))}\n")
+
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
         for row in (headers, *rows):
