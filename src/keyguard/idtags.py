@@ -23,6 +23,12 @@ legacy-shaped ids costs what it cost before tags: reads bounded by the cache
 A store without a tag key (a custom ``KeyStore`` that does not implement
 ``IdTagKeys``) keeps working too: keys are then issued with untagged ids, and
 every well-formed id is looked up.
+
+A store whose tag key went missing while it held tagged ids (a Redis key
+evicted or deleted, a meta row deleted) makes a new one and keeps a mark that
+the old one was lost (``id_tag_lost``, logged): ids tagged under the old key
+cannot be checked, so an id whose tag fails is looked up, as a legacy id is,
+instead of every key issued before the loss being refused.
 """
 
 from __future__ import annotations
@@ -59,11 +65,14 @@ class IdTags:
     read fails; the next call tries again) and kept for the object's lifetime.
     """
 
-    __slots__ = ("_key", "_source", "verified")
+    __slots__ = ("_key", "_lost", "_source", "verified")
 
     def __init__(self, store: object) -> None:
         self._source = tag_key_source(store)
         self._key: bytes | None = None
+        # The store's tag key was once lost (``id_tag_lost``): ids tagged under the old
+        # key fail their tag, so a failed tag is looked up rather than refused.
+        self._lost = False
         self.verified: dict[str, str] = {}
         """Ids whose tag verified, with their API (read it first: ``verified.get(id) ==
         api`` needs no call). An HMAC costs more than the rest of a cache hit together,
@@ -81,6 +90,7 @@ class IdTags:
         if not isinstance(key, bytes) or len(key) != ID_TAG_KEY_BYTES:
             # Never the value: only that it is unusable.
             raise StoreUnavailable("the store's client id tag key is damaged")
+        self._lost = getattr(self._source, "id_tag_lost", False) is True
         self._key = key
         return key
 
@@ -103,7 +113,7 @@ class IdTags:
             return True if self._source is None else None
         expected = client_id_tag(key, api, client_id[:LEGACY_CLIENT_ID_LENGTH])
         if not hmac.compare_digest(expected.encode(), client_id[LEGACY_CLIENT_ID_LENGTH:].encode()):
-            return False
+            return self._lost  # not remembered: it did not verify
         verified = self.verified
         if len(verified) >= _MAX_VERIFIED:
             verified.clear()
@@ -116,7 +126,8 @@ class IdTags:
         ``False`` for an id keyguard could never have issued (wrong length or alphabet)
         and for a tagged-length id whose tag does not verify for ``api`` (compared in
         constant time); ``True`` for an id whose tag verifies, for a legacy id (32 hex
-        characters, issued before tags) and, on a store without a tag key, for any
+        characters, issued before tags) and, on a store without a tag key or one whose
+        tag key was once lost (``id_tag_lost``: ids tagged under the old key), for any
         well-formed id. An id that verified once is remembered (10,000 of them at most),
         so a caller's repeat requests cost a dict lookup, not an HMAC.
         """

@@ -9,15 +9,23 @@ docstring.
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from keyguard.audit import DEFAULT_AUDIT_RETENTION, check_retention
 from keyguard.errors import StoreClosed
-from keyguard.stores._idtag import ID_TAG_ROW, new_tag_key_text, parse_tag_key
+from keyguard.secrets import CLIENT_ID_LENGTH
+from keyguard.stores._idtag import (
+    ID_TAG_LOST_ROW,
+    ID_TAG_ROW,
+    new_tag_key_text,
+    parse_tag_key,
+    report_lost,
+)
 from keyguard.stores.sql._engine import (
     _create_engine,
     _engine_options,
@@ -102,30 +110,51 @@ class SQLStore(_Keys):
     # -- the client id tag key --------------------------------------------------------------
 
     _id_tag_key: bytes | None = None
+    #: Whether the tag key was once lost (``ID_TAG_LOST_ROW``), read with the key.
+    id_tag_lost: bool = False
 
     async def id_tag_key(self) -> bytes:
         """The client id tag key (``IdTagKeys``): a row of ``<prefix>meta``, inserted by the
         first process that needs it (an insert that does nothing if the row exists), read
-        back in a later transaction so racing processes agree, then kept in memory."""
+        back in a later transaction so racing processes agree, then kept in memory.
+
+        A missing row while the keys table holds tagged ids means the key they were tagged
+        under is gone: the ``ID_TAG_LOST_ROW`` mark is written before the new key, so
+        every process that reads the new key reads the mark too (``id_tag_lost``)."""
         key = self._id_tag_key
         if key is not None:
             return key
 
-        async def read(conn: AsyncConnection, schema: _Schema) -> str | None:
-            stmt = select(schema.meta.c.value).where(schema.meta.c.name == ID_TAG_ROW)
-            value: str | None = (await conn.execute(stmt)).scalar_one_or_none()
-            return value
-
-        async def create(conn: AsyncConnection, schema: _Schema) -> None:
-            await conn.execute(
-                schema.insert_ignore(schema.meta, {"name": ID_TAG_ROW, "value": new_tag_key_text()})
+        async def read(conn: AsyncConnection, schema: _Schema) -> tuple[str | None, bool]:
+            stmt = select(schema.meta.c.name, schema.meta.c.value).where(
+                schema.meta.c.name.in_([ID_TAG_ROW, ID_TAG_LOST_ROW])
             )
+            rows = {str(row[0]): str(row[1]) for row in await conn.execute(stmt)}
+            return rows.get(ID_TAG_ROW), ID_TAG_LOST_ROW in rows
 
-        text = await self._run(read, write=False)
+        async def tagged_ids(conn: AsyncConnection, schema: _Schema) -> bool:
+            keys = schema.keys
+            stmt = select(keys.c.client_id).where(func.length(keys.c.client_id) == CLIENT_ID_LENGTH)
+            return (await conn.execute(stmt.limit(1))).first() is not None
+
+        async def create(conn: AsyncConnection, schema: _Schema, *, lost: bool) -> None:
+            if lost:
+                mark = {"name": ID_TAG_LOST_ROW, "value": "1"}
+                await conn.execute(schema.insert_ignore(schema.meta, mark))
+            row = {"name": ID_TAG_ROW, "value": new_tag_key_text()}
+            await conn.execute(schema.insert_ignore(schema.meta, row))
+
+        text, lost = await self._run(read, write=False)
+        found_now = False
         if text is None:
-            await self._run(create, write=True)
-            text = await self._run(read, write=False)
-        key = self._id_tag_key = parse_tag_key(text, f"SQL store {self.url}")
+            found_now = await self._run(tagged_ids, write=False)
+            await self._run(partial(create, lost=found_now), write=True)
+            text, lost = await self._run(read, write=False)
+        key = parse_tag_key(text, f"SQL store {self.url}")
+        if lost:
+            report_lost(f"SQL store {self.url}", found_now=found_now)
+        self.id_tag_lost = lost
+        self._id_tag_key = key
         return key
 
 
