@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -531,6 +532,12 @@ async def _hello(request: Request) -> PlainTextResponse:
     return PlainTextResponse("hello")
 
 
+# asyncpg, under load, now and then leaves the transport of a connection whose TLS
+# handshake failed unclosed (seen in 2 of about 12 full runs, never alone; keyguard holds
+# no handle on it: the connection never came into being). The test collects it itself,
+# with that warning ignored, rather than let it fail whichever test the collector runs in.
+@pytest.mark.filterwarnings("ignore:unclosed transport:ResourceWarning")
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
 async def test_wrong_ca_is_a_clean_503_and_nothing_secret_is_logged(
     private_postgres: PrivatePostgres, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -561,6 +568,8 @@ async def test_wrong_ca_is_a_clean_503_and_nothing_secret_is_logged(
     finally:
         await store.aclose()
         await guarded.aclose()
+        await asyncio.sleep(0)  # the transports' close callbacks
+        gc.collect()
     assert "certificate" in str(caught.value.__cause__).lower()
     assert answer.status_code == 503, answer.text
     assert caplog.records  # the loggers were listening
