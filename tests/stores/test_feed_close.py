@@ -10,6 +10,7 @@ fresh connections nobody closed (a ResourceWarning when collected, in a later te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import warnings
 from collections.abc import AsyncIterator
@@ -71,6 +72,9 @@ async def test_closing_a_watched_store_ends_its_feed_and_the_caches_watcher(
             await watched.aclose()
             await asyncio.wait_for(asyncio.shield(watcher), 30)
             assert watcher.exception() is None  # it returned: no retrying a closed store
+            with contextlib.suppress(StoreClosed):  # (if it reads: the store is closed)
+                await cached.lookup("orders", key.client_id)
+            assert cached._watcher is watcher  # no watcher started again
             assert isinstance(watched, ChangeFeed)
             with pytest.raises(StoreClosed):
                 await watched.watch(lambda api, client_id: None, on_ready=lambda: None)

@@ -576,7 +576,10 @@ class CachedStore:
             except asyncio.CancelledError:
                 raise
             except StoreClosed:
-                return  # the wrapped store was closed under the cache: nothing more to hear
+                # The wrapped store was closed under the cache: nothing more to hear, and
+                # no watcher to start again on the next lookup.
+                self._feed = None
+                return
             except StoreUnavailable as exc:
                 # Once per outage; the cache's TTL bounds staleness meanwhile.
                 if not lost:
