@@ -90,6 +90,9 @@ class _Feed(_RedisBase[ClientT]):
     async def aclose(self) -> None:
         """End the change feeds being watched, then close the clients (a feed left
         reading would have redis-py reconnect it, on a closed client, to resubscribe)."""
+        # Closed from now on: a watch starting while this waits for the others to end
+        # (a cache's watcher retrying just then) raises StoreClosed instead of listening.
+        self._closed = True
         running = _running_loop()
         waits = []
         for scope, (loop, done) in list(self._watches.items()):
