@@ -48,12 +48,13 @@ def test_a_database_path_that_is_not_a_number_is_refused(path: str) -> None:
         ("redis://127.0.0.1:6379/0?client_name=me@home", {"client_name": "me@home", "db": 0}),
         ("redis://127.0.0.1:6379/%31", {"db": 1}),
         ("redis://127.0.0.1:6379", {"host": "127.0.0.1", "port": 6379}),
+        ("unix:///run/redis@1/redis.sock?db=2", {"path": "/run/redis@1/redis.sock", "db": 2}),
     ],
 )
 def test_escaped_and_unambiguous_urls_are_read_as_written(
     url: str, expected: dict[str, object]
 ) -> None:
-    """Percent-encoded characters, a raw '@' in a password (the host follows the last one)
-    and an '@' in a query value are still read as they mean."""
+    """Percent-encoded characters, a raw '@' in a password (the host follows the last one),
+    an '@' in a query value and a ``unix://`` socket's path are still read as they mean."""
     kwargs = RedisStore.from_url(url).client.connection_pool.connection_kwargs
     assert {name: kwargs.get(name) for name in expected} == expected

@@ -144,8 +144,9 @@ def _check_url(url: str) -> None:
         parts = urlsplit(url)
     except ValueError:  # an unclosed "[" of an IPv6 host, say
         raise ConfigurationError(f"invalid Redis store URL {shown!r}") from None
+    socket = parts.scheme.lower() == "unix"  # its path is the socket's, not a database
     names = [item.partition("=")[0] for item in parts.query.split("&")]
-    if any("@" in text for text in (parts.path, parts.fragment, *names)):
+    if any("@" in text for text in ("" if socket else parts.path, parts.fragment, *names)):
         raise ConfigurationError(
             f"invalid Redis store URL {shown!r}: an '@' after the host; a '/', '?' or '#' "
             "in the user name or password must be percent-encoded (%2F, %3F, %23)"
@@ -156,7 +157,7 @@ def _check_url(url: str) -> None:
         raise ConfigurationError(
             f"invalid Redis store URL {shown!r}: the port must be a number from 0 to 65535"
         ) from None
-    if not _DATABASE_PATH.fullmatch(unquote(parts.path)):
+    if not socket and not _DATABASE_PATH.fullmatch(unquote(parts.path)):
         raise ConfigurationError(
             f"invalid Redis store URL {shown!r}: the path is the database number, as in /0"
         )
