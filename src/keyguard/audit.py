@@ -17,6 +17,7 @@ newest first, and an id is the cursor of the next page (``before=``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -197,8 +198,10 @@ def _at(event_id: str) -> datetime:
 
 def cutoff_id(retention: timedelta, now: datetime | None = None) -> str:
     """The id prefix below which events are older than ``retention`` (for ``id < cutoff``)."""
-    moment = (now or utcnow()) - retention
-    return f"{max(0, (moment - _EPOCH) // _MICROSECOND):014x}"
+    now = now or utcnow()
+    if retention >= now - _EPOCH:  # a retention reaching back before 1970: keep everything
+        return f"{0:014x}"
+    return f"{((now - retention) - _EPOCH) // _MICROSECOND:014x}"
 
 
 def check_retention(value: object) -> timedelta:
@@ -207,7 +210,8 @@ def check_retention(value: object) -> timedelta:
         if value > timedelta(0):
             return value
     elif isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return timedelta(days=value)
+        with contextlib.suppress(OverflowError):  # past timedelta.max, or infinite
+            return timedelta(days=value)
     raise ConfigurationError(
         f"audit_retention must be a positive timedelta or number of days, got {value!r}"
     )

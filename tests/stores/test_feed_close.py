@@ -80,3 +80,23 @@ async def test_closing_a_watched_store_ends_its_feed_and_the_caches_watcher(
                 await watched.watch(lambda api, client_id: None, on_ready=lambda: None)
             gc.collect()
         assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
+@pytest.mark.parametrize("backend", ["redis", "cluster"])
+async def test_a_watch_begun_while_its_store_closes_ends_with_store_closed(
+    backend: str, tmp_path: Path
+) -> None:
+    """A watch that starts while ``aclose()`` waits for the feeds it is ending (a cache's
+    watcher retrying just then, say) ends with StoreClosed too: it used to subscribe and
+    listen on, on a connection of the closed store's client that nobody closed."""
+    async with open_test_store(backend, tmp_path) as store, second_store(store) as watched:
+        assert isinstance(watched, ChangeFeed)
+        ready = asyncio.Event()
+        first = asyncio.create_task(watched.watch(lambda api, cid: None, on_ready=ready.set))
+        await asyncio.wait_for(ready.wait(), 30)
+        # Runs once aclose() below first waits: for the first feed to end.
+        late = asyncio.create_task(watched.watch(lambda api, cid: None, on_ready=lambda: None))
+        await watched.aclose()
+        for task in (first, late):
+            with pytest.raises(StoreClosed):
+                await asyncio.wait_for(task, 10)

@@ -10,7 +10,9 @@ import pytest
 from redis.crc import key_slot
 
 from keyguard.audit import cutoff_id, new_event
+from keyguard.errors import ConfigurationError
 from keyguard.models import KeyChanges, utcnow
+from keyguard.stores.redis import RedisStore
 from tests.backends.redis import open_redis_test_store
 from tests.helpers import expose, record
 
@@ -57,3 +59,31 @@ async def test_the_change_script_trims_events_past_retention(tmp_path: Path) -> 
         await store.update_key("orders", key.client_id, KeyChanges(enabled=True), audit=fresh)
         assert await store.client.zcard(zset) == 1
         assert [e.id for e in await store.list_audit(client_id=key.client_id)] == [fresh.id]
+
+
+async def test_a_retention_reaching_before_1970_keeps_every_event(tmp_path: Path) -> None:
+    """A retention longer than the time since 1970 ("keep them all": timedelta.max, a
+    million days) writes, trims nothing and lists events; it raised OverflowError (a 500
+    at the front doors) on every change and listing."""
+    for retention in (timedelta.max, timedelta(days=10**6)):
+        async with open_redis_test_store("redis", tmp_path, audit_retention=retention) as store:
+            event = new_event(actor="t", action="api.expose", api="orders")
+            await store.upsert_api(
+                "orders",
+                exposed=True,
+                max_keys_per_kind=None,
+                default_max_keys_per_kind=5,
+                audit=event,
+            )
+            assert [e.id for e in await store.list_audit()] == [event.id]
+            assert [e.id for e in await store.list_audit(api="orders")] == [event.id]
+
+
+@pytest.mark.parametrize("retention", [1e12, float("inf")])
+def test_a_retention_in_days_past_timedeltas_range_is_a_configuration_error(
+    retention: float,
+) -> None:
+    """A number of days no ``timedelta`` holds is a ConfigurationError when the store is
+    opened, not an OverflowError."""
+    with pytest.raises(ConfigurationError, match="audit_retention"):
+        RedisStore.from_url("redis://127.0.0.1:6379/0", audit_retention=retention)

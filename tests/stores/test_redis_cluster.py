@@ -101,6 +101,15 @@ def test_a_misspelt_option_is_refused_at_once() -> None:
         open_store("redis+cluster://127.0.0.1:7000", socket_timout=1)
 
 
+@pytest.mark.parametrize("value", [0, "x", "50", 2.5, True, None])
+def test_a_bad_max_connections_is_refused_at_once(value: object) -> None:
+    """``max_connections`` must be a whole number of at least 1 (the gate's places): anything
+    else is a ConfigurationError, as on the standalone store (a text raised ValueError; a
+    float or True was rounded into a gate)."""
+    with pytest.raises(ConfigurationError, match="max_connections"):
+        open_store("redis+cluster://127.0.0.1:7000", max_connections=value)
+
+
 def test_the_rate_limiter_defaults_to_the_cluster() -> None:
     """KeyGuard over a cluster store counts rate limits on the same cluster, through limits'
     cluster storage (redis-py); a TLS cluster keeps TLS."""

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from keyguard.models import KeyRecord, name_key
+from keyguard.models import KeyRecord, name_key, utcnow
 from keyguard.stores.redis import RedisCore
 from keyguard.stores.redis._common import _body, _dumps
 from tests.backends import open_test_store
 from tests.helpers import expose, record
-from tests.stores.test_contract_pages import add, every_page, keys_of
+from tests.stores.test_contract_pages import _LAST_CREATED, add, every_page, keys_of
 
 pytestmark = pytest.mark.anyio
 
@@ -104,3 +105,77 @@ async def test_keys_deleted_by_older_code_are_skipped(redis_store: Any) -> None:
     await client.hincrby(api_key(redis_store), "c:external", -1)
     assert keys_of(await every_page(redis_store, limit=5)) == [recs[0], recs[2]]
     assert await client.zcard(order_key(redis_store)) == 2
+
+
+async def older_keys(store: Any, count: int) -> list[KeyRecord]:
+    """``count`` keys inserted the way older code did (no members in the order), each
+    created after the one before."""
+    recs = []
+    for i in range(count):
+        moment = max(utcnow(), _LAST_CREATED[0] + timedelta(microseconds=1))
+        _LAST_CREATED[0] = moment
+        rec = dataclasses.replace(record(name=f"older {i}"), created_at=moment)
+        await insert_as_older_code(store, rec)
+        recs.append(rec)
+    return recs
+
+
+async def one_page_call(store: Any) -> Any:
+    """The page script called once, as ``page_keys`` calls it (first page of 10)."""
+    keys = [api_key(store), order_key(store)]
+    args = ["-", 10, "", store.scan_budget, store.rebuild_step]
+    return await store._page_keys(keys=keys, args=args, client=store.client)
+
+
+async def test_a_rebuild_runs_in_bounded_steps(redis_store: Any) -> None:
+    """Rebuilding the order of an API of older code's keys takes several script calls, each
+    looking at about ``rebuild_step`` entries of the hash, so Redis serves others in
+    between (one script over the whole hash blocked it: ~10 s for 200,000 keys); the
+    pages then list every key in order."""
+    await expose(redis_store, limit=100)
+    recs = await older_keys(redis_store, 60)  # ~190 hash entries: not a small listpack
+    redis_store.rebuild_step = 100
+    client = redis_store.client
+    rows, position = await one_page_call(redis_store)
+    assert (rows, position) == ([], b"~")  # a step made, more to come
+    assert 0 < await client.zcard(order_key(redis_store)) < 60
+    seq, ordered, rebuild = await client.hmget(api_key(redis_store), ["seq", "ordered", "rebuild"])
+    assert ordered != seq
+    assert rebuild.startswith(seq + b":")
+    assert keys_of(await every_page(redis_store, limit=7)) == recs
+    assert await client.zcard(order_key(redis_store)) == 60
+    seq, ordered, rebuild = await client.hmget(api_key(redis_store), ["seq", "ordered", "rebuild"])
+    assert (ordered, rebuild) == (seq, None)
+
+
+async def test_an_insert_during_a_rebuild_is_listed_and_the_rebuild_still_ends(
+    redis_store: Any,
+) -> None:
+    """A key inserted by this code while a rebuild is under way adds its own member and moves
+    the rebuild along with it: the rebuild ends (not started over for ever by a busy
+    API's inserts) and the key is listed in its place."""
+    await expose(redis_store, limit=100)
+    recs = await older_keys(redis_store, 60)
+    redis_store.rebuild_step = 100
+    client = redis_store.client
+    assert (await one_page_call(redis_store))[1] == b"~"
+    _, before = await client.hmget(api_key(redis_store), ["seq", "rebuild"])
+    recs += await add(redis_store, ["new"])
+    seq, after = await client.hmget(api_key(redis_store), ["seq", "rebuild"])
+    assert after == seq + before[before.index(b":") :]  # same scan, caught up with the insert
+    assert keys_of(await every_page(redis_store, limit=7)) == recs
+    seq, ordered = await client.hmget(api_key(redis_store), ["seq", "ordered"])
+    assert ordered == seq
+
+
+async def test_an_older_insert_during_a_rebuild_starts_it_over(redis_store: Any) -> None:
+    """A key inserted by older code during a rebuild (which a scan under way may miss)
+    makes the next step start over, and the key is listed."""
+    await expose(redis_store, limit=100)
+    recs = await older_keys(redis_store, 60)
+    redis_store.rebuild_step = 100
+    assert (await one_page_call(redis_store))[1] == b"~"
+    recs += await older_keys(redis_store, 1)
+    assert keys_of(await every_page(redis_store, limit=7)) == recs
+    seq, ordered = await redis_store.client.hmget(api_key(redis_store), ["seq", "ordered"])
+    assert ordered == seq

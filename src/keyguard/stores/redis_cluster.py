@@ -116,9 +116,11 @@ class RedisClusterStore(RedisCore[RedisCluster]):
             **url_options,
             **client_options,
         }
-        gate = int(options["max_connections"])
-        if gate < 1:
-            raise ConfigurationError("max_connections must be at least 1")
+        gate = options["max_connections"]
+        if isinstance(gate, bool) or not isinstance(gate, int) or gate < 1:
+            raise ConfigurationError(
+                f"max_connections must be a whole number, at least 1: {gate!r}"
+            )
         # One connection per node beyond the gate's places: the change feed's.
         options["max_connections"] = gate + 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Any, cast
 
 import anyio
 
@@ -55,41 +56,54 @@ class _Feed(_RedisBase[ClientT]):
     ) -> None:
         pubsub: PubSub | None = None
         try:
-            with anyio.fail_after(self.timeout):
-                pubsub = await self._subscriber(client)
-                await pubsub.subscribe(self._channel)
-            pinged = False
+            try:
+                with anyio.fail_after(self.timeout):
+                    pubsub = await self._subscriber(client)
+                    await pubsub.subscribe(self._channel)
+            except _FAILURES as exc:
+                raise self._unavailable(exc) from exc
             while True:
-                # An explicit read timeout answers None when nothing came, on every
-                # redis-py version (a blocking read may inherit the socket timeout).
-                message = await pubsub.get_message(timeout=self.timeout)
-                if message is None:
-                    # Quiet for a timeout: a connection cut without a goodbye (or a
-                    # frozen server) raises nothing, ever. Ask; no answer by the next
-                    # quiet timeout means the feed is gone, not merely idle.
-                    if pinged:
-                        raise ConnectionError("the change feed's server stopped answering")
-                    with anyio.fail_after(self.timeout):
-                        await pubsub.ping()
-                    pinged = True
-                    continue
-                pinged = False  # the connection lives: anything heard counts
+                message = await self._next_message(pubsub)
+                # The callbacks run outside the translation of failures: what they raise
+                # is their own bug, never disguised as an outage (ChangeFeed.watch).
                 kind = _text(message["type"])
                 if kind == "subscribe":
                     on_ready()
                 elif kind == "message":
                     api, newline, client_id = _text(message["data"]).partition("\n")
                     on_change(api, client_id if newline else None)
-        except _FAILURES as exc:
-            raise self._unavailable(exc) from exc
         finally:
             if pubsub is not None:
                 with anyio.CancelScope(shield=True), contextlib.suppress(*_FAILURES):
                     await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # bare before redis-py 8.2
 
+    async def _next_message(self, pubsub: PubSub) -> dict[str, Any]:
+        """The next message heard; StoreUnavailable when the feed's server is gone."""
+        pinged = False
+        try:
+            while True:
+                # An explicit read timeout answers None when nothing came, on every
+                # redis-py version (a blocking read may inherit the socket timeout).
+                message = await pubsub.get_message(timeout=self.timeout)
+                if message is not None:
+                    return cast("dict[str, Any]", message)  # anything heard: it lives
+                # Quiet for a timeout: a connection cut without a goodbye (or a frozen
+                # server) raises nothing, ever. Ask; no answer by the next quiet
+                # timeout means the feed is gone, not merely idle.
+                if pinged:
+                    raise ConnectionError("the change feed's server stopped answering")
+                with anyio.fail_after(self.timeout):
+                    await pubsub.ping()
+                pinged = True
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from exc
+
     async def aclose(self) -> None:
         """End the change feeds being watched, then close the clients (a feed left
         reading would have redis-py reconnect it, on a closed client, to resubscribe)."""
+        # Closed from now on: a watch starting while this waits for the others to end
+        # (a cache's watcher retrying just then) raises StoreClosed instead of listening.
+        self._closed = True
         running = _running_loop()
         waits = []
         for scope, (loop, done) in list(self._watches.items()):

@@ -46,7 +46,13 @@ from keyguard.stores.redis._common import (
     _text,
 )
 from keyguard.stores.redis._lua import _RULE_ERRORS
-from keyguard.stores.redis._pages import SCAN_BUDGET, lower_bound, next_cursor
+from keyguard.stores.redis._pages import (
+    REBUILD_STEP,
+    REBUILDING,
+    SCAN_BUDGET,
+    lower_bound,
+    next_cursor,
+)
 
 
 class _Keys(_Activity[ClientT]):
@@ -55,6 +61,8 @@ class _Keys(_Activity[ClientT]):
 
     #: The most members of an API's listing order one filtered page call looks at.
     scan_budget: int = SCAN_BUDGET
+    #: The most entries of an API's hash one script looks at while rebuilding its order.
+    rebuild_step: int = REBUILD_STEP
 
     async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
         """Whether ``api`` is exposed, and the key ``client_id`` of it: one ``HMGET``."""
@@ -210,15 +218,27 @@ class _Keys(_Activity[ClientT]):
     ) -> KeyPage:
         """One script on the API's hash and its listing order (see ``_pages.py``): the
         members after the cursor's position, and their keys; with ``name``, at most
-        ``scan_budget`` members looked at per call."""
+        ``scan_budget`` members looked at per call. An order to rebuild first (data of
+        older code) takes more calls, each at most ``rebuild_step`` hash entries."""
         check_page(limit)
         start = None if after is None else decode_cursor(after)
         needle = name_filter(name)
         keys = [self._api_key(api), self._order_key(api)]
-        args: list[str | int] = [lower_bound(start), limit, needle or "", self.scan_budget]
-        rows, position = await self._call(
-            lambda redis: self._page_keys(keys=keys, args=args, client=redis)
-        )
+        args: list[str | int] = [
+            lower_bound(start),
+            limit,
+            needle or "",
+            self.scan_budget,
+            self.rebuild_step,
+        ]
+
+        async def read(redis: ClientT) -> Any:
+            while True:  # each call a bounded step of a rebuild of the order, if one is due
+                answer = await self._page_keys(keys=keys, args=args, client=redis)
+                if _text(answer[1]) != REBUILDING:
+                    return answer
+
+        rows, position = await self._call(read)
         found = [_record(api, _text(row[0]), *row[1:]) for row in rows]
         return KeyPage(found, next_cursor(position))
 

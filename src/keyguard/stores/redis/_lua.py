@@ -81,8 +81,14 @@ redis.call('HSET', api, 'k:' .. id, '[' .. seq .. ',' .. string.sub(ARGV[4], 2),
 if ARGV[5] == '1' then redis.call('HSET', api, 's:' .. id, ARGV[6]) end
 if ARGV[9] ~= '' then redis.call('HSET', api, 'p:' .. id, ARGV[9]) end
 redis.call('ZADD', KEYS[2], 0, ARGV[10] .. string.format('%012d', seq) .. id)
-if redis.call('HGET', api, 'ordered') == tostring(seq - 1) then
+local marks = redis.call('HMGET', api, 'ordered', 'rebuild')
+if marks[1] == tostring(seq - 1) then
   redis.call('HSET', api, 'ordered', seq)
+elseif marks[2] then
+  -- A rebuild of the order under way (_pages.py): this key has its member, so the
+  -- rebuild catches up with this seq too.
+  local target, at = string.match(marks[2], '^(%d+):(%d+)$')
+  if target == tostring(seq - 1) then redis.call('HSET', api, 'rebuild', seq .. ':' .. at) end
 end
 redis.call('PUBLISH', ARGV[7], ARGV[8])
 record_audit(3)

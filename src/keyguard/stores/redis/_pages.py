@@ -14,11 +14,18 @@ Upkeep of data written before it existed, or by older code during a rolling
 deploy: the API's hash field ``ordered`` holds the insertion number up to
 which the sorted set is known complete. Each insert by this code moves it
 along if it was complete; older code inserts without moving it. The page
-script compares it with the hash's ``seq`` and, if they differ, rebuilds the
-sorted set from the hash first (one pass over the API's records, in the same
-script, so it is atomic; it happens once per API after an upgrade, and again
-only after older code inserted). A member whose key is gone (deleted by
-older code) is dropped when a page meets it.
+script compares it with the hash's ``seq`` and, if they differ, first adds
+the member of every key to the sorted set, by steps: each call looks at most
+at ``REBUILD_STEP`` entries of the hash (``HSCAN``, resumed from the cursor
+kept in the hash field ``rebuild``, beside the ``seq`` it catches up with) and
+answers ``REBUILDING`` until the scan is through; the caller calls again, so
+Redis serves other clients between the steps (one script over a whole hash of
+200,000 keys blocked it for 10 s). An insert by this code during a rebuild
+adds its own member and moves the rebuild's ``seq`` along; one by older code
+(which a scan under way may miss) makes the next step start over. It happens
+once per API after an upgrade, and again only after older code inserted. A
+member whose key is gone (deleted by older code, or during a rebuild) is
+dropped when a page meets it.
 
 Bounded work: a page script looks at ``limit + 1`` members without a name
 filter. With one, it looks at most at ``SCAN_BUDGET`` members per call; when
@@ -34,38 +41,56 @@ from typing import Any
 
 from keyguard.stores._paging import SCAN_BUDGET, encode_cursor
 
-__all__ = ["PAGE_LUA", "SCAN_BUDGET", "lower_bound", "next_cursor"]
+__all__ = ["PAGE_LUA", "REBUILDING", "REBUILD_STEP", "SCAN_BUDGET", "lower_bound", "next_cursor"]
 
 _POSITION_LENGTH = 28  # 16 digits of µs, 12 of insertion number
 
+REBUILD_STEP = 1000
+"""The most entries of an API's hash one page call looks at while rebuilding its order."""
+REBUILDING = "~"
+"""The page script's position when it made a step of a rebuild and must be called again."""
+
 # KEYS: the API's hash, its listing order.  ARGV: the lower bound ('-' or '[<position>'),
-# limit, casefolded name filter ('' for none), scan budget.  Answers {rows, position}: rows
-# of {client id, record, secret hash, previous secret, last use}, and the position (28
-# digits) of the last member looked at when more members follow, else ''.
+# limit, casefolded name filter ('' for none), scan budget, rebuild step (hash entries).
+# Answers {rows, position}: rows of {client id, record, secret hash, previous secret, last
+# use}, and the position (28 digits) of the last member looked at when more members
+# follow, else ''; or {{}, '~'} when it added a step of a rebuild of the order that is
+# not done yet (the caller calls again).
 PAGE_LUA = """
 local api, order = KEYS[1], KEYS[2]
-local state = redis.call('HMGET', api, 'exposed', 'seq', 'ordered')
+local state = redis.call('HMGET', api, 'exposed', 'seq', 'ordered', 'rebuild')
 if not state[1] then return {{}, ''} end
 local seq = state[2] or '0'
 if state[3] ~= seq then
-  redis.call('DEL', order)
-  local all = redis.call('HGETALL', api)
-  local batch = {}
-  for i = 1, #all, 2 do
-    local field = all[i]
-    if string.sub(field, 1, 2) == 'k:' then
-      local record = cjson.decode(all[i + 1])
+  -- The order lags the keys: add every key's member, at most ARGV[5] hash entries
+  -- looked at per call, resuming where the last call stopped ('rebuild' holds the seq
+  -- being caught up with and the HSCAN cursor; a seq moved on by older code, whose
+  -- insert may be missed by a scan under way, starts over).
+  local cursor = '0'
+  if state[4] then
+    local target, at = string.match(state[4], '^(%d+):(%d+)$')
+    if target == seq then cursor = at end
+  end
+  local budget, looked = tonumber(ARGV[5]), 0
+  repeat
+    local reply = redis.call('HSCAN', api, cursor, 'MATCH', 'k:*', 'COUNT', 100)
+    cursor = reply[1]
+    local found, batch = reply[2], {}
+    for i = 1, #found, 2 do
+      local record = cjson.decode(found[i + 1])
       batch[#batch + 1] = 0
       batch[#batch + 1] = string.format('%016.0f%012.0f', record[5], record[1])
-                          .. string.sub(field, 3)
-      if #batch >= 1000 then
-        redis.call('ZADD', order, unpack(batch))
-        batch = {}
-      end
+                          .. string.sub(found[i], 3)
     end
+    if #batch > 0 then redis.call('ZADD', order, unpack(batch)) end
+    looked = looked + 100
+  until cursor == '0' or looked >= budget
+  if cursor ~= '0' then
+    redis.call('HSET', api, 'rebuild', seq .. ':' .. cursor)
+    return {{}, '~'}
   end
-  if #batch > 0 then redis.call('ZADD', order, unpack(batch)) end
   redis.call('HSET', api, 'ordered', seq)
+  redis.call('HDEL', api, 'rebuild')
 end
 local lower, limit, needle = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local budget = tonumber(ARGV[4])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from keyguard.audit import (
     DEFAULT_AUDIT_RETENTION,
@@ -79,6 +81,7 @@ class RedisStore(RedisCore[Redis]):
         """
         _check_timeout(timeout)
         check_retention(audit_retention)
+        _check_url(url)
         options: dict[str, Any] = {
             "socket_connect_timeout": timeout,
             "socket_timeout": timeout,
@@ -119,3 +122,42 @@ class RedisStore(RedisCore[Redis]):
 
     async def _subscriber(self, client: Redis) -> PubSub:
         return client.pubsub()
+
+
+# The path of a redis:// URL: none, "/", or the database number.
+_DATABASE_PATH = re.compile(r"/?[0-9]*")
+
+
+def _check_url(url: str) -> None:
+    """Refuse what redis-py would misread, silently or in an error quoting a password.
+
+    An ``@`` after the host (outside a query's ``name=value``) means a user name or
+    password holding an unescaped ``/``, ``?`` or ``#``: the URL parser ends the host
+    there, reads part of the password as the port (and quotes it in its error) or, if
+    that part is a number, connects elsewhere without it. A path that is not a
+    database number would be ignored (database 0), and ``/1/2`` read as 12.
+    """
+    if not isinstance(url, str):
+        return  # redis-py's own error
+    shown = redact(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed "[" of an IPv6 host, say
+        raise ConfigurationError(f"invalid Redis store URL {shown!r}") from None
+    socket = parts.scheme.lower() == "unix"  # its path is the socket's, not a database
+    names = [item.partition("=")[0] for item in parts.query.split("&")]
+    if any("@" in text for text in ("" if socket else parts.path, parts.fragment, *names)):
+        raise ConfigurationError(
+            f"invalid Redis store URL {shown!r}: an '@' after the host; a '/', '?' or '#' "
+            "in the user name or password must be percent-encoded (%2F, %3F, %23)"
+        )
+    try:
+        parts.port  # noqa: B018 - parsed here to word the error without quoting the URL
+    except ValueError:
+        raise ConfigurationError(
+            f"invalid Redis store URL {shown!r}: the port must be a number from 0 to 65535"
+        ) from None
+    if not socket and not _DATABASE_PATH.fullmatch(unquote(parts.path)):
+        raise ConfigurationError(
+            f"invalid Redis store URL {shown!r}: the path is the database number, as in /0"
+        )
