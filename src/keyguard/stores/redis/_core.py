@@ -48,12 +48,13 @@ class RedisCore(_Keys[ClientT], _Feed[ClientT]):
 
         async def create(redis: ClientT) -> tuple[Any, bool]:
             nonlocal found_now
-            if not await redis.exists(name):
+            # GET, not EXISTS: the commands docs/redis-store.md's ACL grants.
+            if await redis.get(name) is None:
                 found_now = await self._holds_tagged_ids(redis)
                 if found_now:
                     await redis.set(mark, "1")
                 await redis.set(name, candidate, nx=True)
-            return await redis.get(name), bool(await redis.exists(mark))
+            return await redis.get(name), await redis.get(mark) is not None
 
         text, lost = await self._call(create)
         key = parse_tag_key(text, self.description)
