@@ -190,6 +190,25 @@ async def test_an_api_usage_a_page_of_keys_at_a_time(
     assert named["hours"] == (await http.get("/admin/apis/orders/usage")).json()["hours"]
 
 
+async def test_an_empty_after_or_name_is_not_given_as_in_the_key_listing(
+    served: tuple[KeyGuard, httpx.AsyncClient],
+) -> None:
+    """``?after=`` and ``?name=`` left empty mean what they mean to ``GET …/keys``: not
+    given. The first page (not a 422 for a bad cursor), and the whole API (not one page)."""
+    _, http = served
+    await http.put("/admin/apis/orders", json={"exposed": True})
+    for name in ("Acme", "Beta"):
+        await http.post("/admin/apis/orders/keys", json={"name": name, "kind": "external"})
+    assert (await http.get("/admin/apis/orders/keys?after=")).status_code == 200
+    first = await http.get("/admin/apis/orders/usage?limit=1&after=")
+    assert first.status_code == 200
+    paged = (await http.get("/admin/apis/orders/usage?limit=1")).json()
+    assert (first.json()["keys"], first.json()["next"]) == (paged["keys"], paged["next"])
+    unnamed = (await http.get("/admin/apis/orders/usage?name=")).json()
+    assert [key["name"] for key in unnamed["keys"]] == ["Acme", "Beta"]
+    assert "next" not in unnamed
+
+
 @pytest.mark.parametrize(
     "query", ["limit=0", "limit=1001", "limit=x", "after=not-a-cursor!", "limit=1&limit=2", "x=1"]
 )

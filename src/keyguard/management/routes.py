@@ -179,8 +179,10 @@ class Endpoints:
             request.path_params["api"],
             hours=_hours(request),
             limit=None if limit is None else _page_limit(limit),
-            after=query.get("after"),
-            name=query.get("name"),
+            # Empty is not given, as GET …/keys reads them: "?after=" is the first page, not a
+            # bad cursor, and "?name=" filters nothing (nor turns the answer into one page).
+            after=query.get("after") or None,
+            name=query.get("name") or None,
         )
         return json_response(usage)
 
