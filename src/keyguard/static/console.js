@@ -320,6 +320,22 @@ function setReadOnly(name) {
   }
 }
 
+// A change refused 403 "forbidden": the token is read-only now (it was not when the page
+// asked at sign-in), so the page says so and turns its changing controls off, as it would
+// have from the start.
+async function becameReadOnly() {
+  if (state.readOnly) return;
+  const token = state.token;
+  let name = "";
+  try {
+    const who = await call("GET", "whoami", undefined, token);
+    name = who && who.token ? who.token : "";
+  } catch (error) {
+    name = "";
+  }
+  if (state.token === token && !state.readOnly) setReadOnly(name);
+}
+
 function applyReadOnly() {
   for (const control of $("console").querySelectorAll("button, input, select, textarea")) {
     // Reads (Try again, the usage chart's choices) stay on: they change nothing.
@@ -518,7 +534,9 @@ function wire() {
 }
 
 async function boot() {
-  Object.assign(page, { reload: loadApi, error: setPageError, signOut, redraw: renderApi });
+  Object.assign(page, {
+    reload: loadApi, error: setPageError, signOut, redraw: renderApi, readOnly: becameReadOnly,
+  });
   wire();
   wirePages();
   const saved = sessionStorage.getItem(TOKEN_KEY);
