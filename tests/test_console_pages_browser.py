@@ -151,3 +151,27 @@ def test_search_finds_keys_by_part_of_the_name(page: Page) -> None:
     expect(page.locator("tr[data-client-id]")).to_have_count(100)
     expect(page.get_by_role("button", name="Show more keys")).to_be_visible()
     assert shown_names(page, EXTERNAL)[:3] == ["Customer 000", "Customer 001", "Customer 002"]
+
+
+def test_signing_out_forgets_the_search_and_what_was_typed(page: Page) -> None:
+    """Nothing of a session stays in the page: after signing out, the search box and the
+    Add an API field are empty, their errors gone, and the next session, on the same API,
+    lists every key rather than the last matches."""
+    page.get_by_label("Add an API").fill("not a name!")
+    page.get_by_role("button", name="Add API").click()
+    expect(page.locator("#add-api-error")).to_be_visible()
+    search = page.get_by_role("searchbox", name="Search keys by name")
+    search.fill("team")
+    expect(page.locator("tr[data-client-id]")).to_have_count(INTERNAL_KEYS)
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_label("Management token")).to_be_visible()
+    assert page.locator("#key-search").input_value() == ""
+    assert page.locator("#new-api").input_value() == ""
+    assert page.locator("#add-api-error").text_content() == ""
+    page.get_by_label("Management token").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", level=1, name=PROTECTED_API)).to_be_visible()
+    expect(search).to_have_value("")
+    expect(page.locator("#add-api-error")).to_be_hidden()
+    expect(page.locator("tr[data-client-id]")).to_have_count(100)
+    expect(page.get_by_role("button", name="Show more keys")).to_be_visible()

@@ -14,7 +14,7 @@ import {
 import { closeConfirm, closeDialogs, confirmDialog, wireDialogs } from "./dialogs.js";
 import { createKey, openCreate } from "./actions.js";
 import { closeMenus, renderKind } from "./keys.js";
-import { loadKeys, renderPages, wirePages } from "./pages.js";
+import { loadKeys, renderPages, resetPages, wirePages } from "./pages.js";
 import { askApiLimits, renderApiLimits } from "./limits.js";
 import { formatDateTime } from "./times.js";
 import { clearUsage, loadUsage, wireUsage } from "./usage.js";
@@ -47,6 +47,12 @@ function signOut(message) {
   $("external-keys").replaceChildren();
   $("api-title").textContent = "";
   $("activity-list").replaceChildren();
+  // What was typed and what was said about it: the fields' text, their errors, the banner.
+  for (const node of $("console").querySelectorAll("p.error[id]")) setError(node.id, "");
+  $("new-api").value = "";
+  $("new-api").setAttribute("aria-invalid", "false");
+  setPageError("");
+  resetPages();
   clearUsage();
   setReadOnly(null);
   show($("api-detail"), false);

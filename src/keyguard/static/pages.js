@@ -52,6 +52,18 @@ async function readKeys(name, after, count, filter) {
   return { keys, next, reads };
 }
 
+// Forget the search and the pages shown (signing out: nothing of a session stays in the page,
+// and the next one starts with every key, whoever signs in).
+export function resetPages() {
+  clearTimeout(timer);
+  shownApi = null;
+  wanted = PAGE_SIZE;
+  Object.assign(state, { keysNext: null, keyFilter: "", keyReads: [] });
+  const box = $("key-search");
+  if (box) box.value = "";
+  renderPages();
+}
+
 // The search box and the "Show more keys" button, added around the two sections of keys.
 export function wirePages() {
   state.keysNext = null;
