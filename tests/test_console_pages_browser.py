@@ -156,10 +156,12 @@ def test_search_finds_keys_by_part_of_the_name(page: Page) -> None:
 def test_signing_out_forgets_the_search_and_what_was_typed(page: Page) -> None:
     """Nothing of a session stays in the page: after signing out, the search box and the
     Add an API field are empty, their errors gone, and the next session, on the same API,
-    lists every key rather than the last matches."""
+    lists every key rather than the last matches and shows the stored key limit rather than
+    the number typed and never saved."""
     page.get_by_label("Add an API").fill("not a name!")
     page.get_by_role("button", name="Add API").click()
     expect(page.locator("#add-api-error")).to_be_visible()
+    page.get_by_label("Keys allowed of each kind").fill("9")  # typed, never saved
     search = page.get_by_role("searchbox", name="Search keys by name")
     search.fill("team")
     expect(page.locator("tr[data-client-id]")).to_have_count(INTERNAL_KEYS)
@@ -173,5 +175,6 @@ def test_signing_out_forgets_the_search_and_what_was_typed(page: Page) -> None:
     expect(page.get_by_role("heading", level=1, name=PROTECTED_API)).to_be_visible()
     expect(search).to_have_value("")
     expect(page.locator("#add-api-error")).to_be_hidden()
+    expect(page.get_by_label("Keys allowed of each kind")).to_have_value(str(EXTERNAL_KEYS))
     expect(page.locator("tr[data-client-id]")).to_have_count(100)
     expect(page.get_by_role("button", name="Show more keys")).to_be_visible()

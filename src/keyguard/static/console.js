@@ -51,6 +51,7 @@ function signOut(message) {
   for (const node of $("console").querySelectorAll("p.error[id]")) setError(node.id, "");
   $("new-api").value = "";
   $("new-api").setAttribute("aria-invalid", "false");
+  delete $("limit").dataset.api; // the next session's API shows its stored limit, not this text
   setPageError("");
   resetPages();
   clearUsage();
