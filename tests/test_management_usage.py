@@ -126,10 +126,14 @@ async def test_hours_given_twice_is_422(served: tuple[KeyGuard, httpx.AsyncClien
 
 
 async def test_unknown_api_and_key_are_404(served: tuple[KeyGuard, httpx.AsyncClient]) -> None:
-    """An API never created: api_not_found; an unknown key of an existing API: key_not_found;
-    no token: 401."""
+    """An API never created: api_not_found for its usage, key_not_found for a key's (SPEC
+    §5: key routes); an unknown key of an existing API: key_not_found; no token: 401."""
     _, http = served
     assert_problem(await http.get("/admin/apis/nope/usage"), 404, "api_not_found")
+    # A key route, like GET …/keys/{client_id}: an API never created has no such key.
+    never = await http.get(f"/admin/apis/nope/keys/{'0' * 32}/usage")
+    assert_problem(never, 404, "key_not_found")
+    assert_problem(await http.get(f"/admin/apis/nope/keys/{'0' * 32}"), 404, "key_not_found")
     await http.put("/admin/apis/orders", json={"exposed": True})
     missing = await http.get(f"/admin/apis/orders/keys/{'0' * 32}/usage")
     assert_problem(missing, 404, "key_not_found")
