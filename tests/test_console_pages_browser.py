@@ -11,6 +11,7 @@ machine's Chromium).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -129,6 +130,20 @@ def test_show_more_pages_through_every_key_once(page: Page) -> None:
     expect(more).to_be_hidden()
     assert count(page, "external").startswith(f"{EXTERNAL_KEYS} of {EXTERNAL_KEYS}")
     assert count(page, "internal").startswith(f"{INTERNAL_KEYS} of {EXTERNAL_KEYS}")
+
+
+def test_show_more_that_cannot_reach_the_server_says_so_in_words(page: Page) -> None:
+    """A next page that fails is explained as every other failure is ("Could not reach the
+    keyguard server…"), not as the error object's own text; the keys shown stay, and the
+    button still offers the rest."""
+    more = page.get_by_role("button", name="Show more keys")
+    expect(page.locator("tr[data-client-id]")).to_have_count(100)
+    page.route(re.compile(r"/keys\?.*after="), lambda route: route.abort())
+    more.click()
+    banner = page.locator("#page-error-text")
+    expect(banner).to_have_text(re.compile("^Could not reach the keyguard server"))
+    expect(page.locator("tr[data-client-id]")).to_have_count(100)
+    expect(more).to_be_visible()
 
 
 def test_search_finds_keys_by_part_of_the_name(page: Page) -> None:

@@ -7,7 +7,7 @@
 // totals of exactly those pages. A reload (after a change, or coming back to the tab) reads
 // again as many keys as were shown, so that the page does not shrink under the operator.
 
-import { $, authorized, announce, el, page, path, state, withBusy } from "./core.js";
+import { $, authorized, announce, el, explain, page, path, state, withBusy } from "./core.js";
 import { loadMoreTotals } from "./usage.js";
 
 export const PAGE_SIZE = 100; // keys per "Show more keys"
@@ -136,7 +136,7 @@ async function showMore(button) {
       // The new rows' usage lines: the totals of the pages just read, and only those.
       loadMoreTotals(name, more.reads, current);
     } catch (error) {
-      if (error.code !== "unauthorized") page.error(error.detail || String(error));
+      if (error.code !== "unauthorized") page.error(explain(error));
     }
   });
 }
