@@ -123,6 +123,8 @@ def test_a_read_only_session_sees_everything_and_can_change_nothing(
     )
     expect(enabled_changes).to_have_count(0)
     expect(page.get_by_role("searchbox", name="Search keys by name")).to_be_enabled()
+    # Copying a client id changes nothing either.
+    expect(page.get_by_role("button", name="Copy the client ID of Acme")).to_be_enabled()
     rows = page.get_by_role("region", name="Activity").get_by_role("listitem")
     expect(rows).to_have_count(2)
     # Signing out and in with the admin token turns the controls back on.
@@ -131,3 +133,29 @@ def test_a_read_only_session_sees_everything_and_can_change_nothing(
     expect(page.get_by_role("note")).to_be_hidden()
     page.get_by_role("link", name=PROTECTED_API).click()
     expect(page.get_by_role("switch", name="Expose Managed API")).to_be_enabled()
+
+
+def test_a_token_made_read_only_meanwhile_turns_the_controls_off(
+    page: Page, server: ConsoleServer
+) -> None:
+    """Signed in while the token could change things, then the server restarted with it
+    ``ReadOnly``: the refused change says why in words (not "something went wrong, try
+    again"), and the page turns into a read-only session, as if signed in so."""
+    seed(server)
+    sign_in(page, server, TOKEN)
+    page.get_by_role("link", name=PROTECTED_API).click()
+    expect(page.get_by_text("Acme").first).to_be_visible()
+    server._admin = management_app(server.store, tokens={"admin": ReadOnly(TOKEN)})
+    page.get_by_role("button", name="Create API Key + (internal)").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Key name").fill("Staff")
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog.get_by_role("alert")).to_contain_text("this token is read-only")
+    dialog.get_by_role("button", name="Cancel").click()
+    banner = page.get_by_role("note")
+    expect(banner).to_contain_text("read-only token admin")
+    expect(page.get_by_role("switch", name="Expose Managed API")).to_be_disabled()
+    for create in page.get_by_role("button", name="Create API Key +").all():
+        expect(create).to_be_disabled()
+    expect(page.get_by_role("button", name="Actions for key Acme")).to_be_disabled()
+    expect(page.get_by_role("button", name="Copy the client ID of Acme")).to_be_enabled()

@@ -11,6 +11,7 @@ machine's Chromium).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -131,6 +132,20 @@ def test_show_more_pages_through_every_key_once(page: Page) -> None:
     assert count(page, "internal").startswith(f"{INTERNAL_KEYS} of {EXTERNAL_KEYS}")
 
 
+def test_show_more_that_cannot_reach_the_server_says_so_in_words(page: Page) -> None:
+    """A next page that fails is explained as every other failure is ("Could not reach the
+    keyguard server…"), not as the error object's own text; the keys shown stay, and the
+    button still offers the rest."""
+    more = page.get_by_role("button", name="Show more keys")
+    expect(page.locator("tr[data-client-id]")).to_have_count(100)
+    page.route(re.compile(r"/keys\?.*after="), lambda route: route.abort())
+    more.click()
+    banner = page.locator("#page-error-text")
+    expect(banner).to_have_text(re.compile("^Could not reach the keyguard server"))
+    expect(page.locator("tr[data-client-id]")).to_have_count(100)
+    expect(more).to_be_visible()
+
+
 def test_search_finds_keys_by_part_of_the_name(page: Page) -> None:
     """Typing part of a name in any case shows only the matching keys (asked of the server,
     so keys beyond the first page are found too); clearing the search shows all again."""
@@ -151,3 +166,30 @@ def test_search_finds_keys_by_part_of_the_name(page: Page) -> None:
     expect(page.locator("tr[data-client-id]")).to_have_count(100)
     expect(page.get_by_role("button", name="Show more keys")).to_be_visible()
     assert shown_names(page, EXTERNAL)[:3] == ["Customer 000", "Customer 001", "Customer 002"]
+
+
+def test_signing_out_forgets_the_search_and_what_was_typed(page: Page) -> None:
+    """Nothing of a session stays in the page: after signing out, the search box and the
+    Add an API field are empty, their errors gone, and the next session, on the same API,
+    lists every key rather than the last matches and shows the stored key limit rather than
+    the number typed and never saved."""
+    page.get_by_label("Add an API").fill("not a name!")
+    page.get_by_role("button", name="Add API").click()
+    expect(page.locator("#add-api-error")).to_be_visible()
+    page.get_by_label("Keys allowed of each kind").fill("9")  # typed, never saved
+    search = page.get_by_role("searchbox", name="Search keys by name")
+    search.fill("team")
+    expect(page.locator("tr[data-client-id]")).to_have_count(INTERNAL_KEYS)
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_label("Management token")).to_be_visible()
+    assert page.locator("#key-search").input_value() == ""
+    assert page.locator("#new-api").input_value() == ""
+    assert page.locator("#add-api-error").text_content() == ""
+    page.get_by_label("Management token").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", level=1, name=PROTECTED_API)).to_be_visible()
+    expect(search).to_have_value("")
+    expect(page.locator("#add-api-error")).to_be_hidden()
+    expect(page.get_by_label("Keys allowed of each kind")).to_have_value(str(EXTERNAL_KEYS))
+    expect(page.locator("tr[data-client-id]")).to_have_count(100)
+    expect(page.get_by_role("button", name="Show more keys")).to_be_visible()

@@ -334,6 +334,31 @@ def test_a_chart_without_traffic_says_so(tab: Watched, server: ConsoleServer) ->
     expect(page.get_by_text(re.compile("^Last 24 hours:"))).to_have_count(0)
 
 
+def test_hours_after_the_browsers_today_count_in_the_last_day_not_the_first(
+    browser: Browser, server: ConsoleServer
+) -> None:
+    """A browser whose clock is behind the server's (here by a day, so that the server's
+    current hour falls after the browser's today) shows the latest traffic in the last daily
+    bar, where it belongs, not in the oldest one, 30 days back."""
+    traffic(server)
+    tab = open_tab(browser, server, 1280, 900)
+    page = tab.page
+    try:
+        page.clock.set_fixed_time(utcnow() - timedelta(days=1))
+        sign_in(page, server, TOKEN)
+        page.get_by_role("link", name=PROTECTED_API).click()
+        expect(chart_image(page, 7, 3)).to_be_visible()
+        show_range(page, "Last 30 days")
+        expect(chart_image(page, 11, 4)).to_be_visible()
+        rows, total = numbers(page)
+        assert (len(rows), total) == (30, (11, 4))
+        assert rows[-1] == (7, 3)  # the server's current hour: the latest bar
+        assert rows[0] == (0, 0)
+        assert tab.problems == []
+    finally:
+        page.context.close()
+
+
 def test_a_read_only_session_can_open_charts_and_switch_ranges(
     tab: Watched, server: ConsoleServer
 ) -> None:

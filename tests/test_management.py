@@ -7,6 +7,8 @@ so the document cannot drift from what the app answers.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
@@ -19,10 +21,11 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from keyguard import KeyInfo, KeyManager, KeyStore, MemoryStore, management_app
+from keyguard import KeyInfo, KeyManager, KeyStore, MemoryStore, ReadOnly, management_app
 from keyguard.console import CONSOLE_PATHS
 from keyguard.errors import ConfigurationError, StoreUnavailable
 from keyguard.management import MAX_BODY_BYTES, openapi_document
+from tests.helpers import http_scope, run_asgi
 
 pytestmark = pytest.mark.anyio
 
@@ -682,6 +685,87 @@ async def test_body_at_the_limit_is_read(memory_client: httpx.AsyncClient) -> No
         "/apis/orders", content=body, headers={"Content-Type": "application/json"}
     )
     assert response.status_code == 200
+
+
+async def test_a_content_length_of_thousands_of_digits_is_413() -> None:
+    """A Content-Length too long for ``int()`` (over 4,300 digits) is 413, not a 500."""
+    app = management_app(MemoryStore(), token=TOKEN)
+    headers = [
+        (b"authorization", f"Bearer {TOKEN}".encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"9" * 5000),
+    ]
+    scope = {**http_scope("/apis/orders", headers), "method": "PUT"}
+    body = {"type": "http.request", "body": b'{"exposed": true}', "more_body": False}
+    sent = await run_asgi(app, scope, [body])
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["code"] == "request_too_large"
+
+
+async def test_a_body_cut_short_by_a_disconnect_is_422_and_logs_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client gone before its whole body arrived is a malformed request (422), not an
+    unexpected error with a traceback in the log; nothing is changed."""
+    store = MemoryStore()
+    app = management_app(store, token=TOKEN)
+    headers = [
+        (b"authorization", f"Bearer {TOKEN}".encode()),
+        (b"content-type", b"application/json"),
+    ]
+    scope = {**http_scope("/apis/orders", headers), "method": "PUT"}
+    # Half a body, then run_asgi's receive reports the disconnect.
+    part = {"type": "http.request", "body": b'{"expo', "more_body": True}
+    with caplog.at_level(logging.WARNING, logger="keyguard"):
+        sent = await run_asgi(app, scope, [part])
+    assert sent[0]["status"] == 422
+    assert json.loads(sent[1]["body"])["code"] == "invalid_request"
+    assert [record for record in caplog.records if record.levelno >= logging.ERROR] == []
+    assert await KeyManager(store).list_apis() == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/apis", 200),
+        ("PUT", "/apis/orders", 200),
+        ("DELETE", "/apis/orders", 204),
+        ("GET", "/apis/absent", 404),
+        ("GET", "/apis/bad%20name", 422),
+        ("GET", "/nowhere", 404),
+        ("PATCH", "/apis", 405),
+        ("GET", "/openapi.json", 200),
+    ],
+)
+async def test_every_answer_forbids_sniffing(
+    memory_client: httpx.AsyncClient, method: str, path: str, status: int
+) -> None:
+    """JSON answers, problems and 204s all carry ``X-Content-Type-Options: nosniff`` (and
+    ``Cache-Control: no-store``): no browser reads a key's name or meta as HTML or script."""
+    await expose(memory_client)
+    body = {"exposed": True} if method == "PUT" else None
+    response = await memory_client.request(method, path, json=body)
+    assert response.status_code == status
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["cache-control"] == "no-store"
+
+
+async def test_refusals_before_routing_forbid_sniffing() -> None:
+    """The bearer check's own 401 and 403 carry ``nosniff`` too."""
+    app = management_app(
+        MemoryStore(),
+        tokens={"admin": TOKEN, "viewer": ReadOnly("viewer-token-0123456789-abcdefgh")},
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+    ) as plain:
+        missing = await plain.get("/apis")
+        refused = await plain.put(
+            "/apis/orders", headers={"Authorization": "Bearer viewer-token-0123456789-abcdefgh"}
+        )
+    assert (missing.status_code, refused.status_code) == (401, 403)
+    for response in (missing, refused):
+        assert response.headers["x-content-type-options"] == "nosniff"
 
 
 async def test_set_secret_refuses_a_chosen_secret(memory_client: httpx.AsyncClient) -> None:

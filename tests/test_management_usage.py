@@ -126,10 +126,14 @@ async def test_hours_given_twice_is_422(served: tuple[KeyGuard, httpx.AsyncClien
 
 
 async def test_unknown_api_and_key_are_404(served: tuple[KeyGuard, httpx.AsyncClient]) -> None:
-    """An API never created: api_not_found; an unknown key of an existing API: key_not_found;
-    no token: 401."""
+    """An API never created: api_not_found for its usage, key_not_found for a key's (SPEC
+    §5: key routes); an unknown key of an existing API: key_not_found; no token: 401."""
     _, http = served
     assert_problem(await http.get("/admin/apis/nope/usage"), 404, "api_not_found")
+    # A key route, like GET …/keys/{client_id}: an API never created has no such key.
+    never = await http.get(f"/admin/apis/nope/keys/{'0' * 32}/usage")
+    assert_problem(never, 404, "key_not_found")
+    assert_problem(await http.get(f"/admin/apis/nope/keys/{'0' * 32}"), 404, "key_not_found")
     await http.put("/admin/apis/orders", json={"exposed": True})
     missing = await http.get(f"/admin/apis/orders/keys/{'0' * 32}/usage")
     assert_problem(missing, 404, "key_not_found")
@@ -188,6 +192,25 @@ async def test_an_api_usage_a_page_of_keys_at_a_time(
     assert [(k["name"], k["requests"]) for k in named["keys"]] == [("Acme", 0), ("Acme Labs", 2)]
     assert named["next"] is None
     assert named["hours"] == (await http.get("/admin/apis/orders/usage")).json()["hours"]
+
+
+async def test_an_empty_after_or_name_is_not_given_as_in_the_key_listing(
+    served: tuple[KeyGuard, httpx.AsyncClient],
+) -> None:
+    """``?after=`` and ``?name=`` left empty mean what they mean to ``GET …/keys``: not
+    given. The first page (not a 422 for a bad cursor), and the whole API (not one page)."""
+    _, http = served
+    await http.put("/admin/apis/orders", json={"exposed": True})
+    for name in ("Acme", "Beta"):
+        await http.post("/admin/apis/orders/keys", json={"name": name, "kind": "external"})
+    assert (await http.get("/admin/apis/orders/keys?after=")).status_code == 200
+    first = await http.get("/admin/apis/orders/usage?limit=1&after=")
+    assert first.status_code == 200
+    paged = (await http.get("/admin/apis/orders/usage?limit=1")).json()
+    assert (first.json()["keys"], first.json()["next"]) == (paged["keys"], paged["next"])
+    unnamed = (await http.get("/admin/apis/orders/usage?name=")).json()
+    assert [key["name"] for key in unnamed["keys"]] == ["Acme", "Beta"]
+    assert "next" not in unnamed
 
 
 @pytest.mark.parametrize(

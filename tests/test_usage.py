@@ -394,6 +394,8 @@ async def test_usage_refuses_bad_ranges_and_unknown_names() -> None:
         await manager.usage("nope")
     with pytest.raises(KeyNotFound):
         await manager.usage("orders", "0" * 32)
+    with pytest.raises(KeyNotFound):  # as get_key: an API never created has no such key
+        await manager.usage("nope", "0" * 32)
     assert (await manager.usage("orders", hours=1))["keys"] == []
 
 

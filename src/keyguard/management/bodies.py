@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from keyguard.errors import InvalidRequest
 from keyguard.management.problems import HTTPProblem
@@ -33,14 +33,24 @@ MAX_BODY_BYTES = 64 * 1024
 
 async def read_object(request: Request, *, required: bool) -> dict[str, Any] | None:
     """The request body as a JSON object; ``None`` for an empty body when not ``required``."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    declared = request.headers.get("content-length", "").strip().lstrip("0")
+    # Its length first: int() refuses more than 4,300 digits (a ValueError, so a 500).
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > len(str(MAX_BODY_BYTES)) or int(declared) > MAX_BODY_BYTES)
+    ):
         raise _too_large()
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise _too_large()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise _too_large()
+    except ClientDisconnect:
+        # A body cut short is a malformed one, not the server's error nor worth a traceback
+        # in its log (and nobody is left to read the answer).
+        raise InvalidRequest("the request body ended early: the client disconnected") from None
     if not body:
         if required:
             raise InvalidRequest("the request body must be a JSON object")

@@ -589,7 +589,7 @@ def openapi_document() -> dict[str, Any]:
                 "details with a machine-readable `code`; an unknown route is 404 "
                 "`not_found` and a wrong method 405 `method_not_allowed` (after "
                 "authentication). Every answer carries "
-                "'Cache-Control: no-store'."
+                "'Cache-Control: no-store' and 'X-Content-Type-Options: nosniff'."
             ),
         },
         "paths": paths,

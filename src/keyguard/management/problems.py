@@ -1,4 +1,5 @@
-"""Problem details (RFC 9457) and the responses of the management API, none of them cacheable.
+"""Problem details (RFC 9457) and the responses of the management API, none of them cacheable
+nor sniffable.
 
 ``status_for`` and ``problem_json`` are shared with the command line, so its
 ``--json`` errors are the objects this API answers with. The JSON of APIs,
@@ -16,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from keyguard.errors import KeyGuardError, RuleViolation
 
 __all__ = [
-    "NO_STORE",
+    "ANSWER_HEADERS",
     "PROBLEM_MEDIA_TYPE",
     "HTTPProblem",
     "ProblemResponse",
@@ -29,8 +30,10 @@ __all__ = [
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
-# Management answers describe secrets and who holds which key: nothing may cache them.
-NO_STORE = {"Cache-Control": "no-store"}
+# Management answers describe secrets and who holds which key: nothing may cache them, and no
+# browser may read one as anything but what it is (a JSON answer holding a key's name or meta
+# as HTML or script), as the console's own files are served.
+ANSWER_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
 _STATUS_BY_CODE = {
@@ -78,19 +81,19 @@ class ProblemResponse(JSONResponse):
 def problem(
     status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
 ) -> Response:
-    """A problem details response that no cache may keep."""
+    """A problem details response that no cache may keep (and no browser may sniff)."""
     return ProblemResponse(
         problem_json(code, detail, status),
         status_code=status,
-        headers={**NO_STORE, **(headers or {})},
+        headers={**ANSWER_HEADERS, **(headers or {})},
     )
 
 
 def json_response(
     content: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
-    """A JSON response that no cache may keep."""
-    return JSONResponse(content, status_code=status, headers={**NO_STORE, **(headers or {})})
+    """A JSON response that no cache may keep (and no browser may sniff)."""
+    return JSONResponse(content, status_code=status, headers={**ANSWER_HEADERS, **(headers or {})})
 
 
 class HTTPProblem(Exception):

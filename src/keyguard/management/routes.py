@@ -22,7 +22,7 @@ from keyguard.management.bodies import (
     read_object,
     whole,
 )
-from keyguard.management.problems import NO_STORE, json_response
+from keyguard.management.problems import ANSWER_HEADERS, json_response
 from keyguard.manager import KeyManager
 from keyguard.shapes import api_json, key_json, key_page_json, secret_json
 from keyguard.stores._paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -70,7 +70,7 @@ class Endpoints:
         await self.manager.delete_api(
             request.path_params["api"], force=force == ["true"], actor=_actor(request)
         )
-        return Response(status_code=204, headers=NO_STORE)
+        return Response(status_code=204, headers=ANSWER_HEADERS)
 
     async def list_keys(self, request: Request) -> Response:
         query = _single_query(request, ("limit", "after", "name"))
@@ -154,7 +154,7 @@ class Endpoints:
     async def delete_key(self, request: Request) -> Response:
         params = request.path_params
         await self.manager.delete_key(params["api"], params["client_id"], actor=_actor(request))
-        return Response(status_code=204, headers=NO_STORE)
+        return Response(status_code=204, headers=ANSWER_HEADERS)
 
     async def audit(self, request: Request) -> Response:
         query = _single_query(request, ("api", "client_id", "limit", "before"))
@@ -179,8 +179,10 @@ class Endpoints:
             request.path_params["api"],
             hours=_hours(request),
             limit=None if limit is None else _page_limit(limit),
-            after=query.get("after"),
-            name=query.get("name"),
+            # Empty is not given, as GET …/keys reads them: "?after=" is the first page, not a
+            # bad cursor, and "?name=" filters nothing (nor turns the answer into one page).
+            after=query.get("after") or None,
+            name=query.get("name") or None,
         )
         return json_response(usage)
 

@@ -175,18 +175,24 @@ class Reads:
         paged = limit is not None or after is not None or name is not None
         if paged and client_id is not None:
             raise InvalidRequest("limit, after and name apply to an API's usage, not a key's")
-        await self.get_api(api)
         following: str | None = None
         keys: list[KeyRecord] | list[KeyInfo]
         if client_id is not None:
+            # A key's: an API never created has no such key (SPEC §5's key routes), as
+            # get_key answers; a key that exists says that its API does.
             keys = [await self._get_record(api, client_id)]
-        elif paged:
-            page = await self.page_keys(
-                api, limit=DEFAULT_PAGE_SIZE if limit is None else limit, after=after, name=name
-            )
-            keys, following = page.keys, page.next
         else:
-            keys = [key async for key in self.iter_keys(api)]
+            await self.get_api(api)
+            if paged:
+                page = await self.page_keys(
+                    api,
+                    limit=DEFAULT_PAGE_SIZE if limit is None else limit,
+                    after=after,
+                    name=name,
+                )
+                keys, following = page.keys, page.next
+            else:
+                keys = [key async for key in self.iter_keys(api)]
         last = hour_start(utcnow())
         first = last - timedelta(hours=hours - 1)
         rows = await self.store.read_usage(api, client_id, first)

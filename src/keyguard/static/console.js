@@ -14,7 +14,7 @@ import {
 import { closeConfirm, closeDialogs, confirmDialog, wireDialogs } from "./dialogs.js";
 import { createKey, openCreate } from "./actions.js";
 import { closeMenus, renderKind } from "./keys.js";
-import { loadKeys, renderPages, wirePages } from "./pages.js";
+import { loadKeys, renderPages, resetPages, wirePages } from "./pages.js";
 import { askApiLimits, renderApiLimits } from "./limits.js";
 import { formatDateTime } from "./times.js";
 import { clearUsage, loadUsage, wireUsage } from "./usage.js";
@@ -47,6 +47,13 @@ function signOut(message) {
   $("external-keys").replaceChildren();
   $("api-title").textContent = "";
   $("activity-list").replaceChildren();
+  // What was typed and what was said about it: the fields' text, their errors, the banner.
+  for (const node of $("console").querySelectorAll("p.error[id]")) setError(node.id, "");
+  $("new-api").value = "";
+  $("new-api").setAttribute("aria-invalid", "false");
+  delete $("limit").dataset.api; // the next session's API shows its stored limit, not this text
+  setPageError("");
+  resetPages();
   clearUsage();
   setReadOnly(null);
   show($("api-detail"), false);
@@ -320,6 +327,22 @@ function setReadOnly(name) {
   }
 }
 
+// A change refused 403 "forbidden": the token is read-only now (it was not when the page
+// asked at sign-in), so the page says so and turns its changing controls off, as it would
+// have from the start.
+async function becameReadOnly() {
+  if (state.readOnly) return;
+  const token = state.token;
+  let name = "";
+  try {
+    const who = await call("GET", "whoami", undefined, token);
+    name = who && who.token ? who.token : "";
+  } catch (error) {
+    name = "";
+  }
+  if (state.token === token && !state.readOnly) setReadOnly(name);
+}
+
 function applyReadOnly() {
   for (const control of $("console").querySelectorAll("button, input, select, textarea")) {
     // Reads (Try again, the usage chart's choices) stay on: they change nothing.
@@ -518,7 +541,9 @@ function wire() {
 }
 
 async function boot() {
-  Object.assign(page, { reload: loadApi, error: setPageError, signOut, redraw: renderApi });
+  Object.assign(page, {
+    reload: loadApi, error: setPageError, signOut, redraw: renderApi, readOnly: becameReadOnly,
+  });
   wire();
   wirePages();
   const saved = sessionStorage.getItem(TOKEN_KEY);

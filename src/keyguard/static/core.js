@@ -44,6 +44,7 @@ export const page = {
   reload: async () => false, // read the chosen API and its keys again, and show them
   error: (message) => undefined, // the banner at the top of the API's page ("" hides it)
   signOut: (message) => undefined,
+  readOnly: () => undefined, // the token turned out read-only: turn the changing controls off
 };
 
 // -- talking to the management API --------------------------------------------------------
@@ -87,8 +88,10 @@ export async function call(method, url, body, token = state.token) {
   throw new ApiError(response.status, problem.code || null, problem.detail || "");
 }
 
-// A call made by a signed-in user: an unaccepted token sends them back to sign in (unless
-// they signed out, or in again, while it was on its way).
+// A call made by a signed-in user: an unaccepted token sends them back to sign in, and a
+// change refused as read-only (the server was restarted with this token made ReadOnly)
+// turns the page's changing controls off (unless they signed out, or in again, while it
+// was on its way).
 export async function authorized(method, url, body) {
   const token = state.token;
   if (token === null) throw new ApiError(401, "unauthorized", "");
@@ -97,6 +100,8 @@ export async function authorized(method, url, body) {
   } catch (error) {
     if (error.code === "unauthorized" && state.token === token) {
       page.signOut("Your token is no longer accepted. Sign in again.");
+    } else if (error.code === "forbidden" && state.token === token) {
+      page.readOnly();
     }
     throw error;
   }
@@ -138,6 +143,9 @@ export function explain(error, context = {}) {
       return "The API “" + api + "” does not exist. Add it with “Add an API”.";
     case "unauthorized":
       return "The token was not accepted.";
+    case "forbidden":
+      return "Nothing was changed: this token is read-only. It can see everything but change " +
+        "nothing; sign in with another token to make changes.";
     case "invalid_request":
       return "That was not accepted: " + (error.detail || "the request was invalid") + ".";
     default:

@@ -56,6 +56,7 @@ function keyRow(key) {
   const copyId = el("button", {
     type: "button",
     class: "small copy",
+    "data-read": "true", // copying changes nothing: on in a read-only session too
     "aria-label": "Copy the client ID of " + key.name,
     text: "Copy",
     onclick: (event) => copy(key.client_id, event.currentTarget, idCode),

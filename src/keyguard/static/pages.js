@@ -7,7 +7,7 @@
 // totals of exactly those pages. A reload (after a change, or coming back to the tab) reads
 // again as many keys as were shown, so that the page does not shrink under the operator.
 
-import { $, authorized, announce, el, page, path, state, withBusy } from "./core.js";
+import { $, authorized, announce, el, explain, page, path, state, withBusy } from "./core.js";
 import { loadMoreTotals } from "./usage.js";
 
 export const PAGE_SIZE = 100; // keys per "Show more keys"
@@ -50,6 +50,18 @@ async function readKeys(name, after, count, filter) {
     if (next === null || keys.length >= count) break;
   }
   return { keys, next, reads };
+}
+
+// Forget the search and the pages shown (signing out: nothing of a session stays in the page,
+// and the next one starts with every key, whoever signs in).
+export function resetPages() {
+  clearTimeout(timer);
+  shownApi = null;
+  wanted = PAGE_SIZE;
+  Object.assign(state, { keysNext: null, keyFilter: "", keyReads: [] });
+  const box = $("key-search");
+  if (box) box.value = "";
+  renderPages();
 }
 
 // The search box and the "Show more keys" button, added around the two sections of keys.
@@ -124,7 +136,7 @@ async function showMore(button) {
       // The new rows' usage lines: the totals of the pages just read, and only those.
       loadMoreTotals(name, more.reads, current);
     } catch (error) {
-      if (error.code !== "unauthorized") page.error(error.detail || String(error));
+      if (error.code !== "unauthorized") page.error(explain(error));
     }
   });
 }

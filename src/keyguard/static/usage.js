@@ -203,9 +203,13 @@ function bars(hours, range) {
     days.push(bar);
     byDay.set(dayOf(day), bar);
   }
+  const last = days[days.length - 1];
   for (const point of points) {
-    // An hour before the first day (a clock that moved meanwhile) counts in the first.
-    const bar = byDay.get(dayOf(point.start)) || days[0];
+    // An hour outside the 30 days (this browser's clock and the server's disagree, or moved
+    // meanwhile) counts in the nearest day: one before the first in the first, one after
+    // today (the server's current hour, when its clock is ahead) in today.
+    const bar = byDay.get(dayOf(point.start)) ||
+      (point.start.getTime() >= last.start.getTime() ? last : days[0]);
     bar.requests += point.requests;
     bar.rateLimited += point.rateLimited;
   }
