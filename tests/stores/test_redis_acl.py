@@ -47,7 +47,8 @@ async def locked_down(tmp_path: Path) -> AsyncIterator[str]:
     await server.start()
     try:
         async with Redis.from_url(server.url) as admin:
-            await admin.execute_command("ACL", "SETUSER", "keyguard", "reset", *documented_rules())
+            rules = ["keyguard", "reset", *documented_rules()]
+            await admin.execute_command("ACL", "SETUSER", *rules)  # type: ignore[no-untyped-call,unused-ignore]
         yield f"redis://keyguard:{PASSWORD}@127.0.0.1:{server.port}/0"
     finally:
         await server.stop()
