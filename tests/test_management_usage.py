@@ -125,11 +125,17 @@ async def test_hours_given_twice_is_422(served: tuple[KeyGuard, httpx.AsyncClien
     assert_problem(response, 422, "invalid_request", "hours")
 
 
-async def test_unknown_api_and_key_are_404(served: tuple[KeyGuard, httpx.AsyncClient]) -> None:
-    """An API never created: api_not_found for its usage, key_not_found for a key's (SPEC
-    §5: key routes); an unknown key of an existing API: key_not_found; no token: 401."""
+async def test_an_api_never_created_has_no_usage_and_unknown_keys_are_404(
+    served: tuple[KeyGuard, httpx.AsyncClient],
+) -> None:
+    """An API never created: its usage is an API's with no keys (SPEC §2), key_not_found
+    for a key's (SPEC §5: key routes); an unknown key of an existing API: key_not_found;
+    no token: 401."""
     _, http = served
-    assert_problem(await http.get("/admin/apis/nope/usage"), 404, "api_not_found")
+    never = await http.get("/admin/apis/nope/usage?hours=2")
+    assert never.status_code == 200, never.text
+    assert never.json()["keys"] == []
+    assert [hour["requests"] for hour in never.json()["hours"]] == [0, 0]
     # A key route, like GET …/keys/{client_id}: an API never created has no such key.
     never = await http.get(f"/admin/apis/nope/keys/{'0' * 32}/usage")
     assert_problem(never, 404, "key_not_found")

@@ -29,7 +29,6 @@ from starlette.routing import Route
 
 from keyguard import KeyGuard, KeyManager, KeyStore, MemoryStore
 from keyguard.errors import (
-    ApiNotFound,
     ConfigurationError,
     InvalidRequest,
     KeyNotFound,
@@ -383,15 +382,21 @@ async def test_usage_shapes_with_every_hour(store: KeyStore) -> None:
 
 
 async def test_usage_refuses_bad_ranges_and_unknown_names() -> None:
-    """hours outside 1..840 (or not a whole number) is invalid_request; an unknown API is
-    api_not_found, an unknown key key_not_found."""
+    """hours outside 1..840 (or not a whole number) is invalid_request; an unknown key is
+    key_not_found; an API never created answers as one with no keys (SPEC §2)."""
     manager = KeyManager(MemoryStore())
     await manager.expose("orders")
     for bad in (0, 841, -1, 2.5, True, "24"):
         with pytest.raises(InvalidRequest, match="hours"):
             await manager.usage("orders", hours=bad)  # type: ignore[arg-type]
-    with pytest.raises(ApiNotFound):
-        await manager.usage("nope")
+    never = await manager.usage("nope", hours=3)
+    assert never["api"] == "nope"
+    assert never["keys"] == []
+    assert [(hour["requests"], hour["rate_limited"]) for hour in never["hours"]] == [(0, 0)] * 3
+    paged = await manager.usage("nope", limit=10)
+    assert (paged["keys"], paged["next"]) == ([], None)
+    with pytest.raises(InvalidRequest):  # still a name that could be an API's
+        await manager.usage("no/such")
     with pytest.raises(KeyNotFound):
         await manager.usage("orders", "0" * 32)
     with pytest.raises(KeyNotFound):  # as get_key: an API never created has no such key

@@ -159,8 +159,9 @@ class Reads:
         range, zeros included; its hours count all of the API's traffic, keys deleted
         since included. ``requests`` counts admitted requests, ``rate_limited`` 429s.
         Counts reach the store in batches (``KeyGuard(usage_flush=…)``), so the last
-        seconds of traffic may be missing. ``ApiNotFound`` / ``KeyNotFound`` for an
-        unknown API or key.
+        seconds of traffic may be missing. An API never created answers as one with no
+        keys (SPEC §2); ``KeyNotFound`` for an unknown key (its API never created
+        included, as ``get_key`` answers).
 
         An API's keys are read a page at a time, never in one store call. For an API
         too large to list whole, ``limit`` / ``after`` / ``name`` (as ``page_keys`` takes
@@ -182,7 +183,9 @@ class Reads:
             # get_key answers; a key that exists says that its API does.
             keys = [await self._get_record(api, client_id)]
         else:
-            await self.get_api(api)
+            # An API never created answers like one with no keys (SPEC §2): its hours
+            # are zeros, or what a deleted API of that name left within the 35 days.
+            validate_api_name(api)
             if paged:
                 page = await self.page_keys(
                     api,
