@@ -91,7 +91,7 @@ async def test_every_change_is_recorded_with_its_actor(store: KeyStore) -> None:
 
 async def test_refused_or_empty_changes_record_nothing(manager: KeyManager) -> None:
     """A change a rule refuses, one on a key that does not exist, or an update changing
-    nothing leaves the log as it was."""
+    nothing (of a key, or of an API that exists) leaves the log as it was."""
     await manager.expose("orders")
     acme = await manager.create_key("orders", name="Acme", kind="external")
     beta = await manager.create_key("orders", name="Beta", kind="external")
@@ -107,8 +107,19 @@ async def test_refused_or_empty_changes_record_nothing(manager: KeyManager) -> N
     with pytest.raises(InvalidRequest):
         await manager.update_key("orders", acme.client_id, enabled=False, actor="")
     await manager.update_key("orders", acme.client_id)
+    with pytest.raises(InvalidRequest):
+        await manager.update_api("orders", actor="")
+    assert (await manager.update_api("orders")).exposed  # PUT /apis/orders with {}
     assert (await manager.audit()).events == before
     assert (await manager.get_key("orders", acme.client_id)).enabled
+
+
+async def test_an_api_created_with_no_fields_is_recorded(manager: KeyManager) -> None:
+    """``update_api`` with no fields still creates an API never seen, and records that."""
+    api = await manager.update_api("fresh", actor="ops")
+    assert (api.exposed, api.max_keys_per_kind) == (False, 5)
+    events = (await manager.audit("fresh")).events
+    assert [(e.action, e.actor, dict(e.changes)) for e in events] == [("api.update", "ops", {})]
 
 
 async def test_pages_and_filters(manager: KeyManager) -> None:

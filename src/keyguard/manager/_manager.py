@@ -136,6 +136,8 @@ class KeyManager(Reads, RequestChecks):
     ) -> Api:
         """Create ``api`` if needed and set whichever of the fields is given.
 
+        With none given, an existing API is returned as it is, and nothing is recorded
+        in the audit log; a new one is created (an ``api.update`` event with no changes).
         Lowering ``max_keys_per_kind`` below the current count deletes nothing;
         it only blocks new keys until the count is below the limit.
         ``rate_limits`` (up to four ``{"limit", "per"}``, ``RateLimit`` or
@@ -147,6 +149,13 @@ class KeyManager(Reads, RequestChecks):
         limit = None if max_keys_per_kind is None else _validate_limit(max_keys_per_kind)
         limits = None if rate_limits is None else parse_rate_limits(rate_limits)
         given = {"exposed": exposed, "max_keys_per_kind": limit, "rate_limits": limits}
+        if all(value is None for value in given.values()):
+            # Nothing to set (``PUT /apis/{api}`` with ``{}``): an API that exists is left
+            # as it is, and the audit log records no change that was not made.
+            self._actor(actor)
+            existing = await self.store.get_api(api)
+            if existing is not None:
+                return existing
         action = {True: "api.expose", False: "api.unexpose", None: "api.update"}[exposed]
         event = self._event(
             actor,
