@@ -171,6 +171,8 @@ class KeyManager(Reads, RequestChecks):
             rate_limits=limits,
             audit=event,
         )
+        # The request path's memo of the API's limits is this process's old news now.
+        self._api_limits.pop(api, None)
         logger.info(
             "api %s updated: exposed=%s max_keys_per_kind=%s rate_limits=%s",
             api,
@@ -192,6 +194,7 @@ class KeyManager(Reads, RequestChecks):
         event = self._event(actor, "api.delete", api)
         if not await self.store.delete_api(api, force=force, audit=event):
             raise ApiNotFound(f"API {api!r} does not exist")
+        self._api_limits.pop(api, None)
         logger.info("api %s deleted (force=%s)", api, force)
 
     # -- keys ---------------------------------------------------------------------------
