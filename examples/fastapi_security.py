@@ -6,8 +6,10 @@ and secret it prints at startup, and try GET /orders.
 
 ``CurrentKey`` declares the ``X-IBM-Client-Id`` and ``X-IBM-Client-Secret``
 headers as security schemes in the OpenAPI document and hands the handler the
-``KeyInfo`` that ``KeyGuard`` authenticated. The docs pages themselves are
-excluded from key checks so a browser can load them.
+``KeyInfo`` that ``KeyGuard`` authenticated; ``document_keyguard`` makes the
+document say that the id is needed (with the secret, for keys that have one)
+and lists KeyGuard's refusals. The docs pages themselves are excluded from key
+checks so a browser can load them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from keyguard import KeyGuard, KeyManager, open_store
-from keyguard.fastapi import CurrentKey
+from keyguard.fastapi import CurrentKey, document_keyguard
 
 store = open_store(os.environ.get("KEYGUARD_STORE", "memory://"))
 
@@ -48,6 +50,7 @@ app.add_middleware(
     api="orders",
     exclude_paths=["/health", "/docs", "/docs/*", "/openapi.json", "/redoc"],
 )
+document_keyguard(app)  # "id and secret, or id alone", not FastAPI's "either header"
 
 
 @app.get("/orders")

@@ -4,6 +4,10 @@ with its actor, and the management API's tokens (named, read-only) decide who th
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -87,7 +91,7 @@ async def test_every_change_is_recorded_with_its_actor(store: KeyStore) -> None:
 
 async def test_refused_or_empty_changes_record_nothing(manager: KeyManager) -> None:
     """A change a rule refuses, one on a key that does not exist, or an update changing
-    nothing leaves the log as it was."""
+    nothing (of a key, or of an API that exists) leaves the log as it was."""
     await manager.expose("orders")
     acme = await manager.create_key("orders", name="Acme", kind="external")
     beta = await manager.create_key("orders", name="Beta", kind="external")
@@ -103,8 +107,19 @@ async def test_refused_or_empty_changes_record_nothing(manager: KeyManager) -> N
     with pytest.raises(InvalidRequest):
         await manager.update_key("orders", acme.client_id, enabled=False, actor="")
     await manager.update_key("orders", acme.client_id)
+    with pytest.raises(InvalidRequest):
+        await manager.update_api("orders", actor="")
+    assert (await manager.update_api("orders")).exposed  # PUT /apis/orders with {}
     assert (await manager.audit()).events == before
     assert (await manager.get_key("orders", acme.client_id)).enabled
+
+
+async def test_an_api_created_with_no_fields_is_recorded(manager: KeyManager) -> None:
+    """``update_api`` with no fields still creates an API never seen, and records that."""
+    api = await manager.update_api("fresh", actor="ops")
+    assert (api.exposed, api.max_keys_per_kind) == (False, 5)
+    events = (await manager.audit("fresh")).events
+    assert [(e.action, e.actor, dict(e.changes)) for e in events] == [("api.update", "ops", {})]
 
 
 async def test_pages_and_filters(manager: KeyManager) -> None:
@@ -133,6 +148,48 @@ async def test_pages_and_filters(manager: KeyManager) -> None:
             await manager.audit(**bad)
     with pytest.raises(InvalidRequest):
         await manager.audit("not a name")
+
+
+@asynccontextmanager
+async def retaining(backend: str, tmp_path: Path, retention: timedelta) -> AsyncIterator[KeyStore]:
+    """A store of kind ``backend`` keeping audit events for ``retention``."""
+    if backend == "memory":
+        yield MemoryStore(audit_retention=retention)
+        return
+    if backend == "sqlite":
+        from tests.backends.sql import open_sql_test_store
+
+        async with open_sql_test_store(backend, tmp_path, audit_retention=retention) as store:
+            yield store
+        return
+    from tests.backends.redis import open_redis_test_store
+
+    async with open_redis_test_store(backend, tmp_path, audit_retention=retention) as redis:
+        yield redis
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("retention", [timedelta(days=10**6), timedelta.max])
+async def test_a_retention_reaching_before_1970_keeps_every_event(
+    backend: str, retention: timedelta, tmp_path: Path
+) -> None:
+    """A retention longer than the time since the epoch ("keep everything") lets changes
+    and audit reads work as usual, instead of each one failing (after the change was
+    made, on memory and SQL) with an OverflowError."""
+    async with retaining(backend, tmp_path, retention) as store:
+        manager = KeyManager(store)
+        await manager.expose("orders")
+        await manager.create_key("orders", name="Acme", kind="external")
+        events = (await manager.audit()).events
+        assert [e.action for e in events] == ["key.create", "api.expose"]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), 1e10, 10**9, float("nan")])
+def test_a_retention_no_timedelta_holds_is_a_configuration_error(bad: float) -> None:
+    """A number of days past what a ``timedelta`` holds (or infinity) is refused at
+    construction with a ConfigurationError, not an OverflowError."""
+    with pytest.raises(ConfigurationError, match="audit_retention"):
+        MemoryStore(audit_retention=bad)
 
 
 def client(app: Any, token: str) -> httpx.AsyncClient:

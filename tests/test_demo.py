@@ -160,7 +160,8 @@ def printed_token(demo: Demo) -> str:
 @pytest.mark.skipif(CURL is None, reason="curl is not installed")
 def test_demo_runs_its_curl_lines_and_reruns(start: Starter, tmp_path: Path) -> None:
     """Run twice on one store: each run's curl lines answer as printed, the second run
-    replaces the demo keys, and SIGINT and SIGTERM both stop it with exit code 0."""
+    replaces the demo keys (recorded as the CLI's changes), and SIGINT and SIGTERM both
+    stop it with exit code 0."""
     store = f"sqlite:///{tmp_path / 'demo.db'}"
 
     first = start("--store", store)
@@ -182,18 +183,21 @@ def test_demo_runs_its_curl_lines_and_reruns(start: Starter, tmp_path: Path) -> 
     code, _ = second.stop(signal.SIGTERM)
     assert code == 0
 
-    async def demo_keys() -> list[tuple[str, str]]:
+    async def demo_keys() -> tuple[list[tuple[str, str]], set[str]]:
         opened = open_store(store)
         try:
-            keys = await KeyManager(opened).list_keys("demo")
+            manager = KeyManager(opened)
+            keys = await manager.list_keys("demo")
+            events = (await manager.audit("demo", limit=100)).events
         finally:
             await opened.aclose()
-        return [(key.name, key.kind.value) for key in keys]
+        return [(key.name, key.kind.value) for key in keys], {event.actor for event in events}
 
-    assert asyncio.run(demo_keys()) == [
-        ("demo-internal", "internal"),
-        ("demo-external", "external"),
-    ]
+    keys, actors = asyncio.run(demo_keys())
+    assert keys == [("demo-internal", "internal"), ("demo-external", "external")]
+    # A command line's changes are the CLI's (SPEC §6), not the Python default "python".
+    assert len(actors) == 1
+    assert next(iter(actors)).startswith("cli:")
 
 
 def test_demo_defaults_to_keyguard_demo_db_and_ignores_keyguard_store(

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import logging
 import os
 import re
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import httpx
 import pytest
@@ -46,6 +51,57 @@ async def test_example_protects_orders(
             assert denied.status_code == 401
             assert denied.json()["moreInformation"] == "Client id missing."
             assert (await c.get("/health")).status_code == 200
+
+
+@asynccontextmanager
+async def lifespan_of(app: Any) -> AsyncIterator[None]:
+    """Run ``app``'s ASGI lifespan: startup before the block, shutdown after it."""
+    incoming: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    outgoing: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.create_task(app(scope, incoming.get, outgoing.put))
+    await incoming.put({"type": "lifespan.startup"})
+    assert (await outgoing.get())["type"] == "lifespan.startup.complete"
+    try:
+        yield
+    finally:
+        await incoming.put({"type": "lifespan.shutdown"})
+        assert (await outgoing.get())["type"] == "lifespan.shutdown.complete"
+        await task
+
+
+async def test_litestar_example_protects_echo_and_hides_its_routes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Litestar example, its lifespan run through KeyGuard, exposes its API and prints
+    a working curl line; without a key an unknown route is a 401, not Litestar's 404; the
+    store is closed at shutdown."""
+    monkeypatch.setenv("KEYGUARD_STORE", "memory://")
+    # A Litestar app sets up logging (a queue handler on the root logger): the app's to
+    # keep, the test suite's to undo, or later tests log into a closed capture.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    monkeypatch.setattr(root, "level", root.level)
+    example = fresh("examples.litestar_app")
+    app = example.app
+    closed: list[bool] = []
+
+    async def aclose() -> None:
+        closed.append(True)
+
+    monkeypatch.setattr(example.store, "aclose", aclose)
+    async with lifespan_of(app):
+        printed = capsys.readouterr().out
+        client_id = printed.split("X-IBM-Client-Id: ")[1].split("'")[0]
+        secret = printed.split("X-IBM-Client-Secret: ")[1].split("'")[0]
+        key = {"X-IBM-Client-Id": client_id, "X-IBM-Client-Secret": secret}
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/echo", headers=key)).json() == {"caller": "example"}
+            assert (await c.get("/nowhere")).status_code == 401
+            assert (await c.get("/nowhere", headers=key)).status_code == 404
+            assert (await c.get("/health")).json() == {"status": "ok"}
+    assert closed == [True]
 
 
 async def test_admin_example_serves_the_console_and_guards_the_api(

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Security
 
 from keyguard import IssuedKey, KeyGuard, KeyInfo, KeyManager, MemoryStore
 from keyguard.errors import ConfigurationError
@@ -130,6 +130,12 @@ async def test_document_keyguard_states_the_requirement_and_refusals(store: Memo
         "X-RateLimit-Remaining",
     }
     assert set(responses["503"]["headers"]) == {"Retry-After"}
+    assert set(responses["401"]["headers"]) == {"WWW-Authenticate"}  # SPEC §4: every 401
+    await issue(store)
+    async with client(app) as c:
+        refused = await c.get("/whoami")
+    assert refused.status_code == 401
+    assert refused.headers["WWW-Authenticate"] == 'APIKey realm="orders"'
     for status in ("400", "401", "404", "429", "503"):
         content = paths["/whoami"]["get"]["responses"][status]["content"]
         ref = content["application/json"]["schema"]["$ref"]
@@ -137,6 +143,51 @@ async def test_document_keyguard_states_the_requirement_and_refusals(store: Memo
     assert "401" not in paths["/public"]["get"]["responses"]
     schema = document["components"]["schemas"]["KeyGuardRefusal"]
     assert schema["required"] == ["httpCode", "httpMessage", "moreInformation"]
+
+
+async def test_document_keyguard_rewrites_a_document_built_already(store: MemoryStore) -> None:
+    """document_keyguard called after the app's document was first built (by a startup
+    hook, a test, a docs page) still rewrites it, rather than leaving FastAPI's."""
+    from keyguard.fastapi import document_keyguard
+
+    app = build(store)
+    app.openapi()
+    document_keyguard(app)
+    operation = app.openapi()["paths"]["/whoami"]["get"]
+    assert operation["security"] == [{"ClientId": [], "ClientSecret": []}, {"ClientId": []}]
+    assert "401" in operation["responses"]
+
+
+async def test_document_keyguard_keeps_the_routes_other_requirements(store: MemoryStore) -> None:
+    """A route that also needs a credential of the app's own (a bearer token, OAuth2 with
+    scopes) keeps it, required along with the key in both alternatives; it is not dropped
+    (which would tell clients that the key alone is enough)."""
+    from fastapi.security import HTTPBearer, OAuth2PasswordBearer
+
+    from keyguard.fastapi import document_keyguard
+
+    app = FastAPI()
+    bearer = HTTPBearer()
+    oauth = OAuth2PasswordBearer(tokenUrl="token", scopes={"read": "Read", "write": "Write"})
+
+    @app.get("/both", dependencies=[Depends(bearer)])
+    async def both(key: CurrentKey) -> dict[str, str]:
+        return {"name": key.name}
+
+    @app.get("/scoped", dependencies=[Security(oauth, scopes=["read"])])
+    async def scoped(key: CurrentKey) -> dict[str, str]:
+        return {"name": key.name}
+
+    document_keyguard(app)
+    paths = app.openapi()["paths"]
+    assert paths["/both"]["get"]["security"] == [
+        {"HTTPBearer": [], "ClientId": [], "ClientSecret": []},
+        {"HTTPBearer": [], "ClientId": []},
+    ]
+    assert paths["/scoped"]["get"]["security"] == [
+        {"OAuth2PasswordBearer": ["read"], "ClientId": [], "ClientSecret": []},
+        {"OAuth2PasswordBearer": ["read"], "ClientId": []},
+    ]
 
 
 async def test_handler_receives_the_authenticated_key(store: MemoryStore) -> None:
@@ -248,7 +299,8 @@ def fresh(module: str) -> ModuleType:
 async def test_example_app_works(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The example prints a key that opens /orders, serves /docs, and documents the schemes."""
+    """The example prints a key that opens /orders, serves /docs, and documents the schemes
+    as KeyGuard requires them (the id, with the secret or alone) and its refusals."""
     monkeypatch.setenv("KEYGUARD_STORE", "memory://")
     app = fresh("examples.fastapi_security").app
     async with app.router.lifespan_context(app):
@@ -264,3 +316,6 @@ async def test_example_app_works(
     assert ok.json() == {"orders": [], "caller": "example", "kind": "internal"}
     assert docs.status_code == 200
     assert set(document["components"]["securitySchemes"]) == {"ClientId", "ClientSecret"}
+    orders = document["paths"]["/orders"]["get"]
+    assert orders["security"] == [{"ClientId": [], "ClientSecret": []}, {"ClientId": []}]
+    assert {"401", "429", "503"} <= set(orders["responses"])

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from keyguard import KeyGuard, KeyInfo, KeyManager, KeyStore
 from keyguard.errors import DuplicateName, InvalidRequest, KeyImmutable, KeyNotFound
 from keyguard.manager import Denial
-from keyguard.models import UNCHANGED, RateLimit, thaw, utcnow
+from keyguard.models import UNCHANGED, RateLimit, parse_duration, thaw, utcnow
 from keyguard.stores.cache import CachedStore
 
 pytestmark = pytest.mark.anyio
@@ -105,6 +105,44 @@ async def test_create_with_lifecycle_fields(manager: KeyManager) -> None:
         assert info.rate_limits == (RateLimit(100, "minute"), RateLimit(5, "second"))
         assert info.last_used_at is None
         assert info.previous_secret_expires_at is None
+
+
+async def test_expires_at_takes_any_number_of_second_digits(manager: KeyManager) -> None:
+    """RFC 3339 allows any number of digits after the seconds: nanoseconds (Go's, Java's)
+    are cut to the microseconds stores keep, one digit means tenths, a space may stand for
+    the T; digits other than ASCII ones are not RFC 3339."""
+    await manager.expose("orders")
+    cases = {
+        "2031-01-02T03:04:05.123456789Z": datetime(2031, 1, 2, 3, 4, 5, 123456),
+        "2031-01-02 05:04:05.1+02:00": datetime(2031, 1, 2, 3, 4, 5, 100000),
+        "2031-01-02t03:04:05.000000000001z": datetime(2031, 1, 2, 3, 4, 5),
+    }
+    for index, (text, expected) in enumerate(cases.items()):
+        issued = await manager.create_key(
+            "orders", name=f"K{index}", kind="external", expires_at=text
+        )
+        got = await manager.get_key("orders", issued.client_id)
+        assert got.expires_at == issued.expires_at == expected.replace(tzinfo=timezone.utc)
+    with pytest.raises(InvalidRequest, match="RFC 3339"):
+        await manager.create_key(
+            "orders", name="Arabic", kind="external", expires_at="\u0662031-01-02T03:04:05Z"
+        )
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (float("inf"), "too long"),
+        pytest.param(10**400, "too long", id="10**400"),
+        (float("nan"), "NaN"),
+        (-1, "negative"),
+    ],
+)
+def test_a_duration_out_of_range_says_why(value: object, words: str) -> None:
+    """A duration past every float is "too long" and NaN is not a number of seconds; only a
+    negative one "cannot be negative"."""
+    with pytest.raises(InvalidRequest, match=words):
+        parse_duration(value)
 
 
 async def test_defaults(manager: KeyManager) -> None:
@@ -360,9 +398,17 @@ async def test_roll_with_grace(manager: KeyManager, http: httpx.AsyncClient, clo
     assert (await http.get("/whoami", headers=call(fourth))).status_code == 200
 
 
-@pytest.mark.parametrize("grace", [-1, 30 * 86400 + 1, "31d", "soon", True])
+@pytest.mark.parametrize(
+    "grace",
+    [
+        *(-1, 30 * 86400 + 1, "31d", "soon", True, float("inf"), float("nan")),
+        pytest.param(10**400, id="10**400"),
+        pytest.param(-(10**400), id="-10**400"),
+    ],
+)
 async def test_bad_grace(manager: KeyManager, grace: object) -> None:
-    """A grace period is 0 to 30 days."""
+    """A grace period is 0 to 30 days; a number past any float or not a number at all is
+    refused as invalid too (not an OverflowError)."""
     await manager.expose("orders")
     key = await manager.create_key("orders", name="Acme", kind="external")
     with pytest.raises(InvalidRequest, match="grace"):

@@ -18,6 +18,7 @@ from keyguard.errors import (
     KeyLimitReached,
     KeyNotFound,
 )
+from keyguard.models import RateLimit
 from keyguard.secrets import could_be_client_id
 
 pytestmark = pytest.mark.anyio
@@ -397,3 +398,20 @@ async def test_delete_api(manager: KeyManager) -> None:
     assert (
         await manager.authenticate("orders", key.client_id, key.secret) is Denial.API_NOT_AVAILABLE
     )
+
+
+async def test_new_api_rate_limits_apply_at_once_in_the_process_that_set_them(
+    manager: KeyManager,
+) -> None:
+    """An API's rate limits changed (or the API deleted) through a manager apply to its next
+    request at once, even on a store without a cache, whose limits the request path
+    remembers for a second: the change forgets what was remembered."""
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Acme", kind="external")
+    assert await manager.rate_limits_for("orders", key) == ()
+    await manager.set_rate_limits("orders", ["5/second"])
+    assert await manager.rate_limits_for("orders", key) == (RateLimit(5, "second"),)
+    await manager.update_api("orders", rate_limits=["7/minute"])
+    assert await manager.rate_limits_for("orders", key) == (RateLimit(7, "minute"),)
+    await manager.delete_api("orders", force=True)
+    assert await manager.rate_limits_for("orders", key) == ()

@@ -21,6 +21,9 @@ from keyguard.models import MAX_META_DEPTH, parse_meta
         ({"a": "\ud800"}, "valid Unicode"),
         ({"a": {1, 2}}, "only JSON values"),  # a set
         ({1: "x"} | {"b": object()}, "only JSON values"),
+        ({1: "x"}, "objects with string keys"),  # json.dumps would make it "1" silently
+        ({"a": [{None: 1}]}, "objects with string keys"),
+        ({1: "x", "1": "y"}, "objects with string keys"),  # else one key, "y" kept
     ],
 )
 def test_bad_meta_is_refused_with_its_own_reason(value: object, reason: str) -> None:

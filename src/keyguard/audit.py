@@ -17,7 +17,6 @@ newest first, and an id is the cursor of the next page (``before=``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import secrets
@@ -197,21 +196,26 @@ def _at(event_id: str) -> datetime:
 
 
 def cutoff_id(retention: timedelta, now: datetime | None = None) -> str:
-    """The id prefix below which events are older than ``retention`` (for ``id < cutoff``)."""
-    now = now or utcnow()
-    if retention >= now - _EPOCH:  # a retention reaching back before 1970: keep everything
-        return f"{0:014x}"
-    return f"{((now - retention) - _EPOCH) // _MICROSECOND:014x}"
+    """The id prefix below which events are older than ``retention`` (for ``id < cutoff``).
+
+    Counted in microseconds, never as a datetime: a retention reaching back before the
+    epoch (years past 1970, or ``timedelta.max`` for "keep everything") is the lowest id,
+    not an ``OverflowError`` on every change."""
+    micros = ((now or utcnow()) - _EPOCH) // _MICROSECOND - retention // _MICROSECOND
+    return f"{max(0, micros):014x}"
 
 
 def check_retention(value: object) -> timedelta:
-    """``audit_retention`` as a ``timedelta``: a positive ``timedelta`` or number of days."""
+    """``audit_retention`` as a ``timedelta``: a positive ``timedelta`` or number of days
+    (at most ``timedelta``'s 999,999,999 days), else ``ConfigurationError``."""
     if isinstance(value, timedelta):
         if value > timedelta(0):
             return value
     elif isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        with contextlib.suppress(OverflowError):  # past timedelta.max, or infinite
+        try:
             return timedelta(days=value)
+        except (OverflowError, ValueError):  # infinity, or past what a timedelta holds
+            pass
     raise ConfigurationError(
         f"audit_retention must be a positive timedelta or number of days, got {value!r}"
     )

@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from keyguard.cli import store_label
+from keyguard.cli import cli_actor, store_label
 from keyguard.errors import KeyGuardError, KeyNotFound
 from keyguard.management import management_app
 from keyguard.manager import KeyManager
@@ -294,7 +294,7 @@ async def _serve(store: KeyStore, store_url: str, token: str, port: int) -> int:
             return 1
         with sock:
             try:
-                keys = await _prepare(KeyManager(store))
+                keys = await _prepare(KeyManager(store, actor=cli_actor()))
             except KeyGuardError as exc:
                 print(f"keyguard: error: {exc.message}", file=sys.stderr)
                 return 1

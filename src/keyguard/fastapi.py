@@ -23,12 +23,13 @@ FastAPI on its own lists the schemes as alternatives, which reads as if the
 secret alone were enough, and knows nothing of KeyGuard's refusals. Call
 ``document_keyguard(app)`` once: each protected operation then requires "id
 and secret, or id alone" (``[{"ClientId": [], "ClientSecret": []},
-{"ClientId": []}]``) and lists the 400, 401, 404, 429 and 503 refusals with IBM's
-body schema.
+{"ClientId": []}]``, along with the route's other requirements) and lists the 400,
+401, 404, 429 and 503 refusals with IBM's body schema.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the dependency's
 # annotations at runtime, and they name local variables.
+import copy
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -138,9 +139,16 @@ _RATE_HEADERS: dict[str, Any] = {
     },
 }
 _HEADERS: dict[str, dict[str, Any]] = {
+    "401": {
+        "WWW-Authenticate": {
+            "schema": {"type": "string", "examples": ['APIKey realm="orders"']},
+            "description": "The challenge every 401 carries: APIKey, realm the API's name.",
+        }
+    },
     "429": {"Retry-After": _SECONDS, **_RATE_HEADERS},
     "503": {"Retry-After": _SECONDS},
 }
+_OURS = (CLIENT_ID_SCHEME, CLIENT_SECRET_SCHEME)
 
 
 def document_keyguard(app: FastAPI) -> None:
@@ -149,10 +157,14 @@ def document_keyguard(app: FastAPI) -> None:
     Every operation that uses the key's security schemes requires "id and
     secret, or id alone", and lists KeyGuard's refusals (400, 401, 404, 429,
     503) with IBM's body schema and their ``Retry-After`` and rate-limit
-    headers. Call it once, after the routes are added or before:
-    the document is rewritten when it is first built.
+    headers (and a 401's ``WWW-Authenticate``). Call it once, after the routes are added
+    or before: the document is rewritten when it is next built. The operation's other
+    security requirements (a bearer token of the app's own, say), which FastAPI lists as
+    alternatives to the key, are kept, as required along with it: every dependency of a
+    route runs.
     """
     build = app.openapi
+    app.openapi_schema = None  # a document built already is built again, rewritten
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -164,26 +176,32 @@ def document_keyguard(app: FastAPI) -> None:
             for operation in operations.values():
                 if not isinstance(operation, dict):
                     continue
-                schemes = {name for entry in operation.get("security", []) for name in entry}
-                if CLIENT_ID_SCHEME not in schemes:
+                security = operation.get("security", [])
+                if not any(CLIENT_ID_SCHEME in entry for entry in security):
                     continue
                 used = True
+                others: dict[str, list[str]] = {}
+                for entry in security:
+                    for name, scopes in entry.items():
+                        if name not in _OURS:
+                            held = others.setdefault(name, [])
+                            held.extend(scope for scope in scopes if scope not in held)
                 operation["security"] = [
-                    {CLIENT_ID_SCHEME: [], CLIENT_SECRET_SCHEME: []},
-                    {CLIENT_ID_SCHEME: []},
+                    {**others, CLIENT_ID_SCHEME: [], CLIENT_SECRET_SCHEME: []},
+                    {**copy.deepcopy(others), CLIENT_ID_SCHEME: []},
                 ]
                 responses = operation.setdefault("responses", {})
                 for status, description in _REFUSALS.items():
                     refusal: dict[str, Any] = {
                         "description": description,
-                        "content": {"application/json": {"schema": reference}},
+                        "content": {"application/json": {"schema": dict(reference)}},
                     }
                     if status in _HEADERS:
-                        refusal["headers"] = _HEADERS[status]
+                        refusal["headers"] = copy.deepcopy(_HEADERS[status])
                     responses.setdefault(status, refusal)
         if used:
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
-            schemas[REFUSAL_SCHEMA_NAME] = _REFUSAL_SCHEMA
+            schemas[REFUSAL_SCHEMA_NAME] = copy.deepcopy(_REFUSAL_SCHEMA)
         app.openapi_schema = document
         return document
 

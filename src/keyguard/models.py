@@ -364,8 +364,15 @@ def rfc3339(moment: datetime) -> str:
 
 # -- the lifecycle fields' checks (SPEC §8, §9), shared by every front door ---------------------
 
-_DURATION = re.compile(r"(\d{1,9})([smhd])")
+_DURATION = re.compile(r"([0-9]{1,9})([smhd])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_DURATION_SECONDS = 100 * 365 * 86400
+# RFC 3339's date-time (any number of second-fraction digits), and the space that its
+# section 5.6 allows for the T; ASCII digits only.
+_RFC3339 = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]+))?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 def parse_time(value: object, field_name: str = "expires_at") -> datetime | None:
@@ -375,15 +382,19 @@ def parse_time(value: object, field_name: str = "expires_at") -> datetime | None
         return None
     if isinstance(value, str):
         text = value.strip()
-        if not re.fullmatch(
-            r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,6})?([Zz]|[+-]\d\d:\d\d)", text
-        ):
+        found = _RFC3339.fullmatch(text)
+        if found is None:
             raise InvalidRequest(
                 f"{field_name} must be an RFC 3339 time with a zone, "
                 f"such as 2026-12-31T23:59:59Z, got {value[:40]!r}"
             )
+        day, clock, fraction, zone = found.groups()
+        # Microseconds as the stores keep them: more digits (Go's and Java's nanoseconds)
+        # are cut, fewer padded, in the one form every fromisoformat (3.10's too) reads.
+        micros = (fraction or "")[:6].ljust(6, "0")
+        offset = "+00:00" if zone in ("Z", "z") else zone
         try:
-            value = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+            value = datetime.fromisoformat(f"{day}T{clock}.{micros}{offset}")
         except ValueError:
             raise InvalidRequest(f"{field_name} is not a valid time: {text[:40]!r}") from None
     if not isinstance(value, datetime):
@@ -402,16 +413,20 @@ def parse_duration(value: object, field_name: str = "duration") -> timedelta:
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        # An int past any float is out of range, not an OverflowError from float().
+        too_far = abs(value) > _MAX_DURATION_SECONDS
+        seconds = (math.inf if value > 0 else -math.inf) if too_far else float(value)
     elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip().lower())):
         seconds = float(int(match[1]) * _DURATION_UNITS[match[2]])
     else:
         raise InvalidRequest(
             f"{field_name} must be a duration such as 30d, 12h, 90m or 45s, got {str(value)[:40]!r}"
         )
-    if not math.isfinite(seconds) or seconds < 0:
+    if math.isnan(seconds):
+        raise InvalidRequest(f"{field_name} must be a number of seconds, not NaN")
+    if seconds < 0:
         raise InvalidRequest(f"{field_name} cannot be negative")
-    if seconds > 100 * 365 * 86400:
+    if seconds > _MAX_DURATION_SECONDS:
         raise InvalidRequest(f"{field_name} is too long")
     return timedelta(seconds=seconds)
 
@@ -457,6 +472,10 @@ def load_meta(text: str | None) -> Mapping[str, Any]:
 
 
 _TOO_DEEP = f"meta must nest at most {MAX_META_DEPTH} levels of objects and arrays"
+_JSON_VALUES_ONLY = (
+    "meta must hold only JSON values: objects with string keys, arrays, strings, "
+    "numbers, true, false and null"
+)
 
 
 def parse_meta(value: object) -> Mapping[str, Any]:
@@ -487,22 +506,23 @@ def parse_meta(value: object) -> Mapping[str, Any]:
     except ValueError:
         raise InvalidRequest("meta must hold only JSON numbers (no NaN or infinity)") from None
     except (TypeError, RecursionError):
-        raise InvalidRequest(
-            "meta must hold only JSON values: objects with string keys, arrays, strings, "
-            "numbers, true, false and null"
-        ) from None
+        raise InvalidRequest(_JSON_VALUES_ONLY) from None
     if size > MAX_META_BYTES:
         raise InvalidRequest(f"meta must be at most {MAX_META_BYTES} bytes as JSON, got {size}")
     return load_meta(text)
 
 
 def _depth(value: object) -> int:
-    """How many levels of objects and arrays ``value`` nests, counted without recursion."""
+    """How many levels of objects and arrays ``value`` nests, counted without recursion;
+    ``InvalidRequest`` for an object with a key that is not a string (``json.dumps``
+    would turn ``1`` into ``"1"`` silently, and ``{1: …, "1": …}`` into one key)."""
     deepest = 0
     pending = [(value, 1)]
     while pending:
         item, level = pending.pop()
         if isinstance(item, Mapping):
+            if not all(isinstance(key, str) for key in item):
+                raise InvalidRequest(_JSON_VALUES_ONLY)
             children: Iterable[object] = item.values()
         elif isinstance(item, (list, tuple)):
             children = item

@@ -136,6 +136,8 @@ class KeyManager(Reads, RequestChecks):
     ) -> Api:
         """Create ``api`` if needed and set whichever of the fields is given.
 
+        With none given, an existing API is returned as it is, and nothing is recorded
+        in the audit log; a new one is created (an ``api.update`` event with no changes).
         Lowering ``max_keys_per_kind`` below the current count deletes nothing;
         it only blocks new keys until the count is below the limit.
         ``rate_limits`` (up to four ``{"limit", "per"}``, ``RateLimit`` or
@@ -147,6 +149,13 @@ class KeyManager(Reads, RequestChecks):
         limit = None if max_keys_per_kind is None else _validate_limit(max_keys_per_kind)
         limits = None if rate_limits is None else parse_rate_limits(rate_limits)
         given = {"exposed": exposed, "max_keys_per_kind": limit, "rate_limits": limits}
+        if all(value is None for value in given.values()):
+            # Nothing to set (``PUT /apis/{api}`` with ``{}``): an API that exists is left
+            # as it is, and the audit log records no change that was not made.
+            self._actor(actor)
+            existing = await self.store.get_api(api)
+            if existing is not None:
+                return existing
         action = {True: "api.expose", False: "api.unexpose", None: "api.update"}[exposed]
         event = self._event(
             actor,
@@ -162,6 +171,8 @@ class KeyManager(Reads, RequestChecks):
             rate_limits=limits,
             audit=event,
         )
+        # The request path's memo of the API's limits is this process's old news now.
+        self._api_limits.pop(api, None)
         logger.info(
             "api %s updated: exposed=%s max_keys_per_kind=%s rate_limits=%s",
             api,
@@ -183,6 +194,7 @@ class KeyManager(Reads, RequestChecks):
         event = self._event(actor, "api.delete", api)
         if not await self.store.delete_api(api, force=force, audit=event):
             raise ApiNotFound(f"API {api!r} does not exist")
+        self._api_limits.pop(api, None)
         logger.info("api %s deleted (force=%s)", api, force)
 
     # -- keys ---------------------------------------------------------------------------
