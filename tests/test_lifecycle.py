@@ -359,6 +359,24 @@ async def test_meta_reaches_the_app(manager: KeyManager, http: httpx.AsyncClient
 # -- rolling a secret -----------------------------------------------------------------------
 
 
+async def test_the_app_sees_a_grace_period_end(manager: KeyManager, clock: Clock) -> None:
+    """What the app is shown (``authenticate``'s KeyInfo, request.state.keyguard) has
+    previous_secret_expires_at while the grace period lasts and None once it is over,
+    though the stored record did not change and was admitted before."""
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Acme", kind="external")
+    await manager.set_secret("orders", key.client_id)
+    second = await manager.set_secret("orders", key.client_id, grace=3600)
+    for _ in range(2):  # the second time from what was remembered of the first
+        during = await manager.authenticate("orders", key.client_id, second)
+        assert isinstance(during, KeyInfo)
+        assert during.previous_secret_expires_at == second.previous_secret_expires_at
+    clock.offset = timedelta(hours=1, seconds=1)
+    after = await manager.authenticate("orders", key.client_id, second)
+    assert isinstance(after, KeyInfo)
+    assert after.previous_secret_expires_at is None
+
+
 async def test_roll_with_grace(manager: KeyManager, http: httpx.AsyncClient, clock: Clock) -> None:
     """Both secrets verify until the deadline; then only the new one; rolling again keeps
     only the latest previous secret."""

@@ -133,9 +133,9 @@ class RequestChecks:
         if record.expires_at is not None and record.expires_at <= utcnow():
             return Denial.EXPIRED
         memo = self._infos.get(client_id)
-        if memo is not None and memo[0] is record:
+        if memo is not None and memo[0] is record and memo[1].previous_secret_expires_at is None:
             return memo[1]
-        return self._info(record)
+        return self._info(record)  # (a grace period shown is checked there: it may be over)
 
     async def verified(
         self, client_id: str | None, secret: str | None, record: KeyRecord | None
@@ -215,13 +215,20 @@ class RequestChecks:
     def _info(self, record: KeyRecord) -> KeyInfo:
         """``record.info()``, reusing the last one made for the same record object."""
         memo = self._infos.get(record.client_id)
-        if memo is not None and memo[0] is record:
+        if memo is not None and memo[0] is record and _grace_shown_right(memo[1]):
             return memo[1]
-        info = record.info()
+        info = record.info(utcnow())
         if len(self._infos) >= _MAX_MEMO:
             self._infos.pop(next(iter(self._infos)), None)
         self._infos[record.client_id] = (record, info)
         return info
+
+
+def _grace_shown_right(info: KeyInfo) -> bool:
+    """Whether ``info``, made earlier from an unchanged record, still shows its grace period
+    as it is: one that has ended since must show as none (``KeyRecord.info``)."""
+    until = info.previous_secret_expires_at
+    return until is None or until > utcnow()
 
 
 def store_timeout(store: object) -> float:
