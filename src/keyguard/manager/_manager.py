@@ -46,7 +46,7 @@ from keyguard.models import (
     validate_api_name,
 )
 from keyguard.secrets import SecretHasher, new_secret
-from keyguard.stores.base import KeyStore
+from keyguard.stores.base import KeyStore, lookup_now_of
 
 __all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "KeyManager"]
 
@@ -86,6 +86,12 @@ class KeyManager(Reads, RequestChecks):
         # A cache's fresh snapshot answers an API's rate limits without a round trip.
         self._cached_rate_limits: Callable[[str], tuple[RateLimit, ...] | None] | None = getattr(
             store, "cached_rate_limits", None
+        )
+        # The store's lookup without a coroutine (a memory store, a cache's hits), unless
+        # the lookups go through something else (timed: keyguard.metrics).
+        now = lookup_now_of(store)
+        self._store_lookup_now = (
+            now if now is not None and self.store.lookup == store.lookup else None
         )
         self._verify_deadline = store_timeout(store)
         self._tags = IdTags(store)

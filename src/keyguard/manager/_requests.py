@@ -16,7 +16,7 @@ from keyguard.models import (
     utcnow,
 )
 from keyguard.secrets import SecretHasher
-from keyguard.stores.base import KeyStore
+from keyguard.stores.base import KeyStore, LookupNow
 
 __all__ = ["DEFAULT_STORE_TIMEOUT", "Denial", "RequestChecks", "store_timeout"]
 
@@ -50,6 +50,7 @@ class RequestChecks:
     _infos: dict[str, tuple[KeyRecord, KeyInfo]]
     _api_limits: dict[str, tuple[float, tuple[RateLimit, ...]]]
     _cached_rate_limits: Callable[[str], tuple[RateLimit, ...] | None] | None
+    _store_lookup_now: LookupNow | None
     _verify_deadline: float
     _tags: IdTags
 
@@ -72,7 +73,8 @@ class RequestChecks:
         as may the lookup itself.
 
         The three steps, for a caller that counts its awaits (the middleware):
-        ``exposed, record = await lookup(api, client_id)``, then
+        ``exposed, record = await lookup(api, client_id)`` (or, without an await where
+        the store allows, ``exposed, record, _ = lookup_now(api, client_id)``), then
         ``judge(client_id, secret, exposed, record)``, then, only where that
         answered ``None``, ``await verified(client_id, secret, record)``.
         """
@@ -96,6 +98,26 @@ class RequestChecks:
         if plausible is None:
             return self._lookup_reading_tag_key(api, client_id)
         return self.store.lookup(api, client_id if plausible else None)
+
+    def lookup_now(
+        self, api: str, client_id: str | None
+    ) -> tuple[bool, KeyRecord | None, tuple[RateLimit, ...]] | None:
+        """:meth:`lookup`'s answer, with the API's rate limits, where the store has it in
+        memory (a memory store, a cache hit) and the id's tag needs no read of the store's
+        tag key; else ``None`` (then await :meth:`lookup`). No coroutine, no await: the
+        request path's common case."""
+        store_now = self._store_lookup_now
+        if store_now is None:
+            return None
+        if client_id is not None:
+            tags = self._tags
+            if tags.verified.get(client_id) != api:
+                plausible = tags.plausible(api, client_id)
+                if plausible is None:
+                    return None
+                if not plausible:
+                    client_id = None
+        return store_now(api, client_id)
 
     async def _lookup_reading_tag_key(
         self, api: str, client_id: str
