@@ -3,11 +3,12 @@ hit) answers as ``lookup`` does, and is used only where ``lookup`` is the store'
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
-from keyguard import KeyGuard, KeyManager, MemoryStore
+from keyguard import Denial, KeyGuard, KeyManager, MemoryStore
 from keyguard.errors import StoreUnavailable
 from keyguard.models import KeyRecord, RateLimit
 from keyguard.stores.base import lookup_now_of
@@ -106,3 +107,44 @@ async def test_cache_lookup_now_answers_hits_only_and_counts_nothing_else() -> N
     assert dict(counting.calls) == reads  # read nothing
     assert await cached.lookup("orders", key.client_id) == (exposed, record)
     assert hits == [False, True, False]
+
+
+async def test_the_managers_lookup_now_waits_for_the_tag_key() -> None:
+    store = MemoryStore()
+    admin = KeyManager(store)
+    await admin.expose("orders")
+    assert admin.lookup_now is None
+    key = await admin.create_key("orders", name="Acme", kind="external")
+    assert admin.lookup_now == store.lookup_now  # the tag key read to issue an id
+    manager = KeyManager(store)
+    assert manager.lookup_now is None  # ids cannot be checked without the tag key yet
+    assert await manager.lookup("orders", key.client_id) == await store.lookup(
+        "orders", key.client_id
+    )
+    assert manager.lookup_now == store.lookup_now
+    assert KeyManager(CountingStore(store)).lookup_now is None
+
+
+def _wrong_tag(client_id: str) -> str:
+    return client_id[:-1] + ("0" if client_id[-1] != "0" else "1")
+
+
+async def test_a_stored_key_whose_tag_does_not_verify_is_not_registered() -> None:
+    """lookup_now looks an id up before its tag is checked: judge refuses one found."""
+    store = MemoryStore()
+    manager = KeyManager(store)
+    await manager.expose("orders")
+    key = await manager.create_key("orders", name="Acme", kind="external")
+    record = await store.get_key("orders", key.client_id)
+    assert record is not None
+    forged = dataclasses.replace(record, client_id=_wrong_tag(key.client_id), name="Forged")
+    await store.insert_key(forged)
+    guard = KeyGuard(ok, store=store, api="orders", usage_flush=None)
+    for client_id in (key.client_id, forged.client_id, forged.client_id):
+        messages = await run_asgi(guard, http_scope(headers=[(ID, client_id.encode())]))
+        assert messages[0]["status"] == (200 if client_id == key.client_id else 401)
+    assert guard.manager.lookup_now is not None  # the last two were looked up at once
+    exposed, found, _ = store.lookup_now("orders", forged.client_id)
+    assert guard.manager.judge(forged.client_id, None, exposed, found) is (
+        Denial.CLIENT_ID_NOT_REGISTERED
+    )

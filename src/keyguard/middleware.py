@@ -310,7 +310,8 @@ class KeyGuard:
         manager = self.manager
         api_limits: tuple[RateLimit, ...] | None = None
         try:
-            hit = manager.lookup_now(api, client_id_text)
+            lookup_now = manager.lookup_now
+            hit = None if lookup_now is None else lookup_now(api, client_id_text)
             if hit is None:
                 exposed, record = await manager.lookup(api, client_id_text)
             else:

@@ -51,6 +51,7 @@ class RequestChecks:
     _api_limits: dict[str, tuple[float, tuple[RateLimit, ...]]]
     _cached_rate_limits: Callable[[str], tuple[RateLimit, ...] | None] | None
     _store_lookup_now: LookupNow | None
+    lookup_now: LookupNow | None
     _verify_deadline: float
     _tags: IdTags
 
@@ -74,7 +75,8 @@ class RequestChecks:
 
         The three steps, for a caller that counts its awaits (the middleware):
         ``exposed, record = await lookup(api, client_id)`` (or, without an await where
-        the store allows, ``exposed, record, _ = lookup_now(api, client_id)``), then
+        the store allows, ``exposed, record, _ = lookup_now(api, client_id)`` when that
+        is not ``None`` and answers so), then
         ``judge(client_id, secret, exposed, record)``, then, only where that
         answered ``None``, ``await verified(client_id, secret, record)``.
         """
@@ -99,31 +101,18 @@ class RequestChecks:
             return self._lookup_reading_tag_key(api, client_id)
         return self.store.lookup(api, client_id if plausible else None)
 
-    def lookup_now(
-        self, api: str, client_id: str | None
-    ) -> tuple[bool, KeyRecord | None, tuple[RateLimit, ...]] | None:
-        """:meth:`lookup`'s answer, with the API's rate limits, where the store has it in
-        memory (a memory store, a cache hit) and the id's tag needs no read of the store's
-        tag key; else ``None`` (then await :meth:`lookup`). No coroutine, no await: the
-        request path's common case."""
-        store_now = self._store_lookup_now
-        if store_now is None:
-            return None
-        if client_id is not None:
-            tags = self._tags
-            if tags.verified.get(client_id) != api:
-                plausible = tags.plausible(api, client_id)
-                if plausible is None:
-                    return None
-                if not plausible:
-                    client_id = None
-        return store_now(api, client_id)
-
     async def _lookup_reading_tag_key(
         self, api: str, client_id: str
     ) -> tuple[bool, KeyRecord | None]:
         plausible = await self._tags.worth_a_read(api, client_id)
+        self._note_tag_key()
         return await self.store.lookup(api, client_id if plausible else None)
+
+    def _note_tag_key(self) -> None:
+        """Once the store's tag key has been read, ``lookup_now`` may look an id up before
+        its tag is checked (by :meth:`judge`, without a read)."""
+        if self._tags.ready:
+            self.lookup_now = self._store_lookup_now
 
     def judge(
         self,
@@ -140,6 +129,14 @@ class RequestChecks:
         if client_id is None:
             return Denial.CLIENT_ID_MISSING
         if record is None:
+            return Denial.CLIENT_ID_NOT_REGISTERED
+        tags = self._tags
+        if (
+            tags.verified.get(client_id) != record.api
+            and tags.plausible(record.api, client_id) is False
+        ):
+            # An id keyguard never issued for this API, found by a lookup_now (which, in
+            # memory, looks up first; lookup checks first, and never finds one).
             return Denial.CLIENT_ID_NOT_REGISTERED
         stored_hash = record.secret_hash
         if stored_hash is None:
