@@ -168,16 +168,9 @@ class CachedStore:
 
     async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
         """The answer from what is cached of ``api``, read from the store when stale."""
-        hit = self.lookup_now(api, client_id)
+        hit = self.lookup_now(api, client_id)  # (which starts listening for changes first)
         if hit is not None:
             return hit[0], hit[1]
-        if self._feed is not None and not self._listening():
-            # Not listening (first use, or a new event loop; a watcher left pending in a
-            # loop that stopped or closed without ending its tasks never listens again):
-            # what is cached may have missed notices, so start afresh. (A watcher in
-            # another loop that still runs is left to it.)
-            self.clear()
-            self._start_watching(self._feed)
         # self._entries.get(api), inline (an API entry is never a negative one).
         known = self._entries.known
         found = known.get(api)
@@ -211,8 +204,25 @@ class CachedStore:
         """A hit: ``lookup``'s answer and the API's rate limits from a fresh entry of the
         API (and, for a large API, of the key), without a coroutine; ``None``, having
         counted nothing, when ``lookup`` must refresh or read (``keyguard.stores.base``'s
-        ``LookupNow``)."""
-        if self._feed is not None and not self._listening():
+        ``LookupNow``). Where the store has a change feed and nobody listens to it, it
+        starts listening, with the cache emptied, and answers ``None``."""
+        watcher = self._watcher
+        if self._feed is not None and (
+            watcher is None
+            or watcher.done()
+            or (
+                # The running loop runs: only a watcher of another loop needs asking (a
+                # Python-level call, kept off the request path's common case).
+                watcher.get_loop() is not asyncio.get_running_loop()
+                and not watcher.get_loop().is_running()
+            )
+        ):
+            # Not listening (first use, or a new event loop; a watcher left pending in a
+            # loop that stopped or closed without ending its tasks never listens again):
+            # what is cached may have missed notices, so start afresh. (A watcher in
+            # another loop that still runs is left to it.)
+            self.clear()
+            self._start_watching(self._feed)
             return None
         # self._entries.get(api), inline (an API entry is never a negative one).
         known = self._entries.known
@@ -244,19 +254,6 @@ class CachedStore:
             # so no request waits on the store while a valid entry exists (SPEC §11).
             self._start_refresh(api)
         return entry.exposed, record, entry.rate_limits
-
-    def _listening(self) -> bool:
-        """Whether the change feed's watcher listens (or one in another event loop that
-        still runs): else what is cached may have missed notices."""
-        watcher = self._watcher
-        return (
-            watcher is not None
-            and not watcher.done()
-            and (
-                # The running loop runs: only a watcher of another loop needs asking.
-                watcher.get_loop() is asyncio.get_running_loop() or watcher.get_loop().is_running()
-            )
-        )
 
     def cached_rate_limits(self, api: str) -> tuple[RateLimit, ...] | None:
         """``api``'s rate limits from its entry while it is fresh, else ``None``
