@@ -130,14 +130,18 @@ class RequestChecks:
             return Denial.CLIENT_ID_MISSING
         if record is None:
             return Denial.CLIENT_ID_NOT_REGISTERED
-        tags = self._tags
-        if (
-            tags.verified.get(client_id) != record.api
-            and tags.plausible(record.api, client_id) is False
-        ):
-            # An id keyguard never issued for this API, found by a lookup_now (which, in
-            # memory, looks up first; lookup checks first, and never finds one).
-            return Denial.CLIENT_ID_NOT_REGISTERED
+        memo = self._infos.get(client_id)
+        if memo is None or memo[0] is not record:
+            memo = None
+            # Not this very record admitted before (whose tag verified then): an id
+            # keyguard never issued for this API, found by a lookup_now (which, in memory,
+            # looks up first; lookup checks first, and never finds one), is not registered.
+            tags = self._tags
+            if (
+                tags.verified.get(client_id) != record.api
+                and tags.plausible(record.api, client_id) is False
+            ):
+                return Denial.CLIENT_ID_NOT_REGISTERED
         stored_hash = record.secret_hash
         if stored_hash is None:
             if secret is not None:
@@ -151,10 +155,7 @@ class RequestChecks:
             return Denial.DISABLED
         if record.expires_at is not None and record.expires_at <= utcnow():
             return Denial.EXPIRED
-        memo = self._infos.get(client_id)
-        if memo is not None and memo[0] is record:
-            return memo[1]
-        return self._info(record)
+        return self._info(record) if memo is None else memo[1]
 
     async def verified(
         self, client_id: str | None, secret: str | None, record: KeyRecord | None
