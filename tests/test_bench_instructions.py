@@ -35,3 +35,27 @@ def test_the_report_divides_added_costs_by_the_right_baselines() -> None:
     assert "| keyguard cache hit, id only | 1,300 | 300 | 3.00x |" in text
     assert "| 1 limit, memory:// counters | 3,000 | 1,000 | 1.50x |" in text
     assert "| key without limits | 2,000 | — | 1.00x |" in text
+
+
+def test_only_counts_the_named_contenders(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    counted: list[str] = []
+
+    def count(name: str) -> float:
+        counted.append(name)
+        return 1234.0
+
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/valgrind")
+    monkeypatch.setattr(instructions, "count", count)
+    monkeypatch.setattr("sys.argv", ["instructions", "--only", "bare,memory-id"])
+    instructions.main()
+    assert sorted(counted) == ["bare", "memory-id"]
+    assert capsys.readouterr().out.splitlines() == [
+        "bare: 1,234 instructions per request",
+        "memory-id: 1,234 instructions per request",
+    ]
+    monkeypatch.setattr("sys.argv", ["instructions", "--only", "bare,nothing"])
+    with pytest.raises(SystemExit):
+        instructions.main()
+    assert "unknown contenders: nothing" in capsys.readouterr().err

@@ -99,6 +99,12 @@ class IdTags:
         key = await self._load()
         return new_client_id(key, api) if key is not None else new_client_id()
 
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`plausible` answers without a read: the tag key has been read, or
+        the store keeps none."""
+        return self._key is not None or self._source is None
+
     def plausible(self, api: str, client_id: str) -> bool | None:
         """:meth:`worth_a_read` without waiting: ``None`` only while the store's tag key has
         not been read yet (then await ``worth_a_read``, which reads it)."""

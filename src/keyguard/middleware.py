@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from keyguard import metrics
 from keyguard.errors import ApiNotFound, ConfigurationError, InvalidRequest
 from keyguard.manager import Denial, KeyManager
-from keyguard.models import API_NAME_PATTERN, KeyInfo, validate_api_name
+from keyguard.models import API_NAME_PATTERN, KeyInfo, RateLimit, validate_api_name
 from keyguard.ratelimit import RateLimiter, RateLimiterUnavailable, VerdictTuple
 from keyguard.secrets import SecretHasher, VerificationBusy
 from keyguard.stores.base import KeyStore
@@ -305,13 +305,21 @@ class KeyGuard:
             self._count(None, metrics.API_NOT_AVAILABLE)
             await _refuse(scope, receive, send, _API_NOT_AVAILABLE)
             return
-        # KeyManager.authenticate, step by step: one await (the store's) on a cache hit.
+        # KeyManager.authenticate, step by step: no await on a cache hit (nor on a memory
+        # store), whose answer brings the API's rate limits along.
         manager = self.manager
+        api_limits: tuple[RateLimit, ...] | None = None
         try:
-            exposed, record = await manager.lookup(api, client_id_text)
+            lookup_now = manager.lookup_now
+            hit = None if lookup_now is None else lookup_now(api, client_id_text)
+            if hit is None:
+                exposed, record = await manager.lookup(api, client_id_text)
+            else:
+                exposed, record, api_limits = hit
             result = manager.judge(client_id_text, secret_text, exposed, record)
             if result is None:
                 result = await manager.verified(client_id_text, secret_text, record)
+                api_limits = None  # read again, after the wait
         except Exception as exc:
             self._count(api, metrics.STORE_UNAVAILABLE)
             await self._unavailable(scope, receive, send, exc)
@@ -332,13 +340,14 @@ class KeyGuard:
         if state is None:
             state = scope["state"] = {}
         state["keyguard"] = result
-        # Read without an await where no store read is needed (the key's own limits, a
-        # cache's snapshot, a memory store), as is the verdict of an in-process counter.
+        # Read without an await where no store read is needed (the key's own limits, the
+        # API's from lookup_now, a cache's snapshot, a memory store), as is the verdict of
+        # an in-process counter.
         verdict: VerdictTuple | None = None
         try:
             limits = result.rate_limits
             if limits is None:
-                limits = self._api_rate_limits_now(api)
+                limits = api_limits if api_limits is not None else self._api_rate_limits_now(api)
                 if limits is None:
                     limits = await self.manager.rate_limits_for(api, result)
             if limits:

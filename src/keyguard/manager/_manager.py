@@ -46,7 +46,7 @@ from keyguard.models import (
     validate_api_name,
 )
 from keyguard.secrets import SecretHasher, new_secret
-from keyguard.stores.base import KeyStore
+from keyguard.stores.base import KeyStore, lookup_now_of
 
 __all__ = ["DEFAULT_MAX_KEYS_PER_KIND", "MAX_KEYS_PER_KIND_LIMIT", "KeyManager"]
 
@@ -87,8 +87,20 @@ class KeyManager(Reads, RequestChecks):
         self._cached_rate_limits: Callable[[str], tuple[RateLimit, ...] | None] | None = getattr(
             store, "cached_rate_limits", None
         )
+        # The store's lookup without a coroutine (a memory store, a cache's hits), unless
+        # the lookups go through something else (timed: keyguard.metrics).
+        now = lookup_now_of(store)
+        self._store_lookup_now = (
+            now if now is not None and self.store.lookup == store.lookup else None
+        )
         self._verify_deadline = store_timeout(store)
         self._tags = IdTags(store)
+        self.lookup_now = self._store_lookup_now if self._tags.ready else None
+        """The store's ``lookup_now`` (``keyguard.stores.base.LookupNow``: ``lookup``'s
+        answer and the API's rate limits where the store has them in memory, else
+        ``None``), or ``None`` for a store without one and until the store's tag key has
+        been read (by a first ``lookup``). It looks the id up before its tag is checked,
+        which :meth:`judge` does then: the request path's common case, one call."""
         self.api_rate_limits_now: Callable[[str], tuple[RateLimit, ...] | None] = (
             self._cached_rate_limits or self._remembered_api_limits
         )
@@ -226,9 +238,11 @@ class KeyManager(Reads, RequestChecks):
         frozen_meta = parse_meta(meta)
         limits = None if rate_limits is None else parse_rate_limits(rate_limits)
         secret = new_secret() if key_kind is KeyKind.INTERNAL else None
+        client_id = await self._tags.new_client_id(api)
+        self._note_tag_key()
         record = KeyRecord(
             api=api,
-            client_id=await self._tags.new_client_id(api),
+            client_id=client_id,
             name=clean_name,
             kind=key_kind,
             secret_hash=None if secret is None else await self.hasher.ahash(secret),

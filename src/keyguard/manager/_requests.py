@@ -16,7 +16,7 @@ from keyguard.models import (
     utcnow,
 )
 from keyguard.secrets import SecretHasher
-from keyguard.stores.base import KeyStore
+from keyguard.stores.base import KeyStore, LookupNow
 
 __all__ = ["DEFAULT_STORE_TIMEOUT", "Denial", "RequestChecks", "store_timeout"]
 
@@ -50,6 +50,8 @@ class RequestChecks:
     _infos: dict[str, tuple[KeyRecord, KeyInfo]]
     _api_limits: dict[str, tuple[float, tuple[RateLimit, ...]]]
     _cached_rate_limits: Callable[[str], tuple[RateLimit, ...] | None] | None
+    _store_lookup_now: LookupNow | None
+    lookup_now: LookupNow | None
     _verify_deadline: float
     _tags: IdTags
 
@@ -72,7 +74,9 @@ class RequestChecks:
         as may the lookup itself.
 
         The three steps, for a caller that counts its awaits (the middleware):
-        ``exposed, record = await lookup(api, client_id)``, then
+        ``exposed, record = await lookup(api, client_id)`` (or, without an await where
+        the store allows, ``exposed, record, _ = lookup_now(api, client_id)`` when that
+        is not ``None`` and answers so), then
         ``judge(client_id, secret, exposed, record)``, then, only where that
         answered ``None``, ``await verified(client_id, secret, record)``.
         """
@@ -101,7 +105,14 @@ class RequestChecks:
         self, api: str, client_id: str
     ) -> tuple[bool, KeyRecord | None]:
         plausible = await self._tags.worth_a_read(api, client_id)
+        self._note_tag_key()
         return await self.store.lookup(api, client_id if plausible else None)
+
+    def _note_tag_key(self) -> None:
+        """Once the store's tag key has been read, ``lookup_now`` may look an id up before
+        its tag is checked (by :meth:`judge`, without a read)."""
+        if self._tags.ready:
+            self.lookup_now = self._store_lookup_now
 
     def judge(
         self,
@@ -119,6 +130,18 @@ class RequestChecks:
             return Denial.CLIENT_ID_MISSING
         if record is None:
             return Denial.CLIENT_ID_NOT_REGISTERED
+        memo = self._infos.get(client_id)
+        if memo is None or memo[0] is not record:
+            memo = None
+            # Not this very record admitted before (whose tag verified then): an id
+            # keyguard never issued for this API, found by a lookup_now (which, in memory,
+            # looks up first; lookup checks first, and never finds one), is not registered.
+            tags = self._tags
+            if (
+                tags.verified.get(client_id) != record.api
+                and tags.plausible(record.api, client_id) is False
+            ):
+                return Denial.CLIENT_ID_NOT_REGISTERED
         stored_hash = record.secret_hash
         if stored_hash is None:
             if secret is not None:
@@ -132,10 +155,9 @@ class RequestChecks:
             return Denial.DISABLED
         if record.expires_at is not None and record.expires_at <= utcnow():
             return Denial.EXPIRED
-        memo = self._infos.get(client_id)
-        if memo is not None and memo[0] is record and memo[1].previous_secret_expires_at is None:
-            return memo[1]
-        return self._info(record)  # (a grace period shown is checked there: it may be over)
+        if memo is None or memo[1].previous_secret_expires_at is not None:
+            return self._info(record)  # (a grace period shown is checked there: it may be over)
+        return memo[1]
 
     async def verified(
         self, client_id: str | None, secret: str | None, record: KeyRecord | None

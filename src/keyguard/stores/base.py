@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 from keyguard.audit import AuditEvent
 from keyguard.models import Api, KeyChanges, KeyRecord, RateLimit
@@ -50,7 +50,15 @@ from keyguard.stores._paging import DEFAULT_PAGE_SIZE, KeyPage
 if TYPE_CHECKING:
     from keyguard.usage import UsageCount
 
-__all__ = ["ChangeFeed", "IdTagKeys", "KeyPage", "KeyStore", "Snapshots"]
+__all__ = [
+    "ChangeFeed",
+    "IdTagKeys",
+    "KeyPage",
+    "KeyStore",
+    "LookupNow",
+    "Snapshots",
+    "lookup_now_of",
+]
 
 
 @runtime_checkable
@@ -300,3 +308,27 @@ class IdTagKeys(Protocol):
         never in a repr or an error, and no front door returns it.
         """
         ...
+
+
+LookupNow = Callable[[str, str | None], tuple[bool, KeyRecord | None, tuple[RateLimit, ...]] | None]
+"""Optional, offered by ``MemoryStore`` and ``CachedStore``: ``lookup_now(api, client_id)``,
+``lookup``'s answer where the store has it without waiting (in memory), with the API's rate
+limits as the same state holds them (``()`` for an API that does not exist), else ``None``
+(then await ``lookup``). A ``None`` answer has counted and changed nothing a ``lookup`` would
+count or change again. The request path's common case, without a coroutine."""
+
+
+def lookup_now_of(store: object) -> LookupNow | None:
+    """``store.lookup_now`` where it answers as ``store.lookup`` does, else ``None``: only
+    when ``store``'s ``lookup`` is the one of the class defining ``lookup_now``, not a
+    subclass's or an instance's own (a test's failing store) nor a wrapper's (one timing
+    the lookups, whose other attributes are the wrapped store's)."""
+    now = getattr(store, "lookup_now", None)
+    owner = getattr(now, "__self__", None)
+    if owner is not store:
+        return None
+    defining = next(c for c in type(store).__mro__ if "lookup_now" in vars(c))
+    lookup = getattr(store, "lookup", None)
+    if getattr(lookup, "__func__", None) is not vars(defining).get("lookup"):
+        return None
+    return cast("LookupNow", now)

@@ -70,11 +70,22 @@ class MemoryStore:
         return "in-process memory store"
 
     async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
+        exposed, record, _ = self.lookup_now(api, client_id)
+        return exposed, record
+
+    def lookup_now(
+        self, api: str, client_id: str | None
+    ) -> tuple[bool, KeyRecord | None, tuple[RateLimit, ...]]:
+        """``lookup``'s answer, and the API's rate limits (``()`` for an unknown API), at
+        once: what the request path reads (``keyguard.stores.base.LookupNow``)."""
         state = self._apis.get(api)
-        exposed = state is not None and state.exposed
-        if client_id is None or state is None:
-            return exposed, None
-        return exposed, state.keys.get(client_id)
+        if state is None:
+            return False, None, ()
+        return (
+            state.exposed,
+            None if client_id is None else state.keys.get(client_id),
+            state.rate_limits,
+        )
 
     def cached_rate_limits(self, api: str) -> tuple[RateLimit, ...] | None:
         """``api``'s rate limits as they are now (``None`` for an unknown API): read by

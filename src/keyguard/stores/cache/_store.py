@@ -168,6 +168,44 @@ class CachedStore:
 
     async def lookup(self, api: str, client_id: str | None) -> tuple[bool, KeyRecord | None]:
         """The answer from what is cached of ``api``, read from the store when stale."""
+        hit = self.lookup_now(api, client_id)  # (which starts listening for changes first)
+        if hit is not None:
+            return hit[0], hit[1]
+        # self._entries.get(api), inline (an API entry is never a negative one).
+        known = self._entries.known
+        found = known.get(api)
+        if found is not None:
+            known.move_to_end(api)
+        entry = found if isinstance(found, ApiEntry) else None
+        now = self._clock()
+        if entry is None or entry.expires <= now:
+            self._count_lookup(False)
+            if entry is None and api not in (await self._api_names()).existing:
+                # An API nobody created (perhaps a made-up name): no read of its own.
+                return False, None
+            entry = await self._refresh(api)  # (_key judges the key's entry after the wait)
+        else:
+            if self._counting:
+                self._count_lookup(True)
+            if entry.expires - now <= self._ahead and api not in self._refreshing:
+                # Nearly expired: refresh it in the background and answer from it meanwhile,
+                # so no request waits on the store while a valid entry exists (SPEC §11).
+                self._start_refresh(api)
+        if client_id is None:
+            return entry.exposed, None
+        if entry.keys is not None:
+            return entry.exposed, entry.keys.get(client_id)
+        # A large API: the key's own entry (a fresh one answered in lookup_now).
+        return entry.exposed, await self._key(api, client_id, entry.gen)
+
+    def lookup_now(
+        self, api: str, client_id: str | None
+    ) -> tuple[bool, KeyRecord | None, tuple[RateLimit, ...]] | None:
+        """A hit: ``lookup``'s answer and the API's rate limits from a fresh entry of the
+        API (and, for a large API, of the key), without a coroutine; ``None``, having
+        counted nothing, when ``lookup`` must refresh or read (``keyguard.stores.base``'s
+        ``LookupNow``). Where the store has a change feed and nobody listens to it, it
+        starts listening, with the cache emptied, and answers ``None``."""
         watcher = self._watcher
         if self._feed is not None and (
             watcher is None
@@ -185,41 +223,37 @@ class CachedStore:
             # another loop that still runs is left to it.)
             self.clear()
             self._start_watching(self._feed)
+            return None
         # self._entries.get(api), inline (an API entry is never a negative one).
         known = self._entries.known
-        found = known.get(api)
-        if found is not None:
-            known.move_to_end(api)
-        entry = found if isinstance(found, ApiEntry) else None
+        entry = known.get(api)
+        if not isinstance(entry, ApiEntry):
+            return None
+        known.move_to_end(api)
         now = self._clock()
-        if entry is None or entry.expires <= now:
-            self._count_lookup(False)
-            if entry is None and api not in (await self._api_names()).existing:
-                # An API nobody created (perhaps a made-up name): no read of its own.
-                return False, None
-            entry = await self._refresh(api)
-            now = self._clock()  # what the key's entry is judged by: after the wait
-        else:
-            if self._counting:
-                self._count_lookup(True)
-            if entry.expires - now <= self._ahead and api not in self._refreshing:
-                # Nearly expired: refresh it in the background and answer from it meanwhile,
-                # so no request waits on the store while a valid entry exists (SPEC §11).
-                self._start_refresh(api)
+        if entry.expires <= now:
+            return None
         if client_id is None:
-            return entry.exposed, None
-        if entry.keys is not None:
-            return entry.exposed, entry.keys.get(client_id)
-        # A large API: the key's own entry. The common case, a fresh entry, without a
-        # coroutine of its own; everything else in _key.
-        found = self._entries.get((api, client_id))
-        if (
-            isinstance(found, KeyEntry)
-            and found.gen == entry.gen
-            and found.expires - now > self._ahead
-        ):
-            return entry.exposed, found.record
-        return entry.exposed, await self._key(api, client_id, entry.gen)
+            record = None
+        elif entry.keys is not None:
+            record = entry.keys.get(client_id)
+        else:
+            # A large API: the key's own entry, fresh, of the API's generation.
+            found = self._entries.get((api, client_id))
+            if not (
+                isinstance(found, KeyEntry)
+                and found.gen == entry.gen
+                and found.expires - now > self._ahead
+            ):
+                return None
+            record = found.record
+        if self._counting:
+            self._count_lookup(True)
+        if entry.expires - now <= self._ahead and api not in self._refreshing:
+            # Nearly expired: refresh it in the background and answer from it meanwhile,
+            # so no request waits on the store while a valid entry exists (SPEC §11).
+            self._start_refresh(api)
+        return entry.exposed, record, entry.rate_limits
 
     def cached_rate_limits(self, api: str) -> tuple[RateLimit, ...] | None:
         """``api``'s rate limits from its entry while it is fresh, else ``None``
