@@ -31,6 +31,7 @@ from keyguard.stores.sql._engine import (
     _engine_options,
     _parse_url,
     _schema_budget,
+    _secrets_of,
     _validate_prefix,
     _validate_timeout,
 )
@@ -95,6 +96,8 @@ class SQLStore(_Keys):
             engine, table_prefix=table_prefix, timeout=timeout, audit_retention=audit_retention
         )
         store._factory = lambda: _create_engine(parsed, options)
+        # Those of the URL as given: some of its parameters never reach the engine's URL.
+        store._passwords = _secrets_of(parsed)
         # Creating or upgrading the tables: statements bounded by the step's own budget
         # (an index over millions of keys takes longer than a call's timeout).
         # No pool: each attempt gets a new connection, never one an earlier attempt cut.
