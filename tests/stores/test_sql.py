@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
@@ -1028,5 +1029,30 @@ async def test_a_sqlite_file_in_a_missing_folder_is_unavailable_without_a_thread
             assert str(folder) in str(raised.value)
         assert not folder.exists()
         assert set(threading.enumerate()) - before == set()
+    finally:
+        await store.aclose()
+
+
+async def test_the_tag_keys_first_read_is_bounded_as_one_call(tmp_path: Path) -> None:
+    """Making the client id tag key on first need (read, look for tagged ids, insert,
+    read back) is one store call, bounded by ``timeout`` as a whole: four statements
+    each well within the timeout but not together end in StoreUnavailable (each step
+    used to get a whole ``timeout`` of its own: four times the bound)."""
+    store = SQLStore.from_url(f"sqlite:///{tmp_path / 'keys.db'}", timeout=1.0)
+    try:
+        assert await store.get_api("orders") is None  # the tables, made first
+        slow: list[str] = []
+
+        def one_slow_read(_c: Any, _cur: Any, statement: str, *_args: Any) -> None:
+            if statement.lstrip().upper().startswith("SELECT"):
+                slow.append(statement)
+                time.sleep(0.45)  # each read within the timeout; three of them, past it
+
+        event.listen(store.engine.sync_engine, "before_cursor_execute", one_slow_read)
+        with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable, match="no answer"):
+            await store.id_tag_key()
+        assert 2 <= len(slow) <= 3
+        event.remove(store.engine.sync_engine, "before_cursor_execute", one_slow_read)
+        assert len(await store.id_tag_key()) == 32  # and the next call finds or makes it
     finally:
         await store.aclose()
