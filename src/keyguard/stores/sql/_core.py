@@ -384,9 +384,12 @@ class _SQLCore:
             for other, stale in list(self._by_loop.items()):
                 if other.is_closed():
                     # A loop closed without finalizing its async generators: its
-                    # connections cannot be closed any more, only dropped.
+                    # connections cannot be closed any more, only dropped. Not those of
+                    # an app's engine, which serves every loop: that pool is the app's
+                    # (it may hold this loop's connections already), never dropped here.
                     self._by_loop.pop(other, None)
-                    _abandon(stale.engine)
+                    if stale.closer is not None:
+                        _abandon(stale.engine)
         self._engine = bound.engine
         self._current = bound
         return bound
