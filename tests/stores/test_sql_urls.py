@@ -94,7 +94,8 @@ async def test_psycopg_keeps_the_urls_options_and_application_name() -> None:
     url = with_query(
         "postgres", f"options={options}&application_name={name}", scheme="postgresql+psycopg"
     )
-    store = SQLStore.from_url(url, table_prefix="kg_url_")
+    prefix = unique_prefix()
+    store = SQLStore.from_url(url, table_prefix=prefix)
     try:
         with anyio.fail_after(BOUND):
             await expose(store)
@@ -103,8 +104,9 @@ async def test_psycopg_keeps_the_urls_options_and_application_name() -> None:
                     await conn.execute(
                         text(
                             "SELECT table_schema FROM information_schema.tables "
-                            "WHERE table_name = 'kg_url_apis'"
-                        )
+                            "WHERE table_name = :name"
+                        ),
+                        {"name": f"{prefix}apis"},
                     )
                 ).all()
             assert [row[0] for row in found] == [schema]
@@ -112,6 +114,7 @@ async def test_psycopg_keeps_the_urls_options_and_application_name() -> None:
                 assert (await conn.exec_driver_sql("SHOW statement_timeout")).scalar() == "3s"
             assert await _application_names(name) >= 1
     finally:
+        await drop_tables(store.engine, prefix)  # wherever they went
         await store.aclose()
         async with admin.engine.begin() as conn:
             await conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
