@@ -641,6 +641,25 @@ async def test_lock_wait_gives_store_unavailable_then_recovers(
         assert len(await store.list_keys("orders")) == 1
 
 
+async def test_a_connection_cut_on_its_first_call_is_not_pooled_again(tmp_path: Path) -> None:
+    """A call that fails cuts its connection; one cut on its very first call, after its
+    transaction was rolled back (an error the server reported), used to go back to the
+    pool as if sound, and the next call drawing it failed with StoreUnavailable
+    ("connection is closed": not retried, since that connection had never served). The
+    cut connection is discarded: the next call connects anew."""
+    async with (
+        open_sql_test_store("postgres", tmp_path) as owner,
+        same_tables(owner, pool_size=1, max_overflow=0) as store,
+    ):
+        await expose(owner)
+        with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable, match="0x00"):
+            await store.list_audit(before="\x00")  # PostgreSQL refuses a NUL in text
+        with anyio.fail_after(BOUND):
+            found = await store.get_api("orders")
+        assert found is not None
+        assert found.exposed
+
+
 @pytest.mark.parametrize("backend", SQL_BACKENDS)
 async def test_a_write_cancelled_while_it_waits_for_a_lock_is_cancelled(
     backend: str, tmp_path: Path

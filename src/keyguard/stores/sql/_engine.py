@@ -161,27 +161,33 @@ async def _connect(bind: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         try:
             yield conn
         except BaseException as exc:
-            if not isinstance(exc, KeyGuardError | sa_exc.IntegrityError):
-                _sever(conn)
+            if not isinstance(exc, KeyGuardError | sa_exc.IntegrityError) and _sever(conn):
+                # Not pooled again: a pool that rolled it back already would take it for
+                # sound, and hand the dead connection to the next call.
+                with contextlib.suppress(Exception):
+                    conn.sync_connection.invalidate()  # type: ignore[union-attr]
             raise
 
 
-def _sever(conn: AsyncConnection) -> None:
-    """Close the network connection under ``conn`` now, without a word to the server."""
+def _sever(conn: AsyncConnection) -> bool:
+    """Close the network connection under ``conn`` now, without a word to the server;
+    whether it was cut."""
     sync = conn.sync_connection
     if conn.dialect.name == "sqlite" or sync is None or sync.invalidated or sync.closed:
-        return  # SQLite has no network; SQLAlchemy already dealt with an invalidated one
+        return False  # SQLite has no network; SQLAlchemy already dealt with an invalidated one
     try:
         driver = sync.connection.driver_connection
     except sa_exc.SQLAlchemyError:
-        return
+        return False
     terminate = getattr(driver, "terminate", None)  # asyncpg
     if terminate is None:
         close = getattr(driver, "close", None)  # asyncmy, aiomysql: closes the socket
         terminate = None if inspect.iscoroutinefunction(close) else close
-    if callable(terminate):
-        with contextlib.suppress(Exception):
-            terminate()
+    if not callable(terminate):
+        return False
+    with contextlib.suppress(Exception):
+        terminate()
+    return True
 
 
 async def _begin_immediate(conn: AsyncConnection, deadline: float, reader_wait: float) -> None:
