@@ -1075,3 +1075,33 @@ async def test_the_tag_keys_first_read_is_bounded_as_one_call(tmp_path: Path) ->
         assert len(await store.id_tag_key()) == 32  # and the next call finds or makes it
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_usage_of_an_id_no_key_can_have_costs_nothing_else(
+    backend: str, tmp_path: Path
+) -> None:
+    """A usage count for a client id no key could have (a NUL, past 64 characters) is
+    skipped with its last use, as its bucket already was: the rest of the write is made
+    (PostgreSQL refused the whole transaction over the NUL, StoreUnavailable, and every
+    other count of the flush went with it)."""
+    from keyguard.usage import UsageCount
+
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        now = utcnow()
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        await store.record_usage(
+            [
+                UsageCount("orders", rec.client_id, hour, 2, 0, now),
+                UsageCount("orders", "made\x00up", hour, 1, 0, now),
+                UsageCount("orders", "x" * 65, hour, 1, 0, now),
+            ]
+        )
+        found = await store.read_usage("orders", None, hour)
+        assert [(c.client_id, c.requests) for c in found] == [(rec.client_id, 2)]
+        stored = await store.get_key("orders", rec.client_id)
+        assert stored is not None
+        assert stored.last_used_at == now
