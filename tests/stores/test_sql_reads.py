@@ -429,3 +429,25 @@ def test_an_apps_engine_disposed_between_loops_is_left_to_the_app(tmp_path: Path
 
     anyio.run(first)
     anyio.run(second)
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_reads_are_logged_while_sqlalchemy_logs_statements(
+    backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With SQLAlchemy's statement logging turned on through ``logging`` (not ``echo``),
+    the request path's reads go through SQLAlchemy and are logged like every other
+    statement; they used to vanish from the log, read on kept connections."""
+    import logging
+
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        caplog.set_level(logging.INFO, logger="sqlalchemy.engine")
+        for _ in range(3):
+            assert (await store.lookup("orders", rec.client_id))[1] == rec
+        logged = [r.getMessage() for r in caplog.records if "LEFT OUTER JOIN" in r.getMessage()]
+        assert len(logged) == 3
+        bound = store._current
+        assert bound is None or bound.direct is None or bound.direct.served == 0
