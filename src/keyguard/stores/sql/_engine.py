@@ -291,7 +291,7 @@ def _parse_url(url: str) -> URL:
     return parsed
 
 
-def _tls_parameters(parsed: URL) -> dict[str, str]:
+def _dsn_parameters(parsed: URL) -> dict[str, str]:
     """The parameters of a PostgreSQL URL for asyncpg's DSN: every one that
     ``asyncpg.connect`` (and SQLAlchemy's asyncpg dialect) does not take as a keyword.
 
@@ -373,7 +373,7 @@ def _engine_options(
         for name in ("timeout", "command_timeout"):
             if name in query and not (schema_step and name == "command_timeout"):
                 connect_args[name] = _seconds(name, query[name])  # asyncpg wants a number
-        if dsn := _tls_parameters(parsed):
+        if dsn := _dsn_parameters(parsed):
             # asyncpg reads libpq's TLS parameters from a DSN only, with libpq's meaning
             # (verify-full checks the name, require with a root certificate verifies the
             # chain…); the host, user and the rest still come as keywords, which win.
@@ -464,8 +464,10 @@ def _create_engine(parsed: URL, options: dict[str, Any]) -> AsyncEngine:
             "async driver, or name an async one (postgresql+asyncpg, postgresql+psycopg, "
             "mysql+asyncmy, mysql+aiomysql, sqlite+aiosqlite)"
         ) from exc
-    if tls := _tls_parameters(parsed):
-        parsed = parsed.difference_update_query(tls)  # given to asyncpg by _engine_options
+    if dsn := _dsn_parameters(parsed):
+        # Given to asyncpg in its DSN by _engine_options; nor are they in the store's URL
+        # (its repr, its log lines), sslpassword among them.
+        parsed = parsed.difference_update_query(dsn)
     try:
         engine = create_async_engine(parsed, **options)
     except ImportError as exc:
