@@ -858,3 +858,39 @@ def test_a_store_listens_again_in_a_new_event_loop(driver: str) -> None:
             await store.aclose()
 
         asyncio.run(clean())
+
+
+def test_event_loops_that_watched_are_not_kept_alive(driver: str) -> None:
+    """A store watched in one ``asyncio.run`` after another keeps no loop that has ended
+    (once it listens again, or is closed): each loop's connect lock used to stay in the
+    feed, and with it the loop and everything the loop held, for every loop ever used."""
+    import weakref
+
+    store = SQLStore.from_url(pg_url(driver), table_prefix=unique_prefix())
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def watch_once() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        await tables_ready(store)
+        assert isinstance(store, ChangeFeed)
+        ready = asyncio.Event()
+        task = asyncio.ensure_future(store.watch(lambda _api, _id: None, on_ready=ready.set))
+        with anyio.fail_after(BOUND):
+            await ready.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        for _ in range(3):
+            asyncio.run(watch_once())
+        gc.collect()
+        assert [loop() is None for loop in loops[:2]] == [True, True]
+    finally:
+
+        async def clean() -> None:
+            await store.list_apis()
+            await drop_tables(store.engine, store.table_prefix)
+            await store.aclose()
+
+        asyncio.run(clean())

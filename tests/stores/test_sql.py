@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
@@ -640,6 +641,25 @@ async def test_lock_wait_gives_store_unavailable_then_recovers(
         assert len(await store.list_keys("orders")) == 1
 
 
+async def test_a_connection_cut_on_its_first_call_is_not_pooled_again(tmp_path: Path) -> None:
+    """A call that fails cuts its connection; one cut on its very first call, after its
+    transaction was rolled back (an error the server reported), used to go back to the
+    pool as if sound, and the next call drawing it failed with StoreUnavailable
+    ("connection is closed": not retried, since that connection had never served). The
+    cut connection is discarded: the next call connects anew."""
+    async with (
+        open_sql_test_store("postgres", tmp_path) as owner,
+        same_tables(owner, pool_size=1, max_overflow=0) as store,
+    ):
+        await expose(owner)
+        with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable, match="0x00"):
+            await store.list_audit(before="\x00")  # PostgreSQL refuses a NUL in text
+        with anyio.fail_after(BOUND):
+            found = await store.get_api("orders")
+        assert found is not None
+        assert found.exposed
+
+
 @pytest.mark.parametrize("backend", SQL_BACKENDS)
 async def test_a_write_cancelled_while_it_waits_for_a_lock_is_cancelled(
     backend: str, tmp_path: Path
@@ -1030,3 +1050,58 @@ async def test_a_sqlite_file_in_a_missing_folder_is_unavailable_without_a_thread
         assert set(threading.enumerate()) - before == set()
     finally:
         await store.aclose()
+
+
+async def test_the_tag_keys_first_read_is_bounded_as_one_call(tmp_path: Path) -> None:
+    """Making the client id tag key on first need (read, look for tagged ids, insert,
+    read back) is one store call, bounded by ``timeout`` as a whole: four statements
+    each well within the timeout but not together end in StoreUnavailable (each step
+    used to get a whole ``timeout`` of its own: four times the bound)."""
+    store = SQLStore.from_url(f"sqlite:///{tmp_path / 'keys.db'}", timeout=1.0)
+    try:
+        assert await store.get_api("orders") is None  # the tables, made first
+        slow: list[str] = []
+
+        def one_slow_read(_c: Any, _cur: Any, statement: str, *_args: Any) -> None:
+            if statement.lstrip().upper().startswith("SELECT"):
+                slow.append(statement)
+                time.sleep(0.45)  # each read within the timeout; three of them, past it
+
+        event.listen(store.engine.sync_engine, "before_cursor_execute", one_slow_read)
+        with anyio.fail_after(BOUND), pytest.raises(StoreUnavailable, match="no answer"):
+            await store.id_tag_key()
+        assert 2 <= len(slow) <= 3
+        event.remove(store.engine.sync_engine, "before_cursor_execute", one_slow_read)
+        assert len(await store.id_tag_key()) == 32  # and the next call finds or makes it
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_usage_of_an_id_no_key_can_have_costs_nothing_else(
+    backend: str, tmp_path: Path
+) -> None:
+    """A usage count for a client id no key could have (a NUL, past 64 characters) is
+    skipped with its last use, as its bucket already was: the rest of the write is made
+    (PostgreSQL refused the whole transaction over the NUL, StoreUnavailable, and every
+    other count of the flush went with it)."""
+    from keyguard.usage import UsageCount
+
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        now = utcnow()
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        await store.record_usage(
+            [
+                UsageCount("orders", rec.client_id, hour, 2, 0, now),
+                UsageCount("orders", "made\x00up", hour, 1, 0, now),
+                UsageCount("orders", "x" * 65, hour, 1, 0, now),
+            ]
+        )
+        found = await store.read_usage("orders", None, hour)
+        assert [(c.client_id, c.requests) for c in found] == [(rec.client_id, 2)]
+        stored = await store.get_key("orders", rec.client_id)
+        assert stored is not None
+        assert stored.last_used_at == now

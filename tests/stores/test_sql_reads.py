@@ -393,3 +393,61 @@ async def test_an_engine_disposed_before_the_store_is_closed_leaves_nothing_open
         assert pool.checkedout() == 0
         del store, reads
         gc.collect()
+
+
+def test_an_apps_engine_disposed_between_loops_is_left_to_the_app(tmp_path: Path) -> None:
+    """An app's engine used in two event loops, disposed between them as SQLAlchemy asks:
+    the store's first call in the second loop leaves that engine's pool alone (the
+    connections the app checked in there stay pooled, not dropped unclosed) and reads on
+    kept connections there again. It used to dispose the app's engine once more (without
+    closing its connections), which also ended that loop's fast reads for good."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}"
+    engine = create_async_engine(url, hide_parameters=True)
+    store = SQLStore(engine)
+    rec = record()
+
+    async def first() -> None:
+        await expose(store)
+        await store.insert_key(rec)
+        for _ in range(3):
+            assert (await store.lookup("orders", rec.client_id))[1] == rec
+        assert direct(store).served >= 1
+        await engine.dispose()
+        await anyio.sleep(0.2)  # the kept connections' background give-back (see above)
+
+    async def second() -> None:
+        async with engine.connect() as conn:  # the app's own work in this loop
+            await conn.execute(text("SELECT 1"))
+        pool: Any = engine.sync_engine.pool
+        assert pool.checkedin() == 1
+        for _ in range(3):
+            assert (await store.lookup("orders", rec.client_id))[1] == rec
+        assert engine.sync_engine.pool is pool
+        assert direct(store).served >= 1
+        await store.aclose()
+        await engine.dispose()
+
+    anyio.run(first)
+    anyio.run(second)
+
+
+@pytest.mark.parametrize("backend", SQL_BACKENDS)
+async def test_reads_are_logged_while_sqlalchemy_logs_statements(
+    backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With SQLAlchemy's statement logging turned on through ``logging`` (not ``echo``),
+    the request path's reads go through SQLAlchemy and are logged like every other
+    statement; they used to vanish from the log, read on kept connections."""
+    import logging
+
+    async with open_sql_test_store(backend, tmp_path) as store:
+        await expose(store)
+        rec = record()
+        await store.insert_key(rec)
+        caplog.set_level(logging.INFO, logger="sqlalchemy.engine")
+        for _ in range(3):
+            assert (await store.lookup("orders", rec.client_id))[1] == rec
+        logged = [r.getMessage() for r in caplog.records if "LEFT OUTER JOIN" in r.getMessage()]
+        assert len(logged) == 3
+        bound = store._current
+        assert bound is None or bound.direct is None or bound.direct.served == 0

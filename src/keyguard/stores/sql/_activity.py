@@ -119,6 +119,8 @@ class _Activity(_SQLCore):
         ]
         latest: dict[tuple[str, str], datetime] = {}
         for c in counts:
+            if not (_fits(c.api, _NAME_LENGTH) and _fits(c.client_id, _NAME_LENGTH)):
+                continue  # no key has it; PostgreSQL would refuse the whole write (NUL)
             key = (c.api, c.client_id)
             if c.last_used_at is not None and (key not in latest or latest[key] < c.last_used_at):
                 latest[key] = c.last_used_at

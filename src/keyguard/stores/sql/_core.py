@@ -57,8 +57,10 @@ from keyguard.stores.sql._engine import (
     _hide_aiosqlite_arguments,
     _is_driver_error,
     _lost_creation_race,
+    _render,
     _running_loop,
     _schema_budget,
+    _secrets_of,
     _validate_prefix,
     _validate_timeout,
 )
@@ -115,7 +117,7 @@ class _SQLCore:
         self._bind_lock = threading.Lock()
         self._schema: _Schema | None = None
         self._closed = False
-        self._password = engine.url.password
+        self._passwords = _secrets_of(engine.url)
         # PostgreSQL: every change also NOTIFYs this channel, in its transaction (_feed.py).
         self._channel = channel_for(self._prefix) if engine.dialect.name == "postgresql" else None
         self._connect_args: dict[str, Any] = {}  # set by from_url: what its engines connect with
@@ -126,7 +128,7 @@ class _SQLCore:
     @property
     def url(self) -> str:
         """The database URL, password masked."""
-        return self._engine.url.render_as_string(hide_password=True)
+        return _render(self._engine.url)
 
     @property
     def description(self) -> str:
@@ -382,9 +384,12 @@ class _SQLCore:
             for other, stale in list(self._by_loop.items()):
                 if other.is_closed():
                     # A loop closed without finalizing its async generators: its
-                    # connections cannot be closed any more, only dropped.
+                    # connections cannot be closed any more, only dropped. Not those of
+                    # an app's engine, which serves every loop: that pool is the app's
+                    # (it may hold this loop's connections already), never dropped here.
                     self._by_loop.pop(other, None)
-                    _abandon(stale.engine)
+                    if stale.closer is not None:
+                        _abandon(stale.engine)
         self._engine = bound.engine
         self._current = bound
         return bound
@@ -524,8 +529,8 @@ class _SQLCore:
             if cause.__cause__ is not None and type(cause).__module__.startswith("sqlalchemy"):
                 cause = cause.__cause__
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        if self._password:
-            detail = detail.replace(self._password, "***")
+        for password in self._passwords:
+            detail = detail.replace(password, "***")
         if len(detail) > 200:
             detail = detail[:197] + "..."
         reason = type(cause).__name__ + (f": {detail}" if detail else "")

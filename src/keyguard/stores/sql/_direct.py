@@ -22,8 +22,9 @@ A read here never changes what a caller sees, only what it costs:
   state mid-statement is unknown) and raises;
 - while SQLAlchemy's ``before_cursor_execute`` / ``after_cursor_execute``
   events have listeners on the engine (the application's instrumentation,
-  statement logging, tests counting statements) or the engine echoes, reads
-  take the pooled path, so that every statement is seen where it always was;
+  statement logging, tests counting statements) or the engine logs its
+  statements (``echo``, or its logger's level at INFO), reads take the pooled
+  path, so that every statement is seen where it always was;
 - drivers other than these (psycopg…) always take the pooled path.
 """
 
@@ -150,6 +151,8 @@ class DirectReads:
             and not dispatch.before_cursor_execute
             and not dispatch.after_cursor_execute
             and not self._sync.echo
+            # SQLAlchemy's statement log turned on through ``logging`` rather than echo.
+            and not self._sync._should_log_info()
         )
 
     async def fetch(

@@ -49,7 +49,6 @@ _DEFAULT_DRIVERS = {
     "mariadb": ("mariadb", "asyncmy"),
 }
 _DIALECTS = ("sqlite", "postgresql", "mysql", "mariadb")
-_TLS_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey")  # libpq's, SPEC §7
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 # driver module -> how to install it
 _INSTALL = {
@@ -162,27 +161,33 @@ async def _connect(bind: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         try:
             yield conn
         except BaseException as exc:
-            if not isinstance(exc, KeyGuardError | sa_exc.IntegrityError):
-                _sever(conn)
+            if not isinstance(exc, KeyGuardError | sa_exc.IntegrityError) and _sever(conn):
+                # Not pooled again: a pool that rolled it back already would take it for
+                # sound, and hand the dead connection to the next call.
+                with contextlib.suppress(Exception):
+                    conn.sync_connection.invalidate()  # type: ignore[union-attr]
             raise
 
 
-def _sever(conn: AsyncConnection) -> None:
-    """Close the network connection under ``conn`` now, without a word to the server."""
+def _sever(conn: AsyncConnection) -> bool:
+    """Close the network connection under ``conn`` now, without a word to the server;
+    whether it was cut."""
     sync = conn.sync_connection
     if conn.dialect.name == "sqlite" or sync is None or sync.invalidated or sync.closed:
-        return  # SQLite has no network; SQLAlchemy already dealt with an invalidated one
+        return False  # SQLite has no network; SQLAlchemy already dealt with an invalidated one
     try:
         driver = sync.connection.driver_connection
     except sa_exc.SQLAlchemyError:
-        return
+        return False
     terminate = getattr(driver, "terminate", None)  # asyncpg
     if terminate is None:
         close = getattr(driver, "close", None)  # asyncmy, aiomysql: closes the socket
         terminate = None if inspect.iscoroutinefunction(close) else close
-    if callable(terminate):
-        with contextlib.suppress(Exception):
-            terminate()
+    if not callable(terminate):
+        return False
+    with contextlib.suppress(Exception):
+        terminate()
+    return True
 
 
 async def _begin_immediate(conn: AsyncConnection, deadline: float, reader_wait: float) -> None:
@@ -286,21 +291,50 @@ def _parse_url(url: str) -> URL:
     return parsed
 
 
-def _tls_parameters(parsed: URL) -> dict[str, str]:
-    """libpq's TLS parameters in a PostgreSQL URL for asyncpg, which does not take them
-    as keywords (``sslmode=require`` would reach ``asyncpg.connect`` as an unknown one)."""
+def _dsn_parameters(parsed: URL) -> dict[str, str]:
+    """The parameters of a PostgreSQL URL for asyncpg's DSN: every one that
+    ``asyncpg.connect`` (and SQLAlchemy's asyncpg dialect) does not take as a keyword.
+
+    libpq's TLS parameters among them (``sslmode=require`` would reach ``asyncpg.connect``
+    as an unknown keyword, a ``TypeError`` on every call), and the rest of libpq's that
+    asyncpg reads from a DSN only (``sslpassword``, ``sslcrl``…); any other becomes a
+    server setting there, as with libpq (``application_name=app``)."""
     if parsed.get_driver_name() != "asyncpg":
         return {}  # psycopg hands them to libpq itself
     found: dict[str, str] = {}
-    for name in _TLS_PARAMETERS:
-        value = parsed.query.get(name)
-        if value is not None:
+    for name, value in parsed.query.items():
+        if name not in _ASYNCPG_KEYWORDS:
             found[name] = value if isinstance(value, str) else value[-1]
     return found
 
 
+# What asyncpg.connect takes as keywords (a URL's parameters of these names stay
+# keywords), and what SQLAlchemy's asyncpg dialect takes itself.
+_ASYNCPG_KEYWORDS = frozenset(
+    {
+        "dsn", "host", "port", "user", "password", "passfile", "service", "servicefile",
+        "database", "timeout", "statement_cache_size", "max_cached_statement_lifetime",
+        "max_cacheable_statement_size", "command_timeout", "ssl", "direct_tls",
+        "connection_class", "record_class", "server_settings", "target_session_attrs",
+        "krbsrvname", "gsslib", "prepared_statement_cache_size", "prepared_statement_name_func",
+        "async_creator_fn",
+    }
+)  # fmt: skip
+
+
 _SCHEMA_BUDGET = 300.0
 """The bound, in seconds, on creating or upgrading the tables (``timeout`` if longer)."""
+
+
+def _seconds(name: str, value: str) -> float:
+    """A URL's number of seconds ``name``, or ``ConfigurationError``."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def _schema_budget(timeout: float) -> float:
@@ -321,7 +355,14 @@ def _engine_options(
     engine that creates or upgrades the tables, whose statements may take long).
     """
     driver = parsed.get_driver_name()
+    schema_step = statements is not None
     statements = timeout if statements is None else statements
+    # The URL's own parameters win over these defaults (they reach the driver as the
+    # docs say, unchanged), except the bound on one statement of the engine that creates
+    # or upgrades the tables, which must let an index over millions of keys be built.
+    query = {
+        name: value if isinstance(value, str) else value[-1] for name, value in parsed.query.items()
+    }
     connect_args: dict[str, Any] = {}
     if driver == "asyncpg":
         connect_args = {
@@ -329,21 +370,37 @@ def _engine_options(
             "command_timeout": statements,
             "server_settings": {"application_name": "keyguard"},
         }
-        if tls := _tls_parameters(parsed):
+        for name in ("timeout", "command_timeout"):
+            if name in query and not (schema_step and name == "command_timeout"):
+                connect_args[name] = _seconds(name, query[name])  # asyncpg wants a number
+        if dsn := _dsn_parameters(parsed):
             # asyncpg reads libpq's TLS parameters from a DSN only, with libpq's meaning
             # (verify-full checks the name, require with a root certificate verifies the
             # chain…); the host, user and the rest still come as keywords, which win.
-            connect_args["dsn"] = "postgresql://?" + urlencode(tls)
+            connect_args["dsn"] = "postgresql://?" + urlencode(dsn)
+            if "application_name" in dsn:  # a server setting the keyword would replace
+                del connect_args["server_settings"]
     elif driver == "psycopg":
+        bound = f"-c statement_timeout={math.ceil(statements * 1000)}"
+        own = query.get("options")
+        if own is not None:
+            # Both: the later setting wins, the URL's but on the schema step's engine.
+            bound = f"{own} {bound}" if schema_step else f"{bound} {own}"
         connect_args = {
             "connect_timeout": max(1, math.ceil(timeout)),
-            "options": f"-c statement_timeout={math.ceil(statements * 1000)}",
+            "options": bound,
             "application_name": "keyguard",
         }
-    elif driver == "asyncmy":
-        connect_args = {"connect_timeout": timeout, "read_timeout": statements}
-    elif driver == "aiomysql":
+        for name in ("connect_timeout", "application_name"):
+            if name in query:
+                del connect_args[name]
+    elif driver in ("asyncmy", "aiomysql"):
         connect_args = {"connect_timeout": timeout}
+        if driver == "asyncmy":
+            connect_args["read_timeout"] = statements
+        for name in ("connect_timeout", "read_timeout"):
+            if name in query and not (schema_step and name == "read_timeout"):
+                connect_args.pop(name, None)
     elif driver == "aiosqlite":
         connect_args = {"timeout": timeout}  # the busy timeout: how long to wait for a writer
         _hide_aiosqlite_arguments()
@@ -407,8 +464,10 @@ def _create_engine(parsed: URL, options: dict[str, Any]) -> AsyncEngine:
             "async driver, or name an async one (postgresql+asyncpg, postgresql+psycopg, "
             "mysql+asyncmy, mysql+aiomysql, sqlite+aiosqlite)"
         ) from exc
-    if tls := _tls_parameters(parsed):
-        parsed = parsed.difference_update_query(tls)  # given to asyncpg by _engine_options
+    if dsn := _dsn_parameters(parsed):
+        # Given to asyncpg in its DSN by _engine_options; nor are they in the store's URL
+        # (its repr, its log lines), sslpassword among them.
+        parsed = parsed.difference_update_query(dsn)
     try:
         engine = create_async_engine(parsed, **options)
     except ImportError as exc:
@@ -422,15 +481,39 @@ def _create_engine(parsed: URL, options: dict[str, Any]) -> AsyncEngine:
             f"{parsed.drivername}:// is not an async driver; keyguard needs one "
             f"(for example {scheme}:// alone chooses it)"
         ) from exc
-    except (TypeError, sa_exc.ArgumentError) as exc:
+    except (TypeError, ValueError, sa_exc.ArgumentError) as exc:
+        # (ValueError: a URL parameter the dialect reads as a number, ?connect_timeout=abc.)
         raise ConfigurationError(f"bad SQL store option: {exc}") from exc
     _hide_rows(engine)
     return engine
 
 
+# URL parameters that hold a password (the drivers take one there too): never shown.
+_SECRET_PARAMETERS = frozenset({"password", "passwd", "sslpassword"})
+
+
+def _render(url: URL) -> str:
+    """``url`` as text, its password and any password parameter (``?password=``,
+    ``?sslpassword=``) hidden."""
+    hidden = {name: "HIDDEN" for name in url.query if name.lower() in _SECRET_PARAMETERS}
+    if not hidden:
+        return url.render_as_string(hide_password=True)
+    text = url.update_query_dict(hidden).render_as_string(hide_password=True)
+    return text.replace("=HIDDEN", "=***")
+
+
+def _secrets_of(url: URL) -> list[str]:
+    """The passwords ``url`` holds (its own, and its password parameters' values)."""
+    found = [url.password] if url.password else []
+    for name, value in url.query.items():
+        if name.lower() in _SECRET_PARAMETERS:
+            found += [value] if isinstance(value, str) else list(value)
+    return [secret for secret in found if secret]
+
+
 def _mask(url: str) -> str:
     """``url`` with any password hidden."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return _render(make_url(url))
     except Exception:
         return url.split("://", 1)[0] + "://…"

@@ -478,12 +478,14 @@ class PgFeed:
                 del self._by_loop[loop]
 
     def _abandon_closed_loops(self) -> None:
-        """Close the connections of loops closed by hand (their tasks left pending)."""
+        """Close the connections of loops closed by hand (their tasks left pending), and
+        forget every closed loop (its lock would keep it, and all it holds, alive)."""
         for other in [other for other in self._by_loop if other.is_closed()]:
-            self._locks.pop(other, None)
             listener = self._by_loop.pop(other, None)
             if listener is not None:
                 listener.abandon()
+        for other in [other for other in self._locks if other.is_closed()]:
+            del self._locks[other]
 
     async def aclose(self) -> None:
         """Close the listening connection of the running loop, and those of loops closed

@@ -29,11 +29,13 @@ from sqlalchemy import (
     select,
     true,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import mysql as mysql_dialect
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import TypeEngine
 
 from keyguard.audit import (
@@ -131,7 +133,10 @@ class _Schema:
             Column("max_keys_per_kind", Integer, nullable=False),
             Column("internal_count", Integer, nullable=False),
             Column("external_count", Integer, nullable=False),
-            Column("rate_limits", Text(), nullable=False, server_default="[]"),  # version 2
+            # Version 2.
+            Column(
+                "rate_limits", Text(), nullable=False, server_default=_text_default(dialect, "[]")
+            ),
             **table_options,
         )
         self.keys = Table(
@@ -162,7 +167,7 @@ class _Schema:
                 "enabled", Boolean(create_constraint=False), nullable=False, server_default=true()
             ),
             Column("expires_at", _UTCDateTime(), nullable=True),
-            Column("meta", Text(), nullable=False, server_default="{}"),
+            Column("meta", Text(), nullable=False, server_default=_text_default(dialect, "{}")),
             Column("previous_secret_hash", Text(), nullable=True),
             Column("previous_secret_expires_at", _UTCDateTime(), nullable=True),
             Column("last_used_at", _UTCDateTime(), nullable=True),
@@ -308,6 +313,15 @@ class _Schema:
             return sqlite_dialect.insert(table).values(values).on_conflict_do_nothing()
         stmt = mysql_dialect.insert(table).values(values)  # MariaDB / MySQL
         return stmt.on_duplicate_key_update(name=stmt.inserted.name)
+
+
+def _text_default(dialect: Dialect, value: str) -> str | TextClause:
+    """The database default ``value`` of a TEXT column: MySQL (8.0.13 and later; not
+    MariaDB) takes one only written as an expression, ``DEFAULT ('{}')``, and refuses the
+    table otherwise (error 1101)."""
+    if dialect.name in ("mysql", "mariadb") and not getattr(dialect, "is_mariadb", False):
+        return sql_text(f"('{value}')")
+    return value
 
 
 def _binary_collation(dialect: Dialect) -> str:

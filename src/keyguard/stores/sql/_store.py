@@ -8,6 +8,7 @@ docstring.
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from keyguard.stores.sql._engine import (
     _engine_options,
     _parse_url,
     _schema_budget,
+    _secrets_of,
     _validate_prefix,
     _validate_timeout,
 )
@@ -95,6 +97,8 @@ class SQLStore(_Keys):
             engine, table_prefix=table_prefix, timeout=timeout, audit_retention=audit_retention
         )
         store._factory = lambda: _create_engine(parsed, options)
+        # Those of the URL as given: some of its parameters never reach the engine's URL.
+        store._passwords = _secrets_of(parsed)
         # Creating or upgrading the tables: statements bounded by the step's own budget
         # (an index over millions of keys takes longer than a call's timeout).
         # No pool: each attempt gets a new connection, never one an earlier attempt cut.
@@ -144,12 +148,21 @@ class SQLStore(_Keys):
             row = {"name": ID_TAG_ROW, "value": new_tag_key_text()}
             await conn.execute(schema.insert_ignore(schema.meta, row))
 
+        # One store call, bounded by ``timeout`` as a whole: each step gets what is left.
+        deadline = time.monotonic() + self._timeout
+
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._no_answer()
+            return remaining
+
         text, lost = await self._run(read, write=False)
         found_now = False
         if text is None:
-            found_now = await self._run(tagged_ids, write=False)
-            await self._run(partial(create, lost=found_now), write=True)
-            text, lost = await self._run(read, write=False)
+            found_now = await self._run(tagged_ids, write=False, within=left())
+            await self._run(partial(create, lost=found_now), write=True, within=left())
+            text, lost = await self._run(read, write=False, within=left())
         key = parse_tag_key(text, f"SQL store {self.url}")
         if lost:
             report_lost(f"SQL store {self.url}", found_now=found_now)

@@ -45,10 +45,12 @@ deadline (``_SQLCore._ready``).
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import Connection, Table, inspect, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["V2_API_COLUMNS", "V2_KEY_COLUMNS", "ensure_indexes", "upgrade"]
+__all__ = ["V2_API_COLUMNS", "V2_KEY_COLUMNS", "column_spec", "ensure_indexes", "upgrade"]
 
 # column -> dialect -> its type and default, as ALTER TABLE … ADD COLUMN writes them.
 _TIME = {"postgresql": "TIMESTAMP WITH TIME ZONE", "mysql": "DATETIME(6)", "sqlite": "DATETIME"}
@@ -138,11 +140,22 @@ async def _to_v2(conn: AsyncConnection, prefix: str, meta_table: str, lock_wait:
                 if column in existing:
                     continue
                 if_missing = "" if look_first else "IF NOT EXISTS "
+                spec = column_spec(types, dialect, mysql=dialect == "mysql" and look_first)
                 await conn.execute(
-                    text(f"ALTER TABLE {table} ADD COLUMN {if_missing}{column} {types[dialect]}")
+                    text(f"ALTER TABLE {table} ADD COLUMN {if_missing}{column} {spec}")
                 )
         await conn.execute(bump)
     return 2
+
+
+def column_spec(types: dict[str, str], dialect: str, *, mysql: bool = False) -> str:
+    """How ``ALTER TABLE … ADD COLUMN`` writes a column of ``types`` on ``dialect``;
+    ``mysql``: on MySQL (not MariaDB), which takes a TEXT column's default only written
+    as an expression, ``DEFAULT ('{}')``."""
+    spec = types[dialect]
+    if mysql:
+        spec = re.sub(r"DEFAULT ('[^']*')", r"DEFAULT (\1)", spec)
+    return spec
 
 
 async def _columns(conn: AsyncConnection, table: str) -> set[str]:
