@@ -55,8 +55,12 @@ def grace(text: str) -> timedelta:
         period = _time(text, "--grace") - utcnow()
         if period < timedelta(0):
             raise InvalidRequest(f"--grace: {text.strip()} has already passed")
+    else:
+        period = parse_duration(text, "--grace")
+    try:
         return parse_grace(period)
-    return parse_grace(parse_duration(text, "--grace"))
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"--grace: {exc.message}") from None
 
 
 def _time(text: str, option: str) -> datetime:
