@@ -932,6 +932,8 @@ _BAD_VALUES: list[tuple[str, tuple[str, ...], str]] = [
     ("grace-unit", (*_ROLL, "--grace", "1x"), "--grace"),
     ("grace-passed", (*_ROLL, "--grace", "2000-01-01T00:00:00Z"), "passed"),
     ("rename-blank", (*_UPDATE, "--rename", "   "), "name"),
+    ("max-keys-negative", ("apis", "expose", "orders", "--max-keys", "-1"), "--max-keys: "),
+    ("max-keys-too-many", ("apis", "expose", "orders", "--max-keys", "1000001"), "--max-keys: "),
 ]
 
 
