@@ -927,9 +927,13 @@ _BAD_VALUES: list[tuple[str, tuple[str, ...], str]] = [
     ("limits-five", (*_UPDATE, "--limits", *(f"{n}/second" for n in range(1, 6))), "at most 4"),
     ("set-unit", ("apis", "limits", "orders", "--set", "10/week"), "--set"),
     ("grace-too-long", (*_ROLL, "--grace", "31d"), "30 days"),
+    ("grace-too-long-names-it", (*_ROLL, "--grace", "31d"), "--grace: "),
+    ("grace-too-far", (*_ROLL, "--grace", "2099-01-01T00:00:00Z"), "--grace: "),
     ("grace-unit", (*_ROLL, "--grace", "1x"), "--grace"),
     ("grace-passed", (*_ROLL, "--grace", "2000-01-01T00:00:00Z"), "passed"),
     ("rename-blank", (*_UPDATE, "--rename", "   "), "name"),
+    ("max-keys-negative", ("apis", "expose", "orders", "--max-keys", "-1"), "--max-keys: "),
+    ("max-keys-too-many", ("apis", "expose", "orders", "--max-keys", "1000001"), "--max-keys: "),
 ]
 
 

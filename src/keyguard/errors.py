@@ -7,13 +7,14 @@ The tree::
     ├── InvalidRequest            invalid_request      (bad API name, key name, kind, limit)
     ├── ApiNotFound               api_not_found        (an API nobody has created)
     ├── KeyNotFound               key_not_found        (no such key in this API)
-    ├── RuleViolation             (one of SPEC §3's rules would be broken)
+    ├── RuleViolation             (one of SPEC §3's rules would be broken; no code of its own)
     │   ├── ApiNotExposed         api_not_exposed      (R1)
     │   ├── KeyLimitReached       key_limit_reached    (R2)
     │   ├── DuplicateName         duplicate_name       (R3)
     │   ├── KeyImmutable          key_immutable        (R4)
     │   └── ApiHasKeys            api_has_keys         (deleting an API that has keys)
     └── StoreUnavailable          store_unavailable    (the store cannot be reached or is failing)
+        └── StoreClosed           store_unavailable    (the store was closed with aclose())
 
 ``InvalidRequest`` is also a ``ValueError``. Front doors translate them: the
 management API into problem details with the same ``code``, the command line

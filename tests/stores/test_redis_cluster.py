@@ -66,7 +66,8 @@ def test_open_store_maps_cluster_urls_without_io() -> None:
     inner = store.store
     assert isinstance(inner, RedisClusterStore)
     shown = f"{inner!r} {inner.description}"
-    assert "10.0.0.1:7000,10.0.0.2:7001" in shown
+    for text in (repr(inner), inner.description):  # an IPv6 node bracketed, as in the URL
+        assert "redis+cluster://10.0.0.1:7000,10.0.0.2:7001,[::1]:7002" in text
     assert "s3cret" not in shown
     nodes = {(node.host, int(node.port)) for node in inner.client.startup_nodes}
     assert nodes == {("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)}

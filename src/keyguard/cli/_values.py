@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from keyguard.errors import InvalidRequest
+from keyguard.manager import MAX_KEYS_PER_KIND_LIMIT
 from keyguard.models import (
     RateLimit,
     parse_duration,
@@ -55,8 +56,12 @@ def grace(text: str) -> timedelta:
         period = _time(text, "--grace") - utcnow()
         if period < timedelta(0):
             raise InvalidRequest(f"--grace: {text.strip()} has already passed")
+    else:
+        period = parse_duration(text, "--grace")
+    try:
         return parse_grace(period)
-    return parse_grace(parse_duration(text, "--grace"))
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"--grace: {exc.message}") from None
 
 
 def _time(text: str, option: str) -> datetime:
@@ -104,6 +109,12 @@ def manager_arguments(args: argparse.Namespace) -> dict[str, Any]:
             given["rate_limits"] = ()
     elif command == ("keys", "set-secret") and args.grace is not None:
         given["grace"] = grace(args.grace)
+    elif command == ("apis", "expose") and args.max_keys is not None:
+        if not 0 <= args.max_keys <= MAX_KEYS_PER_KIND_LIMIT:
+            raise InvalidRequest(
+                f"--max-keys: a whole number from 0 to {MAX_KEYS_PER_KIND_LIMIT:,} "
+                f"(keys of each kind), got {args.max_keys}"
+            )
     elif command == ("apis", "limits"):
         given["rate_limits"] = () if args.clear else rate_limits(args.limits, "--set")
     elif command == ("usage", "show"):

@@ -43,8 +43,9 @@ def open_store(
     seconds (at most ``cache_size`` entries) unless ``cache_ttl`` is 0 or
     ``None``: a change made in another process is then seen within
     ``cache_ttl`` seconds (at once on Redis, Redis Cluster and PostgreSQL on
-    asyncpg, which announce changes), one made through this store object at once. Raises
-    ``ConfigurationError`` for an unknown scheme or a missing extra.
+    asyncpg or psycopg 3.2.4+, which announce changes), one made through this store object
+    at once. ``memory://`` takes no options. Raises ``ConfigurationError`` for an unknown
+    scheme, an unknown option or a missing extra.
     """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(

@@ -279,5 +279,8 @@ def _location(client: RedisCluster) -> str:
     """The startup nodes of ``client`` as a URL without credentials (for repr and errors)."""
     kwargs = client.nodes_manager.connection_kwargs
     tls = issubclass(kwargs.get("connection_class", object), SSLConnection)
-    names = ",".join(node.name for node in client.startup_nodes)
+    names = ",".join(
+        f"[{node.host}]:{node.port}" if ":" in node.host else f"{node.host}:{node.port}"
+        for node in client.startup_nodes
+    )
     return f"{'rediss' if tls else 'redis'}+cluster://{names}"
