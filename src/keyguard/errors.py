@@ -108,6 +108,11 @@ class ApiHasKeys(RuleViolation):
 
     code = "api_has_keys"
 
+    @classmethod
+    def holding(cls, api: str, count: int) -> ApiHasKeys:
+        """The refusal for ``api``, which holds ``count`` keys ("1 key", "2 keys")."""
+        return cls(f"API {api!r} has {count} key{'' if count == 1 else 's'}")
+
 
 class StoreUnavailable(KeyGuardError):
     """The key store could not be reached or failed; the cause is chained."""

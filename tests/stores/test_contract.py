@@ -399,7 +399,7 @@ async def test_delete_api_with_keys_needs_force(store: KeyStore) -> None:
     await store.insert_key(kept)
     doomed = record(name="Acme", kind=INTERNAL, secret_hash="h")
     await store.insert_key(doomed)
-    with pytest.raises(ApiHasKeys):
+    with pytest.raises(ApiHasKeys, match=r"^API 'orders' has 1 key$"):
         await store.delete_api("orders", force=False)
     assert [k.client_id for k in await store.list_keys("orders")] == [doomed.client_id]
     assert await store.delete_api("orders", force=True) is True

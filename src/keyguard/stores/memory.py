@@ -264,7 +264,7 @@ class MemoryStore:
             if state is None:
                 return False
             if state.keys and not force:
-                raise ApiHasKeys(f"API {api!r} has {len(state.keys)} keys")
+                raise ApiHasKeys.holding(api, len(state.keys))
             del self._apis[api]
             self._record(audit)
             return True

@@ -79,13 +79,13 @@ def _whole(value: object, name: str, *, minimum: int) -> int:
 class CachedStore:
     """Wrap ``store`` with entries kept ``ttl`` seconds, ``max_entries`` keys in all.
 
-    ``snapshot_keys``: an API holding at most this many keys is cached whole (one
-    snapshot, one round trip per refresh), a larger one key by key (capped at a quarter
-    of ``max_entries``). ``miss_reads_per_second``: the store reads this process spends
-    at most on misses of large APIs' client ids (the flood bound). ``precheck``: an
-    optional ``(api, client_id) -> bool`` run before such a read; ``False`` answers
-    "not registered" without one. ``clock`` is the monotonic clock used for expiry
-    (tests pass their own).
+    ``snapshot_keys``: an API holding at most this many keys (and at most a quarter of
+    ``max_entries``, so a snapshot leaves room for others) is cached whole (one snapshot,
+    one round trip per refresh), a larger one key by key. ``miss_reads_per_second``: the
+    store reads this process spends at most on misses of large APIs' client ids (the
+    flood bound). ``precheck``: an optional ``(api, client_id) -> bool`` run before such
+    a read; ``False`` answers "not registered" without one. ``clock`` is the monotonic
+    clock used for expiry (tests pass their own).
     """
 
     def __init__(

@@ -349,5 +349,5 @@ class _Keys(_Activity[ClientT]):
 
         outcome = await self._call(remove)
         if outcome < 0:
-            raise ApiHasKeys(f"API {api!r} has {-outcome} keys")
+            raise ApiHasKeys.holding(api, -outcome)
         return bool(outcome)

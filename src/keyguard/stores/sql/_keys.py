@@ -488,7 +488,7 @@ class _Keys(_Activity):
             ).one()
             held = counts.internal_count + counts.external_count
             if held and not force:
-                raise ApiHasKeys(f"API {api!r} has {held} keys")
+                raise ApiHasKeys.holding(api, held)
             await conn.execute(delete(keys).where(keys.c.api == api))
             await conn.execute(delete(apis).where(apis.c.name == api))
             await _write_audit(conn, schema, audit)
