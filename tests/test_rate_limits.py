@@ -206,6 +206,29 @@ def test_bad_options_fail_at_start_up() -> None:
         KeyGuard(Starlette(), store=MemoryStore(), api="orders", rate_limiter=42)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis://:pw@127.0.0.1:6379/0x", "the path is the database number"),
+        ("async+redis://127.0.0.1:6379/1/2", "the path is the database number"),
+        ("redis://:se/cret@127.0.0.1:6379/0", "must be percent-encoded"),
+        ("rediss://:12?34@127.0.0.1:6379/0", "must be percent-encoded"),
+    ],
+)
+def test_a_redis_counter_url_redis_py_would_misread_fails_at_start_up(
+    url: str, reason: str
+) -> None:
+    """A rate_limiter URL redis-py would misread (a database path that is no number, read
+    as 0 or as 12; a raw '/', '?' in the password, cut into a host and a "port") is a
+    ConfigurationError when KeyGuard is made, quoting no password, as for a Redis store."""
+    with pytest.raises(ConfigurationError, match=reason) as caught:
+        KeyGuard(Starlette(), store=MemoryStore(), api="orders", rate_limiter=url)
+    assert "rate_limiter URL" in str(caught.value)
+    for secret in ("pw", "se/cret", "12?34", "cret"):
+        assert f":{secret}@" not in str(caught.value)
+        assert secret not in str(caught.value).replace("rediss", "").replace("127.0.0.1", "")
+
+
 async def test_memory_counters_are_announced_once(
     manager: KeyManager, caplog: pytest.LogCaptureFixture
 ) -> None:

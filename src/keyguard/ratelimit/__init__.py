@@ -157,8 +157,13 @@ class RateLimiter:
         # Until when (monotonic) requests counted in memory during a failure may still be
         # in a window: until then, a key's entries there count next to the storage's.
         self._counted_until = -math.inf
-        # Fail at start-up on an unknown scheme or a missing driver, not on a request.
+        # Fail at start-up on an unknown scheme, a missing driver or a URL redis-py would
+        # misread, not on a request.
         if not self.local:
+            if self.uri.startswith(("async+redis://", "async+rediss://")):
+                from keyguard.stores.redis._store import check_redis_url
+
+                check_redis_url(self.uri.removeprefix("async+"), "rate_limiter URL")
             self._make_limiter(self.uri, self._options)
         self._counter = LocalCounter(limits_item)  # memory://, and the fallback
         # hit_now answers for hit only where hit is this class's (a subclass's own hit is

@@ -81,7 +81,7 @@ class RedisStore(RedisCore[Redis]):
         """
         _check_timeout(timeout)
         check_retention(audit_retention)
-        _check_url(url)
+        check_redis_url(url)
         options: dict[str, Any] = {
             "socket_connect_timeout": timeout,
             "socket_timeout": timeout,
@@ -128,8 +128,9 @@ class RedisStore(RedisCore[Redis]):
 _DATABASE_PATH = re.compile(r"/?[0-9]*")
 
 
-def _check_url(url: str) -> None:
-    """Refuse what redis-py would misread, silently or in an error quoting a password.
+def check_redis_url(url: str, what: str = "Redis store URL") -> None:
+    """Refuse what redis-py would misread, silently or in an error quoting a password
+    (``what`` names the URL in the error: the store's, or a rate limiter's).
 
     An ``@`` after the host (outside a query's ``name=value``) means a user name or
     password holding an unescaped ``/``, ``?`` or ``#``: the URL parser ends the host
@@ -142,22 +143,22 @@ def _check_url(url: str) -> None:
     shown = redact(url)
     try:
         parts = urlsplit(url)
-    except ValueError:  # an unclosed "[" of an IPv6 host, say
-        raise ConfigurationError(f"invalid Redis store URL {shown!r}") from None
+    except ValueError as exc:  # an unclosed "[" of an IPv6 host, say ("Invalid IPv6 URL")
+        raise ConfigurationError(f"invalid {what} {shown!r}: {redact(str(exc))}") from None
     socket = parts.scheme.lower() == "unix"  # its path is the socket's, not a database
     names = [item.partition("=")[0] for item in parts.query.split("&")]
     if any("@" in text for text in ("" if socket else parts.path, parts.fragment, *names)):
         raise ConfigurationError(
-            f"invalid Redis store URL {shown!r}: an '@' after the host; a '/', '?' or '#' "
+            f"invalid {what} {shown!r}: an '@' after the host; a '/', '?' or '#' "
             "in the user name or password must be percent-encoded (%2F, %3F, %23)"
         )
     try:
         parts.port  # noqa: B018 - parsed here to word the error without quoting the URL
     except ValueError:
         raise ConfigurationError(
-            f"invalid Redis store URL {shown!r}: the port must be a number from 0 to 65535"
+            f"invalid {what} {shown!r}: the port must be a number from 0 to 65535"
         ) from None
     if not socket and not _DATABASE_PATH.fullmatch(unquote(parts.path)):
         raise ConfigurationError(
-            f"invalid Redis store URL {shown!r}: the path is the database number, as in /0"
+            f"invalid {what} {shown!r}: the path is the database number, as in /0"
         )
