@@ -1059,8 +1059,8 @@ def test_keys_list_name_filters_case_insensitively(run: Run) -> None:
     [
         (("--after", "not-a-cursor!"), "after"),
         (("--after", "MToxOjE6MQ"), "after"),
-        (("--limit", "0"), "limit"),
-        (("--limit", "1001"), "limit"),
+        (("--limit", "0"), "--limit: a whole number from 1 to 1,000, got 0"),
+        (("--limit", "1001"), "--limit: a whole number from 1 to 1,000, got 1001"),
         (("--name", "a\u202eb"), "name"),
     ],
 )

@@ -95,6 +95,10 @@ def test_bad_values_exit_1(store: list[str], capsys: pytest.CaptureFixture[str])
         err = capsys.readouterr().err
         assert err.startswith("keyguard: error: ")
         assert len(err.splitlines()) == 1
+        if argv[0] == "--limit":  # named as typed, with the range
+            assert err.startswith(
+                f"keyguard: error: --limit: a whole number from 1 to 1,000, got {argv[1]}"
+            )
 
 
 def test_actor_without_a_login_name(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from keyguard.audit import MAX_AUDIT_LIMIT
 from keyguard.errors import InvalidRequest
 from keyguard.manager import MAX_KEYS_PER_KIND_LIMIT
 from keyguard.models import (
@@ -24,6 +25,7 @@ from keyguard.models import (
     parse_time,
     utcnow,
 )
+from keyguard.stores._paging import MAX_PAGE_SIZE
 from keyguard.usage import MAX_USAGE_HOURS
 
 __all__ = ["grace", "hours", "manager_arguments", "meta", "rate_limits", "when"]
@@ -119,7 +121,17 @@ def manager_arguments(args: argparse.Namespace) -> dict[str, Any]:
         given["rate_limits"] = () if args.clear else rate_limits(args.limits, "--set")
     elif command == ("usage", "show"):
         given["hours"] = hours(args.hours)
+    elif command == ("keys", "list") and args.limit is not None:
+        _check_limit(args.limit, MAX_PAGE_SIZE)
+    elif command[0] == "audit":
+        _check_limit(args.limit, MAX_AUDIT_LIMIT)
     return given
+
+
+def _check_limit(value: int, most: int) -> None:
+    """``--limit N`` of ``keys list`` and ``audit``, named as the operator typed it."""
+    if not 1 <= value <= most:
+        raise InvalidRequest(f"--limit: a whole number from 1 to {most:,}, got {value}")
 
 
 def hours(text: str) -> int:
