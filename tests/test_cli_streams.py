@@ -58,6 +58,29 @@ def store(tmp_path: Path) -> str:
     return url
 
 
+def _closed_stdout_run(
+    store: str, tmp_path: Path, *args: str, **environment: str | None
+) -> subprocess.CompletedProcess[str]:
+    """The console script with ``args``, its stdout a pipe whose reader has gone
+    (``environment``: variables changed for it, ``None`` to remove one)."""
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe now fails with EPIPE
+    try:
+        return subprocess.run(
+            [str(KEYGUARD), "--store", store, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=_environment(**environment),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+
+
 @pytest.mark.parametrize("unbuffered", ["1", None], ids=["unbuffered", "buffered"])
 @pytest.mark.parametrize(
     "args",
@@ -75,45 +98,10 @@ def test_a_closed_stdout_pipe_ends_quietly(
     """``keyguard … | head -0``: the reader is gone, so keyguard stops with 141 (128 +
     SIGPIPE, as a shell reports it) and writes nothing to stderr — no "unexpected
     BrokenPipeError" line, no "Exception ignored" at exit — with stdout buffered or not."""
-    read, write = os.pipe()
-    os.close(read)  # every write to the pipe now fails with EPIPE
-    try:
-        result = subprocess.run(
-            [str(KEYGUARD), "--store", store, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=write,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=tmp_path,
-            env=_environment(PYTHONUNBUFFERED=unbuffered),
-            timeout=60,
-            check=False,
-        )
-    finally:
-        os.close(write)
+    result = _closed_stdout_run(store, tmp_path, *args, PYTHONUNBUFFERED=unbuffered)
     assert result.stderr == ""
     # argparse's --help ignores a failed write itself (exit 0) when nothing was buffered.
     assert result.returncode == (0 if args == ("--help",) and unbuffered else 141)
-
-
-def _closed_stdout_run(store: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """The console script with ``args``, its stdout a pipe whose reader has gone."""
-    read, write = os.pipe()
-    os.close(read)  # every write to the pipe now fails with EPIPE
-    try:
-        return subprocess.run(
-            [str(KEYGUARD), "--store", store, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=write,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=tmp_path,
-            env=_environment(),
-            timeout=60,
-            check=False,
-        )
-    finally:
-        os.close(write)
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
