@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy.dialects.mysql import asyncmy
 from sqlalchemy.schema import CreateTable
 
@@ -18,26 +19,22 @@ def _dialect(*, mariadb: bool) -> asyncmy.dialect:
     return dialect
 
 
-def test_mysql_gets_text_defaults_as_expressions() -> None:
+@pytest.mark.parametrize(
+    ("mariadb", "meta", "limits"),
+    [(False, "DEFAULT ('{}')", "DEFAULT ('[]')"), (True, "DEFAULT '{}'", "DEFAULT '[]'")],
+    ids=["mysql", "mariadb"],
+)
+def test_text_defaults_as_each_server_takes_them(mariadb: bool, meta: str, limits: str) -> None:
     """MySQL refuses ``TEXT … DEFAULT '{}'`` (error 1101: a TEXT column takes a default
     only written as an expression), so the tables could not be created there at all;
-    MySQL gets ``DEFAULT ('{}')``."""
-    dialect = _dialect(mariadb=False)
+    MySQL gets ``DEFAULT ('{}')``, MariaDB the literal default existing tables were made
+    with."""
+    dialect = _dialect(mariadb=mariadb)
     schema = _Schema("kg_", dialect)
     keys = str(CreateTable(schema.keys).compile(dialect=dialect))
     apis = str(CreateTable(schema.apis).compile(dialect=dialect))
-    assert "meta TEXT NOT NULL DEFAULT ('{}')" in keys
-    assert "rate_limits TEXT NOT NULL DEFAULT ('[]')" in apis
-
-
-def test_mariadb_keeps_literal_text_defaults() -> None:
-    """MariaDB takes a literal default on TEXT (what existing tables were made with)."""
-    dialect = _dialect(mariadb=True)
-    schema = _Schema("kg_", dialect)
-    keys = str(CreateTable(schema.keys).compile(dialect=dialect))
-    apis = str(CreateTable(schema.apis).compile(dialect=dialect))
-    assert "meta TEXT NOT NULL DEFAULT '{}'" in keys
-    assert "rate_limits TEXT NOT NULL DEFAULT '[]'" in apis
+    assert f"meta TEXT NOT NULL {meta}" in keys
+    assert f"rate_limits TEXT NOT NULL {limits}" in apis
 
 
 def test_the_version_2_upgrade_writes_mysqls_text_defaults_as_expressions() -> None:
