@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -52,7 +53,7 @@ async def second_store(store: KeyStore) -> AsyncIterator[KeyStore]:
 
 @pytest.mark.parametrize("backend", ["postgres", "redis", "cluster"])
 async def test_closing_a_watched_store_ends_its_feed_and_the_caches_watcher(
-    backend: str, tmp_path: Path
+    backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with open_test_store(backend, tmp_path) as store, second_store(store) as watched:
         await expose(store)
@@ -67,7 +68,7 @@ async def test_closing_a_watched_store_ends_its_feed_and_the_caches_watcher(
         await eventually(heard)
         watcher = cached._watcher
         assert watcher is not None
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
             warnings.simplefilter("always")
             await watched.aclose()
             await asyncio.wait_for(asyncio.shield(watcher), 30)
@@ -80,6 +81,8 @@ async def test_closing_a_watched_store_ends_its_feed_and_the_caches_watcher(
                 await watched.watch(lambda api, client_id: None, on_ready=lambda: None)
             gc.collect()
         assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+        # Closed, not lost: the cache says nothing of a feed lost and retried.
+        assert [r.getMessage() for r in caplog.records if "feed" in r.getMessage()] == []
 
 
 @pytest.mark.parametrize("backend", ["redis", "cluster"])

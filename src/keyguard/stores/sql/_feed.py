@@ -431,6 +431,8 @@ class PgFeed:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._closed:  # ``aclose`` closed the listener: the feed ends for good
+                    raise StoreClosed("SQL store is closed") from exc
                 raise self._unavailable(exc) from exc
         finally:
             listener.watchers.remove(on_change)
