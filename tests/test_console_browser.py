@@ -239,6 +239,21 @@ def stored(server: ConsoleServer, client_id: str) -> KeyInfo:
         return pool.submit(asyncio.run, read()).result(timeout=30)
 
 
+def exposed(url: str) -> None:
+    """The store at ``url`` made (its tables) with the API ``orders`` exposed, by a store of
+    its own under the default timeout (in a thread of its own, as in stored())."""
+
+    async def make() -> None:
+        store = open_store(url, cache_ttl=0)
+        try:
+            await KeyManager(store).expose(PROTECTED_API)
+        finally:
+            await store.aclose()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, make()).result(timeout=60)
+
+
 def api_limits(server: ConsoleServer) -> list[str]:
     """The API's rate limits as the store now holds them ("100/minute"), read like stored()."""
 
@@ -1176,10 +1191,15 @@ def test_a_store_failure_while_creating_is_explained_and_can_be_retried(
     """While another process holds SQLite's write lock, creating a key says the store is not
     answering and creates nothing; once the lock is gone the same Save works."""
     database = tmp_path / "locked.db"
+    # The tables first, under the default timeout: making them can take longer than the
+    # test's 0.5 s on a loaded machine (set-up, not what the test is about).
+    exposed(f"sqlite:///{database}")
     with ConsoleServer(database, timeout=0.5) as server:
         context = browser.new_context(viewport=DESKTOP)
         console = Console(context.new_page(), server)
-        console.open_exposed_api()
+        console.sign_in()
+        console.page.get_by_role("link", name=re.compile(f"^{PROTECTED_API}")).click()
+        expect(console.page.get_by_role("heading", level=1, name=PROTECTED_API)).to_be_visible()
 
         locker = sqlite3.connect(database, timeout=10, isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
