@@ -5,11 +5,11 @@ and the client id tag key, on the plumbing of ``_base.py``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from keyguard.secrets import CLIENT_ID_LENGTH
 from keyguard.stores._idtag import new_tag_key_text, parse_tag_key, report_lost
-from keyguard.stores.redis._common import ClientT
+from keyguard.stores.redis._common import ClientT, _text
 from keyguard.stores.redis._feed import _Feed
 from keyguard.stores.redis._keys import _Keys
 
@@ -69,15 +69,7 @@ class RedisCore(_Keys[ClientT], _Feed[ClientT]):
         characters): ``HSCAN`` of each API, stopping at the first such id. Untagged (legacy)
         ids alone mean a store from before tags, not a lost key."""
         pattern = "k:" + "?" * CLIENT_ID_LENGTH
-        for api in await redis.zrange(self._index, 0, -1):
-            api_name = api.decode() if isinstance(api, bytes) else str(api)
-            cursor: int = 0
-            while True:
-                cursor, fields = await redis.hscan(
-                    self._api_key(api_name), cursor, match=pattern, count=1000
-                )
-                if fields:
-                    return True
-                if not cursor:
-                    break
+        for api in cast("list[bytes | str]", await redis.zrange(self._index, 0, -1)):
+            async for _ in redis.hscan_iter(self._api_key(_text(api)), match=pattern, count=1000):
+                return True
         return False
