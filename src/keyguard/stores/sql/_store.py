@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
@@ -123,8 +122,8 @@ class SQLStore(_Keys):
         back in a later transaction so racing processes agree, then kept in memory.
 
         A missing row while the keys table holds tagged ids means the key they were tagged
-        under is gone: the ``ID_TAG_LOST_ROW`` mark is written before the new key, so
-        every process that reads the new key reads the mark too (``id_tag_lost``)."""
+        under is gone: the ``ID_TAG_LOST_ROW`` mark is written in the new key's transaction,
+        so every process that reads the new key reads the mark too (``id_tag_lost``)."""
         key = self._id_tag_key
         if key is not None:
             return key
@@ -136,17 +135,21 @@ class SQLStore(_Keys):
             rows = {str(row[0]): str(row[1]) for row in await conn.execute(stmt)}
             return rows.get(ID_TAG_ROW), ID_TAG_LOST_ROW in rows
 
-        async def tagged_ids(conn: AsyncConnection, schema: _Schema) -> bool:
+        async def create(conn: AsyncConnection, schema: _Schema) -> bool:
+            """Make the key unless a racer has; whether it found the old one lost."""
+            if (await read(conn, schema))[0] is not None:
+                return False
             keys = schema.keys
-            stmt = select(keys.c.client_id).where(func.length(keys.c.client_id) == CLIENT_ID_LENGTH)
-            return (await conn.execute(stmt.limit(1))).first() is not None
-
-        async def create(conn: AsyncConnection, schema: _Schema, *, lost: bool) -> None:
+            tagged = select(keys.c.client_id).where(
+                func.length(keys.c.client_id) == CLIENT_ID_LENGTH
+            )
+            lost = (await conn.execute(tagged.limit(1))).first() is not None
             if lost:
                 mark = {"name": ID_TAG_LOST_ROW, "value": "1"}
                 await conn.execute(schema.insert_ignore(schema.meta, mark))
             row = {"name": ID_TAG_ROW, "value": new_tag_key_text()}
             await conn.execute(schema.insert_ignore(schema.meta, row))
+            return lost
 
         # One store call, bounded by ``timeout`` as a whole: each step gets what is left.
         deadline = time.monotonic() + self._timeout
@@ -160,8 +163,7 @@ class SQLStore(_Keys):
         text, lost = await self._run(read, write=False)
         found_now = False
         if text is None:
-            found_now = await self._run(tagged_ids, write=False, within=left())
-            await self._run(partial(create, lost=found_now), write=True, within=left())
+            found_now = await self._run(create, write=True, within=left())
             text, lost = await self._run(read, write=False, within=left())
         key = parse_tag_key(text, f"SQL store {self.url}")
         if lost:
